@@ -1,0 +1,3 @@
+"""gpubox: a GPU job queue. Docker jobs over HTTP, run on free GPUs, logs followed live."""
+
+__version__ = "0.1.0"

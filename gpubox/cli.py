@@ -1,0 +1,528 @@
+"""The `gpubox` command: every role (coordinator, worker, up) and the client commands.
+
+Each command parses its flags, loads its config, calls one function, and turns gpubox errors
+into one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from gpubox import __version__, errors
+from gpubox import config as cfg
+from gpubox.client import ApiError, Client, local_token
+
+F = Callable[..., Any]
+
+
+def config_options(cls: type, only: tuple[str, ...] | None = None) -> Callable[[F], F]:
+    """Add a flag for each setting of `cls` that has one (help names its environment variable)."""
+
+    def decorate(fn: F) -> F:
+        for field in reversed(dataclasses.fields(cls)):
+            flag = field.metadata.get("flag")
+            if not flag or (only is not None and field.name not in only):
+                continue
+            kind = {"str": str, "int": int, "float": float}[str(field.type)]
+            help_text = f"{field.metadata['help']} [env {field.metadata['env']}"
+            help_text += f"; default {field.default}]" if field.default not in ("", None) else "]"
+            fn = click.option(flag, field.name, type=kind, default=None, help=help_text)(fn)
+        return fn
+
+    return decorate
+
+
+def config_file_option(fn: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        envvar="GPUBOX_CONFIG",
+        type=click.Path(dir_okay=False),
+        help="TOML config file [env GPUBOX_CONFIG]",
+    )(fn)
+
+
+def friendly(fn: F) -> F:
+    """Turn gpubox errors into `Error: …` and exit status 1 (2 for bad settings)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except errors.ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
+        except ApiError as exc:
+            where = f" ({exc.field})" if exc.field else ""
+            raise click.ClickException(f"{exc.message}{where} [HTTP {exc.status}]") from None
+        except errors.GpuboxError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gpubox")
+def main() -> None:
+    """gpubox: a GPU job queue. Submit Docker jobs over HTTP, run them on free GPUs,
+    follow their logs live.
+
+    \b
+    Try it on one box:
+      gpubox up                                   # coordinator + local worker
+      gpubox submit --follow busybox echo hello   # in another shell
+    """
+
+
+# --- server roles -----------------------------------------------------------------------------
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
+    from gpubox.worker import gpu
+    from gpubox.worker.agent import Agent
+    from gpubox.worker.runner import DockerRuntime
+
+    gpus = gpu.select(gpu.source_for(config.fake_gpus).list(), config.gpus)
+    try:
+        runtime = DockerRuntime(config.name or _hostname(), config.stop_grace_s)
+    except Exception as exc:
+        raise errors.GpuboxError(f"cannot reach the Docker engine: {exc}") from exc
+    agent = Agent(config, runtime, gpus)
+    thread = threading.Thread(target=agent.run, name="gpubox-agent", daemon=True)
+    thread.start()
+    return agent, thread
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+@main.command()
+@config_file_option
+@config_options(cfg.CoordinatorConfig)
+@friendly
+def coordinator(config_path: str | None, **flags: Any) -> None:
+    """Run the coordinator: the HTTP API and the worker link."""
+    from gpubox.coordinator.server import Coordinator
+
+    setup_logging()
+    config = cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path))
+    server = Coordinator(config)
+    server.start()
+    _wait_for_signal()
+    server.stop()
+
+
+@main.command()
+@config_file_option
+@config_options(cfg.WorkerConfig)
+@friendly
+def worker(config_path: str | None, **flags: Any) -> None:
+    """Run a worker: take jobs from the coordinator and run them as Docker containers."""
+    setup_logging()
+    config = cfg.load(cfg.WorkerConfig, flags, cfg.read_file(config_path))
+    agent, thread = _start_worker(config)
+    _wait_for_signal()
+    agent.stop()
+    thread.join()
+
+
+@main.command()
+@config_file_option
+@config_options(cfg.CoordinatorConfig, only=("state_dir", "db", "http", "bind"))
+@config_options(cfg.WorkerConfig, only=("name", "gpus", "max_jobs"))
+@friendly
+def up(config_path: str | None, **flags: Any) -> None:
+    """Run a coordinator and one local worker in one process: gpubox on a single box.
+
+    Keeps everything in the state folder (SQLite store, local API token); needs nothing
+    configured. The client commands on this box pick up the token by themselves.
+    """
+    from gpubox.coordinator.server import Coordinator
+
+    setup_logging()
+    file_data = cfg.read_file(config_path)
+    flags["bind"] = flags.get("bind") or "tcp://127.0.0.1:8471"
+    config = cfg.load(cfg.CoordinatorConfig, flags, file_data)
+    server = Coordinator(config)
+    server.start()
+    worker_flags = {k: flags.get(k) for k in ("name", "gpus", "max_jobs")}
+    worker_flags["coordinator"] = server.link_endpoint.replace("0.0.0.0", "127.0.0.1")
+    worker_flags["state_dir"] = config.state_dir
+    try:
+        agent, thread = _start_worker(cfg.load(cfg.WorkerConfig, worker_flags, file_data))
+    except BaseException:
+        server.stop()
+        raise
+    click.echo(f"gpubox is up: HTTP {server.http_url}, state in {config.state_dir}", err=True)
+    click.echo("submit a job from another shell: gpubox submit --follow IMAGE CMD…", err=True)
+    _wait_for_signal()
+    click.echo("stopping…", err=True)
+    agent.stop()
+    thread.join()
+    server.stop()
+
+
+# --- client commands --------------------------------------------------------------------------
+
+
+def client_options(fn: F) -> F:
+    fn = config_options(cfg.ClientConfig)(fn)
+    return config_file_option(fn)
+
+
+def make_client(config_path: str | None, flags: dict[str, Any]) -> Client:
+    keys = ("url", "token", "state_dir")
+    config = cfg.load(
+        cfg.ClientConfig, {k: flags.pop(k, None) for k in keys}, cfg.read_file(config_path)
+    )
+    return Client(config.url, config.token or local_token(config.state_dir))
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    result = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint=what)
+        result[key] = val
+    return result
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _summary(job: dict[str, Any]) -> str:
+    result = job["result"]
+    command = job["docker"]["command"]
+    rows = [
+        ("id", job["id"]),
+        ("name", job["name"]),
+        ("status", job["status"] + (" (cancel requested)" if job.get("cancel_requested") else "")),
+        ("image", job["docker"]["image"]),
+        ("command", shlex.join(command) if command else "(image default)"),
+        ("gpus", job["gpus"]),
+        ("priority", job["priority"]),
+        ("worker", job["worker"] or "-"),
+        ("attempts", job["attempts"]),
+        ("created", job["created_at"]),
+        ("started", result["executed_at"] or "-"),
+        ("finished", result["finished_at"] or "-"),
+        ("duration", f"{result['duration']} s" if result["duration"] is not None else "-"),
+        ("exit code", result["exit_code"] if result["exit_code"] is not None else "-"),
+        ("error", result["error"] or "-"),
+        ("log lines", job.get("log_lines", 0)),
+    ]
+    return "\n".join(f"{key:>10}  {value}" for key, value in rows)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--name", help="job name [default: the command, or the image]")
+@click.option("--description", default="", help="free text shown with the job")
+@click.option(
+    "--gpus", type=click.IntRange(0), default=0, show_default=True, help="GPUs the job needs"
+)
+@click.option(
+    "--env", "-e", "env", multiple=True, metavar="K=V", help="environment variable (repeatable)"
+)
+@click.option(
+    "--label",
+    "-l",
+    "labels",
+    multiple=True,
+    metavar="K=V",
+    help="run only on workers with this label (repeatable)",
+)
+@click.option("--priority", type=int, default=0, show_default=True, help="higher runs first")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="seconds before the job is stopped (ERROR 'timeout')",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, 100),
+    default=0,
+    show_default=True,
+    help="requeues if its worker is lost",
+)
+@click.option("--metadata", help="JSON object stored and returned untouched")
+@click.option("--follow", "-f", is_flag=True, help="follow the logs and exit with the job's code")
+@click.option("--json", "as_json", is_flag=True, help="print the created job as JSON")
+@client_options
+@friendly
+def submit(
+    image: str,
+    command: tuple[str, ...],
+    name: str | None,
+    description: str,
+    gpus: int,
+    env: tuple[str, ...],
+    labels: tuple[str, ...],
+    priority: int,
+    timeout: float | None,
+    max_retries: int,
+    metadata: str | None,
+    follow: bool,
+    as_json: bool,
+    config_path: str | None,
+    **flags: Any,
+) -> None:
+    """Queue IMAGE [COMMAND…] as a job and print its id.
+
+    \b
+    Examples:
+      gpubox submit busybox echo hello
+      gpubox submit --gpus 2 -e EPOCHS=3 --follow my/trainer:1.2 python train.py
+      id=$(gpubox submit my/image) && gpubox tail "$id"
+    Options go before IMAGE; everything after IMAGE is the command.
+    """
+    client = make_client(config_path, flags)
+    spec: dict[str, Any] = {
+        "name": name or (shlex.join(command) if command else image)[:200],
+        "description": description,
+        "docker": {"image": image, "env": _pairs(env, "--env")},
+        "gpus": gpus,
+        "labels": _pairs(labels, "--label"),
+        "priority": priority,
+        "timeout": timeout,
+        "max_retries": max_retries,
+    }
+    if command:
+        spec["docker"]["command"] = list(command)
+    if metadata:
+        try:
+            spec["metadata"] = json.loads(metadata)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from None
+    job = client.submit(spec)
+    if as_json:
+        _print_json(job)
+    else:
+        click.echo(job["id"])
+    if follow:
+        click.echo(f"job {job['id']} queued; following its output", err=True)
+        sys.exit(client.tail(job["id"]))
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="print the whole job as JSON")
+@client_options
+@friendly
+def show(job_id: int, as_json: bool, config_path: str | None, **flags: Any) -> None:
+    """Show one job: status, result, where it ran."""
+    job = make_client(config_path, flags).job(job_id)
+    _print_json(job) if as_json else click.echo(_summary(job))
+
+
+@main.command(name="ls")
+@click.option(
+    "--status",
+    type=click.Choice(
+        ["QUEUED", "RUNNING", "FINISHED", "ERROR", "CANCELLED"], case_sensitive=False
+    ),
+)
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--before", type=int, help="only jobs with a smaller id (for paging)")
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON answer")
+@client_options
+@friendly
+def ls(
+    status: str | None,
+    limit: int,
+    before: int | None,
+    as_json: bool,
+    config_path: str | None,
+    **flags: Any,
+) -> None:
+    """List jobs, newest first."""
+    page = make_client(config_path, flags).jobs(status, limit, before)
+    if as_json:
+        _print_json(page)
+        return
+    click.echo(f"{'ID':>6}  {'STATUS':<9}  {'PRI':>4}  {'GPUS':>4}  {'WORKER':<16}  NAME")
+    for job in page["jobs"]:
+        click.echo(
+            f"{job['id']:>6}  {job['status']:<9}  {job['priority']:>4}  {job['gpus']:>4}  "
+            f"{(job['worker'] or '-')[:16]:<16}  {job['name']}"
+        )
+    if page["next"]:
+        click.echo(f"(more: gpubox ls --before {page['next']})", err=True)
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@click.option(
+    "--since", type=click.IntRange(0), default=0, help="only lines after this sequence number"
+)
+@client_options
+@friendly
+def logs(job_id: int, since: int, config_path: str | None, **flags: Any) -> None:
+    """Print the lines a job has logged so far (stderr lines to stderr)."""
+    for record in make_client(config_path, flags).logs(job_id, since):
+        click.echo(record["line"], err=record["stream"] == "stderr")
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@click.option("--since", type=click.IntRange(0), default=0, help="start after this sequence number")
+@client_options
+@friendly
+def tail(job_id: int, since: int, config_path: str | None, **flags: Any) -> None:
+    """Follow a job's output live until it ends; exit with its code.
+
+    Exit status: 0 FINISHED, the container's code on a non-zero exit, 1 for other errors,
+    130 cancelled. A dropped connection is resumed without a gap or a repeated line.
+    """
+    sys.exit(make_client(config_path, flags).tail(job_id, since))
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@client_options
+@friendly
+def cancel(job_id: int, config_path: str | None, **flags: Any) -> None:
+    """Cancel a job: a queued one at once, a running one is stopped by its worker."""
+    job = make_client(config_path, flags).cancel(job_id)
+    state = (
+        "cancelled"
+        if job["status"] == "CANCELLED"
+        else "stopping (SIGTERM, then SIGKILL after the grace period)"
+    )
+    click.echo(f"job {job_id}: {state}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON answer")
+@client_options
+@friendly
+def workers(as_json: bool, config_path: str | None, **flags: Any) -> None:
+    """List connected and recently lost workers."""
+    answer = make_client(config_path, flags).workers()
+    if as_json:
+        _print_json(answer)
+        return
+    click.echo(f"{'NAME':<20}  {'STATE':<12}  {'GPUS':>4}  {'JOBS':<12}  LAST HEARTBEAT")
+    for w in answer["workers"]:
+        state = "connected" if w["connected"] else "lost"
+        jobs = ",".join(map(str, w["running_jobs"])) or "-"
+        click.echo(
+            f"{w['name'][:20]:<20}  {state:<12}  {len(w['gpus']):>4}  {jobs:<12}  "
+            f"{w['last_heartbeat']}"
+        )
+
+
+@main.command()
+@click.option(
+    "--gpus",
+    "choice",
+    default=None,
+    help="which GPUs: all, none or indices like 0,2 [env GPUBOX_GPUS]",
+)
+@friendly
+def gpus(choice: str | None) -> None:
+    """Print the GPUs this box's worker would offer."""
+    from gpubox.worker import gpu
+
+    setup_logging()
+    config = cfg.load(cfg.WorkerConfig, {"gpus": choice})
+    found = gpu.select(gpu.source_for(config.fake_gpus).list(), config.gpus)
+    if not found:
+        click.echo("no GPUs offered (jobs with gpus: 0 still run)", err=True)
+    for item in found:
+        click.echo(f"{item.index}  {item.uuid}  {item.name}  {item.memory_mb} MiB")
+
+
+# --- admin commands on the store --------------------------------------------------------------
+
+
+@main.group()
+def token() -> None:
+    """Manage API tokens (run on the coordinator's box; talks to the store directly)."""
+
+
+def _open_store(config_path: str | None, flags: dict[str, Any]) -> Any:
+    from gpubox.store import open_store
+
+    config = cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path))
+    return open_store(config.db)
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["submit", "admin"]), default="submit", show_default=True)
+@config_file_option
+@config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
+@friendly
+def token_create(name: str, role: str, config_path: str | None, **flags: Any) -> None:
+    """Create a token NAME and print it once, alone on stdout (only a hash is kept)."""
+    from gpubox.coordinator import tokens
+
+    store = _open_store(config_path, flags)
+    try:
+        value = tokens.create(store, name, role)
+    finally:
+        store.close()
+    click.echo(f"token {name!r} ({role}) created; it is shown only this once", err=True)
+    click.echo(value)
+
+
+@token.command("list")
+@config_file_option
+@config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
+@friendly
+def token_list(config_path: str | None, **flags: Any) -> None:
+    """List tokens by name and role."""
+    store = _open_store(config_path, flags)
+    try:
+        for item in store.list_tokens():
+            click.echo(f"{item.name:<24}  {item.role:<7}  created {item.created_at:%Y-%m-%d %H:%M}")
+    finally:
+        store.close()
+
+
+@token.command("revoke")
+@click.argument("name")
+@config_file_option
+@config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
+@friendly
+def token_revoke(name: str, config_path: str | None, **flags: Any) -> None:
+    """Revoke token NAME: requests carrying it are refused from now on."""
+    store = _open_store(config_path, flags)
+    try:
+        if not store.revoke_token(name):
+            raise errors.GpuboxError(f"no token named {name!r}")
+    finally:
+        store.close()
+    click.echo(f"token {name!r} revoked", err=True)

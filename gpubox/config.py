@@ -1,0 +1,232 @@
+"""Settings of each process: one frozen dataclass per role, filled from (highest first) a
+command-line flag, a GPUBOX_* environment variable, the TOML config file, the built-in default.
+
+Every setting is declared once, as a dataclass field with `setting(...)`; the CLI's flags,
+the environment names and the config examples all come from these declarations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gpubox import errors
+
+T = TypeVar("T")
+
+
+def setting(default: Any, env: str, help: str, flag: str | None = None) -> Any:
+    """Declare a setting: its default, environment variable, help text and flag (if any)."""
+    return dataclasses.field(default=default, metadata={"env": env, "help": help, "flag": flag})
+
+
+def default_state_dir() -> str:
+    """/var/lib/gpubox as root, else ~/.local/state/gpubox."""
+    if os.geteuid() == 0:
+        return "/var/lib/gpubox"
+    return str(Path.home() / ".local" / "state" / "gpubox")
+
+
+def parse_address(value: str, name: str) -> tuple[str, int]:
+    """HOST:PORT for the HTTP listener."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise errors.ConfigError(f"{name}: {value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_labels(value: str | Mapping[str, str], name: str = "labels") -> dict[str, str]:
+    """`k=v,k2=v2` (or a TOML table) as a dict."""
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    labels = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        key, sep, val = part.partition("=")
+        if not sep or not key:
+            raise errors.ConfigError(f"{name}: {part!r} is not KEY=VALUE")
+        labels[key.strip()] = val.strip()
+    return labels
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinatorConfig:
+    """Settings of `gpubox coordinator` (and the coordinator half of `gpubox up`)."""
+
+    state_dir: str = setting(
+        "", "GPUBOX_STATE_DIR", "state folder: SQLite file, keys, local token", "--state-dir"
+    )
+    db: str = setting("", "GPUBOX_DB", "store: sqlite:///FILE or postgresql://…", "--db")
+    http: str = setting("127.0.0.1:8470", "GPUBOX_HTTP", "HTTP listen address HOST:PORT", "--http")
+    bind: str = setting(
+        "tcp://0.0.0.0:8471", "GPUBOX_BIND", "worker link address (ZeroMQ)", "--bind"
+    )
+    http_threads: int = setting(
+        64, "GPUBOX_HTTP_THREADS", "HTTP threads; each log follower holds one", "--http-threads"
+    )
+    max_body_bytes: int = setting(
+        1_048_576, "GPUBOX_MAX_BODY_BYTES", "largest request body accepted"
+    )
+    heartbeat_interval_s: float = setting(
+        2.0, "GPUBOX_HEARTBEAT_INTERVAL", "seconds between heartbeats"
+    )
+    liveness_s: float = setting(
+        10.0, "GPUBOX_LIVENESS", "seconds of silence after which a worker is lost"
+    )
+
+    def validate(self) -> None:
+        parse_address(self.http, "http")
+        _check_link(self.bind, "bind")
+        _positive(self, "http_threads", "max_body_bytes", "heartbeat_interval_s", "liveness_s")
+        if self.liveness_s <= self.heartbeat_interval_s:
+            raise errors.ConfigError("liveness_s: must be longer than heartbeat_interval_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """Settings of `gpubox worker` (and the worker half of `gpubox up`)."""
+
+    state_dir: str = setting("", "GPUBOX_STATE_DIR", "state folder", "--state-dir")
+    coordinator: str = setting(
+        "tcp://127.0.0.1:8471",
+        "GPUBOX_COORDINATOR",
+        "coordinator's worker link address",
+        "--coordinator",
+    )
+    name: str = setting("", "GPUBOX_WORKER_NAME", "worker name (default: the host name)", "--name")
+    gpus: str = setting(
+        "all", "GPUBOX_GPUS", "GPUs to offer: all, none, or indices like 0,2", "--gpus"
+    )
+    max_jobs: int = setting(
+        4, "GPUBOX_MAX_JOBS", "jobs run at once (GPUs limit GPU jobs further)", "--max-jobs"
+    )
+    labels: str = setting("", "GPUBOX_LABELS", "labels this worker offers, KEY=VALUE,…", "--label")
+    stop_grace_s: float = setting(
+        10.0, "GPUBOX_STOP_GRACE", "seconds between SIGTERM and SIGKILL when stopping a job"
+    )
+    heartbeat_interval_s: float = setting(
+        2.0, "GPUBOX_HEARTBEAT_INTERVAL", "seconds between heartbeats"
+    )
+    liveness_s: float = setting(
+        10.0, "GPUBOX_LIVENESS", "seconds of coordinator silence before reconnecting"
+    )
+    resend_s: float = setting(
+        3.0, "GPUBOX_RESEND", "seconds before an unacknowledged LOG or DONE is sent again"
+    )
+    fake_gpus: str = setting(
+        "", "GPUBOX_FAKE_GPUS", "testing only: offer N fake GPUs instead of NVML's"
+    )
+
+    def validate(self) -> None:
+        _check_link(self.coordinator, "coordinator")
+        _positive(self, "max_jobs", "heartbeat_interval_s", "liveness_s", "resend_s")
+        if self.stop_grace_s < 0:
+            raise errors.ConfigError("stop_grace_s: must not be negative")
+        if self.gpus not in ("all", "none") and not re.fullmatch(r"\d+(,\d+)*", self.gpus):
+            raise errors.ConfigError(f"gpus: {self.gpus!r} is not all, none or indices like 0,2")
+        parse_labels(self.labels)
+        if self.fake_gpus and not self.fake_gpus.isdigit():
+            raise errors.ConfigError(f"fake_gpus: {self.fake_gpus!r} is not a number")
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return parse_labels(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """Settings of the client commands (submit, show, ls, logs, tail, cancel, workers)."""
+
+    url: str = setting("http://127.0.0.1:8470", "GPUBOX_URL", "coordinator URL", "--url")
+    token: str = setting("", "GPUBOX_TOKEN", "API token (default: the local token file)", "--token")
+    state_dir: str = setting(
+        "", "GPUBOX_STATE_DIR", "state folder holding the local token", "--state-dir"
+    )
+
+    def validate(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise errors.ConfigError(f"url: {self.url!r} must start with http:// or https://")
+
+
+def _check_link(value: str, name: str) -> None:
+    if not re.fullmatch(r"(tcp://[^\s]+:(\d+|\*)|ipc://\S+|inproc://\S+)", value):
+        raise errors.ConfigError(f"{name}: {value!r} is not tcp://HOST:PORT or ipc://PATH")
+
+
+def _positive(config: Any, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise errors.ConfigError(f"{name}: must be positive")
+
+
+def _convert(value: Any, kind: type, name: str) -> Any:
+    if kind is str:
+        if isinstance(value, Mapping):  # labels as a TOML table
+            return ",".join(f"{k}={v}" for k, v in value.items())
+        return str(value)
+    try:
+        if kind is int:
+            if isinstance(value, (bool, float)):
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+    except (TypeError, ValueError):
+        raise errors.ConfigError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
+    raise AssertionError(kind)
+
+
+SECTIONS = {CoordinatorConfig: "coordinator", WorkerConfig: "worker", ClientConfig: "client"}
+
+
+def read_file(path: str | None) -> dict[str, Any]:
+    """A TOML config file as a dict; {} when no file is given."""
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise errors.ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise errors.ConfigError(f"config: {path} is not valid TOML: {exc}") from exc
+
+
+def load(
+    cls: Callable[..., T],
+    flags: Mapping[str, Any] | None = None,
+    file_data: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Build and validate a config: flags > environment > file ([section], top level) > default."""
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    file_data = file_data or {}
+    section = file_data.get(SECTIONS[cls], {})  # type: ignore[index]
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in section:
+        if key not in known:
+            raise errors.ConfigError(f"config: unknown setting {SECTIONS[cls]}.{key}")  # type: ignore[index]
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        kind = {"str": str, "int": int, "float": float}[str(field.type)]
+        raw: Any = flags.get(field.name)
+        if raw is None:
+            raw = environ.get(field.metadata["env"])
+        if raw is None:
+            raw = section.get(field.name, file_data.get(field.name))
+        if raw is not None:
+            values[field.name] = _convert(raw, kind, field.name)
+    config = cls(**values)
+    if hasattr(config, "state_dir") and not config.state_dir:  # type: ignore[attr-defined]
+        config = dataclasses.replace(config, state_dir=default_state_dir())  # type: ignore[type-var]
+    if isinstance(config, CoordinatorConfig) and not config.db:
+        config = dataclasses.replace(config, db=f"sqlite:///{Path(config.state_dir) / 'gpubox.db'}")
+    config.validate()  # type: ignore[attr-defined]
+    return config

@@ -1,0 +1,255 @@
+"""The HTTP API (v1) as a Bottle app: JSON in and out, bearer tokens, one error model."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import bottle
+
+from gpubox import __version__, errors, models
+from gpubox.coordinator import tokens
+from gpubox.coordinator.events import Changes
+from gpubox.store import Store
+
+log = logging.getLogger(__name__)
+
+PAGE_LINES = 5000
+KEEPALIVE_S = 15.0
+WAKE_S = 1.0
+
+
+def _error_body(code: str, message: str, field: str | None = None) -> str:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return json.dumps({"error": error})
+
+
+def _int_param(name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = bottle.request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise errors.BadInput(f"{name} must be an integer", name) from None
+    if not low <= value <= high:
+        raise errors.BadInput(f"{name} must be between {low} and {high}", name)
+    return value
+
+
+def _flag(name: str) -> bool:
+    raw = bottle.request.query.get(name, "0").lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise errors.BadInput(f"{name} must be 0 or 1", name)
+    return raw in ("1", "true", "yes")
+
+
+def make_app(
+    store: Store,
+    changes: Changes,
+    poke: Callable[[str, int], None],
+    max_body_bytes: int = 1_048_576,
+    stopping: threading.Event | None = None,
+) -> bottle.Bottle:
+    """The WSGI app. `poke` tells the broker about new jobs and cancels; `stopping` ends
+    follow streams when the server shuts down."""
+    app = bottle.Bottle()
+    stopping = stopping or threading.Event()
+
+    def default_error(res: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        message = {404: "no such endpoint", 405: "method not allowed"}.get(res.status_code)
+        return _error_body(codes.get(res.status_code, "error"), message or str(res.body))
+
+    app.default_error_handler = default_error  # type: ignore[method-assign]
+
+    def endpoint(auth: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Wrap a route: check the token, turn gpubox errors into JSON error responses."""
+
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    if auth:
+                        tokens.check(store, bottle.request.get_header("Authorization"))
+                    return fn(*args, **kwargs)
+                except errors.GpuboxError as exc:
+                    bottle.response.status = exc.http_status
+                    bottle.response.content_type = "application/json"
+                    if exc.http_status == 401:
+                        bottle.response.set_header("WWW-Authenticate", 'Bearer realm="gpubox"')
+                    if exc.http_status >= 500:
+                        log.warning("%s %s: %s", bottle.request.method, bottle.request.path, exc)
+                    return _error_body(exc.code, exc.message, getattr(exc, "field", None))
+                except Exception:
+                    log.exception(
+                        "unexpected error on %s %s", bottle.request.method, bottle.request.path
+                    )
+                    bottle.response.status = 500
+                    bottle.response.content_type = "application/json"
+                    return _error_body("internal", "internal error; see the coordinator's log")
+
+            return wrapper
+
+        return wrap
+
+    def json_body() -> Any:
+        length = bottle.request.content_length
+        if length > max_body_bytes:
+            raise errors.TooLarge(f"the body is larger than {max_body_bytes} bytes")
+        raw = bottle.request.body.read(max_body_bytes + 1)
+        if len(raw) > max_body_bytes:
+            raise errors.TooLarge(f"the body is larger than {max_body_bytes} bytes")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise errors.BadInput(f"the body is not valid JSON: {exc}") from None
+
+    @app.get("/healthz")
+    @endpoint(auth=False)
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    @app.post("/api/v1/jobs")
+    @endpoint()
+    def create_job() -> dict[str, Any]:
+        spec = models.parse_spec(json_body())
+        job = store.create_job(spec, models.utcnow())
+        poke("schedule", job.id)
+        bottle.response.status = 201
+        bottle.response.set_header("Location", f"/api/v1/jobs/{job.id}")
+        return job.to_dict()
+
+    @app.get("/api/v1/jobs/<job_id:int>")
+    @endpoint()
+    def get_job(job_id: int) -> dict[str, Any]:
+        return store.get_job(job_id).to_dict()
+
+    @app.get("/api/v1/jobs")
+    @endpoint()
+    def list_jobs() -> dict[str, Any]:
+        raw_status = bottle.request.query.get("status")
+        status = models.parse_status(raw_status) if raw_status else None
+        limit = _int_param("limit", 50, 1, 1000)
+        before = _int_param("before", None, 1, 2**63 - 1)
+        jobs = store.list_jobs(status, limit, before)  # type: ignore[arg-type]
+        more = len(jobs) == limit
+        return {"jobs": [job.to_dict() for job in jobs], "next": jobs[-1].id if more else None}
+
+    @app.post("/api/v1/jobs/<job_id:int>/cancel")
+    @endpoint()
+    def cancel_job(job_id: int) -> dict[str, Any]:
+        job = store.cancel_job(job_id, models.utcnow())
+        if job.status is models.Status.RUNNING:
+            poke("cancel", job.id)
+        changes.notify(job.id)
+        return job.to_dict()
+
+    @app.get("/api/v1/jobs/<job_id:int>/logs")
+    @endpoint()
+    def job_logs(job_id: int) -> Any:
+        since = _int_param("since", 0, 0, 2**63 - 1) or 0
+        follow = _flag("follow")
+        fmt = bottle.request.query.get("format", "text")
+        if fmt not in ("text", "ndjson"):
+            raise errors.BadInput("format must be text or ndjson", "format")
+        store.get_job(job_id)  # 404 before any streaming starts
+        ndjson = fmt == "ndjson"
+        bottle.response.content_type = (
+            "application/x-ndjson" if ndjson else "text/plain; charset=utf-8"
+        )
+        bottle.response.set_header("Cache-Control", "no-store")
+        bottle.response.set_header("X-Accel-Buffering", "no")
+        gone = bottle.request.environ.get("waitress.client_disconnected", lambda: False)
+
+        def disconnected() -> bool:
+            return stopping.is_set() or gone()
+
+        render = _ndjson if ndjson else _text
+        if not follow:
+            return _pages(store, job_id, since, render)
+        return _follow(store, changes, job_id, since, render, ndjson, disconnected)
+
+    @app.get("/api/v1/workers")
+    @endpoint()
+    def list_workers() -> dict[str, Any]:
+        running: dict[str, list[int]] = {}
+        for job in store.running_jobs():
+            running.setdefault(job.worker or "", []).append(job.id)
+        return {"workers": [w.to_dict(running.get(w.name, [])) for w in store.list_workers()]}
+
+    return app
+
+
+def _text(lines: list[models.LogLine]) -> str:
+    return "".join(f"{line.line}\n" for line in lines)
+
+
+def _ndjson(lines: list[models.LogLine]) -> str:
+    return "".join(json.dumps(line.to_dict(), ensure_ascii=False) + "\n" for line in lines)
+
+
+def _pages(
+    store: Store, job_id: int, since: int, render: Callable[[list[models.LogLine]], str]
+) -> Iterator[str]:
+    """Every stored line after `since`, read a page at a time."""
+    while True:
+        lines = store.read_logs(job_id, since, PAGE_LINES)
+        if not lines:
+            return
+        since = lines[-1].seq
+        yield render(lines)
+        if len(lines) < PAGE_LINES:
+            return
+
+
+def _follow(
+    store: Store,
+    changes: Changes,
+    job_id: int,
+    since: int,
+    render: Callable[[list[models.LogLine]], str],
+    keepalive: bool,
+    disconnected: Callable[[], bool],
+) -> Iterator[str]:
+    """Stored lines, then new ones as they are stored, until the job ends or the client goes.
+
+    NDJSON streams start with, and every KEEPALIVE_S of silence send, an empty line: Bottle sends
+    no headers before the first non-empty chunk, and the client uses them to tell a quiet job
+    from a dead connection.
+    """
+    if keepalive:
+        yield "\n"
+    last_sent = time.monotonic()
+    try:
+        while not disconnected():
+            seen = changes.version(job_id)
+            lines = store.read_logs(job_id, since, PAGE_LINES)
+            if lines:
+                since = lines[-1].seq
+                last_sent = time.monotonic()
+                yield render(lines)
+                continue
+            if store.get_job(job_id).status.terminal:
+                # Lines stored between our read and the status check come before the end.
+                tail = store.read_logs(job_id, since, PAGE_LINES)
+                if not tail:
+                    return
+                since = tail[-1].seq
+                yield render(tail)
+                continue
+            changes.wait(job_id, seen, WAKE_S)
+            if keepalive and time.monotonic() - last_sent > KEEPALIVE_S:
+                last_sent = time.monotonic()
+                yield "\n"
+    except errors.GpuboxError as exc:
+        # Headers are gone already: end the stream; the client resumes with ?since=.
+        log.warning("log stream of job %d ended early: %s", job_id, exc)

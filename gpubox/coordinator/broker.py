@@ -1,0 +1,363 @@
+"""The broker: the one thread that owns the ROUTER socket and talks to workers.
+
+It admits workers (HELLO), hands them jobs when they have room (READY → JOB), stores what they
+report (STARTED, LOG, DONE), forwards cancels, exchanges heartbeats, and declares silent workers
+lost. Other threads reach it only through `poke`, which sends on an inproc socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from gpubox import errors, models, protocol
+from gpubox.coordinator.events import Changes
+from gpubox.store import Store
+from gpubox.store.base import Finish
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_EVERY_S = 1.0
+
+
+@dataclasses.dataclass
+class Peer:
+    """A connected worker, as the broker sees it."""
+
+    name: str
+    routing_id: bytes
+    session: str
+    version: str
+    gpus: list[dict[str, Any]]
+    labels: dict[str, str]
+    max_jobs: int
+    last_seen: float
+    ready: bool = False
+    free_gpus: list[str] = dataclasses.field(default_factory=list)
+    slots: int = 0
+    known: set[int] = dataclasses.field(default_factory=set)  # job ids the worker said it holds
+    assigned: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # job id → GPU uuids
+
+    def capacity(self) -> tuple[list[str], int]:
+        """Free GPUs and job slots, counting jobs sent since the worker's last READY."""
+        pending = [job_id for job_id in self.assigned if job_id not in self.known]
+        taken = {uuid for job_id in pending for uuid in self.assigned[job_id]}
+        return [g for g in self.free_gpus if g not in taken], self.slots - len(pending)
+
+    def info(self, connected: bool) -> models.WorkerInfo:
+        return models.WorkerInfo(
+            name=self.name,
+            version=self.version,
+            gpus=self.gpus,
+            labels=self.labels,
+            max_jobs=self.max_jobs,
+            connected=connected,
+            last_seen=models.utcnow(),
+        )
+
+
+class Broker:
+    """Owns the ROUTER socket; run() in its own thread, stop() from any thread."""
+
+    def __init__(
+        self,
+        store: Store,
+        changes: Changes,
+        bind: str,
+        heartbeat_interval_s: float = 2.0,
+        liveness_s: float = 10.0,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.store = store
+        self.changes = changes
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.liveness_s = liveness_s
+        self.context = context or zmq.Context.instance()
+        self.coordinator_id = uuid.uuid4().hex
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(bind)
+        self.endpoint: str = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.inbox_address = f"inproc://gpubox-broker-{self.coordinator_id}"
+        self.inbox = self.context.socket(zmq.PULL)
+        self.inbox.bind(self.inbox_address)
+        self._pokers = threading.local()
+        self._all_pokers: list[zmq.Socket] = []
+        self._pokers_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.peers: dict[str, Peer] = {}  # by session
+        self.started_at = time.monotonic()
+        self._next_heartbeat = 0.0
+        self._next_expiry = 0.0
+        self._next_schedule = 0.0
+        self.dropped_messages = 0
+
+    # --- called from other threads ------------------------------------------------------------
+
+    def poke(self, kind: str, job_id: int = 0) -> None:
+        """Tell the broker something changed: 'schedule' (a job was queued) or 'cancel'."""
+        sock = getattr(self._pokers, "sock", None)
+        if sock is None:
+            sock = self.context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.inbox_address)
+            self._pokers.sock = sock
+            with self._pokers_lock:
+                self._all_pokers.append(sock)
+        sock.send_multipart([kind.encode(), str(job_id).encode()])
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stop(); then close the sockets this thread owns."""
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.inbox, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                if self.router in events:
+                    for _ in range(1000):  # bounded burst, then let timers run
+                        try:
+                            frames = self.router.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self.handle(frames, time.monotonic())
+                if self.inbox in events:
+                    while True:
+                        try:
+                            kind, job_id = self.inbox.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._guard(self._on_poke, kind.decode(), int(job_id))
+                self.step(time.monotonic())
+        finally:
+            self.router.close(linger=0)
+            self.inbox.close(linger=0)
+            with self._pokers_lock:
+                for sock in self._all_pokers:
+                    sock.close(linger=0)
+
+    def step(self, now: float) -> None:
+        """Timers: heartbeats out, silent workers lost, orphaned jobs released, scheduling."""
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.heartbeat_interval_s
+            for peer in list(self.peers.values()):
+                self._send(peer, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": True})
+        if now >= self._next_expiry:
+            self._next_expiry = now + min(1.0, self.heartbeat_interval_s)
+            self._guard(self._expire, now)
+        if now >= self._next_schedule:
+            self._guard(self._schedule, now)
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        """Run one unit of work; a failure is logged, never fatal to the broker."""
+        try:
+            fn(*args)
+        except errors.StoreUnavailable as exc:
+            log.warning("store unavailable: %s", exc)
+        except Exception:
+            log.exception("broker: unexpected error in %s", getattr(fn, "__name__", fn))
+
+    # --- messages from workers ----------------------------------------------------------------
+
+    def handle(self, frames: list[bytes], now: float) -> None:
+        """One message from the ROUTER: decode, dispatch; a bad message is logged and dropped."""
+        if len(frames) < 2:
+            self.dropped_messages += 1
+            return
+        routing_id, rest = frames[0], frames[1:]
+        try:
+            msg = protocol.decode_from_worker(rest)
+        except errors.ProtocolError as exc:
+            self.dropped_messages += 1
+            log.warning("dropped a malformed message: %s", exc)
+            return
+        body = msg.body
+        if msg.type == "HELLO":
+            self._guard(self._on_hello, routing_id, body, now)
+            return
+        peer = self.peers.get(body["session"])
+        if peer is None or peer.routing_id != routing_id:
+            # An unknown session (we restarted, or declared it lost): ask it to say HELLO again.
+            self._send_raw(
+                routing_id, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": False}
+            )
+            return
+        peer.last_seen = now
+        handler = getattr(self, f"_on_{msg.type.lower()}")
+        self._guard(handler, peer, body, now)
+
+    def _on_hello(self, routing_id: bytes, body: dict[str, Any], now: float) -> None:
+        name = body["name"]
+        for old in [p for p in self.peers.values() if p.name == name]:
+            del self.peers[old.session]
+        peer = Peer(
+            name=name,
+            routing_id=routing_id,
+            session=body["session"],
+            version=body["version"],
+            gpus=body["gpus"],
+            labels=body["labels"],
+            max_jobs=body["max_jobs"],
+            last_seen=now,
+        )
+        self.peers[peer.session] = peer
+        self._send(
+            peer,
+            "WELCOME",
+            {
+                "coordinator": self.coordinator_id,
+                "heartbeat_interval_s": self.heartbeat_interval_s,
+                "liveness_s": self.liveness_s,
+            },
+        )
+        held = {item["job_id"]: item["attempt"] for item in body["running"]}
+        for job in self.store.running_jobs(worker=name):
+            if held.get(job.id) == job.attempts:
+                peer.assigned[job.id] = list(job.gpu_ids)
+                if job.cancel_requested:
+                    self._send(peer, "CANCEL", {"job_id": job.id, "attempt": job.attempts})
+            else:
+                self._release(job, f"worker {name} restarted without it")
+        self.store.save_worker(peer.info(connected=True))
+        log.info("worker %s connected (%d GPUs, %d jobs held)", name, len(peer.gpus), len(held))
+
+    def _on_ready(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+        peer.ready = True
+        peer.free_gpus = list(body["free_gpus"])
+        peer.slots = body["slots"]
+        peer.known = set(body["running"])
+        self._schedule(now)
+
+    def _on_started(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+        executed_at = models.parse_time(body["executed_at"]) or models.utcnow()
+        if self.store.mark_started(body["job_id"], body["attempt"], executed_at):
+            self.changes.notify(body["job_id"])
+
+    def _on_log(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+        job_id, attempt = body["job_id"], body["attempt"]
+        lines = [tuple(line) for line in body["lines"]]
+        seq = self.store.append_logs(job_id, attempt, body["seq"], lines)  # type: ignore[arg-type]
+        self._send(peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": seq, "done": 0})
+        self.changes.notify(job_id)
+
+    def _on_done(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+        job_id, attempt = body["job_id"], body["attempt"]
+        outcome = self.store.finish_job(
+            job_id,
+            attempt,
+            models.Status(body["status"]),
+            body["exit_code"],
+            body["error"],
+            models.parse_time(body["executed_at"]),
+            models.parse_time(body["finished_at"])  # type: ignore[arg-type]
+            or models.utcnow(),
+            body["last_seq"],
+        )
+        if outcome is Finish.MISSING_LINES:
+            # Tell the worker which lines we have; it resends the rest, then DONE again.
+            stored = self.store.get_job(job_id).log_seq
+            self._send(
+                peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": stored, "done": 0}
+            )
+            return
+        peer.assigned.pop(job_id, None)
+        self._send(
+            peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": body["last_seq"], "done": 1}
+        )
+        if outcome is Finish.APPLIED:
+            log.info("job %d ended %s on %s", job_id, body["status"], peer.name)
+            self.changes.notify(job_id)
+        self._schedule(now)
+
+    def _on_heartbeat(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+        self._send(peer, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": True})
+
+    # --- pokes from other threads -------------------------------------------------------------
+
+    def _on_poke(self, kind: str, job_id: int) -> None:
+        if kind == "schedule":
+            self._schedule(time.monotonic())
+        elif kind == "cancel":
+            job = self.store.get_job(job_id)
+            for peer in self.peers.values():
+                if peer.name == job.worker and job.status is models.Status.RUNNING:
+                    self._send(peer, "CANCEL", {"job_id": job.id, "attempt": job.attempts})
+
+    # --- scheduling and expiry ----------------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        """Hand out queued jobs, one per worker per round, until no worker can take another."""
+        self._next_schedule = now + SCHEDULE_EVERY_S
+        progress = True
+        while progress:
+            progress = False
+            for peer in list(self.peers.values()):
+                if not peer.ready:
+                    continue
+                free, slots = peer.capacity()
+                if slots <= 0:
+                    continue
+                job = self.store.claim_job(peer.name, peer.labels, free, models.utcnow())
+                if job is None:
+                    continue
+                if self._send(
+                    peer, "JOB", {"coordinator": self.coordinator_id, "job": job.to_wire()}
+                ):
+                    peer.assigned[job.id] = list(job.gpu_ids)
+                    progress = True
+                    log.info("job %d (attempt %d) sent to %s", job.id, job.attempts, peer.name)
+                else:
+                    self.store.unclaim_job(job.id, job.attempts, models.utcnow())
+
+    def _expire(self, now: float) -> None:
+        for peer in list(self.peers.values()):
+            if now - peer.last_seen > self.liveness_s:
+                self._lose(peer, f"worker lost: no word from {peer.name} for {self.liveness_s:g} s")
+        if now - self.started_at < self.liveness_s:
+            return  # give workers a chance to reconnect after our own start
+        connected = {peer.name for peer in self.peers.values()}
+        for job in self.store.running_jobs():
+            if job.worker not in connected:
+                self._release(job, f"worker lost: {job.worker} did not reconnect")
+
+    def _lose(self, peer: Peer, reason: str) -> None:
+        del self.peers[peer.session]
+        log.warning("%s", reason)
+        self.store.save_worker(peer.info(connected=False))
+        for job in self.store.running_jobs(worker=peer.name):
+            self._release(job, reason)
+
+    def _release(self, job: models.Job, reason: str) -> None:
+        released = self.store.release_job(job.id, job.attempts, reason, models.utcnow())
+        if released is not None:
+            log.warning("job %d: %s; now %s", job.id, reason, released.status.value)
+            self.changes.notify(job.id)
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _send(self, peer: Peer, msg_type: str, body: dict[str, Any]) -> bool:
+        ok = self._send_raw(peer.routing_id, msg_type, body)
+        if not ok and peer.session in self.peers:
+            # The connection is gone; its jobs stay until the worker returns or liveness ends.
+            peer.ready = False
+        return ok
+
+    def _send_raw(self, routing_id: bytes, msg_type: str, body: dict[str, Any]) -> bool:
+        try:
+            self.router.send_multipart([routing_id, *protocol.encode(msg_type, body)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer congested)
+            log.debug("could not send %s: %s", msg_type, exc)
+            return False

@@ -1,0 +1,34 @@
+"""Wake-ups for log followers: a per-job change counter that threads can wait on."""
+
+from __future__ import annotations
+
+import threading
+
+
+class Changes:
+    """Counts changes per job (new lines stored, status changed); followers wait for a change."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._versions: dict[int, int] = {}
+
+    def version(self, job_id: int) -> int:
+        with self._cond:
+            return self._versions.get(job_id, 0)
+
+    def notify(self, job_id: int) -> None:
+        """Something about this job changed: wake its followers."""
+        with self._cond:
+            self._versions[job_id] = self._versions.get(job_id, 0) + 1
+            self._cond.notify_all()
+
+    def forget(self, job_id: int) -> None:
+        """The job ended and its followers were woken: drop its counter."""
+        with self._cond:
+            self._versions.pop(job_id, None)
+
+    def wait(self, job_id: int, seen: int, timeout_s: float) -> int:
+        """Block until the job's version differs from `seen` or timeout_s passes; the version."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._versions.get(job_id, 0) != seen, timeout_s)
+            return self._versions.get(job_id, 0)

@@ -1,0 +1,95 @@
+"""The coordinator process: store, broker thread and HTTP server, started and stopped together."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import waitress
+import zmq
+from waitress import wasyncore
+
+from gpubox import config as config_mod
+from gpubox.coordinator import api, tokens
+from gpubox.coordinator.broker import Broker
+from gpubox.coordinator.events import Changes
+from gpubox.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """One coordinator: `start()` returns once both listeners are bound; `stop()` undoes it."""
+
+    def __init__(self, config: config_mod.CoordinatorConfig, context: zmq.Context | None = None):
+        self.config = config
+        self.context = context or zmq.Context()
+        self._own_context = context is None
+        self.store: Store | None = None
+        self.broker: Broker | None = None
+        self.http_server: Any = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    @property
+    def http_url(self) -> str:
+        host, port = self.http_server.effective_host, self.http_server.effective_port
+        return f"http://{host}:{port}"
+
+    @property
+    def link_endpoint(self) -> str:
+        assert self.broker is not None
+        return self.broker.endpoint
+
+    def start(self) -> None:
+        self.store = open_store(self.config.db)
+        tokens.ensure_local(self.store, self.config.state_dir)
+        changes = Changes()
+        self.broker = Broker(
+            self.store,
+            changes,
+            self.config.bind,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            liveness_s=self.config.liveness_s,
+            context=self.context,
+        )
+        app = api.make_app(
+            self.store, changes, self.broker.poke, self.config.max_body_bytes, self._stopping
+        )
+        host, port = config_mod.parse_address(self.config.http, "http")
+        self.http_server = waitress.create_server(
+            app,
+            host=host,
+            port=port,
+            threads=self.config.http_threads,
+            # Lets a follow stream notice a client that went away while it is quiet.
+            channel_request_lookahead=1,
+            max_request_body_size=self.config.max_body_bytes * 2,
+            ident="gpubox",
+            clear_untrusted_proxy_headers=True,
+        )
+        self._threads = [
+            threading.Thread(target=self.broker.run, name="gpubox-broker", daemon=True),
+            threading.Thread(target=self.http_server.run, name="gpubox-http", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        log.info("coordinator serving HTTP on %s, workers on %s", self.http_url, self.link_endpoint)
+
+    def stop(self) -> None:
+        """Finish requests in flight (follow streams end), close listeners, join threads."""
+        self._stopping.set()
+        server = self.http_server
+        if server is not None:
+            server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+            # Closing every channel empties waitress's socket map, which ends its loop.
+            wasyncore.close_all(server._map)
+        if self.broker is not None:
+            self.broker.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        if self.store is not None:
+            self.store.close()
+        if self._own_context:
+            self.context.term()

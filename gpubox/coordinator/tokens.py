@@ -1,0 +1,73 @@
+"""API tokens: made here, shown once, stored only as a SHA-256 digest."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from gpubox import errors, models
+from gpubox.store import Store
+
+log = logging.getLogger(__name__)
+
+ROLES = ("submit", "admin")
+LOCAL_NAME = "local"
+
+
+def digest(token: str | bytes) -> str:
+    """The hex SHA-256 of a token: what the store keeps."""
+    data = token.encode("utf-8") if isinstance(token, str) else token
+    return hashlib.sha256(data).hexdigest()
+
+
+def create(store: Store, name: str, role: str = "submit") -> str:
+    """Make a new token, store its digest under `name`, and return the token itself."""
+    if role not in ROLES:
+        raise errors.BadInput(f"role must be one of {', '.join(ROLES)}", "role")
+    if not name or len(name) > 100:
+        raise errors.BadInput("token name must be 1 to 100 characters", "name")
+    token = "gpbx_" + secrets.token_urlsafe(32)
+    store.add_token(models.Token(name, digest(token), role, models.utcnow()))
+    return token
+
+
+def check(store: Store, header: str | None) -> models.Token:
+    """The token an `Authorization: Bearer …` header carries, or errors.Unauthorized."""
+    if not header:
+        raise errors.Unauthorized("missing Authorization: Bearer <token> header")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise errors.Unauthorized("the Authorization header must be 'Bearer <token>'")
+    try:
+        # WSGI hands headers over as latin-1; a token is ASCII, anything else is no token.
+        raw = value.strip().encode("latin-1")
+    except UnicodeEncodeError:
+        raise errors.Unauthorized("invalid token") from None
+    wanted = digest(raw)
+    token = store.find_token(wanted)
+    if token is None or not hmac.compare_digest(token.digest.encode(), wanted.encode()):
+        raise errors.Unauthorized("invalid token")
+    return token
+
+
+def ensure_local(store: Store, state_dir: str) -> Path:
+    """Make sure `<state_dir>/token` (mode 0600) holds a valid admin token; its path."""
+    path = Path(state_dir) / "token"
+    with contextlib.suppress(OSError):
+        existing = path.read_text().strip()
+        if existing and store.find_token(digest(existing)) is not None:
+            return path
+    store.revoke_token(LOCAL_NAME)
+    token = create(store, LOCAL_NAME, "admin")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.chmod(path, 0o600)
+    log.info("wrote a local admin token to %s", path)
+    return path

@@ -1,0 +1,355 @@
+"""Job records, statuses and the validation of what clients submit. Pure: no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import shlex
+from datetime import UTC, datetime
+from typing import Any
+
+from gpubox import errors
+
+MAX_NAME = 200
+MAX_DESCRIPTION = 4000
+MAX_IMAGE = 512
+MAX_GPUS = 64
+MAX_INT = 2**31 - 1
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Status(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    ERROR = "ERROR"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.FINISHED, Status.ERROR, Status.CANCELLED})
+
+# The only status changes the store applies; anything else is refused.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.QUEUED: frozenset({Status.RUNNING, Status.CANCELLED}),
+    Status.RUNNING: frozenset({Status.FINISHED, Status.ERROR, Status.CANCELLED, Status.QUEUED}),
+    Status.FINISHED: frozenset(),
+    Status.ERROR: frozenset(),
+    Status.CANCELLED: frozenset(),
+}
+
+
+def can_move(old: Status, new: Status) -> bool:
+    """Whether a job may go from `old` to `new`."""
+    return new in TRANSITIONS[old]
+
+
+def utcnow() -> datetime:
+    """The current time, UTC-aware."""
+    return datetime.now(UTC)
+
+
+def format_time(value: datetime | None) -> str | None:
+    """RFC 3339 in UTC with microseconds, sortable as text."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """The inverse of format_time; also takes Docker's nanosecond timestamps."""
+    if not value:
+        return None
+    text = value.rstrip("Z")
+    if "." in text:
+        head, frac = text.split(".", 1)
+        text = f"{head}.{frac[:6]}"
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """What a client asks for: everything of a job that it chooses."""
+
+    name: str
+    image: str
+    command: list[str] | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    auth: dict[str, str] | None = None
+    description: str = ""
+    priority: int = 0
+    gpus: int = 0
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    timeout: float | None = None
+    max_retries: int = 0
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A job as stored: its spec, where it is in its life, and its result."""
+
+    id: int
+    spec: JobSpec
+    status: Status
+    created_at: datetime
+    updated_at: datetime
+    worker: str | None = None
+    attempts: int = 0
+    executed_at: datetime | None = None
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    gpu_ids: list[str] = dataclasses.field(default_factory=list)
+    log_seq: int = 0
+    cancel_requested: bool = False
+
+    @property
+    def duration(self) -> float | None:
+        if self.executed_at is None or self.finished_at is None:
+            return None
+        return round((self.finished_at - self.executed_at).total_seconds(), 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as the HTTP API shows it. Write-only fields (docker.auth) are left out."""
+        spec = self.spec
+        return {
+            "id": self.id,
+            "name": spec.name,
+            "description": spec.description,
+            "priority": spec.priority,
+            "docker": {"image": spec.image, "command": spec.command, "env": dict(spec.env)},
+            "gpus": spec.gpus,
+            "labels": dict(spec.labels),
+            "timeout": spec.timeout,
+            "max_retries": spec.max_retries,
+            "metadata": spec.metadata,
+            "status": self.status.value,
+            "cancel_requested": self.cancel_requested,
+            "result": {
+                "executed_at": format_time(self.executed_at),
+                "finished_at": format_time(self.finished_at),
+                "gpus": list(self.gpu_ids),
+                "duration": self.duration,
+                "exit_code": self.exit_code,
+                "error": self.error,
+            },
+            "worker": self.worker,
+            "attempts": self.attempts,
+            "log_lines": self.log_seq,
+            "created_at": format_time(self.created_at),
+            "updated_at": format_time(self.updated_at),
+        }
+
+    def to_wire(self) -> dict[str, Any]:
+        """The job as a worker receives it in JOB: what it needs to run this attempt."""
+        spec = self.spec
+        return {
+            "id": self.id,
+            "attempt": self.attempts,
+            "name": spec.name,
+            "image": spec.image,
+            "command": spec.command,
+            "env": dict(spec.env),
+            "auth": spec.auth,
+            "gpus": list(self.gpu_ids),
+            "timeout": spec.timeout,
+            "first_seq": self.log_seq + 1,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class LogLine:
+    """One stored line of a job's output."""
+
+    seq: int
+    ts: str
+    stream: str
+    line: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "ts": self.ts, "stream": self.stream, "line": self.line}
+
+
+# --- validation of client input -------------------------------------------------------------
+
+JOB_FIELDS = {
+    "name",
+    "description",
+    "priority",
+    "docker",
+    "gpus",
+    "labels",
+    "timeout",
+    "max_retries",
+    "metadata",
+}
+DOCKER_FIELDS = {"image", "command", "env", "auth"}
+AUTH_FIELDS = {"registry", "username", "password"}
+
+
+def _int(value: Any, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.BadInput(f"{field} must be an integer", field)
+    if not low <= value <= high:
+        raise errors.BadInput(f"{field} must be between {low} and {high}", field)
+    return value
+
+
+def _str(value: Any, field: str, limit: int, required: bool = False) -> str:
+    if not isinstance(value, str):
+        raise errors.BadInput(f"{field} must be a string", field)
+    if required and not value.strip():
+        raise errors.BadInput(f"{field} must not be empty", field)
+    if len(value) > limit:
+        raise errors.BadInput(f"{field} must be at most {limit} characters", field)
+    return value
+
+
+def _str_map(value: Any, field: str, env_names: bool = False) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise errors.BadInput(f"{field} must be an object of strings", field)
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise errors.BadInput(f"{field}.{key} must be a string", f"{field}.{key}")
+        if env_names and not ENV_NAME.match(key):
+            raise errors.BadInput(f"{field}: {key!r} is not a valid variable name", field)
+        if not key or len(key) > 256:
+            raise errors.BadInput(f"{field} keys must be 1 to 256 characters", field)
+    return dict(value)
+
+
+def _unknown(data: dict[str, Any], allowed: set[str], prefix: str) -> None:
+    for key in data:
+        if key not in allowed:
+            field = f"{prefix}{key}"
+            raise errors.BadInput(f"unknown field {field!r}", field)
+
+
+def parse_command(value: Any, field: str = "docker.command") -> list[str] | None:
+    """Exec-form command: a list of strings as given, or a string split like a shell would."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            parts = shlex.split(value)
+        except ValueError as exc:
+            raise errors.BadInput(f"{field} cannot be split: {exc}", field) from exc
+        return parts or None
+    if isinstance(value, list) and all(isinstance(part, str) for part in value):
+        return list(value) or None
+    raise errors.BadInput(f"{field} must be a list of strings or a string", field)
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a submission (decoded JSON) into a JobSpec, or raise BadInput naming the field."""
+    if not isinstance(data, dict):
+        raise errors.BadInput("the body must be a JSON object")
+    _unknown(data, JOB_FIELDS, "")
+    if "name" not in data:
+        raise errors.BadInput("name is required", "name")
+    name = _str(data["name"], "name", MAX_NAME, required=True)
+    docker = data.get("docker")
+    if not isinstance(docker, dict):
+        raise errors.BadInput("docker must be an object with at least an image", "docker")
+    _unknown(docker, DOCKER_FIELDS, "docker.")
+    if "image" not in docker:
+        raise errors.BadInput("docker.image is required", "docker.image")
+    image = _str(docker["image"], "docker.image", MAX_IMAGE, required=True)
+    auth = docker.get("auth")
+    if auth is not None:
+        if not isinstance(auth, dict):
+            raise errors.BadInput("docker.auth must be an object", "docker.auth")
+        _unknown(auth, AUTH_FIELDS, "docker.auth.")
+        auth = _str_map(auth, "docker.auth")
+        for key in ("username", "password"):
+            if key not in auth:
+                raise errors.BadInput(f"docker.auth.{key} is required", f"docker.auth.{key}")
+    timeout = data.get("timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise errors.BadInput("timeout must be a number of seconds or null", "timeout")
+        if not 0 < timeout <= 366 * 86400:
+            raise errors.BadInput("timeout must be positive and at most a year", "timeout")
+    metadata = data.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise errors.BadInput("metadata must be a JSON object", "metadata")
+    return JobSpec(
+        name=name,
+        image=image,
+        command=parse_command(docker.get("command")),
+        env=_str_map(docker.get("env"), "docker.env", env_names=True),
+        auth=auth,
+        description=_str(data.get("description", ""), "description", MAX_DESCRIPTION),
+        priority=_int(data.get("priority", 0), "priority", -MAX_INT, MAX_INT),
+        gpus=_int(data.get("gpus", 0), "gpus", 0, MAX_GPUS),
+        labels=_str_map(data.get("labels"), "labels"),
+        timeout=timeout,
+        max_retries=_int(data.get("max_retries", 0), "max_retries", 0, 100),
+        metadata=metadata,
+    )
+
+
+def parse_status(value: str) -> Status:
+    """A status name from a query string, case-insensitive."""
+    try:
+        return Status(value.upper())
+    except ValueError:
+        names = ", ".join(s.value for s in Status)
+        raise errors.BadInput(f"status must be one of {names}", "status") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """One GPU a worker offers."""
+
+    uuid: str
+    name: str
+    memory_mb: int
+    index: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "name": self.name, "memory_mb": self.memory_mb}
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """What the coordinator knows of a worker, for `GET /workers`."""
+
+    name: str
+    version: str
+    gpus: list[dict[str, Any]]
+    labels: dict[str, str]
+    max_jobs: int
+    connected: bool
+    last_seen: datetime
+
+    def to_dict(self, running: list[int]) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "connected": self.connected,
+            "gpus": self.gpus,
+            "labels": dict(self.labels),
+            "max_jobs": self.max_jobs,
+            "running_jobs": running,
+            "last_heartbeat": format_time(self.last_seen),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """An API token as stored: its SHA-256 digest, never the token itself."""
+
+    name: str
+    digest: str
+    role: str
+    created_at: datetime

@@ -1,0 +1,237 @@
+"""The worker link's wire format: the only module that knows how messages look on the wire.
+
+Every message is a multipart ZeroMQ message of three frames (a ROUTER sees the peer's routing
+id in front of them):
+
+    frame 0  protocol version, ASCII: b"GPBX1"
+    frame 1  message type, ASCII: b"HELLO", b"LOG", ...
+    frame 2  body: one msgpack map, at most MAX_BODY bytes
+
+Bodies, by direction. `session` is a random id a worker picks per connection; `coordinator` is
+a random id the coordinator picks per start, so either side recognises messages meant for an
+earlier incarnation of the other.
+
+worker -> coordinator
+    HELLO      {name, version, session, gpus: [{uuid, name, memory_mb}], labels: {str: str},
+                max_jobs, running: [{job_id, attempt}]}
+    READY      {session, free_gpus: [uuid], slots, running: [job_id]}
+    STARTED    {session, job_id, attempt, container, executed_at}
+    LOG        {session, job_id, attempt, seq, lines: [[ts, stream, line]]}   seq: first line's
+    DONE       {session, job_id, attempt, status, exit_code, error, executed_at, finished_at,
+                last_seq}                                                     the full record
+    HEARTBEAT  {session}
+
+coordinator -> worker
+    WELCOME    {coordinator, heartbeat_interval_s, liveness_s}
+    JOB        {coordinator, job: {id, attempt, name, image, command, env, auth, gpus, timeout,
+                first_seq}}
+    ACK        {job_id, attempt, seq, done}     seq: last stored line; done: DONE was applied
+    CANCEL     {job_id, attempt}
+    HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO)
+
+A worker whose HEARTBEAT is answered with another `coordinator` id than its WELCOME's knows
+the coordinator restarted, and says HELLO again.
+
+`decode` checks the version, the type and every field's type, and raises ProtocolError on
+anything else; the receiver logs and drops such a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+
+from gpubox import errors
+
+VERSION = b"GPBX1"
+MAX_BODY = 32 * 1024 * 1024
+MAX_LINE = 64 * 1024
+STREAMS = ("stdout", "stderr")
+
+Check = Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _opt(check: Check) -> Check:
+    return lambda value: value is None or check(value)
+
+
+def _list_of(check: Check) -> Check:
+    return lambda value: isinstance(value, list) and all(check(item) for item in value)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
+def _is_line(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(part, str) for part in value)
+        and value[1] in STREAMS
+    )
+
+
+def _is_gpu(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("uuid"), str)
+        and isinstance(value.get("name"), str)
+        and _is_int(value.get("memory_mb"))
+    )
+
+
+def _is_running(value: Any) -> bool:
+    return (
+        isinstance(value, dict) and _is_int(value.get("job_id")) and _is_int(value.get("attempt"))
+    )
+
+
+def _is_wire_job(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    return all(check(value.get(key)) for key, check in _WIRE_JOB.items())
+
+
+_WIRE_JOB: dict[str, Check] = {
+    "id": _is_int,
+    "attempt": _is_int,
+    "name": _is_str,
+    "image": _is_str,
+    "command": _opt(_list_of(_is_str)),
+    "env": _is_str_map,
+    "auth": _opt(_is_str_map),
+    "gpus": _list_of(_is_str),
+    "timeout": _opt(_is_number),
+    "first_seq": _is_int,
+}
+
+FROM_WORKER: dict[str, dict[str, Check]] = {
+    "HELLO": {
+        "name": _is_str,
+        "version": _is_str,
+        "session": _is_str,
+        "gpus": _list_of(_is_gpu),
+        "labels": _is_str_map,
+        "max_jobs": _is_int,
+        "running": _list_of(_is_running),
+    },
+    "READY": {
+        "session": _is_str,
+        "free_gpus": _list_of(_is_str),
+        "slots": _is_int,
+        "running": _list_of(_is_int),
+    },
+    "STARTED": {
+        "session": _is_str,
+        "job_id": _is_int,
+        "attempt": _is_int,
+        "container": _is_str,
+        "executed_at": _is_str,
+    },
+    "LOG": {
+        "session": _is_str,
+        "job_id": _is_int,
+        "attempt": _is_int,
+        "seq": _is_int,
+        "lines": _list_of(_is_line),
+    },
+    "DONE": {
+        "session": _is_str,
+        "job_id": _is_int,
+        "attempt": _is_int,
+        "status": lambda v: v in ("FINISHED", "ERROR", "CANCELLED"),
+        "exit_code": _opt(_is_int),
+        "error": _opt(_is_str),
+        "executed_at": _opt(_is_str),
+        "finished_at": _is_str,
+        "last_seq": _is_int,
+    },
+    "HEARTBEAT": {"session": _is_str},
+}
+
+FROM_COORDINATOR: dict[str, dict[str, Check]] = {
+    "WELCOME": {
+        "coordinator": _is_str,
+        "heartbeat_interval_s": _is_number,
+        "liveness_s": _is_number,
+    },
+    "JOB": {"coordinator": _is_str, "job": _is_wire_job},
+    "ACK": {"job_id": _is_int, "attempt": _is_int, "seq": _is_int, "done": lambda v: v in (0, 1)},
+    "CANCEL": {"job_id": _is_int, "attempt": _is_int},
+    "HEARTBEAT": {"coordinator": _is_str, "known": lambda v: isinstance(v, bool)},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One decoded message: its type and its validated body."""
+
+    type: str
+    body: dict[str, Any]
+
+
+def encode(msg_type: str, body: dict[str, Any]) -> list[bytes]:
+    """The frames of one message."""
+    data = msgpack.packb(body, use_bin_type=True)
+    if len(data) > MAX_BODY:
+        raise errors.ProtocolError(f"{msg_type} body of {len(data)} bytes exceeds {MAX_BODY}")
+    return [VERSION, msg_type.encode("ascii"), data]
+
+
+def _decode(frames: Sequence[bytes], schemas: dict[str, dict[str, Check]]) -> Message:
+    if len(frames) != 3:
+        raise errors.ProtocolError(f"expected 3 frames, got {len(frames)}")
+    version, raw_type, data = frames
+    if version != VERSION:
+        raise errors.ProtocolError(f"unknown protocol version {bytes(version)[:16]!r}")
+    msg_type = bytes(raw_type).decode("ascii", "replace")
+    schema = schemas.get(msg_type)
+    if schema is None:
+        raise errors.ProtocolError(f"unknown message type {msg_type[:32]!r}")
+    if len(data) > MAX_BODY:
+        raise errors.ProtocolError(f"{msg_type} body exceeds {MAX_BODY} bytes")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise errors.ProtocolError(f"{msg_type} body is not msgpack: {exc}") from exc
+    if not isinstance(body, dict):
+        raise errors.ProtocolError(f"{msg_type} body is not a map")
+    for key, check in schema.items():
+        if not check(body.get(key)):
+            raise errors.ProtocolError(f"{msg_type}.{key} is missing or has the wrong type")
+    return Message(msg_type, body)
+
+
+def decode_from_worker(frames: Sequence[bytes]) -> Message:
+    """Decode a message a worker sent (without the routing id)."""
+    return _decode(frames, FROM_WORKER)
+
+
+def decode_from_coordinator(frames: Sequence[bytes]) -> Message:
+    """Decode a message the coordinator sent."""
+    return _decode(frames, FROM_COORDINATOR)
+
+
+def split_line(text: str, limit: int = MAX_LINE) -> list[str]:
+    """A line cut into pieces of at most `limit` characters: long lines are split, never dropped."""
+    if len(text) <= limit:
+        return [text]
+    return [text[i : i + limit] for i in range(0, len(text), limit)]

@@ -1,0 +1,152 @@
+"""The store contract: every operation the coordinator needs from a database.
+
+Backends (SQLite, PostgreSQL) implement it with the same meaning; one test suite runs against
+each. All methods are safe to call from several threads at once. Times are UTC-aware datetimes.
+A backend that cannot reach its database raises errors.StoreUnavailable; every other backend
+failure is errors.StoreError. Nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from datetime import datetime
+
+from gpubox import models
+
+# A log line as it arrives from a worker: (timestamp, stream, text).
+RawLine = tuple[str, str, str]
+
+
+class Finish(enum.Enum):
+    """What finish_job did with a final record."""
+
+    APPLIED = "applied"  # the job is now terminal with this record
+    IGNORED = "ignored"  # stale attempt or job already terminal: acknowledge, change nothing
+    MISSING_LINES = "missing_lines"  # lines before last_seq are not stored yet: do not acknowledge
+
+
+class Store(abc.ABC):
+    """One store of jobs, log lines, workers and tokens."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release every connection. The store is unusable afterwards."""
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_job(self, spec: models.JobSpec, now: datetime) -> models.Job:
+        """Insert a QUEUED job and return it with its new id (ids increase)."""
+
+    @abc.abstractmethod
+    def get_job(self, job_id: int) -> models.Job:
+        """The job with this id; errors.JobNotFound if there is none."""
+
+    @abc.abstractmethod
+    def list_jobs(
+        self, status: models.Status | None = None, limit: int = 50, before: int | None = None
+    ) -> list[models.Job]:
+        """Up to `limit` jobs, newest (highest id) first, only ids below `before` when given."""
+
+    @abc.abstractmethod
+    def claim_job(
+        self, worker: str, labels: dict[str, str], free_gpus: Sequence[str], now: datetime
+    ) -> models.Job | None:
+        """Atomically hand the best QUEUED job this worker can run to it, or return None.
+
+        Best: highest priority, then lowest id, among jobs needing at most len(free_gpus) GPUs
+        whose labels are all among the worker's. The claimed job is RUNNING, assigned to
+        `worker`, its attempts incremented and its gpu_ids set to the first free_gpus it needs.
+        Two concurrent claims never return the same job.
+        """
+
+    @abc.abstractmethod
+    def unclaim_job(self, job_id: int, attempt: int, now: datetime) -> bool:
+        """Put back a job whose claim never reached its worker, as if it had not been claimed:
+        QUEUED, attempts decremented (CANCELLED if a cancel came meanwhile). False (no change) if
+        that attempt is not RUNNING."""
+
+    @abc.abstractmethod
+    def mark_started(self, job_id: int, attempt: int, executed_at: datetime) -> bool:
+        """Record that this attempt's container started. False (no change) for a stale attempt."""
+
+    @abc.abstractmethod
+    def finish_job(
+        self,
+        job_id: int,
+        attempt: int,
+        status: models.Status,
+        exit_code: int | None,
+        error: str | None,
+        executed_at: datetime | None,
+        finished_at: datetime,
+        last_seq: int,
+    ) -> Finish:
+        """Apply a worker's final record of one attempt, idempotently.
+
+        APPLIED only if the job is RUNNING in this attempt and every line up to last_seq is
+        stored; the job then takes the terminal `status` and its write-only fields are erased.
+        """
+
+    @abc.abstractmethod
+    def cancel_job(self, job_id: int, now: datetime) -> models.Job:
+        """Cancel: QUEUED becomes CANCELLED at once; RUNNING gets cancel_requested (the worker
+        stops it and reports CANCELLED). errors.WrongState for a terminal job."""
+
+    @abc.abstractmethod
+    def release_job(
+        self, job_id: int, attempt: int, error: str, now: datetime
+    ) -> models.Job | None:
+        """A RUNNING attempt was lost with its worker: QUEUED again while attempts <= max_retries,
+        else ERROR with `error`; CANCELLED if a cancel was requested. None for a stale attempt."""
+
+    @abc.abstractmethod
+    def running_jobs(self, worker: str | None = None) -> list[models.Job]:
+        """Every RUNNING job, or those assigned to `worker`."""
+
+    # --- logs ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def append_logs(
+        self, job_id: int, attempt: int, first_seq: int, lines: Sequence[RawLine]
+    ) -> int:
+        """Store a batch whose first line has sequence number first_seq, in one transaction.
+
+        Lines already stored are skipped (exactly once); a batch that would leave a gap, or
+        belongs to a stale attempt, stores nothing. Returns the sequence number up to which the
+        sender may forget its lines: the job's last stored seq, or the batch's end if stale.
+        """
+
+    @abc.abstractmethod
+    def read_logs(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogLine]:
+        """Up to `limit` stored lines with seq > since, in order."""
+
+    # --- workers ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def save_worker(self, worker: models.WorkerInfo) -> None:
+        """Insert or replace what is known of a worker."""
+
+    @abc.abstractmethod
+    def list_workers(self) -> list[models.WorkerInfo]:
+        """Every worker ever seen, by name."""
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_token(self, token: models.Token) -> None:
+        """Store a new token; errors.WrongState if the name is taken."""
+
+    @abc.abstractmethod
+    def find_token(self, digest: str) -> models.Token | None:
+        """The token with this SHA-256 hex digest, if any."""
+
+    @abc.abstractmethod
+    def revoke_token(self, name: str) -> bool:
+        """Delete a token by name; False if there was none."""
+
+    @abc.abstractmethod
+    def list_tokens(self) -> list[models.Token]:
+        """Every token, by name."""

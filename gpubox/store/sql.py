@@ -1,0 +1,393 @@
+"""The store contract in portable SQL, shared by the SQLite and PostgreSQL backends.
+
+A backend supplies connections and transactions (`_write`, `_read`), its DDL, and the few
+statements that differ; the SQL here is the same text on both (no RETURNING, `?` placeholders,
+rewritten by a backend that needs another style).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from gpubox import errors, models
+from gpubox.store import base
+
+JOB_COLUMNS = (
+    "name, description, priority, image, command, env, auth, gpus, labels, timeout, "
+    "max_retries, metadata, status, created_at, updated_at"
+)
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _load(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def _time(value: datetime | None) -> str | None:
+    return models.format_time(value)
+
+
+def job_from_row(row: dict[str, Any]) -> models.Job:
+    """A Job from a `jobs` row (a mapping of column name to value)."""
+    spec = models.JobSpec(
+        name=row["name"],
+        description=row["description"],
+        priority=row["priority"],
+        image=row["image"],
+        command=_load(row["command"]),
+        env=_load(row["env"]),
+        auth=_load(row["auth"]),
+        gpus=row["gpus"],
+        labels=_load(row["labels"]),
+        timeout=row["timeout"],
+        max_retries=row["max_retries"],
+        metadata=_load(row["metadata"]),
+    )
+    return models.Job(
+        id=row["id"],
+        spec=spec,
+        status=models.Status(row["status"]),
+        created_at=models.parse_time(row["created_at"]),  # type: ignore[arg-type]
+        updated_at=models.parse_time(row["updated_at"]),  # type: ignore[arg-type]
+        worker=row["worker"],
+        attempts=row["attempts"],
+        executed_at=models.parse_time(row["executed_at"]),
+        finished_at=models.parse_time(row["finished_at"]),
+        exit_code=row["exit_code"],
+        error=row["error"],
+        gpu_ids=_load(row["gpu_ids"]) or [],
+        log_seq=row["log_seq"],
+        cancel_requested=bool(row["cancel_requested"]),
+    )
+
+
+class SqlStore(base.Store):
+    """Every store operation written once in SQL; backends provide connections."""
+
+    # Appended to the claim's candidate query: PostgreSQL adds row locks here.
+    claim_lock = ""
+
+    @abc.abstractmethod
+    def _write(self) -> contextlib.AbstractContextManager[Any]:
+        """A write transaction that takes the write lock at once; yields a cursor."""
+
+    @abc.abstractmethod
+    def _read(self) -> contextlib.AbstractContextManager[Any]:
+        """A cursor for reads outside any write transaction."""
+
+    @abc.abstractmethod
+    def _insert_job(self, cur: Any, values: Sequence[Any]) -> int:
+        """Insert a job row (JOB_COLUMNS order) and return its id from the backend's counter."""
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def create_job(self, spec: models.JobSpec, now: datetime) -> models.Job:
+        values = (
+            spec.name,
+            spec.description,
+            spec.priority,
+            spec.image,
+            _dump(spec.command),
+            _dump(spec.env),
+            _dump(spec.auth),
+            spec.gpus,
+            _dump(spec.labels),
+            spec.timeout,
+            spec.max_retries,
+            _dump(spec.metadata),
+            models.Status.QUEUED.value,
+            _time(now),
+            _time(now),
+        )
+        with self._write() as cur:
+            job_id = self._insert_job(cur, values)
+            return self._get(cur, job_id)
+
+    def _get(self, cur: Any, job_id: int) -> models.Job:
+        cur.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        row = cur.fetchone()
+        if row is None:
+            raise errors.JobNotFound(job_id)
+        return job_from_row(row)
+
+    def get_job(self, job_id: int) -> models.Job:
+        with self._read() as cur:
+            return self._get(cur, job_id)
+
+    def list_jobs(
+        self, status: models.Status | None = None, limit: int = 50, before: int | None = None
+    ) -> list[models.Job]:
+        where: list[str] = []
+        params: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status.value)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        with self._read() as cur:
+            cur.execute(sql, params)
+            return [job_from_row(row) for row in cur.fetchall()]
+
+    def claim_job(
+        self, worker: str, labels: dict[str, str], free_gpus: Sequence[str], now: datetime
+    ) -> models.Job | None:
+        with self._write() as cur:
+            cur.execute(
+                "SELECT id, labels, gpus FROM jobs WHERE status = 'QUEUED' AND gpus <= ?"
+                " ORDER BY priority DESC, id" + self.claim_lock,
+                (len(free_gpus),),
+            )
+            for row in cur.fetchall():
+                wanted = _load(row["labels"])
+                if all(labels.get(key) == value for key, value in wanted.items()):
+                    break
+            else:
+                return None
+            gpu_ids = list(free_gpus[: row["gpus"]])
+            cur.execute(
+                "UPDATE jobs SET status = 'RUNNING', worker = ?, attempts = attempts + 1,"
+                " gpu_ids = ?, executed_at = NULL, updated_at = ?"
+                " WHERE id = ? AND status = 'QUEUED'",
+                (worker, _dump(gpu_ids), _time(now), row["id"]),
+            )
+            if cur.rowcount != 1:
+                return None
+            return self._get(cur, row["id"])
+
+    def unclaim_job(self, job_id: int, attempt: int, now: datetime) -> bool:
+        with self._write() as cur:
+            # A cancel that came in meanwhile applies as it would have to a queued job.
+            cur.execute(
+                "UPDATE jobs SET status = CASE WHEN cancel_requested = 1 THEN 'CANCELLED'"
+                " ELSE 'QUEUED' END, worker = NULL, gpu_ids = '[]', attempts = attempts - 1,"
+                " finished_at = CASE WHEN cancel_requested = 1 THEN ? END, updated_at = ?"
+                " WHERE id = ? AND attempts = ? AND status = 'RUNNING'",
+                (_time(now), _time(now), job_id, attempt),
+            )
+            return bool(cur.rowcount == 1)
+
+    def mark_started(self, job_id: int, attempt: int, executed_at: datetime) -> bool:
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE jobs SET executed_at = ?, updated_at = ?"
+                " WHERE id = ? AND attempts = ? AND status = 'RUNNING'",
+                (_time(executed_at), _time(models.utcnow()), job_id, attempt),
+            )
+            return bool(cur.rowcount == 1)
+
+    def finish_job(
+        self,
+        job_id: int,
+        attempt: int,
+        status: models.Status,
+        exit_code: int | None,
+        error: str | None,
+        executed_at: datetime | None,
+        finished_at: datetime,
+        last_seq: int,
+    ) -> base.Finish:
+        if not status.terminal:
+            raise errors.WrongState(f"{status.value} is not a final status")
+        with self._write() as cur:
+            cur.execute("SELECT status, attempts, log_seq FROM jobs WHERE id = ?", (job_id,))
+            row = cur.fetchone()
+            if row is None or row["status"] != "RUNNING" or row["attempts"] != attempt:
+                return base.Finish.IGNORED
+            if row["log_seq"] < last_seq:
+                return base.Finish.MISSING_LINES
+            cur.execute(
+                "UPDATE jobs SET status = ?, exit_code = ?, error = ?,"
+                " executed_at = COALESCE(executed_at, ?), finished_at = ?, updated_at = ?,"
+                " auth = NULL WHERE id = ?",
+                (
+                    status.value,
+                    exit_code,
+                    error,
+                    _time(executed_at),
+                    _time(finished_at),
+                    _time(models.utcnow()),
+                    job_id,
+                ),
+            )
+            return base.Finish.APPLIED
+
+    def cancel_job(self, job_id: int, now: datetime) -> models.Job:
+        with self._write() as cur:
+            job = self._get(cur, job_id)
+            if job.status is models.Status.QUEUED:
+                cur.execute(
+                    "UPDATE jobs SET status = 'CANCELLED', finished_at = ?, updated_at = ?,"
+                    " auth = NULL, error = 'cancelled while queued' WHERE id = ?",
+                    (_time(now), _time(now), job_id),
+                )
+            elif job.status is models.Status.RUNNING:
+                cur.execute(
+                    "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                    (_time(now), job_id),
+                )
+            else:
+                raise errors.WrongState(
+                    f"job {job_id} is already {job.status.value} and cannot be cancelled"
+                )
+            return self._get(cur, job_id)
+
+    def release_job(
+        self, job_id: int, attempt: int, error: str, now: datetime
+    ) -> models.Job | None:
+        with self._write() as cur:
+            job = self._get(cur, job_id)
+            if job.status is not models.Status.RUNNING or job.attempts != attempt:
+                return None
+            if job.cancel_requested:
+                cur.execute(
+                    "UPDATE jobs SET status = 'CANCELLED', finished_at = ?, updated_at = ?,"
+                    " auth = NULL, error = ? WHERE id = ?",
+                    (_time(now), _time(now), f"cancelled; {error}", job_id),
+                )
+            elif job.attempts <= job.spec.max_retries:
+                cur.execute(
+                    "UPDATE jobs SET status = 'QUEUED', worker = NULL, gpu_ids = '[]',"
+                    " executed_at = NULL, updated_at = ? WHERE id = ?",
+                    (_time(now), job_id),
+                )
+            else:
+                cur.execute(
+                    "UPDATE jobs SET status = 'ERROR', error = ?, finished_at = ?,"
+                    " updated_at = ?, auth = NULL WHERE id = ?",
+                    (error, _time(now), _time(now), job_id),
+                )
+            return self._get(cur, job_id)
+
+    def running_jobs(self, worker: str | None = None) -> list[models.Job]:
+        sql, params = "SELECT * FROM jobs WHERE status = 'RUNNING'", []
+        if worker is not None:
+            sql += " AND worker = ?"
+            params.append(worker)
+        with self._read() as cur:
+            cur.execute(sql + " ORDER BY id", params)
+            return [job_from_row(row) for row in cur.fetchall()]
+
+    # --- logs ---------------------------------------------------------------------------------
+
+    def append_logs(
+        self, job_id: int, attempt: int, first_seq: int, lines: Sequence[base.RawLine]
+    ) -> int:
+        end = first_seq + len(lines) - 1
+        with self._write() as cur:
+            cur.execute("SELECT status, attempts, log_seq FROM jobs WHERE id = ?", (job_id,))
+            row = cur.fetchone()
+            if row is None or row["status"] != "RUNNING" or row["attempts"] != attempt:
+                return end
+            stored = row["log_seq"]
+            if first_seq > stored + 1 or end <= stored:
+                return int(stored)
+            skip = stored + 1 - first_seq
+            rows = [
+                (job_id, first_seq + i, ts, stream, text)
+                for i, (ts, stream, text) in enumerate(lines)
+                if i >= skip
+            ]
+            self._insert_logs(cur, rows)
+            cur.execute("UPDATE jobs SET log_seq = ? WHERE id = ?", (end, job_id))
+            return end
+
+    def _insert_logs(self, cur: Any, rows: Sequence[tuple[int, int, str, str, str]]) -> None:
+        cur.executemany(
+            "INSERT INTO logs (job_id, seq, ts, stream, line) VALUES (?, ?, ?, ?, ?)", rows
+        )
+
+    def read_logs(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogLine]:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT seq, ts, stream, line FROM logs WHERE job_id = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (job_id, since, limit),
+            )
+            return [models.LogLine(**row) for row in cur.fetchall()]
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def save_worker(self, worker: models.WorkerInfo) -> None:
+        info = {
+            "version": worker.version,
+            "gpus": worker.gpus,
+            "labels": worker.labels,
+            "max_jobs": worker.max_jobs,
+        }
+        with self._write() as cur:
+            cur.execute("DELETE FROM workers WHERE name = ?", (worker.name,))
+            cur.execute(
+                "INSERT INTO workers (name, info, connected, last_seen) VALUES (?, ?, ?, ?)",
+                (worker.name, _dump(info), int(worker.connected), _time(worker.last_seen)),
+            )
+
+    def list_workers(self) -> list[models.WorkerInfo]:
+        with self._read() as cur:
+            cur.execute("SELECT * FROM workers ORDER BY name")
+            rows = cur.fetchall()
+        result = []
+        for row in rows:
+            info = _load(row["info"])
+            result.append(
+                models.WorkerInfo(
+                    name=row["name"],
+                    version=info["version"],
+                    gpus=info["gpus"],
+                    labels=info["labels"],
+                    max_jobs=info["max_jobs"],
+                    connected=bool(row["connected"]),
+                    last_seen=models.parse_time(row["last_seen"]),  # type: ignore[arg-type]
+                )
+            )
+        return result
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    def add_token(self, token: models.Token) -> None:
+        with self._write() as cur:
+            cur.execute("SELECT name FROM tokens WHERE name = ?", (token.name,))
+            if cur.fetchone() is not None:
+                raise errors.WrongState(f"a token named {token.name!r} exists already")
+            cur.execute(
+                "INSERT INTO tokens (name, digest, role, created_at) VALUES (?, ?, ?, ?)",
+                (token.name, token.digest, token.role, _time(token.created_at)),
+            )
+
+    def find_token(self, digest: str) -> models.Token | None:
+        with self._read() as cur:
+            cur.execute("SELECT * FROM tokens WHERE digest = ?", (digest,))
+            row = cur.fetchone()
+        return None if row is None else _token(row)
+
+    def revoke_token(self, name: str) -> bool:
+        with self._write() as cur:
+            cur.execute("DELETE FROM tokens WHERE name = ?", (name,))
+            return bool(cur.rowcount == 1)
+
+    def list_tokens(self) -> list[models.Token]:
+        with self._read() as cur:
+            cur.execute("SELECT * FROM tokens ORDER BY name")
+            return [_token(row) for row in cur.fetchall()]
+
+
+def _token(row: dict[str, Any]) -> models.Token:
+    return models.Token(
+        name=row["name"],
+        digest=row["digest"],
+        role=row["role"],
+        created_at=models.parse_time(row["created_at"]),  # type: ignore[arg-type]
+    )

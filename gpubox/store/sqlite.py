@@ -1,0 +1,174 @@
+"""The SQLite backend: one file in WAL mode, one connection per thread, writes under
+BEGIN IMMEDIATE so a claim takes the write lock before it reads."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from gpubox import errors
+from gpubox.store import sql
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+DDL = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    command TEXT,
+    env TEXT NOT NULL,
+    auth TEXT,
+    gpus INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    timeout REAL,
+    max_retries INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    status TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    executed_at TEXT,
+    finished_at TEXT,
+    exit_code INTEGER,
+    error TEXT,
+    gpu_ids TEXT NOT NULL DEFAULT '[]',
+    log_seq INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, id);
+CREATE TABLE IF NOT EXISTS logs (
+    job_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ts TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    line TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS workers (
+    name TEXT PRIMARY KEY,
+    info TEXT NOT NULL,
+    connected INTEGER NOT NULL,
+    last_seen TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    name TEXT PRIMARY KEY,
+    digest TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""
+
+
+def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
+    return {col[0]: value for col, value in zip(cursor.description, row, strict=True)}
+
+
+class SqliteStore(sql.SqlStore):
+    """The store in one SQLite file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise errors.StoreError("the store is closed")
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30
+            )
+            conn.row_factory = _dict_row
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA busy_timeout = 30000")
+        except sqlite3.Error as exc:
+            raise errors.StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _migrate(self) -> None:
+        conn = self._connect()
+        try:
+            conn.executescript(DDL)
+            with self._write() as cur:
+                cur.execute("SELECT version FROM schema_version")
+                row = cur.fetchone()
+                if row is None:
+                    cur.execute(
+                        "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,)
+                    )
+                elif row["version"] > SCHEMA_VERSION:
+                    raise errors.StoreError(
+                        f"{self.path} has schema version {row['version']}, newer than this"
+                        f" gpubox knows ({SCHEMA_VERSION}): upgrade gpubox"
+                    )
+        except sqlite3.Error as exc:
+            raise errors.StoreError(f"cannot create the schema in {self.path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Cursor]:
+        conn = self._connect()
+        cur = conn.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+        except sqlite3.OperationalError as exc:
+            raise errors.StoreUnavailable(f"sqlite: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise errors.StoreError(f"sqlite: {exc}") from exc
+        finally:
+            cur.close()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Cursor]:
+        cur = self._connect().cursor()
+        try:
+            yield cur
+        except sqlite3.OperationalError as exc:
+            raise errors.StoreUnavailable(f"sqlite: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise errors.StoreError(f"sqlite: {exc}") from exc
+        finally:
+            cur.close()
+
+    def _insert_job(self, cur: Any, values: Sequence[Any]) -> int:
+        marks = ", ".join("?" * len(values))
+        cur.execute(f"INSERT INTO jobs ({sql.JOB_COLUMNS}) VALUES ({marks})", values)
+        return int(cur.lastrowid)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            for conn in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._all.clear()
+        self._local = threading.local()

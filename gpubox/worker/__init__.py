@@ -1,0 +1,1 @@
+"""The worker: runs jobs as Docker containers on this box's GPUs, talks to the coordinator."""

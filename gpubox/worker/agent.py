@@ -1,0 +1,348 @@
+"""The worker's link to the coordinator: the one thread that owns the DEALER socket.
+
+It says HELLO, asks for work (READY), starts a runner thread per JOB, forwards what runners
+report (STARTED, LOG, DONE) and keeps every LOG batch and DONE until the coordinator
+acknowledges it, resending after a reconnect or a quiet spell. Runner threads reach this
+thread only through an inproc PUSH socket each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Protocol
+
+import zmq
+
+from gpubox import __version__, errors, models, protocol
+from gpubox.config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+class Runtime(Protocol):
+    """Runs one job attempt, reporting through emit(kind, body); see worker.runner."""
+
+    def run(self, job: dict[str, Any], emit: Any, cancel: threading.Event) -> None: ...
+
+
+@dataclasses.dataclass
+class LocalJob:
+    """A job attempt this worker holds, from JOB until the coordinator acknowledges DONE."""
+
+    id: int
+    attempt: int
+    gpus: list[str]
+    cancel: threading.Event
+    thread: threading.Thread | None = None
+    running: bool = True
+    unacked: dict[int, tuple[list[list[str]], float]] = dataclasses.field(default_factory=dict)
+    done: dict[str, Any] | None = None
+    done_sent_at: float = 0.0
+
+
+class Agent:
+    """The worker's event loop. run() in one thread; stop() from any."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        runtime: Runtime,
+        gpus: list[models.Gpu],
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name or socket.gethostname()
+        self.runtime = runtime
+        self.gpus = gpus
+        self.labels = config.label_map
+        self.context = context or zmq.Context.instance()
+        self.jobs: dict[int, LocalJob] = {}
+        self.events_address = f"inproc://gpubox-worker-{uuid.uuid4().hex}"
+        self.events = self.context.socket(zmq.PULL)
+        self.events.bind(self.events_address)
+        self.dealer: zmq.Socket | None = None
+        self.session = ""
+        self.coordinator_id = ""
+        self.welcomed = False
+        self.last_heard = 0.0
+        self._next_heartbeat = 0.0
+        self._stop = threading.Event()
+        self.connected = threading.Event()  # set while welcomed; for tests and `up`
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stop(); then stop running containers and close the sockets."""
+        poller = zmq.Poller()
+        poller.register(self.events, zmq.POLLIN)
+        self._connect(time.monotonic(), poller)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                now = time.monotonic()
+                if self.dealer in events:
+                    self._drain_dealer(now)
+                if self.events in events:
+                    self._drain_events(now)
+                self.step(now, poller)
+        finally:
+            self._shutdown()
+
+    def step(self, now: float, poller: zmq.Poller | None = None) -> None:
+        """Timers: heartbeat, reconnect when the coordinator is silent, resend unacked."""
+        if now - self.last_heard > self.config.liveness_s:
+            log.warning(
+                "no word from the coordinator for %.0f s: reconnecting", now - self.last_heard
+            )
+            self._connect(now, poller)
+            return
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.heartbeat_interval_s
+            self._send("HEARTBEAT", {"session": self.session})
+        if self.welcomed:
+            self._resend(now, older_than=self.config.resend_s)
+
+    def _connect(self, now: float, poller: zmq.Poller | None) -> None:
+        if self.dealer is not None:
+            if poller is not None:
+                poller.unregister(self.dealer)
+            self.dealer.close(linger=0)
+        self.dealer = self.context.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL, 200)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        self.dealer.connect(self.config.coordinator)
+        if poller is not None:
+            poller.register(self.dealer, zmq.POLLIN)
+        self.last_heard = now
+        self._hello()
+
+    def _hello(self) -> None:
+        self.session = uuid.uuid4().hex
+        self.welcomed = False
+        self.connected.clear()
+        self._send(
+            "HELLO",
+            {
+                "name": self.name,
+                "version": __version__,
+                "session": self.session,
+                "gpus": [gpu.to_dict() for gpu in self.gpus],
+                "labels": self.labels,
+                "max_jobs": self.config.max_jobs,
+                "running": [{"job_id": j.id, "attempt": j.attempt} for j in self.jobs.values()],
+            },
+        )
+
+    def _drain_dealer(self, now: float) -> None:
+        assert self.dealer is not None
+        while True:
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode_from_coordinator(frames)
+            except errors.ProtocolError as exc:
+                log.warning("dropped a malformed message from the coordinator: %s", exc)
+                continue
+            self.last_heard = now
+            getattr(self, f"_on_{msg.type.lower()}")(msg.body, now)
+
+    # --- messages from the coordinator --------------------------------------------------------
+
+    def _on_welcome(self, body: dict[str, Any], now: float) -> None:
+        self.coordinator_id = body["coordinator"]
+        self.welcomed = True
+        self.connected.set()
+        log.info("connected to the coordinator at %s as %s", self.config.coordinator, self.name)
+        self._resend(now, older_than=0.0)
+        self._ready()
+
+    def _on_heartbeat(self, body: dict[str, Any], now: float) -> None:
+        if not body["known"] or (self.welcomed and body["coordinator"] != self.coordinator_id):
+            log.info("the coordinator does not know this session (it restarted?): HELLO again")
+            self._hello()
+
+    def _on_job(self, body: dict[str, Any], now: float) -> None:
+        spec = body["job"]
+        if spec["id"] in self.jobs:
+            return  # a duplicate delivery
+        job = LocalJob(
+            id=spec["id"],
+            attempt=spec["attempt"],
+            gpus=list(spec["gpus"]),
+            cancel=threading.Event(),
+        )
+        job.thread = threading.Thread(
+            target=self._run_job, args=(spec, job.cancel), name=f"job-{job.id}", daemon=True
+        )
+        self.jobs[job.id] = job
+        log.info("job %d (attempt %d) received: %s", job.id, job.attempt, spec["image"])
+        job.thread.start()
+        self._ready()
+
+    def _on_ack(self, body: dict[str, Any], now: float) -> None:
+        job = self.jobs.get(body["job_id"])
+        if job is None or job.attempt != body["attempt"]:
+            return
+        for seq in [
+            s for s, (lines, _) in job.unacked.items() if s + len(lines) - 1 <= body["seq"]
+        ]:
+            del job.unacked[seq]
+        if body["done"]:
+            del self.jobs[job.id]
+            self._ready()
+        elif job.done is not None:
+            # DONE was refused for missing lines: send what is left now, then DONE.
+            self._resend(now, older_than=0.0, only=job)
+
+    def _on_cancel(self, body: dict[str, Any], now: float) -> None:
+        job = self.jobs.get(body["job_id"])
+        if job is not None and job.attempt == body["attempt"]:
+            log.info("job %d: cancel requested", job.id)
+            job.cancel.set()
+
+    # --- runner threads -----------------------------------------------------------------------
+
+    def _run_job(self, spec: dict[str, Any], cancel: threading.Event) -> None:
+        push = self.context.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDTIMEO, 500)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(self.events_address)
+
+        def emit(kind: str, body: dict[str, Any]) -> None:
+            # Blocks while the agent is behind (back-pressure on the container's output),
+            # gives up once the agent has stopped.
+            while True:
+                try:
+                    push.send_pyobj((spec["id"], kind, body))
+                    return
+                except zmq.Again:
+                    if self._stop.is_set():
+                        return
+
+        try:
+            self.runtime.run(spec, emit, cancel)
+        except Exception as exc:  # a runtime bug must still end the job
+            log.exception("job %d: the runtime failed", spec["id"])
+            emit(
+                "done",
+                {
+                    "status": "ERROR",
+                    "exit_code": None,
+                    "error": f"worker error: {exc}",
+                    "executed_at": None,
+                    "finished_at": models.format_time(models.utcnow()),
+                    "last_seq": -1,
+                },
+            )
+        finally:
+            push.close()
+
+    def _drain_events(self, now: float) -> None:
+        while True:
+            try:
+                job_id, kind, body = self.events.recv_pyobj(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            if kind == "started":
+                self._send(
+                    "STARTED",
+                    {"session": self.session, "job_id": job.id, "attempt": job.attempt, **body},
+                )
+            elif kind == "lines":
+                job.unacked[body["seq"]] = (body["lines"], 0.0)
+                self._send_log(job, body["seq"], now)
+            elif kind == "done":
+                job.running = False
+                if body["last_seq"] < 0:  # the runtime crashed: claim no lines it never sent
+                    body["last_seq"] = max(
+                        (s + len(ls) - 1 for s, (ls, _) in job.unacked.items()), default=0
+                    )
+                job.done = {"session": "", "job_id": job.id, "attempt": job.attempt, **body}
+                self._send_done(job, now)
+                self._ready()
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _ready(self) -> None:
+        if not self.welcomed:
+            return
+        busy = {uuid for job in self.jobs.values() if job.running for uuid in job.gpus}
+        running = sum(1 for job in self.jobs.values() if job.running)
+        self._send(
+            "READY",
+            {
+                "session": self.session,
+                "free_gpus": [gpu.uuid for gpu in self.gpus if gpu.uuid not in busy],
+                "slots": max(0, self.config.max_jobs - running),
+                "running": list(self.jobs),
+            },
+        )
+
+    def _send_log(self, job: LocalJob, seq: int, now: float) -> None:
+        if not self.welcomed:
+            return
+        lines, _ = job.unacked[seq]
+        if self._send(
+            "LOG",
+            {
+                "session": self.session,
+                "job_id": job.id,
+                "attempt": job.attempt,
+                "seq": seq,
+                "lines": lines,
+            },
+        ):
+            job.unacked[seq] = (lines, now)
+
+    def _send_done(self, job: LocalJob, now: float) -> None:
+        if not self.welcomed or job.done is None:
+            return
+        if self._send("DONE", {**job.done, "session": self.session}):
+            job.done_sent_at = now
+
+    def _resend(self, now: float, older_than: float, only: LocalJob | None = None) -> None:
+        for job in [only] if only is not None else list(self.jobs.values()):
+            for seq in sorted(job.unacked):
+                if now - job.unacked[seq][1] >= older_than:
+                    self._send_log(job, seq, now)
+            if job.done is not None and now - job.done_sent_at >= older_than:
+                self._send_done(job, now)
+
+    def _send(self, msg_type: str, body: dict[str, Any]) -> bool:
+        if self.dealer is None:
+            return False
+        try:
+            self.dealer.send_multipart(protocol.encode(msg_type, body), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False  # the link is congested or down; the resend timer tries again
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        running = [job for job in self.jobs.values() if job.running and job.thread is not None]
+        if running:
+            log.info("stopping %d running job(s)", len(running))
+        for job in running:
+            job.cancel.set()
+        deadline = time.monotonic() + self.config.stop_grace_s + 5
+        for job in running:
+            assert job.thread is not None
+            job.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self.dealer is not None:
+            self.dealer.close(linger=0)
+        self.events.close(linger=0)

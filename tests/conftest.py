@@ -1,0 +1,176 @@
+"""Fixtures that start the real parts: a coordinator (Waitress + ZeroMQ + SQLite) on free
+loopback ports, and workers running real Docker containers from the local busybox image."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import zmq
+
+from gpubox import config as cfg
+from gpubox.client import Client
+from gpubox.coordinator.server import Coordinator
+from gpubox.worker import gpu
+from gpubox.worker.agent import Agent
+from gpubox.worker.runner import DockerRuntime
+
+IMAGE = os.environ.get("GPUBOX_TEST_IMAGE", "gpubox-busybox:latest")
+TERMINAL = ("FINISHED", "ERROR", "CANCELLED")
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env()
+        client.ping()
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"test image {IMAGE} is missing: run scripts/test (it builds it)")
+    except docker.errors.DockerException as exc:
+        pytest.fail(f"no Docker engine ({exc}): run scripts/test, which starts dockerd")
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def image(docker_client: docker.DockerClient) -> str:
+    return IMAGE
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "") -> Any:
+    """Poll until predicate() is truthy; its value. Fails the test after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+@dataclasses.dataclass
+class Cluster:
+    """A running coordinator with its workers, and a client holding its admin token."""
+
+    coordinator: Coordinator
+    client: Client
+    url: str
+    token: str
+    context: zmq.Context
+    docker_client: docker.DockerClient
+    agents: list[tuple[Agent, threading.Thread]] = dataclasses.field(default_factory=list)
+
+    def add_worker(self, **settings: Any) -> Agent:
+        """Start a worker on this coordinator; settings override WorkerConfig fields."""
+        fields = {
+            "coordinator": self.coordinator.link_endpoint,
+            "name": f"worker-{len(self.agents) + 1}",
+            "heartbeat_interval_s": 0.5,
+            "liveness_s": 3.0,
+            "resend_s": 1.0,
+            "stop_grace_s": 2.0,
+            "fake_gpus": "0",
+            **settings,
+        }
+        config = cfg.WorkerConfig(**fields)
+        config.validate()
+        gpus = gpu.FakeGpus(int(config.fake_gpus or 0)).list()
+        runtime = DockerRuntime(
+            config.name, config.stop_grace_s, self.docker_client, tee=io.StringIO()
+        )
+        agent = Agent(config, runtime, gpus, context=self.context)
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        self.agents.append((agent, thread))
+        wait_until(agent.connected.is_set, 10, "the worker to connect")
+        return agent
+
+    def submit(self, image: str, command: Any = None, **fields: Any) -> dict[str, Any]:
+        spec: dict[str, Any] = {"name": fields.pop("name", "test"), "docker": {"image": image}}
+        if command is not None:
+            spec["docker"]["command"] = command
+        spec["docker"].update(fields.pop("docker", {}))
+        spec.update(fields)
+        return self.client.submit(spec)
+
+    def wait(
+        self, job_id: int, statuses: tuple[str, ...] = TERMINAL, timeout_s: float = 60
+    ) -> dict[str, Any]:
+        """The job once its status is one of `statuses`."""
+        return wait_until(  # type: ignore[no-any-return]
+            lambda: (job := self.client.job(job_id))["status"] in statuses and job,
+            timeout_s,
+            f"job {job_id} to reach {statuses}",
+        )
+
+    def lines(self, job_id: int) -> list[dict[str, Any]]:
+        return list(self.client.logs(job_id))
+
+    def stop(self) -> None:
+        for agent, _ in self.agents:
+            agent.stop()
+        for _, thread in self.agents:
+            thread.join(timeout=30)
+        self.coordinator.stop()
+
+
+@pytest.fixture()
+def make_cluster(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> Iterator[Callable[..., Cluster]]:
+    """A factory: make_cluster(workers=1, **coordinator_settings) → a started Cluster."""
+    clusters: list[Cluster] = []
+    context = zmq.Context()
+
+    def make(
+        workers: int = 1, worker_settings: dict[str, Any] | None = None, **settings: Any
+    ) -> Cluster:
+        state = tmp_path / f"state-{len(clusters)}"
+        fields = {
+            "state_dir": str(state),
+            "db": f"sqlite:///{state}/gpubox.db",
+            "http": "127.0.0.1:0",
+            "bind": "tcp://127.0.0.1:*",
+            "http_threads": 48,
+            "heartbeat_interval_s": 0.5,
+            "liveness_s": 3.0,
+            **settings,
+        }
+        config = cfg.CoordinatorConfig(**fields)
+        config.validate()
+        coordinator = Coordinator(config, context=context)
+        coordinator.start()
+        token = (state / "token").read_text().strip()
+        cluster = Cluster(
+            coordinator,
+            Client(coordinator.http_url, token),
+            coordinator.http_url,
+            token,
+            context,
+            docker_client,
+        )
+        clusters.append(cluster)
+        for _ in range(workers):
+            cluster.add_worker(**(worker_settings or {}))
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.stop()
+    context.destroy(linger=0)
+
+
+@pytest.fixture()
+def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
+    """A coordinator with one worker (max 4 jobs, no GPUs)."""
+    return make_cluster()

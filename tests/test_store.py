@@ -1,0 +1,932 @@
+"""The store contract suite: every test speaks only base.Store, so each runs on every backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpubox import errors, models
+from gpubox.store import base, open_store
+
+pytestmark = pytest.mark.timeout(60)
+
+# Adding "postgresql" here (and a branch in _open) runs the whole suite on it too.
+BACKENDS = ["sqlite"]
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+Status = models.Status
+Finish = base.Finish
+AUTH = {"registry": "registry.example.com", "username": "bot", "password": "s3cret"}
+
+
+def at(seconds: float) -> datetime:
+    """A time `seconds` after T0."""
+    return T0 + timedelta(seconds=seconds)
+
+
+def _open(backend: str, tmp_path: Path) -> base.Store:
+    if backend == "sqlite":
+        return open_store(f"sqlite:///{tmp_path}/gpubox.db")
+    raise AssertionError(f"no test database for backend {backend!r}")
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[base.Store]:
+    """An empty store of each backend, closed after the test."""
+    opened = _open(request.param, tmp_path)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def make_spec(**overrides: Any) -> models.JobSpec:
+    """A valid JobSpec; keyword arguments replace top-level submission fields."""
+    return models.parse_spec({"name": "job", "docker": {"image": "busybox"}, **overrides})
+
+
+def queued(store: base.Store, now: datetime = T0, **overrides: Any) -> models.Job:
+    """A new QUEUED job."""
+    return store.create_job(make_spec(**overrides), now)
+
+
+def running(
+    store: base.Store, worker: str = "w1", gpus: tuple[str, ...] = (), **overrides: Any
+) -> models.Job:
+    """A new job claimed by `worker` (the queue must hold no other claimable job)."""
+    job = queued(store, **overrides)
+    claimed = store.claim_job(worker, {}, list(gpus), at(1))
+    assert claimed is not None and claimed.id == job.id
+    return claimed
+
+
+def finish(
+    store: base.Store,
+    job: models.Job,
+    status: Status = Status.FINISHED,
+    attempt: int | None = None,
+    last_seq: int = 0,
+    exit_code: int | None = 0,
+    error: str | None = None,
+) -> Finish:
+    """finish_job with defaults for the fields a test does not care about."""
+    return store.finish_job(
+        job.id,
+        job.attempts if attempt is None else attempt,
+        status,
+        exit_code,
+        error,
+        at(2),
+        at(3),
+        last_seq,
+    )
+
+
+def raw(first: int, count: int, tag: str = "") -> list[base.RawLine]:
+    """`count` raw log lines whose text names their seq, starting at `first`."""
+    return [
+        (
+            f"2024-05-01T12:00:00.{seq:06d}Z",
+            "stderr" if seq % 3 == 0 else "stdout",
+            f"line {seq}{tag}",
+        )
+        for seq in range(first, first + count)
+    ]
+
+
+def seqs(lines: list[models.LogLine]) -> list[int]:
+    return [line.seq for line in lines]
+
+
+# --- create / get ---------------------------------------------------------------------------
+
+
+def test_create_returns_queued_job_with_increasing_ids(store: base.Store) -> None:
+    ids = [queued(store, now=at(i)).id for i in range(5)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 5
+    job = store.get_job(ids[0])
+    assert job.status is Status.QUEUED
+    assert job.worker is None
+    assert job.attempts == 0
+    assert job.gpu_ids == []
+    assert job.log_seq == 0
+    assert job.cancel_requested is False
+    assert job.executed_at is None and job.finished_at is None
+    assert job.exit_code is None and job.error is None
+
+
+def test_create_round_trips_every_spec_field(store: base.Store) -> None:
+    spec = make_spec(
+        name="train-ü",
+        description="a long\nstory",
+        priority=-7,
+        docker={
+            "image": "registry.example.com/train:1",
+            "command": ["python", "-c", "print('hi there')"],
+            "env": {"A": "1", "PATH_X": "ü/x y"},
+            "auth": AUTH,
+        },
+        gpus=3,
+        labels={"zone": "eu", "tier": "a100"},
+        timeout=1.5,
+        max_retries=4,
+        metadata={"nested": {"list": [1, 2.5, None, True, "ü"]}, "n": 0},
+    )
+    created = store.create_job(spec, T0)
+    fetched = store.get_job(created.id)
+    for job in (created, fetched):
+        assert job.spec == spec
+        assert job.spec.auth == AUTH
+        assert job.spec.metadata == {"nested": {"list": [1, 2.5, None, True, "ü"]}, "n": 0}
+        assert job.spec.command == ["python", "-c", "print('hi there')"]
+        assert job.created_at == T0
+        assert job.updated_at == T0
+    assert created == fetched
+
+
+def test_create_round_trips_defaults(store: base.Store) -> None:
+    job = store.get_job(queued(store).id)
+    assert job.spec == make_spec()
+    assert job.spec.command is None
+    assert job.spec.auth is None
+    assert job.spec.env == {} and job.spec.labels == {} and job.spec.metadata == {}
+    assert job.spec.timeout is None
+
+
+@pytest.mark.parametrize("end", ["finish", "cancel", "release"])
+def test_auth_is_erased_at_a_terminal_status(store: base.Store, end: str) -> None:
+    docker = {"image": "busybox", "auth": AUTH}
+    if end == "cancel":
+        job = queued(store, docker=docker)
+        assert store.get_job(job.id).spec.auth == AUTH
+        store.cancel_job(job.id, at(1))
+    else:
+        job = running(store, docker=docker)
+        assert store.get_job(job.id).spec.auth == AUTH
+        if end == "finish":
+            assert finish(store, job) is Finish.APPLIED
+        else:
+            store.release_job(job.id, job.attempts, "worker lost", at(5))
+    final = store.get_job(job.id)
+    assert final.status.terminal
+    assert final.spec.auth is None
+    assert final.spec.image == "busybox"
+
+
+def test_auth_is_kept_while_requeued(store: base.Store) -> None:
+    job = running(store, docker={"image": "busybox", "auth": AUTH}, max_retries=1)
+    requeued = store.release_job(job.id, 1, "worker lost", at(5))
+    assert requeued is not None and requeued.status is Status.QUEUED
+    assert store.get_job(job.id).spec.auth == AUTH
+
+
+def test_get_unknown_job_raises_job_not_found(store: base.Store) -> None:
+    with pytest.raises(errors.JobNotFound) as caught:
+        store.get_job(12345)
+    assert caught.value.job_id == 12345
+    known = queued(store)
+    with pytest.raises(errors.JobNotFound):
+        store.get_job(known.id + 1)
+
+
+# --- list_jobs ------------------------------------------------------------------------------
+
+
+def test_list_jobs_newest_first(store: base.Store) -> None:
+    ids = [queued(store, name=f"j{i}").id for i in range(4)]
+    listed = store.list_jobs()
+    assert [job.id for job in listed] == ids[::-1]
+    assert [job.spec.name for job in listed] == ["j3", "j2", "j1", "j0"]
+
+
+def test_list_jobs_empty_store(store: base.Store) -> None:
+    assert store.list_jobs() == []
+    assert store.list_jobs(status=Status.RUNNING) == []
+
+
+def test_list_jobs_filters_by_status(store: base.Store) -> None:
+    first = running(store)
+    cancelled = queued(store)
+    store.cancel_job(cancelled.id, at(1))
+    waiting = [queued(store).id, queued(store).id]
+    assert [job.id for job in store.list_jobs(status=Status.QUEUED)] == waiting[::-1]
+    assert [job.id for job in store.list_jobs(status=Status.RUNNING)] == [first.id]
+    assert [job.id for job in store.list_jobs(status=Status.CANCELLED)] == [cancelled.id]
+    assert store.list_jobs(status=Status.FINISHED) == []
+    assert all(job.status is Status.QUEUED for job in store.list_jobs(status=Status.QUEUED))
+
+
+def test_list_jobs_limit(store: base.Store) -> None:
+    ids = [queued(store).id for _ in range(7)]
+    assert [job.id for job in store.list_jobs(limit=3)] == ids[::-1][:3]
+    assert [job.id for job in store.list_jobs(limit=1)] == [ids[-1]]
+    assert len(store.list_jobs(limit=100)) == 7
+    assert len(store.list_jobs()) == 7
+
+
+def test_list_jobs_pages_with_before(store: base.Store) -> None:
+    ids = [queued(store).id for _ in range(25)]
+    pages: list[list[int]] = []
+    before: int | None = None
+    for _ in range(10):  # bounded: a `before` that repeats a page must fail, not hang
+        page = [job.id for job in store.list_jobs(limit=10, before=before)]
+        if not page:
+            break
+        pages.append(page)
+        before = page[-1]
+    assert [len(page) for page in pages] == [10, 10, 5]
+    flat = [job_id for page in pages for job_id in page]
+    assert flat == ids[::-1]  # newest first, no overlap, no gap
+
+
+def test_list_jobs_before_combines_with_status(store: base.Store) -> None:
+    ids = [queued(store).id for _ in range(6)]
+    for job_id in ids[::2]:
+        store.cancel_job(job_id, at(1))
+    listed = store.list_jobs(status=Status.QUEUED, before=ids[5])
+    assert [job.id for job in listed] == [ids[3], ids[1]]
+
+
+# --- claim_job ------------------------------------------------------------------------------
+
+
+def test_claim_marks_job_running_for_worker(store: base.Store) -> None:
+    job = queued(store)
+    claimed = store.claim_job("w1", {}, [], at(7))
+    assert claimed is not None
+    assert claimed.id == job.id
+    assert claimed.status is Status.RUNNING
+    assert claimed.worker == "w1"
+    assert claimed.attempts == 1
+    assert claimed.updated_at == at(7)
+    assert store.get_job(job.id) == claimed
+
+
+def test_claim_returns_none_when_queue_empty(store: base.Store) -> None:
+    assert store.claim_job("w1", {}, ["GPU-0"], T0) is None
+    running(store)
+    assert store.claim_job("w1", {}, ["GPU-0"], T0) is None
+
+
+def test_claim_takes_priority_then_submission_order(store: base.Store) -> None:
+    low = queued(store, priority=-1)
+    mid_a = queued(store, priority=5)
+    high = queued(store, priority=10)
+    mid_b = queued(store, priority=5)
+    zero = queued(store)
+    order = []
+    while (claimed := store.claim_job("w1", {}, [], at(1))) is not None:
+        order.append(claimed.id)
+    assert order == [high.id, mid_a.id, mid_b.id, zero.id, low.id]
+
+
+def test_claim_needs_enough_free_gpus(store: base.Store) -> None:
+    job = queued(store, gpus=2)
+    assert store.claim_job("w1", {}, [], at(1)) is None
+    assert store.claim_job("w1", {}, ["GPU-a"], at(1)) is None
+    assert store.get_job(job.id).status is Status.QUEUED
+    claimed = store.claim_job("w1", {}, ["GPU-a", "GPU-b", "GPU-c"], at(1))
+    assert claimed is not None and claimed.id == job.id
+    assert claimed.gpu_ids == ["GPU-a", "GPU-b"]
+    assert store.get_job(job.id).gpu_ids == ["GPU-a", "GPU-b"]
+
+
+def test_claim_with_exactly_enough_gpus(store: base.Store) -> None:
+    job = queued(store, gpus=2)
+    claimed = store.claim_job("w1", {}, ["GPU-x", "GPU-y"], at(1))
+    assert claimed is not None and claimed.id == job.id
+    assert claimed.gpu_ids == ["GPU-x", "GPU-y"]
+
+
+def test_claim_skips_a_job_that_does_not_fit_for_one_that_does(store: base.Store) -> None:
+    big = queued(store, gpus=2, priority=9)
+    small = queued(store, gpus=1)
+    none = queued(store)
+    claimed = store.claim_job("w1", {}, ["GPU-a"], at(1))
+    assert claimed is not None and claimed.id == small.id
+    assert claimed.gpu_ids == ["GPU-a"]
+    claimed = store.claim_job("w1", {}, ["GPU-b"], at(1))
+    assert claimed is not None and claimed.id == none.id
+    assert claimed.gpu_ids == []
+    assert store.get_job(big.id).status is Status.QUEUED
+
+
+def test_claim_requires_all_job_labels_on_worker(store: base.Store) -> None:
+    job = queued(store, labels={"zone": "eu", "tier": "a100"})
+    assert store.claim_job("w1", {}, [], at(1)) is None
+    assert store.claim_job("w1", {"zone": "eu"}, [], at(1)) is None
+    assert store.claim_job("w1", {"zone": "us", "tier": "a100"}, [], at(1)) is None
+    assert store.claim_job("w1", {"zone": "EU", "tier": "a100"}, [], at(1)) is None
+    claimed = store.claim_job("w2", {"zone": "eu", "tier": "a100", "extra": "x"}, [], at(1))
+    assert claimed is not None and claimed.id == job.id
+    assert claimed.worker == "w2"
+
+
+def test_claim_unlabelled_job_by_labelled_worker(store: base.Store) -> None:
+    job = queued(store)
+    claimed = store.claim_job("w1", {"zone": "eu"}, [], at(1))
+    assert claimed is not None and claimed.id == job.id
+
+
+def test_claim_skips_labelled_job_for_unlabelled_one(store: base.Store) -> None:
+    labelled = queued(store, labels={"zone": "eu"}, priority=3)
+    plain = queued(store)
+    claimed = store.claim_job("w1", {"zone": "us"}, [], at(1))
+    assert claimed is not None and claimed.id == plain.id
+    assert store.get_job(labelled.id).status is Status.QUEUED
+
+
+def test_concurrent_claims_hand_out_each_job_once(store: base.Store) -> None:
+    jobs = 200
+    created = {queued(store).id for _ in range(jobs)}
+    threads = 8
+    barrier = threading.Barrier(threads)
+    claimed: list[list[int]] = [[] for _ in range(threads)]
+    failures: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            while (job := store.claim_job(f"w{index}", {}, [], at(1))) is not None:
+                assert job.worker == f"w{index}"
+                claimed[index].append(job.id)
+        except BaseException as exc:  # reported below, from the test's thread
+            failures.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in pool)
+    assert failures == []
+    flat = [job_id for ids in claimed for job_id in ids]
+    assert len(flat) == jobs
+    assert set(flat) == created
+    assert store.list_jobs(status=Status.QUEUED) == []
+    assert len(store.running_jobs()) == jobs
+    for index, ids in enumerate(claimed):
+        assert sorted(job.id for job in store.running_jobs(f"w{index}")) == sorted(ids)
+
+
+def test_unclaim_puts_the_job_back_as_if_never_claimed(store: base.Store) -> None:
+    job = queued(store, gpus=1)
+    claimed = store.claim_job("w1", {}, ["GPU-a"], at(1))
+    assert claimed is not None and claimed.attempts == 1
+    assert store.unclaim_job(job.id, 1, at(2)) is True
+    back = store.get_job(job.id)
+    assert back.status is Status.QUEUED
+    assert back.worker is None
+    assert back.gpu_ids == []
+    assert back.attempts == 0
+    assert store.running_jobs() == []
+    again = store.claim_job("w2", {}, ["GPU-b"], at(3))
+    assert again is not None and again.id == job.id
+    assert again.attempts == 1
+    assert again.gpu_ids == ["GPU-b"]
+
+
+def test_unclaim_stale_or_not_running_changes_nothing(store: base.Store) -> None:
+    job = running(store)
+    assert store.unclaim_job(job.id, 2, at(2)) is False
+    assert store.unclaim_job(job.id, 0, at(2)) is False
+    assert store.get_job(job.id) == job
+    waiting = queued(store, labels={"never": "claimed"})
+    assert store.unclaim_job(waiting.id, 0, at(2)) is False
+    assert store.get_job(waiting.id) == waiting
+    assert finish(store, job) is Finish.APPLIED
+    done = store.get_job(job.id)
+    assert store.unclaim_job(job.id, 1, at(3)) is False
+    assert store.get_job(job.id) == done
+
+
+def test_unclaim_after_cancel_request_cancels(store: base.Store) -> None:
+    # A cancel can land between the claim and the failed send. Had the job never been claimed,
+    # that cancel would have made it CANCELLED at once; put back, it must not run again.
+    job = running(store)
+    store.cancel_job(job.id, at(1))
+    store.unclaim_job(job.id, 1, at(2))
+    back = store.get_job(job.id)
+    assert back.status is Status.CANCELLED
+    assert store.claim_job("w2", {}, [], at(3)) is None
+
+
+# --- mark_started / finish_job --------------------------------------------------------------
+
+
+def test_mark_started_then_finish_applies(store: base.Store) -> None:
+    job = running(store, docker={"image": "busybox", "auth": AUTH})
+    assert store.mark_started(job.id, 1, at(1.5)) is True
+    assert store.get_job(job.id).executed_at == at(1.5)
+    result = store.finish_job(job.id, 1, Status.FINISHED, 0, None, at(2), at(4), 0)
+    assert result is Finish.APPLIED
+    done = store.get_job(job.id)
+    assert done.status is Status.FINISHED
+    assert done.exit_code == 0
+    assert done.error is None
+    assert done.executed_at == at(1.5)  # the time mark_started recorded wins
+    assert done.finished_at == at(4)
+    assert done.duration == 2.5
+    assert done.worker == "w1"
+    assert done.spec.auth is None
+    assert store.running_jobs() == []
+
+
+def test_finish_without_mark_started_uses_given_executed_at(store: base.Store) -> None:
+    job = running(store)
+    result = store.finish_job(job.id, 1, Status.ERROR, 137, "killed", at(2), at(3), 0)
+    assert result is Finish.APPLIED
+    done = store.get_job(job.id)
+    assert done.status is Status.ERROR
+    assert done.exit_code == 137
+    assert done.error == "killed"
+    assert done.executed_at == at(2)
+    assert done.finished_at == at(3)
+
+
+def test_finish_cancelled(store: base.Store) -> None:
+    job = running(store)
+    store.cancel_job(job.id, at(1))
+    assert finish(store, job, Status.CANCELLED, exit_code=None, error="cancelled") is Finish.APPLIED
+    assert store.get_job(job.id).status is Status.CANCELLED
+
+
+def test_mark_started_stale_attempt_changes_nothing(store: base.Store) -> None:
+    job = running(store)
+    assert store.mark_started(job.id, 2, at(1.5)) is False
+    assert store.get_job(job.id).executed_at is None
+    never_claimed = queued(store)
+    assert store.mark_started(never_claimed.id, 0, at(1.5)) is False
+    assert store.get_job(never_claimed.id).executed_at is None
+
+
+def test_second_finish_is_ignored_and_changes_nothing(store: base.Store) -> None:
+    job = running(store)
+    assert finish(store, job, Status.FINISHED, exit_code=0) is Finish.APPLIED
+    before = store.get_job(job.id)
+    again = store.finish_job(job.id, 1, Status.ERROR, 1, "late", at(8), at(9), 0)
+    assert again is Finish.IGNORED
+    assert store.get_job(job.id) == before
+
+
+def test_finish_with_stale_attempt_is_ignored(store: base.Store) -> None:
+    job = running(store, max_retries=2)
+    assert finish(store, job, attempt=2) is Finish.IGNORED
+    assert store.get_job(job.id).status is Status.RUNNING
+    store.release_job(job.id, 1, "worker lost", at(2))
+    second = store.claim_job("w2", {}, [], at(3))
+    assert second is not None and second.attempts == 2
+    assert finish(store, job, attempt=1) is Finish.IGNORED
+    current = store.get_job(job.id)
+    assert current.status is Status.RUNNING
+    assert current.worker == "w2"
+    assert finish(store, job, attempt=2) is Finish.APPLIED
+
+
+def test_finish_of_queued_job_is_ignored(store: base.Store) -> None:
+    job = queued(store)
+    assert finish(store, job, attempt=0) is Finish.IGNORED
+    assert store.get_job(job.id).status is Status.QUEUED
+
+
+def test_finish_before_lines_are_stored_reports_missing_lines(store: base.Store) -> None:
+    job = running(store)
+    assert store.append_logs(job.id, 1, 1, raw(1, 3)) == 3
+    assert finish(store, job, last_seq=5) is Finish.MISSING_LINES
+    assert store.get_job(job.id).status is Status.RUNNING
+    assert store.append_logs(job.id, 1, 4, raw(4, 2)) == 5
+    assert finish(store, job, last_seq=5) is Finish.APPLIED
+    done = store.get_job(job.id)
+    assert done.status is Status.FINISHED
+    assert done.log_seq == 5
+
+
+@pytest.mark.parametrize("status", [Status.QUEUED, Status.RUNNING])
+def test_finish_with_non_terminal_status_raises_wrong_state(
+    store: base.Store, status: Status
+) -> None:
+    job = running(store)
+    with pytest.raises(errors.WrongState):
+        finish(store, job, status)
+    assert store.get_job(job.id) == job
+
+
+# --- cancel_job -----------------------------------------------------------------------------
+
+
+def test_cancel_queued_job_is_immediate(store: base.Store) -> None:
+    job = queued(store)
+    cancelled = store.cancel_job(job.id, at(3))
+    assert cancelled.status is Status.CANCELLED
+    assert cancelled.finished_at == at(3)
+    assert store.get_job(job.id) == cancelled
+    assert store.claim_job("w1", {}, [], at(4)) is None
+
+
+def test_cancel_running_job_requests_cancel(store: base.Store) -> None:
+    job = running(store)
+    assert job.cancel_requested is False
+    requested = store.cancel_job(job.id, at(3))
+    assert requested.status is Status.RUNNING
+    assert requested.cancel_requested is True
+    assert requested.worker == "w1"
+    assert store.get_job(job.id).cancel_requested is True
+    again = store.cancel_job(job.id, at(4))  # asking twice is harmless
+    assert again.status is Status.RUNNING and again.cancel_requested is True
+
+
+@pytest.mark.parametrize("status", [Status.FINISHED, Status.ERROR, Status.CANCELLED])
+def test_cancel_terminal_job_raises_wrong_state(store: base.Store, status: Status) -> None:
+    job = running(store)
+    assert finish(store, job, status) is Finish.APPLIED
+    before = store.get_job(job.id)
+    with pytest.raises(errors.WrongState):
+        store.cancel_job(job.id, at(9))
+    assert store.get_job(job.id) == before
+
+
+def test_cancel_cancelled_queued_job_raises_wrong_state(store: base.Store) -> None:
+    job = queued(store)
+    store.cancel_job(job.id, at(1))
+    with pytest.raises(errors.WrongState):
+        store.cancel_job(job.id, at(2))
+
+
+def test_cancel_unknown_job_raises_job_not_found(store: base.Store) -> None:
+    with pytest.raises(errors.JobNotFound):
+        store.cancel_job(999, T0)
+
+
+# --- release_job ----------------------------------------------------------------------------
+
+
+def test_release_requeues_while_retries_remain(store: base.Store) -> None:
+    job = queued(store, gpus=1, max_retries=1)
+    first = store.claim_job("w1", {}, ["GPU-a"], at(1))
+    assert first is not None and first.id == job.id and first.attempts == 1
+    requeued = store.release_job(job.id, 1, "worker w1 lost", at(2))
+    assert requeued is not None
+    assert requeued.status is Status.QUEUED
+    assert requeued.worker is None
+    assert requeued.gpu_ids == []
+    assert requeued.attempts == 1
+    assert requeued.finished_at is None
+    assert store.get_job(job.id) == requeued
+    assert store.running_jobs() == []
+    second = store.claim_job("w2", {}, ["GPU-b"], at(3))
+    assert second is not None and second.id == job.id
+    assert second.attempts == 2
+    assert second.worker == "w2"
+    assert second.gpu_ids == ["GPU-b"]
+    assert second.status is Status.RUNNING
+
+
+def test_release_errors_when_no_retries_left(store: base.Store) -> None:
+    job = running(store, max_retries=1)
+    assert store.release_job(job.id, 1, "lost once", at(2)) is not None
+    again = store.claim_job("w2", {}, [], at(3))
+    assert again is not None and again.attempts == 2
+    failed = store.release_job(job.id, 2, "worker w2 lost", at(4))
+    assert failed is not None
+    assert failed.status is Status.ERROR
+    assert failed.error == "worker w2 lost"
+    assert failed.finished_at == at(4)
+    assert store.get_job(job.id) == failed
+    assert store.claim_job("w3", {}, [], at(5)) is None
+
+
+def test_release_without_retries_errors_at_once(store: base.Store) -> None:
+    job = running(store)
+    failed = store.release_job(job.id, 1, "worker lost", at(2))
+    assert failed is not None
+    assert failed.status is Status.ERROR
+    assert failed.error == "worker lost"
+
+
+def test_release_after_cancel_request_cancels(store: base.Store) -> None:
+    job = running(store, max_retries=3)
+    store.cancel_job(job.id, at(1))
+    released = store.release_job(job.id, 1, "worker lost", at(2))
+    assert released is not None
+    assert released.status is Status.CANCELLED
+    assert released.finished_at == at(2)
+    assert store.get_job(job.id) == released
+    assert store.claim_job("w1", {}, [], at(3)) is None
+
+
+def test_release_stale_attempt_returns_none(store: base.Store) -> None:
+    job = running(store, max_retries=3)
+    assert store.release_job(job.id, 2, "lost", at(2)) is None
+    assert store.release_job(job.id, 0, "lost", at(2)) is None
+    assert store.get_job(job.id) == job
+    assert finish(store, job) is Finish.APPLIED
+    done = store.get_job(job.id)
+    assert store.release_job(job.id, 1, "lost", at(5)) is None
+    assert store.get_job(job.id) == done
+    waiting = queued(store)
+    assert store.release_job(waiting.id, 0, "lost", at(5)) is None
+    assert store.get_job(waiting.id).status is Status.QUEUED
+
+
+# --- running_jobs ---------------------------------------------------------------------------
+
+
+def test_running_jobs_all_and_per_worker(store: base.Store) -> None:
+    a1 = running(store, "a")
+    b1 = running(store, "b")
+    a2 = running(store, "a")
+    done = running(store, "a")
+    assert finish(store, done) is Finish.APPLIED
+    queued(store, labels={"never": "claimed"})
+    assert [job.id for job in store.running_jobs()] == [a1.id, b1.id, a2.id]
+    assert [job.id for job in store.running_jobs("a")] == [a1.id, a2.id]
+    assert [job.id for job in store.running_jobs("b")] == [b1.id]
+    assert store.running_jobs("nobody") == []
+    assert all(job.status is Status.RUNNING for job in store.running_jobs())
+
+
+# --- logs -----------------------------------------------------------------------------------
+
+
+def test_append_and_read_logs_in_order(store: base.Store) -> None:
+    job = running(store)
+    lines = [
+        ("2024-05-01T12:00:01.000000Z", "stdout", "hello"),
+        ("2024-05-01T12:00:02.000000Z", "stderr", "warn: ü"),
+        ("2024-05-01T12:00:03.000000Z", "stdout", ""),
+    ]
+    assert store.append_logs(job.id, 1, 1, lines) == 3
+    assert store.read_logs(job.id) == [
+        models.LogLine(seq=1, ts="2024-05-01T12:00:01.000000Z", stream="stdout", line="hello"),
+        models.LogLine(seq=2, ts="2024-05-01T12:00:02.000000Z", stream="stderr", line="warn: ü"),
+        models.LogLine(seq=3, ts="2024-05-01T12:00:03.000000Z", stream="stdout", line=""),
+    ]
+    assert store.get_job(job.id).log_seq == 3
+    assert store.append_logs(job.id, 1, 4, raw(4, 2)) == 5
+    assert seqs(store.read_logs(job.id)) == [1, 2, 3, 4, 5]
+
+
+def test_logs_of_jobs_are_separate(store: base.Store) -> None:
+    one = running(store)
+    two = running(store)
+    store.append_logs(one.id, 1, 1, raw(1, 2, "a"))
+    store.append_logs(two.id, 1, 1, raw(1, 3, "b"))
+    assert [line.line for line in store.read_logs(one.id)] == ["line 1a", "line 2a"]
+    assert [line.line for line in store.read_logs(two.id)] == ["line 1b", "line 2b", "line 3b"]
+
+
+def test_overlapping_batch_stores_each_line_once(store: base.Store) -> None:
+    job = running(store)
+    assert store.append_logs(job.id, 1, 1, raw(1, 3)) == 3
+    # A resend after a lost acknowledgement starts before the stored end.
+    assert store.append_logs(job.id, 1, 2, raw(2, 4, " again")) == 5
+    stored = store.read_logs(job.id)
+    assert seqs(stored) == [1, 2, 3, 4, 5]
+    assert [line.line for line in stored] == [
+        "line 1",
+        "line 2",
+        "line 3",
+        "line 4 again",
+        "line 5 again",
+    ]
+    assert store.get_job(job.id).log_seq == 5
+
+
+def test_fully_stored_batch_changes_nothing(store: base.Store) -> None:
+    job = running(store)
+    assert store.append_logs(job.id, 1, 1, raw(1, 5)) == 5
+    assert store.append_logs(job.id, 1, 2, raw(2, 3, " dup")) == 5
+    assert store.append_logs(job.id, 1, 1, raw(1, 5, " dup")) == 5
+    stored = store.read_logs(job.id)
+    assert seqs(stored) == [1, 2, 3, 4, 5]
+    assert all("dup" not in line.line for line in stored)
+    assert store.get_job(job.id).log_seq == 5
+
+
+def test_batch_leaving_a_gap_stores_nothing(store: base.Store) -> None:
+    job = running(store)
+    assert store.append_logs(job.id, 1, 1, raw(1, 3)) == 3
+    assert store.append_logs(job.id, 1, 5, raw(5, 4)) == 3
+    assert seqs(store.read_logs(job.id)) == [1, 2, 3]
+    assert store.get_job(job.id).log_seq == 3
+    fresh = running(store)
+    assert store.append_logs(fresh.id, 1, 2, raw(2, 2)) == 0
+    assert store.read_logs(fresh.id) == []
+    assert store.get_job(fresh.id).log_seq == 0
+
+
+def test_stale_attempt_batch_stores_nothing_and_returns_its_end(store: base.Store) -> None:
+    job = running(store, max_retries=1)
+    assert store.append_logs(job.id, 1, 1, raw(1, 2)) == 2
+    assert store.append_logs(job.id, 2, 3, raw(3, 4)) == 6
+    assert seqs(store.read_logs(job.id)) == [1, 2]
+    store.release_job(job.id, 1, "lost", at(2))
+    assert store.claim_job("w2", {}, [], at(3)) is not None
+    assert store.append_logs(job.id, 1, 3, raw(3, 10, " old")) == 12
+    assert seqs(store.read_logs(job.id)) == [1, 2]
+    assert store.get_job(job.id).log_seq == 2
+    assert store.append_logs(job.id, 2, 3, raw(3, 1, " new")) == 3
+    assert [line.line for line in store.read_logs(job.id, since=2)] == ["line 3 new"]
+
+
+def test_logs_after_finish_are_dropped(store: base.Store) -> None:
+    job = running(store)
+    assert store.append_logs(job.id, 1, 1, raw(1, 2)) == 2
+    assert finish(store, job, last_seq=2) is Finish.APPLIED
+    assert store.append_logs(job.id, 1, 3, raw(3, 3)) == 5
+    assert seqs(store.read_logs(job.id)) == [1, 2]
+    waiting = queued(store)
+    assert store.append_logs(waiting.id, 0, 1, raw(1, 2)) == 2
+    assert store.read_logs(waiting.id) == []
+
+
+def test_read_logs_since_and_limit(store: base.Store) -> None:
+    job = running(store)
+    store.append_logs(job.id, 1, 1, raw(1, 10))
+    assert seqs(store.read_logs(job.id, since=7)) == [8, 9, 10]
+    assert seqs(store.read_logs(job.id, limit=4)) == [1, 2, 3, 4]
+    assert seqs(store.read_logs(job.id, since=3, limit=2)) == [4, 5]
+    assert store.read_logs(job.id, since=10) == []
+    assert store.read_logs(job.id + 1000) == []
+
+
+def test_twenty_thousand_lines_in_batches_are_stored_once(store: base.Store) -> None:
+    job = running(store)
+    total, batch = 20_000, 100
+    acked = 0
+    for first in range(1, total + 1, batch):
+        acked = store.append_logs(job.id, 1, first, raw(first, batch))
+        assert acked == first + batch - 1
+    # Every third batch is resent, as after a lost acknowledgement; nothing is stored twice.
+    for first in range(1, total + 1, batch * 3):
+        assert store.append_logs(job.id, 1, first, raw(first, batch, " dup")) == total
+    assert store.get_job(job.id).log_seq == total
+    stored: list[models.LogLine] = []
+    since = 0
+    while page := store.read_logs(job.id, since=since):
+        assert len(page) <= 1000
+        stored.extend(page)
+        since = page[-1].seq
+    assert seqs(stored) == list(range(1, total + 1))
+    assert all(line.line == f"line {line.seq}" for line in stored)
+    assert finish(store, job, last_seq=total) is Finish.APPLIED
+
+
+def test_concurrent_resends_store_each_line_once(store: base.Store) -> None:
+    job = running(store)
+    threads, total, batch = 4, 400, 40
+    barrier = threading.Barrier(threads)
+    failures: list[BaseException] = []
+
+    def sender(offset: int) -> None:
+        # Each thread sends every batch, shifted so that batches overlap across threads.
+        try:
+            barrier.wait(timeout=10)
+            first = 1
+            while first <= total:
+                count = min(batch + offset, total - first + 1)
+                acked = store.append_logs(job.id, 1, first, raw(first, count))
+                first = acked + 1
+        except BaseException as exc:  # reported below, from the test's thread
+            failures.append(exc)
+
+    pool = [threading.Thread(target=sender, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in pool)
+    assert failures == []
+    stored = store.read_logs(job.id, limit=total + 10)
+    assert seqs(stored) == list(range(1, total + 1))
+    assert store.get_job(job.id).log_seq == total
+
+
+# --- workers --------------------------------------------------------------------------------
+
+
+def make_worker(**overrides: Any) -> models.WorkerInfo:
+    """A WorkerInfo; keyword arguments replace fields."""
+    fields: dict[str, Any] = {
+        "name": "w1",
+        "version": "0.1.0",
+        "gpus": [{"uuid": "GPU-a", "name": "H100", "memory_mb": 81559}],
+        "labels": {"zone": "eu"},
+        "max_jobs": 2,
+        "connected": True,
+        "last_seen": at(10),
+    }
+    fields.update(overrides)
+    return models.WorkerInfo(**fields)
+
+
+def test_workers_round_trip_by_name(store: base.Store) -> None:
+    assert store.list_workers() == []
+    beta = make_worker(name="beta", gpus=[], labels={}, connected=False)
+    alpha = make_worker(name="alpha")
+    store.save_worker(beta)
+    store.save_worker(alpha)
+    assert store.list_workers() == [alpha, beta]
+
+
+def test_save_worker_replaces(store: base.Store) -> None:
+    store.save_worker(make_worker(name="w1"))
+    store.save_worker(make_worker(name="w2"))
+    newer = make_worker(
+        name="w1",
+        version="0.2.0",
+        gpus=[],
+        labels={"zone": "us"},
+        max_jobs=5,
+        connected=False,
+        last_seen=at(99),
+    )
+    store.save_worker(newer)
+    workers = store.list_workers()
+    assert [worker.name for worker in workers] == ["w1", "w2"]
+    assert workers[0] == newer
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+def make_token(name: str, role: str = "user") -> models.Token:
+    """A Token whose digest is the SHA-256 of a secret derived from its name."""
+    digest = hashlib.sha256(f"secret-{name}".encode()).hexdigest()
+    return models.Token(name=name, digest=digest, role=role, created_at=at(20))
+
+
+def test_add_and_find_token(store: base.Store) -> None:
+    token = make_token("ci", role="admin")
+    store.add_token(token)
+    assert store.find_token(token.digest) == token
+    assert store.find_token(hashlib.sha256(b"other").hexdigest()) is None
+
+
+def test_add_token_with_taken_name_raises_wrong_state(store: base.Store) -> None:
+    first = make_token("ci")
+    store.add_token(first)
+    clash = models.Token(
+        name="ci", digest=hashlib.sha256(b"different").hexdigest(), role="admin", created_at=T0
+    )
+    with pytest.raises(errors.WrongState):
+        store.add_token(clash)
+    assert store.list_tokens() == [first]
+    assert store.find_token(clash.digest) is None
+
+
+def test_revoke_token(store: base.Store) -> None:
+    token = make_token("ci")
+    store.add_token(token)
+    assert store.revoke_token("ci") is True
+    assert store.find_token(token.digest) is None
+    assert store.revoke_token("ci") is False
+    assert store.revoke_token("never") is False
+    assert store.list_tokens() == []
+
+
+def test_list_tokens_by_name(store: base.Store) -> None:
+    assert store.list_tokens() == []
+    tokens = [make_token("zeta"), make_token("alpha", role="admin"), make_token("mid")]
+    for token in tokens:
+        store.add_token(token)
+    assert store.list_tokens() == sorted(tokens, key=lambda token: token.name)
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+
+
+def test_reopened_store_keeps_everything(
+    store: base.Store, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    job = running(store, docker={"image": "busybox", "auth": AUTH})
+    store.append_logs(job.id, 1, 1, raw(1, 3))
+    store.save_worker(make_worker())
+    store.add_token(make_token("ci"))
+    store.close()
+    again = _open(request.node.callspec.params["store"], tmp_path)
+    try:
+        assert again.get_job(job.id) == dataclasses.replace(job, log_seq=3)
+        assert seqs(again.read_logs(job.id)) == [1, 2, 3]
+        assert again.list_workers() == [make_worker()]
+        assert again.list_tokens() == [make_token("ci")]
+        assert queued(again).id > job.id
+    finally:
+        again.close()
+
+
+def test_closed_store_refuses_work(store: base.Store) -> None:
+    job = queued(store)
+    store.close()
+    with pytest.raises((errors.StoreError, errors.StoreUnavailable)):
+        store.get_job(job.id)
+    with pytest.raises((errors.StoreError, errors.StoreUnavailable)):
+        queued(store)

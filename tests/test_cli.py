@@ -1,0 +1,152 @@
+"""The real `gpubox` command in subprocesses, as a new user runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IMAGE, wait_until
+
+GPUBOX = [sys.executable, "-m", "gpubox"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GPUBOX, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture()
+def up(tmp_path: Path, docker_client) -> Iterator[dict[str, str]]:
+    """`gpubox up` running in a subprocess; yields the environment a client on the box has."""
+    http_port, link_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "GPUBOX_STATE_DIR": str(tmp_path / "state"),
+        "GPUBOX_URL": f"http://127.0.0.1:{http_port}",
+    }
+    env.pop("GPUBOX_TOKEN", None)
+    log = open(tmp_path / "up.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            *GPUBOX,
+            "up",
+            "--http",
+            f"127.0.0.1:{http_port}",
+            "--bind",
+            f"tcp://127.0.0.1:{link_port}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def healthy() -> bool:
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()
+        try:
+            with urllib.request.urlopen(f"{env['GPUBOX_URL']}/healthz", timeout=1) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    wait_until(healthy, 30, "gpubox up to answer /healthz")
+    wait_until(lambda: "connected" in run("workers", env=env).stdout, 30, "its worker")
+    yield env
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=30) == 0, (tmp_path / "up.log").read_text()
+    finally:
+        proc.kill()
+        log.close()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
+    env = up
+    result = run(
+        "submit",
+        "--follow",
+        "--name",
+        "cli job",
+        "-e",
+        "WHO=cli",
+        IMAGE,
+        "sh",
+        "-c",
+        'echo "hello $WHO"; echo oops >&2; exit 4',
+        env=env,
+    )
+    assert result.returncode == 4, result.stderr
+    job_id, hello = result.stdout.splitlines()
+    assert hello == "hello cli"
+    assert "oops" in result.stderr
+
+    shown = run("show", job_id, env=env)
+    assert shown.returncode == 0
+    assert "ERROR" in shown.stdout and "exit code  4" in shown.stdout
+
+    listed = run("ls", env=env)
+    assert "cli job" in listed.stdout and job_id in listed.stdout
+
+    tailed = run("tail", job_id, env=env)
+    assert tailed.returncode == 4 and tailed.stdout == "hello cli\n"
+
+    logs = run("logs", job_id, env=env)
+    assert logs.stdout == "hello cli\n" and logs.stderr == "oops\n"
+
+    refused = run("cancel", job_id, env=env)
+    assert refused.returncode == 1
+    assert "already ERROR" in refused.stderr
+
+    ok = run("submit", IMAGE, "true", env=env)
+    assert ok.returncode == 0 and ok.stdout.strip().isdigit()
+
+
+def test_client_errors_are_one_clear_line(tmp_path: Path):
+    env = {**os.environ, "GPUBOX_URL": f"http://127.0.0.1:{free_port()}", "GPUBOX_TOKEN": "x"}
+    down = run("show", "1", env=env)
+    assert down.returncode == 1
+    assert "cannot reach the coordinator" in down.stderr
+    assert "Traceback" not in down.stderr
+
+    bad = run("ls", env={**env, "GPUBOX_URL": "ftp://nope"})
+    assert bad.returncode == 2 and "url" in bad.stderr
+
+    bad_setting = run("worker", env={**env, "GPUBOX_MAX_JOBS": "many"})
+    assert bad_setting.returncode == 2
+    assert "max_jobs" in bad_setting.stderr and "Traceback" not in bad_setting.stderr
+
+
+def test_help_teaches_every_command():
+    result = run("--help", env=dict(os.environ))
+    for command in (
+        "up",
+        "coordinator",
+        "worker",
+        "submit",
+        "show",
+        "ls",
+        "logs",
+        "tail",
+        "cancel",
+        "workers",
+        "token",
+    ):
+        assert f"  {command} " in result.stdout
+    submit = run("submit", "--help", env=dict(os.environ))
+    assert "GPUBOX_URL" in submit.stdout and "Examples" in submit.stdout

@@ -169,8 +169,9 @@ def up(config_path: str | None, **flags: Any) -> None:
 
     setup_logging()
     file_data = cfg.read_file(config_path)
-    flags["bind"] = flags.get("bind") or "tcp://127.0.0.1:8471"
-    config = cfg.load(cfg.CoordinatorConfig, flags, file_data)
+    config = cfg.load(
+        cfg.CoordinatorConfig, flags, file_data, defaults={"bind": "tcp://127.0.0.1:8471"}
+    )
     server = Coordinator(config)
     server.start()
     worker_flags = {k: flags.get(k) for k in ("name", "gpus", "max_jobs")}

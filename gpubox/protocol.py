@@ -44,7 +44,7 @@ from typing import Any
 
 import msgpack
 
-from gpubox import errors
+from gpubox import errors, models
 
 VERSION = b"GPBX1"
 MAX_BODY = 32 * 1024 * 1024
@@ -68,6 +68,13 @@ def _list_of(check: Check) -> Check:
 
 def _is_str(value: Any) -> bool:
     return isinstance(value, str)
+
+
+def _is_time(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and models.parse_time(value) is not None
+    except ValueError:
+        return False
 
 
 def _is_number(value: Any) -> bool:
@@ -144,7 +151,7 @@ FROM_WORKER: dict[str, dict[str, Check]] = {
         "job_id": _is_int,
         "attempt": _is_int,
         "container": _is_str,
-        "executed_at": _is_str,
+        "executed_at": _is_time,
     },
     "LOG": {
         "session": _is_str,
@@ -160,8 +167,8 @@ FROM_WORKER: dict[str, dict[str, Check]] = {
         "status": lambda v: v in ("FINISHED", "ERROR", "CANCELLED"),
         "exit_code": _opt(_is_int),
         "error": _opt(_is_str),
-        "executed_at": _opt(_is_str),
-        "finished_at": _is_str,
+        "executed_at": _opt(_is_time),
+        "finished_at": _is_time,
         "last_seq": _is_int,
     },
     "HEARTBEAT": {"session": _is_str},
@@ -174,7 +181,12 @@ FROM_COORDINATOR: dict[str, dict[str, Check]] = {
         "liveness_s": _is_number,
     },
     "JOB": {"coordinator": _is_str, "job": _is_wire_job},
-    "ACK": {"job_id": _is_int, "attempt": _is_int, "seq": _is_int, "done": lambda v: v in (0, 1)},
+    "ACK": {
+        "job_id": _is_int,
+        "attempt": _is_int,
+        "seq": _is_int,
+        "done": lambda v: isinstance(v, bool),
+    },
     "CANCEL": {"job_id": _is_int, "attempt": _is_int},
     "HEARTBEAT": {"coordinator": _is_str, "known": lambda v: isinstance(v, bool)},
 }
@@ -231,7 +243,17 @@ def decode_from_coordinator(frames: Sequence[bytes]) -> Message:
 
 
 def split_line(text: str, limit: int = MAX_LINE) -> list[str]:
-    """A line cut into pieces of at most `limit` characters: long lines are split, never dropped."""
-    if len(text) <= limit:
+    """A line cut into pieces of at most `limit` UTF-8 bytes, never inside a character:
+    long lines are split, never dropped."""
+    if len(text) * 4 <= limit:
         return [text]
-    return [text[i : i + limit] for i in range(0, len(text), limit)]
+    data = text.encode("utf-8", "surrogatepass")
+    pieces, start = [], 0
+    while len(data) - start > limit:
+        cut = start + limit
+        while data[cut] & 0xC0 == 0x80:  # a continuation byte: step back to the char start
+            cut -= 1
+        pieces.append(data[start:cut].decode("utf-8", "surrogatepass"))
+        start = cut
+    pieces.append(data[start:].decode("utf-8", "surrogatepass"))
+    return pieces

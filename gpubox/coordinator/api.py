@@ -20,6 +20,7 @@ from gpubox.store import Store
 log = logging.getLogger(__name__)
 
 PAGE_LINES = 5000
+MAX_ID = 2**63 - 1
 KEEPALIVE_S = 15.0
 WAKE_S = 1.0
 
@@ -29,6 +30,10 @@ def _error_body(code: str, message: str, field: str | None = None) -> str:
     if field:
         error["field"] = field
     return json.dumps({"error": error})
+
+
+def _no_constant(name: str) -> Any:
+    raise errors.BadInput(f"{name} is not valid JSON")
 
 
 def _int_param(name: str, default: int | None, low: int, high: int) -> int | None:
@@ -79,7 +84,12 @@ def make_app(
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 try:
                     if auth:
-                        tokens.check(store, bottle.request.get_header("Authorization"))
+                        # The raw WSGI value (latin-1): Bottle's get_header re-decodes it as
+                        # UTF-8 and fails on other bytes.
+                        tokens.check(store, bottle.request.environ.get("HTTP_AUTHORIZATION"))
+                    job_id = kwargs.get("job_id")
+                    if job_id is not None and not 0 < job_id <= MAX_ID:
+                        raise errors.JobNotFound(job_id)
                     return fn(*args, **kwargs)
                 except errors.GpuboxError as exc:
                     bottle.response.status = exc.http_status
@@ -109,9 +119,11 @@ def make_app(
         if len(raw) > max_body_bytes:
             raise errors.TooLarge(f"the body is larger than {max_body_bytes} bytes")
         try:
-            return json.loads(raw)
+            return json.loads(raw, parse_constant=_no_constant)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise errors.BadInput(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise errors.BadInput("the body is nested too deeply") from None
 
     @app.get("/healthz")
     @endpoint(auth=False)
@@ -139,7 +151,7 @@ def make_app(
         raw_status = bottle.request.query.get("status")
         status = models.parse_status(raw_status) if raw_status else None
         limit = _int_param("limit", 50, 1, 1000)
-        before = _int_param("before", None, 1, 2**63 - 1)
+        before = _int_param("before", None, 1, MAX_ID)
         jobs = store.list_jobs(status, limit, before)  # type: ignore[arg-type]
         more = len(jobs) == limit
         return {"jobs": [job.to_dict() for job in jobs], "next": jobs[-1].id if more else None}
@@ -156,7 +168,7 @@ def make_app(
     @app.get("/api/v1/jobs/<job_id:int>/logs")
     @endpoint()
     def job_logs(job_id: int) -> Any:
-        since = _int_param("since", 0, 0, 2**63 - 1) or 0
+        since = _int_param("since", 0, 0, MAX_ID) or 0
         follow = _flag("follow")
         fmt = bottle.request.query.get("format", "text")
         if fmt not in ("text", "ndjson"):

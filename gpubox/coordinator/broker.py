@@ -83,6 +83,7 @@ class Broker:
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BODY + 4096)
         self.router.bind(bind)
         self.endpoint: str = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.inbox_address = f"inproc://gpubox-broker-{self.coordinator_id}"
@@ -249,7 +250,7 @@ class Broker:
         job_id, attempt = body["job_id"], body["attempt"]
         lines = [tuple(line) for line in body["lines"]]
         seq = self.store.append_logs(job_id, attempt, body["seq"], lines)  # type: ignore[arg-type]
-        self._send(peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": seq, "done": 0})
+        self._send(peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": seq, "done": False})
         self.changes.notify(job_id)
 
     def _on_done(self, peer: Peer, body: dict[str, Any], now: float) -> None:
@@ -269,12 +270,14 @@ class Broker:
             # Tell the worker which lines we have; it resends the rest, then DONE again.
             stored = self.store.get_job(job_id).log_seq
             self._send(
-                peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": stored, "done": 0}
+                peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": stored, "done": False}
             )
             return
         peer.assigned.pop(job_id, None)
         self._send(
-            peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": body["last_seq"], "done": 1}
+            peer,
+            "ACK",
+            {"job_id": job_id, "attempt": attempt, "seq": body["last_seq"], "done": True},
         )
         if outcome is Finish.APPLIED:
             log.info("job %d ended %s on %s", job_id, body["status"], peer.name)

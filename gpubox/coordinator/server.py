@@ -65,7 +65,9 @@ class Coordinator:
             threads=self.config.http_threads,
             # Lets a follow stream notice a client that went away while it is quiet.
             channel_request_lookahead=1,
-            max_request_body_size=self.config.max_body_bytes * 2,
+            # The app answers bodies over max_body_bytes with a JSON 413; Waitress buffers a
+            # body before the app sees it, so it refuses (plain-text 413) far larger ones itself.
+            max_request_body_size=max(16 * 1024 * 1024, self.config.max_body_bytes * 4),
             ident="gpubox",
             clear_untrusted_proxy_headers=True,
         )

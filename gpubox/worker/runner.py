@@ -28,6 +28,7 @@ Emit = Callable[[str, dict[str, Any]], None]
 BATCH_LINES = 100
 BATCH_BYTES = 64 * 1024
 FLUSH_S = 0.1
+GATHER_S = 0.005
 LABEL = "io.gpubox.job"
 
 
@@ -53,15 +54,19 @@ class LineBuffer:
             for piece in protocol.split_line(text):
                 self._lines.append((ts_ns(ts), ts, stream, piece))
                 self._bytes += len(piece)
-            if len(self._lines) >= BATCH_LINES or self._bytes >= BATCH_BYTES:
+            count = len(self._lines)
+            if count == 1 or count >= BATCH_LINES or self._bytes >= BATCH_BYTES:
                 self._cond.notify()
 
     def take(self, wait_s: float) -> list[tuple[int, list[list[str]]]]:
-        """Wait up to wait_s for a full batch, then return all pending lines as batches
-        of (first seq, [[ts, stream, line], …]), ordered by timestamp within the take."""
+        """Wait up to wait_s for lines, then return all pending ones as batches of
+        (first seq, [[ts, stream, line], …]), ordered by timestamp within the take."""
         with self._cond:
-            if len(self._lines) < BATCH_LINES and self._bytes < BATCH_BYTES:
-                self._cond.wait(wait_s)
+            # Wait for a first line, then briefly for its companions: a quiet job's line goes
+            # out at once, a chatty job's lines still travel in full batches.
+            self._cond.wait_for(lambda: self._lines, wait_s)
+            if self._lines and len(self._lines) < BATCH_LINES and self._bytes < BATCH_BYTES:
+                self._cond.wait(GATHER_S)
             pending, self._lines, self._bytes = self._lines, [], 0
         pending.sort(key=lambda item: item[0])
         batches: list[tuple[int, list[list[str]]]] = []

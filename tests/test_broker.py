@@ -1,0 +1,762 @@
+"""The broker (gpubox.coordinator.broker) against fake workers: real ZeroMQ on loopback, a real
+SQLite store in tmp_path, no Docker. Each test plays the worker itself with a raw DEALER socket
+speaking gpubox.protocol, so it controls every message and its timing."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from gpubox import models, protocol
+from gpubox.coordinator.broker import Broker
+from gpubox.coordinator.events import Changes
+from gpubox.store.sqlite import SqliteStore
+
+pytestmark = pytest.mark.timeout(30)
+
+HEARTBEAT_S = 0.2
+LIVENESS_S = 1.0
+TS = "2024-05-01T12:00:00.123456789Z"
+TS_END = "2024-05-01T12:00:09.000000000Z"
+Status = models.Status
+
+
+def eventually(predicate: Callable[[], Any], timeout_s: float = 3.0, what: str = "") -> Any:
+    """Poll until predicate() is truthy and return its value; fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        time.sleep(0.01)
+
+
+def lines(first: int, count: int) -> list[list[str]]:
+    """`count` log lines numbered from `first`, alternating stdout and stderr."""
+    return [
+        [TS, "stdout" if i % 2 else "stderr", f"line {i} \u2603"]
+        for i in range(first, first + count)
+    ]
+
+
+class FakeWorker:
+    """A worker as the broker sees it: a DEALER that speaks the protocol on the test's cue.
+
+    While waiting for a message it sends its own HEARTBEAT every HEARTBEAT_S (unless
+    `keepalive` is off), so the broker does not declare it lost during a test. Messages it was
+    not waiting for are kept, in order, for a later expect(); the coordinator's routine
+    heartbeats (known=True) are dropped.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        endpoint: str,
+        name: str,
+        labels: dict[str, str] | None = None,
+        gpus: list[str] | None = None,
+        max_jobs: int = 1,
+    ) -> None:
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.name = name
+        self.labels = labels or {}
+        self.gpus = gpus or []
+        self.max_jobs = max_jobs
+        self.session = uuid.uuid4().hex
+        self.keepalive = True
+        self.inbox: list[protocol.Message] = []
+        self._last_sent = time.monotonic()
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def send(self, msg_type: str, **fields: Any) -> None:
+        self.sock.send_multipart(protocol.encode(msg_type, {"session": self.session, **fields}))
+        self._last_sent = time.monotonic()
+
+    def hello(self, running: list[dict[str, int]] | None = None) -> protocol.Message:
+        gpus = [{"uuid": u, "name": "Fake GPU", "memory_mb": 1024} for u in self.gpus]
+        self.send(
+            "HELLO",
+            name=self.name,
+            version="test",
+            gpus=gpus,
+            labels=self.labels,
+            max_jobs=self.max_jobs,
+            running=running or [],
+        )
+        return self.expect("WELCOME")
+
+    def ready(self, slots: int = 1, running: list[int] | None = None) -> None:
+        self.send("READY", free_gpus=list(self.gpus), slots=slots, running=running or [])
+
+    def started(self, job: dict[str, Any]) -> None:
+        self.send(
+            "STARTED",
+            job_id=job["id"],
+            attempt=job["attempt"],
+            container=f"container-{job['id']}",
+            executed_at=TS,
+        )
+
+    def log(self, job: dict[str, Any], seq: int, batch: list[list[str]]) -> None:
+        self.send("LOG", job_id=job["id"], attempt=job["attempt"], seq=seq, lines=batch)
+
+    def done(
+        self,
+        job: dict[str, Any],
+        last_seq: int,
+        status: str = "FINISHED",
+        exit_code: int | None = 0,
+        error: str | None = None,
+    ) -> None:
+        self.send(
+            "DONE",
+            job_id=job["id"],
+            attempt=job["attempt"],
+            status=status,
+            exit_code=exit_code,
+            error=error,
+            executed_at=TS,
+            finished_at=TS_END,
+            last_seq=last_seq,
+        )
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def _pump(self, wait_s: float) -> None:
+        """Receive what arrives within wait_s (at most one message) into the inbox."""
+        if self.keepalive and time.monotonic() - self._last_sent >= HEARTBEAT_S:
+            self.send("HEARTBEAT")
+        if not self.sock.poll(max(1, int(wait_s * 1000)), zmq.POLLIN):
+            return
+        msg = protocol.decode_from_coordinator(self.sock.recv_multipart())
+        if msg.type == "HEARTBEAT" and msg.body["known"]:
+            return
+        self.inbox.append(msg)
+
+    def expect(self, msg_type: str, timeout_s: float = 3.0) -> protocol.Message:
+        """The first message of this type, waiting up to timeout_s for it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for i, msg in enumerate(self.inbox):
+                if msg.type == msg_type:
+                    return self.inbox.pop(i)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                got = [(m.type, m.body) for m in self.inbox]
+                pytest.fail(f"{self.name}: no {msg_type} within {timeout_s} s; got {got}")
+            self._pump(min(remaining, 0.05))
+
+    def quiet(self, msg_type: str, for_s: float) -> None:
+        """Assert that no message of this type arrives within for_s."""
+        deadline = time.monotonic() + for_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            self._pump(min(remaining, 0.05))
+        unexpected = [m.body for m in self.inbox if m.type == msg_type]
+        assert not unexpected, f"{self.name}: unexpected {msg_type}: {unexpected}"
+
+    def wait_for(self, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+        """eventually(), staying alive (heartbeats) and collecting messages meanwhile."""
+
+        def pumped() -> Any:
+            self._pump(0.01)
+            return predicate()
+
+        return eventually(pumped, timeout_s, what)
+
+    def job(self, timeout_s: float = 3.0) -> dict[str, Any]:
+        """The next JOB's wire job."""
+        return self.expect("JOB", timeout_s).body["job"]  # type: ignore[no-any-return]
+
+    def ack(self, timeout_s: float = 3.0) -> dict[str, Any]:
+        return self.expect("ACK", timeout_s).body
+
+
+@dataclasses.dataclass
+class Link:
+    """A running broker, its store, and the fake workers of one test."""
+
+    broker: Broker
+    store: SqliteStore
+    context: zmq.Context
+    thread: threading.Thread
+    workers: list[FakeWorker] = dataclasses.field(default_factory=list)
+
+    def worker(self, name: str = "w1", **kwargs: Any) -> FakeWorker:
+        fake = FakeWorker(self.context, self.broker.endpoint, name, **kwargs)
+        self.workers.append(fake)
+        return fake
+
+    def create(self, **fields: Any) -> models.Job:
+        """A QUEUED job in the store; keyword arguments are submission fields."""
+        spec = models.parse_spec({"name": "job", "docker": {"image": "busybox"}, **fields})
+        return self.store.create_job(spec, models.utcnow())
+
+    def status(self, job_id: int) -> Status:
+        return self.store.get_job(job_id).status
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.broker.endpoint.removeprefix("tcp://").rpartition(":")
+        return host, int(port)
+
+
+@pytest.fixture()
+def link(tmp_path: Path) -> Iterator[Link]:
+    context = zmq.Context()
+    store = SqliteStore(str(tmp_path / "gpubox.db"))
+    broker = Broker(
+        store,
+        Changes(),
+        "tcp://127.0.0.1:*",
+        heartbeat_interval_s=HEARTBEAT_S,
+        liveness_s=LIVENESS_S,
+        context=context,
+    )
+    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
+    thread.start()
+    state = Link(broker, store, context, thread)
+    try:
+        yield state
+    finally:
+        broker.stop()
+        thread.join(timeout=5)
+        stopped = not thread.is_alive()
+        if stopped:  # never pull sockets or the store from under a running broker
+            for fake in state.workers:
+                fake.sock.close(linger=0)
+            store.close()
+            context.destroy(linger=0)
+        assert stopped, "the broker did not stop within 5 s"
+
+
+# --- robustness --------------------------------------------------------------------------------
+
+
+def test_garbage_on_the_port_is_dropped_and_the_broker_keeps_serving(link: Link) -> None:
+    job = link.create()
+    rng = random.Random(4242)
+    junk = link.context.socket(zmq.DEALER)
+    junk.setsockopt(zmq.LINGER, 0)
+    junk.connect(link.broker.endpoint)
+    dropped = 0
+
+    # Random frames, 1 to 5 of them, random bytes (never starting with the version).
+    for _ in range(200):
+        frames = [rng.randbytes(rng.randint(0, 64)) for _ in range(rng.randint(1, 5))]
+        if frames[0] == protocol.VERSION:
+            frames[0] = b"x"
+        junk.send_multipart(frames)
+        dropped += 1
+    # A valid version and type with random bodies.
+    for _ in range(50):
+        junk.send_multipart([protocol.VERSION, b"READY", rng.randbytes(rng.randint(0, 64))])
+        dropped += 1
+    hello = {
+        "name": "junk",
+        "version": "x",
+        "session": "junk-session",
+        "gpus": [],
+        "labels": {},
+        "max_jobs": 1,
+        "running": [],
+    }
+    bad = [
+        [b"just one frame"],
+        [protocol.VERSION, b"HELLO"],
+        [b"GPBX0", b"HELLO", msgpack.packb(hello)],  # wrong version
+        [protocol.VERSION, b"HELLO", msgpack.packb({"name": "junk"})],  # HELLO, bad body
+        [protocol.VERSION, b"HELLO", msgpack.packb({**hello, "max_jobs": "1"})],
+        [protocol.VERSION, b"HELLO", msgpack.packb([hello])],
+        [protocol.VERSION, b"HELLO", b"\xc1"],
+        [protocol.VERSION, b"WELCOME", msgpack.packb({"coordinator": "c"})],
+        [protocol.VERSION, "HÉLLO".encode(), msgpack.packb(hello)],
+        [*protocol.encode("HELLO", hello), b"fourth frame"],
+    ]
+    for frames in bad:
+        junk.send_multipart(frames)
+        dropped += 1
+    # Well-formed, but from a session the broker never welcomed: not stored, asked to HELLO.
+    log = {"session": "nobody", "job_id": job.id, "attempt": 1, "seq": 1, "lines": lines(1, 2)}
+    junk.send_multipart(protocol.encode("LOG", log))
+    assert junk.poll(3000), "no answer to a LOG from an unknown session"
+    answer = protocol.decode_from_coordinator(junk.recv_multipart())
+    assert answer.type == "HEARTBEAT"
+    assert answer.body == {"coordinator": link.broker.coordinator_id, "known": False}
+    # One connection's messages are handled in order: every one before the LOG was dropped.
+    assert link.broker.dropped_messages == dropped
+
+    # Raw TCP junk: not even ZMTP.
+    host, port = link.address
+    payloads = [
+        rng.randbytes(4096),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        # A ZMTP 3.0 greeting (NULL mechanism) followed by nonsense.
+        b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00NULL" + b"\x00" * 16 + b"\x00" * 32 + b"\xff" * 64,
+        b"",
+    ]
+    for payload in payloads:
+        with (
+            socket.create_connection((host, port), timeout=2) as sock,
+            contextlib.suppress(OSError),
+        ):
+            sock.sendall(payload)
+            sock.settimeout(0.2)
+            sock.recv(1024)
+
+    # The broker is still there, and still serves a well-behaved worker.
+    worker = link.worker("good")
+    welcome = worker.hello()
+    assert welcome.body["coordinator"] == link.broker.coordinator_id
+    worker.ready(slots=1)
+    wire = worker.job()
+    assert wire["id"] == job.id
+    assert link.thread.is_alive()
+    # libzmq reads some junk as ZMTP 1.0 frames and delivers them: dropped too, never stored.
+    assert link.broker.dropped_messages >= dropped
+    assert link.store.read_logs(job.id) == []
+    assert [w.name for w in link.store.list_workers()] == ["good"]
+
+
+def test_unknown_session_heartbeat_is_answered_known_false(link: Link) -> None:
+    stranger = link.worker("stranger")
+    stranger.keepalive = False
+    stranger.send("HEARTBEAT")
+    reply = stranger.expect("HEARTBEAT")
+    assert reply.body == {"coordinator": link.broker.coordinator_id, "known": False}
+
+
+def test_a_session_used_from_another_connection_is_unknown(link: Link) -> None:
+    """A session id is bound to the connection that said HELLO with it."""
+    worker = link.worker("w1")
+    worker.hello()
+    imposter = link.worker("imposter")
+    imposter.keepalive = False
+    imposter.session = worker.session
+    imposter.send("HEARTBEAT")
+    assert imposter.expect("HEARTBEAT").body["known"] is False
+
+
+def test_welcome_and_worker_record(link: Link) -> None:
+    worker = link.worker("w1", labels={"zone": "eu"}, gpus=["GPU-a", "GPU-b"], max_jobs=3)
+    welcome = worker.hello()
+    assert welcome.body == {
+        "coordinator": link.broker.coordinator_id,
+        "heartbeat_interval_s": HEARTBEAT_S,
+        "liveness_s": LIVENESS_S,
+    }
+    (record,) = eventually(link.store.list_workers, what="the worker to be stored")
+    assert record.name == "w1"
+    assert record.connected is True
+    assert record.labels == {"zone": "eu"}
+    assert [g["uuid"] for g in record.gpus] == ["GPU-a", "GPU-b"]
+    assert record.max_jobs == 3
+    # The broker's own heartbeats come every heartbeat_interval_s.
+    worker.keepalive = False
+    worker.sock.send_multipart(protocol.encode("HEARTBEAT", {"session": worker.session}))
+    assert worker.sock.poll(2000)
+    msg = protocol.decode_from_coordinator(worker.sock.recv_multipart())
+    assert msg.type == "HEARTBEAT" and msg.body["known"] is True
+
+
+# --- the life of a job -------------------------------------------------------------------------
+
+
+def test_happy_path(link: Link) -> None:
+    auth = {"registry": "registry.example.com", "username": "bot", "password": "s3cret"}
+    docker = {"image": "busybox", "command": ["echo", "hi"], "env": {"A": "1"}, "auth": auth}
+    created = link.create(docker=docker)
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready(slots=1)
+    msg = worker.expect("JOB")
+    assert msg.body["coordinator"] == link.broker.coordinator_id
+    job = msg.body["job"]
+    assert job["id"] == created.id
+    assert job["attempt"] == 1
+    assert job["first_seq"] == 1
+    assert job["image"] == "busybox"
+    assert job["command"] == ["echo", "hi"]
+    assert job["env"] == {"A": "1"}
+    assert job["auth"] == auth  # the worker needs the pull credentials
+    stored = link.store.get_job(created.id)
+    assert stored.status is Status.RUNNING
+    assert stored.worker == "w1"
+    assert stored.attempts == 1
+
+    worker.started(job)
+    eventually(
+        lambda: link.store.get_job(created.id).executed_at is not None, what="STARTED stored"
+    )
+
+    first, second = lines(1, 3), lines(4, 2)
+    worker.log(job, 1, first)
+    assert worker.ack() == {"job_id": created.id, "attempt": 1, "seq": 3, "done": False}
+    assert [line.seq for line in link.store.read_logs(created.id)] == [1, 2, 3]
+    worker.log(job, 4, second)
+    assert worker.ack() == {"job_id": created.id, "attempt": 1, "seq": 5, "done": False}
+    stored_lines = link.store.read_logs(created.id)
+    assert [[line.ts, line.stream, line.line] for line in stored_lines] == first + second
+    assert [line.seq for line in stored_lines] == [1, 2, 3, 4, 5]
+
+    # A batch sent again (its ACK was lost, say) is acknowledged and stored once.
+    worker.log(job, 4, second)
+    assert worker.ack()["seq"] == 5
+    worker.log(job, 1, first + second)
+    assert worker.ack()["seq"] == 5
+    assert link.store.read_logs(created.id) == stored_lines
+    assert link.store.get_job(created.id).log_seq == 5
+
+    worker.done(job, last_seq=5)
+    assert worker.ack() == {"job_id": created.id, "attempt": 1, "seq": 5, "done": True}
+    finished = link.store.get_job(created.id)
+    assert finished.status is Status.FINISHED
+    assert finished.exit_code == 0
+    assert finished.error is None
+    assert finished.finished_at == models.parse_time(TS_END)
+    assert finished.spec.auth is None  # write-only: erased when the job ends
+
+    # DONE again (the ACK was lost): acknowledged again, nothing changes.
+    worker.done(job, last_seq=5)
+    assert worker.ack() == {"job_id": created.id, "attempt": 1, "seq": 5, "done": True}
+    worker.done(job, last_seq=5, status="ERROR", exit_code=1, error="late and different")
+    assert worker.ack()["done"] is True
+    assert link.store.get_job(created.id) == finished
+    assert link.store.read_logs(created.id) == stored_lines
+    # A late LOG for the ended job stores nothing.
+    worker.log(job, 6, lines(6, 1))
+    worker.ack()
+    assert link.store.read_logs(created.id) == stored_lines
+
+
+def test_done_with_missing_lines_is_not_applied(link: Link) -> None:
+    created = link.create()
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready()
+    job = worker.job()
+    worker.started(job)
+    worker.log(job, 1, lines(1, 2))
+    assert worker.ack()["seq"] == 2
+
+    worker.done(job, last_seq=5)
+    assert worker.ack() == {"job_id": created.id, "attempt": 1, "seq": 2, "done": False}
+    assert link.status(created.id) is Status.RUNNING
+
+    # The worker resends what the ACK says is missing, then DONE again: now it applies.
+    worker.log(job, 3, lines(3, 3))
+    assert worker.ack()["seq"] == 5
+    worker.done(job, last_seq=5, status="ERROR", exit_code=3)
+    assert worker.ack() == {"job_id": created.id, "attempt": 1, "seq": 5, "done": True}
+    ended = link.store.get_job(created.id)
+    assert ended.status is Status.ERROR
+    assert ended.exit_code == 3
+    assert [line.seq for line in link.store.read_logs(created.id)] == [1, 2, 3, 4, 5]
+
+
+def test_log_batch_with_a_gap_is_not_stored(link: Link) -> None:
+    created = link.create()
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready()
+    job = worker.job()
+    worker.log(job, 3, lines(3, 2))
+    assert worker.ack()["seq"] == 0
+    assert link.store.read_logs(created.id) == []
+
+
+def test_jobs_go_out_by_priority(link: Link) -> None:
+    low = link.create(name="low", priority=0)
+    high = link.create(name="high", priority=5)
+    mid = link.create(name="mid", priority=1)
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready(slots=1)
+    order = []
+    for _ in range(3):
+        job = worker.job()
+        order.append(job["id"])
+        worker.quiet("JOB", 0.3)  # one slot: nothing more until this one is done
+        worker.done(job, last_seq=0)
+        assert worker.ack()["done"] is True
+        worker.ready(slots=1)
+    assert order == [high.id, mid.id, low.id]
+    worker.quiet("JOB", 0.3)
+    assert all(link.status(j.id) is Status.FINISHED for j in (low, high, mid))
+
+
+def test_slots_limit_how_many_jobs_a_worker_gets(link: Link) -> None:
+    jobs = [link.create(name=f"j{i}") for i in range(3)]
+    worker = link.worker("w1", max_jobs=2)
+    worker.hello()
+    worker.ready(slots=2)
+    got = [worker.job()["id"], worker.job()["id"]]
+    worker.quiet("JOB", 0.4)
+    assert got == [jobs[0].id, jobs[1].id]
+    assert link.status(jobs[2].id) is Status.QUEUED
+
+
+def test_gpu_jobs_go_only_where_gpus_are_free(link: Link) -> None:
+    gpu_job = link.create(name="gpu", gpus=2)
+    worker = link.worker("w1", gpus=["GPU-a"])
+    worker.hello()
+    worker.ready(slots=4)
+    worker.quiet("JOB", 0.4)
+    assert link.status(gpu_job.id) is Status.QUEUED
+    big = link.worker("w2", gpus=["GPU-x", "GPU-y", "GPU-z"])
+    big.hello()
+    big.ready(slots=4)
+    job = big.job()
+    assert job["id"] == gpu_job.id
+    assert job["gpus"] == ["GPU-x", "GPU-y"]
+
+
+def test_labels_pick_the_worker(link: Link) -> None:
+    created = link.create(labels={"gpu": "a100"})
+    plain = link.worker("plain", labels={})
+    plain.hello()
+    plain.ready(slots=1)
+    plain.quiet("JOB", 0.5)
+    assert link.status(created.id) is Status.QUEUED
+
+    a100 = link.worker("a100", labels={"gpu": "a100", "zone": "eu"})
+    a100.hello()
+    a100.ready(slots=1)
+    assert a100.job()["id"] == created.id
+    plain.quiet("JOB", 0.2)
+    assert link.store.get_job(created.id).worker == "a100"
+
+
+def test_schedule_poke_hands_out_a_new_job(link: Link) -> None:
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready(slots=1)
+    worker.quiet("JOB", 0.2)
+    created = link.create()
+    link.broker.poke("schedule")
+    assert worker.job(timeout_s=0.9)["id"] == created.id  # sooner than the 1 s scheduling timer
+
+
+# --- lost workers and cancels ------------------------------------------------------------------
+
+
+def test_silent_worker_is_lost(link: Link) -> None:
+    retried = link.create(name="retried", max_retries=1)
+    failed = link.create(name="failed", max_retries=0)
+    worker = link.worker("w1", max_jobs=2)
+    worker.hello()
+    worker.ready(slots=2)
+    jobs = {worker.job()["id"], worker.job()["id"]}
+    assert jobs == {retried.id, failed.id}
+    assert link.status(retried.id) is Status.RUNNING
+
+    worker.keepalive = False  # and it reads nothing more: silent from now on
+    lost_at = time.monotonic()
+    eventually(
+        lambda: link.status(failed.id) is not Status.RUNNING,
+        timeout_s=LIVENESS_S + 3,
+        what="the silent worker to be lost",
+    )
+    assert time.monotonic() - lost_at >= LIVENESS_S * 0.6
+
+    again = link.store.get_job(retried.id)
+    assert again.status is Status.QUEUED
+    assert again.attempts == 1
+    assert again.worker is None
+    gone = link.store.get_job(failed.id)
+    assert gone.status is Status.ERROR
+    assert gone.error is not None and "worker lost" in gone.error
+    (record,) = link.store.list_workers()
+    assert record.name == "w1"
+    assert record.connected is False
+
+    # The lost worker speaks again: it is told to say HELLO, and its late DONE changes nothing.
+    worker.inbox.clear()
+    worker.done({"id": failed.id, "attempt": 1}, last_seq=0)
+    assert worker.expect("HEARTBEAT").body["known"] is False
+    assert link.store.get_job(failed.id) == gone
+
+    # After a new HELLO it gets the requeued job again, as attempt 2.
+    worker.keepalive = True
+    worker.session = uuid.uuid4().hex
+    worker.hello()
+    worker.ready(slots=2)
+    job = worker.job()
+    assert (job["id"], job["attempt"]) == (retried.id, 2)
+    assert link.store.list_workers()[0].connected is True
+
+
+def test_worker_that_keeps_talking_is_not_lost(link: Link) -> None:
+    created = link.create()
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready()
+    worker.job()
+    worker.quiet("CANCEL", LIVENESS_S * 1.6)  # heartbeats only, for longer than liveness_s
+    assert link.status(created.id) is Status.RUNNING
+    assert link.store.list_workers()[0].connected is True
+
+
+def test_cancel_of_a_running_job_reaches_its_worker(link: Link) -> None:
+    created = link.create()
+    bystander = link.worker("bystander", labels={"other": "yes"})
+    bystander.hello()
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready()
+    job = worker.job()
+    worker.started(job)
+
+    cancelled = link.store.cancel_job(created.id, models.utcnow())
+    assert cancelled.cancel_requested
+    link.broker.poke("cancel", created.id)
+    cancel = worker.expect("CANCEL")
+    assert cancel.body == {"job_id": created.id, "attempt": 1}
+    bystander.quiet("CANCEL", 0.2)
+
+    worker.done(job, last_seq=0, status="CANCELLED", exit_code=143, error="cancelled")
+    assert worker.ack()["done"] is True
+    assert link.status(created.id) is Status.CANCELLED
+
+
+def test_cancel_poke_for_an_unknown_or_queued_job_is_harmless(link: Link) -> None:
+    queued = link.create()
+    link.store.cancel_job(queued.id, models.utcnow())
+    link.broker.poke("cancel", queued.id)
+    link.broker.poke("cancel", 999_999)
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready()
+    worker.quiet("CANCEL", 0.3)
+    assert worker.inbox == []  # no JOB either: the only job was cancelled while queued
+    assert link.thread.is_alive()
+    assert link.status(queued.id) is Status.CANCELLED
+
+
+# --- reconnects and restarts -------------------------------------------------------------------
+
+
+def test_reconnect_keeps_the_jobs_the_worker_reports(link: Link) -> None:
+    kept = link.create(name="kept")
+    dropped = link.create(name="dropped", max_retries=1)
+    worker = link.worker("w1", max_jobs=2)
+    worker.hello()
+    worker.ready(slots=2)
+    jobs = {job["id"]: job for job in (worker.job(), worker.job())}
+    worker.log(jobs[kept.id], 1, lines(1, 2))
+    assert worker.ack()["seq"] == 2
+
+    # The same worker on a new connection (new session), still running only `kept`.
+    again = link.worker("w1", max_jobs=2)
+    again.hello(running=[{"job_id": kept.id, "attempt": 1}])
+    eventually(lambda: link.status(dropped.id) is Status.QUEUED, what="the dropped job requeued")
+    assert link.status(kept.id) is Status.RUNNING
+    # The old connection's session is gone.
+    worker.keepalive = False
+    worker.inbox.clear()
+    worker.send("HEARTBEAT")
+    assert worker.expect("HEARTBEAT").body["known"] is False
+
+    again.log(jobs[kept.id], 3, lines(3, 1))
+    assert again.ack()["seq"] == 3
+    again.ready(slots=1, running=[kept.id])
+    retry = again.job()
+    assert (retry["id"], retry["attempt"]) == (dropped.id, 2)
+    again.done(jobs[kept.id], last_seq=3)
+    assert again.ack()["done"] is True
+    assert link.status(kept.id) is Status.FINISHED
+    assert [line.seq for line in link.store.read_logs(kept.id)] == [1, 2, 3]
+
+
+def test_coordinator_restart_keeps_reported_jobs_and_releases_the_rest(link: Link) -> None:
+    kept = link.create(name="kept", labels={"box": "1"})
+    orphan = link.create(name="orphan", labels={"box": "2"})
+    w1 = link.worker("w1", labels={"box": "1"})
+    w1.hello()
+    w1.ready()
+    job = w1.job()
+    w2 = link.worker("w2", labels={"box": "2"})
+    w2.hello()
+    w2.ready()
+    assert w2.job()["id"] == orphan.id
+    w1.log(job, 1, lines(1, 2))
+    assert w1.ack()["seq"] == 2
+
+    # The coordinator restarts on the same store; w1 comes back, w2 never does.
+    link.broker.stop()
+    link.thread.join(timeout=5)
+    restarted = Broker(
+        link.store,
+        Changes(),
+        "tcp://127.0.0.1:*",
+        heartbeat_interval_s=HEARTBEAT_S,
+        liveness_s=LIVENESS_S,
+        context=link.context,
+    )
+    thread = threading.Thread(target=restarted.run, name="broker-2", daemon=True)
+    thread.start()
+    try:
+        back = FakeWorker(link.context, restarted.endpoint, "w1", labels={"box": "1"})
+        link.workers.append(back)
+        welcome = back.hello(running=[{"job_id": kept.id, "attempt": 1}])
+        assert welcome.body["coordinator"] == restarted.coordinator_id
+        assert restarted.coordinator_id != link.broker.coordinator_id
+        back.wait_for(
+            lambda: link.status(orphan.id) is not Status.RUNNING,
+            timeout_s=LIVENESS_S + 3,
+            what="the orphaned job to be released",
+        )
+        lost = link.store.get_job(orphan.id)
+        assert lost.status is Status.ERROR
+        assert lost.error is not None and "worker lost" in lost.error
+        assert link.status(kept.id) is Status.RUNNING
+
+        back.log(job, 3, lines(3, 2))
+        assert back.ack()["seq"] == 4
+        back.done(job, last_seq=4)
+        assert back.ack()["done"] is True
+        assert link.status(kept.id) is Status.FINISHED
+        assert [line.seq for line in link.store.read_logs(kept.id)] == [1, 2, 3, 4]
+    finally:
+        restarted.stop()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_a_job_that_cannot_be_sent_stays_queued(link: Link) -> None:
+    """A worker gone without a word: the JOB cannot be delivered, so the claim is undone."""
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready()
+    worker.quiet("JOB", 0.1)
+    worker.sock.close(linger=0)
+    time.sleep(0.3)  # let the ROUTER notice the closed connection
+    created = link.create()
+    link.broker.poke("schedule")
+    time.sleep(0.3)
+    job = link.store.get_job(created.id)
+    assert job.status is Status.QUEUED
+    assert job.attempts == 0
+    assert job.worker is None
+    # A worker that is there gets it, as its first attempt.
+    other = link.worker("w2")
+    other.hello()
+    other.ready()
+    wire = other.job()
+    assert (wire["id"], wire["attempt"]) == (created.id, 1)

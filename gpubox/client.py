@@ -153,9 +153,9 @@ class Client:
                         since = record["seq"]
                     out.flush()
                     return exit_code_for(job)
-            except ApiError:
-                raise
             except (errors.GpuboxError, *RETRYABLE, ValueError) as exc:
+                if isinstance(exc, ApiError) and exc.status < 500:
+                    raise  # 4xx: retrying cannot help; 5xx: the coordinator's store is away
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since > retry_for_s:

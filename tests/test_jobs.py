@@ -144,3 +144,16 @@ def test_a_worker_runs_several_jobs_at_once(make_cluster, image: str):
     assert all(cluster.client.job(j["id"])["status"] == "RUNNING" for j in jobs)
     for job in jobs:
         assert cluster.wait(job["id"])["status"] == "FINISHED"
+
+
+def test_worker_stderr_gets_every_line_tagged_with_job_and_container(cluster: Cluster, image: str):
+    job = cluster.submit(image, ["sh", "-c", "echo to-out; echo to-err >&2"])
+    cluster.wait(job["id"])
+    agent, _ = cluster.agents[0]
+    tee = agent.runtime.tee.getvalue()  # type: ignore[attr-defined]
+    tagged = [line for line in tee.splitlines() if line.startswith(f"job={job['id']} ")]
+    assert len(tagged) == 2
+    for line in tagged:
+        assert line.split()[1].startswith("container=") and len(line.split()[1]) > 12
+    assert any(line.endswith("stdout: to-out") for line in tagged)
+    assert any(line.endswith("stderr: to-err") for line in tagged)

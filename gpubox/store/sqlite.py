@@ -130,29 +130,21 @@ class SqliteStore(sql.SqlStore):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Cursor]:
-        conn = self._connect()
-        cur = conn.cursor()
-        try:
+        with self._read() as cur:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
             except BaseException:
-                conn.rollback()
+                cur.connection.rollback()
                 raise
-            conn.commit()
-        except sqlite3.OperationalError as exc:
-            raise errors.StoreUnavailable(f"sqlite: {exc}") from exc
-        except sqlite3.Error as exc:
-            raise errors.StoreError(f"sqlite: {exc}") from exc
-        finally:
-            cur.close()
+            cur.connection.commit()
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Cursor]:
         cur = self._connect().cursor()
         try:
             yield cur
-        except sqlite3.OperationalError as exc:
+        except sqlite3.OperationalError as exc:  # locked, busy, disk I/O: worth a retry
             raise errors.StoreUnavailable(f"sqlite: {exc}") from exc
         except sqlite3.Error as exc:
             raise errors.StoreError(f"sqlite: {exc}") from exc

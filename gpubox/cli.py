@@ -527,3 +527,67 @@ def token_revoke(name: str, config_path: str | None, **flags: Any) -> None:
     finally:
         store.close()
     click.echo(f"token {name!r} revoked", err=True)
+
+
+# --- store maintenance ------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Maintain the store: upgrade its schema, copy it into another database."""
+
+
+@db.command("upgrade")
+@config_file_option
+@config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
+@friendly
+def db_upgrade(config_path: str | None, **flags: Any) -> None:
+    """Create the schema, or bring it up to date. Safe to run twice: the second run does
+    nothing. The coordinator does the same when it starts."""
+    from gpubox.store import open_store
+
+    config = cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path))
+    store = open_store(config.db, upgrade=False)
+    try:
+        before = store.schema_version()
+        applied = store.upgrade()
+    finally:
+        store.close()
+    if applied:
+        click.echo(f"schema upgraded from version {before} to {applied[-1]}", err=True)
+    else:
+        click.echo(f"schema is at version {before}: nothing to do", err=True)
+
+
+@db.command("copy")
+@click.argument("source")
+@click.argument("destination")
+@click.option("--replace", is_flag=True, help="empty a non-empty destination first")
+@friendly
+def db_copy(source: str, destination: str, replace: bool) -> None:
+    """Copy a whole store (jobs, logs, tokens, workers) from SOURCE to DESTINATION, keeping
+    ids; new jobs in the destination continue after the copied ones. Stop the coordinator
+    first.
+
+    \b
+    Example:
+      gpubox db copy sqlite:///var/lib/gpubox/gpubox.db \\
+          'postgresql://gpubox@db.example.com/gpubox'
+    """
+    from gpubox.store import open_store
+    from gpubox.store.base import TABLES
+    from gpubox.store.copy import copy_store
+
+    src = open_store(source, upgrade=False)
+    try:
+        dst = open_store(destination)
+        try:
+            total = sum(src.count(table) for table in TABLES)
+            with click.progressbar(length=total, label="copying rows", file=sys.stderr) as bar:
+                copied = copy_store(src, dst, replace, lambda _, n: bar.update(n))
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    summary = ", ".join(f"{count} {table}" for table, count in copied.items())
+    click.echo(f"copied and checked: {summary}", err=True)

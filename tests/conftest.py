@@ -8,6 +8,7 @@ import io
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,50 @@ from gpubox.worker.runner import DockerRuntime
 
 IMAGE = os.environ.get("GPUBOX_TEST_IMAGE", "gpubox-busybox:latest")
 TERMINAL = ("FINISHED", "ERROR", "CANCELLED")
+# The PostgreSQL database the tests may use (scripts/test makes a fresh one per run); each test
+# gets its own schema in it. GPUBOX_TEST_PG=skip runs only the SQLite half.
+PG_URL = os.environ.get("GPUBOX_TEST_PG", "postgresql:///gpubox_test?host=/var/run/postgresql")
+BACKENDS = ["sqlite", "postgresql"]
+
+
+class PgAdmin:
+    """Runs statements on the test database, each on a fresh connection (a test may restart
+    the server under it)."""
+
+    def execute(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(statement)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> PgAdmin:
+    """The test database's administrator; fails the test when there is no PostgreSQL."""
+    if PG_URL == "skip":
+        pytest.skip("GPUBOX_TEST_PG=skip")
+    import psycopg
+
+    try:
+        psycopg.connect(PG_URL, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"no PostgreSQL at {PG_URL} ({exc}): run scripts/test, which starts one")
+    return PgAdmin()
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store URL for an empty store of each backend: a SQLite file in tmp_path, or a fresh
+    schema in the PostgreSQL test database (dropped after the test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/gpubox.db"
+        return
+    admin = request.getfixturevalue("pg_admin")
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +171,7 @@ class Cluster:
 
 @pytest.fixture()
 def make_cluster(
-    tmp_path: Path, docker_client: docker.DockerClient
+    tmp_path: Path, docker_client: docker.DockerClient, db_url: str
 ) -> Iterator[Callable[..., Cluster]]:
     """A factory: make_cluster(workers=1, **coordinator_settings) → a started Cluster."""
     clusters: list[Cluster] = []
@@ -138,7 +183,7 @@ def make_cluster(
         state = tmp_path / f"state-{len(clusters)}"
         fields = {
             "state_dir": str(state),
-            "db": f"sqlite:///{state}/gpubox.db",
+            "db": db_url if not clusters else f"sqlite:///{state}/gpubox.db",
             "http": "127.0.0.1:0",
             "bind": "tcp://127.0.0.1:*",
             "http_threads": 48,

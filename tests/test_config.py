@@ -331,7 +331,7 @@ def test_default_db_of_a_relative_state_dir_is_inside_it(
     config = load(cfg.CoordinatorConfig, {"state_dir": "state"})
     opened: list[str] = []
 
-    def fake_store(path: str) -> Any:  # record the file instead of creating it anywhere
+    def fake_store(path: str, upgrade: bool = True) -> Any:  # record, create nothing
         opened.append(path)
         return object()
 

@@ -7,7 +7,6 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,9 +15,6 @@ from gpubox import errors, models
 from gpubox.store import base, open_store
 
 pytestmark = pytest.mark.timeout(60)
-
-# Adding "postgresql" here (and a branch in _open) runs the whole suite on it too.
-BACKENDS = ["sqlite"]
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 Status = models.Status
@@ -31,16 +27,10 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def _open(backend: str, tmp_path: Path) -> base.Store:
-    if backend == "sqlite":
-        return open_store(f"sqlite:///{tmp_path}/gpubox.db")
-    raise AssertionError(f"no test database for backend {backend!r}")
-
-
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[base.Store]:
-    """An empty store of each backend, closed after the test."""
-    opened = _open(request.param, tmp_path)
+@pytest.fixture()
+def store(db_url: str) -> Iterator[base.Store]:
+    """An empty store of each backend (see conftest.db_url), closed after the test."""
+    opened = open_store(db_url)
     try:
         yield opened
     finally:
@@ -345,7 +335,7 @@ def test_claim_skips_labelled_job_for_unlabelled_one(store: base.Store) -> None:
 
 
 def test_concurrent_claims_hand_out_each_job_once(store: base.Store) -> None:
-    jobs = 200
+    jobs = 500
     created = {queued(store).id for _ in range(jobs)}
     threads = 8
     barrier = threading.Barrier(threads)
@@ -904,15 +894,13 @@ def test_list_tokens_by_name(store: base.Store) -> None:
 # --- lifecycle ------------------------------------------------------------------------------
 
 
-def test_reopened_store_keeps_everything(
-    store: base.Store, request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
+def test_reopened_store_keeps_everything(store: base.Store, db_url: str) -> None:
     job = running(store, docker={"image": "busybox", "auth": AUTH})
     store.append_logs(job.id, 1, 1, raw(1, 3))
     store.save_worker(make_worker())
     store.add_token(make_token("ci"))
     store.close()
-    again = _open(request.node.callspec.params["store"], tmp_path)
+    again = open_store(db_url)
     try:
         assert again.get_job(job.id) == dataclasses.replace(job, log_seq=3)
         assert seqs(again.read_logs(job.id)) == [1, 2, 3]

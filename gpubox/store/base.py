@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 from gpubox import models
 
 # A log line as it arrives from a worker: (timestamp, stream, text).
 RawLine = tuple[str, str, str]
+
+# Every table, with the columns that order its rows (its primary key), for `db copy`.
+TABLES: dict[str, tuple[str, ...]] = {
+    "jobs": ("id",),
+    "job_labels": ("job_id", "pair"),
+    "logs": ("job_id", "seq"),
+    "workers": ("name",),
+    "tokens": ("name",),
+}
 
 
 class Finish(enum.Enum):
@@ -150,3 +160,39 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_tokens(self) -> list[models.Token]:
         """Every token, by name."""
+
+    # --- schema and bulk copy -----------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def latest_version(self) -> int:
+        """The schema version this gpubox writes."""
+
+    @abc.abstractmethod
+    def schema_version(self) -> int:
+        """The schema version the database holds; 0 for an empty database."""
+
+    @abc.abstractmethod
+    def upgrade(self) -> list[int]:
+        """Apply every missing schema version in one transaction; the versions applied (none
+        when up to date). errors.StoreError if the database is newer than this gpubox."""
+
+    @abc.abstractmethod
+    def count(self, table: str) -> int:
+        """How many rows a table of TABLES holds."""
+
+    @abc.abstractmethod
+    def export_rows(self, table: str, batch: int = 5000) -> Iterator[list[dict[str, Any]]]:
+        """Every row of a table, as column → value dicts, in key order, `batch` at a time."""
+
+    @abc.abstractmethod
+    def import_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert rows exported from another store of the same schema, keeping their keys."""
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Delete every row of every table (for `db copy --replace`)."""
+
+    @abc.abstractmethod
+    def finish_import(self) -> None:
+        """After import_rows: move the job id counter past the highest imported id."""

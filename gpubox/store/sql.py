@@ -10,17 +10,25 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
 from gpubox import errors, models
 from gpubox.store import base
 
+log = logging.getLogger(__name__)
+
 JOB_COLUMNS = (
     "name, description, priority, image, command, env, auth, gpus, labels, timeout, "
     "max_retries, metadata, status, created_at, updated_at"
 )
+
+
+def label_pair(key: str, value: str) -> str:
+    """A label as one indexed text: key and value joined by the ASCII unit separator."""
+    return f"{key}\x1f{value}"
 
 
 def _dump(value: Any) -> str | None:
@@ -74,6 +82,15 @@ class SqlStore(base.Store):
 
     # Appended to the claim's candidate query: PostgreSQL adds row locks here.
     claim_lock = ""
+    # Appended to a read that the same transaction then updates (SQLite's BEGIN IMMEDIATE
+    # already serialises writers; PostgreSQL locks the row).
+    row_lock = ""
+    # The schema, one script per version: MIGRATIONS[0] makes version 1, and so on.
+    MIGRATIONS: Sequence[str] = ()
+
+    @property
+    def latest_version(self) -> int:
+        return len(self.MIGRATIONS)
 
     @abc.abstractmethod
     def _write(self) -> contextlib.AbstractContextManager[Any]:
@@ -109,10 +126,15 @@ class SqlStore(base.Store):
         )
         with self._write() as cur:
             job_id = self._insert_job(cur, values)
+            if spec.labels:
+                cur.executemany(
+                    "INSERT INTO job_labels (job_id, pair) VALUES (?, ?)",
+                    [(job_id, label_pair(k, v)) for k, v in spec.labels.items()],
+                )
             return self._get(cur, job_id)
 
-    def _get(self, cur: Any, job_id: int) -> models.Job:
-        cur.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    def _get(self, cur: Any, job_id: int, lock: bool = False) -> models.Job:
+        cur.execute("SELECT * FROM jobs WHERE id = ?" + (self.row_lock if lock else ""), (job_id,))
         row = cur.fetchone()
         if row is None:
             raise errors.JobNotFound(job_id)
@@ -145,17 +167,21 @@ class SqlStore(base.Store):
     def claim_job(
         self, worker: str, labels: dict[str, str], free_gpus: Sequence[str], now: datetime
     ) -> models.Job | None:
+        # A job fits when it has no label outside the worker's: one indexed query picks the
+        # best, and the backend's claim_lock keeps two claimers from picking the same row.
+        offered = [label_pair(key, value) for key, value in labels.items()]
+        outside = f" AND l.pair NOT IN ({', '.join('?' * len(offered))})" if offered else ""
         with self._write() as cur:
             cur.execute(
-                "SELECT id, labels, gpus FROM jobs WHERE status = 'QUEUED' AND gpus <= ?"
-                " ORDER BY priority DESC, id" + self.claim_lock,
-                (len(free_gpus),),
+                "SELECT id, gpus FROM jobs j WHERE status = 'QUEUED' AND gpus <= ?"
+                " AND NOT EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = j.id"
+                + outside
+                + ") ORDER BY priority DESC, id LIMIT 1"
+                + self.claim_lock,
+                (len(free_gpus), *offered),
             )
-            for row in cur.fetchall():
-                wanted = _load(row["labels"])
-                if all(labels.get(key) == value for key, value in wanted.items()):
-                    break
-            else:
+            row = cur.fetchone()
+            if row is None:
                 return None
             gpu_ids = list(free_gpus[: row["gpus"]])
             cur.execute(
@@ -203,7 +229,10 @@ class SqlStore(base.Store):
         if not status.terminal:
             raise errors.WrongState(f"{status.value} is not a final status")
         with self._write() as cur:
-            cur.execute("SELECT status, attempts, log_seq FROM jobs WHERE id = ?", (job_id,))
+            cur.execute(
+                "SELECT status, attempts, log_seq FROM jobs WHERE id = ?" + self.row_lock,
+                (job_id,),
+            )
             row = cur.fetchone()
             if row is None or row["status"] != "RUNNING" or row["attempts"] != attempt:
                 return base.Finish.IGNORED
@@ -227,7 +256,7 @@ class SqlStore(base.Store):
 
     def cancel_job(self, job_id: int, now: datetime) -> models.Job:
         with self._write() as cur:
-            job = self._get(cur, job_id)
+            job = self._get(cur, job_id, lock=True)
             if job.status is models.Status.QUEUED:
                 cur.execute(
                     "UPDATE jobs SET status = 'CANCELLED', finished_at = ?, updated_at = ?,"
@@ -249,7 +278,7 @@ class SqlStore(base.Store):
         self, job_id: int, attempt: int, error: str, now: datetime
     ) -> models.Job | None:
         with self._write() as cur:
-            job = self._get(cur, job_id)
+            job = self._get(cur, job_id, lock=True)
             if job.status is not models.Status.RUNNING or job.attempts != attempt:
                 return None
             if job.cancel_requested:
@@ -288,7 +317,10 @@ class SqlStore(base.Store):
     ) -> int:
         end = first_seq + len(lines) - 1
         with self._write() as cur:
-            cur.execute("SELECT status, attempts, log_seq FROM jobs WHERE id = ?", (job_id,))
+            cur.execute(
+                "SELECT status, attempts, log_seq FROM jobs WHERE id = ?" + self.row_lock,
+                (job_id,),
+            )
             row = cur.fetchone()
             if row is None or row["status"] != "RUNNING" or row["attempts"] != attempt:
                 return end
@@ -382,6 +414,96 @@ class SqlStore(base.Store):
         with self._read() as cur:
             cur.execute("SELECT * FROM tokens ORDER BY name")
             return [_token(row) for row in cur.fetchall()]
+
+    # --- schema and bulk copy -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _current_version(self, cur: Any) -> int:
+        """The schema version recorded in the database, 0 when it has no schema yet."""
+
+    @abc.abstractmethod
+    def _apply(self, cur: Any, script: str) -> None:
+        """Run one migration script inside the open write transaction."""
+
+    def _prepare(self, upgrade: bool) -> None:
+        """At open: bring the schema up to date, or only refuse one newer than ours."""
+        if upgrade:
+            applied = self.upgrade()
+            if applied:
+                log.info("store schema upgraded to version %d", applied[-1])
+        elif self.schema_version() > self.latest_version:
+            raise errors.StoreError(
+                f"the store has schema version {self.schema_version()}, newer than this gpubox"
+                f" knows ({self.latest_version}): upgrade gpubox"
+            )
+
+    def schema_version(self) -> int:
+        with self._read() as cur:
+            return self._current_version(cur)
+
+    def upgrade(self) -> list[int]:
+        applied = []
+        with self._write() as cur:
+            version = self._current_version(cur)
+            if version > self.latest_version:
+                raise errors.StoreError(
+                    f"the store has schema version {version}, newer than this gpubox knows"
+                    f" ({self.latest_version}): upgrade gpubox"
+                )
+            for number in range(version + 1, self.latest_version + 1):
+                self._apply(cur, self.MIGRATIONS[number - 1])
+                applied.append(number)
+            if applied:
+                cur.execute("DELETE FROM schema_version")
+                cur.execute("INSERT INTO schema_version (version) VALUES (?)", (applied[-1],))
+        return applied
+
+    def count(self, table: str) -> int:
+        _check_table(table)
+        with self._read() as cur:
+            cur.execute(f"SELECT COUNT(*) AS n FROM {table}")
+            return int(cur.fetchone()["n"])
+
+    def export_rows(self, table: str, batch: int = 5000) -> Iterator[list[dict[str, Any]]]:
+        _check_table(table)
+        keys = base.TABLES[table]
+        order = ", ".join(keys)
+        last: tuple[Any, ...] | None = None
+        while True:
+            with self._read() as cur:
+                if last is None:
+                    cur.execute(f"SELECT * FROM {table} ORDER BY {order} LIMIT ?", (batch,))
+                else:
+                    marks = ", ".join("?" * len(keys))
+                    cur.execute(
+                        f"SELECT * FROM {table} WHERE ({order}) > ({marks})"
+                        f" ORDER BY {order} LIMIT ?",
+                        (*last, batch),
+                    )
+                rows = cur.fetchall()
+            if not rows:
+                return
+            yield rows
+            last = tuple(rows[-1][key] for key in keys)
+
+    def import_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        _check_table(table)
+        if not rows:
+            return
+        columns = list(rows[0])
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        with self._write() as cur:
+            cur.executemany(sql, [tuple(row[c] for c in columns) for row in rows])
+
+    def clear(self) -> None:
+        with self._write() as cur:
+            for table in base.TABLES:
+                cur.execute(f"DELETE FROM {table}")
+
+
+def _check_table(table: str) -> None:
+    if table not in base.TABLES:
+        raise errors.StoreError(f"no table {table!r}")
 
 
 def _token(row: dict[str, Any]) -> models.Token:

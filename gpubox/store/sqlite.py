@@ -16,11 +16,11 @@ from gpubox.store import sql
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-
-DDL = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
+# One script per schema version; statements separated by ";" at the end of a line.
+MIGRATIONS = (
+    """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
     description TEXT NOT NULL,
@@ -47,8 +47,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority DESC, id);
-CREATE TABLE IF NOT EXISTS logs (
+CREATE INDEX jobs_queue ON jobs (status, priority DESC, id);
+CREATE INDEX jobs_worker ON jobs (worker, status);
+CREATE TABLE job_labels (
+    job_id INTEGER NOT NULL,
+    pair TEXT NOT NULL,
+    PRIMARY KEY (job_id, pair)
+) WITHOUT ROWID;
+CREATE TABLE logs (
     job_id INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     ts TEXT NOT NULL,
@@ -56,19 +62,20 @@ CREATE TABLE IF NOT EXISTS logs (
     line TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS workers (
+CREATE TABLE workers (
     name TEXT PRIMARY KEY,
     info TEXT NOT NULL,
     connected INTEGER NOT NULL,
     last_seen TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS tokens (
+CREATE TABLE tokens (
     name TEXT PRIMARY KEY,
     digest TEXT NOT NULL UNIQUE,
     role TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
-"""
+""",
+)
 
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
@@ -78,7 +85,9 @@ def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
 class SqliteStore(sql.SqlStore):
     """The store in one SQLite file."""
 
-    def __init__(self, path: str) -> None:
+    MIGRATIONS = MIGRATIONS
+
+    def __init__(self, path: str, upgrade: bool = True) -> None:
         self.path = path
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -86,7 +95,7 @@ class SqliteStore(sql.SqlStore):
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
-        self._migrate()
+        self._prepare(upgrade)
 
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -109,24 +118,19 @@ class SqliteStore(sql.SqlStore):
             self._all.append(conn)
         return conn
 
-    def _migrate(self) -> None:
-        conn = self._connect()
-        try:
-            conn.executescript(DDL)
-            with self._write() as cur:
-                cur.execute("SELECT version FROM schema_version")
-                row = cur.fetchone()
-                if row is None:
-                    cur.execute(
-                        "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,)
-                    )
-                elif row["version"] > SCHEMA_VERSION:
-                    raise errors.StoreError(
-                        f"{self.path} has schema version {row['version']}, newer than this"
-                        f" gpubox knows ({SCHEMA_VERSION}): upgrade gpubox"
-                    )
-        except sqlite3.Error as exc:
-            raise errors.StoreError(f"cannot create the schema in {self.path}: {exc}") from exc
+    def _current_version(self, cur: Any) -> int:
+        cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'")
+        if cur.fetchone() is None:
+            return 0
+        cur.execute("SELECT version FROM schema_version")
+        row = cur.fetchone()
+        return int(row["version"]) if row else 0
+
+    def _apply(self, cur: Any, script: str) -> None:
+        # executescript() would commit the open transaction: run statement by statement.
+        for statement in script.split(";\n"):
+            if statement.strip():
+                cur.execute(statement)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Cursor]:
@@ -155,6 +159,9 @@ class SqliteStore(sql.SqlStore):
         marks = ", ".join("?" * len(values))
         cur.execute(f"INSERT INTO jobs ({sql.JOB_COLUMNS}) VALUES ({marks})", values)
         return int(cur.lastrowid)
+
+    def finish_import(self) -> None:
+        """Nothing to do: AUTOINCREMENT's counter follows the highest id inserted."""
 
     def close(self) -> None:
         self._closed = True

@@ -1,0 +1,208 @@
+"""The PostgreSQL backend: psycopg 3 with a connection pool. Claims lock their row with
+FOR UPDATE SKIP LOCKED so concurrent claimers never wait on each other; ids come from a
+sequence taken before the insert; log batches travel as one COPY."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg.rows import dict_row
+
+from gpubox import errors
+from gpubox.store import sql
+
+log = logging.getLogger(__name__)
+
+# One script per schema version; statements separated by ";" at the end of a line.
+MIGRATIONS = (
+    """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE SEQUENCE jobs_id_seq;
+CREATE TABLE jobs (
+    id BIGINT PRIMARY KEY,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    command TEXT,
+    env TEXT NOT NULL,
+    auth TEXT,
+    gpus INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    timeout DOUBLE PRECISION,
+    max_retries INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    status TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    executed_at TEXT,
+    finished_at TEXT,
+    exit_code INTEGER,
+    error TEXT,
+    gpu_ids TEXT NOT NULL DEFAULT '[]',
+    log_seq BIGINT NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX jobs_queue ON jobs (status, priority DESC, id);
+CREATE INDEX jobs_worker ON jobs (worker, status);
+CREATE TABLE job_labels (
+    job_id BIGINT NOT NULL,
+    pair TEXT NOT NULL,
+    PRIMARY KEY (job_id, pair)
+);
+CREATE TABLE logs (
+    job_id BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    ts TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    line TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+CREATE TABLE workers (
+    name TEXT PRIMARY KEY,
+    info TEXT NOT NULL,
+    connected INTEGER NOT NULL,
+    last_seen TEXT NOT NULL
+);
+CREATE TABLE tokens (
+    name TEXT PRIMARY KEY,
+    digest TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+""",
+)
+
+# Two coordinators upgrading one database at once take turns on this lock.
+UPGRADE_LOCK = 847_001
+
+
+class _Cursor:
+    """A psycopg cursor that takes the shared SQL's `?` placeholders."""
+
+    def __init__(self, cur: psycopg.Cursor[Any]) -> None:
+        self._cur = cur
+
+    @staticmethod
+    def _sql(text: str) -> str:
+        return text.replace("?", "%s")
+
+    def execute(self, text: str, params: Sequence[Any] = ()) -> None:
+        self._cur.execute(self._sql(text), params)  # type: ignore[arg-type]
+
+    def executemany(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._cur.executemany(self._sql(text), rows)  # type: ignore[arg-type]
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cur.fetchall()
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    def copy(self, statement: str) -> Any:
+        return self._cur.copy(statement)
+
+
+@contextlib.contextmanager
+def _translate() -> Iterator[None]:
+    """psycopg's errors as the store contract's."""
+    try:
+        yield
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        raise errors.StoreUnavailable(f"postgresql: {exc}".strip()) from exc
+    except psycopg.Error as exc:
+        raise errors.StoreError(f"postgresql: {exc}".strip()) from exc
+
+
+class PostgresStore(sql.SqlStore):
+    """The store in a PostgreSQL database."""
+
+    MIGRATIONS = MIGRATIONS
+    claim_lock = " FOR UPDATE SKIP LOCKED"
+    row_lock = " FOR UPDATE"
+
+    def __init__(self, url: str, upgrade: bool = True, max_connections: int = 16) -> None:
+        self.url = url
+        self.pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_connections,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            # A connection broken by a server restart is noticed and replaced on checkout.
+            check=psycopg_pool.ConnectionPool.check_connection,
+            timeout=5.0,
+            reconnect_timeout=86400.0,  # keep trying through a long database outage
+            open=False,
+            name="gpubox",
+        )
+        try:
+            self.pool.open(wait=True, timeout=10.0)
+        except psycopg_pool.PoolTimeout as exc:
+            self.pool.close()
+            raise errors.StoreUnavailable(f"cannot connect to PostgreSQL at {url}") from exc
+        try:
+            self._prepare(upgrade)
+        except BaseException:
+            self.pool.close()
+            raise
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[_Cursor]:
+        with (
+            _translate(),
+            self.pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            yield _Cursor(cur)
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[_Cursor]:
+        with _translate(), self.pool.connection() as conn, conn.cursor() as cur:
+            yield _Cursor(cur)
+
+    def _insert_job(self, cur: Any, values: Sequence[Any]) -> int:
+        cur.execute("SELECT nextval('jobs_id_seq') AS id")
+        job_id = int(cur.fetchone()["id"])
+        marks = ", ".join("?" * (len(values) + 1))
+        cur.execute(f"INSERT INTO jobs (id, {sql.JOB_COLUMNS}) VALUES ({marks})", (job_id, *values))
+        return job_id
+
+    def _insert_logs(self, cur: Any, rows: Sequence[tuple[int, int, str, str, str]]) -> None:
+        with cur.copy("COPY logs (job_id, seq, ts, stream, line) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def _current_version(self, cur: Any) -> int:
+        cur.execute("SELECT to_regclass('schema_version') IS NOT NULL AS present")
+        if not cur.fetchone()["present"]:
+            return 0
+        cur.execute("SELECT version FROM schema_version")
+        row = cur.fetchone()
+        return int(row["version"]) if row else 0
+
+    def _apply(self, cur: Any, script: str) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(?)", (UPGRADE_LOCK,))
+        for statement in script.split(";\n"):
+            if statement.strip():
+                cur.execute(statement)
+
+    def finish_import(self) -> None:
+        with self._write() as cur:
+            cur.execute("SELECT COALESCE(MAX(id), 0) AS top FROM jobs")
+            top = int(cur.fetchone()["top"])
+            cur.execute("SELECT setval('jobs_id_seq', ?, ?)", (max(top, 1), top > 0))
+
+    def close(self) -> None:
+        self.pool.close()

@@ -1,0 +1,292 @@
+"""PostgreSQL as the durable store: `db copy`, `db upgrade`, and surviving a database restart."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpubox import config as cfg
+from gpubox import errors, models
+from gpubox.client import ApiError, Client
+from gpubox.coordinator import tokens
+from gpubox.coordinator.server import Coordinator
+from gpubox.store import open_store
+from gpubox.store.base import TABLES
+from gpubox.store.copy import copy_store
+from tests.conftest import PG_URL, Cluster, wait_until
+
+GPUBOX = [sys.executable, "-m", "gpubox"]
+
+
+@pytest.fixture()
+def pg_url(pg_admin: Any) -> Iterator[str]:
+    """A fresh, empty schema in the PostgreSQL test database."""
+    schema = f"t_{os.urandom(8).hex()}"
+    pg_admin.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
+    pg_admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture()
+def db_url(pg_url: str) -> str:
+    """This module's clusters run on PostgreSQL only."""
+    return pg_url
+
+
+def fill(url: str, jobs: int, lines_per_job: int) -> str:
+    """A store with jobs in every status, labels, log lines, a worker and a token; the token."""
+    store = open_store(url)
+    try:
+        now = models.utcnow()
+        for index in range(jobs):
+            spec = models.parse_spec(
+                {
+                    "name": f"job-{index}",
+                    "priority": index % 7,
+                    "docker": {
+                        "image": "busybox",
+                        "command": ["echo", str(index)],
+                        "env": {"I": str(index)},
+                    },
+                    "labels": {"zone": "a"} if index % 3 == 0 else {},
+                    "metadata": {"index": index, "nested": {"x": [1, 2.5, None]}},
+                    "max_retries": 1,
+                }
+            )
+            store.create_job(spec, now)
+        with_lines = 0
+        while with_lines < jobs // 2:
+            job = store.claim_job("w1", {"zone": "a"}, ["GPU-1", "GPU-2"], now)
+            assert job is not None
+            batch = [
+                (
+                    f"2024-01-01T00:00:00.{i:09d}Z",
+                    "stdout" if i % 5 else "stderr",
+                    f"line {i} of {job.id} ü",
+                )
+                for i in range(1, lines_per_job + 1)
+            ]
+            for first in range(0, lines_per_job, 1000):
+                store.append_logs(job.id, 1, first + 1, batch[first : first + 1000])
+            status = models.Status.FINISHED if job.id % 2 else models.Status.ERROR
+            store.finish_job(
+                job.id, 1, status, job.id % 2 and 0 or 2, None, now, now, lines_per_job
+            )
+            with_lines += 1
+        store.cancel_job(store.list_jobs(models.Status.QUEUED, 1)[0].id, now)
+        store.save_worker(models.WorkerInfo("w1", "0.1.0", [], {"zone": "a"}, 4, False, now))
+        return tokens.create(store, "ci", "submit")
+    finally:
+        store.close()
+
+
+def coordinator_on(url: str, state: Path) -> Coordinator:
+    config = cfg.CoordinatorConfig(
+        state_dir=str(state), db=url, http="127.0.0.1:0", bind="tcp://127.0.0.1:*"
+    )
+    coordinator = Coordinator(config)
+    coordinator.start()
+    return coordinator
+
+
+def answers(client: Client, job_ids: list[int]) -> list[Any]:
+    """Everything the API says about these jobs, and every page of the job list."""
+    seen: list[Any] = []
+    before = None
+    while True:
+        page = client.jobs(limit=100, before=before)
+        seen.append(page)
+        before = page["next"]
+        if before is None:
+            break
+    for status in ("QUEUED", "FINISHED", "ERROR", "CANCELLED", "RUNNING"):
+        seen.append(client.jobs(status=status, limit=1000))
+    for job_id in job_ids:
+        seen.append(client.job(job_id))
+        seen.append(list(client.logs(job_id)))
+    return seen
+
+
+@pytest.mark.slow
+def test_db_copy_sqlite_into_postgresql_gives_identical_answers(tmp_path: Path, pg_url: str):
+    source = f"sqlite:///{tmp_path}/source.db"
+    token = fill(source, jobs=1000, lines_per_job=200)  # 500 jobs with lines: 100,000 lines
+    result = subprocess.run(
+        [*GPUBOX, "db", "copy", source, pg_url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "copied and checked: 1000 jobs" in result.stderr
+    assert "100000 logs" in result.stderr
+
+    sample = [1, 2, 3, 500, 999, 1000]
+    before = coordinator_on(source, tmp_path / "a")
+    try:
+        expected = answers(Client(before.http_url, token), sample)
+    finally:
+        before.stop()
+    after = coordinator_on(pg_url, tmp_path / "b")
+    try:
+        client = Client(after.http_url, token)  # the token was copied too
+        assert answers(client, sample) == expected
+        new = client.submit({"name": "after the copy", "docker": {"image": "busybox"}})
+        assert new["id"] == 1001
+    finally:
+        after.stop()
+
+
+def test_db_copy_refuses_a_non_empty_destination_unless_replace(tmp_path: Path, pg_url: str):
+    source = f"sqlite:///{tmp_path}/source.db"
+    fill(source, jobs=6, lines_per_job=3)
+    back = f"sqlite:///{tmp_path}/back.db"
+    src, dst = open_store(source), open_store(pg_url)
+    try:
+        assert copy_store(src, dst)["jobs"] == 6
+        with pytest.raises(errors.WrongState, match="--replace"):
+            copy_store(src, dst)
+        assert copy_store(src, dst, replace=True) == {t: src.count(t) for t in TABLES}
+    finally:
+        src.close()
+        dst.close()
+    # and back, from PostgreSQL into a new SQLite file
+    src, dst = open_store(pg_url), open_store(back)
+    try:
+        copied = copy_store(src, dst)
+        assert copied["logs"] == 9 and copied["jobs"] == 6
+        assert (
+            dst.create_job(
+                models.parse_spec({"name": "n", "docker": {"image": "b"}}), models.utcnow()
+            ).id
+            == 7
+        )
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_db_upgrade_twice_is_a_no_op_the_second_time(pg_url: str, tmp_path: Path):
+    for url in (pg_url, f"sqlite:///{tmp_path}/fresh.db"):
+        first = subprocess.run(
+            [*GPUBOX, "db", "upgrade", "--db", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert first.returncode == 0 and "upgraded from version 0 to 1" in first.stderr
+        second = subprocess.run(
+            [*GPUBOX, "db", "upgrade", "--db", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 0 and "nothing to do" in second.stderr
+        store = open_store(url, upgrade=False)
+        try:
+            assert store.schema_version() == store.latest_version == 1
+        finally:
+            store.close()
+
+
+def test_coordinator_refuses_a_newer_schema(pg_url: str, tmp_path: Path, pg_admin: Any):
+    open_store(pg_url).close()
+    schema = pg_url.rsplit("%3D", 1)[1]
+    pg_admin.execute(f"UPDATE {schema}.schema_version SET version = 99")
+    result = subprocess.run(
+        [
+            *GPUBOX,
+            "coordinator",
+            "--db",
+            pg_url,
+            "--state-dir",
+            str(tmp_path),
+            "--http",
+            "127.0.0.1:0",
+            "--bind",
+            "tcp://127.0.0.1:*",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "schema version 99" in result.stderr and "upgrade gpubox" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def pg_cluster() -> list[str]:
+    line = (
+        subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True, check=True)
+        .stdout.split("\n")[0]
+        .split()
+    )
+    return line[:2]
+
+
+def pg_ctl(action: str) -> None:
+    subprocess.run(["pg_ctlcluster", *pg_cluster(), action], check=True, timeout=60)
+
+
+def job_status(client: Client, job_id: int) -> str | None:
+    try:
+        return client.job(job_id)["status"]  # type: ignore[no-any-return]
+    except ApiError as exc:
+        assert exc.status == 503 and exc.code == "store_unavailable"
+        return None
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_postgresql_restart_while_a_job_runs_loses_no_line(make_cluster, image: str):
+    cluster: Cluster = make_cluster()
+    script = "for i in $(seq 1 80); do echo line-$i; sleep 0.05; done"
+    job = cluster.submit(image, ["sh", "-c", script])
+    wait_until(lambda: job_status(cluster.client, job["id"]) == "RUNNING", 20, "the start")
+    time.sleep(1.0)
+    pg_ctl("restart")
+    wait_until(lambda: job_status(cluster.client, job["id"]) == "FINISHED", 60, "the end")
+    lines = cluster.lines(job["id"])
+    assert [r["line"] for r in lines] == [f"line-{i}" for i in range(1, 81)]
+    assert [r["seq"] for r in lines] == list(range(1, 81))
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_database_down_gives_503_then_the_queue_recovers_by_itself(make_cluster, image: str):
+    cluster: Cluster = make_cluster()
+    pg_ctl("stop")
+    try:
+        with pytest.raises(ApiError) as refused:
+            cluster.submit(image, ["true"])
+        assert refused.value.status == 503 and refused.value.code == "store_unavailable"
+        time.sleep(1.5)  # the broker's scheduling and expiry run into the outage too
+    finally:
+        pg_ctl("start")
+    job = wait_until(lambda: submitted(cluster, image), 30, "a submit after the restart")
+    done = wait_until(
+        lambda: job_status(cluster.client, job["id"]) == "FINISHED",
+        30,
+        "the job to run on the idle worker",
+    )
+    assert done
+
+
+def submitted(cluster: Cluster, image: str) -> dict[str, Any] | None:
+    try:
+        return cluster.submit(image, ["echo", "back"])
+    except ApiError as exc:
+        assert exc.status == 503
+        return None

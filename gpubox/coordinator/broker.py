@@ -24,6 +24,7 @@ from gpubox.store.base import Finish
 log = logging.getLogger(__name__)
 
 SCHEDULE_EVERY_S = 1.0
+STORE_BACKOFF_MAX_S = 5.0
 
 
 @dataclasses.dataclass
@@ -99,6 +100,8 @@ class Broker:
         self._next_expiry = 0.0
         self._next_schedule = 0.0
         self.dropped_messages = 0
+        self._store_backoff_s = 0.0
+        self._store_paused_until = 0.0
 
     # --- called from other threads ------------------------------------------------------------
 
@@ -155,6 +158,8 @@ class Broker:
             self._next_heartbeat = now + self.heartbeat_interval_s
             for peer in list(self.peers.values()):
                 self._send(peer, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": True})
+        if now < self._store_paused_until:
+            return
         if now >= self._next_expiry:
             self._next_expiry = now + min(1.0, self.heartbeat_interval_s)
             self._guard(self._expire, now)
@@ -162,11 +167,19 @@ class Broker:
             self._guard(self._schedule, now)
 
     def _guard(self, fn: Any, *args: Any) -> None:
-        """Run one unit of work; a failure is logged, never fatal to the broker."""
+        """Run one unit of work; a failure is logged, never fatal to the broker.
+
+        When the store is unreachable, store work pauses for a growing while (1 s, doubling,
+        at most STORE_BACKOFF_MAX_S): each try blocks this thread, and heartbeats must flow.
+        Messages dropped meanwhile were not acknowledged, so workers send them again."""
         try:
             fn(*args)
+            self._store_backoff_s = 0.0
         except errors.StoreUnavailable as exc:
-            log.warning("store unavailable: %s", exc)
+            if not self._store_backoff_s:
+                log.warning("store unavailable, pausing store work: %s", exc)
+            self._store_backoff_s = min(STORE_BACKOFF_MAX_S, 2 * self._store_backoff_s or 1.0)
+            self._store_paused_until = time.monotonic() + self._store_backoff_s
         except Exception:
             log.exception("broker: unexpected error in %s", getattr(fn, "__name__", fn))
 
@@ -185,6 +198,8 @@ class Broker:
             log.warning("dropped a malformed message: %s", exc)
             return
         body = msg.body
+        if msg.type != "HEARTBEAT" and now < self._store_paused_until:
+            return  # unacknowledged: the worker sends it again
         if msg.type == "HELLO":
             self._guard(self._on_hello, routing_id, body, now)
             return

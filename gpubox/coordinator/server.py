@@ -31,6 +31,7 @@ class Coordinator:
         self.http_server: Any = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._http_done = threading.Event()
 
     @property
     def http_url(self) -> str:
@@ -73,11 +74,19 @@ class Coordinator:
         )
         self._threads = [
             threading.Thread(target=self.broker.run, name="gpubox-broker", daemon=True),
-            threading.Thread(target=self.http_server.run, name="gpubox-http", daemon=True),
+            threading.Thread(target=self._serve_http, name="gpubox-http", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
         log.info("coordinator serving HTTP on %s, workers on %s", self.http_url, self.link_endpoint)
+
+    def _serve_http(self) -> None:
+        """Waitress's loop, run until stop() says so; then its sockets are closed here, in the
+        loop's own thread (closing them from another thread races its select())."""
+        server = self.http_server
+        while not self._http_done.is_set():
+            wasyncore.loop(timeout=0.2, map=server._map, count=1)
+        wasyncore.close_all(server._map)
 
     def stop(self) -> None:
         """Finish requests in flight (follow streams end), close listeners, join threads."""
@@ -85,8 +94,7 @@ class Coordinator:
         server = self.http_server
         if server is not None:
             server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
-            # Closing every channel empties waitress's socket map, which ends its loop.
-            wasyncore.close_all(server._map)
+        self._http_done.set()
         if self.broker is not None:
             self.broker.stop()
         for thread in self._threads:

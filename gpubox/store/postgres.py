@@ -1,19 +1,22 @@
 """The PostgreSQL backend: psycopg 3 with a connection pool. Claims lock their row with
 FOR UPDATE SKIP LOCKED so concurrent claimers never wait on each other; ids come from a
-sequence taken before the insert; log batches travel as one COPY."""
+sequence taken before the insert; log batches travel as one COPY; a claim is one statement."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import select
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
 
-from gpubox import errors
+from gpubox import errors, models
 from gpubox.store import sql
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ CREATE TABLE jobs (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
-CREATE INDEX jobs_queue ON jobs (status, priority DESC, id);
+CREATE INDEX jobs_queue ON jobs (priority DESC, id) WHERE status = 'QUEUED';
 CREATE INDEX jobs_worker ON jobs (worker, status);
 CREATE TABLE job_labels (
     job_id BIGINT NOT NULL,
@@ -125,6 +128,17 @@ def _translate() -> Iterator[None]:
         raise errors.StoreError(f"postgresql: {exc}".strip()) from exc
 
 
+def _check_idle(conn: psycopg.Connection[Any]) -> None:
+    """Refuse a pooled connection the server has ended (a restart, pg_terminate_backend),
+    without a round trip: an idle connection has nothing to read unless the server closed it."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        conn.close()  # so the pool discards it rather than handing it out again
+        raise psycopg.OperationalError("the server ended this connection")
+
+
 class PostgresStore(sql.SqlStore):
     """The store in a PostgreSQL database."""
 
@@ -139,9 +153,8 @@ class PostgresStore(sql.SqlStore):
             min_size=1,
             max_size=max_connections,
             kwargs={"autocommit": True, "row_factory": dict_row},
-            # A connection broken by a server restart is noticed and replaced on checkout.
-            check=psycopg_pool.ConnectionPool.check_connection,
-            timeout=5.0,
+            check=_check_idle,
+            timeout=2.0,  # then StoreUnavailable: a 503, or a broker pause
             reconnect_timeout=86400.0,  # keep trying through a long database outage
             open=False,
             name="gpubox",
@@ -183,6 +196,48 @@ class PostgresStore(sql.SqlStore):
         with cur.copy("COPY logs (job_id, seq, ts, stream, line) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
+
+    # The claim in one statement: pick and lock the best fitting job, mark it RUNNING, and
+    # return the row as it was (the claimed Job is derived from it).
+    CLAIM = """
+        WITH pick AS (
+            SELECT * FROM jobs j WHERE status = 'QUEUED' AND gpus <= %(free)s
+                AND NOT EXISTS (SELECT 1 FROM job_labels l
+                                WHERE l.job_id = j.id AND l.pair <> ALL(%(offered)s::text[]))
+            ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED
+        ), claimed AS (
+            UPDATE jobs SET status = 'RUNNING', worker = %(worker)s,
+                attempts = jobs.attempts + 1, executed_at = NULL, updated_at = %(now)s,
+                gpu_ids = COALESCE(array_to_json((%(gpus)s::text[])[1:pick.gpus])::text, '[]')
+            FROM pick WHERE jobs.id = pick.id
+        )
+        SELECT * FROM pick
+    """
+
+    def claim_job(
+        self, worker: str, labels: dict[str, str], free_gpus: Sequence[str], now: datetime
+    ) -> models.Job | None:
+        params = {
+            "free": len(free_gpus),
+            "worker": worker,
+            "now": models.format_time(now),
+            "gpus": list(free_gpus),
+            "offered": [sql.label_pair(key, value) for key, value in labels.items()],
+        }
+        with _translate(), self.pool.connection() as conn:
+            row = conn.execute(self.CLAIM, params).fetchone()  # type: ignore[arg-type]
+        if row is None:
+            return None
+        job = sql.job_from_row(row)  # type: ignore[arg-type]
+        return dataclasses.replace(
+            job,
+            status=models.Status.RUNNING,
+            worker=worker,
+            attempts=job.attempts + 1,
+            executed_at=None,
+            updated_at=now,
+            gpu_ids=list(free_gpus[: job.spec.gpus]),
+        )
 
     def _current_version(self, cur: Any) -> int:
         cur.execute("SELECT to_regclass('schema_version') IS NOT NULL AS present")

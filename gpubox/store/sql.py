@@ -322,12 +322,10 @@ class SqlStore(base.Store):
                 (job_id,),
             )
             row = cur.fetchone()
-            if row is None or row["status"] != "RUNNING" or row["attempts"] != attempt:
-                return end
-            stored = row["log_seq"]
-            if first_seq > stored + 1 or end <= stored:
-                return int(stored)
-            skip = stored + 1 - first_seq
+            answer = refused_batch(row, attempt, first_seq, end)
+            if answer is not None:
+                return answer
+            skip = row["log_seq"] + 1 - first_seq
             rows = [
                 (job_id, first_seq + i, ts, stream, text)
                 for i, (ts, stream, text) in enumerate(lines)
@@ -338,6 +336,7 @@ class SqlStore(base.Store):
             return end
 
     def _insert_logs(self, cur: Any, rows: Sequence[tuple[int, int, str, str, str]]) -> None:
+        """Insert log rows in as few round trips as the backend allows."""
         cur.executemany(
             "INSERT INTO logs (job_id, seq, ts, stream, line) VALUES (?, ?, ?, ?, ?)", rows
         )
@@ -499,6 +498,17 @@ class SqlStore(base.Store):
         with self._write() as cur:
             for table in base.TABLES:
                 cur.execute(f"DELETE FROM {table}")
+
+
+def refused_batch(row: dict[str, Any] | None, attempt: int, first_seq: int, end: int) -> int | None:
+    """What append_logs answers for a batch it stores nothing of (see Store.append_logs), given
+    the job's (status, attempts, log_seq) before it; None when the batch adds lines."""
+    if row is None or row["status"] != "RUNNING" or row["attempts"] != attempt:
+        return end  # stale: the sender may forget it
+    stored = int(row["log_seq"])
+    if first_seq > stored + 1 or end <= stored:
+        return stored  # a gap, or nothing new
+    return None
 
 
 def _check_table(table: str) -> None:

@@ -47,7 +47,7 @@ CREATE TABLE jobs (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
-CREATE INDEX jobs_queue ON jobs (status, priority DESC, id);
+CREATE INDEX jobs_queue ON jobs (priority DESC, id) WHERE status = 'QUEUED';
 CREATE INDEX jobs_worker ON jobs (worker, status);
 CREATE TABLE job_labels (
     job_id INTEGER NOT NULL,

@@ -165,6 +165,7 @@ def up(config_path: str | None, **flags: Any) -> None:
     Keeps everything in the state folder (SQLite store, local API token); needs nothing
     configured. The client commands on this box pick up the token by themselves.
     """
+    from gpubox import keys
     from gpubox.coordinator.server import Coordinator
 
     setup_logging()
@@ -172,9 +173,15 @@ def up(config_path: str | None, **flags: Any) -> None:
     config = cfg.load(
         cfg.CoordinatorConfig, flags, file_data, defaults={"bind": "tcp://127.0.0.1:8471"}
     )
+    worker_name = keys.check_name(flags.get("name") or _hostname())
+    # First start: the coordinator's keypair, and a key on the allow list for our worker.
+    keys.init(config.state_dir)
+    if not keys.worker_secret_file(config.state_dir, worker_name).exists():
+        keys.add_worker(config.state_dir, worker_name)
     server = Coordinator(config)
     server.start()
-    worker_flags = {k: flags.get(k) for k in ("name", "gpus", "max_jobs")}
+    worker_flags: dict[str, Any] = {k: flags.get(k) for k in ("gpus", "max_jobs")}
+    worker_flags["name"] = worker_name
     worker_flags["coordinator"] = server.link_endpoint.replace("0.0.0.0", "127.0.0.1")
     worker_flags["state_dir"] = config.state_dir
     try:
@@ -591,3 +598,85 @@ def db_copy(source: str, destination: str, replace: bool) -> None:
         src.close()
     summary = ", ".join(f"{count} {table}" for table, count in copied.items())
     click.echo(f"copied and checked: {summary}", err=True)
+
+
+# --- CURVE keys for the worker link -------------------------------------------------------------
+
+
+@main.group(name="keys")
+def keys_group() -> None:
+    """Manage the worker link's CURVE keys (run on the coordinator's box).
+
+    \b
+    gpubox keys init            the coordinator's keypair (once)
+    gpubox keys worker gpu-01   a keypair for worker gpu-01, put on the allow list;
+                                copy the printed .key_secret file to that box
+    gpubox keys revoke gpu-01   off the allow list: its next message is refused
+    """
+
+
+def _state_dir(config_path: str | None, flags: dict[str, Any]) -> str:
+    return cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path)).state_dir
+
+
+@keys_group.command("init")
+@config_file_option
+@config_options(cfg.CoordinatorConfig, only=("state_dir",))
+@friendly
+def keys_init(config_path: str | None, **flags: Any) -> None:
+    """Make the coordinator's keypair (does nothing if it exists)."""
+    from gpubox import keys
+
+    public, made = keys.init(_state_dir(config_path, flags))
+    click.echo(
+        f"{'made' if made else 'kept'} the coordinator key; its public half: {public}", err=True
+    )
+    click.echo("give workers that file (--coordinator-key) or this text:", err=True)
+    click.echo(keys.load_public(str(public)).decode())
+
+
+@keys_group.command("worker")
+@click.argument("name")
+@config_file_option
+@config_options(cfg.CoordinatorConfig, only=("state_dir",))
+@friendly
+def keys_worker(name: str, config_path: str | None, **flags: Any) -> None:
+    """Make a keypair for worker NAME and allow it; print where its secret key file is."""
+    from gpubox import keys
+
+    state_dir = _state_dir(config_path, flags)
+    keys.init(state_dir)
+    secret = keys.add_worker(state_dir, name)
+    click.echo(
+        f"worker {name!r} is on the allow list; copy its secret key file to the worker's"
+        f" box and pass it as --key-file (mode 0600):",
+        err=True,
+    )
+    click.echo(str(secret))
+
+
+@keys_group.command("revoke")
+@click.argument("name")
+@config_file_option
+@config_options(cfg.CoordinatorConfig, only=("state_dir",))
+@friendly
+def keys_revoke(name: str, config_path: str | None, **flags: Any) -> None:
+    """Take worker NAME off the allow list; a running coordinator refuses its next message."""
+    from gpubox import keys
+
+    if not keys.revoke(_state_dir(config_path, flags), name):
+        raise errors.GpuboxError(f"worker {name!r} is not on the allow list")
+    click.echo(f"worker {name!r} revoked", err=True)
+
+
+@keys_group.command("list")
+@config_file_option
+@config_options(cfg.CoordinatorConfig, only=("state_dir",))
+@friendly
+def keys_list(config_path: str | None, **flags: Any) -> None:
+    """List the workers on the allow list, with their public keys."""
+    from gpubox import keys
+
+    allow = keys.AllowList(keys.allowed_dir(_state_dir(config_path, flags)))
+    for name, public in sorted(allow.names().items()):
+        click.echo(f"{name:<24}  {public}")

@@ -118,6 +118,19 @@ class WorkerConfig:
     resend_s: float = setting(
         3.0, "GPUBOX_RESEND", "seconds before an unacknowledged LOG or DONE is sent again"
     )
+    key_file: str = setting(
+        "",
+        "GPUBOX_KEY_FILE",
+        "this worker's CURVE secret key file (default <state-dir>/keys/workers/NAME.key_secret)",
+        "--key-file",
+    )
+    coordinator_key: str = setting(
+        "",
+        "GPUBOX_COORDINATOR_KEY",
+        "the coordinator's public key: a .key file or its 40-character Z85 text"
+        " (default <state-dir>/keys/coordinator.key)",
+        "--coordinator-key",
+    )
     fake_gpus: str = setting(
         "", "GPUBOX_FAKE_GPUS", "testing only: offer N fake GPUs instead of NVML's"
     )

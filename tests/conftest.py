@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from gpubox import config as cfg
+from gpubox import keys
 from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
 from gpubox.worker import gpu
@@ -117,9 +118,14 @@ class Cluster:
 
     def add_worker(self, **settings: Any) -> Agent:
         """Start a worker on this coordinator; settings override WorkerConfig fields."""
+        name = settings.get("name") or f"worker-{len(self.agents) + 1}"
+        state = self.coordinator.config.state_dir
+        if "key_file" not in settings:
+            keys.add_worker(state, name)
         fields = {
             "coordinator": self.coordinator.link_endpoint,
-            "name": f"worker-{len(self.agents) + 1}",
+            "name": name,
+            "state_dir": state,
             "heartbeat_interval_s": 0.5,
             "liveness_s": 3.0,
             "resend_s": 1.0,
@@ -193,7 +199,8 @@ def make_cluster(
         }
         config = cfg.CoordinatorConfig(**fields)
         config.validate()
-        coordinator = Coordinator(config, context=context)
+        keys.init(str(state))
+        coordinator = Coordinator(config)
         coordinator.start()
         token = (state / "token").read_text().strip()
         cluster = Cluster(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gpubox import config as cfg
-from gpubox import errors, models
+from gpubox import errors, keys, models
 from gpubox.client import ApiError, Client
 from gpubox.coordinator import tokens
 from gpubox.coordinator.server import Coordinator
@@ -92,6 +92,7 @@ def coordinator_on(url: str, state: Path) -> Coordinator:
     config = cfg.CoordinatorConfig(
         state_dir=str(state), db=url, http="127.0.0.1:0", bind="tcp://127.0.0.1:*"
     )
+    keys.init(str(state))
     coordinator = Coordinator(config)
     coordinator.start()
     return coordinator

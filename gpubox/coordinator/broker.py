@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from gpubox import errors, models, protocol
+from gpubox import errors, keys, models, protocol
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
 from gpubox.store.base import Finish
@@ -71,21 +71,38 @@ class Broker:
         store: Store,
         changes: Changes,
         bind: str,
+        server_keys: tuple[bytes, bytes],
+        allow: keys.AllowList,
         heartbeat_interval_s: float = 2.0,
         liveness_s: float = 10.0,
         context: zmq.Context | None = None,
     ) -> None:
+        """`server_keys` is the coordinator's (public, secret) Z85 CURVE keypair; `allow` the
+        worker keys it accepts. The context must not carry another ZAP authenticator."""
         self.store = store
         self.changes = changes
+        self.allow = allow
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness_s = liveness_s
-        self.context = context or zmq.Context.instance()
+        self.context = context or zmq.Context()
         self.coordinator_id = uuid.uuid4().hex
+        # ZAP must run on this context before the ROUTER binds, or CURVE lets any key in.
+        self.authenticator: keys.CurveAuthenticator | None = keys.CurveAuthenticator(
+            self.context, allow
+        )
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BODY + 4096)
-        self.router.bind(bind)
+        self.router.curve_server = True
+        self.router.curve_publickey, self.router.curve_secretkey = server_keys
+        self.router.zap_domain = keys.ZAP_DOMAIN.encode()
+        try:
+            self.router.bind(bind)
+        except zmq.ZMQError as exc:
+            self.router.close(linger=0)
+            self.authenticator.stop()
+            raise errors.ConfigError(f"bind: cannot listen on {bind}: {exc}") from exc
         self.endpoint: str = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.inbox_address = f"inproc://gpubox-broker-{self.coordinator_id}"
         self.inbox = self.context.socket(zmq.PULL)
@@ -133,10 +150,16 @@ class Broker:
                 if self.router in events:
                     for _ in range(1000):  # bounded burst, then let timers run
                         try:
-                            frames = self.router.recv_multipart(zmq.NOBLOCK)
+                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self.handle(frames, time.monotonic())
+                        # The key CURVE authenticated this very message with.
+                        key = frames[-1].get("User-Id") if frames else None
+                        self.handle(
+                            [f.bytes for f in frames],
+                            time.monotonic(),
+                            key if isinstance(key, str) else None,
+                        )
                 if self.inbox in events:
                     while True:
                         try:
@@ -146,11 +169,19 @@ class Broker:
                         self._guard(self._on_poke, kind.decode(), int(job_id))
                 self.step(time.monotonic())
         finally:
-            self.router.close(linger=0)
-            self.inbox.close(linger=0)
-            with self._pokers_lock:
-                for sock in self._all_pokers:
-                    sock.close(linger=0)
+            self.close()
+
+    def close(self) -> None:
+        """Close the sockets and stop the authenticator (before the context ends, or the
+        process hangs on exit). Idempotent; run() does it when it returns."""
+        self.router.close(linger=0)
+        self.inbox.close(linger=0)
+        with self._pokers_lock:
+            for sock in self._all_pokers:
+                sock.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
 
     def step(self, now: float) -> None:
         """Timers: heartbeats out, silent workers lost, orphaned jobs released, scheduling."""
@@ -185,12 +216,20 @@ class Broker:
 
     # --- messages from workers ----------------------------------------------------------------
 
-    def handle(self, frames: list[bytes], now: float) -> None:
-        """One message from the ROUTER: decode, dispatch; a bad message is logged and dropped."""
+    def handle(self, frames: list[bytes], now: float, key: str | None) -> None:
+        """One message from the ROUTER, authenticated by CURVE key `key`: check who sent it,
+        decode, dispatch. A bad or unauthorised message is logged and dropped."""
         if len(frames) < 2:
             self.dropped_messages += 1
             return
         routing_id, rest = frames[0], frames[1:]
+        name = self.allow.name_for(key) if key else None
+        if name is None:
+            # Not (or no longer) on the allow list: whatever it says, it gets nothing.
+            self.dropped_messages += 1
+            for peer in [p for p in self.peers.values() if p.routing_id == routing_id]:
+                self._guard(self._lose, peer, f"worker {peer.name}: its key was revoked")
+            return
         try:
             msg = protocol.decode_from_worker(rest)
         except errors.ProtocolError as exc:
@@ -201,18 +240,26 @@ class Broker:
         if msg.type != "HEARTBEAT" and now < self._store_paused_until:
             return  # unacknowledged: the worker sends it again
         if msg.type == "HELLO":
+            if body["name"] != name:
+                self.dropped_messages += 1
+                log.warning(
+                    "refused HELLO: the key of worker %s claimed the name %r",
+                    name,
+                    body["name"][:64],
+                )
+                return
             self._guard(self._on_hello, routing_id, body, now)
             return
-        peer = self.peers.get(body["session"])
-        if peer is None or peer.routing_id != routing_id:
+        known = self.peers.get(body["session"])
+        if known is None or known.routing_id != routing_id or known.name != name:
             # An unknown session (we restarted, or declared it lost): ask it to say HELLO again.
             self._send_raw(
                 routing_id, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": False}
             )
             return
-        peer.last_seen = now
+        known.last_seen = now
         handler = getattr(self, f"_on_{msg.type.lower()}")
-        self._guard(handler, peer, body, now)
+        self._guard(handler, known, body, now)
 
     def _on_hello(self, routing_id: bytes, body: dict[str, Any], now: float) -> None:
         name = body["name"]

@@ -11,6 +11,7 @@ import zmq
 from waitress import wasyncore
 
 from gpubox import config as config_mod
+from gpubox import errors, keys
 from gpubox.coordinator import api, tokens
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
@@ -22,10 +23,10 @@ log = logging.getLogger(__name__)
 class Coordinator:
     """One coordinator: `start()` returns once both listeners are bound; `stop()` undoes it."""
 
-    def __init__(self, config: config_mod.CoordinatorConfig, context: zmq.Context | None = None):
+    def __init__(self, config: config_mod.CoordinatorConfig):
         self.config = config
-        self.context = context or zmq.Context()
-        self._own_context = context is None
+        # Its own context: the CURVE authenticator it carries must be the only one there.
+        self.context = zmq.Context()
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.http_server: Any = None
@@ -44,17 +45,30 @@ class Coordinator:
         return self.broker.endpoint
 
     def start(self) -> None:
+        _, secret = keys.coordinator_files(self.config.state_dir)
+        if not secret.exists():
+            raise errors.ConfigError(
+                f"no coordinator key in {secret.parent}: run `gpubox keys init` (and"
+                " `gpubox keys worker NAME` for each worker)"
+            )
+        server_keys = keys.load_secret(secret)
         self.store = open_store(self.config.db)
-        tokens.ensure_local(self.store, self.config.state_dir)
-        changes = Changes()
-        self.broker = Broker(
-            self.store,
-            changes,
-            self.config.bind,
-            heartbeat_interval_s=self.config.heartbeat_interval_s,
-            liveness_s=self.config.liveness_s,
-            context=self.context,
-        )
+        try:
+            tokens.ensure_local(self.store, self.config.state_dir)
+            changes = Changes()
+            self.broker = Broker(
+                self.store,
+                changes,
+                self.config.bind,
+                server_keys=server_keys,
+                allow=keys.AllowList(keys.allowed_dir(self.config.state_dir)),
+                heartbeat_interval_s=self.config.heartbeat_interval_s,
+                liveness_s=self.config.liveness_s,
+                context=self.context,
+            )
+        except BaseException:
+            self.store.close()
+            raise
         app = api.make_app(
             self.store, changes, self.broker.poke, self.config.max_body_bytes, self._stopping
         )
@@ -101,5 +115,6 @@ class Coordinator:
             thread.join(timeout=10)
         if self.store is not None:
             self.store.close()
-        if self._own_context:
-            self.context.term()
+        if self.broker is not None:
+            self.broker.close()  # in case its thread never ran
+        self.context.destroy(linger=0)

@@ -17,11 +17,18 @@ import uuid
 from typing import Any, Protocol
 
 import zmq
+import zmq.utils.monitor
 
-from gpubox import __version__, errors, models, protocol
+from gpubox import __version__, errors, keys, models, protocol
 from gpubox.config import WorkerConfig
 
 log = logging.getLogger(__name__)
+
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class Runtime(Protocol):
@@ -56,7 +63,12 @@ class Agent:
         context: zmq.Context | None = None,
     ) -> None:
         self.config = config
-        self.name = config.name or socket.gethostname()
+        self.name = keys.check_name(config.name or socket.gethostname())
+        key_file = config.key_file or keys.worker_secret_file(config.state_dir, self.name)
+        self.public_key, self.secret_key = keys.load_secret(key_file)
+        self.server_key = keys.load_public(
+            config.coordinator_key or str(keys.coordinator_files(config.state_dir)[0])
+        )
         self.runtime = runtime
         self.gpus = gpus
         self.labels = config.label_map
@@ -66,6 +78,8 @@ class Agent:
         self.events = self.context.socket(zmq.PULL)
         self.events.bind(self.events_address)
         self.dealer: zmq.Socket | None = None
+        self.monitor: zmq.Socket = None  # type: ignore[assignment]
+        self._handshake_warned = False
         self.session = ""
         self.coordinator_id = ""
         self.welcomed = False
@@ -90,6 +104,8 @@ class Agent:
                 now = time.monotonic()
                 if self.dealer in events:
                     self._drain_dealer(now)
+                if self.monitor in events:
+                    self._drain_monitor()
                 if self.events in events:
                     self._drain_events(now)
                 self.step(now, poller)
@@ -111,19 +127,57 @@ class Agent:
             self._resend(now, older_than=self.config.resend_s)
 
     def _connect(self, now: float, poller: zmq.Poller | None) -> None:
-        if self.dealer is not None:
-            if poller is not None:
-                poller.unregister(self.dealer)
-            self.dealer.close(linger=0)
+        self._close_dealer(poller)
         self.dealer = self.context.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.curve_secretkey = self.secret_key
+        self.dealer.curve_publickey = self.public_key
+        self.dealer.curve_serverkey = self.server_key
         self.dealer.setsockopt(zmq.RECONNECT_IVL, 200)
         self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        # A refused key or a wrong server key only shows as a failed handshake: watch for it.
+        self.monitor = self.dealer.get_monitor_socket(HANDSHAKE_FAILURES)
+        self._handshake_warned = False
         self.dealer.connect(self.config.coordinator)
         if poller is not None:
             poller.register(self.dealer, zmq.POLLIN)
+            poller.register(self.monitor, zmq.POLLIN)
         self.last_heard = now
         self._hello()
+
+    def _close_dealer(self, poller: zmq.Poller | None) -> None:
+        if self.dealer is None:
+            return
+        if poller is not None:
+            poller.unregister(self.dealer)
+            poller.unregister(self.monitor)
+        self.dealer.disable_monitor()
+        self.monitor.close(linger=0)
+        self.dealer.close(linger=0)
+        self.dealer = None
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self._handshake_warned:
+                continue
+            self._handshake_warned = True
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                log.error(
+                    "the coordinator refused this worker's key: is %s on its allow list"
+                    " (gpubox keys worker %s on the coordinator's box)?",
+                    self.name,
+                    self.name,
+                )
+            else:
+                log.error(
+                    "the CURVE handshake with %s failed: is coordinator_key the coordinator's"
+                    " public key (its keys/coordinator.key)?",
+                    self.config.coordinator,
+                )
 
     def _hello(self) -> None:
         self.session = uuid.uuid4().hex
@@ -343,6 +397,5 @@ class Agent:
         for job in running:
             assert job.thread is not None
             job.thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        if self.dealer is not None:
-            self.dealer.close(linger=0)
+        self._close_dealer(None)
         self.events.close(linger=0)

@@ -1,0 +1,189 @@
+"""CURVE keys for the worker link: the coordinator's keypair, each worker's keypair, and the
+allow list of worker public keys, all as files in the state folder.
+
+    <state>/keys/coordinator.key            the coordinator's public key (give it to workers)
+    <state>/keys/coordinator.key_secret     its secret key (0600)
+    <state>/keys/allowed/NAME.key           public keys the coordinator accepts, one per worker
+    <state>/keys/workers/NAME.key_secret    a worker's keypair as `keys worker NAME` made it,
+                                            to copy to that worker's box (0600)
+
+A worker may only speak for the name its key file is called by in the allow list.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from gpubox import errors
+
+log = logging.getLogger(__name__)
+
+RESCAN_S = 0.1
+ZAP_DOMAIN = "gpubox"  # the ROUTER's zap_domain; the authenticator answers for it alone
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """A worker name usable as a key file name, or ConfigError."""
+    if not NAME.match(name):
+        raise errors.ConfigError(
+            f"name: {name!r} must be 1-64 letters, digits, '.', '_' or '-', not starting with"
+            " a punctuation mark"
+        )
+    return name
+
+
+def keys_dir(state_dir: str) -> Path:
+    return Path(state_dir) / "keys"
+
+
+def coordinator_files(state_dir: str) -> tuple[Path, Path]:
+    """(public, secret) key files of the coordinator."""
+    folder = keys_dir(state_dir)
+    return folder / "coordinator.key", folder / "coordinator.key_secret"
+
+
+def worker_secret_file(state_dir: str, name: str) -> Path:
+    """Where `keys worker NAME` leaves the worker's keypair (and where a worker looks)."""
+    return keys_dir(state_dir) / "workers" / f"{check_name(name)}.key_secret"
+
+
+def allowed_dir(state_dir: str) -> Path:
+    return keys_dir(state_dir) / "allowed"
+
+
+def _make_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    public, secret = zmq.auth.create_certificates(str(folder), name)
+    os.chmod(secret, 0o600)  # pyzmq writes it readable by everyone
+    return Path(public), Path(secret)
+
+
+def init(state_dir: str) -> tuple[Path, bool]:
+    """Make the coordinator's keypair unless it exists; (public key file, made now)."""
+    public, secret = coordinator_files(state_dir)
+    if public.exists() and secret.exists():
+        return public, False
+    _make_pair(public.parent, "coordinator")
+    allowed_dir(state_dir).mkdir(parents=True, exist_ok=True)
+    return public, True
+
+
+def add_worker(state_dir: str, name: str) -> Path:
+    """Make a keypair for worker NAME and put its public key on the allow list; the secret
+    key file to copy to the worker's box. An existing key for NAME is replaced."""
+    check_name(name)
+    folder = keys_dir(state_dir) / "workers"
+    _make_pair(folder, name)
+    allowed = allowed_dir(state_dir)
+    allowed.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folder / f"{name}.key", allowed / f"{name}.key")
+    return folder / f"{name}.key_secret"
+
+
+def revoke(state_dir: str, name: str) -> bool:
+    """Take worker NAME off the allow list; False if it was not on it."""
+    path = allowed_dir(state_dir) / f"{check_name(name)}.key"
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def load_secret(path: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a `.key_secret` file."""
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise errors.ConfigError(f"cannot read the secret key file {path}: {exc}") from exc
+    if not secret:
+        raise errors.ConfigError(f"{path} holds no secret key (want a .key_secret file)")
+    return public, secret
+
+
+def load_public(value: str) -> bytes:
+    """A public key given as a Z85 string (40 characters) or as a `.key` file's path."""
+    if len(value) == 40 and not os.path.exists(value):
+        return value.encode("ascii")
+    try:
+        public, _ = zmq.auth.load_certificate(value)
+    except (OSError, ValueError) as exc:
+        raise errors.ConfigError(f"cannot read the public key {value}: {exc}") from exc
+    return public
+
+
+class AllowList:
+    """The worker public keys the coordinator accepts, read from the allow-list folder again
+    whenever it changes, so adding or revoking a key needs no restart."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._names: dict[str, str] = {}
+        self._next_scan = 0.0
+
+    def name_for(self, public_key: str) -> str | None:
+        """The worker name a Z85 public key is allowed to speak for, or None."""
+        self._refresh()
+        return self._names.get(public_key)
+
+    def names(self) -> dict[str, str]:
+        """Every allowed worker: name → Z85 public key."""
+        self._refresh()
+        return {name: key for key, name in self._names.items()}
+
+    def _refresh(self) -> None:
+        # A changed folder is read at once; an unchanged one again every RESCAN_S anyway,
+        # since file times are coarse and an overwritten key file leaves the folder's alone.
+        try:
+            info = self.folder.stat()
+            stamp: tuple[int, int] | None = (info.st_mtime_ns, info.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        now = time.monotonic()
+        with self._lock:
+            if stamp == self._stamp and now < self._next_scan:
+                return
+            names: dict[str, str] = {}
+            for path in sorted(self.folder.glob("*.key")) if stamp else []:
+                try:
+                    public, _ = zmq.auth.load_certificate(str(path))
+                except (OSError, ValueError) as exc:
+                    log.warning("ignoring unreadable key file %s: %s", path, exc)
+                    continue
+                names[public.decode("ascii")] = path.stem
+            self._names, self._stamp, self._next_scan = names, stamp, now + RESCAN_S
+
+
+class CurveAuthenticator:
+    """ZAP on the ROUTER's context: accepts only keys on the allow list. Started before bind;
+    refuses to run at all rather than fall back to accepting any key."""
+
+    def __init__(self, context: zmq.Context, allow: AllowList) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self.allow = allow
+        self._auth = ThreadAuthenticator(context, log=logging.getLogger("gpubox.zap"))
+        self._auth.start()
+        self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self)
+        if not self._auth.is_alive():
+            raise errors.GpuboxError("the CURVE authenticator did not start; refusing to serve")
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP's question: may this Z85 public key connect?"""
+        return self.allow.name_for(key.decode("ascii")) is not None
+
+    def stop(self) -> None:
+        self._auth.stop()

@@ -35,6 +35,13 @@ class Unauthorized(GpuboxError):
     code = "unauthorized"
 
 
+class Forbidden(GpuboxError):
+    """This token's role does not allow that."""
+
+    http_status = 403
+    code = "forbidden"
+
+
 class NotFound(GpuboxError):
     """No such resource."""
 

@@ -79,7 +79,9 @@ class JobSpec:
     image: str
     command: list[str] | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Write-only, as submitted; the coordinator seals both into `sealed` before storing.
     auth: dict[str, str] | None = None
+    secrets: dict[str, str] = dataclasses.field(default_factory=dict)
     description: str = ""
     priority: int = 0
     gpus: int = 0
@@ -87,6 +89,8 @@ class JobSpec:
     timeout: float | None = None
     max_retries: int = 0
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # auth and secrets, encrypted by the coordinator (coordinator.sealing); erased at the end.
+    sealed: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,17 +149,19 @@ class Job:
             "updated_at": format_time(self.updated_at),
         }
 
-    def to_wire(self) -> dict[str, Any]:
-        """The job as a worker receives it in JOB: what it needs to run this attempt."""
+    def to_wire(self, credentials: dict[str, Any]) -> dict[str, Any]:
+        """The job as a worker receives it in JOB: what it needs to run this attempt, with its
+        unsealed credentials ({"auth": …, "secrets": …})."""
         spec = self.spec
         return {
+            "secrets": dict(credentials.get("secrets") or {}),
             "id": self.id,
             "attempt": self.attempts,
             "name": spec.name,
             "image": spec.image,
             "command": spec.command,
             "env": dict(spec.env),
-            "auth": spec.auth,
+            "auth": credentials.get("auth"),
             "gpus": list(self.gpu_ids),
             "timeout": spec.timeout,
             "first_seq": self.log_seq + 1,
@@ -188,7 +194,8 @@ JOB_FIELDS = {
     "max_retries",
     "metadata",
 }
-DOCKER_FIELDS = {"image", "command", "env", "auth"}
+DOCKER_FIELDS = {"image", "command", "env", "auth", "secrets"}
+MIN_SECRET = 4  # shorter values cannot be masked in output without mangling it
 AUTH_FIELDS = {"registry", "username", "password"}
 
 
@@ -271,6 +278,18 @@ def parse_spec(data: Any) -> JobSpec:
         for key in ("username", "password"):
             if key not in auth:
                 raise errors.BadInput(f"docker.auth.{key} is required", f"docker.auth.{key}")
+    env = _str_map(docker.get("env"), "docker.env", env_names=True)
+    secrets = _str_map(docker.get("secrets"), "docker.secrets", env_names=True)
+    for key, value in secrets.items():
+        if key in env:
+            raise errors.BadInput(
+                f"{key} is both in docker.env and docker.secrets", "docker.secrets"
+            )
+        if len(value) < MIN_SECRET:
+            raise errors.BadInput(
+                f"docker.secrets.{key} must be at least {MIN_SECRET} characters",
+                f"docker.secrets.{key}",
+            )
     timeout = data.get("timeout")
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
@@ -286,8 +305,9 @@ def parse_spec(data: Any) -> JobSpec:
         name=name,
         image=image,
         command=parse_command(docker.get("command")),
-        env=_str_map(docker.get("env"), "docker.env", env_names=True),
+        env=env,
         auth=auth,
+        secrets=secrets,
         description=_str(data.get("description", ""), "description", MAX_DESCRIPTION),
         priority=_int(data.get("priority", 0), "priority", -MAX_INT, MAX_INT),
         gpus=_int(data.get("gpus", 0), "gpus", 0, MAX_GPUS),

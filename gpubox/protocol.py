@@ -23,8 +23,8 @@ worker -> coordinator
 
 coordinator -> worker
     WELCOME    {coordinator, heartbeat_interval_s, liveness_s}
-    JOB        {coordinator, job: {id, attempt, name, image, command, env, auth, gpus, timeout,
-                first_seq}}
+    JOB        {coordinator, job: {id, attempt, name, image, command, env, secrets, auth, gpus,
+                timeout, first_seq}}       secrets and auth are write-only: mask, never log
     ACK        {job_id, attempt, seq, done}     seq: last stored line; done: DONE was applied
     CANCEL     {job_id, attempt}
     HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO)
@@ -125,6 +125,7 @@ _WIRE_JOB: dict[str, Check] = {
     "command": _opt(_list_of(_is_str)),
     "env": _is_str_map,
     "auth": _opt(_is_str_map),
+    "secrets": _is_str_map,
     "gpus": _list_of(_is_str),
     "timeout": _opt(_is_number),
     "first_seq": _is_int,

@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from gpubox import config as cfg
-from gpubox import models
+from gpubox import keys, models
 from gpubox.client import Client
 from gpubox.coordinator import tokens
 from gpubox.coordinator.server import Coordinator
@@ -193,7 +193,8 @@ def api(
     )
     config.validate()
     context = zmq.Context()
-    coordinator = Coordinator(config, context=context)
+    keys.init(str(state))
+    coordinator = Coordinator(config)
     coordinator.start()
     token = (state / "token").read_text().strip()
     url = coordinator.http_url

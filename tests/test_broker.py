@@ -1,6 +1,7 @@
-"""The broker (gpubox.coordinator.broker) against fake workers: real ZeroMQ on loopback, a real
-SQLite store in tmp_path, no Docker. Each test plays the worker itself with a raw DEALER socket
-speaking gpubox.protocol, so it controls every message and its timing."""
+"""The broker (gpubox.coordinator.broker) against fake workers: real ZeroMQ with CURVE on
+loopback, keys made in tmp_path, a real SQLite store in tmp_path, no Docker. Each test plays the
+worker itself with a raw DEALER socket speaking gpubox.protocol, so it controls every message
+and its timing."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+import zmq.utils.monitor
 
-from gpubox import models, protocol
+from gpubox import keys, models, protocol
+from gpubox.coordinator import sealing
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
 from gpubox.store.sqlite import SqliteStore
@@ -31,6 +34,12 @@ LIVENESS_S = 1.0
 TS = "2024-05-01T12:00:00.123456789Z"
 TS_END = "2024-05-01T12:00:09.000000000Z"
 Status = models.Status
+Keypair = tuple[bytes, bytes]  # (public, secret), Z85
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 def eventually(predicate: Callable[[], Any], timeout_s: float = 3.0, what: str = "") -> Any:
@@ -53,13 +62,38 @@ def lines(first: int, count: int) -> list[list[str]]:
     ]
 
 
+def dealer(
+    context: zmq.Context,
+    endpoint: str,
+    keypair: Keypair | None,
+    server_key: bytes | None,
+    monitor: bool = False,
+) -> tuple[zmq.Socket, zmq.Socket | None]:
+    """A connected DEALER: a CURVE client with `keypair` trusting `server_key`, or (keypair
+    None) one without CURVE; with `monitor`, also a socket reporting its handshake events."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keypair is not None:
+        sock.curve_publickey, sock.curve_secretkey = keypair
+        assert server_key is not None
+        sock.curve_serverkey = server_key
+    events = (
+        sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILURES)
+        if monitor
+        else None
+    )
+    sock.connect(endpoint)
+    return sock, events
+
+
 class FakeWorker:
     """A worker as the broker sees it: a DEALER that speaks the protocol on the test's cue.
 
-    While waiting for a message it sends its own HEARTBEAT every HEARTBEAT_S (unless
-    `keepalive` is off), so the broker does not declare it lost during a test. Messages it was
-    not waiting for are kept, in order, for a later expect(); the coordinator's routine
-    heartbeats (known=True) are dropped.
+    It is a CURVE client with `keypair` (None: no CURVE at all) trusting `server_key`. While
+    waiting for a message it sends its own HEARTBEAT every HEARTBEAT_S (unless `keepalive` is
+    off), so the broker does not declare it lost during a test. Messages it was not waiting for
+    are kept, in order, for a later expect(); the coordinator's routine heartbeats (known=True)
+    are dropped. With `monitor`, `events` reports the socket's handshakes.
     """
 
     def __init__(
@@ -67,13 +101,14 @@ class FakeWorker:
         context: zmq.Context,
         endpoint: str,
         name: str,
+        keypair: Keypair | None,
+        server_key: bytes | None,
         labels: dict[str, str] | None = None,
         gpus: list[str] | None = None,
         max_jobs: int = 1,
+        monitor: bool = False,
     ) -> None:
-        self.sock = context.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.sock, self.events = dealer(context, endpoint, keypair, server_key, monitor)
         self.name = name
         self.labels = labels or {}
         self.gpus = gpus or []
@@ -83,23 +118,32 @@ class FakeWorker:
         self.inbox: list[protocol.Message] = []
         self._last_sent = time.monotonic()
 
+    def close(self) -> None:
+        if self.events is not None:
+            self.sock.disable_monitor()
+            self.events.close(linger=0)
+        self.sock.close(linger=0)
+
     # --- sending ------------------------------------------------------------------------------
 
     def send(self, msg_type: str, **fields: Any) -> None:
         self.sock.send_multipart(protocol.encode(msg_type, {"session": self.session, **fields}))
         self._last_sent = time.monotonic()
 
-    def hello(self, running: list[dict[str, int]] | None = None) -> protocol.Message:
+    def send_hello(self, running: list[dict[str, int]] | None = None, name: str = "") -> None:
         gpus = [{"uuid": u, "name": "Fake GPU", "memory_mb": 1024} for u in self.gpus]
         self.send(
             "HELLO",
-            name=self.name,
+            name=name or self.name,
             version="test",
             gpus=gpus,
             labels=self.labels,
             max_jobs=self.max_jobs,
             running=running or [],
         )
+
+    def hello(self, running: list[dict[str, int]] | None = None) -> protocol.Message:
+        self.send_hello(running)
         return self.expect("WELCOME")
 
     def ready(self, slots: int = 1, running: list[int] | None = None) -> None:
@@ -187,29 +231,149 @@ class FakeWorker:
     def ack(self, timeout_s: float = 3.0) -> dict[str, Any]:
         return self.expect("ACK", timeout_s).body
 
+    def silent(self, for_s: float) -> None:
+        """Assert that nothing at all arrives within for_s, not even a heartbeat."""
+        got = list(self.inbox)
+        deadline = time.monotonic() + for_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self.keepalive and time.monotonic() - self._last_sent >= HEARTBEAT_S:
+                self.send("HEARTBEAT")
+            if self.sock.poll(max(1, int(min(remaining, 0.05) * 1000)), zmq.POLLIN):
+                got.append(protocol.decode_from_coordinator(self.sock.recv_multipart()))
+        assert not got, f"{self.name}: expected silence, got {[(m.type, m.body) for m in got]}"
+
+    def handshake(self, timeout_s: float = 3.0) -> int:
+        """The first handshake event of a worker made with `monitor`: one of
+        zmq.EVENT_HANDSHAKE_SUCCEEDED and HANDSHAKE_FAILURES."""
+        assert self.events is not None, "made without monitor=True"
+        if not self.events.poll(int(timeout_s * 1000), zmq.POLLIN):
+            pytest.fail(f"{self.name}: no handshake event within {timeout_s} s")
+        event = zmq.utils.monitor.recv_monitor_message(self.events)
+        return int(event["event"])
+
+
+@dataclasses.dataclass
+class Keys:
+    """The CURVE keys of one coordinator state folder."""
+
+    state_dir: str
+    server: Keypair  # the coordinator's
+
+    @classmethod
+    def make(cls, state_dir: Path) -> Keys:
+        keys.init(str(state_dir))
+        return cls(str(state_dir), keys.load_secret(keys.coordinator_files(str(state_dir))[1]))
+
+    @property
+    def server_key(self) -> bytes:
+        return self.server[0]
+
+    def allow_list(self) -> keys.AllowList:
+        return keys.AllowList(keys.allowed_dir(self.state_dir))
+
+    def worker(self, name: str) -> Keypair:
+        """Worker NAME's keypair, made and allowed on first use (later uses keep it)."""
+        path = keys.worker_secret_file(self.state_dir, name)
+        if not path.exists():
+            keys.add_worker(self.state_dir, name)
+        return keys.load_secret(path)
+
+
+@dataclasses.dataclass
+class Served:
+    """One broker with its own context (each context carries the broker's ZAP authenticator)
+    and its thread."""
+
+    broker: Broker
+    context: zmq.Context
+    thread: threading.Thread
+
 
 @dataclasses.dataclass
 class Link:
-    """A running broker, its store, and the fake workers of one test."""
+    """A running broker, its store and keys, and the fake workers of one test. The workers
+    share one context, apart from every broker's."""
 
-    broker: Broker
     store: SqliteStore
+    keys: Keys
+    sealer: sealing.Sealer
     context: zmq.Context
-    thread: threading.Thread
+    heartbeat_interval_s: float
+    liveness_s: float
+    served: list[Served] = dataclasses.field(default_factory=list)
     workers: list[FakeWorker] = dataclasses.field(default_factory=list)
+    # (User-Id, frames) of every message any broker's handle() was given
+    handled: list[tuple[str | None, list[bytes]]] = dataclasses.field(default_factory=list)
 
-    def worker(self, name: str = "w1", **kwargs: Any) -> FakeWorker:
-        fake = FakeWorker(self.context, self.broker.endpoint, name, **kwargs)
+    @property
+    def broker(self) -> Broker:
+        return self.served[0].broker
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self.served[0].thread
+
+    def start_broker(self) -> Broker:
+        """Start a broker on the store and keys, with a fresh context; stopped at teardown."""
+        context = zmq.Context()
+        broker = Broker(
+            self.store,
+            Changes(),
+            "tcp://127.0.0.1:*",
+            server_keys=self.keys.server,
+            allow=self.keys.allow_list(),
+            sealer=self.sealer,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            liveness_s=self.liveness_s,
+            context=context,
+        )
+        handle = broker.handle
+
+        def recording(frames: list[bytes], now: float, key: str | None) -> None:
+            self.handled.append((key, frames))
+            handle(frames, now, key)
+
+        broker.handle = recording  # type: ignore[method-assign]
+        thread = threading.Thread(target=broker.run, name="broker", daemon=True)
+        self.served.append(Served(broker, context, thread))
+        thread.start()
+        return broker
+
+    def worker(
+        self,
+        name: str = "w1",
+        endpoint: str = "",
+        keypair: Keypair | None = None,
+        server_key: bytes | None = None,
+        curve: bool = True,
+        **kwargs: Any,
+    ) -> FakeWorker:
+        """A fake worker using NAME's own allowed key and the coordinator's public key, unless
+        `keypair` or `server_key` say otherwise; `curve` False: one without CURVE at all."""
+        fake = FakeWorker(
+            self.context,
+            endpoint or self.broker.endpoint,
+            name,
+            (keypair or self.keys.worker(name)) if curve else None,
+            (server_key or self.keys.server_key) if curve else None,
+            **kwargs,
+        )
         self.workers.append(fake)
         return fake
 
     def create(self, **fields: Any) -> models.Job:
-        """A QUEUED job in the store; keyword arguments are submission fields."""
+        """A QUEUED job in the store, its credentials sealed as the API would; keyword
+        arguments are submission fields."""
         spec = models.parse_spec({"name": "job", "docker": {"image": "busybox"}, **fields})
-        return self.store.create_job(spec, models.utcnow())
+        return self.store.create_job(self.sealer.seal(spec), models.utcnow())
 
     def status(self, job_id: int) -> Status:
         return self.store.get_job(job_id).status
+
+    def connected(self, name: str) -> bool | None:
+        """The stored worker's `connected`, None if never stored."""
+        record = {w.name: w for w in self.store.list_workers()}.get(name)
+        return None if record is None else record.connected
 
     @property
     def address(self) -> tuple[str, int]:
@@ -217,44 +381,119 @@ class Link:
         return host, int(port)
 
 
-@pytest.fixture()
-def link(tmp_path: Path) -> Iterator[Link]:
-    context = zmq.Context()
+@contextlib.contextmanager
+def serve(
+    tmp_path: Path, heartbeat_interval_s: float = HEARTBEAT_S, liveness_s: float = LIVENESS_S
+) -> Iterator[Link]:
+    """A Link with one broker started; everything stopped and closed afterwards."""
     store = SqliteStore(str(tmp_path / "gpubox.db"))
-    broker = Broker(
+    state_dir = tmp_path / "state"
+    state = Link(
         store,
-        Changes(),
-        "tcp://127.0.0.1:*",
-        heartbeat_interval_s=HEARTBEAT_S,
-        liveness_s=LIVENESS_S,
-        context=context,
+        Keys.make(state_dir),
+        sealing.Sealer(str(state_dir)),
+        zmq.Context(),
+        heartbeat_interval_s,
+        liveness_s,
     )
-    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
-    thread.start()
-    state = Link(broker, store, context, thread)
     try:
+        state.start_broker()
         yield state
     finally:
-        broker.stop()
-        thread.join(timeout=5)
-        stopped = not thread.is_alive()
-        if stopped:  # never pull sockets or the store from under a running broker
-            for fake in state.workers:
-                fake.sock.close(linger=0)
+        stuck = []
+        for served in state.served:
+            served.broker.stop()
+        for served in state.served:
+            served.thread.join(timeout=5)
+            if served.thread.is_alive():
+                stuck.append(served)
+                continue  # never pull sockets from under a running broker
+            served.broker.close()
+            served.context.destroy(linger=0)
+        for fake in state.workers:
+            fake.close()
+        state.context.destroy(linger=0)
+        if not stuck:
             store.close()
-            context.destroy(linger=0)
-        assert stopped, "the broker did not stop within 5 s"
+        assert not stuck, "a broker did not stop within 5 s"
+
+
+@pytest.fixture()
+def link(tmp_path: Path) -> Iterator[Link]:
+    with serve(tmp_path) as state:
+        yield state
 
 
 # --- robustness --------------------------------------------------------------------------------
 
 
-def test_garbage_on_the_port_is_dropped_and_the_broker_keeps_serving(link: Link) -> None:
+def zmtp3_greeting(mechanism: bytes) -> bytes:
+    """A ZMTP 3.0 greeting as a client sends it: signature, version, mechanism, filler."""
+    return b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00" + mechanism.ljust(20, b"\x00") + b"\x00" * 32
+
+
+def test_junk_without_curve_never_reaches_the_broker(link: Link) -> None:
+    """Raw TCP junk and a DEALER without CURVE fail the handshake: the broker's handle() never
+    sees a byte of them, and a real worker is served as before."""
     job = link.create()
     rng = random.Random(4242)
-    junk = link.context.socket(zmq.DEALER)
-    junk.setsockopt(zmq.LINGER, 0)
-    junk.connect(link.broker.endpoint)
+
+    # A DEALER without CURVE, speaking good protocol for an allowed name: the mechanisms
+    # differ, so its handshake fails and its messages go nowhere.
+    plain = link.worker("good", curve=False, monitor=True)
+    plain.keepalive = False
+    plain.send_hello()
+    plain.ready()
+    for _ in range(50):
+        plain.sock.send_multipart([rng.randbytes(rng.randint(0, 64)) for _ in range(3)])
+    assert plain.handshake() & HANDSHAKE_FAILURES  # no detail or protocol: who noticed first
+    plain.silent(0.3)
+
+    # Raw TCP junk: not ZMTP at all, or a greeting followed by nonsense.
+    host, port = link.address
+    payloads = [
+        rng.randbytes(4096),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        zmtp3_greeting(b"NULL") + b"\xff" * 64,
+        # CURVE greeting, then a HELLO command whose box was never sealed with our key.
+        zmtp3_greeting(b"CURVE") + b"\x04\xc8\x05HELLO" + rng.randbytes(194),
+        # ZMTP 1.0: an empty identity, then a message frame carrying protocol frames.
+        b"\x01\x00" + b"\x07\x00" + protocol.VERSION + b"\x01\x00" * 8,
+        b"",
+    ]
+    for payload in payloads:
+        with (
+            socket.create_connection((host, port), timeout=2) as sock,
+            contextlib.suppress(OSError),
+        ):
+            sock.sendall(payload)
+            sock.settimeout(0.2)
+            sock.recv(1024)
+
+    assert link.handled == []
+    assert link.broker.dropped_messages == 0
+    assert link.status(job.id) is Status.QUEUED
+
+    # The broker is still there, and still serves a worker with its key.
+    worker = link.worker("good")
+    welcome = worker.hello()
+    assert welcome.body["coordinator"] == link.broker.coordinator_id
+    worker.ready(slots=1)
+    assert worker.job()["id"] == job.id
+    assert link.thread.is_alive()
+    good_key = link.keys.worker("good")[0].decode()
+    assert {key for key, _ in link.handled} == {good_key}
+    assert link.broker.dropped_messages == 0
+    assert [w.name for w in link.store.list_workers()] == ["good"]
+    plain.silent(0.1)
+
+
+def test_malformed_messages_from_an_authenticated_worker_are_dropped(link: Link) -> None:
+    """Past the handshake, whatever does not decode is dropped and counted; the broker keeps
+    serving."""
+    job = link.create()
+    rng = random.Random(4242)
+    junk = link.worker("junk").sock
     dropped = 0
 
     # Random frames, 1 to 5 of them, random bytes (never starting with the version).
@@ -301,24 +540,8 @@ def test_garbage_on_the_port_is_dropped_and_the_broker_keeps_serving(link: Link)
     assert answer.body == {"coordinator": link.broker.coordinator_id, "known": False}
     # One connection's messages are handled in order: every one before the LOG was dropped.
     assert link.broker.dropped_messages == dropped
-
-    # Raw TCP junk: not even ZMTP.
-    host, port = link.address
-    payloads = [
-        rng.randbytes(4096),
-        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        # A ZMTP 3.0 greeting (NULL mechanism) followed by nonsense.
-        b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00NULL" + b"\x00" * 16 + b"\x00" * 32 + b"\xff" * 64,
-        b"",
-    ]
-    for payload in payloads:
-        with (
-            socket.create_connection((host, port), timeout=2) as sock,
-            contextlib.suppress(OSError),
-        ):
-            sock.sendall(payload)
-            sock.settimeout(0.2)
-            sock.recv(1024)
+    assert len(link.handled) == dropped + 1
+    assert {key for key, _ in link.handled} == {link.keys.worker("junk")[0].decode()}
 
     # The broker is still there, and still serves a well-behaved worker.
     worker = link.worker("good")
@@ -328,8 +551,7 @@ def test_garbage_on_the_port_is_dropped_and_the_broker_keeps_serving(link: Link)
     wire = worker.job()
     assert wire["id"] == job.id
     assert link.thread.is_alive()
-    # libzmq reads some junk as ZMTP 1.0 frames and delivers them: dropped too, never stored.
-    assert link.broker.dropped_messages >= dropped
+    assert link.broker.dropped_messages == dropped
     assert link.store.read_logs(job.id) == []
     assert [w.name for w in link.store.list_workers()] == ["good"]
 
@@ -343,10 +565,11 @@ def test_unknown_session_heartbeat_is_answered_known_false(link: Link) -> None:
 
 
 def test_a_session_used_from_another_connection_is_unknown(link: Link) -> None:
-    """A session id is bound to the connection that said HELLO with it."""
+    """A session id is bound to the connection that said HELLO with it, even for a connection
+    with the same key."""
     worker = link.worker("w1")
     worker.hello()
-    imposter = link.worker("imposter")
+    imposter = link.worker("w1")
     imposter.keepalive = False
     imposter.session = worker.session
     imposter.send("HEARTBEAT")
@@ -701,42 +924,27 @@ def test_coordinator_restart_keeps_reported_jobs_and_releases_the_rest(link: Lin
     # The coordinator restarts on the same store; w1 comes back, w2 never does.
     link.broker.stop()
     link.thread.join(timeout=5)
-    restarted = Broker(
-        link.store,
-        Changes(),
-        "tcp://127.0.0.1:*",
-        heartbeat_interval_s=HEARTBEAT_S,
-        liveness_s=LIVENESS_S,
-        context=link.context,
+    restarted = link.start_broker()  # a fresh context; the same store, keys and allow list
+    back = link.worker("w1", endpoint=restarted.endpoint, labels={"box": "1"})
+    welcome = back.hello(running=[{"job_id": kept.id, "attempt": 1}])
+    assert welcome.body["coordinator"] == restarted.coordinator_id
+    assert restarted.coordinator_id != link.broker.coordinator_id
+    back.wait_for(
+        lambda: link.status(orphan.id) is not Status.RUNNING,
+        timeout_s=LIVENESS_S + 3,
+        what="the orphaned job to be released",
     )
-    thread = threading.Thread(target=restarted.run, name="broker-2", daemon=True)
-    thread.start()
-    try:
-        back = FakeWorker(link.context, restarted.endpoint, "w1", labels={"box": "1"})
-        link.workers.append(back)
-        welcome = back.hello(running=[{"job_id": kept.id, "attempt": 1}])
-        assert welcome.body["coordinator"] == restarted.coordinator_id
-        assert restarted.coordinator_id != link.broker.coordinator_id
-        back.wait_for(
-            lambda: link.status(orphan.id) is not Status.RUNNING,
-            timeout_s=LIVENESS_S + 3,
-            what="the orphaned job to be released",
-        )
-        lost = link.store.get_job(orphan.id)
-        assert lost.status is Status.ERROR
-        assert lost.error is not None and "worker lost" in lost.error
-        assert link.status(kept.id) is Status.RUNNING
+    lost = link.store.get_job(orphan.id)
+    assert lost.status is Status.ERROR
+    assert lost.error is not None and "worker lost" in lost.error
+    assert link.status(kept.id) is Status.RUNNING
 
-        back.log(job, 3, lines(3, 2))
-        assert back.ack()["seq"] == 4
-        back.done(job, last_seq=4)
-        assert back.ack()["done"] is True
-        assert link.status(kept.id) is Status.FINISHED
-        assert [line.seq for line in link.store.read_logs(kept.id)] == [1, 2, 3, 4]
-    finally:
-        restarted.stop()
-        thread.join(timeout=5)
-    assert not thread.is_alive()
+    back.log(job, 3, lines(3, 2))
+    assert back.ack()["seq"] == 4
+    back.done(job, last_seq=4)
+    assert back.ack()["done"] is True
+    assert link.status(kept.id) is Status.FINISHED
+    assert [line.seq for line in link.store.read_logs(kept.id)] == [1, 2, 3, 4]
 
 
 def test_a_job_that_cannot_be_sent_stays_queued(link: Link) -> None:

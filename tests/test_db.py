@@ -205,6 +205,7 @@ def test_coordinator_refuses_a_newer_schema(pg_url: str, tmp_path: Path, pg_admi
     open_store(pg_url).close()
     schema = pg_url.rsplit("%3D", 1)[1]
     pg_admin.execute(f"UPDATE {schema}.schema_version SET version = 99")
+    keys.init(str(tmp_path))
     result = subprocess.run(
         [
             *GPUBOX,

@@ -33,6 +33,7 @@ WIRE_JOB = {
     "image": "registry.example.com/train:1",
     "command": ["sh", "-c", "echo hi"],
     "env": {"EPOCHS": "3"},
+    "secrets": {"API_KEY": "sk-0123456789"},
     "auth": {"registry": "registry.example.com", "username": "bot", "password": "s3cret"},
     "gpus": [GPU["uuid"]],
     "timeout": 30.5,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 Status = models.Status
 Finish = base.Finish
-AUTH = {"registry": "registry.example.com", "username": "bot", "password": "s3cret"}
+SEALED = "gAAAAA-opaque-sealed-credentials"  # what the coordinator seals; the store keeps it as is
 
 
 def at(seconds: float) -> datetime:
@@ -37,9 +37,11 @@ def store(db_url: str) -> Iterator[base.Store]:
         opened.close()
 
 
-def make_spec(**overrides: Any) -> models.JobSpec:
-    """A valid JobSpec; keyword arguments replace top-level submission fields."""
-    return models.parse_spec({"name": "job", "docker": {"image": "busybox"}, **overrides})
+def make_spec(sealed: str | None = None, **overrides: Any) -> models.JobSpec:
+    """A valid JobSpec; keyword arguments replace top-level submission fields; `sealed` stands
+    for the sealed credentials the coordinator would add."""
+    spec = models.parse_spec({"name": "job", "docker": {"image": "busybox"}, **overrides})
+    return dataclasses.replace(spec, sealed=sealed)
 
 
 def queued(store: base.Store, now: datetime = T0, **overrides: Any) -> models.Job:
@@ -122,19 +124,19 @@ def test_create_round_trips_every_spec_field(store: base.Store) -> None:
             "image": "registry.example.com/train:1",
             "command": ["python", "-c", "print('hi there')"],
             "env": {"A": "1", "PATH_X": "ü/x y"},
-            "auth": AUTH,
         },
         gpus=3,
         labels={"zone": "eu", "tier": "a100"},
         timeout=1.5,
         max_retries=4,
         metadata={"nested": {"list": [1, 2.5, None, True, "ü"]}, "n": 0},
+        sealed=SEALED,
     )
     created = store.create_job(spec, T0)
     fetched = store.get_job(created.id)
     for job in (created, fetched):
         assert job.spec == spec
-        assert job.spec.auth == AUTH
+        assert job.spec.sealed == SEALED
         assert job.spec.metadata == {"nested": {"list": [1, 2.5, None, True, "ü"]}, "n": 0}
         assert job.spec.command == ["python", "-c", "print('hi there')"]
         assert job.created_at == T0
@@ -146,36 +148,35 @@ def test_create_round_trips_defaults(store: base.Store) -> None:
     job = store.get_job(queued(store).id)
     assert job.spec == make_spec()
     assert job.spec.command is None
-    assert job.spec.auth is None
+    assert job.spec.sealed is None
     assert job.spec.env == {} and job.spec.labels == {} and job.spec.metadata == {}
     assert job.spec.timeout is None
 
 
 @pytest.mark.parametrize("end", ["finish", "cancel", "release"])
-def test_auth_is_erased_at_a_terminal_status(store: base.Store, end: str) -> None:
-    docker = {"image": "busybox", "auth": AUTH}
+def test_sealed_credentials_are_erased_at_a_terminal_status(store: base.Store, end: str) -> None:
     if end == "cancel":
-        job = queued(store, docker=docker)
-        assert store.get_job(job.id).spec.auth == AUTH
+        job = queued(store, sealed=SEALED)
+        assert store.get_job(job.id).spec.sealed == SEALED
         store.cancel_job(job.id, at(1))
     else:
-        job = running(store, docker=docker)
-        assert store.get_job(job.id).spec.auth == AUTH
+        job = running(store, sealed=SEALED)
+        assert store.get_job(job.id).spec.sealed == SEALED
         if end == "finish":
             assert finish(store, job) is Finish.APPLIED
         else:
             store.release_job(job.id, job.attempts, "worker lost", at(5))
     final = store.get_job(job.id)
     assert final.status.terminal
-    assert final.spec.auth is None
+    assert final.spec.sealed is None
     assert final.spec.image == "busybox"
 
 
-def test_auth_is_kept_while_requeued(store: base.Store) -> None:
-    job = running(store, docker={"image": "busybox", "auth": AUTH}, max_retries=1)
+def test_sealed_credentials_are_kept_while_requeued(store: base.Store) -> None:
+    job = running(store, sealed=SEALED, max_retries=1)
     requeued = store.release_job(job.id, 1, "worker lost", at(5))
     assert requeued is not None and requeued.status is Status.QUEUED
-    assert store.get_job(job.id).spec.auth == AUTH
+    assert store.get_job(job.id).spec.sealed == SEALED
 
 
 def test_get_unknown_job_raises_job_not_found(store: base.Store) -> None:
@@ -413,7 +414,7 @@ def test_unclaim_after_cancel_request_cancels(store: base.Store) -> None:
 
 
 def test_mark_started_then_finish_applies(store: base.Store) -> None:
-    job = running(store, docker={"image": "busybox", "auth": AUTH})
+    job = running(store, sealed=SEALED)
     assert store.mark_started(job.id, 1, at(1.5)) is True
     assert store.get_job(job.id).executed_at == at(1.5)
     result = store.finish_job(job.id, 1, Status.FINISHED, 0, None, at(2), at(4), 0)
@@ -426,7 +427,7 @@ def test_mark_started_then_finish_applies(store: base.Store) -> None:
     assert done.finished_at == at(4)
     assert done.duration == 2.5
     assert done.worker == "w1"
-    assert done.spec.auth is None
+    assert done.spec.sealed is None
     assert store.running_jobs() == []
 
 
@@ -895,7 +896,7 @@ def test_list_tokens_by_name(store: base.Store) -> None:
 
 
 def test_reopened_store_keeps_everything(store: base.Store, db_url: str) -> None:
-    job = running(store, docker={"image": "busybox", "auth": AUTH})
+    job = running(store, sealed=SEALED)
     store.append_logs(job.id, 1, 1, raw(1, 3))
     store.save_worker(make_worker())
     store.add_token(make_token("ci"))

@@ -12,8 +12,8 @@ from typing import Any
 
 import bottle
 
-from gpubox import __version__, errors, models
-from gpubox.coordinator import tokens
+from gpubox import __version__, errors, keys, models
+from gpubox.coordinator import sealing, tokens
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
 
@@ -60,11 +60,14 @@ def make_app(
     store: Store,
     changes: Changes,
     poke: Callable[[str, int], None],
+    sealer: sealing.Sealer,
+    state_dir: str,
     max_body_bytes: int = 1_048_576,
     stopping: threading.Event | None = None,
 ) -> bottle.Bottle:
-    """The WSGI app. `poke` tells the broker about new jobs and cancels; `stopping` ends
-    follow streams when the server shuts down."""
+    """The WSGI app. `poke` tells the broker about new jobs and cancels; `sealer` encrypts
+    credentials before they are stored; `state_dir` holds the worker allow list; `stopping`
+    ends follow streams when the server shuts down."""
     app = bottle.Bottle()
     stopping = stopping or threading.Event()
 
@@ -76,8 +79,11 @@ def make_app(
 
     app.default_error_handler = default_error  # type: ignore[method-assign]
 
-    def endpoint(auth: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Wrap a route: check the token, turn gpubox errors into JSON error responses."""
+    def endpoint(
+        auth: bool = True, admin: bool = False
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Wrap a route: check the token (and its role, for `admin` routes), turn gpubox
+        errors into JSON error responses."""
 
         def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(fn)
@@ -86,7 +92,11 @@ def make_app(
                     if auth:
                         # The raw WSGI value (latin-1): Bottle's get_header re-decodes it as
                         # UTF-8 and fails on other bytes.
-                        tokens.check(store, bottle.request.environ.get("HTTP_AUTHORIZATION"))
+                        token = tokens.check(
+                            store, bottle.request.environ.get("HTTP_AUTHORIZATION")
+                        )
+                        if admin and token.role != "admin":
+                            raise errors.Forbidden("this needs an admin token")
                     job_id = kwargs.get("job_id")
                     if job_id is not None and not 0 < job_id <= MAX_ID:
                         raise errors.JobNotFound(job_id)
@@ -133,7 +143,7 @@ def make_app(
     @app.post("/api/v1/jobs")
     @endpoint()
     def create_job() -> dict[str, Any]:
-        spec = models.parse_spec(json_body())
+        spec = sealer.seal(models.parse_spec(json_body()))
         job = store.create_job(spec, models.utcnow())
         poke("schedule", job.id)
         bottle.response.status = 201
@@ -197,6 +207,52 @@ def make_app(
         for job in store.running_jobs():
             running.setdefault(job.worker or "", []).append(job.id)
         return {"workers": [w.to_dict(running.get(w.name, [])) for w in store.list_workers()]}
+
+    @app.post("/api/v1/workers/<name>/revoke")
+    @endpoint(admin=True)
+    def revoke_worker(name: str) -> dict[str, Any]:
+        try:
+            revoked = keys.revoke(state_dir, name)
+        except errors.ConfigError as exc:
+            raise errors.BadInput(str(exc), "name") from None
+        if not revoked:
+            raise errors.NotFound(f"worker {name!r} is not on the allow list")
+        return {"name": name, "revoked": True}
+
+    @app.get("/api/v1/tokens")
+    @endpoint(admin=True)
+    def list_tokens() -> dict[str, Any]:
+        return {
+            "tokens": [
+                {"name": t.name, "role": t.role, "created_at": models.format_time(t.created_at)}
+                for t in store.list_tokens()
+            ]
+        }
+
+    @app.post("/api/v1/tokens")
+    @endpoint(admin=True)
+    def create_token() -> dict[str, Any]:
+        body = json_body()
+        if not isinstance(body, dict):
+            raise errors.BadInput("the body must be a JSON object")
+        for key in body:
+            if key not in ("name", "role"):
+                raise errors.BadInput(f"unknown field {key!r}", key)
+        name, role = body.get("name"), body.get("role", "submit")
+        if not isinstance(name, str):
+            raise errors.BadInput("name is required and must be a string", "name")
+        if not isinstance(role, str):
+            raise errors.BadInput("role must be a string", "role")
+        value = tokens.create(store, name, role)
+        bottle.response.status = 201
+        return {"name": name, "role": role, "token": value}
+
+    @app.delete("/api/v1/tokens/<name>")
+    @endpoint(admin=True)
+    def revoke_token(name: str) -> dict[str, Any]:
+        if not store.revoke_token(name):
+            raise errors.NotFound(f"no token named {name!r}")
+        return {"name": name, "revoked": True}
 
     return app
 

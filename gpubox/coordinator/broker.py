@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from gpubox import errors, keys, models, protocol
+from gpubox.coordinator import sealing
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
 from gpubox.store.base import Finish
@@ -34,6 +35,7 @@ class Peer:
     name: str
     routing_id: bytes
     session: str
+    key: str
     version: str
     gpus: list[dict[str, Any]]
     labels: dict[str, str]
@@ -73,6 +75,7 @@ class Broker:
         bind: str,
         server_keys: tuple[bytes, bytes],
         allow: keys.AllowList,
+        sealer: sealing.Sealer,
         heartbeat_interval_s: float = 2.0,
         liveness_s: float = 10.0,
         context: zmq.Context | None = None,
@@ -82,6 +85,7 @@ class Broker:
         self.store = store
         self.changes = changes
         self.allow = allow
+        self.sealer = sealer
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness_s = liveness_s
         self.context = context or zmq.Context()
@@ -248,7 +252,7 @@ class Broker:
                     body["name"][:64],
                 )
                 return
-            self._guard(self._on_hello, routing_id, body, now)
+            self._guard(self._on_hello, routing_id, key, body, now)
             return
         known = self.peers.get(body["session"])
         if known is None or known.routing_id != routing_id or known.name != name:
@@ -261,7 +265,7 @@ class Broker:
         handler = getattr(self, f"_on_{msg.type.lower()}")
         self._guard(handler, known, body, now)
 
-    def _on_hello(self, routing_id: bytes, body: dict[str, Any], now: float) -> None:
+    def _on_hello(self, routing_id: bytes, key: str, body: dict[str, Any], now: float) -> None:
         name = body["name"]
         for old in [p for p in self.peers.values() if p.name == name]:
             del self.peers[old.session]
@@ -269,6 +273,7 @@ class Broker:
             name=name,
             routing_id=routing_id,
             session=body["session"],
+            key=key,
             version=body["version"],
             gpus=body["gpus"],
             labels=body["labels"],
@@ -303,13 +308,30 @@ class Broker:
         peer.known = set(body["running"])
         self._schedule(now)
 
+    def _foreign(self, peer: Peer, job_id: int) -> bool:
+        """A report on a job this worker does not hold (never sent to it, or already ended):
+        counted and not applied, so no worker can speak for another's job."""
+        if job_id in peer.assigned:
+            return False
+        self.dropped_messages += 1
+        return True
+
     def _on_started(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+        if self._foreign(peer, body["job_id"]):
+            return
         executed_at = models.parse_time(body["executed_at"]) or models.utcnow()
         if self.store.mark_started(body["job_id"], body["attempt"], executed_at):
             self.changes.notify(body["job_id"])
 
     def _on_log(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         job_id, attempt = body["job_id"], body["attempt"]
+        if self._foreign(peer, job_id):
+            # Acknowledged as if stale, so an honest worker with a lost job stops resending.
+            end = body["seq"] + len(body["lines"]) - 1
+            self._send(
+                peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": end, "done": False}
+            )
+            return
         lines = [tuple(line) for line in body["lines"]]
         seq = self.store.append_logs(job_id, attempt, body["seq"], lines)  # type: ignore[arg-type]
         self._send(peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": seq, "done": False})
@@ -317,6 +339,11 @@ class Broker:
 
     def _on_done(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         job_id, attempt = body["job_id"], body["attempt"]
+        if self._foreign(peer, job_id):
+            # A repeated DONE after ours was applied, or a forgery: acknowledge, change nothing.
+            done = {"job_id": job_id, "attempt": attempt, "seq": body["last_seq"], "done": True}
+            self._send(peer, "ACK", done)
+            return
         outcome = self.store.finish_job(
             job_id,
             attempt,
@@ -371,15 +398,22 @@ class Broker:
             for peer in list(self.peers.values()):
                 if not peer.ready:
                     continue
+                if self.allow.name_for(peer.key) != peer.name:
+                    self._lose(peer, f"worker {peer.name}: its key was revoked")
+                    continue
                 free, slots = peer.capacity()
                 if slots <= 0:
                     continue
                 job = self.store.claim_job(peer.name, peer.labels, free, models.utcnow())
                 if job is None:
                     continue
-                if self._send(
-                    peer, "JOB", {"coordinator": self.coordinator_id, "job": job.to_wire()}
-                ):
+                try:
+                    wire = job.to_wire(self.sealer.credentials(job))
+                except errors.GpuboxError as exc:
+                    self._fail(job, str(exc))
+                    progress = True
+                    continue
+                if self._send(peer, "JOB", {"coordinator": self.coordinator_id, "job": wire}):
                     peer.assigned[job.id] = list(job.gpu_ids)
                     progress = True
                     log.info("job %d (attempt %d) sent to %s", job.id, job.attempts, peer.name)
@@ -403,6 +437,15 @@ class Broker:
         self.store.save_worker(peer.info(connected=False))
         for job in self.store.running_jobs(worker=peer.name):
             self._release(job, reason)
+
+    def _fail(self, job: models.Job, reason: str) -> None:
+        """End a claimed job that cannot be sent at all."""
+        log.error("job %d: %s", job.id, reason)
+        now = models.utcnow()
+        self.store.finish_job(
+            job.id, job.attempts, models.Status.ERROR, None, reason, None, now, job.log_seq
+        )
+        self.changes.notify(job.id)
 
     def _release(self, job: models.Job, reason: str) -> None:
         released = self.store.release_job(job.id, job.attempts, reason, models.utcnow())

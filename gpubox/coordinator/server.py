@@ -12,12 +12,14 @@ from waitress import wasyncore
 
 from gpubox import config as config_mod
 from gpubox import errors, keys
-from gpubox.coordinator import api, tokens
+from gpubox.coordinator import api, sealing, tokens
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store, open_store
 
 log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 16 * 1024
 
 
 class Coordinator:
@@ -52,6 +54,7 @@ class Coordinator:
                 " `gpubox keys worker NAME` for each worker)"
             )
         server_keys = keys.load_secret(secret)
+        sealer = sealing.Sealer(self.config.state_dir)
         self.store = open_store(self.config.db)
         try:
             tokens.ensure_local(self.store, self.config.state_dir)
@@ -62,6 +65,7 @@ class Coordinator:
                 self.config.bind,
                 server_keys=server_keys,
                 allow=keys.AllowList(keys.allowed_dir(self.config.state_dir)),
+                sealer=sealer,
                 heartbeat_interval_s=self.config.heartbeat_interval_s,
                 liveness_s=self.config.liveness_s,
                 context=self.context,
@@ -70,7 +74,13 @@ class Coordinator:
             self.store.close()
             raise
         app = api.make_app(
-            self.store, changes, self.broker.poke, self.config.max_body_bytes, self._stopping
+            self.store,
+            changes,
+            self.broker.poke,
+            sealer,
+            self.config.state_dir,
+            self.config.max_body_bytes,
+            self._stopping,
         )
         host, port = config_mod.parse_address(self.config.http, "http")
         self.http_server = waitress.create_server(
@@ -85,6 +95,10 @@ class Coordinator:
             max_request_body_size=max(16 * 1024 * 1024, self.config.max_body_bytes * 4),
             ident="gpubox",
             clear_untrusted_proxy_headers=True,
+            max_request_header_size=MAX_HEADER_BYTES,
+            # Idle keep-alive connections are closed after this; streams in flight are not idle.
+            channel_timeout=60,
+            connection_limit=self.config.http_threads + 100,
         )
         self._threads = [
             threading.Thread(target=self.broker.run, name="gpubox-broker", daemon=True),

@@ -34,7 +34,7 @@ CREATE TABLE jobs (
     image TEXT NOT NULL,
     command TEXT,
     env TEXT NOT NULL,
-    auth TEXT,
+    sealed TEXT,
     gpus INTEGER NOT NULL,
     labels TEXT NOT NULL,
     timeout DOUBLE PRECISION,

@@ -21,7 +21,7 @@ from gpubox.store import base
 log = logging.getLogger(__name__)
 
 JOB_COLUMNS = (
-    "name, description, priority, image, command, env, auth, gpus, labels, timeout, "
+    "name, description, priority, image, command, env, sealed, gpus, labels, timeout, "
     "max_retries, metadata, status, created_at, updated_at"
 )
 
@@ -52,7 +52,7 @@ def job_from_row(row: dict[str, Any]) -> models.Job:
         image=row["image"],
         command=_load(row["command"]),
         env=_load(row["env"]),
-        auth=_load(row["auth"]),
+        sealed=row["sealed"],
         gpus=row["gpus"],
         labels=_load(row["labels"]),
         timeout=row["timeout"],
@@ -114,7 +114,7 @@ class SqlStore(base.Store):
             spec.image,
             _dump(spec.command),
             _dump(spec.env),
-            _dump(spec.auth),
+            spec.sealed,
             spec.gpus,
             _dump(spec.labels),
             spec.timeout,
@@ -241,7 +241,7 @@ class SqlStore(base.Store):
             cur.execute(
                 "UPDATE jobs SET status = ?, exit_code = ?, error = ?,"
                 " executed_at = COALESCE(executed_at, ?), finished_at = ?, updated_at = ?,"
-                " auth = NULL WHERE id = ?",
+                " sealed = NULL WHERE id = ?",
                 (
                     status.value,
                     exit_code,
@@ -260,7 +260,7 @@ class SqlStore(base.Store):
             if job.status is models.Status.QUEUED:
                 cur.execute(
                     "UPDATE jobs SET status = 'CANCELLED', finished_at = ?, updated_at = ?,"
-                    " auth = NULL, error = 'cancelled while queued' WHERE id = ?",
+                    " sealed = NULL, error = 'cancelled while queued' WHERE id = ?",
                     (_time(now), _time(now), job_id),
                 )
             elif job.status is models.Status.RUNNING:
@@ -284,7 +284,7 @@ class SqlStore(base.Store):
             if job.cancel_requested:
                 cur.execute(
                     "UPDATE jobs SET status = 'CANCELLED', finished_at = ?, updated_at = ?,"
-                    " auth = NULL, error = ? WHERE id = ?",
+                    " sealed = NULL, error = ? WHERE id = ?",
                     (_time(now), _time(now), f"cancelled; {error}", job_id),
                 )
             elif job.attempts <= job.spec.max_retries:
@@ -296,7 +296,7 @@ class SqlStore(base.Store):
             else:
                 cur.execute(
                     "UPDATE jobs SET status = 'ERROR', error = ?, finished_at = ?,"
-                    " updated_at = ?, auth = NULL WHERE id = ?",
+                    " updated_at = ?, sealed = NULL WHERE id = ?",
                     (error, _time(now), _time(now), job_id),
                 )
             return self._get(cur, job_id)

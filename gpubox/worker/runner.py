@@ -30,6 +30,7 @@ BATCH_BYTES = 64 * 1024
 FLUSH_S = 0.1
 GATHER_S = 0.005
 LABEL = "io.gpubox.job"
+MASK = "[MASKED]"
 
 
 def ts_ns(ts: str) -> int:
@@ -38,6 +39,29 @@ def ts_ns(ts: str) -> int:
     whole = models.parse_time(head + "Z")
     assert whole is not None
     return int(whole.timestamp()) * 1_000_000_000 + int((frac + "000000000")[:9])
+
+
+class Masker:
+    """Replaces every secret value in a line with [MASKED], longest value first."""
+
+    def __init__(self, values: Iterable[str]) -> None:
+        self.values = sorted(
+            {v for v in values if len(v) >= models.MIN_SECRET}, key=len, reverse=True
+        )
+
+    def __call__(self, text: str) -> str:
+        for value in self.values:
+            if value in text:
+                text = text.replace(value, MASK)
+        return text
+
+
+def secret_values(job: dict[str, Any]) -> list[str]:
+    """What must never show in a job's stored output: its secrets and its registry password."""
+    values = list((job.get("secrets") or {}).values())
+    if job.get("auth") and job["auth"].get("password"):
+        values.append(job["auth"]["password"])
+    return values
 
 
 class LineBuffer:
@@ -93,10 +117,11 @@ class StreamReader:
     it, so `catch_up` can read what a live follow missed without repeating a line.
     """
 
-    def __init__(self, container: Any, stream: str, buffer: LineBuffer) -> None:
+    def __init__(self, container: Any, stream: str, buffer: LineBuffer, mask: Masker) -> None:
         self.container = container
         self.stream = stream
         self.buffer = buffer
+        self.mask = mask
         self.last_ns = 0
         self.at_last = 0
         self.last_ts = ""
@@ -135,9 +160,11 @@ class StreamReader:
             self._emit_pending()
 
     def _emit_pending(self) -> None:
-        text = self._pending.decode("utf-8", "replace")
+        # Whole lines only: Docker's 16 KiB pieces are joined first, so a secret across a
+        # piece boundary is masked too. NUL cannot be stored in PostgreSQL text.
+        text = self._pending.decode("utf-8", "replace").replace("\x00", "\ufffd")
         self._pending = b""
-        self.buffer.add(self._pending_ts, self.stream, text.removesuffix("\n"))
+        self.buffer.add(self._pending_ts, self.stream, self.mask(text.removesuffix("\n")))
 
     def catch_up(self) -> None:
         """After the container exited: read entries the follow missed, then flush a last
@@ -249,7 +276,7 @@ class DockerRuntime:
     def _create(self, job: dict[str, Any]) -> Any:
         kwargs: dict[str, Any] = {
             "command": job.get("command"),
-            "environment": job.get("env") or {},
+            "environment": {**(job.get("env") or {}), **(job.get("secrets") or {})},
             "init": True,
             "detach": True,
             "labels": {
@@ -277,7 +304,8 @@ class DockerRuntime:
         emit: Emit,
         cancel: threading.Event,
     ) -> dict[str, Any]:
-        readers = [StreamReader(container, s, buffer) for s in protocol.STREAMS]
+        mask = Masker(secret_values(job))
+        readers = [StreamReader(container, s, buffer, mask) for s in protocol.STREAMS]
         for reader in readers:
             reader.thread.start()
         exited = threading.Event()

@@ -95,11 +95,14 @@ def main() -> None:
 # --- server roles -----------------------------------------------------------------------------
 
 
-def _wait_for_signal() -> None:
+def _wait_for_signal(thread: threading.Thread | None = None) -> None:
+    """Block until SIGINT or SIGTERM (or until `thread` ends)."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(0.5):
+        if thread is not None and not thread.is_alive():
+            return
 
 
 def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
@@ -141,15 +144,29 @@ def coordinator(config_path: str | None, **flags: Any) -> None:
 
 
 @main.command()
+@click.option(
+    "--drain",
+    is_flag=True,
+    help="on SIGTERM/SIGINT, take no new job and exit once running jobs have ended (a second"
+    " signal exits at once)",
+)
 @config_file_option
 @config_options(cfg.WorkerConfig)
 @friendly
-def worker(config_path: str | None, **flags: Any) -> None:
-    """Run a worker: take jobs from the coordinator and run them as Docker containers."""
+def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
+    """Run a worker: take jobs from the coordinator and run them as Docker containers.
+
+    Stopping it (SIGTERM, Ctrl-C) leaves running containers alone: the next start finds them
+    and re-attaches, and their jobs finish with every line. With --drain it first waits for
+    them to end.
+    """
     setup_logging()
     config = cfg.load(cfg.WorkerConfig, flags, cfg.read_file(config_path))
     agent, thread = _start_worker(config)
-    _wait_for_signal()
+    _wait_for_signal(thread)
+    if drain and thread.is_alive():
+        agent.stop(drain=True)
+        _wait_for_signal(thread)
     agent.stop()
     thread.join()
 

@@ -118,6 +118,11 @@ class WorkerConfig:
     resend_s: float = setting(
         3.0, "GPUBOX_RESEND", "seconds before an unacknowledged LOG or DONE is sent again"
     )
+    max_unacked_lines: int = setting(
+        50_000,
+        "GPUBOX_MAX_UNACKED_LINES",
+        "log lines a worker holds for the coordinator at most; past it, output waits in Docker",
+    )
     key_file: str = setting(
         "",
         "GPUBOX_KEY_FILE",
@@ -137,7 +142,9 @@ class WorkerConfig:
 
     def validate(self) -> None:
         _check_link(self.coordinator, "coordinator")
-        _positive(self, "max_jobs", "heartbeat_interval_s", "liveness_s", "resend_s")
+        _positive(
+            self, "max_jobs", "heartbeat_interval_s", "liveness_s", "resend_s", "max_unacked_lines"
+        )
         if self.stop_grace_s < 0:
             raise errors.ConfigError("stop_grace_s: must not be negative")
         if self.gpus not in ("all", "none") and not re.fullmatch(r"\d+(,\d+)*", self.gpus):

@@ -13,8 +13,10 @@ earlier incarnation of the other.
 
 worker -> coordinator
     HELLO      {name, version, session, gpus: [{uuid, name, memory_mb}], labels: {str: str},
-                max_jobs, running: [{job_id, attempt}]}
-    READY      {session, free_gpus: [uuid], slots, running: [job_id]}
+                max_jobs, running: [{job_id, attempt, recovered?}]}  recovered: found as a
+                container at start, not held in memory (answered with JOB + resume)
+    READY      {session, free_gpus: [uuid], slots, running: [job_id]}   running: every job
+                it holds; this confirms receipt of a JOB (unconfirmed ones are queued again)
     STARTED    {session, job_id, attempt, container, executed_at}
     LOG        {session, job_id, attempt, seq, lines: [[ts, stream, line]]}   seq: first line's
     DONE       {session, job_id, attempt, status, exit_code, error, executed_at, finished_at,
@@ -24,7 +26,8 @@ worker -> coordinator
 coordinator -> worker
     WELCOME    {coordinator, heartbeat_interval_s, liveness_s}
     JOB        {coordinator, job: {id, attempt, name, image, command, env, secrets, auth, gpus,
-                timeout, first_seq}}       secrets and auth are write-only: mask, never log
+                timeout, first_seq}, resume?}  secrets and auth are write-only: mask, never log;
+                resume {stream: last stored timestamp}: re-attach to the running container
     ACK        {job_id, attempt, seq, done}     seq: last stored line; done: DONE was applied
     CANCEL     {job_id, attempt}
     HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO)
@@ -181,7 +184,7 @@ FROM_COORDINATOR: dict[str, dict[str, Check]] = {
         "heartbeat_interval_s": _is_number,
         "liveness_s": _is_number,
     },
-    "JOB": {"coordinator": _is_str, "job": _is_wire_job},
+    "JOB": {"coordinator": _is_str, "job": _is_wire_job, "resume": _opt(_is_str_map)},
     "ACK": {
         "job_id": _is_int,
         "attempt": _is_int,

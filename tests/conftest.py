@@ -104,6 +104,15 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str 
         time.sleep(0.05)
 
 
+def remove_containers(client: docker.DockerClient, workers: set[str]) -> None:
+    """Remove the job containers these workers left running (a plain stop leaves them)."""
+    for name in workers:
+        for container in client.containers.list(
+            all=True, filters={"label": f"io.gpubox.worker={name}"}
+        ):
+            container.remove(force=True)
+
+
 @dataclasses.dataclass
 class Cluster:
     """A running coordinator with its workers, and a client holding its admin token."""
@@ -173,6 +182,7 @@ class Cluster:
         for _, thread in self.agents:
             thread.join(timeout=30)
         self.coordinator.stop()
+        remove_containers(self.docker_client, {agent.name for agent, _ in self.agents})
 
 
 @pytest.fixture()

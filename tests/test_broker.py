@@ -788,6 +788,7 @@ def test_silent_worker_is_lost(link: Link) -> None:
     jobs = {worker.job()["id"], worker.job()["id"]}
     assert jobs == {retried.id, failed.id}
     assert link.status(retried.id) is Status.RUNNING
+    worker.ready(slots=0, running=sorted(jobs))  # confirms it holds both
 
     worker.keepalive = False  # and it reads nothing more: silent from now on
     lost_at = time.monotonic()
@@ -830,7 +831,8 @@ def test_worker_that_keeps_talking_is_not_lost(link: Link) -> None:
     worker = link.worker("w1")
     worker.hello()
     worker.ready()
-    worker.job()
+    job = worker.job()
+    worker.ready(slots=0, running=[job["id"]])  # confirms it holds the job
     worker.quiet("CANCEL", LIVENESS_S * 1.6)  # heartbeats only, for longer than liveness_s
     assert link.status(created.id) is Status.RUNNING
     assert link.store.list_workers()[0].connected is True

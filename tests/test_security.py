@@ -362,7 +362,13 @@ def test_good_worker_names_are_accepted(name: str) -> None:
 class StubRuntime:
     """A runtime that ends every job at once (never called here: no job gets through)."""
 
-    def run(self, job: dict[str, Any], emit: Any, cancel: threading.Event) -> None:
+    def recover(self) -> list[Any]:
+        return []
+
+    def discard(self, container: Any, stop: bool = True) -> None:
+        raise AssertionError("no container to discard")
+
+    def run(self, job: dict[str, Any], emit: Any, cancel: threading.Event, *_: Any) -> None:
         emit(
             "done",
             {

@@ -46,6 +46,8 @@ class Peer:
     slots: int = 0
     known: set[int] = dataclasses.field(default_factory=set)  # job ids the worker said it holds
     assigned: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # job id → GPU uuids
+    # Jobs sent whose receipt the worker has not confirmed yet: job id → (attempt, sent at).
+    unconfirmed: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
 
     def capacity(self) -> tuple[list[str], int]:
         """Free GPUs and job slots, counting jobs sent since the worker's last READY."""
@@ -290,14 +292,24 @@ class Broker:
                 "liveness_s": self.liveness_s,
             },
         )
-        held = {item["job_id"]: item["attempt"] for item in body["running"]}
+        held = {item["job_id"]: item for item in body["running"]}
         for job in self.store.running_jobs(worker=name):
-            if held.get(job.id) == job.attempts:
-                peer.assigned[job.id] = list(job.gpu_ids)
-                if job.cancel_requested:
-                    self._send(peer, "CANCEL", {"job_id": job.id, "attempt": job.attempts})
-            else:
-                self._release(job, f"worker {name} restarted without it")
+            item = held.pop(job.id, None)
+            if item is None or item["attempt"] != job.attempts:
+                self._release(job, f"worker {name} came back without it")
+                if item is not None:
+                    held[job.id] = item  # a stale attempt: stopped below
+                continue
+            peer.assigned[job.id] = list(job.gpu_ids)
+            if item.get("recovered"):
+                # The worker restarted and found the container: send the job again, with how
+                # far its log is stored, so it re-attaches without a gap or a repeat.
+                self._send_job(peer, job, resume=self.store.log_marks(job.id))
+            if job.cancel_requested:
+                self._send(peer, "CANCEL", {"job_id": job.id, "attempt": job.attempts})
+        for job_id, item in held.items():
+            # Held by the worker but not its to run (ended, lost, or another attempt): stop it.
+            self._send(peer, "CANCEL", {"job_id": job_id, "attempt": item["attempt"]})
         self.store.save_worker(peer.info(connected=True))
         log.info("worker %s connected (%d GPUs, %d jobs held)", name, len(peer.gpus), len(held))
 
@@ -306,18 +318,22 @@ class Broker:
         peer.free_gpus = list(body["free_gpus"])
         peer.slots = body["slots"]
         peer.known = set(body["running"])
+        for job_id in peer.known:
+            peer.unconfirmed.pop(job_id, None)
         self._schedule(now)
 
     def _foreign(self, peer: Peer, job_id: int) -> bool:
         """A report on a job this worker does not hold (never sent to it, or already ended):
         counted and not applied, so no worker can speak for another's job."""
         if job_id in peer.assigned:
+            peer.unconfirmed.pop(job_id, None)
             return False
         self.dropped_messages += 1
         return True
 
     def _on_started(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         if self._foreign(peer, body["job_id"]):
+            self._send(peer, "CANCEL", {"job_id": body["job_id"], "attempt": body["attempt"]})
             return
         executed_at = models.parse_time(body["executed_at"]) or models.utcnow()
         if self.store.mark_started(body["job_id"], body["attempt"], executed_at):
@@ -331,6 +347,7 @@ class Broker:
             self._send(
                 peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": end, "done": False}
             )
+            self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
             return
         lines = [tuple(line) for line in body["lines"]]
         seq = self.store.append_logs(job_id, attempt, body["seq"], lines)  # type: ignore[arg-type]
@@ -407,21 +424,45 @@ class Broker:
                 job = self.store.claim_job(peer.name, peer.labels, free, models.utcnow())
                 if job is None:
                     continue
-                try:
-                    wire = job.to_wire(self.sealer.credentials(job))
-                except errors.GpuboxError as exc:
-                    self._fail(job, str(exc))
-                    progress = True
-                    continue
-                if self._send(peer, "JOB", {"coordinator": self.coordinator_id, "job": wire}):
-                    peer.assigned[job.id] = list(job.gpu_ids)
+                if self._send_job(peer, job):
                     progress = True
                     log.info("job %d (attempt %d) sent to %s", job.id, job.attempts, peer.name)
+                elif self.store.get_job(job.id).status is not models.Status.RUNNING:
+                    progress = True  # ended: its credentials could not be unsealed
                 else:
                     self.store.unclaim_job(job.id, job.attempts, models.utcnow())
 
+    def _send_job(self, peer: Peer, job: models.Job, resume: dict[str, str] | None = None) -> bool:
+        """Send JOB (its credentials unsealed); the worker must confirm receipt in time."""
+        try:
+            wire = job.to_wire(self.sealer.credentials(job))
+        except errors.GpuboxError as exc:
+            self._fail(job, str(exc))
+            return False
+        body: dict[str, Any] = {"coordinator": self.coordinator_id, "job": wire}
+        if resume is not None:
+            body["resume"] = resume
+        if not self._send(peer, "JOB", body):
+            return False
+        peer.assigned[job.id] = list(job.gpu_ids)
+        if resume is None:
+            peer.unconfirmed[job.id] = (job.attempts, time.monotonic())
+        return True
+
     def _expire(self, now: float) -> None:
         for peer in list(self.peers.values()):
+            for job_id, (attempt, sent_at) in list(peer.unconfirmed.items()):
+                if now - sent_at > self.liveness_s:
+                    # The JOB never arrived (or its receipt did not): queue it again without
+                    # counting an attempt, and stop it should it arrive after all.
+                    del peer.unconfirmed[job_id]
+                    peer.assigned.pop(job_id, None)
+                    self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
+                    if self.store.unclaim_job(job_id, attempt, models.utcnow()):
+                        log.warning(
+                            "job %d: %s never confirmed it; queued again", job_id, peer.name
+                        )
+                        self.changes.notify(job_id)
             if now - peer.last_seen > self.liveness_s:
                 self._lose(peer, f"worker lost: no word from {peer.name} for {self.liveness_s:g} s")
         if now - self.started_at < self.liveness_s:

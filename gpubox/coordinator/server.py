@@ -47,6 +47,14 @@ class Coordinator:
         return self.broker.endpoint
 
     def start(self) -> None:
+        """Open the store, bind both listeners, start the threads; on failure undo it all."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         _, secret = keys.coordinator_files(self.config.state_dir)
         if not secret.exists():
             raise errors.ConfigError(
@@ -56,23 +64,19 @@ class Coordinator:
         server_keys = keys.load_secret(secret)
         sealer = sealing.Sealer(self.config.state_dir)
         self.store = open_store(self.config.db)
-        try:
-            tokens.ensure_local(self.store, self.config.state_dir)
-            changes = Changes()
-            self.broker = Broker(
-                self.store,
-                changes,
-                self.config.bind,
-                server_keys=server_keys,
-                allow=keys.AllowList(keys.allowed_dir(self.config.state_dir)),
-                sealer=sealer,
-                heartbeat_interval_s=self.config.heartbeat_interval_s,
-                liveness_s=self.config.liveness_s,
-                context=self.context,
-            )
-        except BaseException:
-            self.store.close()
-            raise
+        tokens.ensure_local(self.store, self.config.state_dir)
+        changes = Changes()
+        self.broker = Broker(
+            self.store,
+            changes,
+            self.config.bind,
+            server_keys=server_keys,
+            allow=keys.AllowList(keys.allowed_dir(self.config.state_dir)),
+            sealer=sealer,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            liveness_s=self.config.liveness_s,
+            context=self.context,
+        )
         app = api.make_app(
             self.store,
             changes,

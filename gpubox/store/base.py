@@ -133,6 +133,11 @@ class Store(abc.ABC):
     def read_logs(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogLine]:
         """Up to `limit` stored lines with seq > since, in order."""
 
+    @abc.abstractmethod
+    def log_marks(self, job_id: int) -> dict[str, str]:
+        """The latest timestamp stored for each stream of a job ({} when none), to re-attach
+        to its container. Timestamps are fixed-width RFC 3339, so they compare as text."""
+
     # --- workers ------------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -350,6 +350,14 @@ class SqlStore(base.Store):
             )
             return [models.LogLine(**row) for row in cur.fetchall()]
 
+    def log_marks(self, job_id: int) -> dict[str, str]:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT stream, MAX(ts) AS ts FROM logs WHERE job_id = ? GROUP BY stream",
+                (job_id,),
+            )
+            return {row["stream"]: row["ts"] for row in cur.fetchall()}
+
     # --- workers ------------------------------------------------------------------------------
 
     def save_worker(self, worker: models.WorkerInfo) -> None:

@@ -32,9 +32,21 @@ HANDSHAKE_FAILURES = (
 
 
 class Runtime(Protocol):
-    """Runs one job attempt, reporting through emit(kind, body); see worker.runner."""
+    """Runs job attempts, reporting through emit(kind, body); see worker.runner."""
 
-    def run(self, job: dict[str, Any], emit: Any, cancel: threading.Event) -> None: ...
+    def run(
+        self,
+        job: dict[str, Any],
+        emit: Any,
+        cancel: threading.Event,
+        detach: threading.Event | None = None,
+        container: Any = None,
+        resume: dict[str, str] | None = None,
+    ) -> None: ...
+
+    def recover(self) -> list[tuple[int, int, list[str], Any]]: ...
+
+    def discard(self, container: Any, stop: bool = True) -> None: ...
 
 
 @dataclasses.dataclass
@@ -50,6 +62,8 @@ class LocalJob:
     unacked: dict[int, tuple[list[list[str]], float]] = dataclasses.field(default_factory=dict)
     done: dict[str, Any] | None = None
     done_sent_at: float = 0.0
+    # A container found at start, not yet re-attached (the coordinator sends JOB + resume).
+    found: Any = None
 
 
 class Agent:
@@ -74,6 +88,10 @@ class Agent:
         self.labels = config.label_map
         self.context = context or zmq.Context.instance()
         self.jobs: dict[int, LocalJob] = {}
+        # Before any socket exists: a failure here leaves nothing open.
+        for job_id, attempt, uuids, container in runtime.recover():
+            log.info("found the container of job %d (attempt %d): re-attaching", job_id, attempt)
+            self.jobs[job_id] = LocalJob(job_id, attempt, uuids, threading.Event(), found=container)
         self.events_address = f"inproc://gpubox-worker-{uuid.uuid4().hex}"
         self.events = self.context.socket(zmq.PULL)
         self.events.bind(self.events_address)
@@ -86,9 +104,22 @@ class Agent:
         self.last_heard = 0.0
         self._next_heartbeat = 0.0
         self._stop = threading.Event()
+        self._detach = threading.Event()
+        self.draining = False
+        self.unacked_lines = 0
+        self._reading_events = True
+        self._announce_drain = False
         self.connected = threading.Event()  # set while welcomed; for tests and `up`
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = False) -> None:
+        """Stop. Plainly: at once, leaving running containers for the next start to re-attach
+        to. With `drain`: take no new job, and stop once every running job has ended and its
+        DONE is acknowledged."""
+        if drain and not self._stop.is_set():
+            self.draining = True
+            self._announce_drain = True
+            log.info("draining: no new jobs; stopping once %d job(s) end", len(self.jobs))
+            return
         self._stop.set()
 
     # --- the loop -----------------------------------------------------------------------------
@@ -100,6 +131,8 @@ class Agent:
         self._connect(time.monotonic(), poller)
         try:
             while not self._stop.is_set():
+                if self.draining and not self.jobs:
+                    break
                 events = dict(poller.poll(100))
                 now = time.monotonic()
                 if self.dealer in events:
@@ -108,9 +141,22 @@ class Agent:
                     self._drain_monitor()
                 if self.events in events:
                     self._drain_events(now)
+                self._flow_control(poller)
                 self.step(now, poller)
         finally:
             self._shutdown()
+
+    def _flow_control(self, poller: zmq.Poller) -> None:
+        """Read runners' output only while fewer than max_unacked_lines lines await the
+        coordinator's ACK. Past that, runners block, so their readers stop reading Docker's
+        log: the backlog waits in Docker's own log file, on disk, not in this process."""
+        reading = self._reading_events
+        if reading and self.unacked_lines >= self.config.max_unacked_lines:
+            poller.unregister(self.events)
+            self._reading_events = False
+        elif not reading and self.unacked_lines < self.config.max_unacked_lines // 2:
+            poller.register(self.events, zmq.POLLIN)
+            self._reading_events = True
 
     def step(self, now: float, poller: zmq.Poller | None = None) -> None:
         """Timers: heartbeat, reconnect when the coordinator is silent, resend unacked."""
@@ -125,6 +171,9 @@ class Agent:
             self._send("HEARTBEAT", {"session": self.session})
         if self.welcomed:
             self._resend(now, older_than=self.config.resend_s)
+            if self._announce_drain:
+                self._announce_drain = False
+                self._ready()  # slots 0: no more work
 
     def _connect(self, now: float, poller: zmq.Poller | None) -> None:
         self._close_dealer(poller)
@@ -192,7 +241,10 @@ class Agent:
                 "gpus": [gpu.to_dict() for gpu in self.gpus],
                 "labels": self.labels,
                 "max_jobs": self.config.max_jobs,
-                "running": [{"job_id": j.id, "attempt": j.attempt} for j in self.jobs.values()],
+                "running": [
+                    {"job_id": j.id, "attempt": j.attempt, "recovered": j.found is not None}
+                    for j in self.jobs.values()
+                ],
             },
         )
 
@@ -228,19 +280,32 @@ class Agent:
 
     def _on_job(self, body: dict[str, Any], now: float) -> None:
         spec = body["job"]
-        if spec["id"] in self.jobs:
-            return  # a duplicate delivery
-        job = LocalJob(
-            id=spec["id"],
-            attempt=spec["attempt"],
-            gpus=list(spec["gpus"]),
-            cancel=threading.Event(),
-        )
+        job = self.jobs.get(spec["id"])
+        found = None
+        if self.draining and job is None:
+            # Not confirmed in READY: the coordinator queues it again for another worker.
+            log.info("job %d: not taken, this worker is draining", spec["id"])
+            return
+        if job is not None:
+            if job.found is None or job.attempt != spec["attempt"] or body.get("resume") is None:
+                return  # a duplicate delivery
+            found, job.found = job.found, None
+        else:
+            job = LocalJob(spec["id"], spec["attempt"], list(spec["gpus"]), threading.Event())
+            self.jobs[job.id] = job
         job.thread = threading.Thread(
-            target=self._run_job, args=(spec, job.cancel), name=f"job-{job.id}", daemon=True
+            target=self._run_job,
+            args=(spec, job.cancel, found, body.get("resume")),
+            name=f"job-{job.id}",
+            daemon=True,
         )
-        self.jobs[job.id] = job
-        log.info("job %d (attempt %d) received: %s", job.id, job.attempt, spec["image"])
+        log.info(
+            "job %d (attempt %d) %s: %s",
+            job.id,
+            job.attempt,
+            "re-attached" if found else "received",
+            spec["image"],
+        )
         job.thread.start()
         self._ready()
 
@@ -251,9 +316,9 @@ class Agent:
         for seq in [
             s for s, (lines, _) in job.unacked.items() if s + len(lines) - 1 <= body["seq"]
         ]:
-            del job.unacked[seq]
+            self.unacked_lines -= len(job.unacked.pop(seq)[0])
         if body["done"]:
-            del self.jobs[job.id]
+            self._forget(job)
             self._ready()
         elif job.done is not None:
             # DONE was refused for missing lines: send what is left now, then DONE.
@@ -261,13 +326,31 @@ class Agent:
 
     def _on_cancel(self, body: dict[str, Any], now: float) -> None:
         job = self.jobs.get(body["job_id"])
-        if job is not None and job.attempt == body["attempt"]:
-            log.info("job %d: cancel requested", job.id)
-            job.cancel.set()
+        if job is None or job.attempt != body["attempt"]:
+            return
+        if job.found is not None:
+            # A container found at start that is no longer ours to run: stop it, forget it.
+            log.info("job %d: its container is not ours to run any more; stopping it", job.id)
+            threading.Thread(target=self.runtime.discard, args=(job.found,), daemon=True).start()
+            self._forget(job)
+            self._ready()
+            return
+        log.info("job %d: cancel requested", job.id)
+        job.cancel.set()
+
+    def _forget(self, job: LocalJob) -> None:
+        del self.jobs[job.id]
+        self.unacked_lines -= sum(len(lines) for lines, _ in job.unacked.values())
 
     # --- runner threads -----------------------------------------------------------------------
 
-    def _run_job(self, spec: dict[str, Any], cancel: threading.Event) -> None:
+    def _run_job(
+        self,
+        spec: dict[str, Any],
+        cancel: threading.Event,
+        found: Any = None,
+        resume: dict[str, str] | None = None,
+    ) -> None:
         push = self.context.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDTIMEO, 500)
         push.setsockopt(zmq.LINGER, 0)
@@ -285,7 +368,7 @@ class Agent:
                         return
 
         try:
-            self.runtime.run(spec, emit, cancel)
+            self.runtime.run(spec, emit, cancel, self._detach, found, resume)
         except Exception as exc:  # a runtime bug must still end the job
             log.exception("job %d: the runtime failed", spec["id"])
             emit(
@@ -303,7 +386,7 @@ class Agent:
             push.close()
 
     def _drain_events(self, now: float) -> None:
-        while True:
+        while self.unacked_lines < self.config.max_unacked_lines:
             try:
                 job_id, kind, body = self.events.recv_pyobj(zmq.NOBLOCK)
             except zmq.Again:
@@ -318,6 +401,7 @@ class Agent:
                 )
             elif kind == "lines":
                 job.unacked[body["seq"]] = (body["lines"], 0.0)
+                self.unacked_lines += len(body["lines"])
                 self._send_log(job, body["seq"], now)
             elif kind == "done":
                 job.running = False
@@ -336,12 +420,13 @@ class Agent:
             return
         busy = {uuid for job in self.jobs.values() if job.running for uuid in job.gpus}
         running = sum(1 for job in self.jobs.values() if job.running)
+        free = [gpu.uuid for gpu in self.gpus if gpu.uuid not in busy]
         self._send(
             "READY",
             {
                 "session": self.session,
-                "free_gpus": [gpu.uuid for gpu in self.gpus if gpu.uuid not in busy],
-                "slots": max(0, self.config.max_jobs - running),
+                "free_gpus": [] if self.draining else free,
+                "slots": 0 if self.draining else max(0, self.config.max_jobs - running),
                 "running": list(self.jobs),
             },
         )
@@ -388,14 +473,14 @@ class Agent:
     # --- stopping -----------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        # Runner threads let go of their containers, which run on: the next start of this
+        # worker finds them and re-attaches.
+        self._detach.set()
         running = [job for job in self.jobs.values() if job.running and job.thread is not None]
         if running:
-            log.info("stopping %d running job(s)", len(running))
-        for job in running:
-            job.cancel.set()
-        deadline = time.monotonic() + self.config.stop_grace_s + 5
+            log.info("leaving %d running job(s) to re-attach to at the next start", len(running))
         for job in running:
             assert job.thread is not None
-            job.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            job.thread.join(timeout=2)
         self._close_dealer(None)
         self.events.close(linger=0)

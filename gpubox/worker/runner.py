@@ -30,7 +30,15 @@ BATCH_BYTES = 64 * 1024
 FLUSH_S = 0.1
 GATHER_S = 0.005
 LABEL = "io.gpubox.job"
+WORKER_LABEL = "io.gpubox.worker"
 MASK = "[MASKED]"
+
+
+def normalize_ts(ts: str) -> str:
+    """Docker's timestamp with exactly nine fraction digits (Docker drops trailing zeros), so
+    that timestamps sort as text."""
+    head, _, frac = ts.rstrip("Z").partition(".")
+    return f"{head}.{(frac + '000000000')[:9]}Z"
 
 
 def ts_ns(ts: str) -> int:
@@ -39,6 +47,14 @@ def ts_ns(ts: str) -> int:
     whole = models.parse_time(head + "Z")
     assert whole is not None
     return int(whole.timestamp()) * 1_000_000_000 + int((frac + "000000000")[:9])
+
+
+def started_at(container: Any) -> str:
+    """When a container started, as gpubox writes times."""
+    container.reload()
+    raw = container.attrs.get("State", {}).get("StartedAt") or ""
+    started = models.parse_time(raw) if raw and not raw.startswith("0001") else None
+    return models.format_time(started or models.utcnow())  # type: ignore[return-value]
 
 
 class Masker:
@@ -113,46 +129,61 @@ class StreamReader:
     """Follows one stream (stdout or stderr) of a container into a LineBuffer.
 
     Docker splits lines over 16 KiB into pieces that share a timestamp and lack the newline;
-    the pieces are joined here. It remembers the last timestamp seen and how many entries had
-    it, so `catch_up` can read what a live follow missed without repeating a line.
+    the pieces are joined here. Timestamps are normalised to nine fraction digits, so they
+    sort as text. The reader remembers the last timestamp it took and how many entries had it,
+    so `catch_up` reads what a live follow missed without repeating a line; `resume_after`
+    (a timestamp already stored) makes it skip everything up to and including that one, to
+    re-attach to a container whose earlier lines are stored.
     """
 
-    def __init__(self, container: Any, stream: str, buffer: LineBuffer, mask: Masker) -> None:
+    def __init__(
+        self, container: Any, stream: str, buffer: LineBuffer, mask: Masker, resume_after: str = ""
+    ) -> None:
         self.container = container
         self.stream = stream
         self.buffer = buffer
         self.mask = mask
-        self.last_ns = 0
-        self.at_last = 0
-        self.last_ts = ""
+        self.last_ts = resume_after
+        self.at_last = 0 if not resume_after else -1  # -1: skip every entry of that timestamp
         self._pending = b""
         self._pending_ts = ""
         self.thread = threading.Thread(target=self._follow, daemon=True, name=f"logs-{stream}")
 
-    def _entries(self, **kwargs: Any) -> Iterable[bytes]:
+    def _entries(self, follow: bool) -> Iterable[bytes]:
+        since = ts_ns(self.last_ts) / 1e9 - 0.001 if self.last_ts else None
         return self.container.logs(  # type: ignore[no-any-return]
             stdout=self.stream == "stdout",
             stderr=self.stream == "stderr",
             stream=True,
             timestamps=True,
-            **kwargs,
+            follow=follow,
+            since=since,
         )
+
+    def _read(self, follow: bool) -> None:
+        """Take every entry after the ones already taken (by timestamp and count)."""
+        skip_ts, skip = self.last_ts, self.at_last
+        for entry in self._entries(follow):
+            ts = normalize_ts(entry.partition(b" ")[0].decode("ascii", "replace"))
+            if ts < skip_ts:
+                continue
+            if ts == skip_ts and skip != 0:
+                skip -= 1
+                continue
+            skip_ts = ""
+            self._take(ts, entry.partition(b" ")[2])
 
     def _follow(self) -> None:
         try:
-            for entry in self._entries(follow=True):
-                self._take(entry)
+            self._read(follow=True)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             log.warning("following %s of %s stopped: %s", self.stream, self.container.short_id, exc)
 
-    def _take(self, entry: bytes) -> None:
-        raw_ts, _, data = entry.partition(b" ")
-        ts = raw_ts.decode("ascii", "replace")
-        ns = ts_ns(ts)
-        if ns == self.last_ns:
+    def _take(self, ts: str, data: bytes) -> None:
+        if ts == self.last_ts and self.at_last >= 0:
             self.at_last += 1
         else:
-            self.last_ns, self.at_last, self.last_ts = ns, 1, ts
+            self.last_ts, self.at_last = ts, 1
         if not self._pending:
             self._pending_ts = ts
         self._pending += data
@@ -169,17 +200,8 @@ class StreamReader:
     def catch_up(self) -> None:
         """After the container exited: read entries the follow missed, then flush a last
         line that had no newline."""
-        since = self.last_ns / 1e9 - 0.001 if self.last_ns else None
-        skip_ns, skip = self.last_ns, self.at_last
         try:
-            for entry in self._entries(follow=False, since=since) if since else self._entries():
-                ns = ts_ns(entry.partition(b" ")[0].decode("ascii", "replace"))
-                if ns < skip_ns:
-                    continue
-                if ns == skip_ns and skip > 0:
-                    skip -= 1
-                    continue
-                self._take(entry)
+            self._read(follow=False)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             log.warning(
                 "reading the rest of %s of %s failed: %s", self.stream, self.container.short_id, exc
@@ -204,15 +226,28 @@ class DockerRuntime:
         self.tee = tee or sys.stderr
         self._tee_lock = threading.Lock()
 
-    def run(self, job: dict[str, Any], emit: Emit, cancel: threading.Event) -> None:
-        """Run one attempt to its end; always emits exactly one "done" last."""
+    def run(
+        self,
+        job: dict[str, Any],
+        emit: Emit,
+        cancel: threading.Event,
+        detach: threading.Event | None = None,
+        container: Any = None,
+        resume: dict[str, str] | None = None,
+    ) -> None:
+        """Run one attempt to its end; emits exactly one "done" last, unless `detach` is set
+        first: then it returns at once and leaves the container running, for a later worker
+        to re-attach to. With `container` (found by `recover`) it re-attaches: no pull, no
+        start, and each stream resumes after `resume`'s timestamp for it."""
+        detach = detach or threading.Event()
         executed_at: str | None = None
         buffer = LineBuffer(job["first_seq"])
-        outcome: dict[str, Any]
-        container = None
+        outcome: dict[str, Any] | None
         try:
-            pull_error = self._ensure_image(job["image"], job.get("auth"))
-            if pull_error is not None:
+            if container is not None:
+                executed_at = started_at(container)
+                outcome = self._watch(job, container, buffer, emit, cancel, detach, resume or {})
+            elif (pull_error := self._ensure_image(job["image"], job.get("auth"))) is not None:
                 outcome = {
                     "status": "ERROR",
                     "error": f"could not pull image {job['image']!r}: {pull_error}",
@@ -224,7 +259,7 @@ class DockerRuntime:
                 container.start()
                 executed_at = models.format_time(models.utcnow())
                 emit("started", {"container": container.id, "executed_at": executed_at})
-                outcome = self._watch(job, container, buffer, emit, cancel)
+                outcome = self._watch(job, container, buffer, emit, cancel, detach, {})
         except docker.errors.APIError as exc:
             outcome = {
                 "status": "ERROR",
@@ -232,12 +267,11 @@ class DockerRuntime:
             }
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             outcome = {"status": "ERROR", "error": f"docker failed: {exc}"}
-        finally:
-            if container is not None:
-                try:
-                    container.remove(force=True)
-                except docker.errors.DockerException as exc:
-                    log.warning("could not remove container %s: %s", container.short_id, exc)
+        if outcome is None:
+            return  # detached: the container runs on
+        if container is not None:
+            # Gone before DONE is sent: the job's GPUs are free once the coordinator knows.
+            self.discard(container, stop=False)
         self._flush(job, buffer, emit, container, wait_s=0)
         emit(
             "done",
@@ -250,6 +284,32 @@ class DockerRuntime:
                 "last_seq": buffer.next_seq - 1,
             },
         )
+
+    def recover(self) -> list[tuple[int, int, list[str], Any]]:
+        """This worker's job containers left by an earlier run: (job id, attempt, GPU uuids,
+        container) for each, running or exited."""
+        found = []
+        label = f"{WORKER_LABEL}={self.worker_name}"
+        for container in self.client.containers.list(all=True, filters={"label": label}):
+            labels = container.labels
+            try:
+                job_id, attempt = int(labels[LABEL]), int(labels[f"{LABEL}.attempt"])
+            except (KeyError, ValueError):
+                continue
+            gpus = [g for g in labels.get(f"{LABEL}.gpus", "").split(",") if g]
+            found.append((job_id, attempt, gpus, container))
+        return found
+
+    def discard(self, container: Any, stop: bool = True) -> None:
+        """Stop a container (SIGTERM, then SIGKILL after the grace period) and remove it."""
+        try:
+            if stop:
+                self._stop(container)
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("could not remove container %s: %s", container.short_id, exc)
 
     def _ensure_image(self, image: str, auth: dict[str, str] | None) -> str | None:
         """Pull the image unless it is here already; None on success, else Docker's reason."""
@@ -282,7 +342,8 @@ class DockerRuntime:
             "labels": {
                 LABEL: str(job["id"]),
                 f"{LABEL}.attempt": str(job["attempt"]),
-                "io.gpubox.worker": self.worker_name,
+                f"{LABEL}.gpus": ",".join(job["gpus"]),
+                WORKER_LABEL: self.worker_name,
             },
         }
         if job["gpus"]:
@@ -303,9 +364,13 @@ class DockerRuntime:
         buffer: LineBuffer,
         emit: Emit,
         cancel: threading.Event,
-    ) -> dict[str, Any]:
+        detach: threading.Event,
+        resume: dict[str, str],
+    ) -> dict[str, Any] | None:
         mask = Masker(secret_values(job))
-        readers = [StreamReader(container, s, buffer, mask) for s in protocol.STREAMS]
+        readers = [
+            StreamReader(container, s, buffer, mask, resume.get(s, "")) for s in protocol.STREAMS
+        ]
         for reader in readers:
             reader.thread.start()
         exited = threading.Event()
@@ -319,9 +384,14 @@ class DockerRuntime:
             exited.set()
 
         threading.Thread(target=wait, daemon=True, name=f"wait-{job['id']}").start()
-        deadline = time.monotonic() + job["timeout"] if job.get("timeout") else None
+        deadline = None
+        if job.get("timeout"):
+            ran_s = (models.utcnow() - models.parse_time(started_at(container))).total_seconds()  # type: ignore[operator]
+            deadline = time.monotonic() + job["timeout"] - max(0.0, ran_s)
         stopped_for: str | None = None
         while not exited.is_set():
+            if detach.is_set():
+                return None
             self._flush(job, buffer, emit, container, wait_s=FLUSH_S)
             if stopped_for is None and cancel.is_set():
                 stopped_for = "cancel"

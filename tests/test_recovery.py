@@ -1,0 +1,316 @@
+"""Nothing lost: workers and coordinators killed, links cut, messages dropped or repeated.
+Real processes (kill -9), real containers, real sockets."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from gpubox import keys, protocol
+from gpubox.client import Client
+from tests.conftest import IMAGE, Cluster, remove_containers, wait_until
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+GPUBOX = [sys.executable, "-m", "gpubox"]
+FAST = {
+    "GPUBOX_HEARTBEAT_INTERVAL": "0.5",
+    "GPUBOX_LIVENESS": "3",
+    "GPUBOX_RESEND": "1",
+    "GPUBOX_STOP_GRACE": "2",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Process:
+    """A `gpubox` command in its own process, its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.env, self.log = args, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        out = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*GPUBOX, *self.args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+        )
+        out.close()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def worker_env(cluster_or_state: str, name: str, link: str) -> dict[str, str]:
+    secret = keys.add_worker(cluster_or_state, name)
+    return {
+        **os.environ,
+        **FAST,
+        "GPUBOX_STATE_DIR": cluster_or_state,
+        "GPUBOX_WORKER_NAME": name,
+        "GPUBOX_COORDINATOR": link,
+        "GPUBOX_KEY_FILE": str(secret),
+    }
+
+
+@pytest.fixture()
+def processes(docker_client) -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+    remove_containers(docker_client, {"proc-w1", "proc-w2", "proc-w3"})
+
+
+def counting_job(cluster: Cluster, lines: int, pause: float = 0.05, **fields: Any) -> dict:
+    script = f"for i in $(seq 1 {lines}); do echo line-$i; sleep {pause}; done"
+    return cluster.submit(IMAGE, ["sh", "-c", script], **fields)
+
+
+def assert_every_line_once(cluster: Cluster, job_id: int, lines: int) -> None:
+    stored = cluster.lines(job_id)
+    assert [r["line"] for r in stored] == [f"line-{i}" for i in range(1, lines + 1)]
+    assert [r["seq"] for r in stored] == list(range(1, lines + 1))
+
+
+def test_worker_killed_and_restarted_reattaches_and_loses_no_line(
+    make_cluster, processes, docker_client, tmp_path
+):
+    cluster: Cluster = make_cluster(workers=0)
+    state = cluster.coordinator.config.state_dir
+    worker = Process(
+        ["worker"],
+        worker_env(state, "proc-w1", cluster.coordinator.link_endpoint),
+        tmp_path / "worker.log",
+    )
+    processes.append(worker)
+    job = counting_job(cluster, 80)
+    wait_until(lambda: len(cluster.lines(job["id"])) >= 10, 30, "ten lines stored")
+    worker.kill9()
+    # the container runs on without its worker
+    containers = docker_client.containers.list(filters={"label": f"io.gpubox.job={job['id']}"})
+    assert len(containers) == 1
+    worker.start()
+    done = cluster.wait(job["id"], timeout_s=60)
+    assert done["status"] == "FINISHED" and done["attempts"] == 1
+    assert_every_line_once(cluster, job["id"], 80)
+    wait_until(
+        lambda: (
+            not docker_client.containers.list(
+                all=True, filters={"label": f"io.gpubox.job={job['id']}"}
+            )
+        ),
+        10,
+        "the container gone",
+    )
+
+
+def test_worker_that_stays_away_has_its_job_requeued_or_failed(make_cluster, processes, tmp_path):
+    cluster: Cluster = make_cluster(workers=0)
+    state = cluster.coordinator.config.state_dir
+    worker = Process(
+        ["worker"],
+        worker_env(state, "proc-w1", cluster.coordinator.link_endpoint),
+        tmp_path / "worker.log",
+    )
+    processes.append(worker)
+    retried = cluster.submit(IMAGE, ["sleep", "300"], max_retries=1)
+    once = cluster.submit(IMAGE, ["sleep", "300"])
+    for job in (retried, once):  # started: the worker has them (not merely sent)
+        wait_until(lambda j=job: cluster.client.job(j["id"])["result"]["executed_at"], 30, "start")
+    worker.kill9()
+    wait_until(lambda: cluster.client.job(retried["id"])["status"] == "QUEUED", 20, "requeue")
+    failed = cluster.wait(once["id"], timeout_s=20)
+    assert failed["status"] == "ERROR" and "worker lost" in failed["result"]["error"]
+
+
+def test_coordinator_killed_and_restarted_mid_job(processes, tmp_path, docker_client):
+    state = str(tmp_path / "state")
+    http, link = free_port(), free_port()
+    keys.init(state)
+    env = {**os.environ, **FAST, "GPUBOX_STATE_DIR": state}
+    args = ["coordinator", "--http", f"127.0.0.1:{http}", "--bind", f"tcp://127.0.0.1:{link}"]
+    coordinator = Process(args, env, tmp_path / "coordinator.log")
+    processes.append(coordinator)
+    url = f"http://127.0.0.1:{http}"
+    wait_until(lambda: (Path(state) / "token").exists(), 20, "the coordinator's token")
+    client = Client(url, (Path(state) / "token").read_text().strip())
+    worker = Process(
+        ["worker"], worker_env(state, "proc-w1", f"tcp://127.0.0.1:{link}"), tmp_path / "worker.log"
+    )
+    processes.append(worker)
+    wait_until(lambda: ok(lambda: client.workers()["workers"]), 20, "the worker")
+    script = "for i in $(seq 1 100); do echo line-$i; sleep 0.05; done"
+    job = client.submit(
+        {"name": "survivor", "docker": {"image": IMAGE, "command": ["sh", "-c", script]}}
+    )
+    out = io.StringIO()
+    codes: list[int] = []
+    tail = threading.Thread(
+        target=lambda: codes.append(client.tail(job["id"], out=out, err=io.StringIO()))
+    )
+    tail.start()
+    wait_until(lambda: out.getvalue().count("\n") >= 15, 30, "lines before the crash")
+    coordinator.kill9()
+    coordinator.start()
+    tail.join(90)
+    assert codes == [0]
+    assert out.getvalue().splitlines() == [f"line-{i}" for i in range(1, 101)]
+    stored = list(client.logs(job["id"]))
+    assert [r["seq"] for r in stored] == list(range(1, 101))
+    assert client.job(job["id"])["attempts"] == 1
+
+
+def ok(call: Any) -> Any:
+    try:
+        return call()
+    except Exception:
+        return None
+
+
+def test_a_lost_job_message_is_sent_again_and_the_job_runs_once(make_cluster, tmp_path):
+    """A fake worker that ignores its first JOB: the coordinator queues it again after the
+    liveness window and the job runs exactly once."""
+    cluster: Cluster = make_cluster(workers=0, liveness_s=2.0, heartbeat_interval_s=0.3)
+    state = cluster.coordinator.config.state_dir
+    public, secret = keys.load_secret(keys.add_worker(state, "fake"))
+    server = keys.load_public(str(keys.coordinator_files(state)[0]))
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.curve_publickey, dealer.curve_secretkey, dealer.curve_serverkey = public, secret, server
+    dealer.connect(cluster.coordinator.link_endpoint)
+    try:
+        session = "s1"
+        dealer.send_multipart(
+            protocol.encode(
+                "HELLO",
+                {
+                    "name": "fake",
+                    "version": "t",
+                    "session": session,
+                    "gpus": [],
+                    "labels": {},
+                    "max_jobs": 1,
+                    "running": [],
+                },
+            )
+        )
+        job = cluster.submit(IMAGE, ["true"])
+        jobs_seen: list[dict[str, Any]] = []
+
+        def pump() -> bool:
+            while dealer.poll(50):
+                msg = protocol.decode_from_coordinator(dealer.recv_multipart())
+                if msg.type == "WELCOME":
+                    dealer.send_multipart(
+                        protocol.encode(
+                            "READY",
+                            {"session": session, "free_gpus": [], "slots": 1, "running": []},
+                        )
+                    )
+                elif msg.type == "JOB":
+                    jobs_seen.append(msg.body["job"])
+                    if len(jobs_seen) >= 2:
+                        return True
+                    # the first JOB is "lost": no READY confirming it
+                elif msg.type == "HEARTBEAT":
+                    dealer.send_multipart(protocol.encode("HEARTBEAT", {"session": session}))
+            dealer.send_multipart(protocol.encode("HEARTBEAT", {"session": session}))
+            return False
+
+        wait_until(pump, 20, "the JOB to be sent again")
+        assert [j["id"] for j in jobs_seen] == [job["id"], job["id"]]
+        assert [j["attempt"] for j in jobs_seen] == [1, 1]  # not counted as a failed attempt
+    finally:
+        dealer.close(linger=0)
+        context.destroy(linger=0)
+    # a real worker then runs it, once
+    cluster.add_worker()
+    done = cluster.wait(job["id"])
+    assert done["status"] == "FINISHED" and done["attempts"] == 1
+
+
+def test_cancel_kills_a_container_that_ignores_sigterm_after_the_grace(cluster: Cluster):
+    job = cluster.submit(IMAGE, ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"])
+    wait_until(lambda: cluster.lines(job["id"]), 20, "the trap to be set")
+    cluster.client.cancel(job["id"])
+    done = cluster.wait(job["id"], timeout_s=20)  # stop_grace_s is 2 in tests
+    assert done["status"] == "CANCELLED"
+    assert done["result"]["exit_code"] == 137  # SIGKILL
+
+
+def test_plain_stop_leaves_the_container_and_drain_waits(
+    make_cluster, processes, tmp_path, docker_client
+):
+    cluster: Cluster = make_cluster(workers=0)
+    state = cluster.coordinator.config.state_dir
+    env = worker_env(state, "proc-w1", cluster.coordinator.link_endpoint)
+    worker = Process(["worker", "--drain"], env, tmp_path / "worker.log")
+    processes.append(worker)
+    job = counting_job(cluster, 30, pause=0.1)
+    wait_until(lambda: cluster.lines(job["id"]), 30, "the job to start")
+    worker.signal(signal.SIGTERM)  # drain: no new job, wait for this one
+    wait_until(lambda: "draining" in (tmp_path / "worker.log").read_text(), 10, "draining")
+    later = cluster.submit(IMAGE, ["true"])
+    assert worker.proc is not None and worker.proc.wait(30) == 0
+    assert cluster.client.job(job["id"])["status"] == "FINISHED"
+    assert_every_line_once(cluster, job["id"], 30)
+    assert cluster.client.job(later["id"])["status"] == "QUEUED"
+
+
+def test_a_flood_waits_in_dockers_log_and_every_line_arrives(make_cluster):
+    cluster: Cluster = make_cluster(worker_settings={"max_unacked_lines": 2000})
+    job = cluster.submit(IMAGE, ["seq", "1", "100000"])
+    done = cluster.wait(job["id"], timeout_s=120)
+    assert done["status"] == "FINISHED" and done["log_lines"] == 100000
+    agent, _ = cluster.agents[0]
+    assert agent.unacked_lines == 0
+    store = cluster.coordinator.store
+    assert store is not None
+    # spot checks across the whole range: in order, none twice, none missing
+    for since in (0, 49_990, 99_990):
+        lines = store.read_logs(job["id"], since, 10)
+        assert [line.line for line in lines] == [str(i) for i in range(since + 1, since + 11)]
+
+
+def test_a_10_mb_line_is_split_not_dropped(cluster: Cluster):
+    job = cluster.submit(
+        IMAGE, ["sh", "-c", "head -c 10485760 /dev/zero | tr '\\0' y; echo; echo end"]
+    )
+    done = cluster.wait(job["id"], timeout_s=120)
+    assert done["status"] == "FINISHED"
+    lines = [r["line"] for r in cluster.lines(job["id"])]
+    assert lines[-1] == "end"
+    assert "".join(lines[:-1]) == "y" * 10485760
+    assert all(len(line) <= protocol.MAX_LINE for line in lines)

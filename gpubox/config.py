@@ -78,11 +78,25 @@ class CoordinatorConfig:
     liveness_s: float = setting(
         10.0, "GPUBOX_LIVENESS", "seconds of silence after which a worker is lost"
     )
+    max_log_lines: int = setting(
+        1_000_000,
+        "GPUBOX_MAX_LOG_LINES",
+        "lines kept per job: the first half and the latest, a marker line between",
+    )
 
     def validate(self) -> None:
         parse_address(self.http, "http")
         _check_link(self.bind, "bind")
-        _positive(self, "http_threads", "max_body_bytes", "heartbeat_interval_s", "liveness_s")
+        _positive(
+            self,
+            "http_threads",
+            "max_body_bytes",
+            "heartbeat_interval_s",
+            "liveness_s",
+            "max_log_lines",
+        )
+        if self.max_log_lines < 10:
+            raise errors.ConfigError("max_log_lines: must be at least 10")
         if self.liveness_s <= self.heartbeat_interval_s:
             raise errors.ConfigError("liveness_s: must be longer than heartbeat_interval_s")
 

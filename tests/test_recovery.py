@@ -314,3 +314,14 @@ def test_a_10_mb_line_is_split_not_dropped(cluster: Cluster):
     assert lines[-1] == "end"
     assert "".join(lines[:-1]) == "y" * 10485760
     assert all(len(line) <= protocol.MAX_LINE for line in lines)
+
+
+def test_per_job_log_cap_keeps_head_and_tail_with_a_marker(make_cluster):
+    cluster: Cluster = make_cluster(max_log_lines=100)
+    job = cluster.submit(IMAGE, ["seq", "1", "1000"])
+    done = cluster.wait(job["id"], timeout_s=60)
+    assert done["status"] == "FINISHED" and done["log_lines"] == 1000
+    lines = cluster.lines(job["id"])
+    assert [r["line"] for r in lines[:50]] == [str(i) for i in range(1, 51)]
+    assert lines[50]["seq"] == 51 and "901 lines dropped" in lines[50]["line"]
+    assert [r["line"] for r in lines[51:]] == [str(i) for i in range(952, 1001)]

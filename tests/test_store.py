@@ -919,3 +919,22 @@ def test_closed_store_refuses_work(store: base.Store) -> None:
         store.get_job(job.id)
     with pytest.raises((errors.StoreError, errors.StoreUnavailable)):
         queued(store)
+
+
+def test_append_logs_keeps_head_and_tail_with_a_marker_past_the_cap(store: base.Store) -> None:
+    job = running(store)
+    for first in range(1, 26, 5):
+        store.append_logs(job.id, 1, first, raw(first, 5), keep=10)
+    lines = store.read_logs(job.id)
+    assert seqs(lines) == [1, 2, 3, 4, 5, 6, 22, 23, 24, 25]
+    marker = lines[5]
+    assert marker.stream == "stderr"
+    assert "16 lines dropped" in marker.line and "10 lines" in marker.line
+    assert [line.line for line in lines[6:]] == ["line 22", "line 23", "line 24", "line 25"]
+    assert store.get_job(job.id).log_seq == 25
+    # the marker keeps counting as lines go on
+    store.append_logs(job.id, 1, 26, raw(26, 5), keep=10)
+    lines = store.read_logs(job.id)
+    assert seqs(lines) == [1, 2, 3, 4, 5, 6, 27, 28, 29, 30]
+    assert "21 lines dropped" in lines[5].line
+    assert finish(store, job, last_seq=30) is Finish.APPLIED

@@ -81,6 +81,7 @@ class Broker:
         heartbeat_interval_s: float = 2.0,
         liveness_s: float = 10.0,
         context: zmq.Context | None = None,
+        max_log_lines: int | None = None,
     ) -> None:
         """`server_keys` is the coordinator's (public, secret) Z85 CURVE keypair; `allow` the
         worker keys it accepts. The context must not carry another ZAP authenticator."""
@@ -90,6 +91,7 @@ class Broker:
         self.sealer = sealer
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness_s = liveness_s
+        self.max_log_lines = max_log_lines
         self.context = context or zmq.Context()
         self.coordinator_id = uuid.uuid4().hex
         # ZAP must run on this context before the ROUTER binds, or CURVE lets any key in.
@@ -350,7 +352,13 @@ class Broker:
             self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
             return
         lines = [tuple(line) for line in body["lines"]]
-        seq = self.store.append_logs(job_id, attempt, body["seq"], lines)  # type: ignore[arg-type]
+        seq = self.store.append_logs(
+            job_id,
+            attempt,
+            body["seq"],
+            lines,
+            keep=self.max_log_lines,  # type: ignore[arg-type]
+        )
         self._send(peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": seq, "done": False})
         self.changes.notify(job_id)
 

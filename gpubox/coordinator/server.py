@@ -76,6 +76,7 @@ class Coordinator:
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             liveness_s=self.config.liveness_s,
             context=self.context,
+            max_log_lines=self.config.max_log_lines,
         )
         app = api.make_app(
             self.store,

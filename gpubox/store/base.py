@@ -120,9 +120,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def append_logs(
-        self, job_id: int, attempt: int, first_seq: int, lines: Sequence[RawLine]
+        self,
+        job_id: int,
+        attempt: int,
+        first_seq: int,
+        lines: Sequence[RawLine],
+        keep: int | None = None,
     ) -> int:
         """Store a batch whose first line has sequence number first_seq, in one transaction.
+
+        With `keep`, a job keeps at most that many lines: the first keep/2 and the latest,
+        the line after the head replaced by a marker saying how many were dropped there.
 
         Lines already stored are skipped (exactly once); a batch that would leave a gap, or
         belongs to a stale attempt, stores nothing. Returns the sequence number up to which the

@@ -313,7 +313,12 @@ class SqlStore(base.Store):
     # --- logs ---------------------------------------------------------------------------------
 
     def append_logs(
-        self, job_id: int, attempt: int, first_seq: int, lines: Sequence[base.RawLine]
+        self,
+        job_id: int,
+        attempt: int,
+        first_seq: int,
+        lines: Sequence[base.RawLine],
+        keep: int | None = None,
     ) -> int:
         end = first_seq + len(lines) - 1
         with self._write() as cur:
@@ -333,7 +338,31 @@ class SqlStore(base.Store):
             ]
             self._insert_logs(cur, rows)
             cur.execute("UPDATE jobs SET log_seq = ? WHERE id = ?", (end, job_id))
+            if keep is not None and end > keep:
+                self._cap_logs(cur, job_id, end, keep)
             return end
+
+    def _cap_logs(self, cur: Any, job_id: int, end: int, keep: int) -> None:
+        """Keep the first keep/2 lines and the last keep/2: the line after the head becomes a
+        marker saying how many lines were dropped there; those between it and the tail go."""
+        head = keep // 2
+        tail_from = end - (keep - head) + 2  # the tail keeps keep - head - 1 lines + marker
+        if tail_from <= head + 2:
+            return
+        cur.execute(
+            "DELETE FROM logs WHERE job_id = ? AND seq > ? AND seq < ?",
+            (job_id, head + 1, tail_from),
+        )
+        dropped = tail_from - head - 1
+        cur.execute(
+            "UPDATE logs SET stream = 'stderr', line = ? WHERE job_id = ? AND seq = ?",
+            (
+                f"[gpubox: {dropped} lines dropped here; the job logged more than the"
+                f" {keep} lines kept per job (max_log_lines)]",
+                job_id,
+                head + 1,
+            ),
+        )
 
     def _insert_logs(self, cur: Any, rows: Sequence[tuple[int, int, str, str, str]]) -> None:
         """Insert log rows in as few round trips as the backend allows."""

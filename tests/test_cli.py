@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IMAGE, wait_until
+from tests.conftest import IMAGE, remove_containers, wait_until
 
 GPUBOX = [sys.executable, "-m", "gpubox"]
 
@@ -72,6 +72,8 @@ def up(tmp_path: Path, docker_client) -> Iterator[dict[str, str]]:
     finally:
         proc.kill()
         log.close()
+        # a plain stop leaves job containers for the next start: this box has no next start
+        remove_containers(docker_client, {socket.gethostname()})
 
 
 @pytest.mark.docker

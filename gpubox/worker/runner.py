@@ -245,6 +245,17 @@ class DockerRuntime:
         outcome: dict[str, Any] | None
         try:
             if container is not None:
+                container.reload()
+                if container.status == "created":
+                    # The last worker died between create and start: start it now.
+                    container.start()
+                    emit(
+                        "started",
+                        {
+                            "container": container.id,
+                            "executed_at": models.format_time(models.utcnow()),
+                        },
+                    )
                 executed_at = started_at(container)
                 outcome = self._watch(job, container, buffer, emit, cancel, detach, resume or {})
             elif (pull_error := self._ensure_image(job["image"], job.get("auth"))) is not None:

@@ -789,6 +789,9 @@ def test_silent_worker_is_lost(link: Link) -> None:
     assert jobs == {retried.id, failed.id}
     assert link.status(retried.id) is Status.RUNNING
     worker.ready(slots=0, running=sorted(jobs))  # confirms it holds both
+    for job_id in sorted(jobs):  # and both containers started
+        worker.started({"id": job_id, "attempt": 1})
+    eventually(lambda: all(link.store.get_job(j).executed_at for j in jobs), what="both started")
 
     worker.keepalive = False  # and it reads nothing more: silent from now on
     lost_at = time.monotonic()
@@ -884,6 +887,8 @@ def test_reconnect_keeps_the_jobs_the_worker_reports(link: Link) -> None:
     worker.hello()
     worker.ready(slots=2)
     jobs = {job["id"]: job for job in (worker.job(), worker.job())}
+    worker.started(jobs[dropped.id])  # it ran: losing it spends an attempt
+    eventually(lambda: link.store.get_job(dropped.id).executed_at, what="dropped started")
     worker.log(jobs[kept.id], 1, lines(1, 2))
     assert worker.ack()["seq"] == 2
 
@@ -919,7 +924,10 @@ def test_coordinator_restart_keeps_reported_jobs_and_releases_the_rest(link: Lin
     w2 = link.worker("w2", labels={"box": "2"})
     w2.hello()
     w2.ready()
-    assert w2.job()["id"] == orphan.id
+    orphaned = w2.job()
+    assert orphaned["id"] == orphan.id
+    w2.started(orphaned)  # it ran: losing it with its worker spends its only attempt
+    eventually(lambda: link.store.get_job(orphan.id).executed_at, what="orphan started")
     w1.log(job, 1, lines(1, 2))
     assert w1.ack()["seq"] == 2
 
@@ -970,3 +978,20 @@ def test_a_job_that_cannot_be_sent_stays_queued(link: Link) -> None:
     other.ready()
     wire = other.job()
     assert (wire["id"], wire["attempt"]) == (created.id, 1)
+
+
+def test_a_job_lost_before_its_container_started_is_queued_again_for_free(link: Link) -> None:
+    created = link.create(name="never started", max_retries=0)
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready()
+    job = worker.job()
+    worker.ready(slots=0, running=[job["id"]])  # confirmed, but no STARTED ever comes
+    worker.keepalive = False
+    eventually(
+        lambda: link.status(created.id) is Status.QUEUED,
+        timeout_s=LIVENESS_S + 3,
+        what="the job back in the queue",
+    )
+    again = link.store.get_job(created.id)
+    assert again.attempts == 0 and again.worker is None and again.error is None

@@ -497,6 +497,12 @@ class Broker:
         self.changes.notify(job.id)
 
     def _release(self, job: models.Job, reason: str) -> None:
+        if job.executed_at is None:
+            # Its container never started: nothing ran, so no attempt is spent on it.
+            if self.store.unclaim_job(job.id, job.attempts, models.utcnow()):
+                log.warning("job %d: %s before it started; queued again", job.id, reason)
+                self.changes.notify(job.id)
+            return
         released = self.store.release_job(job.id, job.attempts, reason, models.utcnow())
         if released is not None:
             log.warning("job %d: %s; now %s", job.id, reason, released.status.value)

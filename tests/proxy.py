@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 
 class CuttableProxy:
@@ -51,7 +52,22 @@ class CuttableProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
+    def pause(self, seconds: float) -> None:
+        """Cut every connection and refuse new ones for `seconds` (the link is down)."""
+        self._stop_listening()
+        self.cut()
+        time.sleep(seconds)
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _stop_listening(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would not, and the
+        # socket would go on accepting.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
     def close(self) -> None:
         self._closed = True
-        self.listener.close()
+        self._stop_listening()
         self.cut()

@@ -325,3 +325,41 @@ def test_per_job_log_cap_keeps_head_and_tail_with_a_marker(make_cluster):
     assert [r["line"] for r in lines[:50]] == [str(i) for i in range(1, 51)]
     assert lines[50]["seq"] == 51 and "901 lines dropped" in lines[50]["line"]
     assert [r["line"] for r in lines[51:]] == [str(i) for i in range(952, 1001)]
+
+
+def test_link_cut_shorter_than_liveness_changes_nothing_longer_ends_the_attempt(
+    make_cluster, docker_client
+):
+    from tests.proxy import CuttableProxy
+
+    cluster: Cluster = make_cluster(workers=0)
+    host, port = cluster.coordinator.link_endpoint.removeprefix("tcp://").rsplit(":", 1)
+    proxy = CuttableProxy(host, int(port))
+    try:
+        cluster.add_worker(coordinator=f"tcp://127.0.0.1:{proxy.port}")
+        short = counting_job(cluster, 60)
+        wait_until(lambda: len(cluster.lines(short["id"])) >= 5, 30, "lines before the cut")
+        proxy.pause(1.0)  # liveness is 3 s
+        done = cluster.wait(short["id"], timeout_s=60)
+        assert done["status"] == "FINISHED" and done["attempts"] == 1
+        assert_every_line_once(cluster, short["id"], 60)
+
+        long = cluster.submit(IMAGE, ["sh", "-c", "echo first; sleep 300"])
+        wait_until(lambda: cluster.lines(long["id"]), 30, "the long job to start")
+        proxy.pause(6.0)
+        lost = cluster.wait(long["id"], timeout_s=10)
+        assert lost["status"] == "ERROR" and "worker lost" in lost["result"]["error"]
+        # back on the link, the worker is told the attempt is no longer its own: it stops it
+        wait_until(
+            lambda: (
+                not docker_client.containers.list(
+                    all=True, filters={"label": f"io.gpubox.job={long['id']}"}
+                )
+            ),
+            30,
+            "the container gone",
+        )
+        assert [r["line"] for r in cluster.lines(long["id"])] == ["first"]
+        assert cluster.client.job(long["id"])["status"] == "ERROR"
+    finally:
+        proxy.close()

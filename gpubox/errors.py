@@ -88,7 +88,3 @@ class ProtocolError(GpuboxError):
 
 class ConfigError(GpuboxError):
     """A setting has a bad value."""
-
-
-class RuntimeFailure(GpuboxError):
-    """The container runtime failed."""

@@ -173,6 +173,8 @@ def make_app(
         if job.status is models.Status.RUNNING:
             poke("cancel", job.id)
         changes.notify(job.id)
+        if job.status.terminal:
+            changes.forget(job.id)
         return job.to_dict()
 
     @app.get("/api/v1/jobs/<job_id:int>/logs")

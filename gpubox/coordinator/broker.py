@@ -395,7 +395,7 @@ class Broker:
         )
         if outcome is Finish.APPLIED:
             log.info("job %d ended %s on %s", job_id, body["status"], peer.name)
-            self.changes.notify(job_id)
+            self._ended(job_id)
         self._schedule(now)
 
     def _on_heartbeat(self, peer: Peer, body: dict[str, Any], now: float) -> None:
@@ -494,7 +494,7 @@ class Broker:
         self.store.finish_job(
             job.id, job.attempts, models.Status.ERROR, None, reason, None, now, job.log_seq
         )
-        self.changes.notify(job.id)
+        self._ended(job.id)
 
     def _release(self, job: models.Job, reason: str) -> None:
         if job.executed_at is None:
@@ -506,7 +506,16 @@ class Broker:
         released = self.store.release_job(job.id, job.attempts, reason, models.utcnow())
         if released is not None:
             log.warning("job %d: %s; now %s", job.id, reason, released.status.value)
-            self.changes.notify(job.id)
+            if released.status.terminal:
+                self._ended(job.id)
+            else:
+                self.changes.notify(job.id)
+
+    def _ended(self, job_id: int) -> None:
+        """Wake the job's followers for the last time and drop its change counter, which
+        would otherwise be kept for every job ever run."""
+        self.changes.notify(job_id)
+        self.changes.forget(job_id)
 
     # --- sending ------------------------------------------------------------------------------
 

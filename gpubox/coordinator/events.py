@@ -23,7 +23,9 @@ class Changes:
             self._cond.notify_all()
 
     def forget(self, job_id: int) -> None:
-        """The job ended and its followers were woken: drop its counter."""
+        """The job ended and its followers were woken: drop its counter. A follower that read
+        the counter before that wake-up may then sleep out its wait timeout once before it
+        sees the job ended."""
         with self._cond:
             self._versions.pop(job_id, None)
 

@@ -257,20 +257,20 @@ class SqlStore(base.Store):
     def cancel_job(self, job_id: int, now: datetime) -> models.Job:
         with self._write() as cur:
             job = self._get(cur, job_id, lock=True)
+            if not models.can_move(job.status, models.Status.CANCELLED):
+                raise errors.WrongState(
+                    f"job {job_id} is already {job.status.value} and cannot be cancelled"
+                )
             if job.status is models.Status.QUEUED:
                 cur.execute(
                     "UPDATE jobs SET status = 'CANCELLED', finished_at = ?, updated_at = ?,"
                     " sealed = NULL, error = 'cancelled while queued' WHERE id = ?",
                     (_time(now), _time(now), job_id),
                 )
-            elif job.status is models.Status.RUNNING:
+            else:  # RUNNING: the worker stops it and reports CANCELLED
                 cur.execute(
                     "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
                     (_time(now), job_id),
-                )
-            else:
-                raise errors.WrongState(
-                    f"job {job_id} is already {job.status.value} and cannot be cancelled"
                 )
             return self._get(cur, job_id)
 

@@ -135,7 +135,13 @@ class WorkerConfig:
     max_unacked_lines: int = setting(
         50_000,
         "GPUBOX_MAX_UNACKED_LINES",
-        "log lines a worker holds for the coordinator at most; past it, output waits in Docker",
+        "log lines a worker holds in memory for the coordinator; past it, they spill to disk",
+    )
+    spill_max_bytes: int = setting(
+        1024**3,
+        "GPUBOX_SPILL_MAX_BYTES",
+        "bytes of log backlog a worker keeps on disk (<state-dir>/spill); past it, the oldest"
+        " are dropped and one marker line says how many",
     )
     key_file: str = setting(
         "",
@@ -157,7 +163,13 @@ class WorkerConfig:
     def validate(self) -> None:
         _check_link(self.coordinator, "coordinator")
         _positive(
-            self, "max_jobs", "heartbeat_interval_s", "liveness_s", "resend_s", "max_unacked_lines"
+            self,
+            "max_jobs",
+            "heartbeat_interval_s",
+            "liveness_s",
+            "resend_s",
+            "max_unacked_lines",
+            "spill_max_bytes",
         )
         if self.stop_grace_s < 0:
             raise errors.ConfigError("stop_grace_s: must not be negative")

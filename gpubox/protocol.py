@@ -18,7 +18,9 @@ worker -> coordinator
     READY      {session, free_gpus: [uuid], slots, running: [job_id]}   running: every job
                 it holds; this confirms receipt of a JOB (unconfirmed ones are queued again)
     STARTED    {session, job_id, attempt, container, executed_at}
-    LOG        {session, job_id, attempt, seq, lines: [[ts, stream, line]]}   seq: first line's
+    LOG        {session, job_id, attempt, seq, lines: [[ts, stream, line]], last?}   seq: first
+                line's; last: the last seq the batch covers when more than its lines (a marker
+                line standing for lines the worker dropped: its spill went past its disk bound)
     DONE       {session, job_id, attempt, status, exit_code, error, executed_at, finished_at,
                 last_seq}                                                     the full record
     HEARTBEAT  {session}
@@ -163,6 +165,7 @@ FROM_WORKER: dict[str, dict[str, Check]] = {
         "attempt": _is_int,
         "seq": _is_int,
         "lines": _list_of(_is_line),
+        "last": _opt(_is_int),
     },
     "DONE": {
         "session": _is_str,

@@ -353,6 +353,8 @@ WRONG_TYPES: list[tuple[str, str, str, Any]] = [
     ("worker", "LOG", "lines", [[TS, "stdout", "ok"], "not a line"]),
     ("worker", "LOG", "lines", "hello"),
     ("worker", "LOG", "lines", None),
+    ("worker", "LOG", "last", "9"),
+    ("worker", "LOG", "last", 9.5),
     # DONE
     ("worker", "DONE", "status", "RUNNING"),
     ("worker", "DONE", "status", "QUEUED"),

@@ -289,19 +289,86 @@ def test_plain_stop_leaves_the_container_and_drain_waits(
     assert cluster.client.job(later["id"])["status"] == "QUEUED"
 
 
-def test_a_flood_waits_in_dockers_log_and_every_line_arrives(make_cluster):
+def test_a_flood_spills_to_disk_and_every_line_arrives(make_cluster):
     cluster: Cluster = make_cluster(worker_settings={"max_unacked_lines": 2000})
     job = cluster.submit(IMAGE, ["seq", "1", "100000"])
-    done = cluster.wait(job["id"], timeout_s=120)
-    assert done["status"] == "FINISHED" and done["log_lines"] == 100000
     agent, _ = cluster.agents[0]
-    assert agent.unacked_lines == 0
+    spilled = []
+    wait_until(
+        lambda: (
+            spilled.append(agent.spill.size)
+            or cluster.client.job(job["id"])["status"] == "FINISHED"
+        ),
+        120,
+        "the flood to finish",
+    )
+    done = cluster.client.job(job["id"])
+    assert done["log_lines"] == 100000
+    assert max(spilled) > 0  # the backlog went to disk, not memory
+    assert agent.unacked_lines == 0 and agent.spill.size == 0
+    assert list(agent.spill.root.iterdir()) == []
     store = cluster.coordinator.store
     assert store is not None
     # spot checks across the whole range: in order, none twice, none missing
     for since in (0, 49_990, 99_990):
         lines = store.read_logs(job["id"], since, 10)
         assert [line.line for line in lines] == [str(i) for i in range(since + 1, since + 11)]
+
+
+def cut_link_while(cluster: Cluster, job: dict, seconds: float, **worker: Any) -> Any:
+    """Start a worker behind a proxy, wait for `job` to print "go", then take the link down
+    for `seconds` (under liveness: nothing is lost) while the job prints. Returns the agent
+    and the most bytes seen in its spill meanwhile."""
+    from tests.proxy import CuttableProxy
+
+    host, port = cluster.coordinator.link_endpoint.removeprefix("tcp://").rsplit(":", 1)
+    proxy = CuttableProxy(host, int(port))
+    agent = cluster.add_worker(
+        coordinator=f"tcp://127.0.0.1:{proxy.port}", liveness_s=30.0, **worker
+    )
+    wait_until(lambda: cluster.lines(job["id"]), 30, "the job to start")
+    cut = threading.Thread(target=proxy.pause, args=(seconds,))
+    cut.start()
+    most = 0
+    while cut.is_alive():
+        most = max(most, agent.spill.size)
+        cut.join(0.05)
+    return agent, most
+
+
+def test_an_outage_spills_the_backlog_to_disk_and_loses_nothing(make_cluster):
+    cluster: Cluster = make_cluster(workers=0, liveness_s=30.0)
+    job = cluster.submit(IMAGE, ["sh", "-c", "echo go; sleep 1; seq 1 30000"])
+    agent, most = cut_link_while(cluster, job, 6.0, max_unacked_lines=500)
+    done = cluster.wait(job["id"], timeout_s=60)
+    assert done["status"] == "FINISHED" and done["attempts"] == 1
+    assert most > 0  # while the link was down, lines past the window were on disk
+    lines = [r["line"] for r in cluster.lines(job["id"])]
+    assert lines == ["go"] + [str(i) for i in range(1, 30001)]
+    assert agent.spill.size == 0 and agent.spill.dropped == 0
+
+
+def test_past_the_spill_bound_the_oldest_lines_go_behind_one_marker(make_cluster):
+    cluster: Cluster = make_cluster(workers=0, liveness_s=30.0)
+    job = cluster.submit(IMAGE, ["sh", "-c", "echo go; sleep 1; seq 1 50000"])
+    agent, most = cut_link_while(
+        cluster, job, 8.0, max_unacked_lines=500, spill_max_bytes=64 * 1024
+    )
+    done = cluster.wait(job["id"], timeout_s=60)
+    assert done["status"] == "FINISHED" and done["log_lines"] == 50001
+    assert 0 < most <= 64 * 1024 + 8192  # the disk bound held (one segment of slack)
+    stored = cluster.lines(job["id"])
+    markers = [r for r in stored if "lines dropped here" in r["line"]]
+    assert len(markers) == 1 and markers[0]["stream"] == "stderr"
+    dropped = int(markers[0]["line"].split()[1])
+    assert dropped == agent.spill.dropped > 0
+    assert "spill_max_bytes" in markers[0]["line"]
+    numbers = [int(r["line"]) for r in stored if r["line"].isdigit()]
+    # the oldest lines that waited went; everything else arrived once, in order, newest kept
+    assert len(numbers) + dropped == 50000
+    assert numbers == sorted(set(numbers)) and numbers[-1] == 50000
+    head = stored.index(markers[0])
+    assert numbers[head - 1 :] == list(range(numbers[head - 1], 50001))  # no gap after it
 
 
 def test_a_10_mb_line_is_split_not_dropped(cluster: Cluster):

@@ -500,6 +500,19 @@ def test_finish_before_lines_are_stored_reports_missing_lines(store: base.Store)
     assert done.log_seq == 5
 
 
+def test_a_batch_may_cover_numbers_past_its_lines_for_a_drop_marker(store: base.Store) -> None:
+    job = running(store)
+    assert store.append_logs(job.id, 1, 1, raw(1, 2)) == 2
+    # one marker line standing for seq 3..10, which the worker dropped
+    assert store.append_logs(job.id, 1, 3, raw(3, 1, "dropped"), last=10) == 10
+    assert store.append_logs(job.id, 1, 3, raw(3, 1, "dropped"), last=10) == 10  # again: nothing
+    assert store.append_logs(job.id, 1, 11, raw(11, 2)) == 12
+    assert finish(store, job, last_seq=12) is Finish.APPLIED
+    lines = store.read_logs(job.id)
+    assert [line.seq for line in lines] == [1, 2, 3, 11, 12]
+    assert store.get_job(job.id).log_seq == 12
+
+
 @pytest.mark.parametrize("status", [Status.QUEUED, Status.RUNNING])
 def test_finish_with_non_terminal_status_raises_wrong_state(
     store: base.Store, status: Status

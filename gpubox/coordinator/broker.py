@@ -345,7 +345,7 @@ class Broker:
         job_id, attempt = body["job_id"], body["attempt"]
         if self._foreign(peer, job_id):
             # Acknowledged as if stale, so an honest worker with a lost job stops resending.
-            end = body["seq"] + len(body["lines"]) - 1
+            end = max(body["seq"] + len(body["lines"]) - 1, body.get("last") or 0)
             self._send(
                 peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": end, "done": False}
             )
@@ -358,6 +358,7 @@ class Broker:
             body["seq"],
             lines,
             keep=self.max_log_lines,  # type: ignore[arg-type]
+            last=body.get("last"),
         )
         self._send(peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": seq, "done": False})
         self.changes.notify(job_id)

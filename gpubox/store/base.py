@@ -126,8 +126,13 @@ class Store(abc.ABC):
         first_seq: int,
         lines: Sequence[RawLine],
         keep: int | None = None,
+        last: int | None = None,
     ) -> int:
         """Store a batch whose first line has sequence number first_seq, in one transaction.
+
+        `last`, when past the batch's own last line, is the last sequence number the batch
+        covers: the numbers after its lines up to `last` stay unused (lines the worker had to
+        drop, which its marker line stands for).
 
         With `keep`, a job keeps at most that many lines: the first keep/2 and the latest,
         the line after the head replaced by a marker saying how many were dropped there.

@@ -319,8 +319,9 @@ class SqlStore(base.Store):
         first_seq: int,
         lines: Sequence[base.RawLine],
         keep: int | None = None,
+        last: int | None = None,
     ) -> int:
-        end = first_seq + len(lines) - 1
+        end = max(first_seq + len(lines) - 1, last or 0)
         with self._write() as cur:
             cur.execute(
                 "SELECT status, attempts, log_seq FROM jobs WHERE id = ?" + self.row_lock,

@@ -4,6 +4,11 @@ It says HELLO, asks for work (READY), starts a runner thread per JOB, forwards w
 report (STARTED, LOG, DONE) and keeps every LOG batch and DONE until the coordinator
 acknowledges it, resending after a reconnect or a quiet spell. Runner threads reach this
 thread only through an inproc PUSH socket each.
+
+Unacknowledged batches are held in memory up to max_unacked_lines (or MAX_UNACKED_BYTES);
+later ones wait in the spill (worker.spill: files in <state>/spill/<name>/, bounded on disk)
+and move into the window, oldest first, as acknowledgements free room. A job's DONE goes out
+once its spill is empty.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Protocol
 
 import zmq
@@ -21,8 +27,12 @@ import zmq.utils.monitor
 
 from gpubox import __version__, errors, keys, models, protocol
 from gpubox.config import WorkerConfig
+from gpubox.worker.spill import Spill
 
 log = logging.getLogger(__name__)
+
+MAX_UNACKED_BYTES = 64 * 1024 * 1024  # the in-memory window's other bound
+LINE_OVERHEAD = 48  # bytes a held line costs besides its text (timestamp, stream, list)
 
 HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -59,7 +69,8 @@ class LocalJob:
     cancel: threading.Event
     thread: threading.Thread | None = None
     running: bool = True
-    unacked: dict[int, tuple[list[list[str]], float]] = dataclasses.field(default_factory=dict)
+    # first seq → (lines, last seq covered, sent at): sent, not yet acknowledged
+    unacked: dict[int, tuple[list[list[str]], int, float]] = dataclasses.field(default_factory=dict)
     done: dict[str, Any] | None = None
     done_sent_at: float = 0.0
     # A container found at start, not yet re-attached (the coordinator sends JOB + resume).
@@ -95,6 +106,7 @@ class Agent:
         self.events_address = f"inproc://gpubox-worker-{uuid.uuid4().hex}"
         self.events = self.context.socket(zmq.PULL)
         self.events.bind(self.events_address)
+        self.spill = Spill(Path(config.state_dir) / "spill" / self.name, config.spill_max_bytes)
         self.dealer: zmq.Socket | None = None
         self.monitor: zmq.Socket = None  # type: ignore[assignment]
         self._handshake_warned = False
@@ -107,7 +119,7 @@ class Agent:
         self._detach = threading.Event()
         self.draining = False
         self.unacked_lines = 0
-        self._reading_events = True
+        self.unacked_bytes = 0
         self._announce_drain = False
         self.connected = threading.Event()  # set while welcomed; for tests and `up`
 
@@ -141,22 +153,9 @@ class Agent:
                     self._drain_monitor()
                 if self.events in events:
                     self._drain_events(now)
-                self._flow_control(poller)
                 self.step(now, poller)
         finally:
             self._shutdown()
-
-    def _flow_control(self, poller: zmq.Poller) -> None:
-        """Read runners' output only while fewer than max_unacked_lines lines await the
-        coordinator's ACK. Past that, runners block, so their readers stop reading Docker's
-        log: the backlog waits in Docker's own log file, on disk, not in this process."""
-        reading = self._reading_events
-        if reading and self.unacked_lines >= self.config.max_unacked_lines:
-            poller.unregister(self.events)
-            self._reading_events = False
-        elif not reading and self.unacked_lines < self.config.max_unacked_lines // 2:
-            poller.register(self.events, zmq.POLLIN)
-            self._reading_events = True
 
     def step(self, now: float, poller: zmq.Poller | None = None) -> None:
         """Timers: heartbeat, reconnect when the coordinator is silent, resend unacked."""
@@ -171,6 +170,7 @@ class Agent:
             self._send("HEARTBEAT", {"session": self.session})
         if self.welcomed:
             self._resend(now, older_than=self.config.resend_s)
+            self._refill(now)
             if self._announce_drain:
                 self._announce_drain = False
                 self._ready()  # slots 0: no more work
@@ -313,16 +313,15 @@ class Agent:
         job = self.jobs.get(body["job_id"])
         if job is None or job.attempt != body["attempt"]:
             return
-        for seq in [
-            s for s, (lines, _) in job.unacked.items() if s + len(lines) - 1 <= body["seq"]
-        ]:
-            self.unacked_lines -= len(job.unacked.pop(seq)[0])
+        for seq in [s for s, (_, last, _) in job.unacked.items() if last <= body["seq"]]:
+            self._release(job.unacked.pop(seq)[0])
         if body["done"]:
             self._forget(job)
             self._ready()
-        elif job.done is not None:
+        elif job.done is not None and job.id not in self.spill:
             # DONE was refused for missing lines: send what is left now, then DONE.
             self._resend(now, older_than=0.0, only=job)
+        self._refill(now)
 
     def _on_cancel(self, body: dict[str, Any], now: float) -> None:
         job = self.jobs.get(body["job_id"])
@@ -340,7 +339,47 @@ class Agent:
 
     def _forget(self, job: LocalJob) -> None:
         del self.jobs[job.id]
-        self.unacked_lines -= sum(len(lines) for lines, _ in job.unacked.values())
+        for lines, _, _ in job.unacked.values():
+            self._release(lines)
+        self.spill.discard(job.id)
+
+    # --- the in-flight window and the spill ---------------------------------------------------
+
+    def _window_full(self) -> bool:
+        return (
+            self.unacked_lines >= self.config.max_unacked_lines
+            or self.unacked_bytes >= MAX_UNACKED_BYTES
+        )
+
+    def _hold(self, job: LocalJob, seq: int, lines: list[list[str]], last: int, now: float) -> None:
+        """Put a batch in the in-flight window and send it."""
+        job.unacked[seq] = (lines, last, 0.0)
+        self.unacked_lines += len(lines)
+        self.unacked_bytes += sum(len(line[2]) for line in lines) + LINE_OVERHEAD * len(lines)
+        self._send_log(job, seq, now)
+
+    def _release(self, lines: list[list[str]]) -> None:
+        self.unacked_lines -= len(lines)
+        self.unacked_bytes -= sum(len(line[2]) for line in lines) + LINE_OVERHEAD * len(lines)
+
+    def _refill(self, now: float) -> None:
+        """Move spilled batches into the window while it has room, a batch per job in turn;
+        send DONE for a job whose spill has emptied."""
+        while not self._window_full():
+            moved = False
+            for job_id in self.spill.jobs():
+                job = self.jobs.get(job_id)
+                batch = self.spill.pop(job_id)
+                if job is None or batch is None:
+                    continue
+                moved = True
+                self._hold(job, batch.seq, batch.lines, batch.last, now)
+                if job_id not in self.spill and job.done is not None:
+                    self._send_done(job, now)
+                if self._window_full():
+                    break
+            if not moved:
+                return
 
     # --- runner threads -----------------------------------------------------------------------
 
@@ -386,7 +425,7 @@ class Agent:
             push.close()
 
     def _drain_events(self, now: float) -> None:
-        while self.unacked_lines < self.config.max_unacked_lines:
+        for _ in range(1000):  # then back to the poll: acknowledgements matter as much
             try:
                 job_id, kind, body = self.events.recv_pyobj(zmq.NOBLOCK)
             except zmq.Again:
@@ -400,14 +439,17 @@ class Agent:
                     {"session": self.session, "job_id": job.id, "attempt": job.attempt, **body},
                 )
             elif kind == "lines":
-                job.unacked[body["seq"]] = (body["lines"], 0.0)
-                self.unacked_lines += len(body["lines"])
-                self._send_log(job, body["seq"], now)
+                seq, lines = body["seq"], body["lines"]
+                if job.id in self.spill or self._window_full():
+                    self.spill.push(job.id, seq, lines)
+                else:
+                    self._hold(job, seq, lines, seq + len(lines) - 1, now)
             elif kind == "done":
                 job.running = False
                 if body["last_seq"] < 0:  # the runtime crashed: claim no lines it never sent
                     body["last_seq"] = max(
-                        (s + len(ls) - 1 for s, (ls, _) in job.unacked.items()), default=0
+                        [last for _, last, _ in job.unacked.values()]
+                        + [self.spill.last_seq(job.id) or 0]
                     )
                 job.done = {"session": "", "job_id": job.id, "attempt": job.attempt, **body}
                 self._send_done(job, now)
@@ -434,21 +476,21 @@ class Agent:
     def _send_log(self, job: LocalJob, seq: int, now: float) -> None:
         if not self.welcomed:
             return
-        lines, _ = job.unacked[seq]
-        if self._send(
-            "LOG",
-            {
-                "session": self.session,
-                "job_id": job.id,
-                "attempt": job.attempt,
-                "seq": seq,
-                "lines": lines,
-            },
-        ):
-            job.unacked[seq] = (lines, now)
+        lines, last, _ = job.unacked[seq]
+        body = {
+            "session": self.session,
+            "job_id": job.id,
+            "attempt": job.attempt,
+            "seq": seq,
+            "lines": lines,
+        }
+        if last != seq + len(lines) - 1:
+            body["last"] = last
+        if self._send("LOG", body):
+            job.unacked[seq] = (lines, last, now)
 
     def _send_done(self, job: LocalJob, now: float) -> None:
-        if not self.welcomed or job.done is None:
+        if not self.welcomed or job.done is None or job.id in self.spill:
             return
         if self._send("DONE", {**job.done, "session": self.session}):
             job.done_sent_at = now
@@ -456,7 +498,7 @@ class Agent:
     def _resend(self, now: float, older_than: float, only: LocalJob | None = None) -> None:
         for job in [only] if only is not None else list(self.jobs.values()):
             for seq in sorted(job.unacked):
-                if now - job.unacked[seq][1] >= older_than:
+                if now - job.unacked[seq][2] >= older_than:
                     self._send_log(job, seq, now)
             if job.done is not None and now - job.done_sent_at >= older_than:
                 self._send_done(job, now)
@@ -484,3 +526,4 @@ class Agent:
             job.thread.join(timeout=2)
         self._close_dealer(None)
         self.events.close(linger=0)
+        self.spill.close()

@@ -110,12 +110,19 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
     from gpubox.worker.agent import Agent
     from gpubox.worker.runner import DockerRuntime
 
-    gpus = gpu.select(gpu.source_for(config.fake_gpus).list(), config.gpus)
+    source = gpu.source_for(config.fake_gpus, config.name or _hostname())
+    gpus = gpu.select(source.list(), config.gpus)
     try:
-        runtime = DockerRuntime(config.name or _hostname(), config.stop_grace_s)
+        runtime = DockerRuntime(
+            config.name or _hostname(),
+            config.stop_grace_s,
+            mounts=config.mount_map,
+            # Fake GPUs get the environment but no device request: Docker would refuse it.
+            gpu_devices=not config.fake_gpus,
+        )
     except Exception as exc:
         raise errors.GpuboxError(f"cannot reach the Docker engine: {exc}") from exc
-    agent = Agent(config, runtime, gpus)
+    agent = Agent(config, runtime, gpus, usage=source.usage)
     thread = threading.Thread(target=agent.run, name="gpubox-agent", daemon=True)
     thread.start()
     return agent, thread
@@ -254,7 +261,10 @@ def _summary(job: dict[str, Any]) -> str:
         ("status", job["status"] + (" (cancel requested)" if job.get("cancel_requested") else "")),
         ("image", job["docker"]["image"]),
         ("command", shlex.join(command) if command else "(image default)"),
-        ("gpus", job["gpus"]),
+        (
+            "gpus",
+            job["gpus"] if not result["gpus"] else f"{job['gpus']}: {', '.join(result['gpus'])}",
+        ),
         ("priority", job["priority"]),
         ("worker", job["worker"] or "-"),
         ("attempts", job["attempts"]),
@@ -266,6 +276,8 @@ def _summary(job: dict[str, Any]) -> str:
         ("error", result["error"] or "-"),
         ("log lines", job.get("log_lines", 0)),
     ]
+    if job.get("queue_reason"):
+        rows.insert(3, ("waiting", job["queue_reason"]))
     return "\n".join(f"{key:>10}  {value}" for key, value in rows)
 
 
@@ -287,6 +299,23 @@ def _summary(job: dict[str, Any]) -> str:
     multiple=True,
     metavar="K=V",
     help="run only on workers with this label (repeatable)",
+)
+@click.option("--gpu-model", help="only GPUs whose NVML name contains this, like A100")
+@click.option(
+    "--gpu-memory-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    help="only GPUs with at least this much memory (GB)",
+)
+@click.option("--shm-size", metavar="SIZE", help="size of /dev/shm, like 8g (Docker's is 64m)")
+@click.option("--memory", metavar="SIZE", help="the container's memory limit, like 32g")
+@click.option("--workdir", metavar="PATH", help="working folder inside the container")
+@click.option("--user", metavar="USER[:GROUP]", help="user to run as inside the container")
+@click.option(
+    "--mount",
+    "mounts",
+    multiple=True,
+    metavar="NAME",
+    help="a host folder the worker declares by this name (repeatable)",
 )
 @click.option("--priority", type=int, default=0, show_default=True, help="higher runs first")
 @click.option(
@@ -314,6 +343,13 @@ def submit(
     gpus: int,
     env: tuple[str, ...],
     labels: tuple[str, ...],
+    gpu_model: str | None,
+    gpu_memory_gb: float | None,
+    shm_size: str | None,
+    memory: str | None,
+    workdir: str | None,
+    user: str | None,
+    mounts: tuple[str, ...],
     priority: int,
     timeout: float | None,
     max_retries: int,
@@ -329,6 +365,7 @@ def submit(
     Examples:
       gpubox submit busybox echo hello
       gpubox submit --gpus 2 -e EPOCHS=3 --follow my/trainer:1.2 python train.py
+      gpubox submit --gpus 8 --gpu-model H100 --shm-size 16g --mount datasets my/trainer
       id=$(gpubox submit my/image) && gpubox tail "$id"
     Options go before IMAGE; everything after IMAGE is the command.
     """
@@ -345,6 +382,13 @@ def submit(
     }
     if command:
         spec["docker"]["command"] = list(command)
+    for key, value in (("gpu_model", gpu_model), ("gpu_memory_gb", gpu_memory_gb)):
+        if value is not None:
+            spec[key] = value
+    options = {"shm_size": shm_size, "memory": memory, "workdir": workdir, "user": user}
+    spec["docker"].update({key: value for key, value in options.items() if value is not None})
+    if mounts:
+        spec["docker"]["mounts"] = list(mounts)
     if metadata:
         try:
             spec["metadata"] = json.loads(metadata)
@@ -477,16 +521,36 @@ def workers(as_json: bool, config_path: str | None, **flags: Any) -> None:
 )
 @friendly
 def gpus(choice: str | None) -> None:
-    """Print the GPUs this box's worker would offer."""
+    """Print the GPUs this box's worker would offer, as NVML sees them now: index, UUID
+    (what jobs are pinned by), model name, memory, PCI bus id, memory in use, utilization."""
     from gpubox.worker import gpu
 
     setup_logging()
     config = cfg.load(cfg.WorkerConfig, {"gpus": choice})
-    found = gpu.select(gpu.source_for(config.fake_gpus).list(), config.gpus)
+    source = gpu.source_for(config.fake_gpus)
+    found = gpu.select(source.list(), config.gpus)
     if not found:
         click.echo("no GPUs offered (jobs with gpus: 0 still run)", err=True)
+        return
+    usage = {item["uuid"]: item for item in source.usage()}
+    rows = [("INDEX", "UUID", "NAME", "MEMORY", "PCI BUS ID", "USED", "UTIL")]
     for item in found:
-        click.echo(f"{item.index}  {item.uuid}  {item.name}  {item.memory_mb} MiB")
+        now = usage.get(item.uuid, {})
+        used, util = now.get("memory_used_mb"), now.get("utilization")
+        rows.append(
+            (
+                str(item.index),
+                item.uuid,
+                item.name,
+                f"{item.memory_mb} MiB",
+                item.pci_bus_id or "-",
+                "-" if used is None else f"{used} MiB",
+                "-" if util is None else f"{util} %",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 # --- admin commands on the store --------------------------------------------------------------

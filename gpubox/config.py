@@ -54,6 +54,63 @@ def parse_labels(value: str | Mapping[str, str], name: str = "labels") -> dict[s
     return labels
 
 
+MOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """A host folder a worker lets jobs mount by name."""
+
+    name: str
+    host_path: str
+    container_path: str
+    read_only: bool = True
+
+
+def parse_mounts(value: str) -> dict[str, Mount]:
+    """`NAME=HOST_PATH[:CONTAINER_PATH][:ro|rw],…` (or a TOML table NAME = "HOST…") by name.
+    The container path defaults to /mnt/NAME; the mode to ro."""
+    mounts = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        name, sep, spec = (s.strip() for s in part.partition("="))
+        paths = spec.split(":")
+        mode = paths.pop() if len(paths) > 1 and paths[-1] in ("ro", "rw") else "ro"
+        if not sep or not MOUNT_NAME.match(name) or not 1 <= len(paths) <= 2:
+            raise errors.ConfigError(
+                f"mounts: {part!r} is not NAME=HOST_PATH[:CONTAINER_PATH][:ro|rw]"
+                " (names: lower-case letters, digits, . _ -)"
+            )
+        host, container = paths[0], paths[1] if len(paths) == 2 else f"/mnt/{name}"
+        for path in (host, container):
+            if not path.startswith("/"):
+                raise errors.ConfigError(f"mounts: {name}: {path!r} is not an absolute path")
+        if name in mounts:
+            raise errors.ConfigError(f"mounts: {name} is declared twice")
+        mounts[name] = Mount(name, host, container, read_only=mode == "ro")
+    return mounts
+
+
+def parse_fake_gpus(spec: str) -> list[tuple[int, str, int]]:
+    """(count, name, memory MiB) groups of the test-only fake_gpus setting: a count ("4":
+    GPUs named "Fake GPU" of 16,384 MiB) or entries "[COUNT*]NAME:MEMORY_MB", comma-separated,
+    like "2*NVIDIA A100-SXM4-80GB:81920,NVIDIA T4:15360"."""
+    spec = spec.strip()
+    if not spec:
+        return []
+    if spec.isdigit():
+        return [(int(spec), "Fake GPU", 16384)]
+    groups = []
+    for entry in (e.strip() for e in spec.split(",")):
+        count, _, rest = entry.partition("*") if "*" in entry else ("1", "", entry)
+        name, _, memory = rest.rpartition(":")
+        if not count.strip().isdigit() or not name.strip() or not memory.strip().isdigit():
+            raise errors.ConfigError(
+                f"fake_gpus: {entry!r} is not COUNT, or [COUNT*]NAME:MEMORY_MB entries"
+            )
+        groups.append((int(count), name.strip(), int(memory)))
+    return groups
+
+
 @dataclasses.dataclass(frozen=True)
 class CoordinatorConfig:
     """Settings of `gpubox coordinator` (and the coordinator half of `gpubox up`)."""
@@ -156,8 +213,17 @@ class WorkerConfig:
         " (default <state-dir>/keys/coordinator.key)",
         "--coordinator-key",
     )
+    mounts: str = setting(
+        "",
+        "GPUBOX_MOUNTS",
+        "host folders jobs may mount by name: NAME=HOST_PATH[:CONTAINER_PATH][:ro|rw],…"
+        " (default /mnt/NAME, read-only)",
+        "--mount",
+    )
     fake_gpus: str = setting(
-        "", "GPUBOX_FAKE_GPUS", "testing only: offer N fake GPUs instead of NVML's"
+        "",
+        "GPUBOX_FAKE_GPUS",
+        "testing only: offer fake GPUs instead of NVML's: N, or [N*]NAME:MEMORY_MB,…",
     )
 
     def validate(self) -> None:
@@ -176,12 +242,16 @@ class WorkerConfig:
         if self.gpus not in ("all", "none") and not re.fullmatch(r"\d+(,\d+)*", self.gpus):
             raise errors.ConfigError(f"gpus: {self.gpus!r} is not all, none or indices like 0,2")
         parse_labels(self.labels)
-        if self.fake_gpus and not self.fake_gpus.isdigit():
-            raise errors.ConfigError(f"fake_gpus: {self.fake_gpus!r} is not a number")
+        parse_fake_gpus(self.fake_gpus)
+        parse_mounts(self.mounts)
 
     @property
     def label_map(self) -> dict[str, str]:
         return parse_labels(self.labels)
+
+    @property
+    def mount_map(self) -> dict[str, Mount]:
+        return parse_mounts(self.mounts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +282,7 @@ def _positive(config: Any, *names: str) -> None:
 
 def _convert(value: Any, kind: type, name: str) -> Any:
     if kind is str:
-        if isinstance(value, Mapping):  # labels as a TOML table
+        if isinstance(value, Mapping):  # labels or mounts as a TOML table
             return ",".join(f"{k}={v}" for k, v in value.items())
         return str(value)
     try:
@@ -233,6 +303,7 @@ def _convert(value: Any, kind: type, name: str) -> Any:
 
 
 SECTIONS = {CoordinatorConfig: "coordinator", WorkerConfig: "worker", ClientConfig: "client"}
+TABLES = ("labels", "mounts")  # settings a config file may give as a TOML table
 
 
 def read_file(path: str | None) -> dict[str, Any]:
@@ -266,7 +337,7 @@ def check_file(data: Mapping[str, Any]) -> None:
             for name in value:
                 if name not in _names(cls):
                     raise errors.ConfigError(f"config: unknown setting {key}.{name}")
-        elif key not in everything or isinstance(value, Mapping) and key != "labels":
+        elif key not in everything or isinstance(value, Mapping) and key not in TABLES:
             raise errors.ConfigError(f"config: unknown setting {key!r}")
 
 

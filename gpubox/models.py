@@ -17,6 +17,11 @@ MAX_IMAGE = 512
 MAX_GPUS = 64
 MAX_INT = 2**31 - 1
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+GB = 10**9  # gpu_memory_gb counts in GB as GPU makers do: an "80 GB" card has 81,559 MiB
 
 
 class Status(enum.StrEnum):
@@ -91,6 +96,49 @@ class JobSpec:
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     # auth and secrets, encrypted by the coordinator (coordinator.sealing); erased at the end.
     sealed: str | None = None
+    # Which GPUs: a model (a part of the NVML name, any case) and a least memory in GB.
+    gpu_model: str | None = None
+    gpu_memory_gb: float | None = None
+    container: ContainerOptions = dataclasses.field(default_factory=lambda: ContainerOptions())
+
+    def wants_gpu(self, gpu: dict[str, Any]) -> bool:
+        """Whether a GPU (as a worker describes it: name, memory_mb) suits this job."""
+        if self.gpu_model and self.gpu_model.lower() not in str(gpu.get("name", "")).lower():
+            return False
+        return not (
+            self.gpu_memory_gb and gpu.get("memory_mb", 0) * 1024**2 < self.gpu_memory_gb * GB
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerOptions:
+    """What an ML job needs from its container besides image and command (docker.*)."""
+
+    shm_size: int | None = None  # bytes of /dev/shm (Docker's default is 64 MiB)
+    workdir: str | None = None
+    user: str | None = None
+    memory: int | None = None  # bytes: the container's memory limit
+    mounts: list[str] = dataclasses.field(default_factory=list)  # names the worker declares
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shm_size": self.shm_size,
+            "workdir": self.workdir,
+            "user": self.user,
+            "memory": self.memory,
+            "mounts": list(self.mounts),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ContainerOptions:
+        data = data or {}
+        return cls(
+            shm_size=data.get("shm_size"),
+            workdir=data.get("workdir"),
+            user=data.get("user"),
+            memory=data.get("memory"),
+            mounts=list(data.get("mounts") or []),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,13 +174,21 @@ class Job:
             "name": spec.name,
             "description": spec.description,
             "priority": spec.priority,
-            "docker": {"image": spec.image, "command": spec.command, "env": dict(spec.env)},
+            "docker": {
+                "image": spec.image,
+                "command": spec.command,
+                "env": dict(spec.env),
+                **spec.container.to_dict(),
+            },
             "gpus": spec.gpus,
+            "gpu_model": spec.gpu_model,
+            "gpu_memory_gb": spec.gpu_memory_gb,
             "labels": dict(spec.labels),
             "timeout": spec.timeout,
             "max_retries": spec.max_retries,
             "metadata": spec.metadata,
             "status": self.status.value,
+            "queue_reason": None,  # GET /jobs/<id> says why a QUEUED job waits
             "cancel_requested": self.cancel_requested,
             "result": {
                 "executed_at": format_time(self.executed_at),
@@ -165,6 +221,7 @@ class Job:
             "gpus": list(self.gpu_ids),
             "timeout": spec.timeout,
             "first_seq": self.log_seq + 1,
+            "container": spec.container.to_dict(),
         }
 
 
@@ -189,12 +246,25 @@ JOB_FIELDS = {
     "priority",
     "docker",
     "gpus",
+    "gpu_model",
+    "gpu_memory_gb",
     "labels",
     "timeout",
     "max_retries",
     "metadata",
 }
-DOCKER_FIELDS = {"image", "command", "env", "auth", "secrets"}
+DOCKER_FIELDS = {
+    "image",
+    "command",
+    "env",
+    "auth",
+    "secrets",
+    "shm_size",
+    "workdir",
+    "user",
+    "memory",
+    "mounts",
+}
 MIN_SECRET = 4  # shorter values cannot be masked in output without mangling it
 AUTH_FIELDS = {"registry", "username", "password"}
 
@@ -254,6 +324,51 @@ def parse_command(value: Any, field: str = "docker.command") -> list[str] | None
     raise errors.BadInput(f"{field} must be a list of strings or a string", field)
 
 
+def parse_size(value: Any, field: str, low: int, high: int) -> int | None:
+    """Bytes from an integer or a string like "8g", "512m", "16GiB" (units of 1024)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and (match := SIZE.match(value.strip())):
+        number = float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise errors.BadInput(f'{field} must be bytes, or a size like "8g" or "512m"', field)
+    if not low <= number <= high:
+        raise errors.BadInput(f"{field} must be between {low} and {high} bytes", field)
+    return int(number)
+
+
+def parse_container(docker: dict[str, Any]) -> ContainerOptions:
+    """The container options of a submission's docker object."""
+    workdir = docker.get("workdir")
+    if workdir is not None:
+        workdir = _str(workdir, "docker.workdir", 4096, required=True)
+        if not workdir.startswith("/"):
+            raise errors.BadInput("docker.workdir must be an absolute path", "docker.workdir")
+    user = docker.get("user")
+    if user is not None and (not isinstance(user, str) or not USER.match(user)):
+        raise errors.BadInput(
+            "docker.user must be a user name or id, optionally :group (like 1000:1000)",
+            "docker.user",
+        )
+    mounts = docker.get("mounts") or []
+    if not isinstance(mounts, list) or not all(isinstance(m, str) for m in mounts):
+        raise errors.BadInput("docker.mounts must be a list of mount names", "docker.mounts")
+    for name in mounts:
+        if not MOUNT_NAME.match(name):
+            raise errors.BadInput(f"docker.mounts: {name!r} is not a mount name", "docker.mounts")
+    if len(set(mounts)) != len(mounts):
+        raise errors.BadInput("docker.mounts names a mount twice", "docker.mounts")
+    return ContainerOptions(
+        shm_size=parse_size(docker.get("shm_size"), "docker.shm_size", 1024**2, 1024**4),
+        workdir=workdir,
+        user=user,
+        memory=parse_size(docker.get("memory"), "docker.memory", 6 * 1024**2, 64 * 1024**4),
+        mounts=list(mounts),
+    )
+
+
 def parse_spec(data: Any) -> JobSpec:
     """Validate a submission (decoded JSON) into a JobSpec, or raise BadInput naming the field."""
     if not isinstance(data, dict):
@@ -301,6 +416,20 @@ def parse_spec(data: Any) -> JobSpec:
         metadata = {}
     if not isinstance(metadata, dict):
         raise errors.BadInput("metadata must be a JSON object", "metadata")
+    gpus = _int(data.get("gpus", 0), "gpus", 0, MAX_GPUS)
+    gpu_model = data.get("gpu_model")
+    if gpu_model is not None:
+        gpu_model = _str(gpu_model, "gpu_model", MAX_NAME, required=True).strip()
+    gpu_memory_gb = data.get("gpu_memory_gb")
+    if gpu_memory_gb is not None and (
+        isinstance(gpu_memory_gb, bool)
+        or not isinstance(gpu_memory_gb, int | float)
+        or not 0 < gpu_memory_gb <= 4096
+    ):
+        raise errors.BadInput("gpu_memory_gb must be a number of GB above 0", "gpu_memory_gb")
+    for field in ("gpu_model", "gpu_memory_gb"):
+        if data.get(field) is not None and gpus == 0:
+            raise errors.BadInput(f"{field} needs gpus of 1 or more", field)
     return JobSpec(
         name=name,
         image=image,
@@ -310,11 +439,14 @@ def parse_spec(data: Any) -> JobSpec:
         secrets=secrets,
         description=_str(data.get("description", ""), "description", MAX_DESCRIPTION),
         priority=_int(data.get("priority", 0), "priority", -MAX_INT, MAX_INT),
-        gpus=_int(data.get("gpus", 0), "gpus", 0, MAX_GPUS),
+        gpus=gpus,
         labels=_str_map(data.get("labels"), "labels"),
         timeout=timeout,
         max_retries=_int(data.get("max_retries", 0), "max_retries", 0, 100),
         metadata=metadata,
+        gpu_model=gpu_model,
+        gpu_memory_gb=gpu_memory_gb,
+        container=parse_container(docker),
     )
 
 
@@ -335,9 +467,16 @@ class Gpu:
     name: str
     memory_mb: int
     index: int = 0
+    pci_bus_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"uuid": self.uuid, "name": self.name, "memory_mb": self.memory_mb}
+        return {
+            "uuid": self.uuid,
+            "name": self.name,
+            "memory_mb": self.memory_mb,
+            "index": self.index,
+            "pci_bus_id": self.pci_bus_id,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,14 +490,21 @@ class WorkerInfo:
     max_jobs: int
     connected: bool
     last_seen: datetime
+    mounts: list[str] = dataclasses.field(default_factory=list)
 
-    def to_dict(self, running: list[int]) -> dict[str, Any]:
+    def to_dict(
+        self, running: list[int], usage: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """As GET /workers shows it; `usage` (uuid → memory_used_mb, utilization) is what
+        NVML said at the worker's last heartbeat, for a connected worker."""
+        usage = usage or {}
         return {
             "name": self.name,
             "version": self.version,
             "connected": self.connected,
-            "gpus": self.gpus,
+            "gpus": [{**gpu, **usage.get(gpu.get("uuid", ""), {})} for gpu in self.gpus],
             "labels": dict(self.labels),
+            "mounts": list(self.mounts),
             "max_jobs": self.max_jobs,
             "running_jobs": running,
             "last_heartbeat": format_time(self.last_seen),

@@ -12,9 +12,10 @@ a random id the coordinator picks per start, so either side recognises messages 
 earlier incarnation of the other.
 
 worker -> coordinator
-    HELLO      {name, version, session, gpus: [{uuid, name, memory_mb}], labels: {str: str},
-                max_jobs, running: [{job_id, attempt, recovered?}]}  recovered: found as a
-                container at start, not held in memory (answered with JOB + resume)
+    HELLO      {name, version, session, gpus: [{uuid, name, memory_mb, index?, pci_bus_id?}],
+                labels: {str: str}, max_jobs, running: [{job_id, attempt, recovered?}],
+                mounts?: [name]}  recovered: found as a container at start, not held in memory
+                (answered with JOB + resume); mounts: the mount names jobs may ask for
     READY      {session, free_gpus: [uuid], slots, running: [job_id]}   running: every job
                 it holds; this confirms receipt of a JOB (unconfirmed ones are queued again)
     STARTED    {session, job_id, attempt, container, executed_at}
@@ -23,13 +24,15 @@ worker -> coordinator
                 line standing for lines the worker dropped: its spill went past its disk bound)
     DONE       {session, job_id, attempt, status, exit_code, error, executed_at, finished_at,
                 last_seq}                                                     the full record
-    HEARTBEAT  {session}
+    HEARTBEAT  {session, usage?: [{uuid, memory_used_mb, utilization}]}   usage: NVML's now
 
 coordinator -> worker
     WELCOME    {coordinator, heartbeat_interval_s, liveness_s}
     JOB        {coordinator, job: {id, attempt, name, image, command, env, secrets, auth, gpus,
-                timeout, first_seq}, resume?}  secrets and auth are write-only: mask, never log;
-                resume {stream: last stored timestamp}: re-attach to the running container
+                timeout, first_seq, container?}, resume?}  secrets and auth are write-only:
+                mask, never log; gpus: the GPU uuids it gets; container: {shm_size, workdir,
+                user, memory, mounts}; resume {stream: last stored timestamp}: re-attach to
+                the running container
     ACK        {job_id, attempt, seq, done}     seq: last stored line; done: DONE was applied
     CANCEL     {job_id, attempt}
     HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO)
@@ -110,6 +113,15 @@ def _is_gpu(value: Any) -> bool:
     )
 
 
+def _is_usage(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("uuid"), str)
+        and _opt(_is_int)(value.get("memory_used_mb"))
+        and _opt(_is_int)(value.get("utilization"))
+    )
+
+
 def _is_running(value: Any) -> bool:
     return (
         isinstance(value, dict) and _is_int(value.get("job_id")) and _is_int(value.get("attempt"))
@@ -134,6 +146,7 @@ _WIRE_JOB: dict[str, Check] = {
     "gpus": _list_of(_is_str),
     "timeout": _opt(_is_number),
     "first_seq": _is_int,
+    "container": _opt(lambda v: isinstance(v, dict)),
 }
 
 FROM_WORKER: dict[str, dict[str, Check]] = {
@@ -145,6 +158,7 @@ FROM_WORKER: dict[str, dict[str, Check]] = {
         "labels": _is_str_map,
         "max_jobs": _is_int,
         "running": _list_of(_is_running),
+        "mounts": _opt(_list_of(_is_str)),
     },
     "READY": {
         "session": _is_str,
@@ -178,7 +192,7 @@ FROM_WORKER: dict[str, dict[str, Check]] = {
         "finished_at": _is_time,
         "last_seq": _is_int,
     },
-    "HEARTBEAT": {"session": _is_str},
+    "HEARTBEAT": {"session": _is_str, "usage": _opt(_list_of(_is_usage))},
 }
 
 FROM_COORDINATOR: dict[str, dict[str, Check]] = {

@@ -144,11 +144,16 @@ class Cluster:
         }
         config = cfg.WorkerConfig(**fields)
         config.validate()
-        gpus = gpu.FakeGpus(int(config.fake_gpus or 0)).list()
+        source = gpu.FakeGpus(config.fake_gpus, config.name)
         runtime = DockerRuntime(
-            config.name, config.stop_grace_s, self.docker_client, tee=io.StringIO()
+            config.name,
+            config.stop_grace_s,
+            self.docker_client,
+            tee=io.StringIO(),
+            mounts=config.mount_map,
+            gpu_devices=False,  # fake GPUs: Docker here has no NVIDIA runtime
         )
-        agent = Agent(config, runtime, gpus, context=self.context)
+        agent = Agent(config, runtime, source.list(), context=self.context, usage=source.usage)
         thread = threading.Thread(target=agent.run, daemon=True)
         thread.start()
         self.agents.append((agent, thread))

@@ -25,7 +25,7 @@ from gpubox import keys, models
 from gpubox.client import Client
 from gpubox.coordinator import tokens
 from gpubox.coordinator.server import Coordinator
-from tests.conftest import IMAGE, Cluster
+from tests.conftest import IMAGE, Cluster, wait_until
 
 JOBS = "/api/v1/jobs"
 DEFAULT = object()  # "the cluster's admin token" / "do not check"
@@ -241,7 +241,10 @@ def test_create_returns_201_with_job_location_and_queued_status(api: Cluster):
     location = response.headers["Location"]
     assert location.endswith(f"/api/v1/jobs/{job['id']}")
     again = request(api, "GET", urllib.parse.urlsplit(location).path)
-    assert again.status == 200 and again.body == job
+    assert again.status == 200
+    # GET of a queued job also says why it waits (no worker here)
+    assert job.pop("queue_reason") is None and isinstance(again.body.pop("queue_reason"), str)
+    assert again.body == job
 
 
 def test_ids_increase(api: Cluster):
@@ -482,7 +485,23 @@ def test_healthz_needs_no_token(api: Cluster):
 def test_get_job(api: Cluster):
     job = submit(api)
     response = request(api, "GET", f"{JOBS}/{job['id']}")
-    assert response.status == 200 and response.body == job
+    assert response.status == 200
+    assert isinstance(response.body.pop("queue_reason"), str)  # queued: says why
+    assert job.pop("queue_reason") is None
+    assert response.body == job
+
+
+def test_a_queued_job_says_no_worker_is_connected(api: Cluster):
+    job = submit(api)
+    wait_until(
+        lambda: (
+            request(api, "GET", f"{JOBS}/{job['id']}").body["queue_reason"]
+            == "no worker is connected"
+        ),
+        10,
+        "the reason from the broker's next round",
+    )
+    assert api.client.jobs()["jobs"][0]["queue_reason"] is None  # only GET /jobs/<id> says
 
 
 @pytest.mark.parametrize("job_id", [999_999, 2**63 - 1, 2**63, 10**30])

@@ -64,7 +64,8 @@ def fill(url: str, jobs: int, lines_per_job: int) -> str:
             store.create_job(spec, now)
         with_lines = 0
         while with_lines < jobs // 2:
-            job = store.claim_job("w1", {"zone": "a"}, ["GPU-1", "GPU-2"], now)
+            head = store.queued_jobs(1)[0]
+            job = store.claim_job(head.id, "w1", ["GPU-1", "GPU-2"][: head.spec.gpus], now)
             assert job is not None
             batch = [
                 (
@@ -185,7 +186,7 @@ def test_db_upgrade_twice_is_a_no_op_the_second_time(pg_url: str, tmp_path: Path
             timeout=60,
             check=False,
         )
-        assert first.returncode == 0 and "upgraded from version 0 to 1" in first.stderr
+        assert first.returncode == 0 and "upgraded from version 0 to 2" in first.stderr
         second = subprocess.run(
             [*GPUBOX, "db", "upgrade", "--db", url],
             capture_output=True,
@@ -196,9 +197,52 @@ def test_db_upgrade_twice_is_a_no_op_the_second_time(pg_url: str, tmp_path: Path
         assert second.returncode == 0 and "nothing to do" in second.stderr
         store = open_store(url, upgrade=False)
         try:
-            assert store.schema_version() == store.latest_version == 1
+            assert store.schema_version() == store.latest_version == 2
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_1_store_is_upgraded_and_its_jobs_read_as_before(
+    backend: str, pg_url: str, tmp_path: Path
+):
+    """Version 2 added gpu_model, gpu_memory_gb and the container options: a job stored by
+    version 1 reads with none of them asked for."""
+    from gpubox.store import postgres, sqlite
+
+    row = (
+        "INSERT INTO jobs (id, name, description, priority, image, command, env, gpus, labels,"
+        " max_retries, metadata, status, created_at, updated_at) VALUES (7, 'old', '', 0,"
+        " 'busybox', '[\"true\"]', '{}', 1, '{}', 0, '{}', 'QUEUED',"
+        " '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')"
+    )
+    if backend == "sqlite":
+        import sqlite3
+
+        url = f"sqlite:///{tmp_path}/v1.db"
+        conn = sqlite3.connect(f"{tmp_path}/v1.db")
+        conn.executescript(sqlite.MIGRATIONS[0] + "INSERT INTO schema_version VALUES (1);" + row)
+        conn.close()
+    else:
+        import psycopg
+
+        url = pg_url
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            for statement in postgres.MIGRATIONS[0].split(";\n"):
+                if statement.strip():
+                    conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute("INSERT INTO schema_version VALUES (1)")
+            conn.execute(row)  # type: ignore[arg-type]
+    store = open_store(url)
+    try:
+        assert store.schema_version() == 2
+        job = store.get_job(7)
+        assert job.spec.name == "old" and job.spec.gpus == 1
+        assert job.spec.gpu_model is None and job.spec.gpu_memory_gb is None
+        assert job.spec.container == models.ContainerOptions()
+        assert [queued.id for queued in store.queued_jobs()] == [7]
+    finally:
+        store.close()
 
 
 def test_coordinator_refuses_a_newer_schema(pg_url: str, tmp_path: Path, pg_admin: Any):

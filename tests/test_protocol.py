@@ -264,7 +264,15 @@ def test_the_optional_fields_are_the_documented_ones() -> None:
         for k, check in schema.items()
         if check(None)
     }
-    assert optional == {"DONE.exit_code", "DONE.error", "DONE.executed_at", "JOB.resume"}
+    assert optional == {
+        "DONE.exit_code",
+        "DONE.error",
+        "DONE.executed_at",
+        "JOB.resume",
+        "LOG.last",
+        "HELLO.mounts",
+        "HEARTBEAT.usage",
+    }
 
 
 @pytest.mark.parametrize(("direction", "msg_type", "key"), MISSING)

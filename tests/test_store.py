@@ -52,9 +52,9 @@ def queued(store: base.Store, now: datetime = T0, **overrides: Any) -> models.Jo
 def running(
     store: base.Store, worker: str = "w1", gpus: tuple[str, ...] = (), **overrides: Any
 ) -> models.Job:
-    """A new job claimed by `worker` (the queue must hold no other claimable job)."""
+    """A new job claimed by `worker` with these GPUs."""
     job = queued(store, **overrides)
-    claimed = store.claim_job(worker, {}, list(gpus), at(1))
+    claimed = store.claim_job(job.id, worker, list(gpus), at(1))
     assert claimed is not None and claimed.id == job.id
     return claimed
 
@@ -246,93 +246,70 @@ def test_list_jobs_before_combines_with_status(store: base.Store) -> None:
     assert [job.id for job in listed] == [ids[3], ids[1]]
 
 
-# --- claim_job ------------------------------------------------------------------------------
+# --- queued_jobs / claim_job ---------------------------------------------------------------
 
 
-def test_claim_marks_job_running_for_worker(store: base.Store) -> None:
-    job = queued(store)
-    claimed = store.claim_job("w1", {}, [], at(7))
+def claim_next(store: base.Store, worker: str, gpus: list[str], now: datetime) -> models.Job | None:
+    """Claim the head of the queue with its first GPUs from `gpus`, or None when empty or
+    another claimer was first (as the broker does with the scheduler's plan)."""
+    head = store.queued_jobs(1)
+    if not head:
+        return None
+    return store.claim_job(head[0].id, worker, gpus[: head[0].spec.gpus], now)
+
+
+def test_claim_marks_job_running_for_worker_with_exactly_its_gpus(store: base.Store) -> None:
+    job = queued(store, gpus=2)
+    claimed = store.claim_job(job.id, "w1", ["GPU-x", "GPU-y"], at(7))
     assert claimed is not None
     assert claimed.id == job.id
     assert claimed.status is Status.RUNNING
     assert claimed.worker == "w1"
     assert claimed.attempts == 1
+    assert claimed.gpu_ids == ["GPU-x", "GPU-y"]
     assert claimed.updated_at == at(7)
     assert store.get_job(job.id) == claimed
 
 
-def test_claim_returns_none_when_queue_empty(store: base.Store) -> None:
-    assert store.claim_job("w1", {}, ["GPU-0"], T0) is None
-    running(store)
-    assert store.claim_job("w1", {}, ["GPU-0"], T0) is None
+def test_claim_of_a_job_not_queued_changes_nothing(store: base.Store) -> None:
+    assert store.claim_job(999_999, "w1", [], T0) is None
+    job = running(store)
+    assert store.claim_job(job.id, "w2", ["GPU-0"], T0) is None
+    assert store.get_job(job.id) == job
+    cancelled = queued(store)
+    store.cancel_job(cancelled.id, at(1))
+    assert store.claim_job(cancelled.id, "w1", [], at(2)) is None
+    assert store.get_job(cancelled.id).status is Status.CANCELLED
 
 
-def test_claim_takes_priority_then_submission_order(store: base.Store) -> None:
+def test_queue_is_priority_then_submission_order(store: base.Store) -> None:
     low = queued(store, priority=-1)
     mid_a = queued(store, priority=5)
     high = queued(store, priority=10)
     mid_b = queued(store, priority=5)
     zero = queued(store)
-    order = []
-    while (claimed := store.claim_job("w1", {}, [], at(1))) is not None:
-        order.append(claimed.id)
+    claimed = running(store, priority=99)
+    order = [job.id for job in store.queued_jobs()]
     assert order == [high.id, mid_a.id, mid_b.id, zero.id, low.id]
+    assert claimed.id not in order
+    assert [job.id for job in store.queued_jobs(limit=2)] == [high.id, mid_a.id]
 
 
-def test_claim_needs_enough_free_gpus(store: base.Store) -> None:
-    job = queued(store, gpus=2)
-    assert store.claim_job("w1", {}, [], at(1)) is None
-    assert store.claim_job("w1", {}, ["GPU-a"], at(1)) is None
-    assert store.get_job(job.id).status is Status.QUEUED
-    claimed = store.claim_job("w1", {}, ["GPU-a", "GPU-b", "GPU-c"], at(1))
-    assert claimed is not None and claimed.id == job.id
-    assert claimed.gpu_ids == ["GPU-a", "GPU-b"]
-    assert store.get_job(job.id).gpu_ids == ["GPU-a", "GPU-b"]
-
-
-def test_claim_with_exactly_enough_gpus(store: base.Store) -> None:
-    job = queued(store, gpus=2)
-    claimed = store.claim_job("w1", {}, ["GPU-x", "GPU-y"], at(1))
-    assert claimed is not None and claimed.id == job.id
-    assert claimed.gpu_ids == ["GPU-x", "GPU-y"]
-
-
-def test_claim_skips_a_job_that_does_not_fit_for_one_that_does(store: base.Store) -> None:
-    big = queued(store, gpus=2, priority=9)
-    small = queued(store, gpus=1)
-    none = queued(store)
-    claimed = store.claim_job("w1", {}, ["GPU-a"], at(1))
-    assert claimed is not None and claimed.id == small.id
-    assert claimed.gpu_ids == ["GPU-a"]
-    claimed = store.claim_job("w1", {}, ["GPU-b"], at(1))
-    assert claimed is not None and claimed.id == none.id
-    assert claimed.gpu_ids == []
-    assert store.get_job(big.id).status is Status.QUEUED
-
-
-def test_claim_requires_all_job_labels_on_worker(store: base.Store) -> None:
-    job = queued(store, labels={"zone": "eu", "tier": "a100"})
-    assert store.claim_job("w1", {}, [], at(1)) is None
-    assert store.claim_job("w1", {"zone": "eu"}, [], at(1)) is None
-    assert store.claim_job("w1", {"zone": "us", "tier": "a100"}, [], at(1)) is None
-    assert store.claim_job("w1", {"zone": "EU", "tier": "a100"}, [], at(1)) is None
-    claimed = store.claim_job("w2", {"zone": "eu", "tier": "a100", "extra": "x"}, [], at(1))
-    assert claimed is not None and claimed.id == job.id
-    assert claimed.worker == "w2"
-
-
-def test_claim_unlabelled_job_by_labelled_worker(store: base.Store) -> None:
-    job = queued(store)
-    claimed = store.claim_job("w1", {"zone": "eu"}, [], at(1))
-    assert claimed is not None and claimed.id == job.id
-
-
-def test_claim_skips_labelled_job_for_unlabelled_one(store: base.Store) -> None:
-    labelled = queued(store, labels={"zone": "eu"}, priority=3)
-    plain = queued(store)
-    claimed = store.claim_job("w1", {"zone": "us"}, [], at(1))
-    assert claimed is not None and claimed.id == plain.id
-    assert store.get_job(labelled.id).status is Status.QUEUED
+def test_queued_jobs_carry_what_the_scheduler_matches_on(store: base.Store) -> None:
+    job = queued(
+        store,
+        gpus=2,
+        gpu_model="A100",
+        gpu_memory_gb=40,
+        labels={"zone": "eu"},
+        docker={"image": "busybox", "mounts": ["datasets"], "shm_size": "8g"},
+    )
+    (listed,) = store.queued_jobs()
+    assert listed == job
+    assert listed.spec.gpu_model == "A100" and listed.spec.gpu_memory_gb == 40
+    assert listed.spec.labels == {"zone": "eu"}
+    assert listed.spec.container.mounts == ["datasets"]
+    assert listed.spec.container.shm_size == 8 * 1024**3
 
 
 def test_concurrent_claims_hand_out_each_job_once(store: base.Store) -> None:
@@ -346,9 +323,12 @@ def test_concurrent_claims_hand_out_each_job_once(store: base.Store) -> None:
     def worker(index: int) -> None:
         try:
             barrier.wait(timeout=10)
-            while (job := store.claim_job(f"w{index}", {}, [], at(1))) is not None:
-                assert job.worker == f"w{index}"
-                claimed[index].append(job.id)
+            while queue := store.queued_jobs(20):
+                for candidate in queue:  # all threads race for the same few jobs
+                    job = store.claim_job(candidate.id, f"w{index}", [], at(1))
+                    if job is not None:
+                        assert job.worker == f"w{index}"
+                        claimed[index].append(job.id)
         except BaseException as exc:  # reported below, from the test's thread
             failures.append(exc)
 
@@ -356,7 +336,7 @@ def test_concurrent_claims_hand_out_each_job_once(store: base.Store) -> None:
     for thread in pool:
         thread.start()
     for thread in pool:
-        thread.join(timeout=30)
+        thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in pool)
     assert failures == []
     flat = [job_id for ids in claimed for job_id in ids]
@@ -370,7 +350,7 @@ def test_concurrent_claims_hand_out_each_job_once(store: base.Store) -> None:
 
 def test_unclaim_puts_the_job_back_as_if_never_claimed(store: base.Store) -> None:
     job = queued(store, gpus=1)
-    claimed = store.claim_job("w1", {}, ["GPU-a"], at(1))
+    claimed = claim_next(store, "w1", ["GPU-a"], at(1))
     assert claimed is not None and claimed.attempts == 1
     assert store.unclaim_job(job.id, 1, at(2)) is True
     back = store.get_job(job.id)
@@ -379,7 +359,7 @@ def test_unclaim_puts_the_job_back_as_if_never_claimed(store: base.Store) -> Non
     assert back.gpu_ids == []
     assert back.attempts == 0
     assert store.running_jobs() == []
-    again = store.claim_job("w2", {}, ["GPU-b"], at(3))
+    again = claim_next(store, "w2", ["GPU-b"], at(3))
     assert again is not None and again.id == job.id
     assert again.attempts == 1
     assert again.gpu_ids == ["GPU-b"]
@@ -407,7 +387,7 @@ def test_unclaim_after_cancel_request_cancels(store: base.Store) -> None:
     store.unclaim_job(job.id, 1, at(2))
     back = store.get_job(job.id)
     assert back.status is Status.CANCELLED
-    assert store.claim_job("w2", {}, [], at(3)) is None
+    assert claim_next(store, "w2", [], at(3)) is None
 
 
 # --- mark_started / finish_job --------------------------------------------------------------
@@ -473,7 +453,7 @@ def test_finish_with_stale_attempt_is_ignored(store: base.Store) -> None:
     assert finish(store, job, attempt=2) is Finish.IGNORED
     assert store.get_job(job.id).status is Status.RUNNING
     store.release_job(job.id, 1, "worker lost", at(2))
-    second = store.claim_job("w2", {}, [], at(3))
+    second = claim_next(store, "w2", [], at(3))
     assert second is not None and second.attempts == 2
     assert finish(store, job, attempt=1) is Finish.IGNORED
     current = store.get_job(job.id)
@@ -532,7 +512,7 @@ def test_cancel_queued_job_is_immediate(store: base.Store) -> None:
     assert cancelled.status is Status.CANCELLED
     assert cancelled.finished_at == at(3)
     assert store.get_job(job.id) == cancelled
-    assert store.claim_job("w1", {}, [], at(4)) is None
+    assert claim_next(store, "w1", [], at(4)) is None
 
 
 def test_cancel_running_job_requests_cancel(store: base.Store) -> None:
@@ -574,7 +554,7 @@ def test_cancel_unknown_job_raises_job_not_found(store: base.Store) -> None:
 
 def test_release_requeues_while_retries_remain(store: base.Store) -> None:
     job = queued(store, gpus=1, max_retries=1)
-    first = store.claim_job("w1", {}, ["GPU-a"], at(1))
+    first = claim_next(store, "w1", ["GPU-a"], at(1))
     assert first is not None and first.id == job.id and first.attempts == 1
     requeued = store.release_job(job.id, 1, "worker w1 lost", at(2))
     assert requeued is not None
@@ -585,7 +565,7 @@ def test_release_requeues_while_retries_remain(store: base.Store) -> None:
     assert requeued.finished_at is None
     assert store.get_job(job.id) == requeued
     assert store.running_jobs() == []
-    second = store.claim_job("w2", {}, ["GPU-b"], at(3))
+    second = claim_next(store, "w2", ["GPU-b"], at(3))
     assert second is not None and second.id == job.id
     assert second.attempts == 2
     assert second.worker == "w2"
@@ -596,7 +576,7 @@ def test_release_requeues_while_retries_remain(store: base.Store) -> None:
 def test_release_errors_when_no_retries_left(store: base.Store) -> None:
     job = running(store, max_retries=1)
     assert store.release_job(job.id, 1, "lost once", at(2)) is not None
-    again = store.claim_job("w2", {}, [], at(3))
+    again = claim_next(store, "w2", [], at(3))
     assert again is not None and again.attempts == 2
     failed = store.release_job(job.id, 2, "worker w2 lost", at(4))
     assert failed is not None
@@ -604,7 +584,7 @@ def test_release_errors_when_no_retries_left(store: base.Store) -> None:
     assert failed.error == "worker w2 lost"
     assert failed.finished_at == at(4)
     assert store.get_job(job.id) == failed
-    assert store.claim_job("w3", {}, [], at(5)) is None
+    assert claim_next(store, "w3", [], at(5)) is None
 
 
 def test_release_without_retries_errors_at_once(store: base.Store) -> None:
@@ -623,7 +603,7 @@ def test_release_after_cancel_request_cancels(store: base.Store) -> None:
     assert released.status is Status.CANCELLED
     assert released.finished_at == at(2)
     assert store.get_job(job.id) == released
-    assert store.claim_job("w1", {}, [], at(3)) is None
+    assert claim_next(store, "w1", [], at(3)) is None
 
 
 def test_release_stale_attempt_returns_none(store: base.Store) -> None:
@@ -733,7 +713,7 @@ def test_stale_attempt_batch_stores_nothing_and_returns_its_end(store: base.Stor
     assert store.append_logs(job.id, 2, 3, raw(3, 4)) == 6
     assert seqs(store.read_logs(job.id)) == [1, 2]
     store.release_job(job.id, 1, "lost", at(2))
-    assert store.claim_job("w2", {}, [], at(3)) is not None
+    assert claim_next(store, "w2", [], at(3)) is not None
     assert store.append_logs(job.id, 1, 3, raw(3, 10, " old")) == 12
     assert seqs(store.read_logs(job.id)) == [1, 2]
     assert store.get_job(job.id).log_seq == 2

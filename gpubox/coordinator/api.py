@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import bottle
 
@@ -56,6 +56,26 @@ def _flag(name: str) -> bool:
     return raw in ("1", "true", "yes")
 
 
+class LiveView(Protocol):
+    """What the broker knows that the store does not (coordinator.broker.Broker)."""
+
+    def queue_reason(self, job_id: int) -> str: ...
+
+    def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]: ...
+
+
+def _check_mounts(wanted: list[str], workers: list[models.WorkerInfo]) -> None:
+    """400 for a mount name that no worker known to the coordinator declares."""
+    declared = {name for worker in workers for name in worker.mounts}
+    missing = [name for name in wanted if name not in declared]
+    if missing:
+        known = ", ".join(sorted(declared)) or "none"
+        raise errors.BadInput(
+            f"no worker declares a mount named {', '.join(missing)} (declared: {known})",
+            "docker.mounts",
+        )
+
+
 def make_app(
     store: Store,
     changes: Changes,
@@ -64,10 +84,12 @@ def make_app(
     state_dir: str,
     max_body_bytes: int = 1_048_576,
     stopping: threading.Event | None = None,
+    live: LiveView | None = None,
 ) -> bottle.Bottle:
     """The WSGI app. `poke` tells the broker about new jobs and cancels; `sealer` encrypts
     credentials before they are stored; `state_dir` holds the worker allow list; `stopping`
-    ends follow streams when the server shuts down."""
+    ends follow streams when the server shuts down; `live` is what only the broker knows
+    (why a job waits, GPU usage now)."""
     app = bottle.Bottle()
     stopping = stopping or threading.Event()
 
@@ -144,6 +166,8 @@ def make_app(
     @endpoint()
     def create_job() -> dict[str, Any]:
         spec = sealer.seal(models.parse_spec(json_body()))
+        if spec.container.mounts:
+            _check_mounts(spec.container.mounts, store.list_workers())
         job = store.create_job(spec, models.utcnow())
         poke("schedule", job.id)
         bottle.response.status = 201
@@ -153,7 +177,11 @@ def make_app(
     @app.get("/api/v1/jobs/<job_id:int>")
     @endpoint()
     def get_job(job_id: int) -> dict[str, Any]:
-        return store.get_job(job_id).to_dict()
+        job = store.get_job(job_id)
+        shown = job.to_dict()
+        if job.status is models.Status.QUEUED and live is not None:
+            shown["queue_reason"] = live.queue_reason(job.id)
+        return shown
 
     @app.get("/api/v1/jobs")
     @endpoint()
@@ -208,7 +236,15 @@ def make_app(
         running: dict[str, list[int]] = {}
         for job in store.running_jobs():
             running.setdefault(job.worker or "", []).append(job.id)
-        return {"workers": [w.to_dict(running.get(w.name, [])) for w in store.list_workers()]}
+        return {
+            "workers": [
+                w.to_dict(
+                    running.get(w.name, []),
+                    live.gpu_usage(w.name) if live is not None and w.connected else None,
+                )
+                for w in store.list_workers()
+            ]
+        }
 
     @app.post("/api/v1/workers/<name>/revoke")
     @endpoint(admin=True)

@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from gpubox import errors, keys, models, protocol
-from gpubox.coordinator import sealing
+from gpubox.coordinator import scheduler, sealing
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
 from gpubox.store.base import Finish
@@ -25,6 +25,7 @@ from gpubox.store.base import Finish
 log = logging.getLogger(__name__)
 
 SCHEDULE_EVERY_S = 1.0
+QUEUE_WINDOW = 200  # queued jobs planned per round, in queue order
 STORE_BACKOFF_MAX_S = 5.0
 
 
@@ -41,6 +42,8 @@ class Peer:
     labels: dict[str, str]
     max_jobs: int
     last_seen: float
+    mounts: list[str] = dataclasses.field(default_factory=list)
+    usage: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # uuid → NVML now
     ready: bool = False
     free_gpus: list[str] = dataclasses.field(default_factory=list)
     slots: int = 0
@@ -64,6 +67,7 @@ class Peer:
             max_jobs=self.max_jobs,
             connected=connected,
             last_seen=models.utcnow(),
+            mounts=self.mounts,
         )
 
 
@@ -124,6 +128,8 @@ class Broker:
         self._next_heartbeat = 0.0
         self._next_expiry = 0.0
         self._next_schedule = 0.0
+        # Why each queued job waits, from the last scheduling round (read by HTTP threads).
+        self.reasons: dict[int, str] = {}
         self.dropped_messages = 0
         self._store_backoff_s = 0.0
         self._store_paused_until = 0.0
@@ -203,7 +209,7 @@ class Broker:
             self._next_expiry = now + min(1.0, self.heartbeat_interval_s)
             self._guard(self._expire, now)
         if now >= self._next_schedule:
-            self._guard(self._schedule, now)
+            self._guard(self._schedule, now, True)
 
     def _guard(self, fn: Any, *args: Any) -> None:
         """Run one unit of work; a failure is logged, never fatal to the broker.
@@ -283,6 +289,7 @@ class Broker:
             labels=body["labels"],
             max_jobs=body["max_jobs"],
             last_seen=now,
+            mounts=list(body.get("mounts") or []),
         )
         self.peers[peer.session] = peer
         self._send(
@@ -400,6 +407,11 @@ class Broker:
         self._schedule(now)
 
     def _on_heartbeat(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+        for item in body.get("usage") or []:
+            peer.usage[item["uuid"]] = {
+                "memory_used_mb": item.get("memory_used_mb"),
+                "utilization": item.get("utilization"),
+            }
         self._send(peer, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": True})
 
     # --- pokes from other threads -------------------------------------------------------------
@@ -415,31 +427,53 @@ class Broker:
 
     # --- scheduling and expiry ----------------------------------------------------------------
 
-    def _schedule(self, now: float) -> None:
-        """Hand out queued jobs, one per worker per round, until no worker can take another."""
+    def _schedule(self, now: float, timer: bool = False) -> None:
+        """Plan the queue on the ready workers (coordinator.scheduler) and send what starts.
+        Rounds not run by the timer are skipped while no worker has a free slot."""
         self._next_schedule = now + SCHEDULE_EVERY_S
-        progress = True
-        while progress:
-            progress = False
-            for peer in list(self.peers.values()):
-                if not peer.ready:
-                    continue
-                if self.allow.name_for(peer.key) != peer.name:
-                    self._lose(peer, f"worker {peer.name}: its key was revoked")
-                    continue
-                free, slots = peer.capacity()
-                if slots <= 0:
-                    continue
-                job = self.store.claim_job(peer.name, peer.labels, free, models.utcnow())
-                if job is None:
-                    continue
-                if self._send_job(peer, job):
-                    progress = True
-                    log.info("job %d (attempt %d) sent to %s", job.id, job.attempts, peer.name)
-                elif self.store.get_job(job.id).status is not models.Status.RUNNING:
-                    progress = True  # ended: its credentials could not be unsealed
-                else:
-                    self.store.unclaim_job(job.id, job.attempts, models.utcnow())
+        peers, views = {}, []
+        for peer in list(self.peers.values()):
+            if not peer.ready:
+                continue
+            if self.allow.name_for(peer.key) != peer.name:
+                self._lose(peer, f"worker {peer.name}: its key was revoked")
+                continue
+            free, slots = peer.capacity()
+            peers[peer.name] = peer
+            views.append(
+                scheduler.WorkerView(
+                    peer.name, peer.gpus, free, slots, peer.labels, frozenset(peer.mounts)
+                )
+            )
+        if not timer and not any(view.slots > 0 for view in views):
+            return
+        plan = scheduler.plan(self.store.queued_jobs(QUEUE_WINDOW), views)
+        self.reasons = plan.reasons
+        for assignment in plan.assignments:
+            job = self.store.claim_job(
+                assignment.job.id, assignment.worker, assignment.gpus, models.utcnow()
+            )
+            if job is None:
+                continue  # cancelled since
+            peer = peers[assignment.worker]
+            if self._send_job(peer, job):
+                log.info("job %d (attempt %d) sent to %s", job.id, job.attempts, peer.name)
+            elif self.store.get_job(job.id).status is models.Status.RUNNING:
+                self.store.unclaim_job(job.id, job.attempts, models.utcnow())
+
+    def queue_reason(self, job_id: int) -> str:
+        """Why a QUEUED job waits, as of the last scheduling round. Any thread."""
+        return self.reasons.get(job_id) or (
+            "waiting to be scheduled (just submitted, or behind the first"
+            f" {QUEUE_WINDOW} queued jobs)"
+        )
+
+    def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]:
+        """NVML's memory used and utilization per GPU uuid at worker's last heartbeat."""
+        for peer in list(self.peers.values()):
+            if peer.name == worker:
+                return dict(peer.usage)
+        return {}
 
     def _send_job(self, peer: Peer, job: models.Job, resume: dict[str, str] | None = None) -> bool:
         """Send JOB (its credentials unsealed); the worker must confirm receipt in time."""

@@ -86,6 +86,7 @@ class Coordinator:
             self.config.state_dir,
             self.config.max_body_bytes,
             self._stopping,
+            live=self.broker,
         )
         host, port = config_mod.parse_address(self.config.http, "http")
         self.http_server = waitress.create_server(

@@ -61,16 +61,17 @@ class Store(abc.ABC):
         """Up to `limit` jobs, newest (highest id) first, only ids below `before` when given."""
 
     @abc.abstractmethod
-    def claim_job(
-        self, worker: str, labels: dict[str, str], free_gpus: Sequence[str], now: datetime
-    ) -> models.Job | None:
-        """Atomically hand the best QUEUED job this worker can run to it, or return None.
+    def queued_jobs(self, limit: int = 500) -> list[models.Job]:
+        """Up to `limit` QUEUED jobs in the order they should run: highest priority first,
+        then lowest id."""
 
-        Best: highest priority, then lowest id, among jobs needing at most len(free_gpus) GPUs
-        whose labels are all among the worker's. The claimed job is RUNNING, assigned to
-        `worker`, its attempts incremented and its gpu_ids set to the first free_gpus it needs.
-        Two concurrent claims never return the same job.
-        """
+    @abc.abstractmethod
+    def claim_job(
+        self, job_id: int, worker: str, gpu_ids: Sequence[str], now: datetime
+    ) -> models.Job | None:
+        """Atomically make a QUEUED job RUNNING on `worker` with exactly these GPUs (uuids):
+        attempts incremented, gpu_ids set, in one transaction. None, changing nothing, when
+        the job is not QUEUED any more; of two concurrent claims of one job, one wins."""
 
     @abc.abstractmethod
     def unclaim_job(self, job_id: int, attempt: int, now: datetime) -> bool:

@@ -5,18 +5,16 @@ sequence taken before the insert; log batches travel as one COPY; a claim is one
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import select
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from typing import Any
 
 import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
 
-from gpubox import errors, models
+from gpubox import errors
 from gpubox.store import sql
 
 log = logging.getLogger(__name__)
@@ -81,6 +79,12 @@ CREATE TABLE tokens (
     created_at TEXT NOT NULL
 );
 """,
+    # 2: which GPUs a job wants, and its container options (JSON)
+    """
+ALTER TABLE jobs ADD COLUMN gpu_model TEXT;
+ALTER TABLE jobs ADD COLUMN gpu_memory_gb DOUBLE PRECISION;
+ALTER TABLE jobs ADD COLUMN container TEXT NOT NULL DEFAULT '{}';
+""",
 )
 
 # Two coordinators upgrading one database at once take turns on this lock.
@@ -143,7 +147,6 @@ class PostgresStore(sql.SqlStore):
     """The store in a PostgreSQL database."""
 
     MIGRATIONS = MIGRATIONS
-    claim_lock = " FOR UPDATE SKIP LOCKED"
     row_lock = " FOR UPDATE"
 
     def __init__(self, url: str, upgrade: bool = True, max_connections: int = 16) -> None:
@@ -196,48 +199,6 @@ class PostgresStore(sql.SqlStore):
         with cur.copy("COPY logs (job_id, seq, ts, stream, line) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
-
-    # The claim in one statement: pick and lock the best fitting job, mark it RUNNING, and
-    # return the row as it was (the claimed Job is derived from it).
-    CLAIM = """
-        WITH pick AS (
-            SELECT * FROM jobs j WHERE status = 'QUEUED' AND gpus <= %(free)s
-                AND NOT EXISTS (SELECT 1 FROM job_labels l
-                                WHERE l.job_id = j.id AND l.pair <> ALL(%(offered)s::text[]))
-            ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED
-        ), claimed AS (
-            UPDATE jobs SET status = 'RUNNING', worker = %(worker)s,
-                attempts = jobs.attempts + 1, executed_at = NULL, updated_at = %(now)s,
-                gpu_ids = COALESCE(array_to_json((%(gpus)s::text[])[1:pick.gpus])::text, '[]')
-            FROM pick WHERE jobs.id = pick.id
-        )
-        SELECT * FROM pick
-    """
-
-    def claim_job(
-        self, worker: str, labels: dict[str, str], free_gpus: Sequence[str], now: datetime
-    ) -> models.Job | None:
-        params = {
-            "free": len(free_gpus),
-            "worker": worker,
-            "now": models.format_time(now),
-            "gpus": list(free_gpus),
-            "offered": [sql.label_pair(key, value) for key, value in labels.items()],
-        }
-        with _translate(), self.pool.connection() as conn:
-            row = conn.execute(self.CLAIM, params).fetchone()  # type: ignore[arg-type]
-        if row is None:
-            return None
-        job = sql.job_from_row(row)  # type: ignore[arg-type]
-        return dataclasses.replace(
-            job,
-            status=models.Status.RUNNING,
-            worker=worker,
-            attempts=job.attempts + 1,
-            executed_at=None,
-            updated_at=now,
-            gpu_ids=list(free_gpus[: job.spec.gpus]),
-        )
 
     def _current_version(self, cur: Any) -> int:
         cur.execute("SELECT to_regclass('schema_version') IS NOT NULL AS present")

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 JOB_COLUMNS = (
     "name, description, priority, image, command, env, sealed, gpus, labels, timeout, "
-    "max_retries, metadata, status, created_at, updated_at"
+    "max_retries, metadata, status, created_at, updated_at, gpu_model, gpu_memory_gb, container"
 )
 
 
@@ -58,6 +58,9 @@ def job_from_row(row: dict[str, Any]) -> models.Job:
         timeout=row["timeout"],
         max_retries=row["max_retries"],
         metadata=_load(row["metadata"]),
+        gpu_model=row["gpu_model"],
+        gpu_memory_gb=row["gpu_memory_gb"],
+        container=models.ContainerOptions.from_dict(_load(row["container"])),
     )
     return models.Job(
         id=row["id"],
@@ -80,8 +83,6 @@ def job_from_row(row: dict[str, Any]) -> models.Job:
 class SqlStore(base.Store):
     """Every store operation written once in SQL; backends provide connections."""
 
-    # Appended to the claim's candidate query: PostgreSQL adds row locks here.
-    claim_lock = ""
     # Appended to a read that the same transaction then updates (SQLite's BEGIN IMMEDIATE
     # already serialises writers; PostgreSQL locks the row).
     row_lock = ""
@@ -123,6 +124,9 @@ class SqlStore(base.Store):
             models.Status.QUEUED.value,
             _time(now),
             _time(now),
+            spec.gpu_model,
+            spec.gpu_memory_gb,
+            _dump(spec.container.to_dict()),
         )
         with self._write() as cur:
             job_id = self._insert_job(cur, values)
@@ -164,35 +168,27 @@ class SqlStore(base.Store):
             cur.execute(sql, params)
             return [job_from_row(row) for row in cur.fetchall()]
 
-    def claim_job(
-        self, worker: str, labels: dict[str, str], free_gpus: Sequence[str], now: datetime
-    ) -> models.Job | None:
-        # A job fits when it has no label outside the worker's: one indexed query picks the
-        # best, and the backend's claim_lock keeps two claimers from picking the same row.
-        offered = [label_pair(key, value) for key, value in labels.items()]
-        outside = f" AND l.pair NOT IN ({', '.join('?' * len(offered))})" if offered else ""
-        with self._write() as cur:
+    def queued_jobs(self, limit: int = 500) -> list[models.Job]:
+        with self._read() as cur:
             cur.execute(
-                "SELECT id, gpus FROM jobs j WHERE status = 'QUEUED' AND gpus <= ?"
-                " AND NOT EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = j.id"
-                + outside
-                + ") ORDER BY priority DESC, id LIMIT 1"
-                + self.claim_lock,
-                (len(free_gpus), *offered),
+                "SELECT * FROM jobs WHERE status = 'QUEUED' ORDER BY priority DESC, id LIMIT ?",
+                (limit,),
             )
-            row = cur.fetchone()
-            if row is None:
-                return None
-            gpu_ids = list(free_gpus[: row["gpus"]])
+            return [job_from_row(row) for row in cur.fetchall()]
+
+    def claim_job(
+        self, job_id: int, worker: str, gpu_ids: Sequence[str], now: datetime
+    ) -> models.Job | None:
+        with self._write() as cur:
             cur.execute(
                 "UPDATE jobs SET status = 'RUNNING', worker = ?, attempts = attempts + 1,"
                 " gpu_ids = ?, executed_at = NULL, updated_at = ?"
                 " WHERE id = ? AND status = 'QUEUED'",
-                (worker, _dump(gpu_ids), _time(now), row["id"]),
+                (worker, _dump(list(gpu_ids)), _time(now), job_id),
             )
             if cur.rowcount != 1:
                 return None
-            return self._get(cur, row["id"])
+            return self._get(cur, job_id)
 
     def unclaim_job(self, job_id: int, attempt: int, now: datetime) -> bool:
         with self._write() as cur:
@@ -396,6 +392,7 @@ class SqlStore(base.Store):
             "gpus": worker.gpus,
             "labels": worker.labels,
             "max_jobs": worker.max_jobs,
+            "mounts": worker.mounts,
         }
         with self._write() as cur:
             cur.execute("DELETE FROM workers WHERE name = ?", (worker.name,))
@@ -418,6 +415,7 @@ class SqlStore(base.Store):
                     gpus=info["gpus"],
                     labels=info["labels"],
                     max_jobs=info["max_jobs"],
+                    mounts=info.get("mounts", []),
                     connected=bool(row["connected"]),
                     last_seen=models.parse_time(row["last_seen"]),  # type: ignore[arg-type]
                 )

@@ -75,6 +75,12 @@ CREATE TABLE tokens (
     created_at TEXT NOT NULL
 );
 """,
+    # 2: which GPUs a job wants, and its container options (JSON)
+    """
+ALTER TABLE jobs ADD COLUMN gpu_model TEXT;
+ALTER TABLE jobs ADD COLUMN gpu_memory_gb REAL;
+ALTER TABLE jobs ADD COLUMN container TEXT NOT NULL DEFAULT '{}';
+""",
 )
 
 

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,8 +87,12 @@ class Agent:
         runtime: Runtime,
         gpus: list[models.Gpu],
         context: zmq.Context | None = None,
+        usage: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
+        """`usage` says how busy the GPUs are now (worker.gpu's GpuSource.usage), sent with
+        each heartbeat for GET /workers."""
         self.config = config
+        self.usage = usage
         self.name = keys.check_name(config.name or socket.gethostname())
         key_file = config.key_file or keys.worker_secret_file(config.state_dir, self.name)
         self.public_key, self.secret_key = keys.load_secret(key_file)
@@ -167,7 +172,11 @@ class Agent:
             return
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
-            self._send("HEARTBEAT", {"session": self.session})
+            body: dict[str, Any] = {"session": self.session}
+            if self.usage is not None:
+                offered = {gpu.uuid for gpu in self.gpus}
+                body["usage"] = [item for item in self.usage() if item["uuid"] in offered]
+            self._send("HEARTBEAT", body)
         if self.welcomed:
             self._resend(now, older_than=self.config.resend_s)
             self._refill(now)
@@ -241,6 +250,7 @@ class Agent:
                 "gpus": [gpu.to_dict() for gpu in self.gpus],
                 "labels": self.labels,
                 "max_jobs": self.config.max_jobs,
+                "mounts": sorted(self.config.mount_map),
                 "running": [
                     {"job_id": j.id, "attempt": j.attempt, "recovered": j.found is not None}
                     for j in self.jobs.values()

@@ -20,6 +20,7 @@ import docker.types
 import requests.exceptions
 
 from gpubox import models, protocol
+from gpubox.config import Mount
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,21 @@ GATHER_S = 0.005
 LABEL = "io.gpubox.job"
 WORKER_LABEL = "io.gpubox.worker"
 MASK = "[MASKED]"
+
+
+class JobRefused(Exception):
+    """This worker cannot run the job as asked (a mount it does not declare)."""
+
+
+def refusal(exc: docker.errors.APIError) -> str:
+    """Docker's refusal of a container, in words a user can act on."""
+    text = str(exc.explanation or exc)
+    if "could not select device driver" in text:
+        return (
+            "this worker's Docker engine cannot give containers GPUs: install the NVIDIA"
+            f" Container Toolkit and restart dockerd (Docker said: {text})"
+        )
+    return f"docker refused the container: {text}"
 
 
 def normalize_ts(ts: str) -> str:
@@ -219,9 +235,16 @@ class DockerRuntime:
         stop_grace_s: float = 10.0,
         client: docker.DockerClient | None = None,
         tee: IO[str] | None = None,
+        mounts: dict[str, Mount] | None = None,
+        gpu_devices: bool = True,
     ) -> None:
+        """`mounts`: the host folders jobs may ask for by name. `gpu_devices`: give containers
+        their GPUs through a device request (needs the NVIDIA runtime); off for fake GPUs,
+        which get the environment only."""
         self.worker_name = worker_name
         self.stop_grace_s = stop_grace_s
+        self.mounts = mounts or {}
+        self.gpu_devices = gpu_devices
         self.client = client or docker.from_env()
         self.tee = tee or sys.stderr
         self._tee_lock = threading.Lock()
@@ -271,11 +294,10 @@ class DockerRuntime:
                 executed_at = models.format_time(models.utcnow())
                 emit("started", {"container": container.id, "executed_at": executed_at})
                 outcome = self._watch(job, container, buffer, emit, cancel, detach, {})
+        except JobRefused as exc:
+            outcome = {"status": "ERROR", "error": str(exc)}
         except docker.errors.APIError as exc:
-            outcome = {
-                "status": "ERROR",
-                "error": f"docker refused the container: {exc.explanation or exc}",
-            }
+            outcome = {"status": "ERROR", "error": refusal(exc)}
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             outcome = {"status": "ERROR", "error": f"docker failed: {exc}"}
         if outcome is None:
@@ -345,6 +367,14 @@ class DockerRuntime:
             return str(exc.explanation or exc)
 
     def _create(self, job: dict[str, Any]) -> Any:
+        return self.client.containers.create(job["image"], **self.container_spec(job))
+
+    def container_spec(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of containers.create for a JOB: command, environment,
+        labels to find it again, its GPUs (device request + NVIDIA_VISIBLE_DEVICES, with
+        CUDA_DEVICE_ORDER=PCI_BUS_ID so indices inside match nvidia-smi outside), and its
+        container options. Raises JobRefused for a mount this worker does not declare."""
+        options = models.ContainerOptions.from_dict(job.get("container"))
         kwargs: dict[str, Any] = {
             "command": job.get("command"),
             "environment": {**(job.get("env") or {}), **(job.get("secrets") or {})},
@@ -358,15 +388,35 @@ class DockerRuntime:
             },
         }
         if job["gpus"]:
-            kwargs["device_requests"] = [
-                docker.types.DeviceRequest(device_ids=list(job["gpus"]), capabilities=[["gpu"]])
-            ]
+            if self.gpu_devices:
+                kwargs["device_requests"] = [
+                    docker.types.DeviceRequest(device_ids=list(job["gpus"]), capabilities=[["gpu"]])
+                ]
             kwargs["environment"] = {
                 **kwargs["environment"],
                 "NVIDIA_VISIBLE_DEVICES": ",".join(job["gpus"]),
                 "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             }
-        return self.client.containers.create(job["image"], **kwargs)
+        if options.shm_size is not None:
+            kwargs["shm_size"] = options.shm_size
+        if options.memory is not None:
+            kwargs["mem_limit"] = options.memory
+        if options.workdir is not None:
+            kwargs["working_dir"] = options.workdir
+        if options.user is not None:
+            kwargs["user"] = options.user
+        missing = [name for name in options.mounts if name not in self.mounts]
+        if missing:
+            raise JobRefused(f"this worker declares no mount named {', '.join(missing)}")
+        if options.mounts:
+            kwargs["volumes"] = {
+                self.mounts[name].host_path: {
+                    "bind": self.mounts[name].container_path,
+                    "mode": "ro" if self.mounts[name].read_only else "rw",
+                }
+                for name in options.mounts
+            }
+        return kwargs
 
     def _watch(
         self,

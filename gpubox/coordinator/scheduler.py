@@ -1,0 +1,146 @@
+"""Which queued job goes to which worker, on which GPUs. Pure: the broker feeds it the queue
+and what each worker has free, and applies the plan through the store.
+
+The rule, in queue order (priority, then submission):
+
+1. A job goes to a worker that has its labels and mounts, a free job slot, and enough free
+   GPUs that suit it (`gpu_model` in the NVML name, at least `gpu_memory_gb`). Of several,
+   the one with the fewest such GPUs free (best fit: big blocks stay whole for big jobs); its
+   GPUs are taken in index order.
+2. A job that could run on some worker but not now (too few GPUs free) reserves one: the one
+   with the most suitable GPUs free. A reserved worker gives no GPU to a job behind it in the
+   queue, so its GPUs gather as they free up until the job fits; jobs needing no GPU may still
+   use its spare slots (one slot stays for the holder). A job is therefore never overtaken
+   forever by smaller jobs of lower priority; jobs ahead of it come first, as they would.
+3. Every job left queued gets a reason a person can act on.
+
+The plan is made afresh each round from the current state, so a reservation needs no
+bookkeeping: it lasts while its job is the earliest that cannot start there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from gpubox import models
+
+
+@dataclasses.dataclass
+class WorkerView:
+    """A connected worker ready for work, as the scheduler needs to see it."""
+
+    name: str
+    gpus: list[dict[str, Any]]  # every GPU it offers: uuid, name, memory_mb, index
+    free: list[str]  # uuids free now
+    slots: int  # jobs it can start now
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    mounts: frozenset[str] = frozenset()
+
+    def can_ever_run(self, spec: models.JobSpec) -> bool:
+        return (
+            spec.labels.items() <= self.labels.items()
+            and set(spec.container.mounts) <= self.mounts
+            and sum(1 for gpu in self.gpus if spec.wants_gpu(gpu)) >= spec.gpus
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    job: models.Job
+    worker: str
+    gpus: list[str]
+
+
+@dataclasses.dataclass
+class Plan:
+    assignments: list[Assignment] = dataclasses.field(default_factory=list)
+    reasons: dict[int, str] = dataclasses.field(default_factory=dict)  # job id → why queued
+    reserved: dict[str, int] = dataclasses.field(default_factory=dict)  # worker → job id
+
+
+def plan(queue: list[models.Job], workers: list[WorkerView]) -> Plan:
+    """Assignments for the queue (in its order) on these workers, and why the rest wait."""
+    result = Plan()
+    free = {w.name: list(w.free) for w in workers}
+    slots = {w.name: w.slots for w in workers}
+    for job in queue:
+        spec = job.spec
+        able = [w for w in workers if w.can_ever_run(spec)]
+        if not able:
+            result.reasons[job.id] = _no_worker(spec, workers)
+            continue
+        fits = []
+        for worker in able:
+            if slots[worker.name] < (2 if worker.name in result.reserved else 1):
+                continue
+            if worker.name in result.reserved and spec.gpus:
+                continue  # its GPUs are held for a job ahead of this one
+            suitable = _suitable(worker, free[worker.name], spec)
+            if len(suitable) >= spec.gpus:
+                fits.append((len(suitable), worker.name, worker, suitable))
+        if fits:
+            _, name, worker, suitable = min(fits, key=lambda fit: fit[:2])
+            chosen = suitable[: spec.gpus]
+            result.assignments.append(Assignment(job, name, chosen))
+            free[name] = [uuid for uuid in free[name] if uuid not in chosen]
+            slots[name] -= 1
+            continue
+        result.reasons[job.id] = _wait(job, able, free, slots, result.reserved)
+    return result
+
+
+def _suitable(worker: WorkerView, free: list[str], spec: models.JobSpec) -> list[str]:
+    """The free GPUs of worker that suit spec, in index order."""
+    return [
+        gpu["uuid"]
+        for gpu in sorted(worker.gpus, key=lambda gpu: gpu.get("index", 0))
+        if gpu["uuid"] in free and spec.wants_gpu(gpu)
+    ]
+
+
+def _wait(
+    job: models.Job,
+    able: list[WorkerView],
+    free: dict[str, list[str]],
+    slots: dict[str, int],
+    reserved: dict[str, int],
+) -> str:
+    """Why a job that some worker could run waits; reserves a worker for it if it needs GPUs
+    and one is not held already."""
+    spec = job.spec
+    if spec.gpus == 0:
+        return f"waiting for a free job slot (max_jobs) on {', '.join(w.name for w in able)}"
+    open_workers = [w for w in able if w.name not in reserved]
+    if not open_workers:
+        holder = min(reserved[w.name] for w in able)
+        held = ", ".join(w.name for w in able if reserved[w.name] == holder)
+        return f"waiting behind job {holder}, which {held} holds its GPUs for"
+    counts = {w.name: len(_suitable(w, free[w.name], spec)) for w in open_workers}
+    worker = max(open_workers, key=lambda w: (counts[w.name], -open_workers.index(w)))
+    reserved[worker.name] = job.id
+    if counts[worker.name] >= spec.gpus:
+        return f"waiting for a free job slot (max_jobs) on {worker.name}"
+    return (
+        f"not enough free GPUs: {counts[worker.name]} of the {spec.gpus} it needs are free on"
+        f" {worker.name}, which holds them for this job as others end"
+    )
+
+
+def _no_worker(spec: models.JobSpec, workers: list[WorkerView]) -> str:
+    """Why no connected worker could ever run a job: the first requirement none meets."""
+    if not workers:
+        return "no worker is connected"
+    labelled = [w for w in workers if spec.labels.items() <= w.labels.items()]
+    if not labelled:
+        wanted = ", ".join(f"{k}={v}" for k, v in sorted(spec.labels.items()))
+        return f"no connected worker has the labels {wanted}"
+    mounted = [w for w in labelled if set(spec.container.mounts) <= w.mounts]
+    if not mounted:
+        return f"no connected worker with its labels declares the mounts {spec.container.mounts}"
+    what = f"{spec.gpus} GPU" + ("s" if spec.gpus != 1 else "")
+    if spec.gpu_model:
+        what += f" of model {spec.gpu_model!r}"
+    if spec.gpu_memory_gb:
+        what += f" with {spec.gpu_memory_gb:g} GB or more"
+    return f"no connected worker with its labels has {what}"

@@ -181,7 +181,7 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
 @main.command()
 @config_file_option
 @config_options(cfg.CoordinatorConfig, only=("state_dir", "db", "http", "bind"))
-@config_options(cfg.WorkerConfig, only=("name", "gpus", "max_jobs"))
+@config_options(cfg.WorkerConfig, only=("name", "gpus", "max_jobs", "mounts"))
 @friendly
 def up(config_path: str | None, **flags: Any) -> None:
     """Run a coordinator and one local worker in one process: gpubox on a single box.

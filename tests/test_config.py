@@ -205,6 +205,15 @@ BAD = [
     (cfg.WorkerConfig, {"stop_grace_s": -1}, {}, "stop_grace_s"),
     (cfg.WorkerConfig, {"resend_s": 0}, {}, "resend_s"),
     (cfg.WorkerConfig, {"fake_gpus": "two"}, {}, "fake_gpus"),
+    (cfg.WorkerConfig, {"fake_gpus": "2*A100"}, {}, "fake_gpus"),
+    (cfg.WorkerConfig, {"fake_gpus": "x*A100:80"}, {}, "fake_gpus"),
+    (cfg.WorkerConfig, {"mounts": "data"}, {}, "mounts"),
+    (cfg.WorkerConfig, {"mounts": "data=relative/path"}, {}, "mounts"),
+    (cfg.WorkerConfig, {"mounts": "data=/srv:inside"}, {}, "mounts"),
+    (cfg.WorkerConfig, {"mounts": "Data=/srv"}, {}, "mounts"),
+    (cfg.WorkerConfig, {"mounts": "a=/x,a=/y"}, {}, "mounts"),
+    (cfg.WorkerConfig, {}, {"GPUBOX_MOUNTS": "a=/x:/y:/z"}, "mounts"),
+    (cfg.WorkerConfig, {"spill_max_bytes": 0}, {}, "spill_max_bytes"),
     (cfg.WorkerConfig, {"heartbeat_interval_s": "fast"}, {}, "heartbeat_interval_s"),
     (cfg.CoordinatorConfig, {"http": "nohost"}, {}, "http"),
     (cfg.CoordinatorConfig, {}, {"GPUBOX_HTTP": "nohost"}, "http"),
@@ -299,6 +308,57 @@ def test_labels_as_text(text: str, labels: dict[str, str]) -> None:
 def test_parse_labels_of_a_mapping() -> None:
     table: dict[str, Any] = {"a": "1", "b": 2}  # TOML may hold a number
     assert cfg.parse_labels(table) == {"a": "1", "b": "2"}
+
+
+# --- mounts and fake GPUs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", {}),
+        ("datasets=/srv/data", {"datasets": cfg.Mount("datasets", "/srv/data", "/mnt/datasets")}),
+        ("d=/srv/data:ro", {"d": cfg.Mount("d", "/srv/data", "/mnt/d", True)}),
+        ("d=/srv/data:rw", {"d": cfg.Mount("d", "/srv/data", "/mnt/d", False)}),
+        ("d=/srv/data:/data", {"d": cfg.Mount("d", "/srv/data", "/data", True)}),
+        (
+            " a=/x:/in:rw , b-2.c=/y ",
+            {
+                "a": cfg.Mount("a", "/x", "/in", False),
+                "b-2.c": cfg.Mount("b-2.c", "/y", "/mnt/b-2.c", True),
+            },
+        ),
+    ],
+)
+def test_mounts_as_text(text: str, expected: dict[str, cfg.Mount]) -> None:
+    assert cfg.parse_mounts(text) == expected
+    assert load(cfg.WorkerConfig, {"mounts": text}).mount_map == expected
+
+
+def test_mounts_as_a_toml_table(tmp_path: Path) -> None:
+    path = tmp_path / "worker.toml"
+    path.write_text('[worker.mounts]\ndatasets = "/srv/datasets"\nscratch = "/scratch:/s:rw"\n')
+    config = load(cfg.WorkerConfig, file_data=cfg.read_file(str(path)))
+    assert config.mount_map == {
+        "datasets": cfg.Mount("datasets", "/srv/datasets", "/mnt/datasets", True),
+        "scratch": cfg.Mount("scratch", "/scratch", "/s", False),
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "groups"),
+    [
+        ("", []),
+        ("4", [(4, "Fake GPU", 16384)]),
+        ("NVIDIA T4:15360", [(1, "NVIDIA T4", 15360)]),
+        (
+            "2*NVIDIA A100-SXM4-80GB:81920, NVIDIA T4:15360",
+            [(2, "NVIDIA A100-SXM4-80GB", 81920), (1, "NVIDIA T4", 15360)],
+        ),
+    ],
+)
+def test_fake_gpus(text: str, groups: list[tuple[int, str, int]]) -> None:
+    assert cfg.parse_fake_gpus(text) == groups
 
 
 # --- state folder and store --------------------------------------------------------------------

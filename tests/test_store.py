@@ -282,6 +282,18 @@ def test_claim_of_a_job_not_queued_changes_nothing(store: base.Store) -> None:
     assert store.get_job(cancelled.id).status is Status.CANCELLED
 
 
+def test_a_gpu_of_a_running_job_is_not_handed_out_again(store: base.Store) -> None:
+    holder = queued(store, gpus=2)
+    assert store.claim_job(holder.id, "w1", ["GPU-a", "GPU-b"], at(1)) is not None
+    job = queued(store, gpus=1)
+    assert store.claim_job(job.id, "w1", ["GPU-b"], at(2)) is None
+    assert store.get_job(job.id).status is Status.QUEUED
+    assert store.claim_job(job.id, "w2", ["GPU-b"], at(2)) is not None  # another box's GPU-b
+    assert finish(store, holder, attempt=1) is Finish.APPLIED
+    again = queued(store, gpus=1)
+    assert store.claim_job(again.id, "w1", ["GPU-b"], at(3)) is not None  # free once it ended
+
+
 def test_queue_is_priority_then_submission_order(store: base.Store) -> None:
     low = queued(store, priority=-1)
     mid_a = queued(store, priority=5)

@@ -454,7 +454,9 @@ class Broker:
                 assignment.job.id, assignment.worker, assignment.gpus, models.utcnow()
             )
             if job is None:
-                continue  # cancelled since
+                # Cancelled since, or a GPU the worker called free is still held by a job
+                # the store has RUNNING there (the next READY settles it).
+                continue
             peer = peers[assignment.worker]
             if self._send_job(peer, job):
                 log.info("job %d (attempt %d) sent to %s", job.id, job.attempts, peer.name)

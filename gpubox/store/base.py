@@ -71,7 +71,8 @@ class Store(abc.ABC):
     ) -> models.Job | None:
         """Atomically make a QUEUED job RUNNING on `worker` with exactly these GPUs (uuids):
         attempts incremented, gpu_ids set, in one transaction. None, changing nothing, when
-        the job is not QUEUED any more; of two concurrent claims of one job, one wins."""
+        the job is not QUEUED any more or one of the GPUs belongs to a RUNNING job of that
+        worker; of two concurrent claims of one job, one wins."""
 
     @abc.abstractmethod
     def unclaim_job(self, job_id: int, attempt: int, now: datetime) -> bool:

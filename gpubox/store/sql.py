@@ -180,6 +180,14 @@ class SqlStore(base.Store):
         self, job_id: int, worker: str, gpu_ids: Sequence[str], now: datetime
     ) -> models.Job | None:
         with self._write() as cur:
+            if gpu_ids:
+                # A GPU belongs to at most one running job: refuse one still held.
+                cur.execute(
+                    "SELECT gpu_ids FROM jobs WHERE worker = ? AND status = 'RUNNING'", (worker,)
+                )
+                held = {uuid for row in cur.fetchall() for uuid in _load(row["gpu_ids"])}
+                if held & set(gpu_ids):
+                    return None
             cur.execute(
                 "UPDATE jobs SET status = 'RUNNING', worker = ?, attempts = attempts + 1,"
                 " gpu_ids = ?, executed_at = NULL, updated_at = ?"

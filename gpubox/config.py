@@ -70,7 +70,7 @@ class Mount:
 def parse_mounts(value: str) -> dict[str, Mount]:
     """`NAME=HOST_PATH[:CONTAINER_PATH][:ro|rw],…` (or a TOML table NAME = "HOST…") by name.
     The container path defaults to /mnt/NAME; the mode to ro."""
-    mounts = {}
+    mounts: dict[str, Mount] = {}
     for part in filter(None, (p.strip() for p in value.split(","))):
         name, sep, spec = (s.strip() for s in part.partition("="))
         paths = spec.split(":")
@@ -86,6 +86,8 @@ def parse_mounts(value: str) -> dict[str, Mount]:
                 raise errors.ConfigError(f"mounts: {name}: {path!r} is not an absolute path")
         if name in mounts:
             raise errors.ConfigError(f"mounts: {name} is declared twice")
+        if any(other.container_path == container for other in mounts.values()):
+            raise errors.ConfigError(f"mounts: {name}: {container} is another mount's place")
         mounts[name] = Mount(name, host, container, read_only=mode == "ro")
     return mounts
 

@@ -17,6 +17,7 @@ MAX_IMAGE = 512
 MAX_GPUS = 64
 MAX_INT = 2**31 - 1
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV = frozenset({"NVIDIA_VISIBLE_DEVICES"})
 MOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
@@ -395,6 +396,13 @@ def parse_spec(data: Any) -> JobSpec:
                 raise errors.BadInput(f"docker.auth.{key} is required", f"docker.auth.{key}")
     env = _str_map(docker.get("env"), "docker.env", env_names=True)
     secrets = _str_map(docker.get("secrets"), "docker.secrets", env_names=True)
+    for field, values in (("docker.env", env), ("docker.secrets", secrets)):
+        if RESERVED_ENV & values.keys():
+            raise errors.BadInput(
+                f"{field}: NVIDIA_VISIBLE_DEVICES is set by gpubox to the GPUs the job gets;"
+                " ask for them with gpus",
+                field,
+            )
     for key, value in secrets.items():
         if key in env:
             raise errors.BadInput(

@@ -292,6 +292,8 @@ class Broker:
             mounts=list(body.get("mounts") or []),
         )
         self.peers[peer.session] = peer
+        # Stored before WELCOME: once connected, its mounts count at submit.
+        self.store.save_worker(peer.info(connected=True))
         self._send(
             peer,
             "WELCOME",
@@ -319,7 +321,6 @@ class Broker:
         for job_id, item in held.items():
             # Held by the worker but not its to run (ended, lost, or another attempt): stop it.
             self._send(peer, "CANCEL", {"job_id": job_id, "attempt": item["attempt"]})
-        self.store.save_worker(peer.info(connected=True))
         log.info("worker %s connected (%d GPUs, %d jobs held)", name, len(peer.gpus), len(held))
 
     def _on_ready(self, peer: Peer, body: dict[str, Any], now: float) -> None:

@@ -8,10 +8,11 @@ The rule, in queue order (priority, then submission):
    the one with the fewest such GPUs free (best fit: big blocks stay whole for big jobs); its
    GPUs are taken in index order.
 2. A job that could run on some worker but not now (too few GPUs free) reserves one: the one
-   with the most suitable GPUs free. A reserved worker gives no GPU to a job behind it in the
-   queue, so its GPUs gather as they free up until the job fits; jobs needing no GPU may still
-   use its spare slots (one slot stays for the holder). A job is therefore never overtaken
-   forever by smaller jobs of lower priority; jobs ahead of it come first, as they would.
+   with the most suitable GPUs free (then by name). A reserved worker gives no GPU that suits
+   the holder to a job behind it in the queue, so those GPUs gather as they free up until the
+   job fits; its other GPUs and spare slots stay for anyone (one slot stays for the holder).
+   A job is therefore never overtaken forever by smaller jobs of lower priority; jobs ahead
+   of it come first, as they would.
 3. Every job left queued gets a reason a person can act on.
 
 The plan is made afresh each round from the current state, so a reservation needs no
@@ -64,6 +65,9 @@ def plan(queue: list[models.Job], workers: list[WorkerView]) -> Plan:
     result = Plan()
     free = {w.name: list(w.free) for w in workers}
     slots = {w.name: w.slots for w in workers}
+    info = {w.name: {gpu["uuid"]: gpu for gpu in w.gpus} for w in workers}
+    holders: dict[str, models.JobSpec] = {}  # reserved worker → what its holder asks for
+    position = {job.id: index for index, job in enumerate(queue)}
     for job in queue:
         spec = job.spec
         able = [w for w in workers if w.can_ever_run(spec)]
@@ -72,11 +76,13 @@ def plan(queue: list[models.Job], workers: list[WorkerView]) -> Plan:
             continue
         fits = []
         for worker in able:
-            if slots[worker.name] < (2 if worker.name in result.reserved else 1):
-                continue
-            if worker.name in result.reserved and spec.gpus:
-                continue  # its GPUs are held for a job ahead of this one
+            holder = holders.get(worker.name)
+            if slots[worker.name] < (2 if holder else 1):
+                continue  # a reserved worker keeps a slot for its holder
             suitable = _suitable(worker, free[worker.name], spec)
+            if holder is not None:
+                # The GPUs its holder could use gather for it; others stay for anyone.
+                suitable = [u for u in suitable if not holder.wants_gpu(info[worker.name][u])]
             if len(suitable) >= spec.gpus:
                 fits.append((len(suitable), worker.name, worker, suitable))
         if fits:
@@ -86,7 +92,10 @@ def plan(queue: list[models.Job], workers: list[WorkerView]) -> Plan:
             free[name] = [uuid for uuid in free[name] if uuid not in chosen]
             slots[name] -= 1
             continue
-        result.reasons[job.id] = _wait(job, able, free, slots, result.reserved)
+        reason = _wait(job, able, free, result.reserved, position)
+        if job.id in result.reserved.values():
+            holders.update({w: spec for w, held in result.reserved.items() if held == job.id})
+        result.reasons[job.id] = reason
     return result
 
 
@@ -103,21 +112,21 @@ def _wait(
     job: models.Job,
     able: list[WorkerView],
     free: dict[str, list[str]],
-    slots: dict[str, int],
     reserved: dict[str, int],
+    position: dict[int, int],
 ) -> str:
     """Why a job that some worker could run waits; reserves a worker for it if it needs GPUs
-    and one is not held already."""
+    and one is not held already (the one with most of what it needs free; then by name)."""
     spec = job.spec
     if spec.gpus == 0:
         return f"waiting for a free job slot (max_jobs) on {', '.join(w.name for w in able)}"
     open_workers = [w for w in able if w.name not in reserved]
     if not open_workers:
-        holder = min(reserved[w.name] for w in able)
+        holder = min((reserved[w.name] for w in able), key=position.__getitem__)
         held = ", ".join(w.name for w in able if reserved[w.name] == holder)
-        return f"waiting behind job {holder}, which {held} holds its GPUs for"
+        return f"waiting behind job {holder}: the GPUs of {held} are held for it"
     counts = {w.name: len(_suitable(w, free[w.name], spec)) for w in open_workers}
-    worker = max(open_workers, key=lambda w: (counts[w.name], -open_workers.index(w)))
+    worker = min(open_workers, key=lambda w: (-counts[w.name], w.name))
     reserved[worker.name] = job.id
     if counts[worker.name] >= spec.gpus:
         return f"waiting for a free job slot (max_jobs) on {worker.name}"
@@ -137,10 +146,12 @@ def _no_worker(spec: models.JobSpec, workers: list[WorkerView]) -> str:
         return f"no connected worker has the labels {wanted}"
     mounted = [w for w in labelled if set(spec.container.mounts) <= w.mounts]
     if not mounted:
-        return f"no connected worker with its labels declares the mounts {spec.container.mounts}"
+        names = ", ".join(spec.container.mounts)
+        return f"no connected worker with its labels declares the mounts {names}"
     what = f"{spec.gpus} GPU" + ("s" if spec.gpus != 1 else "")
     if spec.gpu_model:
         what += f" of model {spec.gpu_model!r}"
     if spec.gpu_memory_gb:
         what += f" with {spec.gpu_memory_gb:g} GB or more"
-    return f"no connected worker with its labels has {what}"
+    having = "its labels and mounts" if spec.container.mounts else "its labels"
+    return f"no connected worker with {having} has {what}"

@@ -8,6 +8,7 @@ each batch of output, and always exactly one ("done", {status, exit_code, error,
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from gpubox import models, protocol
+from gpubox import errors, models, protocol
 from gpubox.config import Mount
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,11 @@ class DockerRuntime:
         self.stop_grace_s = stop_grace_s
         self.mounts = mounts or {}
         self.gpu_devices = gpu_devices
+        for mount in self.mounts.values():
+            if not os.path.isdir(mount.host_path):
+                raise errors.ConfigError(
+                    f"mounts: {mount.name}: {mount.host_path} is not a folder on this box"
+                )
         self.client = client or docker.from_env()
         self.tee = tee or sys.stderr
         self._tee_lock = threading.Lock()
@@ -387,16 +393,15 @@ class DockerRuntime:
                 WORKER_LABEL: self.worker_name,
             },
         }
+        if job["gpus"] and self.gpu_devices:
+            kwargs["device_requests"] = [
+                docker.types.DeviceRequest(device_ids=list(job["gpus"]), capabilities=[["gpu"]])
+            ]
+        # Last, over the job's and the image's: a job sees its own GPUs and no other (on an
+        # engine whose default runtime is nvidia, "void" keeps a GPU-less job from all).
+        kwargs["environment"]["NVIDIA_VISIBLE_DEVICES"] = ",".join(job["gpus"]) or "void"
         if job["gpus"]:
-            if self.gpu_devices:
-                kwargs["device_requests"] = [
-                    docker.types.DeviceRequest(device_ids=list(job["gpus"]), capabilities=[["gpu"]])
-                ]
-            kwargs["environment"] = {
-                **kwargs["environment"],
-                "NVIDIA_VISIBLE_DEVICES": ",".join(job["gpus"]),
-                "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-            }
+            kwargs["environment"]["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         if options.shm_size is not None:
             kwargs["shm_size"] = options.shm_size
         if options.memory is not None:
@@ -409,13 +414,16 @@ class DockerRuntime:
         if missing:
             raise JobRefused(f"this worker declares no mount named {', '.join(missing)}")
         if options.mounts:
-            kwargs["volumes"] = {
-                self.mounts[name].host_path: {
-                    "bind": self.mounts[name].container_path,
-                    "mode": "ro" if self.mounts[name].read_only else "rw",
-                }
+            # Mount, not volumes: Docker refuses a missing source instead of creating it.
+            kwargs["mounts"] = [
+                docker.types.Mount(
+                    target=self.mounts[name].container_path,
+                    source=self.mounts[name].host_path,
+                    type="bind",
+                    read_only=self.mounts[name].read_only,
+                )
                 for name in options.mounts
-            }
+            ]
         return kwargs
 
     def _watch(

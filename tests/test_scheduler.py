@@ -1,0 +1,570 @@
+"""The scheduler's rule (coordinator.scheduler), as pure unit tests: jobs and worker views in,
+a plan out. No Docker, no database, no network."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from gpubox import models
+from gpubox.coordinator import scheduler
+from gpubox.coordinator.scheduler import Plan, WorkerView
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+A100 = ("NVIDIA A100-SXM4-80GB", 81559)  # NVML name, memory_mb of an "80 GB" card
+H100 = ("NVIDIA H100 80GB HBM3", 81559)
+A100_40 = ("NVIDIA A100-PCIE-40GB", 40960)
+T4 = ("Tesla T4", 15360)
+
+Placed = tuple[int, str, list[str]]
+
+
+def make_job(job_id: int, mounts: list[str] | None = None, **fields: Any) -> models.Job:
+    """A QUEUED job with this id; keyword arguments are top-level submission fields (gpus,
+    labels, gpu_model, …), `mounts` goes to docker.mounts."""
+    docker: dict[str, Any] = {"image": "busybox"}
+    if mounts is not None:
+        docker["mounts"] = mounts
+    spec = models.parse_spec({"name": f"job-{job_id}", "docker": docker, **fields})
+    created = T0 + timedelta(seconds=job_id)
+    return models.Job(
+        id=job_id,
+        spec=spec,
+        status=models.Status.QUEUED,
+        created_at=created,
+        updated_at=created,
+    )
+
+
+def make_gpus(
+    prefix: str, count: int, model: tuple[str, int] = A100, first_index: int = 0
+) -> list[dict[str, Any]]:
+    """`count` GPUs of one model as a worker reports them, uuids `prefix-<index>`."""
+    name, memory_mb = model
+    return [
+        {"uuid": f"{prefix}-{i}", "name": name, "memory_mb": memory_mb, "index": i}
+        for i in range(first_index, first_index + count)
+    ]
+
+
+def make_worker(
+    name: str,
+    count: int = 4,
+    free: int | list[str] | None = None,
+    slots: int = 8,
+    model: tuple[str, int] = A100,
+    labels: dict[str, str] | None = None,
+    mounts: tuple[str, ...] = (),
+    gpus: list[dict[str, Any]] | None = None,
+) -> WorkerView:
+    """A worker view with `count` GPUs of `model` (uuids `name-<index>`) unless `gpus` is given;
+    `free` is how many of them are free (the lowest indexes), or their uuids; all by default."""
+    offered = gpus if gpus is not None else make_gpus(name, count, model)
+    if free is None:
+        free_uuids = [gpu["uuid"] for gpu in offered]
+    elif isinstance(free, int):
+        free_uuids = [gpu["uuid"] for gpu in offered[:free]]
+    else:
+        free_uuids = list(free)
+    return WorkerView(
+        name=name,
+        gpus=offered,
+        free=free_uuids,
+        slots=slots,
+        labels=dict(labels or {}),
+        mounts=frozenset(mounts),
+    )
+
+
+def placed(result: Plan) -> list[Placed]:
+    """The plan's assignments as (job id, worker, gpu uuids), in the plan's order."""
+    return [(a.job.id, a.worker, list(a.gpus)) for a in result.assignments]
+
+
+def not_enough(have: int, need: int, worker: str) -> str:
+    """The reason of a job that reserves `worker` and waits for GPUs there."""
+    return (
+        f"not enough free GPUs: {have} of the {need} it needs are free on {worker},"
+        " which holds them for this job as others end"
+    )
+
+
+# --- queue order and GPU choice ------------------------------------------------------------
+
+
+def test_assignments_follow_the_queue_order_not_the_job_ids() -> None:
+    queue = [make_job(3, gpus=1), make_job(1, gpus=2), make_job(2, gpus=1)]
+    result = scheduler.plan(queue, [make_worker("w1")])
+    assert placed(result) == [
+        (3, "w1", ["w1-0"]),
+        (1, "w1", ["w1-1", "w1-2"]),
+        (2, "w1", ["w1-3"]),
+    ]
+    assert result.reasons == {}
+    assert result.reserved == {}
+
+
+def test_the_job_first_in_the_queue_wins_when_gpus_are_short() -> None:
+    queue = [make_job(5, gpus=2), make_job(1, gpus=2)]
+    result = scheduler.plan(queue, [make_worker("w1", free=2)])
+    assert placed(result) == [(5, "w1", ["w1-0", "w1-1"])]
+    assert result.reasons == {1: not_enough(0, 2, "w1")}
+
+
+def test_gpus_are_taken_in_index_order_even_when_gpus_and_free_are_unordered() -> None:
+    gpus = make_gpus("w1", 4)
+    shuffled = [gpus[2], gpus[0], gpus[3], gpus[1]]
+    worker = make_worker("w1", gpus=shuffled, free=["w1-3", "w1-1", "w1-0", "w1-2"])
+    queue = [make_job(1, gpus=2), make_job(2, gpus=1), make_job(3, gpus=1)]
+    assert placed(scheduler.plan(queue, [worker])) == [
+        (1, "w1", ["w1-0", "w1-1"]),
+        (2, "w1", ["w1-2"]),
+        (3, "w1", ["w1-3"]),
+    ]
+
+
+def test_only_free_gpus_are_given_in_index_order() -> None:
+    worker = make_worker("w1", free=["w1-3", "w1-1"])
+    result = scheduler.plan([make_job(1, gpus=2)], [worker])
+    assert placed(result) == [(1, "w1", ["w1-1", "w1-3"])]
+
+
+def test_four_one_gpu_jobs_get_four_distinct_gpus_and_the_fifth_waits() -> None:
+    queue = [make_job(i, gpus=1) for i in range(1, 6)]
+    result = scheduler.plan(queue, [make_worker("w1")])
+    assert placed(result) == [
+        (1, "w1", ["w1-0"]),
+        (2, "w1", ["w1-1"]),
+        (3, "w1", ["w1-2"]),
+        (4, "w1", ["w1-3"]),
+    ]
+    uuids = [uuid for _, _, gpus in placed(result) for uuid in gpus]
+    assert len(set(uuids)) == 4
+    assert result.reasons == {5: not_enough(0, 1, "w1")}
+    assert "not enough free GPUs" in result.reasons[5]
+
+
+# --- job slots -----------------------------------------------------------------------------
+
+
+def test_a_job_without_gpus_needs_only_a_slot() -> None:
+    busy = make_worker("busy", free=0, slots=1)  # every GPU taken, one slot
+    gpuless = make_worker("cpu", count=0, slots=1)  # no GPU at all
+    result = scheduler.plan([make_job(1), make_job(2)], [busy, gpuless])
+    assert placed(result) == [(1, "busy", []), (2, "cpu", [])]
+    assert result.reasons == {}
+
+
+def test_a_job_without_gpus_goes_to_the_worker_with_the_fewest_free_gpus() -> None:
+    result = scheduler.plan(
+        [make_job(1)], [make_worker("alpha", free=4), make_worker("beta", free=1)]
+    )
+    assert placed(result) == [(1, "beta", [])]
+
+
+def test_one_slot_lets_only_one_job_start() -> None:
+    result = scheduler.plan([make_job(1), make_job(2)], [make_worker("w1", slots=1)])
+    assert placed(result) == [(1, "w1", [])]
+    assert result.reasons == {2: "waiting for a free job slot (max_jobs) on w1"}
+
+
+def test_one_slot_lets_only_one_gpu_job_start_though_gpus_are_free() -> None:
+    queue = [make_job(1, gpus=1), make_job(2, gpus=1)]
+    result = scheduler.plan(queue, [make_worker("w1", slots=1)])
+    assert placed(result) == [(1, "w1", ["w1-0"])]
+    assert result.reasons == {2: "waiting for a free job slot (max_jobs) on w1"}
+    assert result.reserved == {"w1": 2}
+
+
+def test_no_slot_means_no_job_starts() -> None:
+    result = scheduler.plan([make_job(1)], [make_worker("w1", slots=0)])
+    assert placed(result) == []
+    assert result.reasons == {1: "waiting for a free job slot (max_jobs) on w1"}
+
+
+# --- reservations: no starvation -----------------------------------------------------------
+
+
+def test_a_big_job_is_not_overtaken_by_small_jobs_behind_it() -> None:
+    queue = [make_job(1, gpus=4, priority=5)] + [make_job(i, gpus=1) for i in range(2, 7)]
+    result = scheduler.plan(queue, [make_worker("w1", free=2)])
+    assert placed(result) == []
+    assert result.reserved == {"w1": 1}
+    assert result.reasons[1] == not_enough(2, 4, "w1")
+    for job_id in range(2, 7):
+        assert result.reasons[job_id] == "waiting behind job 1: the GPUs of w1 are held for it"
+
+
+def test_small_jobs_still_run_on_a_worker_the_big_job_cannot_use() -> None:
+    queue = [make_job(1, gpus=4, priority=5)] + [make_job(i, gpus=1) for i in range(2, 7)]
+    workers = [make_worker("w1", free=2), make_worker("w2", count=2)]
+    result = scheduler.plan(queue, workers)
+    assert placed(result) == [(2, "w2", ["w2-0"]), (3, "w2", ["w2-1"])]
+    assert not any(worker == "w1" for _, worker, _ in placed(result))
+    # job 4 is the first small job that cannot start: it holds w2, the only worker left open
+    assert result.reserved == {"w1": 1, "w2": 4}
+    assert result.reasons == {
+        1: not_enough(2, 4, "w1"),
+        4: not_enough(0, 1, "w2"),
+        5: "waiting behind job 1: the GPUs of w1 are held for it",
+        6: "waiting behind job 1: the GPUs of w1 are held for it",
+    }
+
+
+def test_the_big_job_starts_first_when_all_its_gpus_are_free() -> None:
+    queue = [make_job(1, gpus=4, priority=5)] + [make_job(i, gpus=1) for i in range(2, 5)]
+    result = scheduler.plan(queue, [make_worker("w1")])
+    assert placed(result) == [(1, "w1", ["w1-0", "w1-1", "w1-2", "w1-3"])]
+    assert result.reserved == {"w1": 2}
+    assert result.reasons == {
+        2: not_enough(0, 1, "w1"),
+        3: "waiting behind job 2: the GPUs of w1 are held for it",
+        4: "waiting behind job 2: the GPUs of w1 are held for it",
+    }
+
+
+def test_the_big_job_starts_first_and_small_jobs_use_the_other_worker() -> None:
+    queue = [make_job(1, gpus=4, priority=5)] + [make_job(i, gpus=1) for i in range(2, 5)]
+    result = scheduler.plan(queue, [make_worker("w1"), make_worker("w2", count=2)])
+    assert placed(result) == [
+        (1, "w1", ["w1-0", "w1-1", "w1-2", "w1-3"]),
+        (2, "w2", ["w2-0"]),
+        (3, "w2", ["w2-1"]),
+    ]
+    # both workers have 0 free: of equals the first listed is reserved
+    assert result.reserved == {"w1": 4}
+    assert result.reasons == {4: not_enough(0, 1, "w1")}
+
+
+def test_a_job_without_gpus_may_use_a_spare_slot_of_a_reserved_worker() -> None:
+    queue = [make_job(1, gpus=4), make_job(2), make_job(3)]
+    result = scheduler.plan(queue, [make_worker("w1", free=2, slots=2)])
+    assert placed(result) == [(2, "w1", [])]
+    assert result.reserved == {"w1": 1}
+    assert result.reasons == {
+        1: not_enough(2, 4, "w1"),
+        3: "waiting for a free job slot (max_jobs) on w1",
+    }
+
+
+def test_a_reserved_worker_keeps_its_last_slot_for_the_holder() -> None:
+    queue = [make_job(1, gpus=4), make_job(2)]
+    result = scheduler.plan(queue, [make_worker("w1", free=2, slots=1)])
+    assert placed(result) == []
+    assert result.reserved == {"w1": 1}
+    assert "job slot" in result.reasons[2]
+    assert result.reasons[2] == "waiting for a free job slot (max_jobs) on w1"
+
+
+def test_a_job_waits_behind_the_job_that_holds_every_worker_it_could_use() -> None:
+    workers = [
+        make_worker("w1", free=2, labels={"zone": "us"}),
+        make_worker("w2", free=2, labels={"zone": "eu"}),
+    ]
+    queue = [
+        make_job(1, gpus=4),  # holds w1 (equal free GPUs: the first worker)
+        make_job(2, gpus=4),  # holds w2, the only one left
+        make_job(3, gpus=1),  # could use either
+        make_job(4, gpus=1, labels={"zone": "eu"}),  # could use only w2
+    ]
+    result = scheduler.plan(queue, workers)
+    assert placed(result) == []
+    assert result.reserved == {"w1": 1, "w2": 2}
+    assert result.reasons == {
+        1: not_enough(2, 4, "w1"),
+        2: not_enough(2, 4, "w2"),
+        3: "waiting behind job 1: the GPUs of w1 are held for it",
+        4: "waiting behind job 2: the GPUs of w2 are held for it",
+    }
+
+
+def test_a_waiting_job_reserves_the_worker_with_the_most_suitable_free_gpus() -> None:
+    workers = [make_worker("w1", free=1), make_worker("w2", free=3)]
+    result = scheduler.plan([make_job(1, gpus=4), make_job(2, gpus=1)], workers)
+    assert result.reserved == {"w2": 1}
+    assert placed(result) == [(2, "w1", ["w1-0"])]
+    assert result.reasons == {1: not_enough(3, 4, "w2")}
+
+
+# --- labels and mounts ---------------------------------------------------------------------
+
+
+def test_a_labelled_job_runs_only_on_a_worker_with_all_its_labels() -> None:
+    workers = [
+        make_worker("w1", free=1, labels={"zone": "us"}),
+        make_worker("w2", labels={"zone": "eu", "tier": "gold"}),
+    ]
+    queue = [
+        make_job(1, gpus=1, labels={"zone": "eu"}),
+        make_job(2, gpus=1, labels={"zone": "eu", "tier": "gold"}),
+    ]
+    assert placed(scheduler.plan(queue, workers)) == [
+        (1, "w2", ["w2-0"]),
+        (2, "w2", ["w2-1"]),
+    ]
+
+
+def test_labels_match_exactly_and_case_sensitively() -> None:
+    workers = [make_worker("w1", labels={"zone": "eu"})]
+    queue = [
+        make_job(1, gpus=1, labels={"zone": "EU"}),
+        make_job(2, gpus=1, labels={"Zone": "eu"}),
+        make_job(3, gpus=1, labels={"zone": "eu", "tier": "gold"}),
+    ]
+    result = scheduler.plan(queue, workers)
+    assert placed(result) == []
+    assert result.reasons == {
+        1: "no connected worker has the labels zone=EU",
+        2: "no connected worker has the labels Zone=eu",
+        3: "no connected worker has the labels tier=gold, zone=eu",
+    }
+
+
+def test_an_unlabelled_job_runs_on_a_labelled_worker() -> None:
+    result = scheduler.plan([make_job(1, gpus=1)], [make_worker("w1", labels={"zone": "eu"})])
+    assert placed(result) == [(1, "w1", ["w1-0"])]
+
+
+def test_a_job_whose_labels_no_worker_has_is_told_so() -> None:
+    workers = [make_worker("w1", labels={"zone": "us"}), make_worker("w2")]
+    result = scheduler.plan([make_job(1, gpus=1, labels={"zone": "eu"})], workers)
+    assert placed(result) == []
+    assert result.reasons == {1: "no connected worker has the labels zone=eu"}
+    assert result.reserved == {}
+
+
+def test_a_job_with_mounts_goes_only_to_a_worker_that_declares_them() -> None:
+    workers = [
+        make_worker("w1", free=1),
+        make_worker("w2", mounts=("datasets", "models")),
+    ]
+    queue = [make_job(1, gpus=1, mounts=["datasets"]), make_job(2, mounts=["models"])]
+    assert placed(scheduler.plan(queue, workers)) == [(1, "w2", ["w2-0"]), (2, "w2", [])]
+
+
+def test_a_job_whose_mounts_no_worker_declares_is_told_so() -> None:
+    workers = [make_worker("w1", mounts=("models",))]
+    result = scheduler.plan([make_job(1, gpus=1, mounts=["datasets"])], workers)
+    assert placed(result) == []
+    assert "mounts" in result.reasons[1] and "datasets" in result.reasons[1]
+    assert result.reasons[1] == (
+        "no connected worker with its labels declares the mounts datasets"
+    )
+
+
+def test_the_reason_names_the_mounts_when_only_a_worker_without_them_has_the_gpus() -> None:
+    workers = [
+        make_worker("small", count=1, mounts=("datasets",)),
+        make_worker("big", count=4),
+    ]
+    result = scheduler.plan([make_job(1, gpus=2, mounts=["datasets"])], workers)
+    assert placed(result) == []
+    # "big" has its labels and 4 GPUs; what stops the job is that only "small" has the mount
+    assert result.reasons[1] == "no connected worker with its labels and mounts has 2 GPUs"
+
+
+# --- GPU model and memory ------------------------------------------------------------------
+
+
+def test_gpu_model_matches_part_of_the_nvml_name_in_any_case() -> None:
+    a100 = {"uuid": "a", "name": A100[0], "memory_mb": A100[1], "index": 0}
+    h100 = {"uuid": "h", "name": H100[0], "memory_mb": H100[1], "index": 0}
+    for model in ("a100", "A100", "A100-SXM4", "nvidia a100"):
+        spec = make_job(1, gpus=1, gpu_model=model).spec
+        assert spec.wants_gpu(a100), model
+        assert not spec.wants_gpu(h100), model
+
+
+def test_a_gpu_model_job_goes_to_the_worker_with_that_model() -> None:
+    workers = [
+        make_worker("h", count=1, model=H100),  # best fit would pick it for a plain job
+        make_worker("a", count=2, model=A100),
+    ]
+    result = scheduler.plan([make_job(1, gpus=1, gpu_model="a100")], workers)
+    assert placed(result) == [(1, "a", ["a-0"])]
+
+
+def test_a_gpu_model_no_worker_offers_is_never_given_another_model() -> None:
+    result = scheduler.plan([make_job(1, gpus=1, gpu_model="a100")], [make_worker("h", model=H100)])
+    assert placed(result) == []
+    assert result.reasons == {1: "no connected worker with its labels has 1 GPU of model 'a100'"}
+
+
+def test_gpu_memory_counts_gigabytes_of_ten_to_the_ninth_bytes() -> None:
+    eighty = {"uuid": "a", "name": A100[0], "memory_mb": 81559, "index": 0}  # 85.5e9 bytes
+    forty = {"uuid": "b", "name": A100_40[0], "memory_mb": 40960, "index": 0}  # 42.9e9 bytes
+    assert make_job(1, gpus=1, gpu_memory_gb=80).spec.wants_gpu(eighty)
+    assert not make_job(1, gpus=1, gpu_memory_gb=85.6).spec.wants_gpu(eighty)
+    assert make_job(1, gpus=1, gpu_memory_gb=85.5).spec.wants_gpu(eighty)
+    assert not make_job(1, gpus=1, gpu_memory_gb=86).spec.wants_gpu(eighty)
+    assert make_job(1, gpus=1, gpu_memory_gb=42.9).spec.wants_gpu(forty)
+    assert not make_job(1, gpus=1, gpu_memory_gb=43).spec.wants_gpu(forty)
+    assert not make_job(1, gpus=1, gpu_memory_gb=48).spec.wants_gpu(forty)
+
+
+def test_an_eighty_gb_card_runs_an_eighty_gb_job_and_a_forty_gb_card_does_not_run_48() -> None:
+    result = scheduler.plan([make_job(1, gpus=1, gpu_memory_gb=80)], [make_worker("a", model=A100)])
+    assert placed(result) == [(1, "a", ["a-0"])]
+    result = scheduler.plan(
+        [make_job(2, gpus=1, gpu_memory_gb=48)], [make_worker("b", model=A100_40)]
+    )
+    assert placed(result) == []
+    assert result.reasons == {2: "no connected worker with its labels has 1 GPU with 48 GB or more"}
+
+
+def test_jobs_route_to_the_worker_with_the_gpus_they_ask_for() -> None:
+    workers = [make_worker("a100", count=2, model=A100), make_worker("t4", count=2, model=T4)]
+    queue = [
+        make_job(1, gpus=1, gpu_model="t4"),
+        make_job(2, gpus=1, gpu_memory_gb=40),
+        make_job(3, gpus=1, gpu_model="A100", gpu_memory_gb=80),
+        make_job(4, gpus=1, gpu_memory_gb=16),
+        make_job(5, gpus=1, gpu_model="v100"),
+    ]
+    result = scheduler.plan(queue, workers)
+    assert placed(result) == [
+        (1, "t4", ["t4-0"]),
+        (2, "a100", ["a100-0"]),
+        (3, "a100", ["a100-1"]),
+        (4, "t4", ["t4-1"]),
+    ]
+    assert result.reasons == {5: "no connected worker with its labels has 1 GPU of model 'v100'"}
+
+
+def test_an_impossible_gpu_model_gets_a_reason_naming_it() -> None:
+    workers = [make_worker("a100", model=A100), make_worker("t4", model=T4)]
+    queue = [
+        make_job(1, gpus=1, gpu_model="V100"),
+        make_job(2, gpus=2, gpu_model="V100", gpu_memory_gb=32),
+    ]
+    result = scheduler.plan(queue, workers)
+    assert placed(result) == []
+    assert result.reasons == {
+        1: "no connected worker with its labels has 1 GPU of model 'V100'",
+        2: "no connected worker with its labels has 2 GPUs of model 'V100' with 32 GB or more",
+    }
+    assert result.reserved == {}
+
+
+def test_a_gpu_model_job_gets_only_the_matching_gpus_of_a_mixed_worker() -> None:
+    gpus = [
+        {"uuid": "t4-a", "name": T4[0], "memory_mb": T4[1], "index": 0},
+        {"uuid": "a100-a", "name": A100[0], "memory_mb": A100[1], "index": 1},
+        {"uuid": "t4-b", "name": T4[0], "memory_mb": T4[1], "index": 2},
+        {"uuid": "a100-b", "name": A100[0], "memory_mb": A100[1], "index": 3},
+    ]
+    worker = make_worker("mixed", gpus=gpus)
+    queue = [
+        make_job(1, gpus=3, gpu_model="a100"),  # only 2 A100s: never
+        make_job(2, gpus=2, gpu_model="a100"),
+        make_job(3, gpus=2),
+    ]
+    result = scheduler.plan(queue, [worker])
+    assert placed(result) == [
+        (2, "mixed", ["a100-a", "a100-b"]),
+        (3, "mixed", ["t4-a", "t4-b"]),
+    ]
+    assert result.reasons == {1: "no connected worker with its labels has 3 GPUs of model 'a100'"}
+
+
+# --- best fit ------------------------------------------------------------------------------
+
+
+def test_best_fit_keeps_a_whole_worker_for_a_big_job() -> None:
+    workers = [make_worker("alpha", free=4), make_worker("beta", free=1)]
+    queue = [make_job(1, gpus=1), make_job(2, gpus=4)]
+    result = scheduler.plan(queue, workers)
+    assert placed(result) == [
+        (1, "beta", ["beta-0"]),
+        (2, "alpha", ["alpha-0", "alpha-1", "alpha-2", "alpha-3"]),
+    ]
+
+
+def test_best_fit_counts_only_the_gpus_that_suit_the_job() -> None:
+    mixed = [
+        {"uuid": "alpha-t4-0", "name": T4[0], "memory_mb": T4[1], "index": 0},
+        {"uuid": "alpha-t4-1", "name": T4[0], "memory_mb": T4[1], "index": 1},
+        {"uuid": "alpha-t4-2", "name": T4[0], "memory_mb": T4[1], "index": 2},
+        {"uuid": "alpha-a100", "name": A100[0], "memory_mb": A100[1], "index": 3},
+    ]
+    workers = [make_worker("alpha", gpus=mixed), make_worker("beta", count=2, model=A100)]
+    result = scheduler.plan([make_job(1, gpus=1, gpu_model="a100")], workers)
+    assert placed(result) == [(1, "alpha", ["alpha-a100"])]
+
+
+def test_best_fit_breaks_ties_by_worker_name() -> None:
+    workers = [make_worker("zeta", free=2), make_worker("eta", free=2)]
+    assert placed(scheduler.plan([make_job(1, gpus=1)], workers)) == [(1, "eta", ["eta-0"])]
+
+
+# --- no workers, determinism ---------------------------------------------------------------
+
+
+def test_without_workers_every_job_is_told_no_worker_is_connected() -> None:
+    queue = [make_job(1), make_job(2, gpus=4), make_job(3, gpus=1, labels={"zone": "eu"})]
+    result = scheduler.plan(queue, [])
+    assert placed(result) == []
+    assert result.reserved == {}
+    assert result.reasons == {
+        1: "no worker is connected",
+        2: "no worker is connected",
+        3: "no worker is connected",
+    }
+
+
+def test_an_empty_queue_gives_an_empty_plan() -> None:
+    assert scheduler.plan([], [make_worker("w1")]) == Plan()
+
+
+def test_the_plan_is_deterministic_and_leaves_its_input_alone() -> None:
+    workers = [
+        make_worker("w1", free=2, slots=3),
+        make_worker("w2", count=2, labels={"zone": "eu"}),
+        make_worker("w3", count=4, model=T4, free=["w3-3", "w3-0"], mounts=("datasets",)),
+    ]
+    queue = [
+        make_job(7, gpus=4, priority=5),
+        make_job(2, gpus=1),
+        make_job(3),
+        make_job(4, gpus=1, gpu_model="t4", mounts=["datasets"]),
+        make_job(5, gpus=2, labels={"zone": "eu"}),
+        make_job(6, gpus=1),
+        make_job(1, gpus=1, gpu_model="v100"),
+    ]
+    before = (copy.deepcopy(queue), copy.deepcopy(workers))
+    first = scheduler.plan(queue, workers)
+    second = scheduler.plan(queue, workers)
+    assert first == second
+    assert placed(first) == placed(second)
+    assert (queue, workers) == before
+    assert placed(first) == [
+        (2, "w2", ["w2-0"]),
+        (3, "w1", []),  # none of w1's free GPUs is free for others: they are held for 7
+        (4, "w3", ["w3-0"]),
+        (6, "w3", ["w3-3"]),
+    ]
+    assert first.reserved == {"w1": 7, "w2": 5}
+    assert first.reasons == {
+        7: not_enough(2, 4, "w1"),
+        5: not_enough(1, 2, "w2"),
+        1: "no connected worker with its labels has 1 GPU of model 'v100'",
+    }
+
+
+def test_a_reserved_worker_still_gives_out_the_gpus_its_holder_cannot_use() -> None:
+    # 4 A100s (2 free) and 2 free T4s on one box: a 4-A100 job holds the A100s only.
+    gpus = make_gpus("box-a", 4, A100) + make_gpus("box-t", 2, T4, first_index=4)
+    worker = make_worker("box", gpus=gpus, free=["box-a-0", "box-a-1", "box-t-4", "box-t-5"])
+    queue = [
+        make_job(1, gpus=4, gpu_model="A100"),
+        make_job(2, gpus=1),  # any GPU: only a T4 is free for it
+        make_job(3, gpus=1, gpu_model="t4"),
+        make_job(4, gpus=1, gpu_model="a100"),  # behind the holder: waits
+    ]
+    result = scheduler.plan(queue, [worker])
+    assert placed(result) == [(2, "box", ["box-t-4"]), (3, "box", ["box-t-5"])]
+    assert result.reserved == {"box": 1}
+    assert result.reasons[4] == "waiting behind job 1: the GPUs of box are held for it"

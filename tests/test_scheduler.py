@@ -7,8 +7,6 @@ import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
-
 from gpubox import models
 from gpubox.coordinator import scheduler
 from gpubox.coordinator.scheduler import Plan, WorkerView
@@ -350,9 +348,7 @@ def test_a_job_whose_mounts_no_worker_declares_is_told_so() -> None:
     result = scheduler.plan([make_job(1, gpus=1, mounts=["datasets"])], workers)
     assert placed(result) == []
     assert "mounts" in result.reasons[1] and "datasets" in result.reasons[1]
-    assert result.reasons[1] == (
-        "no connected worker with its labels declares the mounts datasets"
-    )
+    assert result.reasons[1] == ("no connected worker with its labels declares the mounts datasets")
 
 
 def test_the_reason_names_the_mounts_when_only_a_worker_without_them_has_the_gpus() -> None:

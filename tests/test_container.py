@@ -366,6 +366,8 @@ BAD = [
     ({"docker": {"mounts": ["a", "a"]}}, "docker.mounts"),
     ({"docker": {"mounts": [1]}}, "docker.mounts"),
     ({"docker": {"privileged": True}}, "docker.privileged"),
+    ({"docker": {"env": {"NVIDIA_VISIBLE_DEVICES": "all"}}}, "docker.env"),
+    ({"docker": {"secrets": {"NVIDIA_VISIBLE_DEVICES": "all0"}}}, "docker.secrets"),
     ({"gpus": 1, "gpu_memory_gb": -1}, "gpu_memory_gb"),
     ({"gpu_memory_gb": -1}, "gpu_memory_gb"),
     ({"gpus": 1, "gpu_memory_gb": 0}, "gpu_memory_gb"),

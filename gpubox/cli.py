@@ -527,7 +527,7 @@ def gpus(choice: str | None) -> None:
 
     setup_logging()
     config = cfg.load(cfg.WorkerConfig, {"gpus": choice})
-    source = gpu.source_for(config.fake_gpus)
+    source = gpu.source_for(config.fake_gpus, config.name or _hostname())
     found = gpu.select(source.list(), config.gpus)
     if not found:
         click.echo("no GPUs offered (jobs with gpus: 0 still run)", err=True)

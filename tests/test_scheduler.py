@@ -537,15 +537,15 @@ def test_the_plan_is_deterministic_and_leaves_its_input_alone() -> None:
     assert placed(first) == placed(second)
     assert (queue, workers) == before
     assert placed(first) == [
-        (2, "w2", ["w2-0"]),
+        (2, "w3", ["w3-0"]),  # w2 and w3 have two free each: the T4s have less memory
         (3, "w1", []),  # none of w1's free GPUs is free for others: they are held for 7
-        (4, "w3", ["w3-0"]),
-        (6, "w3", ["w3-3"]),
+        (4, "w3", ["w3-3"]),
+        (5, "w2", ["w2-0", "w2-1"]),
     ]
-    assert first.reserved == {"w1": 7, "w2": 5}
+    assert first.reserved == {"w1": 7, "w2": 6}
     assert first.reasons == {
         7: not_enough(2, 4, "w1"),
-        5: not_enough(1, 2, "w2"),
+        6: not_enough(0, 1, "w2"),
         1: "no connected worker with its labels has 1 GPU of model 'v100'",
     }
 

@@ -5,8 +5,9 @@ The rule, in queue order (priority, then submission):
 
 1. A job goes to a worker that has its labels and mounts, a free job slot, and enough free
    GPUs that suit it (`gpu_model` in the NVML name, at least `gpu_memory_gb`). Of several,
-   the one with the fewest such GPUs free (best fit: big blocks stay whole for big jobs); its
-   GPUs are taken in index order.
+   the one with the fewest such GPUs free, then the least memory on them (best fit: big
+   blocks and big cards stay for the jobs that need them), then by name; its GPUs are taken
+   in index order.
 2. A job that could run on some worker but not now (too few GPUs free) reserves one: the one
    with the most suitable GPUs free (then by name). A reserved worker gives no GPU that suits
    the holder to a job behind it in the queue, so those GPUs gather as they free up until the
@@ -84,9 +85,10 @@ def plan(queue: list[models.Job], workers: list[WorkerView]) -> Plan:
                 # The GPUs its holder could use gather for it; others stay for anyone.
                 suitable = [u for u in suitable if not holder.wants_gpu(info[worker.name][u])]
             if len(suitable) >= spec.gpus:
-                fits.append((len(suitable), worker.name, worker, suitable))
+                memory = sum(info[worker.name][u].get("memory_mb", 0) for u in suitable)
+                fits.append((len(suitable), memory, worker.name, worker, suitable))
         if fits:
-            _, name, worker, suitable = min(fits, key=lambda fit: fit[:2])
+            *_, name, worker, suitable = min(fits, key=lambda fit: fit[:3])
             chosen = suitable[: spec.gpus]
             result.assignments.append(Assignment(job, name, chosen))
             free[name] = [uuid for uuid in free[name] if uuid not in chosen]

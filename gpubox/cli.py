@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import shlex
 import signal
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 
 import click
 
-from gpubox import __version__, errors
+from gpubox import __version__, errors, logfmt, revision, systemd
 from gpubox import config as cfg
 from gpubox.client import ApiError, Client, local_token
 
@@ -72,15 +71,24 @@ def friendly(fn: F) -> F:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logfmt.setup(verbose)
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"gpubox {__version__} ({revision()})")
+        ctx.exit()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="gpubox")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and the git revision it was built from, and exit.",
+)
 def main() -> None:
     """gpubox: a GPU job queue. Submit Docker jobs over HTTP, run them on free GPUs,
     follow their logs live.
@@ -95,13 +103,29 @@ def main() -> None:
 # --- server roles -----------------------------------------------------------------------------
 
 
-def _wait_for_signal(thread: threading.Thread | None = None) -> None:
-    """Block until SIGINT or SIGTERM (or until `thread` ends)."""
-    stop = threading.Event()
+def _wait_for_signal(
+    thread: threading.Thread | None = None, reload: Callable[[], None] | None = None
+) -> None:
+    """Block until SIGINT or SIGTERM (or until `thread` ends); on SIGHUP call `reload`."""
+    stop, hup = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        if thread is not None and not thread.is_alive():
+    if reload is not None:
+
+        def on_hup(*_: Any) -> None:
+            hup.set()
+            stop.set()
+
+        signal.signal(signal.SIGHUP, on_hup)
+    while True:
+        stop.wait(0.5)
+        if hup.is_set() and reload is not None:
+            hup.clear()
+            stop.clear()
+            systemd.notify("RELOADING=1")
+            reload()
+            systemd.notify("READY=1")
+        if stop.is_set() or thread is not None and not thread.is_alive():
             return
 
 
@@ -146,7 +170,9 @@ def coordinator(config_path: str | None, **flags: Any) -> None:
     config = cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path))
     server = Coordinator(config)
     server.start()
-    _wait_for_signal()
+    systemd.notify("READY=1", f"STATUS=serving HTTP on {server.http_url}")
+    _wait_for_signal(reload=server.reload)
+    systemd.notify("STOPPING=1")
     server.stop()
 
 
@@ -170,7 +196,9 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
     setup_logging()
     config = cfg.load(cfg.WorkerConfig, flags, cfg.read_file(config_path))
     agent, thread = _start_worker(config)
+    systemd.notify("READY=1", f"STATUS=working for {config.coordinator}")
     _wait_for_signal(thread)
+    systemd.notify("STOPPING=1")
     if drain and thread.is_alive():
         agent.stop(drain=True)
         _wait_for_signal(thread)
@@ -204,7 +232,7 @@ def up(config_path: str | None, **flags: Any) -> None:
         keys.add_worker(config.state_dir, worker_name)
     server = Coordinator(config)
     server.start()
-    worker_flags: dict[str, Any] = {k: flags.get(k) for k in ("gpus", "max_jobs")}
+    worker_flags: dict[str, Any] = {k: flags.get(k) for k in ("gpus", "max_jobs", "mounts")}
     worker_flags["name"] = worker_name
     worker_flags["coordinator"] = server.link_endpoint.replace("0.0.0.0", "127.0.0.1")
     worker_flags["state_dir"] = config.state_dir
@@ -215,7 +243,9 @@ def up(config_path: str | None, **flags: Any) -> None:
         raise
     click.echo(f"gpubox is up: HTTP {server.http_url}, state in {config.state_dir}", err=True)
     click.echo("submit a job from another shell: gpubox submit --follow IMAGE CMD…", err=True)
-    _wait_for_signal()
+    systemd.notify("READY=1", f"STATUS=serving HTTP on {server.http_url}")
+    _wait_for_signal(reload=server.reload)
+    systemd.notify("STOPPING=1")
     click.echo("stopping…", err=True)
     agent.stop()
     thread.join()

@@ -144,6 +144,12 @@ class AllowList:
         self._refresh()
         return {name: key for key, name in self._names.items()}
 
+    def reload(self) -> int:
+        """Read the allow list again now; how many keys it holds."""
+        with self._lock:
+            self._stamp, self._next_scan = None, 0.0
+        return len(self.names())
+
     def _refresh(self) -> None:
         # A changed folder is read at once; an unchanged one again every RESCAN_S anyway,
         # since file times are coarse and an overwritten key file leaves the folder's alone.

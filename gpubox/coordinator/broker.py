@@ -19,6 +19,7 @@ import zmq
 from gpubox import errors, keys, models, protocol
 from gpubox.coordinator import scheduler, sealing
 from gpubox.coordinator.events import Changes
+from gpubox.logfmt import fields
 from gpubox.store import Store
 from gpubox.store.base import Finish
 
@@ -321,7 +322,13 @@ class Broker:
         for job_id, item in held.items():
             # Held by the worker but not its to run (ended, lost, or another attempt): stop it.
             self._send(peer, "CANCEL", {"job_id": job_id, "attempt": item["attempt"]})
-        log.info("worker %s connected (%d GPUs, %d jobs held)", name, len(peer.gpus), len(held))
+        log.info(
+            "worker %s connected (%d GPUs, %d jobs held)",
+            name,
+            len(peer.gpus),
+            len(held),
+            extra=fields(worker=name),
+        )
 
     def _on_ready(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         peer.ready = True
@@ -403,7 +410,13 @@ class Broker:
             {"job_id": job_id, "attempt": attempt, "seq": body["last_seq"], "done": True},
         )
         if outcome is Finish.APPLIED:
-            log.info("job %d ended %s on %s", job_id, body["status"], peer.name)
+            log.info(
+                "job %d ended %s on %s",
+                job_id,
+                body["status"],
+                peer.name,
+                extra=fields(job=job_id, attempt=attempt, worker=peer.name, status=body["status"]),
+            )
             self._ended(job_id)
         self._schedule(now)
 
@@ -460,7 +473,13 @@ class Broker:
                 continue
             peer = peers[assignment.worker]
             if self._send_job(peer, job):
-                log.info("job %d (attempt %d) sent to %s", job.id, job.attempts, peer.name)
+                log.info(
+                    "job %d (attempt %d) sent to %s",
+                    job.id,
+                    job.attempts,
+                    peer.name,
+                    extra=fields(job=job.id, attempt=job.attempts, worker=peer.name),
+                )
             elif self.store.get_job(job.id).status is models.Status.RUNNING:
                 self.store.unclaim_job(job.id, job.attempts, models.utcnow())
 
@@ -506,7 +525,10 @@ class Broker:
                     self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
                     if self.store.unclaim_job(job_id, attempt, models.utcnow()):
                         log.warning(
-                            "job %d: %s never confirmed it; queued again", job_id, peer.name
+                            "job %d: %s never confirmed it; queued again",
+                            job_id,
+                            peer.name,
+                            extra=fields(job=job_id, worker=peer.name),
                         )
                         self.changes.notify(job_id)
             if now - peer.last_seen > self.liveness_s:
@@ -520,14 +542,14 @@ class Broker:
 
     def _lose(self, peer: Peer, reason: str) -> None:
         del self.peers[peer.session]
-        log.warning("%s", reason)
+        log.warning("%s", reason, extra=fields(worker=peer.name))
         self.store.save_worker(peer.info(connected=False))
         for job in self.store.running_jobs(worker=peer.name):
             self._release(job, reason)
 
     def _fail(self, job: models.Job, reason: str) -> None:
         """End a claimed job that cannot be sent at all."""
-        log.error("job %d: %s", job.id, reason)
+        log.error("job %d: %s", job.id, reason, extra=fields(job=job.id))
         now = models.utcnow()
         self.store.finish_job(
             job.id, job.attempts, models.Status.ERROR, None, reason, None, now, job.log_seq
@@ -538,12 +560,23 @@ class Broker:
         if job.executed_at is None:
             # Its container never started: nothing ran, so no attempt is spent on it.
             if self.store.unclaim_job(job.id, job.attempts, models.utcnow()):
-                log.warning("job %d: %s before it started; queued again", job.id, reason)
+                log.warning(
+                    "job %d: %s before it started; queued again",
+                    job.id,
+                    reason,
+                    extra=fields(job=job.id, worker=job.worker),
+                )
                 self.changes.notify(job.id)
             return
         released = self.store.release_job(job.id, job.attempts, reason, models.utcnow())
         if released is not None:
-            log.warning("job %d: %s; now %s", job.id, reason, released.status.value)
+            log.warning(
+                "job %d: %s; now %s",
+                job.id,
+                reason,
+                released.status.value,
+                extra=fields(job=job.id, worker=job.worker, status=released.status.value),
+            )
             if released.status.terminal:
                 self._ended(job.id)
             else:

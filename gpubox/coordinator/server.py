@@ -114,6 +114,13 @@ class Coordinator:
             thread.start()
         log.info("coordinator serving HTTP on %s, workers on %s", self.http_url, self.link_endpoint)
 
+    def reload(self) -> None:
+        """SIGHUP (systemctl reload): read the worker allow list again at once. Tokens need
+        nothing: they are looked up in the store on every request."""
+        if self.broker is not None:
+            count = self.broker.allow.reload()
+            log.info("reloaded: %d worker key(s) on the allow list; tokens are read live", count)
+
     def _serve_http(self) -> None:
         """Waitress's loop, run until stop() says so; then its sockets are closed here, in the
         loop's own thread (closing them from another thread races its select())."""

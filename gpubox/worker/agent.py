@@ -28,6 +28,7 @@ import zmq.utils.monitor
 
 from gpubox import __version__, errors, keys, models, protocol
 from gpubox.config import WorkerConfig
+from gpubox.logfmt import fields
 from gpubox.worker.spill import Spill
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,7 @@ class Agent:
             job.attempt,
             "re-attached" if found else "received",
             spec["image"],
+            extra=fields(job=job.id, attempt=job.attempt, gpus=",".join(job.gpus) or "-"),
         )
         job.thread.start()
         self._ready()
@@ -339,12 +341,16 @@ class Agent:
             return
         if job.found is not None:
             # A container found at start that is no longer ours to run: stop it, forget it.
-            log.info("job %d: its container is not ours to run any more; stopping it", job.id)
+            log.info(
+                "job %d: its container is not ours to run any more; stopping it",
+                job.id,
+                extra=fields(job=job.id, container=getattr(job.found, "short_id", "-")),
+            )
             threading.Thread(target=self.runtime.discard, args=(job.found,), daemon=True).start()
             self._forget(job)
             self._ready()
             return
-        log.info("job %d: cancel requested", job.id)
+        log.info("job %d: cancel requested", job.id, extra=fields(job=job.id))
         job.cancel.set()
 
     def _forget(self, job: LocalJob) -> None:
@@ -419,7 +425,7 @@ class Agent:
         try:
             self.runtime.run(spec, emit, cancel, self._detach, found, resume)
         except Exception as exc:  # a runtime bug must still end the job
-            log.exception("job %d: the runtime failed", spec["id"])
+            log.exception("job %d: the runtime failed", spec["id"], extra=fields(job=spec["id"]))
             emit(
                 "done",
                 {

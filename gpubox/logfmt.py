@@ -1,0 +1,75 @@
+"""How gpubox writes its own log: one line per event, its level, and key=value fields.
+
+    log.info("job %d sent to %s", job.id, name, extra=fields(job=job.id, worker=name))
+
+On a terminal or into a file a line reads
+
+    2026-11-28T10:09:46.765Z INFO gpubox.broker: job 7 sent to gpu-01 job=7 worker=gpu-01
+
+Under systemd (stderr is the journal's stream) the timestamp is left to journald and the line
+starts with the syslog priority (`<6>`), so `journalctl -p warning` filters by level; line
+breaks inside a message (a traceback) are written as `\\n`, keeping one event one line.
+No colour, anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import IO, Any
+
+PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """`extra=` for a log call: key=value fields appended to its line (job, worker, …)."""
+    return {"fields": values}
+
+
+def _value(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\n'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class Formatter(logging.Formatter):
+    """The line format above; `journal` selects the systemd variant."""
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{record.levelname} {record.name}: {record.getMessage()}"
+        extra = getattr(record, "fields", None)
+        if extra:
+            line += "".join(f" {key}={_value(value)}" for key, value in extra.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if self.journal:
+            return f"<{PRIORITY.get(record.levelname, 6)}>" + line.replace("\n", "\\n")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z {line}"
+
+
+def on_journal(stream: IO[str]) -> bool:
+    """Whether `stream` is systemd's journal stream (JOURNAL_STREAM names its device:inode)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        stat = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{stat.st_dev}:{stat.st_ino}"
+
+
+def setup(verbose: bool = False, stream: IO[str] | None = None) -> None:
+    """Send gpubox's log to stderr (or `stream`) in the format above."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(Formatter(journal=on_journal(stream)))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)

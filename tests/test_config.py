@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -552,3 +553,51 @@ def test_configs_are_frozen() -> None:
     config = load(cfg.WorkerConfig)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.max_jobs = 9  # type: ignore[misc]
+
+
+# --- the example files in config/ ---------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "config"
+EXAMPLE_FILES = {
+    cfg.CoordinatorConfig: "coordinator.toml",
+    cfg.WorkerConfig: "worker.toml",
+    cfg.ClientConfig: "client.toml",
+}
+
+
+def example_keys(text: str) -> tuple[set[str], dict[str, list[str]]]:
+    """The settings a example file sets, and the commented `# key = value` lines of each
+    (before any commented table like `# [worker.labels]`, whose keys are not settings)."""
+    text = text.split("\n# [", 1)[0]
+    set_keys = {m.group(1) for m in re.finditer(r"^(\w+) = ", text, re.MULTILINE)}
+    commented: dict[str, list[str]] = {}
+    for match in re.finditer(r"^# (\w+) = (.*)$", text, re.MULTILINE):
+        commented.setdefault(match.group(1), []).append(match.group(2).strip())
+    return set_keys, commented
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+@pytest.mark.parametrize("cls", list(EXAMPLE_FILES), ids=lambda c: c.__name__)
+def test_every_setting_is_in_its_example_file_with_its_default(cls: Any) -> None:
+    path = EXAMPLES / EXAMPLE_FILES[cls]
+    set_keys, commented = example_keys(path.read_text())
+    names = {field.name for field in dataclasses.fields(cls)}
+    assert names - set_keys - set(commented) == set(), f"missing from {path.name}"
+    assert (set_keys | set(commented)) - names == set(), f"{path.name} names unknown settings"
+    for field in dataclasses.fields(cls):
+        if field.name not in set_keys:
+            assert toml_value(field.default) in commented[field.name], (
+                f"{path.name}: `# {field.name} = {toml_value(field.default)}` (its default)"
+            )
+
+
+@pytest.mark.parametrize("cls", list(EXAMPLE_FILES), ids=lambda c: c.__name__)
+def test_every_example_file_loads_as_it_is(cls: Any) -> None:
+    config = load(cls, file_data=cfg.read_file(str(EXAMPLES / EXAMPLE_FILES[cls])))
+    if hasattr(config, "validate"):
+        config.validate()

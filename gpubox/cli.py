@@ -25,8 +25,11 @@ from gpubox.client import ApiError, Client, local_token
 F = Callable[..., Any]
 
 
-def config_options(cls: type, only: tuple[str, ...] | None = None) -> Callable[[F], F]:
-    """Add a flag for each setting of `cls` that has one (help names its environment variable)."""
+def config_options(
+    cls: type, only: tuple[str, ...] | None = None, defaults: dict[str, Any] | None = None
+) -> Callable[[F], F]:
+    """Add a flag for each setting of `cls` that has one (help names its environment variable
+    and its default, or the one `defaults` gives for this command)."""
 
     def decorate(fn: F) -> F:
         for field in reversed(dataclasses.fields(cls)):
@@ -34,8 +37,9 @@ def config_options(cls: type, only: tuple[str, ...] | None = None) -> Callable[[
             if not flag or (only is not None and field.name not in only):
                 continue
             kind = {"str": str, "int": int, "float": float}[str(field.type)]
+            default = (defaults or {}).get(field.name, field.default)
             help_text = f"{field.metadata['help']} [env {field.metadata['env']}"
-            help_text += f"; default {field.default}]" if field.default not in ("", None) else "]"
+            help_text += f"; default {default}]" if default not in ("", None) else "]"
             fn = click.option(flag, field.name, type=kind, default=None, help=help_text)(fn)
         return fn
 
@@ -103,30 +107,33 @@ def main() -> None:
 # --- server roles -----------------------------------------------------------------------------
 
 
-def _wait_for_signal(
-    thread: threading.Thread | None = None, reload: Callable[[], None] | None = None
-) -> None:
-    """Block until SIGINT or SIGTERM (or until `thread` ends); on SIGHUP call `reload`."""
-    stop, hup = threading.Event(), threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    if reload is not None:
+UP_DEFAULTS = {"bind": "tcp://127.0.0.1:8471"}  # one box: the worker link stays local
 
-        def on_hup(*_: Any) -> None:
-            hup.set()
-            stop.set()
 
-        signal.signal(signal.SIGHUP, on_hup)
-    while True:
-        stop.wait(0.5)
-        if hup.is_set() and reload is not None:
-            hup.clear()
-            stop.clear()
-            systemd.notify("RELOADING=1")
-            reload()
-            systemd.notify("READY=1")
-        if stop.is_set() or thread is not None and not thread.is_alive():
-            return
+class Signals:
+    """SIGINT/SIGTERM (stop) and SIGHUP (reload), caught from the moment this is made: make
+    it before telling systemd READY=1, so a reload sent right after never kills the process."""
+
+    def __init__(self) -> None:
+        self.stop, self.hup = threading.Event(), threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.hup.set())
+
+    def wait(
+        self, thread: threading.Thread | None = None, reload: Callable[[], None] | None = None
+    ) -> None:
+        """Block until a stop signal (or until `thread` ends); on SIGHUP call `reload`. A
+        signal that came before this call counts."""
+        while not self.stop.wait(0.2):
+            if self.hup.is_set():
+                self.hup.clear()
+                if reload is not None:
+                    systemd.notify("RELOADING=1")
+                    reload()
+                    systemd.notify("READY=1")
+            if thread is not None and not thread.is_alive():
+                return
 
 
 def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
@@ -136,16 +143,24 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
 
     source = gpu.source_for(config.fake_gpus, config.name or _hostname())
     gpus = gpu.select(source.list(), config.gpus)
-    try:
-        runtime = DockerRuntime(
-            config.name or _hostname(),
-            config.stop_grace_s,
-            mounts=config.mount_map,
-            # Fake GPUs get the environment but no device request: Docker would refuse it.
-            gpu_devices=not config.fake_gpus,
-        )
-    except Exception as exc:
-        raise errors.GpuboxError(f"cannot reach the Docker engine: {exc}") from exc
+    runtime: Any
+    if config.runtime == "process":
+        from gpubox.worker.process import ProcessRuntime
+
+        runtime = ProcessRuntime(config.name or _hostname(), config.stop_grace_s)
+    else:
+        try:
+            runtime = DockerRuntime(
+                config.name or _hostname(),
+                config.stop_grace_s,
+                mounts=config.mount_map,
+                # Fake GPUs get the environment but no device request: Docker would refuse it.
+                gpu_devices=not config.fake_gpus,
+            )
+        except errors.ConfigError:
+            raise
+        except Exception as exc:
+            raise errors.GpuboxError(f"cannot reach the Docker engine: {exc}") from exc
     agent = Agent(config, runtime, gpus, usage=source.usage)
     thread = threading.Thread(target=agent.run, name="gpubox-agent", daemon=True)
     thread.start()
@@ -168,10 +183,11 @@ def coordinator(config_path: str | None, **flags: Any) -> None:
 
     setup_logging()
     config = cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path))
+    signals = Signals()
     server = Coordinator(config)
     server.start()
     systemd.notify("READY=1", f"STATUS=serving HTTP on {server.http_url}")
-    _wait_for_signal(reload=server.reload)
+    signals.wait(reload=server.reload)
     systemd.notify("STOPPING=1")
     server.stop()
 
@@ -195,20 +211,24 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
     """
     setup_logging()
     config = cfg.load(cfg.WorkerConfig, flags, cfg.read_file(config_path))
+    signals = Signals()
     agent, thread = _start_worker(config)
     systemd.notify("READY=1", f"STATUS=working for {config.coordinator}")
-    _wait_for_signal(thread)
+    signals.wait(thread)
     systemd.notify("STOPPING=1")
     if drain and thread.is_alive():
         agent.stop(drain=True)
-        _wait_for_signal(thread)
+        signals.stop.clear()  # a second signal stops at once
+        signals.wait(thread)
     agent.stop()
     thread.join()
 
 
 @main.command()
 @config_file_option
-@config_options(cfg.CoordinatorConfig, only=("state_dir", "db", "http", "bind"))
+@config_options(
+    cfg.CoordinatorConfig, only=("state_dir", "db", "http", "bind"), defaults=UP_DEFAULTS
+)
 @config_options(cfg.WorkerConfig, only=("name", "gpus", "max_jobs", "mounts"))
 @friendly
 def up(config_path: str | None, **flags: Any) -> None:
@@ -222,29 +242,31 @@ def up(config_path: str | None, **flags: Any) -> None:
 
     setup_logging()
     file_data = cfg.read_file(config_path)
-    config = cfg.load(
-        cfg.CoordinatorConfig, flags, file_data, defaults={"bind": "tcp://127.0.0.1:8471"}
-    )
+    config = cfg.load(cfg.CoordinatorConfig, flags, file_data, defaults=UP_DEFAULTS)
     worker_name = keys.check_name(flags.get("name") or _hostname())
     # First start: the coordinator's keypair, and a key on the allow list for our worker.
     keys.init(config.state_dir)
     if not keys.worker_secret_file(config.state_dir, worker_name).exists():
         keys.add_worker(config.state_dir, worker_name)
-    server = Coordinator(config)
-    server.start()
     worker_flags: dict[str, Any] = {k: flags.get(k) for k in ("gpus", "max_jobs", "mounts")}
     worker_flags["name"] = worker_name
-    worker_flags["coordinator"] = server.link_endpoint.replace("0.0.0.0", "127.0.0.1")
     worker_flags["state_dir"] = config.state_dir
+    # The worker's settings are checked before anything starts.
+    worker_config = cfg.load(cfg.WorkerConfig, worker_flags, file_data)
+    cfg.check_mount_folders(worker_config.mount_map)
+    signals = Signals()
+    server = Coordinator(config)
+    server.start()
+    link = server.link_endpoint.replace("0.0.0.0", "127.0.0.1")
     try:
-        agent, thread = _start_worker(cfg.load(cfg.WorkerConfig, worker_flags, file_data))
+        agent, thread = _start_worker(dataclasses.replace(worker_config, coordinator=link))
     except BaseException:
         server.stop()
         raise
     click.echo(f"gpubox is up: HTTP {server.http_url}, state in {config.state_dir}", err=True)
     click.echo("submit a job from another shell: gpubox submit --follow IMAGE CMD…", err=True)
     systemd.notify("READY=1", f"STATUS=serving HTTP on {server.http_url}")
-    _wait_for_signal(reload=server.reload)
+    signals.wait(reload=server.reload)
     systemd.notify("STOPPING=1")
     click.echo("stopping…", err=True)
     agent.stop()
@@ -265,7 +287,13 @@ def make_client(config_path: str | None, flags: dict[str, Any]) -> Client:
     config = cfg.load(
         cfg.ClientConfig, {k: flags.pop(k, None) for k in keys}, cfg.read_file(config_path)
     )
-    return Client(config.url, config.token or local_token(config.state_dir))
+    token = config.token or local_token(config.state_dir)
+    if not token:
+        raise errors.GpuboxError(
+            f"no API token: set GPUBOX_TOKEN or --token (no local token file in"
+            f" {config.state_dir}; `gpubox up` and `gpubox coordinator` write one there)"
+        )
+    return Client(config.url, token)
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:

@@ -152,6 +152,10 @@ class Client:
                         (err if record["stream"] == "stderr" else out).write(record["line"] + "\n")
                         since = record["seq"]
                     out.flush()
+                    if job["status"] != "FINISHED":
+                        reason = job["result"]["error"] or job["status"].lower()
+                        err.write(f"gpubox: job {job_id} {job['status']}: {reason}\n")
+                        err.flush()
                     return exit_code_for(job)
             except (errors.GpuboxError, *RETRYABLE, ValueError) as exc:
                 if isinstance(exc, ApiError) and exc.status < 500:

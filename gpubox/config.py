@@ -92,6 +92,15 @@ def parse_mounts(value: str) -> dict[str, Mount]:
     return mounts
 
 
+def check_mount_folders(mounts: dict[str, Mount]) -> None:
+    """ConfigError for a declared mount whose host folder does not exist on this box."""
+    for mount in mounts.values():
+        if not os.path.isdir(mount.host_path):
+            raise errors.ConfigError(
+                f"mounts: {mount.name}: {mount.host_path} is not a folder on this box"
+            )
+
+
 def parse_fake_gpus(spec: str) -> list[tuple[int, str, int]]:
     """(count, name, memory MiB) groups of the test-only fake_gpus setting: a count ("4":
     GPUs named "Fake GPU" of 16,384 MiB) or entries "[COUNT*]NAME:MEMORY_MB", comma-separated,
@@ -178,6 +187,12 @@ class WorkerConfig:
     max_jobs: int = setting(
         4, "GPUBOX_MAX_JOBS", "jobs run at once (GPUs limit GPU jobs further)", "--max-jobs"
     )
+    runtime: str = setting(
+        "docker",
+        "GPUBOX_RUNTIME",
+        "docker, or process: run commands directly on this host (no isolation; no image)",
+        "--runtime",
+    )
     labels: str = setting("", "GPUBOX_LABELS", "labels this worker offers, KEY=VALUE,…", "--label")
     stop_grace_s: float = setting(
         10.0, "GPUBOX_STOP_GRACE", "seconds between SIGTERM and SIGKILL when stopping a job"
@@ -246,6 +261,10 @@ class WorkerConfig:
         parse_labels(self.labels)
         parse_fake_gpus(self.fake_gpus)
         parse_mounts(self.mounts)
+        if self.runtime not in ("docker", "process"):
+            raise errors.ConfigError(f"runtime: {self.runtime!r} is not docker or process")
+        if self.runtime == "process" and self.mounts:
+            raise errors.ConfigError("mounts: the process runtime has no containers to mount in")
 
     @property
     def label_map(self) -> dict[str, str]:

@@ -23,6 +23,7 @@ from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
 from gpubox.worker import gpu
 from gpubox.worker.agent import Agent
+from gpubox.worker.process import ProcessRuntime
 from gpubox.worker.runner import DockerRuntime
 
 IMAGE = os.environ.get("GPUBOX_TEST_IMAGE", "gpubox-busybox:latest")
@@ -145,14 +146,18 @@ class Cluster:
         config = cfg.WorkerConfig(**fields)
         config.validate()
         source = gpu.FakeGpus(config.fake_gpus, config.name)
-        runtime = DockerRuntime(
-            config.name,
-            config.stop_grace_s,
-            self.docker_client,
-            tee=io.StringIO(),
-            mounts=config.mount_map,
-            gpu_devices=False,  # fake GPUs: Docker here has no NVIDIA runtime
-        )
+        runtime: Any
+        if config.runtime == "process":
+            runtime = ProcessRuntime(config.name, config.stop_grace_s, tee=io.StringIO())
+        else:
+            runtime = DockerRuntime(
+                config.name,
+                config.stop_grace_s,
+                self.docker_client,
+                tee=io.StringIO(),
+                mounts=config.mount_map,
+                gpu_devices=False,  # fake GPUs: Docker here has no NVIDIA runtime
+            )
         agent = Agent(config, runtime, source.list(), context=self.context, usage=source.usage)
         thread = threading.Thread(target=agent.run, daemon=True)
         thread.start()

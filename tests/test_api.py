@@ -13,6 +13,7 @@ import copy
 import json
 import urllib.parse
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from http.client import HTTPConnection, HTTPMessage
 from typing import Any, NamedTuple
 
@@ -595,6 +596,13 @@ def test_paging_gives_every_job_once_and_ends_with_null_next(bare: Cluster):
     assert pages == [ids[4:2:-1], ids[2:0:-1], ids[:1]]
 
 
+def test_a_full_last_page_says_there_is_no_next(bare: Cluster):
+    ids = [submit(bare, name=f"p{i}")["id"] for i in range(4)]
+    response = request(bare, "GET", f"{JOBS}?limit=4")
+    assert [job["id"] for job in response.body["jobs"]] == ids[::-1]
+    assert response.body["next"] is None  # exactly a page: nothing follows
+
+
 # --- POST /jobs/<id>/cancel ------------------------------------------------------------------
 
 
@@ -702,6 +710,17 @@ def test_workers_lists_the_connected_worker(cluster: Cluster):
     workers = response.body["workers"]
     assert [w["name"] for w in workers] == ["worker-1"]
     _check_worker(workers[0], "worker-1", {}, 0)
+
+
+def test_a_connected_workers_last_heartbeat_moves(cluster: Cluster):
+    def heard() -> datetime:
+        (worker,) = request(cluster, "GET", "/api/v1/workers").body["workers"]
+        seen = models.parse_time(worker["last_heartbeat"])
+        assert seen is not None
+        return seen
+
+    first = heard()
+    wait_until(lambda: heard() > first, 10, "a later heartbeat")  # they come every 0.5 s here
 
 
 def test_workers_shows_labels_and_gpus(make_cluster: Callable[..., Cluster]):

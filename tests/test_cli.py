@@ -111,6 +111,8 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
     logs = run("logs", job_id, env=env)
     assert logs.stdout == "hello cli\n" and logs.stderr == "oops\n"
 
+    assert tailed.stderr == f"oops\ngpubox: job {job_id} ERROR: exit code 4\n"  # how it ended
+
     refused = run("cancel", job_id, env=env)
     assert refused.returncode == 1
     assert "already ERROR" in refused.stderr
@@ -132,6 +134,28 @@ def test_client_errors_are_one_clear_line(tmp_path: Path):
     bad_setting = run("worker", env={**env, "GPUBOX_MAX_JOBS": "many"})
     assert bad_setting.returncode == 2
     assert "max_jobs" in bad_setting.stderr and "Traceback" not in bad_setting.stderr
+
+    no_token = run("ls", env={**env, "GPUBOX_TOKEN": "", "GPUBOX_STATE_DIR": str(tmp_path)})
+    assert no_token.returncode == 1
+    assert f"no API token: set GPUBOX_TOKEN or --token (no local token file in {tmp_path}" in (
+        no_token.stderr
+    )
+
+
+def test_server_errors_are_one_clear_line_and_nothing_starts(tmp_path: Path):
+    env = {**os.environ, "GPUBOX_STATE_DIR": str(tmp_path / "state")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = run("up", "--http", f"127.0.0.1:{port}", "--bind", "tcp://127.0.0.1:0", env=env)
+    assert busy.returncode == 2, busy.stderr
+    assert f"http: cannot listen on 127.0.0.1:{port}" in busy.stderr
+    assert "Traceback" not in busy.stderr
+    missing = run("up", "--mount", "data=/no/such/folder", env=env)
+    assert missing.returncode == 2
+    assert "mounts: data: /no/such/folder is not a folder on this box" in missing.stderr
+    assert "Docker" not in missing.stderr and "serving" not in missing.stderr
 
 
 def test_help_teaches_every_command():

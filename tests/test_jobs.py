@@ -111,7 +111,11 @@ def test_cancel_running_sleep_stops_container_quickly(cluster: Cluster, image: s
     done = cluster.wait(job["id"], timeout_s=15)
     assert done["status"] == "CANCELLED"
     label = f"io.gpubox.job={job['id']}"
-    assert docker_client.containers.list(all=True, filters={"label": label}) == []
+    wait_until(  # removed once its DONE is acknowledged
+        lambda: docker_client.containers.list(all=True, filters={"label": label}) == [],
+        10,
+        "the container removed",
+    )
 
 
 def test_timeout_ends_job_with_error_timeout(cluster: Cluster, image: str):

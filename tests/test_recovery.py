@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,44 @@ def test_worker_killed_and_restarted_reattaches_and_loses_no_line(
         10,
         "the container gone",
     )
+
+
+def test_a_worker_killed_before_its_done_arrived_reports_the_exit_after_a_restart(
+    make_cluster, processes, docker_client, tmp_path
+):
+    """The container exits while the link is down, so DONE cannot go out; the worker is then
+    killed. Its exited container was kept for this: the next start reads the exit code and
+    the last lines from it."""
+    from tests.proxy import CuttableProxy
+
+    cluster: Cluster = make_cluster(workers=0, liveness_s=30.0)
+    state = cluster.coordinator.config.state_dir
+    host, port = cluster.coordinator.link_endpoint.removeprefix("tcp://").rsplit(":", 1)
+    proxy = CuttableProxy(host, int(port))
+    env = worker_env(state, "proc-w1", f"tcp://127.0.0.1:{proxy.port}")
+    worker = Process(["worker"], {**env, "GPUBOX_LIVENESS": "30"}, tmp_path / "worker.log")
+    processes.append(worker)
+    job = cluster.submit(IMAGE, ["sh", "-c", "echo first; sleep 2; echo last; exit 5"])
+    wait_until(lambda: cluster.lines(job["id"]), 30, "the first line stored")
+    label = {"label": [f"io.gpubox.job={job['id']}", "io.gpubox.worker=proc-w1"]}
+    cut = threading.Thread(target=proxy.pause, args=(8.0,))
+    cut.start()
+    wait_until(
+        lambda: (
+            [c.status for c in docker_client.containers.list(all=True, filters=label)] == ["exited"]
+        ),
+        20,
+        "the container to exit while the link is down",
+    )
+    time.sleep(0.5)  # its DONE is now waiting in the worker, undelivered
+    worker.kill9()
+    cut.join()
+    worker.start()
+    done = cluster.wait(job["id"], timeout_s=60)
+    assert done["status"] == "ERROR" and done["result"]["exit_code"] == 5, done
+    assert done["attempts"] == 1
+    assert [r["line"] for r in cluster.lines(job["id"])] == ["first", "last"]
+    wait_until(lambda: not docker_client.containers.list(all=True, filters=label), 10, "gone")
 
 
 def test_worker_that_stays_away_has_its_job_requeued_or_failed(make_cluster, processes, tmp_path):

@@ -294,6 +294,18 @@ def test_a_gpu_of_a_running_job_is_not_handed_out_again(store: base.Store) -> No
     assert store.claim_job(again.id, "w1", ["GPU-b"], at(3)) is not None  # free once it ended
 
 
+def test_jobs_by_status_and_the_oldest_queued(store: base.Store) -> None:
+    assert store.jobs_by_status() == {status.value: 0 for status in Status}
+    assert store.oldest_queued() is None
+    first = queued(store, now=at(5))
+    queued(store, now=at(9))
+    claimed = running(store)
+    assert finish(store, claimed) is Finish.APPLIED
+    counts = store.jobs_by_status()
+    assert counts["QUEUED"] == 2 and counts["FINISHED"] == 1 and counts["RUNNING"] == 0
+    assert store.oldest_queued() == first.created_at == at(5)
+
+
 def test_queue_is_priority_then_submission_order(store: base.Store) -> None:
     low = queued(store, priority=-1)
     mid_a = queued(store, priority=5)

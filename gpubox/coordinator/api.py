@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any, Protocol
 
 import bottle
@@ -62,6 +64,10 @@ class LiveView(Protocol):
     def queue_reason(self, job_id: int) -> str: ...
 
     def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]: ...
+
+    def metrics_page(self) -> str: ...
+
+    def last_heard(self, worker: str) -> datetime | None: ...
 
 
 def _check_mounts(wanted: list[str], workers: list[models.WorkerInfo]) -> None:
@@ -162,6 +168,15 @@ def make_app(
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
+    @app.get("/metrics")
+    @endpoint()
+    def metrics() -> Any:
+        if live is None:
+            raise errors.NotFound("no metrics without a broker")
+        page = live.metrics_page()
+        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return page
+
     @app.post("/api/v1/jobs")
     @endpoint()
     def create_job() -> dict[str, Any]:
@@ -188,10 +203,11 @@ def make_app(
     def list_jobs() -> dict[str, Any]:
         raw_status = bottle.request.query.get("status")
         status = models.parse_status(raw_status) if raw_status else None
-        limit = _int_param("limit", 50, 1, 1000)
+        limit = _int_param("limit", 50, 1, 1000) or 50
         before = _int_param("before", None, 1, MAX_ID)
-        jobs = store.list_jobs(status, limit, before)  # type: ignore[arg-type]
-        more = len(jobs) == limit
+        jobs = store.list_jobs(status, limit + 1, before)
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
         return {"jobs": [job.to_dict() for job in jobs], "next": jobs[-1].id if more else None}
 
     @app.post("/api/v1/jobs/<job_id:int>/cancel")
@@ -236,15 +252,17 @@ def make_app(
         running: dict[str, list[int]] = {}
         for job in store.running_jobs():
             running.setdefault(job.worker or "", []).append(job.id)
-        return {
-            "workers": [
-                w.to_dict(
-                    running.get(w.name, []),
-                    live.gpu_usage(w.name) if live is not None and w.connected else None,
-                )
-                for w in store.list_workers()
-            ]
-        }
+        shown = []
+        for worker in store.list_workers():
+            if live is not None and worker.connected:
+                heard = live.last_heard(worker.name)
+                if heard is not None:
+                    worker = dataclasses.replace(worker, last_seen=heard)
+                usage = live.gpu_usage(worker.name)
+            else:
+                usage = None
+            shown.append(worker.to_dict(running.get(worker.name, []), usage))
+        return {"workers": shown}
 
     @app.post("/api/v1/workers/<name>/revoke")
     @endpoint(admin=True)

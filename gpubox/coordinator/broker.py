@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 import zmq
 
 from gpubox import errors, keys, models, protocol
-from gpubox.coordinator import scheduler, sealing
+from gpubox.coordinator import metrics, scheduler, sealing
 from gpubox.coordinator.events import Changes
 from gpubox.logfmt import fields
 from gpubox.store import Store
@@ -131,6 +132,10 @@ class Broker:
         self._next_schedule = 0.0
         # Why each queued job waits, from the last scheduling round (read by HTTP threads).
         self.reasons: dict[int, str] = {}
+        self.counters = metrics.BrokerCounters()
+        self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
+        self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
+        self._stored: dict[int, int] = {}  # job id → last stored seq, to count new lines
         self.dropped_messages = 0
         self._store_backoff_s = 0.0
         self._store_paused_until = 0.0
@@ -355,6 +360,9 @@ class Broker:
         executed_at = models.parse_time(body["executed_at"]) or models.utcnow()
         if self.store.mark_started(body["job_id"], body["attempt"], executed_at):
             self.changes.notify(body["job_id"])
+            sent = self._sent_at.pop(body["job_id"], None)
+            if sent is not None and sent[0] == body["attempt"]:
+                self.counters.dispatch.observe(time.monotonic() - sent[1])
 
     def _on_log(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         job_id, attempt = body["job_id"], body["attempt"]
@@ -376,6 +384,8 @@ class Broker:
             last=body.get("last"),
         )
         self._send(peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": seq, "done": False})
+        self.counters.log_lines += max(0, seq - self._stored.get(job_id, body["seq"] - 1))
+        self._stored[job_id] = seq
         self.changes.notify(job_id)
 
     def _on_done(self, peer: Peer, body: dict[str, Any], now: float) -> None:
@@ -459,6 +469,8 @@ class Broker:
                     peer.name, peer.gpus, free, slots, peer.labels, frozenset(peer.mounts)
                 )
             )
+        free_now = sum(len(view.free) for view in views)
+        self.gpu_counts = (sum(len(view.gpus) for view in views) - free_now, free_now)
         if not timer and not any(view.slots > 0 for view in views):
             return
         plan = scheduler.plan(self.store.queued_jobs(QUEUE_WINDOW), views)
@@ -490,12 +502,33 @@ class Broker:
             f" {QUEUE_WINDOW} queued jobs)"
         )
 
+    def metrics_page(self) -> str:
+        """GET /metrics. Any thread."""
+        busy, free = self.gpu_counts
+        oldest = self.store.oldest_queued()
+        return metrics.render(
+            self.store.jobs_by_status(),
+            (models.utcnow() - oldest).total_seconds() if oldest else 0.0,
+            self.counters,
+            workers=len(self.peers),
+            gpus_busy=busy,
+            gpus_free=free,
+            dropped_messages=self.dropped_messages,
+        )
+
     def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]:
         """NVML's memory used and utilization per GPU uuid at worker's last heartbeat."""
         for peer in list(self.peers.values()):
             if peer.name == worker:
                 return dict(peer.usage)
         return {}
+
+    def last_heard(self, worker: str) -> datetime | None:
+        """When a connected worker was last heard from (the store has when it connected)."""
+        for peer in list(self.peers.values()):
+            if peer.name == worker:
+                return models.utcnow() - timedelta(seconds=time.monotonic() - peer.last_seen)
+        return None
 
     def _send_job(self, peer: Peer, job: models.Job, resume: dict[str, str] | None = None) -> bool:
         """Send JOB (its credentials unsealed); the worker must confirm receipt in time."""
@@ -512,6 +545,8 @@ class Broker:
         peer.assigned[job.id] = list(job.gpu_ids)
         if resume is None:
             peer.unconfirmed[job.id] = (job.attempts, time.monotonic())
+            self._sent_at[job.id] = (job.attempts, time.monotonic())
+            self.counters.jobs_sent += 1
         return True
 
     def _expire(self, now: float) -> None:
@@ -587,6 +622,8 @@ class Broker:
         would otherwise be kept for every job ever run."""
         self.changes.notify(job_id)
         self.changes.forget(job_id)
+        self._stored.pop(job_id, None)
+        self._sent_at.pop(job_id, None)
 
     # --- sending ------------------------------------------------------------------------------
 

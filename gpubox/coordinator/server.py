@@ -89,23 +89,30 @@ class Coordinator:
             live=self.broker,
         )
         host, port = config_mod.parse_address(self.config.http, "http")
-        self.http_server = waitress.create_server(
-            app,
-            host=host,
-            port=port,
-            threads=self.config.http_threads,
-            # Lets a follow stream notice a client that went away while it is quiet.
-            channel_request_lookahead=1,
-            # The app answers bodies over max_body_bytes with a JSON 413; Waitress buffers a
-            # body before the app sees it, so it refuses (plain-text 413) far larger ones itself.
-            max_request_body_size=max(16 * 1024 * 1024, self.config.max_body_bytes * 4),
-            ident="gpubox",
-            clear_untrusted_proxy_headers=True,
-            max_request_header_size=MAX_HEADER_BYTES,
-            # Idle keep-alive connections are closed after this; streams in flight are not idle.
-            channel_timeout=60,
-            connection_limit=self.config.http_threads + 100,
-        )
+        try:
+            self.http_server = waitress.create_server(
+                app,
+                host=host,
+                port=port,
+                threads=self.config.http_threads,
+                # Lets a follow stream notice a client that went away while it is quiet.
+                channel_request_lookahead=1,
+                # The app answers bodies over max_body_bytes with a JSON 413; Waitress buffers
+                # a body before the app sees it, so it refuses (plain 413) far larger ones itself.
+                max_request_body_size=max(16 * 1024 * 1024, self.config.max_body_bytes * 4),
+                ident="gpubox",
+                clear_untrusted_proxy_headers=True,
+                max_request_header_size=MAX_HEADER_BYTES,
+                # Idle keep-alive connections are closed after this; streams in flight are not idle.
+                channel_timeout=60,
+                connection_limit=self.config.http_threads + 100,
+            )
+        except OSError as exc:
+            self.broker.close()
+            self.store.close()
+            raise errors.ConfigError(
+                f"http: cannot listen on {self.config.http}: {exc.strerror}"
+            ) from exc
         self._threads = [
             threading.Thread(target=self.broker.run, name="gpubox-broker", daemon=True),
             threading.Thread(target=self._serve_http, name="gpubox-http", daemon=True),

@@ -61,6 +61,14 @@ class Store(abc.ABC):
         """Up to `limit` jobs, newest (highest id) first, only ids below `before` when given."""
 
     @abc.abstractmethod
+    def jobs_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status (every status, 0 included)."""
+
+    @abc.abstractmethod
+    def oldest_queued(self) -> datetime | None:
+        """When the longest-waiting QUEUED job was submitted; None when none is queued."""
+
+    @abc.abstractmethod
     def queued_jobs(self, limit: int = 500) -> list[models.Job]:
         """Up to `limit` QUEUED jobs in the order they should run: highest priority first,
         then lowest id."""

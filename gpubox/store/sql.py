@@ -168,6 +168,18 @@ class SqlStore(base.Store):
             cur.execute(sql, params)
             return [job_from_row(row) for row in cur.fetchall()]
 
+    def jobs_by_status(self) -> dict[str, int]:
+        counts = {status.value: 0 for status in models.Status}
+        with self._read() as cur:
+            cur.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+            counts.update({row["status"]: int(row["n"]) for row in cur.fetchall()})
+        return counts
+
+    def oldest_queued(self) -> datetime | None:
+        with self._read() as cur:
+            cur.execute("SELECT MIN(created_at) AS t FROM jobs WHERE status = 'QUEUED'")
+            return models.parse_time(cur.fetchone()["t"])
+
     def queued_jobs(self, limit: int = 500) -> list[models.Job]:
         with self._read() as cur:
             cur.execute(

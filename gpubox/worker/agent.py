@@ -60,6 +60,8 @@ class Runtime(Protocol):
 
     def discard(self, container: Any, stop: bool = True) -> None: ...
 
+    def forget(self, job_id: int) -> None: ...
+
 
 @dataclasses.dataclass
 class LocalJob:
@@ -329,6 +331,8 @@ class Agent:
             self._release(job.unacked.pop(seq)[0])
         if body["done"]:
             self._forget(job)
+            # Now its exited container may go (kept until here for a restart to find).
+            threading.Thread(target=self.runtime.forget, args=(job.id,), daemon=True).start()
             self._ready()
         elif job.done is not None and job.id not in self.spill:
             # DONE was refused for missing lines: send what is left now, then DONE.

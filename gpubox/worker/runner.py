@@ -8,7 +8,6 @@ each batch of output, and always exactly one ("done", {status, exit_code, error,
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -20,8 +19,8 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from gpubox import errors, models, protocol
-from gpubox.config import Mount
+from gpubox import models, protocol
+from gpubox.config import Mount, check_mount_folders
 
 log = logging.getLogger(__name__)
 
@@ -246,14 +245,12 @@ class DockerRuntime:
         self.stop_grace_s = stop_grace_s
         self.mounts = mounts or {}
         self.gpu_devices = gpu_devices
-        for mount in self.mounts.values():
-            if not os.path.isdir(mount.host_path):
-                raise errors.ConfigError(
-                    f"mounts: {mount.name}: {mount.host_path} is not a folder on this box"
-                )
+        check_mount_folders(self.mounts)
         self.client = client or docker.from_env()
         self.tee = tee or sys.stderr
         self._tee_lock = threading.Lock()
+        self._ended: dict[int, Any] = {}  # job id → its exited container, until forget()
+        self._ended_lock = threading.Lock()
 
     def run(
         self,
@@ -308,9 +305,14 @@ class DockerRuntime:
             outcome = {"status": "ERROR", "error": f"docker failed: {exc}"}
         if outcome is None:
             return  # detached: the container runs on
-        if container is not None:
-            # Gone before DONE is sent: the job's GPUs are free once the coordinator knows.
-            self.discard(container, stop=False)
+        if container is not None and executed_at is None:
+            self.discard(container, stop=False)  # it never ran: nothing to keep
+        elif container is not None:
+            # It has exited, so its GPUs are free; it stays (stopped) until the coordinator
+            # acknowledges DONE (forget): a worker killed before that finds it at its next
+            # start and reports the exit code and the last lines from it.
+            with self._ended_lock:
+                self._ended[job["id"]] = container
         self._flush(job, buffer, emit, container, wait_s=0)
         emit(
             "done",
@@ -338,6 +340,13 @@ class DockerRuntime:
             gpus = [g for g in labels.get(f"{LABEL}.gpus", "").split(",") if g]
             found.append((job_id, attempt, gpus, container))
         return found
+
+    def forget(self, job_id: int) -> None:
+        """The coordinator has the job's DONE: remove its exited container."""
+        with self._ended_lock:
+            container = self._ended.pop(job_id, None)
+        if container is not None:
+            self.discard(container, stop=False)
 
     def discard(self, container: Any, stop: bool = True) -> None:
         """Stop a container (SIGTERM, then SIGKILL after the grace period) and remove it."""
@@ -493,14 +502,23 @@ class DockerRuntime:
     def _flush(
         self, job: dict[str, Any], buffer: LineBuffer, emit: Emit, container: Any, wait_s: float
     ) -> None:
-        batches = buffer.take(wait_s)
-        if not batches:
-            return
         short = container.short_id if container is not None else "-"
-        prefix = f"job={job['id']} container={short}"
-        with self._tee_lock:
-            for _, lines in batches:
-                self.tee.write("".join(f"{prefix} {s}: {text}\n" for _, s, text in lines))
-            self.tee.flush()
-        for seq, lines in batches:
-            emit("lines", {"seq": seq, "lines": lines})
+        send_lines(
+            buffer, emit, self.tee, self._tee_lock, f"job={job['id']} container={short}", wait_s
+        )
+
+
+def send_lines(
+    buffer: LineBuffer, emit: Emit, tee: IO[str], lock: threading.Lock, prefix: str, wait_s: float
+) -> None:
+    """Take what the buffer holds (waiting up to wait_s), tee it to the worker's own log with
+    `prefix` on each line, and emit it as "lines" batches."""
+    batches = buffer.take(wait_s)
+    if not batches:
+        return
+    with lock:
+        for _, lines in batches:
+            tee.write("".join(f"{prefix} {s}: {text}\n" for _, s, text in lines))
+        tee.flush()
+    for seq, lines in batches:
+        emit("lines", {"seq": seq, "lines": lines})

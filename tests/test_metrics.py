@@ -1,0 +1,77 @@
+"""GET /metrics: Prometheus text, with a token, from a real coordinator and worker."""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.conftest import Cluster, wait_until
+
+SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
+
+
+def scrape(cluster: Cluster, token: str | None = None) -> tuple[str, dict[str, float]]:
+    """The page's content type and its samples by name{labels}."""
+    request = urllib.request.Request(
+        f"{cluster.url}/metrics", headers={"Authorization": f"Bearer {token or cluster.token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        kind = response.headers["Content-Type"]
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) gpubox_[a-z_]+ ", line), line
+            continue
+        match = SAMPLE.match(line)
+        assert match, line
+        samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return kind, samples
+
+
+def test_metrics_need_a_token(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster: Cluster = make_cluster(workers=0)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        scrape(cluster, token="not-a-token")
+    assert info.value.code == 401
+
+
+def test_metrics_follow_jobs_workers_gpus_and_lines(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster: Cluster = make_cluster(workers=0)
+    kind, before = scrape(cluster)
+    assert kind.startswith("text/plain; version=0.0.4")
+    assert before["gpubox_workers_connected"] == 0
+    assert before['gpubox_jobs{status="QUEUED"}'] == 0
+    assert before["gpubox_oldest_queued_job_wait_seconds"] == 0
+
+    waiting = cluster.submit("none", ["true"], gpus=1)  # no worker yet: it waits
+    cluster.add_worker(runtime="process", fake_gpus="4", name="metrics-w")
+    done = cluster.wait(waiting["id"])
+    assert done["status"] == "FINISHED"
+    holder = cluster.submit("none", ["sh", "-c", "seq 1 250; sleep 300"], gpus=1)
+    wait_until(lambda: len(cluster.lines(holder["id"])) == 250, 30, "its lines")
+    queued = cluster.submit("none", ["true"], gpus=5)  # more GPUs than any worker has
+
+    def now() -> dict[str, float]:
+        return scrape(cluster)[1]
+
+    wait_until(lambda: now()['gpubox_gpus{state="busy"}'] == 1, 10, "the busy GPU counted")
+    page = now()
+    assert page['gpubox_gpus{state="free"}'] == 3
+    assert page["gpubox_workers_connected"] == 1
+    assert page['gpubox_jobs{status="RUNNING"}'] == 1
+    assert page['gpubox_jobs{status="FINISHED"}'] == 1
+    assert page['gpubox_jobs{status="QUEUED"}'] == 1
+    assert page["gpubox_oldest_queued_job_wait_seconds"] > 0
+    assert page["gpubox_log_lines_stored_total"] == 250
+    assert page["gpubox_jobs_dispatched_total"] == 2
+    assert page["gpubox_dispatch_latency_seconds_count"] == 2
+    assert page['gpubox_dispatch_latency_seconds_bucket{le="+Inf"}'] == 2
+    assert 0 < page["gpubox_dispatch_latency_seconds_sum"] < 10
+    cluster.client.cancel(holder["id"])
+    cluster.client.cancel(queued["id"])
+    cluster.wait(holder["id"])
+    wait_until(lambda: now()['gpubox_gpus{state="busy"}'] == 0, 10, "the GPU free again")

@@ -1,0 +1,129 @@
+"""The process runtime: jobs as child processes of the worker, through the whole system
+(coordinator, store, worker link), on both stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster, wait_until
+
+NO_IMAGE = "ignored-by-the-process-runtime"
+
+
+@pytest.fixture()
+def cluster(make_cluster) -> Cluster:  # type: ignore[no-untyped-def]
+    made: Cluster = make_cluster(workers=0)
+    made.add_worker(runtime="process", fake_gpus="2", stop_grace_s=1.0)
+    return made
+
+
+def run(cluster: Cluster, command: list[str], **fields: object) -> tuple[dict, list[dict]]:
+    job = cluster.submit(NO_IMAGE, command, **fields)
+    done = cluster.wait(job["id"], timeout_s=60)
+    return done, cluster.lines(job["id"])
+
+
+def test_output_exit_code_and_order(cluster: Cluster) -> None:
+    done, lines = run(cluster, ["sh", "-c", "echo one; echo two >&2; sleep 0.05; echo three"])
+    assert done["status"] == "FINISHED" and done["result"]["exit_code"] == 0
+    assert [(r["stream"], r["line"]) for r in lines] == [
+        ("stdout", "one"),
+        ("stderr", "two"),
+        ("stdout", "three"),
+    ]
+    assert done["worker"] == "worker-1" and done["result"]["duration"] is not None
+    failed, _ = run(cluster, ["sh", "-c", "exit 3"])
+    assert failed["status"] == "ERROR" and failed["result"]["exit_code"] == 3
+    assert failed["result"]["error"] == "exit code 3"
+
+
+def test_environment_secrets_and_gpus(cluster: Cluster) -> None:
+    script = (
+        'echo "$GREETING $TOKEN $CUDA_VISIBLE_DEVICES $CUDA_DEVICE_ORDER"; echo "${HOSTILE-unset}"'
+    )
+    os.environ["HOSTILE"] = "the worker's own variable"
+    try:
+        done, lines = run(
+            cluster,
+            ["sh", "-c", script],
+            gpus=1,
+            docker={"env": {"GREETING": "hi"}, "secrets": {"TOKEN": "s3cret-value"}},
+        )
+    finally:
+        del os.environ["HOSTILE"]
+    assert done["status"] == "FINISHED", done
+    (uuid,) = done["result"]["gpus"]
+    assert [r["line"] for r in lines] == [f"hi [MASKED] {uuid} PCI_BUS_ID", "unset"]
+    plain, lines = run(cluster, ["sh", "-c", 'echo "[$CUDA_VISIBLE_DEVICES]"'])
+    assert [r["line"] for r in lines] == ["[]"]  # no GPU: none visible
+
+
+def test_workdir_given_or_a_fresh_folder_removed_after(cluster: Cluster, tmp_path: Path) -> None:
+    done, lines = run(cluster, ["pwd"], docker={"workdir": str(tmp_path)})
+    assert [r["line"] for r in lines] == [str(tmp_path)]
+    done, lines = run(cluster, ["sh", "-c", "pwd; ls -A | wc -l"])
+    folder, count = (r["line"] for r in lines)
+    assert folder != str(tmp_path) and "gpubox-job-" in folder and count.strip() == "0"
+    assert not Path(folder).exists()
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_cancel_stops_the_whole_process_group(cluster: Cluster) -> None:
+    job = cluster.submit(NO_IMAGE, ["sh", "-c", "sleep 300 & echo $!; wait"])
+    wait_until(lambda: cluster.lines(job["id"]), 30, "the job to start")
+    child = int(cluster.lines(job["id"])[0]["line"])
+    assert alive(child)
+    cluster.client.cancel(job["id"])
+    done = cluster.wait(job["id"], timeout_s=30)
+    assert done["status"] == "CANCELLED" and done["result"]["exit_code"] == 143
+    wait_until(lambda: not alive(child), 10, "the job's background child to be gone too")
+
+
+def test_a_process_that_ignores_sigterm_is_killed_after_the_grace(cluster: Cluster) -> None:
+    job = cluster.submit(NO_IMAGE, ["sh", "-c", "trap '' TERM; echo ready; sleep 300"])
+    wait_until(lambda: cluster.lines(job["id"]), 30, "the job to start")
+    cluster.client.cancel(job["id"])
+    done = cluster.wait(job["id"], timeout_s=30)
+    assert done["status"] == "CANCELLED" and done["result"]["exit_code"] == 137
+
+
+def test_timeout(cluster: Cluster) -> None:
+    done, _ = run(cluster, ["sleep", "300"], timeout=1)
+    assert done["status"] == "ERROR" and done["result"]["error"] == "timeout"
+
+
+@pytest.mark.parametrize(
+    ("command", "docker", "error"),
+    [
+        (None, {}, "the process runtime runs docker.command, and this job has none"),
+        (["true"], {"user": "1000"}, "cannot apply docker.user"),
+        (["true"], {"shm_size": "1g", "memory": "1g"}, "docker.shm_size, docker.memory"),
+        (["/no/such/program"], {}, "could not start the command"),
+    ],
+)
+def test_what_it_cannot_do_ends_the_job_with_a_reason(
+    cluster: Cluster, command: list[str] | None, docker: dict, error: str
+) -> None:
+    done, _ = run(cluster, command, docker=docker)  # type: ignore[arg-type]
+    assert done["status"] == "ERROR" and error in done["result"]["error"]
+
+
+def test_long_lines_are_split_and_nothing_is_lost(cluster: Cluster) -> None:
+    done, lines = run(
+        cluster, ["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' x; echo; seq 1 5000"]
+    )
+    assert done["status"] == "FINISHED"
+    texts = [r["line"] for r in lines]
+    assert texts[-5000:] == [str(i) for i in range(1, 5001)]
+    assert "".join(texts[:-5000]) == "x" * 200000

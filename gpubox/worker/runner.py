@@ -29,6 +29,7 @@ Emit = Callable[[str, dict[str, Any]], None]
 BATCH_LINES = 100
 BATCH_BYTES = 64 * 1024
 FLUSH_S = 0.1
+STALL_S = 10.0  # a log follow that takes nothing this long after the container exited
 GATHER_S = 0.005
 LABEL = "io.gpubox.job"
 WORKER_LABEL = "io.gpubox.worker"
@@ -163,6 +164,9 @@ class StreamReader:
         self.at_last = 0 if not resume_after else -1  # -1: skip every entry of that timestamp
         self._pending = b""
         self._pending_ts = ""
+        self.taken = 0  # entries taken so far: how the runner sees the follow progress
+        self._lock = threading.Lock()
+        self._abandoned = False
         self.thread = threading.Thread(target=self._follow, daemon=True, name=f"logs-{stream}")
 
     def _entries(self, follow: bool) -> Iterable[bytes]:
@@ -177,7 +181,8 @@ class StreamReader:
         )
 
     def _read(self, follow: bool) -> None:
-        """Take every entry after the ones already taken (by timestamp and count)."""
+        """Take every entry after the ones already taken (by timestamp and count). A follow
+        that was abandoned takes nothing more: catch_up reads on from where it stopped."""
         skip_ts, skip = self.last_ts, self.at_last
         for entry in self._entries(follow):
             ts = normalize_ts(entry.partition(b" ")[0].decode("ascii", "replace"))
@@ -187,7 +192,15 @@ class StreamReader:
                 skip -= 1
                 continue
             skip_ts = ""
-            self._take(ts, entry.partition(b" ")[2])
+            with self._lock:
+                if follow and self._abandoned:
+                    return
+                self._take(ts, entry.partition(b" ")[2])
+
+    def abandon(self) -> None:
+        """Stop the follow from taking anything more (it may still be blocked in Docker)."""
+        with self._lock:
+            self._abandoned = True
 
     def _follow(self) -> None:
         try:
@@ -196,6 +209,7 @@ class StreamReader:
             log.warning("following %s of %s stopped: %s", self.stream, self.container.short_id, exc)
 
     def _take(self, ts: str, data: bytes) -> None:
+        self.taken += 1
         if ts == self.last_ts and self.at_last >= 0:
             self.at_last += 1
         else:
@@ -478,8 +492,19 @@ class DockerRuntime:
             else:
                 continue
             threading.Thread(target=self._stop, args=(container,), daemon=True).start()
+        # The follows end by themselves once Docker has sent all the container's output, which
+        # can take a while after it exited: keep sending what they read. Only a follow that
+        # stalls is abandoned, and the rest is read from where it stopped, never both at once.
+        progress, taken = time.monotonic(), -1
+        while any(reader.thread.is_alive() for reader in readers):
+            self._flush(job, buffer, emit, container, wait_s=FLUSH_S)
+            now_taken = sum(reader.taken for reader in readers)
+            if now_taken != taken:
+                progress, taken = time.monotonic(), now_taken
+            elif time.monotonic() - progress > STALL_S:
+                break
         for reader in readers:
-            reader.thread.join(timeout=10)
+            reader.abandon()
             reader.catch_up()
         code = result.get("StatusCode")
         if stopped_for == "cancel":

@@ -130,6 +130,8 @@ class Broker:
         self._next_heartbeat = 0.0
         self._next_expiry = 0.0
         self._next_schedule = 0.0
+        # A READY, DONE or new job asks for a round; one round serves them all (see step).
+        self._schedule_due = False
         # Why each queued job waits, from the last scheduling round (read by HTTP threads).
         self.reasons: dict[int, str] = {}
         self.counters = metrics.BrokerCounters()
@@ -216,6 +218,8 @@ class Broker:
             self._guard(self._expire, now)
         if now >= self._next_schedule:
             self._guard(self._schedule, now, True)
+        elif self._schedule_due:
+            self._guard(self._schedule, now)
 
     def _guard(self, fn: Any, *args: Any) -> None:
         """Run one unit of work; a failure is logged, never fatal to the broker.
@@ -342,7 +346,7 @@ class Broker:
         peer.known = set(body["running"])
         for job_id in peer.known:
             peer.unconfirmed.pop(job_id, None)
-        self._schedule(now)
+        self._schedule_due = True
 
     def _foreign(self, peer: Peer, job_id: int) -> bool:
         """A report on a job this worker does not hold (never sent to it, or already ended):
@@ -428,7 +432,7 @@ class Broker:
                 extra=fields(job=job_id, attempt=attempt, worker=peer.name, status=body["status"]),
             )
             self._ended(job_id)
-        self._schedule(now)
+        self._schedule_due = True
 
     def _on_heartbeat(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         for item in body.get("usage") or []:
@@ -442,7 +446,7 @@ class Broker:
 
     def _on_poke(self, kind: str, job_id: int) -> None:
         if kind == "schedule":
-            self._schedule(time.monotonic())
+            self._schedule_due = True
         elif kind == "cancel":
             job = self.store.get_job(job_id)
             for peer in self.peers.values():
@@ -453,8 +457,15 @@ class Broker:
 
     def _schedule(self, now: float, timer: bool = False) -> None:
         """Plan the queue on the ready workers (coordinator.scheduler) and send what starts.
-        Rounds not run by the timer are skipped while no worker has a free slot."""
-        self._next_schedule = now + SCHEDULE_EVERY_S
+
+        The timer's round (every SCHEDULE_EVERY_S) plans the first QUEUE_WINDOW queued jobs
+        and gives every one a reason; a round asked for by events plans only as many as the
+        free slots could take, and is skipped while no worker has a free slot. Jobs past a
+        short window are all behind the ones in it, so they could not run before them
+        anyway; reservations held for them are renewed by the next timer round."""
+        self._schedule_due = False
+        if timer:
+            self._next_schedule = now + SCHEDULE_EVERY_S
         peers, views = {}, []
         for peer in list(self.peers.values()):
             if not peer.ready:
@@ -471,10 +482,17 @@ class Broker:
             )
         free_now = sum(len(view.free) for view in views)
         self.gpu_counts = (sum(len(view.gpus) for view in views) - free_now, free_now)
-        if not timer and not any(view.slots > 0 for view in views):
+        slots = sum(max(0, view.slots) for view in views)
+        if not timer and not slots:
             return
-        plan = scheduler.plan(self.store.queued_jobs(QUEUE_WINDOW), views)
-        self.reasons = plan.reasons
+        window = QUEUE_WINDOW if timer else max(32, 2 * slots)
+        plan = scheduler.plan(self.store.queued_jobs(window), views)
+        if timer:
+            self.reasons = plan.reasons
+        else:
+            started = {assignment.job.id for assignment in plan.assignments}
+            reasons = {**self.reasons, **plan.reasons}
+            self.reasons = {job_id: why for job_id, why in reasons.items() if job_id not in started}
         for assignment in plan.assignments:
             job = self.store.claim_job(
                 assignment.job.id, assignment.worker, assignment.gpus, models.utcnow()

@@ -100,6 +100,7 @@ class SqliteStore(sql.SqlStore):
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._closed = False
         self._prepare(upgrade)
 
@@ -140,7 +141,10 @@ class SqliteStore(sql.SqlStore):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Cursor]:
-        with self._read() as cur:
+        # Writers of this process queue on a lock: SQLite's own wait for a busy database
+        # sleeps in growing steps (up to 100 ms), which under load costs far more than the
+        # writes. busy_timeout still covers other processes (gpubox token create, …).
+        with self._write_lock, self._read() as cur:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur

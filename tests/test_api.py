@@ -661,6 +661,9 @@ def test_logs_of_a_finished_job(cluster: Cluster):
     tail = request(cluster, "GET", f"{path}?since=2&format=ndjson")
     assert [json.loads(line)["line"] for line in tail.raw.decode().splitlines()] == ["c"]
     assert request(cluster, "GET", f"{path}?since=3").raw == b""
+    # one page: at most `limit` lines after `since`
+    assert request(cluster, "GET", f"{path}?since=0&limit=2").raw == b"a\nb\n"
+    assert request(cluster, "GET", f"{path}?since=1&limit=1").raw == b"b\n"
 
 
 # --- GET /jobs/<id>/logs: bad input -----------------------------------------------------------
@@ -677,6 +680,9 @@ def test_logs_of_unknown_job_is_404(api: Cluster):
         ("since=-1", "since"),
         ("since=abc", "since"),
         ("follow=maybe", "follow"),
+        ("limit=0", "limit"),
+        ("limit=5001", "limit"),
+        ("limit=10&follow=1", "limit"),
     ],
 )
 def test_bad_logs_query_is_400_naming_the_field(api: Cluster, query: str, field: str):

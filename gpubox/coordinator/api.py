@@ -225,7 +225,10 @@ def make_app(
     @endpoint()
     def job_logs(job_id: int) -> Any:
         since = _int_param("since", 0, 0, MAX_ID) or 0
+        limit = _int_param("limit", None, 1, PAGE_LINES)
         follow = _flag("follow")
+        if limit is not None and follow:
+            raise errors.BadInput("limit and follow do not go together", "limit")
         fmt = bottle.request.query.get("format", "text")
         if fmt not in ("text", "ndjson"):
             raise errors.BadInput("format must be text or ndjson", "format")
@@ -242,6 +245,8 @@ def make_app(
             return stopping.is_set() or gone()
 
         render = _ndjson if ndjson else _text
+        if limit is not None:  # one page: at most `limit` lines after `since`
+            return render(store.read_logs(job_id, since, limit))
         if not follow:
             return _pages(store, job_id, since, render)
         return _follow(store, changes, job_id, since, render, ndjson, disconnected)

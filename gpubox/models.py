@@ -7,7 +7,7 @@ import enum
 import re
 import shlex
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from gpubox import errors
 
@@ -226,9 +226,8 @@ class Job:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class LogLine:
-    """One stored line of a job's output."""
+class LogLine(NamedTuple):
+    """One stored line of a job's output (a named tuple: logs are read by the thousand)."""
 
     seq: int
     ts: str

@@ -47,6 +47,7 @@ anything else; the receiver logs and drops such a message.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,12 +96,16 @@ def _is_str_map(value: Any) -> bool:
     )
 
 
+LINE_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
+
+
 def _is_line(value: Any) -> bool:
     return (
         isinstance(value, list)
         and len(value) == 3
         and all(isinstance(part, str) for part in value)
         and value[1] in STREAMS
+        and LINE_TS.fullmatch(value[0]) is not None
     )
 
 

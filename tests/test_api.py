@@ -738,3 +738,15 @@ def test_workers_shows_labels_and_gpus(make_cluster: Callable[..., Cluster]):
     (worker,) = response.body["workers"]
     _check_worker(worker, "worker-1", {"pool": "ci", "zone": "a"}, 2)
     assert all(isinstance(gpu["uuid"], str) and gpu["uuid"] for gpu in worker["gpus"])
+
+
+def test_ndjson_lines_are_exactly_what_json_dumps_writes():
+    from gpubox.coordinator.api import _ndjson
+
+    lines = [
+        models.LogLine(1, "2026-01-01T00:00:00.000000001Z", "stdout", 'say "hi" \\ back'),
+        models.LogLine(2, "2026-01-01T00:00:00.000000002Z", "stderr", "wörld ☃ \x01\t end"),
+        models.LogLine(3, "2026-01-01T00:00:00.000000003Z", "stdout", ""),
+    ]
+    expected = "".join(json.dumps(line.to_dict(), ensure_ascii=False) + "\n" for line in lines)
+    assert _ndjson(lines) == expected

@@ -357,6 +357,8 @@ WRONG_TYPES: list[tuple[str, str, str, Any]] = [
     ("worker", "LOG", "lines", [[TS, "stdout", b"hello"]]),
     ("worker", "LOG", "lines", [[TS, "stdout", 5]]),
     ("worker", "LOG", "lines", [[None, "stdout", "hello"]]),
+    ("worker", "LOG", "lines", [['2024-05-01T12:00:00Z", "x', "stdout", "hello"]]),
+    ("worker", "LOG", "lines", [["yesterday", "stdout", "hello"]]),
     ("worker", "LOG", "lines", [{"ts": TS, "stream": "stdout", "line": "x"}]),
     ("worker", "LOG", "lines", [[TS, "stdout", "ok"], "not a line"]),
     ("worker", "LOG", "lines", "hello"),

@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from gpubox import errors
 from gpubox.store import sql
@@ -119,6 +119,14 @@ class _Cursor:
 
     def copy(self, statement: str) -> Any:
         return self._cur.copy(statement)
+
+    @property
+    def row_factory(self) -> Any:
+        return self._cur.row_factory
+
+    @row_factory.setter
+    def row_factory(self, factory: Any) -> None:
+        self._cur.row_factory = factory or tuple_row
 
 
 @contextlib.contextmanager

@@ -389,12 +389,17 @@ class SqlStore(base.Store):
 
     def read_logs(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogLine]:
         with self._read() as cur:
+            self._plain_rows(cur)
             cur.execute(
                 "SELECT seq, ts, stream, line FROM logs WHERE job_id = ? AND seq > ?"
                 " ORDER BY seq LIMIT ?",
                 (job_id, since, limit),
             )
-            return [models.LogLine(**row) for row in cur.fetchall()]
+            return list(map(models.LogLine._make, cur.fetchall()))
+
+    def _plain_rows(self, cur: Any) -> None:
+        """Let `cur` return plain tuples, not dicts (for reads of many rows)."""
+        cur.row_factory = None
 
     def log_marks(self, job_id: int) -> dict[str, str]:
         with self._read() as cur:

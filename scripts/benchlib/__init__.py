@@ -1,0 +1,1 @@
+"""The pieces of scripts/bench: common set-up (common.py) and one module per group of rows."""

@@ -1,0 +1,191 @@
+"""What every row of scripts/bench needs: a coordinator and workers as real processes on this
+machine, a client, percentiles, and the Row it prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from gpubox import keys  # noqa: E402
+from gpubox.client import Client  # noqa: E402
+
+GPUBOX = [sys.executable, "-m", "gpubox"]
+IMAGE = "gpubox-busybox:latest"
+
+
+@dataclasses.dataclass
+class Context:
+    """How this run goes: --quick (small sizes), the store (None: SQLite in a temporary
+    folder), where temporary files go."""
+
+    quick: bool
+    db: str | None
+    tmp: Path
+    image: str = IMAGE
+
+    def size(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table: the figure, what gpubox measured, the reference measured in the
+    same run, and the target (with whether it was met, when there is one)."""
+
+    figure: str
+    value: str
+    reference: str = "—"
+    target: str = "—"
+    met: bool | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (0-100) by nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+class Cluster:
+    """`gpubox coordinator` and `gpubox worker` processes sharing a state folder."""
+
+    def __init__(self, ctx: Context, **coordinator_env: str) -> None:
+        self.ctx = ctx
+        self.state = Path(tempfile.mkdtemp(prefix="gpubox-bench-", dir=ctx.tmp))
+        keys.init(str(self.state))
+        self.http = f"127.0.0.1:{free_port()}"
+        self.link = f"tcp://127.0.0.1:{free_port()}"
+        self.url = f"http://{self.http}"
+        self.processes: list[subprocess.Popen[bytes]] = []
+        env = {
+            **os.environ,
+            "GPUBOX_STATE_DIR": str(self.state),
+            "GPUBOX_HTTP": self.http,
+            "GPUBOX_BIND": self.link,
+            **coordinator_env,
+        }
+        if ctx.db:
+            env["GPUBOX_DB"] = ctx.db
+        self.coordinator = self._spawn(["coordinator"], env, "coordinator")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
+                break
+            except OSError:
+                if self.coordinator.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the coordinator did not start: see {self.state}") from None
+                time.sleep(0.1)
+        self.token = (self.state / "token").read_text().strip()
+        self.client = Client(self.url, self.token)
+
+    def _spawn(self, args: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+        """`gpubox ARGS` from this checkout (whatever gpubox the Python has installed)."""
+        env = {
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        }
+        log = open(self.state / f"{name}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen([*GPUBOX, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.processes.append(proc)
+        return proc
+
+    def add_worker(self, name: str, runtime: str = "process", **env: str) -> None:
+        """Start a worker and wait until the coordinator lists it as connected."""
+        keys.add_worker(str(self.state), name)
+        self._spawn(
+            ["worker", "--runtime", runtime, "--name", name, "--max-jobs", env.pop("jobs", "8")],
+            {
+                **os.environ,
+                "GPUBOX_STATE_DIR": str(self.state),
+                "GPUBOX_COORDINATOR": self.link,
+                **env,
+            },
+            f"worker-{name}",
+        )
+        deadline = time.monotonic() + 60
+        while not any(
+            w["name"] == name and w["connected"] for w in self.client.workers()["workers"]
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {name} did not connect: see {self.state}")
+            time.sleep(0.1)
+
+    def submit(self, command: list[str], **fields: Any) -> dict[str, Any]:
+        docker = {"image": self.ctx.image, "command": command, **fields.pop("docker", {})}
+        return self.client.submit({"name": "bench", "docker": docker, **fields})
+
+    def wait_idle(self, timeout_s: float = 600) -> None:
+        """Until no job of this (fresh) cluster is QUEUED or RUNNING."""
+        deadline = time.monotonic() + timeout_s
+        while any(self.client.jobs(status, limit=1)["jobs"] for status in ("QUEUED", "RUNNING")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"jobs still queued or running after {timeout_s} s")
+            time.sleep(0.02)
+
+    def all_jobs(self) -> list[dict[str, Any]]:
+        """Every job, oldest first."""
+        found: list[dict[str, Any]] = []
+        before = None
+        while True:
+            page = self.client.jobs(None, 1000, before)
+            found += page["jobs"]
+            before = page["next"]
+            if before is None:
+                return found[::-1]
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextmanager
+def cluster(ctx: Context, **coordinator_env: str) -> Iterator[Cluster]:
+    made = Cluster(ctx, **coordinator_env)
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+def seconds_between(start: str, end: str) -> float:
+    """Two of gpubox's RFC 3339 times apart, in seconds."""
+    from gpubox import models
+
+    a, b = models.parse_time(start), models.parse_time(end)
+    assert a is not None and b is not None
+    return (b - a).total_seconds()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

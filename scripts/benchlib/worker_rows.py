@@ -1,0 +1,216 @@
+"""Rows about the coordinator and its workers, without Docker: throughput and dispatch latency
+with the process runtime, and what 100 idle workers cost the coordinator."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import zmq
+
+from benchlib.common import Cluster, Context, Row, cluster, ms, percentile, seconds_between
+from gpubox import __version__, keys, protocol
+
+
+def throughput(ctx: Context) -> list[Row]:
+    """No-op jobs/s from the first submit to the last FINISHED, with 1 and with 2 workers."""
+    jobs = ctx.size(2000, 300)
+    rates = [_throughput(ctx, workers, jobs) for workers in (1, 2)]
+    return [
+        Row(
+            f"throughput, {n} worker{'s' if n > 1 else ''} (process runtime)",
+            f"{rate:,.0f} jobs/s ({jobs:,} no-op jobs, submit → FINISHED)",
+            target="≥ 500 jobs/s" if n == 2 else "—",
+            met=rate >= 500 if n == 2 else None,
+        )
+        for n, rate in zip((1, 2), rates, strict=True)
+    ]
+
+
+def _throughput(ctx: Context, workers: int, jobs: int) -> float:
+    with cluster(ctx) as made:
+        for index in range(workers):
+            made.add_worker(f"w{index}", jobs="16")
+        started = time.monotonic()
+        submit_many(made, jobs, ["true"])
+        made.wait_idle()
+        elapsed = time.monotonic() - started
+        finished = sum(1 for job in made.all_jobs() if job["status"] == "FINISHED")
+        if finished != jobs:
+            raise RuntimeError(f"{jobs - finished} of {jobs} jobs did not finish")
+        return jobs / elapsed
+
+
+def submit_many(made: Cluster, count: int, command: list[str], threads: int = 8) -> None:
+    """Submit `count` jobs from `threads` clients at once."""
+    from gpubox.client import Client
+
+    def submit(share: int) -> None:
+        client = Client(made.url, made.token)
+        body = {"name": "bench", "docker": {"image": made.ctx.image, "command": command}}
+        for _ in range(share):
+            client.submit(body)
+
+    shares = [count // threads + (1 if i < count % threads else 0) for i in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(submit, shares))
+
+
+def dispatch(ctx: Context) -> list[Row]:
+    """Submit → STARTED (the process running) for one job at a time on an idle worker."""
+    count = ctx.size(200, 30)
+    with cluster(ctx) as made:
+        made.add_worker("w0")
+        delays = []
+        for _ in range(count):
+            job = made.submit(["true"])
+            while (done := made.client.job(job["id"]))["status"] not in ("FINISHED", "ERROR"):
+                time.sleep(0.002)
+            delays.append(seconds_between(done["created_at"], done["result"]["executed_at"]))
+    round_trip = zmq_round_trip(ctx.size(5000, 1000))
+    p50 = percentile(delays, 50)
+    return [
+        Row(
+            "dispatch latency (idle worker, process runtime)",
+            f"p50 {ms(p50)}, p95 {ms(percentile(delays, 95))}",
+            f"ZeroMQ DEALER/ROUTER round trip p50 {round_trip * 1e6:.0f} µs",
+            "p50 ≤ 5 ms",
+            p50 <= 0.005,
+        )
+    ]
+
+
+def zmq_round_trip(count: int) -> float:
+    """p50 seconds of one message out and one back over loopback TCP (no CURVE)."""
+    context = zmq.Context()
+    router, dealer = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+    try:
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+
+        def echo() -> None:
+            for _ in range(count):
+                router.send_multipart(router.recv_multipart())
+
+        thread = threading.Thread(target=echo, daemon=True)
+        thread.start()
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            dealer.send(b"x")
+            dealer.recv()
+            times.append(time.perf_counter() - start)
+        thread.join(5)
+        return percentile(times, 50)
+    finally:
+        router.close(0)
+        dealer.close(0)
+        context.term()
+
+
+def idle(ctx: Context) -> list[Row]:
+    """The coordinator's CPU and memory with 100 connected workers doing nothing but
+    heartbeating (simulated: CURVE-authenticated DEALERs in this process)."""
+    workers = 100
+    window = ctx.size(20, 5)
+    with cluster(ctx) as made:
+        stop = threading.Event()
+        ready = threading.Event()
+        thread = threading.Thread(
+            target=simulate, args=(made, workers, stop, ready.set), daemon=True
+        )
+        thread.start()
+        if not ready.wait(120):
+            raise RuntimeError("the simulated workers did not connect")
+        time.sleep(2)  # settle
+        pid = made.coordinator.pid
+        cpu_before, started = cpu_seconds(pid), time.monotonic()
+        time.sleep(window)
+        cpu = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - started)
+        rss = rss_mb(pid)
+        connected = sum(w["connected"] for w in made.client.workers()["workers"])
+        stop.set()
+        thread.join(10)
+    if connected < workers:
+        raise RuntimeError(f"only {connected} of {workers} simulated workers stayed connected")
+    return [
+        Row(
+            f"idle cost, {workers} connected workers heartbeating",
+            f"{cpu * 100:.1f} % of a core, {rss:.0f} MB RSS",
+            target="≤ 2 % of a core, ≤ 100 MB",
+            met=cpu <= 0.02 and rss <= 100,
+        )
+    ]
+
+
+def simulate(made: Cluster, count: int, stop: threading.Event, ready: Callable[[], None]) -> None:
+    """`count` workers: HELLO, READY with nothing free, then a HEARTBEAT every 2 s each."""
+    state = str(made.state)
+    server = keys.load_public(str(keys.coordinator_files(state)[0]))
+    context = zmq.Context()
+    sockets = []
+    try:
+        for index in range(count):
+            name = f"idle-{index}"
+            public, secret = keys.load_secret(keys.add_worker(state, name))
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = (
+                public,
+                secret,
+                server,
+            )
+            sock.connect(made.link)
+            session = uuid.uuid4().hex
+            hello = {
+                "name": name,
+                "version": __version__,
+                "session": session,
+                "gpus": [],
+                "labels": {},
+                "max_jobs": 0,
+                "running": [],
+            }
+            sock.send_multipart(protocol.encode("HELLO", hello))
+            ready_body = {"session": session, "free_gpus": [], "slots": 0, "running": []}
+            sock.send_multipart(protocol.encode("READY", ready_body))
+            sockets.append((sock, session))
+        ready()
+        next_beat = time.monotonic()
+        while not stop.is_set():
+            for sock, session in sockets:
+                while sock.poll(0):
+                    sock.recv_multipart()  # WELCOME, HEARTBEAT: nothing to do
+                if time.monotonic() >= next_beat:
+                    sock.send_multipart(protocol.encode("HEARTBEAT", {"session": session}))
+            if time.monotonic() >= next_beat:
+                next_beat += 2.0
+            stop.wait(0.05)
+    finally:
+        for sock, _ in sockets:
+            sock.close(0)
+        context.term()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+ROWS: dict[str, Callable[[Context], list[Row]]] = {
+    "throughput": throughput,
+    "dispatch": dispatch,
+    "idle": idle,
+}

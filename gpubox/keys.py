@@ -27,7 +27,7 @@ from gpubox import errors
 
 log = logging.getLogger(__name__)
 
-RESCAN_S = 0.1
+RESCAN_S = 1.0  # an unchanged allow-list folder is read again this often anyway
 ZAP_DOMAIN = "gpubox"  # the ROUTER's zap_domain; the authenticator answers for it alone
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -87,7 +87,10 @@ def add_worker(state_dir: str, name: str) -> Path:
     _make_pair(folder, name)
     allowed = allowed_dir(state_dir)
     allowed.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(folder / f"{name}.key", allowed / f"{name}.key")
+    # Through a new file and a rename, so the folder changes and a running coordinator
+    # reads its allow list again at once (an old key for NAME stops working then).
+    shutil.copyfile(folder / f"{name}.key", allowed / f".{name}.key.new")
+    os.replace(allowed / f".{name}.key.new", allowed / f"{name}.key")
     return folder / f"{name}.key_secret"
 
 

@@ -102,14 +102,14 @@ class LineBuffer:
 
     def __init__(self, first_seq: int) -> None:
         self._cond = threading.Condition()
-        self._lines: list[tuple[int, str, str, str]] = []
+        self._lines: list[tuple[str, str, str]] = []
         self._bytes = 0
         self.next_seq = first_seq
 
     def add(self, ts: str, stream: str, text: str) -> None:
         with self._cond:
             for piece in protocol.split_line(text):
-                self._lines.append((ts_ns(ts), ts, stream, piece))
+                self._lines.append((ts, stream, piece))
                 self._bytes += len(piece)
             count = len(self._lines)
             if count == 1 or count >= BATCH_LINES or self._bytes >= BATCH_BYTES:
@@ -125,11 +125,12 @@ class LineBuffer:
             if self._lines and len(self._lines) < BATCH_LINES and self._bytes < BATCH_BYTES:
                 self._cond.wait(GATHER_S)
             pending, self._lines, self._bytes = self._lines, [], 0
+        # Timestamps are normalised (nine fraction digits, Z): as text they sort in time order.
         pending.sort(key=lambda item: item[0])
         batches: list[tuple[int, list[list[str]]]] = []
         current: list[list[str]] = []
         size = 0
-        for _, ts, stream, text in pending:
+        for ts, stream, text in pending:
             if current and (len(current) >= BATCH_LINES or size + len(text) > BATCH_BYTES):
                 batches.append((self.next_seq, current))
                 self.next_seq += len(current)

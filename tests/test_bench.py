@@ -1,0 +1,44 @@
+"""scripts/bench --quick runs through once, so the benchmark keeps working (its figures are
+printed, never asserted: timing belongs to scripts/bench, not to the tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = (
+    "submit rate",
+    "big store",
+    "throughput, 1 worker",
+    "throughput, 2 workers",
+    "dispatch latency",
+    "idle cost",
+    "Docker overhead",
+    "log throughput",
+    "tail latency",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+@pytest.mark.timeout(300)
+def test_the_quick_benchmark_prints_every_row() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = result.stdout.splitlines()
+    assert table[0].startswith("gpubox bench --quick:")
+    assert table[2] == "| figure | gpubox | reference, same run | target |"
+    rows = [line for line in table[4:] if line.startswith("| ")]
+    for name in ROWS:
+        assert any(row.startswith(f"| {name}") for row in rows), name
+    assert not any("failed" in row for row in rows)

@@ -71,6 +71,9 @@ def test_metrics_follow_jobs_workers_gpus_and_lines(make_cluster) -> None:  # ty
     assert page["gpubox_dispatch_latency_seconds_count"] == 2
     assert page['gpubox_dispatch_latency_seconds_bucket{le="+Inf"}'] == 2
     assert 0 < page["gpubox_dispatch_latency_seconds_sum"] < 10
+    first_gpu = '{worker="metrics-w",uuid="GPU-fake-metrics-w-0000"}'
+    assert page[f"gpubox_gpu_utilization_ratio{first_gpu}"] == 0  # fake GPUs: idle
+    assert page[f"gpubox_gpu_memory_used_bytes{first_gpu}"] == 0
     cluster.client.cancel(holder["id"])
     cluster.client.cancel(queued["id"])
     cluster.wait(holder["id"])

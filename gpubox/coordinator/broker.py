@@ -523,6 +523,11 @@ class Broker:
     def metrics_page(self) -> str:
         """GET /metrics. Any thread."""
         busy, free = self.gpu_counts
+        usage = [
+            (peer.name, uuid, dict(now))
+            for peer in list(self.peers.values())
+            for uuid, now in list(peer.usage.items())
+        ]
         oldest = self.store.oldest_queued()
         return metrics.render(
             self.store.jobs_by_status(),
@@ -532,6 +537,7 @@ class Broker:
             gpus_busy=busy,
             gpus_free=free,
             dropped_messages=self.dropped_messages,
+            gpu_usage=usage,
         )
 
     def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 # Seconds from JOB sent to STARTED received: a container start is ~0.1-1 s, a pull far more.
 DISPATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -61,8 +62,10 @@ def render(
     gpus_busy: int,
     gpus_free: int,
     dropped_messages: int,
+    gpu_usage: Sequence[tuple[str, str, dict[str, Any]]] = (),
 ) -> str:
-    """The whole /metrics page."""
+    """The whole /metrics page. `gpu_usage`: (worker, uuid, NVML's memory_used_mb and
+    utilization at its last heartbeat) for each GPU of a connected worker."""
     lines = [
         *metric(
             "gpubox_jobs",
@@ -108,6 +111,28 @@ def render(
                 f'gpubox_gpus{{state="busy"}} {gpus_busy}',
                 f'gpubox_gpus{{state="free"}} {gpus_free}',
             ],
+        ),
+        *metric(
+            "gpubox_gpu_memory_used_bytes",
+            "gauge",
+            "GPU memory in use, as NVML said at the worker's last heartbeat.",
+            (
+                f'gpubox_gpu_memory_used_bytes{{worker="{w}",uuid="{u}"}} '
+                f"{int(now['memory_used_mb']) * 2**20}"
+                for w, u, now in gpu_usage
+                if now.get("memory_used_mb") is not None
+            ),
+        ),
+        *metric(
+            "gpubox_gpu_utilization_ratio",
+            "gauge",
+            "GPU utilization (0-1), as NVML said at the worker's last heartbeat.",
+            (
+                f'gpubox_gpu_utilization_ratio{{worker="{w}",uuid="{u}"}} '
+                f"{int(now['utilization']) / 100:g}"
+                for w, u, now in gpu_usage
+                if now.get("utilization") is not None
+            ),
         ),
         *metric(
             "gpubox_dropped_messages_total",

@@ -27,7 +27,11 @@ def run(cluster: Cluster, command: list[str], **fields: object) -> tuple[dict, l
 
 
 def test_output_exit_code_and_order(cluster: Cluster) -> None:
-    done, lines = run(cluster, ["sh", "-c", "echo one; echo two >&2; sleep 0.05; echo three"])
+    # The sleeps order the lines: each stream is read by its own thread and timestamped as
+    # it arrives, so lines written microseconds apart to two streams may swap.
+    done, lines = run(
+        cluster, ["sh", "-c", "echo one; sleep 0.05; echo two >&2; sleep 0.05; echo three"]
+    )
     assert done["status"] == "FINISHED" and done["result"]["exit_code"] == 0
     assert [(r["stream"], r["line"]) for r in lines] == [
         ("stdout", "one"),

@@ -124,7 +124,7 @@ def gpubox_loop(ctx: Context, count: int) -> float:
 
 
 def docker_rows(ctx: Context) -> list[Row]:
-    count = ctx.size(50, 10)
+    count = ctx.size(50, 6)
     client = sdk()
     try:
         sdk_true(client, ctx.image)  # warm the image and the engine's caches for both
@@ -179,7 +179,7 @@ def gpubox_store_rate(ctx: Context, lines: int) -> tuple[float, int]:
 
 
 def log_rows(ctx: Context) -> list[Row]:
-    lines = ctx.size(1_000_000, 100_000)
+    lines = ctx.size(1_000_000, 30_000)
     try:
         reference = sdk_read_rate(ctx, lines)
         rate, stored = gpubox_store_rate(ctx, lines)

@@ -167,7 +167,7 @@ def _post(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str]
 def bigstore(ctx: Context) -> list[Row]:
     """p50 of a submit, of the newest page of the job list, and of one page of log lines
     from the middle of a long log, with many jobs and one very long log in the store."""
-    jobs, lines = ctx.size(100_000, 5_000), ctx.size(1_000_000, 50_000)
+    jobs, lines = ctx.size(100_000, 2_000), ctx.size(1_000_000, 20_000)
     count = ctx.size(200, 50)
     with (
         big_store(ctx, jobs, lines) as (url, log_job),

@@ -19,7 +19,7 @@ from gpubox import __version__, keys, protocol
 
 def throughput(ctx: Context) -> list[Row]:
     """No-op jobs/s from the first submit to the last FINISHED, with 1 and with 2 workers."""
-    jobs = ctx.size(2000, 300)
+    jobs = ctx.size(2000, 150)
     rates = [_throughput(ctx, workers, jobs) for workers in (1, 2)]
     return [
         Row(
@@ -117,7 +117,7 @@ def idle(ctx: Context) -> list[Row]:
     """The coordinator's CPU and memory with 100 connected workers doing nothing but
     heartbeating (simulated: CURVE-authenticated DEALERs in this process)."""
     workers = 100
-    window = ctx.size(20, 5)
+    window = ctx.size(20, 3)
     with cluster(ctx) as made:
         stop = threading.Event()
         ready = threading.Event()

@@ -28,7 +28,14 @@ import time
 from typing import IO, Any
 
 from gpubox import models
-from gpubox.worker.runner import Emit, LineBuffer, Masker, secret_values, send_lines
+from gpubox.worker.runner import (
+    Emit,
+    LineBuffer,
+    Masker,
+    emit_done,
+    secret_values,
+    send_lines,
+)
 
 FLUSH_S = 0.1
 PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
@@ -118,17 +125,7 @@ class ProcessRuntime:
         if outcome is None:
             return
         self._flush(job, buffer, emit, 0)
-        emit(
-            "done",
-            {
-                "exit_code": outcome.get("exit_code"),
-                "status": outcome["status"],
-                "error": outcome.get("error"),
-                "executed_at": executed_at,
-                "finished_at": models.format_time(models.utcnow()),
-                "last_seq": buffer.next_seq - 1,
-            },
-        )
+        emit_done(emit, outcome, executed_at, buffer)
 
     def _watch(
         self,

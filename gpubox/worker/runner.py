@@ -329,17 +329,7 @@ class DockerRuntime:
             with self._ended_lock:
                 self._ended[job["id"]] = container
         self._flush(job, buffer, emit, container, wait_s=0)
-        emit(
-            "done",
-            {
-                "exit_code": outcome.get("exit_code"),
-                "status": outcome["status"],
-                "error": outcome.get("error"),
-                "executed_at": executed_at,
-                "finished_at": models.format_time(models.utcnow()),
-                "last_seq": buffer.next_seq - 1,
-            },
-        )
+        emit_done(emit, outcome, executed_at, buffer)
 
     def recover(self) -> list[tuple[int, int, list[str], Any]]:
         """This worker's job containers left by an earlier run: (job id, attempt, GPU uuids,
@@ -532,6 +522,23 @@ class DockerRuntime:
         send_lines(
             buffer, emit, self.tee, self._tee_lock, f"job={job['id']} container={short}", wait_s
         )
+
+
+def emit_done(
+    emit: Emit, outcome: dict[str, Any], executed_at: str | None, buffer: LineBuffer
+) -> None:
+    """The attempt's last report: how it ended, and the last line it sent."""
+    emit(
+        "done",
+        {
+            "exit_code": outcome.get("exit_code"),
+            "status": outcome["status"],
+            "error": outcome.get("error"),
+            "executed_at": executed_at,
+            "finished_at": models.format_time(models.utcnow()),
+            "last_seq": buffer.next_seq - 1,
+        },
+    )
 
 
 def send_lines(

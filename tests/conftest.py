@@ -3,6 +3,7 @@ loopback ports, and workers running real Docker containers from the local busybo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -106,12 +107,15 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str 
 
 
 def remove_containers(client: docker.DockerClient, workers: set[str]) -> None:
-    """Remove the job containers these workers left running (a plain stop leaves them)."""
+    """Remove the job containers these workers left running (a plain stop leaves them).
+    (The low-level list: `containers.list` inspects each container after listing them, and
+    fails when one is removed in between, as a worker does once its DONE is acknowledged.)"""
     for name in workers:
-        for container in client.containers.list(
+        for container in client.api.containers(
             all=True, filters={"label": f"io.gpubox.worker={name}"}
         ):
-            container.remove(force=True)
+            with contextlib.suppress(docker.errors.NotFound):
+                client.api.remove_container(container["Id"], force=True)
 
 
 @dataclasses.dataclass

@@ -55,9 +55,9 @@ def test_200_jobs_while_a_worker_is_killed_twice(
 
     def left() -> list[str]:
         return [
-            f"{c.labels} {c.status}"
+            f"{c['Labels']} {c['State']}"
             for name in workers
-            for c in docker_client.containers.list(
+            for c in docker_client.api.containers(
                 all=True, filters={"label": f"io.gpubox.worker={name}"}
             )
         ]

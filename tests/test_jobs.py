@@ -112,7 +112,7 @@ def test_cancel_running_sleep_stops_container_quickly(cluster: Cluster, image: s
     assert done["status"] == "CANCELLED"
     label = f"io.gpubox.job={job['id']}"
     wait_until(  # removed once its DONE is acknowledged
-        lambda: docker_client.containers.list(all=True, filters={"label": label}) == [],
+        lambda: docker_client.api.containers(all=True, filters={"label": label}) == [],
         10,
         "the container removed",
     )

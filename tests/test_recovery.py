@@ -131,7 +131,7 @@ def test_worker_killed_and_restarted_reattaches_and_loses_no_line(
     assert_every_line_once(cluster, job["id"], 80)
     wait_until(
         lambda: (
-            not docker_client.containers.list(
+            not docker_client.api.containers(
                 all=True, filters={"label": f"io.gpubox.job={job['id']}"}
             )
         ),
@@ -162,7 +162,8 @@ def test_a_worker_killed_before_its_done_arrived_reports_the_exit_after_a_restar
     cut.start()
     wait_until(
         lambda: (
-            [c.status for c in docker_client.containers.list(all=True, filters=label)] == ["exited"]
+            [c["State"] for c in docker_client.api.containers(all=True, filters=label)]
+            == ["exited"]
         ),
         20,
         "the container to exit while the link is down",
@@ -175,7 +176,7 @@ def test_a_worker_killed_before_its_done_arrived_reports_the_exit_after_a_restar
     assert done["status"] == "ERROR" and done["result"]["exit_code"] == 5, done
     assert done["attempts"] == 1
     assert [r["line"] for r in cluster.lines(job["id"])] == ["first", "last"]
-    wait_until(lambda: not docker_client.containers.list(all=True, filters=label), 10, "gone")
+    wait_until(lambda: not docker_client.api.containers(all=True, filters=label), 10, "gone")
 
 
 def test_worker_that_stays_away_has_its_job_requeued_or_failed(make_cluster, processes, tmp_path):
@@ -467,7 +468,7 @@ def test_link_cut_shorter_than_liveness_changes_nothing_longer_ends_the_attempt(
         # back on the link, the worker is told the attempt is no longer its own: it stops it
         wait_until(
             lambda: (
-                not docker_client.containers.list(
+                not docker_client.api.containers(
                     all=True, filters={"label": f"io.gpubox.job={long['id']}"}
                 )
             ),

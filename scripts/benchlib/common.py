@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -185,7 +184,3 @@ def seconds_between(start: str, end: str) -> float:
     a, b = models.parse_time(start), models.parse_time(end)
     assert a is not None and b is not None
     return (b - a).total_seconds()
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)

@@ -177,9 +177,7 @@ def bigstore(ctx: Context) -> list[Row]:
         timings = {
             "submit": timed(count, made.url, headers, "POST", "/api/v1/jobs", SUBMIT_BODY),
             "list": timed(count, made.url, headers, "GET", "/api/v1/jobs?limit=50"),
-            "logs": log_page_times(
-                count, made.url, headers, log_job, lines // 2, made.coordinator.pid
-            ),
+            "logs": log_page_times(count, made.url, headers, log_job, lines // 2),
         }
     size = f"{jobs:,} jobs, a {lines:,}-line log"
     figures = {
@@ -327,10 +325,10 @@ def timed(
 
 
 def log_page_times(
-    count: int, url: str, headers: dict[str, str], job_id: int, since: int, server: int
+    count: int, url: str, headers: dict[str, str], job_id: int, since: int
 ) -> list[float]:
     """Seconds for one page: GET …/logs?since=…&limit=PAGE_LINES&format=ndjson, read whole,
-    on one keep-alive connection (`server` is unused: kept for the caller's signature)."""
+    on one keep-alive connection."""
     path = f"/api/v1/jobs/{job_id}/logs?since={since}&limit={PAGE_LINES}&format=ndjson"
     address = urlsplit(url)
     conn = http.client.HTTPConnection(address.hostname, address.port, timeout=60)

@@ -60,7 +60,9 @@ class Runtime(Protocol):
 
     def discard(self, container: Any, stop: bool = True) -> None: ...
 
-    def forget(self, job_id: int) -> None: ...
+    def forget(self, job_id: int) -> None:
+        """The coordinator has the job's DONE; must not block (the agent's loop calls it)."""
+        ...
 
 
 @dataclasses.dataclass
@@ -332,7 +334,7 @@ class Agent:
         if body["done"]:
             self._forget(job)
             # Now its exited container may go (kept until here for a restart to find).
-            threading.Thread(target=self.runtime.forget, args=(job.id,), daemon=True).start()
+            self.runtime.forget(job.id)
             self._ready()
         elif job.done is not None and job.id not in self.spill:
             # DONE was refused for missing lines: send what is left now, then DONE.

@@ -12,7 +12,9 @@ shm_size, memory) make the job ERROR with a reason.
 Output, cancel, timeout and exit codes behave as with Docker: stdout and stderr are read line
 by line, timestamped as they arrive, masked, batched; cancel and timeout send SIGTERM to the
 job's process group, then SIGKILL after the grace period; a signal's exit code is 128 + its
-number. A worker that stops (or dies) stops its processes: there is nothing to re-attach to.
+number. A worker that stops stops its processes: there is nothing to re-attach to. One
+killed outright (SIGKILL) leaves them running unattached, in their own process groups, while
+the coordinator hands their jobs out again (or fails them): stop them by hand.
 """
 
 from __future__ import annotations

@@ -347,11 +347,12 @@ class DockerRuntime:
         return found
 
     def forget(self, job_id: int) -> None:
-        """The coordinator has the job's DONE: remove its exited container."""
+        """The coordinator has the job's DONE: remove its exited container (in the
+        background: it is called from the agent's loop)."""
         with self._ended_lock:
             container = self._ended.pop(job_id, None)
         if container is not None:
-            self.discard(container, stop=False)
+            threading.Thread(target=self.discard, args=(container, False), daemon=True).start()
 
     def discard(self, container: Any, stop: bool = True) -> None:
         """Stop a container (SIGTERM, then SIGKILL after the grace period) and remove it."""

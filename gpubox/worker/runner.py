@@ -21,16 +21,19 @@ import requests.exceptions
 
 from gpubox import models, protocol
 from gpubox.config import Mount, check_mount_folders
+from gpubox.worker.dockerlogs import DockerLogs
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[str, dict[str, Any]], None]
 
-BATCH_LINES = 100
+BATCH_LINES = 1000
 BATCH_BYTES = 64 * 1024
 FLUSH_S = 0.1
 STALL_S = 10.0  # a log follow that takes nothing this long after the container exited
 GATHER_S = 0.005
+CATCH_UP_TAIL = 1000  # entries read back from a log's end after the container exited
+JITTER_NS = 1_000_000  # how far Docker's order of entries strays from their timestamps
 LABEL = "io.gpubox.job"
 WORKER_LABEL = "io.gpubox.worker"
 MASK = "[MASKED]"
@@ -54,6 +57,8 @@ def refusal(exc: docker.errors.APIError) -> str:
 def normalize_ts(ts: str) -> str:
     """Docker's timestamp with exactly nine fraction digits (Docker drops trailing zeros), so
     that timestamps sort as text."""
+    if len(ts) == 30:  # 2026-01-02T03:04:05.123456789Z already
+        return ts
     head, _, frac = ts.rstrip("Z").partition(".")
     return f"{head}.{(frac + '000000000')[:9]}Z"
 
@@ -104,16 +109,36 @@ class LineBuffer:
         self._cond = threading.Condition()
         self._lines: list[tuple[str, str, str]] = []
         self._bytes = 0
+        self._woken = False
         self.next_seq = first_seq
 
-    def add(self, ts: str, stream: str, text: str) -> None:
+    def wake(self) -> None:
+        """End a take() waiting for lines now: something else happened (the job's process
+        exited, its output ended), and the runner should look."""
         with self._cond:
-            for piece in protocol.split_line(text):
-                self._lines.append((ts, stream, piece))
-                self._bytes += len(piece)
-            count = len(self._lines)
-            if count == 1 or count >= BATCH_LINES or self._bytes >= BATCH_BYTES:
-                self._cond.notify()
+            self._woken = True
+            self._cond.notify()
+
+    def add(self, ts: str, stream: str, text: str) -> None:
+        self.add_many([(ts, stream, text)])
+
+    def add_many(self, lines: list[tuple[str, str, str]]) -> None:
+        """Lines as (timestamp, stream, text); a text over protocol.MAX_LINE is split."""
+        if not lines:
+            return
+        if any(len(text) * 4 > protocol.MAX_LINE for _, _, text in lines):
+            lines = [(ts, s, piece) for ts, s, text in lines for piece in protocol.split_line(text)]
+        size = sum(len(text) for _, _, text in lines)
+        with self._cond:
+            before = len(self._lines)
+            self._lines += lines
+            self._bytes += size
+            self._wake(before)
+
+    def _wake(self, before: int) -> None:
+        count = len(self._lines)
+        if before == 0 or count >= BATCH_LINES or self._bytes >= BATCH_BYTES:
+            self._cond.notify()
 
     def take(self, wait_s: float) -> list[tuple[int, list[list[str]]]]:
         """Wait up to wait_s for lines, then return all pending ones as batches of
@@ -121,10 +146,15 @@ class LineBuffer:
         with self._cond:
             # Wait for a first line, then briefly for its companions: a quiet job's line goes
             # out at once, a chatty job's lines still travel in full batches.
-            self._cond.wait_for(lambda: self._lines, wait_s)
-            if self._lines and len(self._lines) < BATCH_LINES and self._bytes < BATCH_BYTES:
+            self._cond.wait_for(lambda: self._lines or self._woken, wait_s)
+            if (
+                self._lines
+                and not self._woken
+                and len(self._lines) < BATCH_LINES
+                and self._bytes < BATCH_BYTES
+            ):
                 self._cond.wait(GATHER_S)
-            pending, self._lines, self._bytes = self._lines, [], 0
+            pending, self._lines, self._bytes, self._woken = self._lines, [], 0, False
         # Timestamps are normalised (nine fraction digits, Z): as text they sort in time order.
         pending.sort(key=lambda item: item[0])
         batches: list[tuple[int, list[list[str]]]] = []
@@ -143,102 +173,145 @@ class LineBuffer:
         return batches
 
 
-class StreamReader:
-    """Follows one stream (stdout or stderr) of a container into a LineBuffer.
+class _Stream:
+    """Where the reading of one stream stands: the last timestamp taken and how many entries
+    had it (-1: skip every entry with that timestamp), and a line still waiting for its end."""
+
+    def __init__(self, resume_after: str) -> None:
+        self.last_ts = resume_after
+        self.at_last = 0 if not resume_after else -1
+        self.pending = b""
+        self.pending_ts = ""
+
+
+class LogReader:
+    """Follows a container's log (stdout and stderr, one stream in Docker's order) into a
+    LineBuffer.
 
     Docker splits lines over 16 KiB into pieces that share a timestamp and lack the newline;
     the pieces are joined here. Timestamps are normalised to nine fraction digits, so they
-    sort as text. The reader remembers the last timestamp it took and how many entries had it,
-    so `catch_up` reads what a live follow missed without repeating a line; `resume_after`
-    (a timestamp already stored) makes it skip everything up to and including that one, to
-    re-attach to a container whose earlier lines are stored.
+    sort as text. Per stream the reader remembers the last timestamp it took and how many
+    entries had it, so `catch_up` reads what a live follow missed without repeating a line;
+    `resume` (the last timestamp stored per stream) makes it skip everything up to and
+    including those, to re-attach to a container whose earlier lines are stored.
     """
 
     def __init__(
-        self, container: Any, stream: str, buffer: LineBuffer, mask: Masker, resume_after: str = ""
+        self, logs: Any, buffer: LineBuffer, mask: Masker, resume: dict[str, str] | None = None
     ) -> None:
-        self.container = container
-        self.stream = stream
+        self.logs = logs  # .entries(follow, since) -> (stream, timestamp, data); .close()
         self.buffer = buffer
         self.mask = mask
-        self.last_ts = resume_after
-        self.at_last = 0 if not resume_after else -1  # -1: skip every entry of that timestamp
-        self._pending = b""
-        self._pending_ts = ""
+        self.streams = {s: _Stream((resume or {}).get(s, "")) for s in protocol.STREAMS}
         self.taken = 0  # entries taken so far: how the runner sees the follow progress
         self._lock = threading.Lock()
         self._abandoned = False
-        self.thread = threading.Thread(target=self._follow, daemon=True, name=f"logs-{stream}")
+        self.thread = threading.Thread(target=self._follow, daemon=True, name="logs")
 
-    def _entries(self, follow: bool) -> Iterable[bytes]:
-        since = ts_ns(self.last_ts) / 1e9 - 0.001 if self.last_ts else None
-        return self.container.logs(  # type: ignore[no-any-return]
-            stdout=self.stream == "stdout",
-            stderr=self.stream == "stderr",
-            stream=True,
-            timestamps=True,
-            follow=follow,
-            since=since,
-        )
+    def _since_ns(self) -> int | None:
+        # Docker writes both streams into one log in about timestamp order (its two copiers
+        # stamp and write in parallel), and this reader takes them in that order: nothing
+        # unread lies more than a little before the earliest of the marks.
+        marks = [state.last_ts for state in self.streams.values() if state.last_ts]
+        return min(ts_ns(mark) for mark in marks) - JITTER_NS if marks else None
 
-    def _read(self, follow: bool) -> None:
-        """Take every entry after the ones already taken (by timestamp and count). A follow
-        that was abandoned takes nothing more: catch_up reads on from where it stopped."""
-        skip_ts, skip = self.last_ts, self.at_last
-        for entry in self._entries(follow):
-            ts = normalize_ts(entry.partition(b" ")[0].decode("ascii", "replace"))
-            if ts < skip_ts:
-                continue
-            if ts == skip_ts and skip != 0:
-                skip -= 1
-                continue
-            skip_ts = ""
+    def _read(self, follow: bool, tail: int | None = None) -> bool:
+        """Take every entry after the ones already taken (by timestamp and count, per
+        stream). A follow that was abandoned takes nothing more: catch_up reads on from where
+        it stopped. With `tail`, only the log's last `tail` entries are read (Docker finds
+        them from the end, where `since` reads the whole log): False, taking nothing, when
+        they do not reach back to what was taken."""
+        skips: dict[str, list[Any]] = {n: [s.last_ts, s.at_last] for n, s in self.streams.items()}
+        since = self._since_ns()
+        if tail is None:
+            batches = self.logs.batches(follow, None if since is None else since / 1e9)
+        else:
+            last = [entry for batch in self.logs.batches(False, tail=tail) for entry in batch]
+            reaches = len(last) < tail or (
+                since is not None and ts_ns(normalize_ts(last[0][1].decode())) < since
+            )
+            if not reaches:
+                return False
+            batches = iter([last])
+        for batch in batches:
+            fresh = []
+            for stream, raw_ts, data in batch:
+                ts = normalize_ts(raw_ts.decode("ascii", "replace"))
+                skip = skips[stream]
+                if skip[0]:
+                    if ts < skip[0]:
+                        continue
+                    if ts == skip[0] and skip[1] != 0:
+                        skip[1] -= 1
+                        continue
+                    skip[0] = ""
+                fresh.append((stream, ts, data))
             with self._lock:
                 if follow and self._abandoned:
-                    return
-                self._take(ts, entry.partition(b" ")[2])
+                    return True
+                lines = [line for entry in fresh if (line := self._take(*entry))]
+                self.buffer.add_many(lines)
+        return True
 
     def abandon(self) -> None:
-        """Stop the follow from taking anything more (it may still be blocked in Docker)."""
+        """Stop the follow from taking anything more, and end its read."""
         with self._lock:
             self._abandoned = True
+        self.logs.close()
 
     def _follow(self) -> None:
         try:
             self._read(follow=True)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            log.warning("following %s of %s stopped: %s", self.stream, self.container.short_id, exc)
+            if not self._abandoned:
+                log.warning("following the log of %s stopped: %s", self.logs.container_id, exc)
+        finally:
+            self.buffer.wake()
 
-    def _take(self, ts: str, data: bytes) -> None:
+    def _take(self, stream: str, ts: str, data: bytes) -> tuple[str, str, str] | None:
+        """One entry taken; the line it completes, if any."""
         self.taken += 1
-        if ts == self.last_ts and self.at_last >= 0:
-            self.at_last += 1
+        state = self.streams[stream]
+        if ts == state.last_ts and state.at_last >= 0:
+            state.at_last += 1
         else:
-            self.last_ts, self.at_last = ts, 1
-        if not self._pending:
-            self._pending_ts = ts
-        self._pending += data
-        if self._pending.endswith(b"\n"):
-            self._emit_pending()
+            state.last_ts, state.at_last = ts, 1
+        if not state.pending:
+            if data.endswith(b"\n"):  # the usual case: a whole line in one entry
+                return ts, stream, self._text(data)
+            state.pending_ts = ts
+        state.pending += data
+        if state.pending.endswith(b"\n"):
+            return self._pending_line(stream, state)
+        return None
 
-    def _emit_pending(self) -> None:
+    def _text(self, data: bytes) -> str:
         # Whole lines only: Docker's 16 KiB pieces are joined first, so a secret across a
         # piece boundary is masked too. NUL cannot be stored in PostgreSQL text.
-        text = self._pending.decode("utf-8", "replace").replace("\x00", "\ufffd")
-        self._pending = b""
-        self.buffer.add(self._pending_ts, self.stream, self.mask(text.removesuffix("\n")))
+        text = data.decode("utf-8", "replace").removesuffix("\n")
+        if "\x00" in text:
+            text = text.replace("\x00", "\ufffd")
+        return self.mask(text)
+
+    def _pending_line(self, stream: str, state: _Stream) -> tuple[str, str, str]:
+        data, state.pending = state.pending, b""
+        return state.pending_ts, stream, self._text(data)
 
     def catch_up(self) -> None:
-        """After the container exited: read entries the follow missed, then flush a last
-        line that had no newline."""
+        """After the container exited: read entries the follow missed (from the log's end,
+        unless the follow stopped far from it), then flush a last line that had no newline."""
         try:
-            self._read(follow=False)
+            if not self._read(follow=False, tail=CATCH_UP_TAIL):
+                self._read(follow=False)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            log.warning(
-                "reading the rest of %s of %s failed: %s", self.stream, self.container.short_id, exc
-            )
-        if self._pending:
-            self._emit_pending()
+            log.warning("reading the rest of the log of %s failed: %s", self.logs.container_id, exc)
+        self.buffer.add_many(
+            [
+                self._pending_line(name, state)
+                for name, state in self.streams.items()
+                if state.pending
+            ]
+        )
 
 
 class DockerRuntime:
@@ -451,12 +524,10 @@ class DockerRuntime:
         detach: threading.Event,
         resume: dict[str, str],
     ) -> dict[str, Any] | None:
-        mask = Masker(secret_values(job))
-        readers = [
-            StreamReader(container, s, buffer, mask, resume.get(s, "")) for s in protocol.STREAMS
-        ]
-        for reader in readers:
-            reader.thread.start()
+        reader = LogReader(
+            DockerLogs(self.client.api, container.id), buffer, Masker(secret_values(job)), resume
+        )
+        reader.thread.start()
         exited = threading.Event()
         result: dict[str, Any] = {}
 
@@ -466,6 +537,7 @@ class DockerRuntime:
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 result["Error"] = {"Message": str(exc)}
             exited.set()
+            buffer.wake()
 
         threading.Thread(target=wait, daemon=True, name=f"wait-{job['id']}").start()
         deadline = None
@@ -488,16 +560,14 @@ class DockerRuntime:
         # can take a while after it exited: keep sending what they read. Only a follow that
         # stalls is abandoned, and the rest is read from where it stopped, never both at once.
         progress, taken = time.monotonic(), -1
-        while any(reader.thread.is_alive() for reader in readers):
+        while reader.thread.is_alive():
             self._flush(job, buffer, emit, container, wait_s=FLUSH_S)
-            now_taken = sum(reader.taken for reader in readers)
-            if now_taken != taken:
-                progress, taken = time.monotonic(), now_taken
+            if reader.taken != taken:
+                progress, taken = time.monotonic(), reader.taken
             elif time.monotonic() - progress > STALL_S:
                 break
-        for reader in readers:
-            reader.abandon()
-            reader.catch_up()
+        reader.abandon()
+        reader.catch_up()
         code = result.get("StatusCode")
         if stopped_for == "cancel":
             return {"status": "CANCELLED", "exit_code": code, "error": "cancelled"}

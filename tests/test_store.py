@@ -691,6 +691,55 @@ def test_logs_of_jobs_are_separate(store: base.Store) -> None:
     assert [line.line for line in store.read_logs(two.id)] == ["line 1b", "line 2b", "line 3b"]
 
 
+def test_writes_in_a_batch_commit_together_and_a_failed_one_undoes_only_itself(
+    store: base.Store, db_url: str
+) -> None:
+    one, two = running(store), running(store)
+    other = open_store(db_url)  # another coordinator's view
+    try:
+        with store.batch():
+            assert store.mark_started(one.id, 1, at(2))
+            with pytest.raises(errors.WrongState):
+                finish(store, two, Status.QUEUED)  # refused: undoes only itself
+            assert store.append_logs(two.id, 1, 1, raw(1, 2)) == 2
+            assert store.get_job(two.id).log_seq == 2  # the batch sees its own writes
+            assert other.get_job(one.id).executed_at is None  # others see them at the commit
+        assert other.get_job(one.id).executed_at == at(2)
+    finally:
+        other.close()
+    assert store.get_job(two.id).status is Status.RUNNING
+    assert seqs(store.read_logs(two.id)) == [1, 2]
+
+
+def test_a_batch_left_by_an_exception_changes_nothing(store: base.Store) -> None:
+    job = running(store)
+    with pytest.raises(RuntimeError), store.batch():
+        store.append_logs(job.id, 1, 1, raw(1, 3))
+        assert finish(store, job, last_seq=3) is Finish.APPLIED
+        raise RuntimeError("the commit never comes")
+    assert store.get_job(job.id).status is Status.RUNNING
+    assert store.read_logs(job.id) == []
+    store.append_logs(job.id, 1, 1, raw(1, 1))  # and the store is usable after
+    assert seqs(store.read_logs(job.id)) == [1]
+
+
+def test_batches_of_a_burst_are_stored_in_one_call_each_answered(store: base.Store) -> None:
+    one, two = running(store), running(store)
+    answers = store.append_log_batches(
+        [
+            base.LogBatch(one.id, 1, 1, raw(1, 2, "a")),
+            base.LogBatch(two.id, 1, 1, raw(1, 1, "b")),
+            base.LogBatch(one.id, 1, 3, raw(3, 2, "a")),  # follows the first: applied after it
+            base.LogBatch(two.id, 1, 5, raw(5, 1, "b")),  # a gap: nothing, answer what is stored
+            base.LogBatch(one.id, 2, 1, raw(1, 1, "x")),  # a stale attempt: forget it
+        ]
+    )
+    assert answers == [2, 1, 4, 1, 1]
+    assert [line.line for line in store.read_logs(one.id)] == [f"line {i}a" for i in (1, 2, 3, 4)]
+    assert [line.line for line in store.read_logs(two.id)] == ["line 1b"]
+    assert store.append_log_batches([]) == []
+
+
 def test_overlapping_batch_stores_each_line_once(store: base.Store) -> None:
     job = running(store)
     assert store.append_logs(job.id, 1, 1, raw(1, 3)) == 3

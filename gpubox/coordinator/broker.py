@@ -22,13 +22,14 @@ from gpubox.coordinator import metrics, scheduler, sealing
 from gpubox.coordinator.events import Changes
 from gpubox.logfmt import fields
 from gpubox.store import Store
-from gpubox.store.base import Finish
+from gpubox.store.base import Finish, LogBatch
 
 log = logging.getLogger(__name__)
 
 SCHEDULE_EVERY_S = 1.0
 QUEUE_WINDOW = 200  # queued jobs planned per round, in queue order
 STORE_BACKOFF_MAX_S = 5.0
+FAILED = object()  # a report that could not be stored
 
 
 @dataclasses.dataclass
@@ -138,6 +139,8 @@ class Broker:
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
         self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
         self._stored: dict[int, int] = {}  # job id → last stored seq, to count new lines
+        # STARTED, LOG and DONE of this burst, not stored yet: (type, sender, body).
+        self._reports: list[tuple[str, Peer, dict[str, Any]]] = []
         self.dropped_messages = 0
         self._store_backoff_s = 0.0
         self._store_paused_until = 0.0
@@ -182,6 +185,7 @@ class Broker:
                             time.monotonic(),
                             key if isinstance(key, str) else None,
                         )
+                    self._guard(self._store_reports)
                 if self.inbox in events:
                     while True:
                         try:
@@ -264,6 +268,7 @@ class Broker:
         if msg.type != "HEARTBEAT" and now < self._store_paused_until:
             return  # unacknowledged: the worker sends it again
         if msg.type == "HELLO":
+            self._guard(self._store_reports)  # what it sent before goes first
             if body["name"] != name:
                 self.dropped_messages += 1
                 log.warning(
@@ -357,16 +362,16 @@ class Broker:
         self.dropped_messages += 1
         return True
 
+    # STARTED, LOG and DONE are stored together: those of one burst of messages in one
+    # transaction (one commit, one fsync, for many), and acted on (acknowledged, followers
+    # woken) only once it committed. A report that fails alone is not acted on; if the commit
+    # fails, none is. Unacknowledged, the workers send them again.
+
     def _on_started(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         if self._foreign(peer, body["job_id"]):
             self._send(peer, "CANCEL", {"job_id": body["job_id"], "attempt": body["attempt"]})
             return
-        executed_at = models.parse_time(body["executed_at"]) or models.utcnow()
-        if self.store.mark_started(body["job_id"], body["attempt"], executed_at):
-            self.changes.notify(body["job_id"])
-            sent = self._sent_at.pop(body["job_id"], None)
-            if sent is not None and sent[0] == body["attempt"]:
-                self.counters.dispatch.observe(time.monotonic() - sent[1])
+        self._reports.append(("STARTED", peer, body))
 
     def _on_log(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         job_id, attempt = body["job_id"], body["attempt"]
@@ -378,19 +383,7 @@ class Broker:
             )
             self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
             return
-        lines = [tuple(line) for line in body["lines"]]
-        seq = self.store.append_logs(
-            job_id,
-            attempt,
-            body["seq"],
-            lines,
-            keep=self.max_log_lines,  # type: ignore[arg-type]
-            last=body.get("last"),
-        )
-        self._send(peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": seq, "done": False})
-        self.counters.log_lines += max(0, seq - self._stored.get(job_id, body["seq"] - 1))
-        self._stored[job_id] = seq
-        self.changes.notify(job_id)
+        self._reports.append(("LOG", peer, body))
 
     def _on_done(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         job_id, attempt = body["job_id"], body["attempt"]
@@ -399,7 +392,39 @@ class Broker:
             done = {"job_id": job_id, "attempt": attempt, "seq": body["last_seq"], "done": True}
             self._send(peer, "ACK", done)
             return
-        outcome = self.store.finish_job(
+        self._reports.append(("DONE", peer, body))
+
+    def _store_reports(self) -> None:
+        """Store the reports of this burst in one transaction, then act on each."""
+        pending, self._reports = self._reports, []
+        if not pending:
+            return
+        outcomes: list[Any] = []
+        with self.store.batch():
+            for kind, _, body in pending:
+                try:
+                    outcomes.append(self._store_report(kind, body))
+                except errors.StoreUnavailable:
+                    raise
+                except Exception:  # this report only: the others still count
+                    log.exception("broker: could not store a %s of job %s", kind, body["job_id"])
+                    outcomes.append(FAILED)
+        for (kind, peer, body), outcome in zip(pending, outcomes, strict=True):
+            if outcome is not FAILED:
+                self._stored_report(kind, peer, body, outcome)
+
+    def _store_report(self, kind: str, body: dict[str, Any]) -> Any:
+        job_id, attempt = body["job_id"], body["attempt"]
+        if kind == "STARTED":
+            executed_at = models.parse_time(body["executed_at"]) or models.utcnow()
+            return self.store.mark_started(job_id, attempt, executed_at)
+        if kind == "LOG":
+            lines = [tuple(line) for line in body["lines"]]
+            batch = LogBatch(
+                job_id, attempt, body["seq"], lines, self.max_log_lines, body.get("last")
+            )
+            return self.store.append_log_batches([batch])[0]
+        return self.store.finish_job(
             job_id,
             attempt,
             models.Status(body["status"]),
@@ -410,29 +435,44 @@ class Broker:
             or models.utcnow(),
             body["last_seq"],
         )
-        if outcome is Finish.MISSING_LINES:
+
+    def _stored_report(self, kind: str, peer: Peer, body: dict[str, Any], outcome: Any) -> None:
+        job_id, attempt = body["job_id"], body["attempt"]
+        if kind == "STARTED":
+            if outcome:
+                self.changes.notify(job_id)
+                sent = self._sent_at.pop(job_id, None)
+                if sent is not None and sent[0] == attempt:
+                    self.counters.dispatch.observe(time.monotonic() - sent[1])
+        elif kind == "LOG":
+            self._send(
+                peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": outcome, "done": False}
+            )
+            self.counters.log_lines += max(0, outcome - self._stored.get(job_id, body["seq"] - 1))
+            self._stored[job_id] = outcome
+            self.changes.notify(job_id)
+        elif outcome is Finish.MISSING_LINES:
             # Tell the worker which lines we have; it resends the rest, then DONE again.
             stored = self.store.get_job(job_id).log_seq
             self._send(
                 peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": stored, "done": False}
             )
-            return
-        peer.assigned.pop(job_id, None)
-        self._send(
-            peer,
-            "ACK",
-            {"job_id": job_id, "attempt": attempt, "seq": body["last_seq"], "done": True},
-        )
-        if outcome is Finish.APPLIED:
-            log.info(
-                "job %d ended %s on %s",
-                job_id,
-                body["status"],
-                peer.name,
-                extra=fields(job=job_id, attempt=attempt, worker=peer.name, status=body["status"]),
-            )
-            self._ended(job_id)
-        self._schedule_due = True
+        else:
+            peer.assigned.pop(job_id, None)
+            done = {"job_id": job_id, "attempt": attempt, "seq": body["last_seq"], "done": True}
+            self._send(peer, "ACK", done)
+            if outcome is Finish.APPLIED:
+                log.info(
+                    "job %d ended %s on %s",
+                    job_id,
+                    body["status"],
+                    peer.name,
+                    extra=fields(
+                        job=job_id, attempt=attempt, worker=peer.name, status=body["status"]
+                    ),
+                )
+                self._ended(job_id)
+            self._schedule_due = True
 
     def _on_heartbeat(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         for item in body.get("usage") or []:
@@ -440,7 +480,8 @@ class Broker:
                 "memory_used_mb": item.get("memory_used_mb"),
                 "utilization": item.get("utilization"),
             }
-        self._send(peer, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": True})
+        # No answer: the coordinator's own HEARTBEAT goes to every worker each interval
+        # (step), which is all a worker needs to know it is heard.
 
     # --- pokes from other threads -------------------------------------------------------------
 
@@ -493,10 +534,12 @@ class Broker:
             started = {assignment.job.id for assignment in plan.assignments}
             reasons = {**self.reasons, **plan.reasons}
             self.reasons = {job_id: why for job_id, why in reasons.items() if job_id not in started}
-        for assignment in plan.assignments:
-            job = self.store.claim_job(
-                assignment.job.id, assignment.worker, assignment.gpus, models.utcnow()
-            )
+        with self.store.batch():  # one commit for the round's claims
+            claimed = [
+                self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())
+                for a in plan.assignments
+            ]
+        for assignment, job in zip(plan.assignments, claimed, strict=True):
             if job is None:
                 # Cancelled since, or a GPU the worker called free is still held by a job
                 # the store has RUNNING there (the next READY settles it).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -159,6 +160,7 @@ class PostgresStore(sql.SqlStore):
 
     def __init__(self, url: str, upgrade: bool = True, max_connections: int = 16) -> None:
         self.url = url
+        self._local = threading.local()  # the connection of a batch() open in this thread
         self.pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
@@ -183,6 +185,13 @@ class PostgresStore(sql.SqlStore):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[_Cursor]:
+        batch = getattr(self._local, "batch", None)
+        if batch is not None:
+            # Inside batch(): a nested transaction is a savepoint, so a failed write undoes
+            # only itself.
+            with _translate(), batch.transaction(), batch.cursor() as cur:
+                yield _Cursor(cur)
+            return
         with (
             _translate(),
             self.pool.connection() as conn,
@@ -192,7 +201,21 @@ class PostgresStore(sql.SqlStore):
             yield _Cursor(cur)
 
     @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        with _translate(), self.pool.connection() as conn, conn.transaction():
+            self._local.batch = conn
+            try:
+                yield
+            finally:
+                self._local.batch = None
+
+    @contextlib.contextmanager
     def _read(self) -> Iterator[_Cursor]:
+        batch = getattr(self._local, "batch", None)
+        if batch is not None:  # inside batch(): see its writes
+            with _translate(), batch.cursor() as cur:
+                yield _Cursor(cur)
+            return
         with _translate(), self.pool.connection() as conn, conn.cursor() as cur:
             yield _Cursor(cur)
 

@@ -328,36 +328,31 @@ class SqlStore(base.Store):
 
     # --- logs ---------------------------------------------------------------------------------
 
-    def append_logs(
-        self,
-        job_id: int,
-        attempt: int,
-        first_seq: int,
-        lines: Sequence[base.RawLine],
-        keep: int | None = None,
-        last: int | None = None,
-    ) -> int:
-        end = max(first_seq + len(lines) - 1, last or 0)
+    def append_log_batches(self, batches: Sequence[base.LogBatch]) -> list[int]:
         with self._write() as cur:
-            cur.execute(
-                "SELECT status, attempts, log_seq FROM jobs WHERE id = ?" + self.row_lock,
-                (job_id,),
-            )
-            row = cur.fetchone()
-            answer = refused_batch(row, attempt, first_seq, end)
-            if answer is not None:
-                return answer
-            skip = row["log_seq"] + 1 - first_seq
-            rows = [
-                (job_id, first_seq + i, ts, stream, text)
-                for i, (ts, stream, text) in enumerate(lines)
-                if i >= skip
-            ]
-            self._insert_logs(cur, rows)
-            cur.execute("UPDATE jobs SET log_seq = ? WHERE id = ?", (end, job_id))
-            if keep is not None and end > keep:
-                self._cap_logs(cur, job_id, end, keep)
-            return end
+            return [self._append(cur, batch) for batch in batches]
+
+    def _append(self, cur: Any, batch: base.LogBatch) -> int:
+        job_id, attempt, first_seq, lines, keep, last = batch
+        end = max(first_seq + len(lines) - 1, last or 0)
+        cur.execute(
+            "SELECT status, attempts, log_seq FROM jobs WHERE id = ?" + self.row_lock, (job_id,)
+        )
+        row = cur.fetchone()
+        answer = refused_batch(row, attempt, first_seq, end)
+        if answer is not None:
+            return answer
+        skip = row["log_seq"] + 1 - first_seq
+        rows = [
+            (job_id, first_seq + i, ts, stream, text)
+            for i, (ts, stream, text) in enumerate(lines)
+            if i >= skip
+        ]
+        self._insert_logs(cur, rows)
+        cur.execute("UPDATE jobs SET log_seq = ? WHERE id = ?", (end, job_id))
+        if keep is not None and end > keep:
+            self._cap_logs(cur, job_id, end, keep)
+        return end
 
     def _cap_logs(self, cur: Any, job_id: int, end: int, keep: int) -> None:
         """Keep the first keep/2 lines and the last keep/2: the line after the head becomes a

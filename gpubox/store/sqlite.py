@@ -144,6 +144,19 @@ class SqliteStore(sql.SqlStore):
         # Writers of this process queue on a lock: SQLite's own wait for a busy database
         # sleeps in growing steps (up to 100 ms), which under load costs far more than the
         # writes. busy_timeout still covers other processes (gpubox token create, …).
+        batch = getattr(self._local, "batch", None)
+        if batch is not None:
+            # Inside batch(): a savepoint, so that a failed write undoes only itself.
+            with self._read() as cur:
+                cur.execute("SAVEPOINT write")
+                try:
+                    yield cur
+                except BaseException:
+                    cur.execute("ROLLBACK TO write")
+                    cur.execute("RELEASE write")
+                    raise
+                cur.execute("RELEASE write")
+            return
         with self._write_lock, self._read() as cur:
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -152,6 +165,15 @@ class SqliteStore(sql.SqlStore):
                 cur.connection.rollback()
                 raise
             cur.connection.commit()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        with self._write() as cur:
+            self._local.batch = cur.connection
+            try:
+                yield
+            finally:
+                self._local.batch = None
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Cursor]:

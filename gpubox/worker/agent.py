@@ -131,6 +131,7 @@ class Agent:
         self.unacked_lines = 0
         self.unacked_bytes = 0
         self._announce_drain = False
+        self._ready_due = False  # see _ready
         self.connected = threading.Event()  # set while welcomed; for tests and `up`
 
     def stop(self, drain: bool = False) -> None:
@@ -164,6 +165,8 @@ class Agent:
                 if self.events in events:
                     self._drain_events(now)
                 self.step(now, poller)
+                if self._ready_due:
+                    self._send_ready()
         finally:
             self._shutdown()
 
@@ -480,6 +483,12 @@ class Agent:
     # --- sending ------------------------------------------------------------------------------
 
     def _ready(self) -> None:
+        """A READY is due: one goes out after this round of messages and events, however
+        many jobs started or ended in it (each READY makes the coordinator plan its queue)."""
+        self._ready_due = True
+
+    def _send_ready(self) -> None:
+        self._ready_due = False
         if not self.welcomed:
             return
         busy = {uuid for job in self.jobs.values() if job.running for uuid in job.gpus}

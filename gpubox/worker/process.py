@@ -19,6 +19,7 @@ the coordinator hands their jobs out again (or fails them): stop them by hand.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -139,16 +140,24 @@ class ProcessRuntime:
         detach: threading.Event,
     ) -> dict[str, Any] | None:
         mask = Masker(secret_values(job))
+        ended = [threading.Event(), threading.Event()]
         readers = [
-            threading.Thread(target=_read, args=(pipe, name, buffer, mask), daemon=True)
-            for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
+            threading.Thread(target=_read, args=(pipe, name, buffer, mask, end), daemon=True)
+            for (pipe, name), end in zip(
+                ((proc.stdout, "stdout"), (proc.stderr, "stderr")), ended, strict=True
+            )
         ]
         for reader in readers:
             reader.start()
         deadline = time.monotonic() + job["timeout"] if job.get("timeout") else None
         stopped_for: str | None = None
         while proc.poll() is None:
-            self._flush(job, buffer, emit, FLUSH_S)
+            if all(end.is_set() for end in ended):
+                # Its output is closed: wait on the exit itself, not for lines.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(FLUSH_S)
+            else:
+                self._flush(job, buffer, emit, FLUSH_S)
             if detach.is_set():
                 self._stop(proc)
                 return None
@@ -199,10 +208,17 @@ def environment(job: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def _read(pipe: IO[bytes] | None, stream: str, buffer: LineBuffer, mask: Masker) -> None:
-    """Every line of one pipe into the buffer, timestamped as it arrives."""
+def _read(
+    pipe: IO[bytes] | None, stream: str, buffer: LineBuffer, mask: Masker, ended: threading.Event
+) -> None:
+    """Every line of one pipe into the buffer, timestamped as it arrives; `ended` is set when
+    the pipe closed."""
     assert pipe is not None
-    with pipe:
-        for raw in pipe:
-            text = raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
-            buffer.add(timestamp(), stream, mask(text.removesuffix("\n")))
+    try:
+        with pipe:
+            for raw in pipe:
+                text = raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
+                buffer.add(timestamp(), stream, mask(text.removesuffix("\n")))
+    finally:
+        ended.set()
+        buffer.wake()  # the process is likely exiting: the runner looks now

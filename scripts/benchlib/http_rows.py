@@ -127,10 +127,10 @@ def hammer(url: str, token: str, body: bytes, threads: int, seconds: float) -> f
         conn = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
         try:
             for _ in range(5):  # warm-up: connection, server threads, caches
-                _post(conn, body, headers)
+                post_job(conn, body, headers)
             start.wait()
             while time.monotonic() < end[0]:
-                _post(conn, body, headers)
+                post_job(conn, body, headers)
                 counts[index] += 1
         except BaseException as exc:  # noqa: BLE001 - reported below
             failures.append(exc)
@@ -153,7 +153,8 @@ def hammer(url: str, token: str, body: bytes, threads: int, seconds: float) -> f
     return sum(counts) / (time.monotonic() - began)
 
 
-def _post(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str]) -> None:
+def post_job(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str]) -> None:
+    """One POST /api/v1/jobs on a keep-alive connection; raises unless it answered 201."""
     conn.request("POST", "/api/v1/jobs", body, headers)
     response = conn.getresponse()
     answer = response.read()

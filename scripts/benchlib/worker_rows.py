@@ -3,6 +3,8 @@ with the process runtime, and what 100 idle workers cost the coordinator."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import threading
 import time
@@ -10,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import zmq
 
@@ -47,14 +50,23 @@ def _throughput(ctx: Context, workers: int, jobs: int) -> float:
 
 
 def submit_many(made: Cluster, count: int, command: list[str], threads: int = 8) -> None:
-    """Submit `count` jobs from `threads` clients at once."""
-    from gpubox.client import Client
+    """Submit `count` jobs from `threads` clients at once, each on one keep-alive connection
+    (as the submit rate row)."""
+    from benchlib.http_rows import post_job
+
+    body = json.dumps(
+        {"name": "bench", "docker": {"image": made.ctx.image, "command": command}}
+    ).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {made.token}"}
+    address = urlsplit(made.url)
 
     def submit(share: int) -> None:
-        client = Client(made.url, made.token)
-        body = {"name": "bench", "docker": {"image": made.ctx.image, "command": command}}
-        for _ in range(share):
-            client.submit(body)
+        conn = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        try:
+            for _ in range(share):
+                post_job(conn, body, headers)
+        finally:
+            conn.close()
 
     shares = [count // threads + (1 if i < count % threads else 0) for i in range(threads)]
     with ThreadPoolExecutor(threads) as pool:

@@ -4,10 +4,12 @@ session; Docker's errors as the SDK's exceptions."""
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import docker
 import docker.errors
@@ -100,10 +102,15 @@ def test_a_missing_container_is_docker_not_found(
         read(logs, follow=False)
 
 
-def test_close_ends_a_quiet_follow(docker_client: docker.DockerClient, image: str) -> None:
+@pytest.mark.parametrize("local", [True, False])
+def test_close_ends_a_quiet_follow(
+    docker_client: docker.DockerClient, image: str, local: bool
+) -> None:
     container = docker_client.containers.run(image, ["sh", "-c", "echo hi; sleep 60"], detach=True)
     try:
         logs = DockerLogs(docker_client.api, container.id)
+        if not local:
+            logs.socket_path = None
         got: list[bytes] = []
         thread = threading.Thread(target=lambda: got.extend(d for _, _, d in logs.entries(True)))
         thread.start()
@@ -116,3 +123,51 @@ def test_close_ends_a_quiet_follow(docker_client: docker.DockerClient, image: st
         assert got == [b"hi\n"]
     finally:
         container.remove(force=True)
+
+
+class FakeEngine:
+    """A unix socket that answers every request with `answer` and closes."""
+
+    def __init__(self, path: str, answer: bytes) -> None:
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen()
+        self.answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(self.answer)
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b'HTTP/1.0 500 Internal Server Error\r\n\r\n{"message": "disk full"}', "disk full"),
+        (b"garbage\r\n\r\n", "not an HTTP answer"),
+        (b"HTTP/1.0 200 OK\r\n", "before answering"),  # closed before the head ended
+    ],
+)
+def test_a_bad_answer_from_the_engine_is_a_docker_error(
+    docker_client: docker.DockerClient, tmp_path: Path, answer: bytes, error: str
+) -> None:
+    engine = FakeEngine(str(tmp_path / "docker.sock"), answer)
+    try:
+        logs = DockerLogs(docker_client.api, "abc")
+        logs.socket_path = str(tmp_path / "docker.sock")
+        with pytest.raises(docker.errors.APIError, match=error):
+            read(logs, follow=False)
+    finally:
+        engine.server.close()
+
+
+def test_a_partial_frame_waits_for_the_next_read() -> None:
+    buf = bytearray(frame(3, b"T x\n") + frame(1, b"T y\n")[:6])
+    assert parse_frames(buf) == [(3, b"T x\n")]
+    assert len(buf) == 6  # kept for the next read

@@ -22,6 +22,7 @@ from urllib.parse import urlencode
 
 import docker
 import docker.errors
+import requests.exceptions
 
 READ_BYTES = 256 * 1024
 HEADER = struct.Struct(">BxxxL")
@@ -45,8 +46,8 @@ def parse_frames(buf: bytearray) -> list[tuple[int, bytes]]:
 
 
 class DockerLogs:
-    """The log of one container through one engine; `entries` may run in several threads at
-    once (a follow and a catch-up), each with its own connection."""
+    """The log of one container through one engine. Reads may run in several threads at once
+    (a follow and a catch-up), each on its own connection."""
 
     def __init__(self, api: docker.APIClient, container_id: str) -> None:
         self.api = api
@@ -54,7 +55,8 @@ class DockerLogs:
         adapter = getattr(api, "_custom_adapter", None)
         self.socket_path: str | None = getattr(adapter, "socket_path", None)
         self._lock = threading.Lock()
-        self._open: set[Any] = set()
+        self._open: set[Any] = set()  # the connections of the reads in progress
+        self._shut: set[Any] = set()  # those close() ended
 
     def batches(
         self, follow: bool, since: float | None = None, tail: int | None = None
@@ -90,7 +92,8 @@ class DockerLogs:
         """End every read in progress (they return as if the log had ended)."""
         with self._lock:
             for conn in list(self._open):
-                # Closed already, or not a socket (an ssh channel): nothing to end.
+                self._shut.add(conn)
+                # Closed already, or not a socket: nothing to end.
                 with contextlib.suppress(OSError, AttributeError):
                     conn.shutdown(socket.SHUT_RDWR)
 
@@ -109,7 +112,7 @@ class DockerLogs:
                     raise docker.errors.APIError("Docker closed the log stream before answering")
                 received += block
             head, _, body = received.partition(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
+            status = _status(head)
             if status != 200:
                 rest = body + b"".join(iter(lambda: conn.recv(READ_BYTES), b""))
                 raise _api_error(status, rest)
@@ -124,21 +127,37 @@ class DockerLogs:
         finally:
             with self._lock:
                 self._open.discard(conn)
+                self._shut.discard(conn)
             conn.close()
 
     def _sdk(self, params: dict[str, Any]) -> Iterator[bytes]:
         url = self.api._url("/containers/{0}/logs", self.container_id)
         response = self.api._get(url, params=params, stream=True)
         self.api._raise_for_status(response)
-        sock = self.api._get_raw_response_socket(response)
+        raw = self.api._get_raw_response_socket(response)
+        sock = getattr(raw, "_sock", raw)  # a SocketIO over the socket: shut the socket down
         with self._lock:
             self._open.add(sock)
         try:
             yield from response.iter_content(chunk_size=None)
+        except requests.exceptions.RequestException:
+            with self._lock:
+                if sock in self._shut:
+                    return  # close() ended it
+            raise
         finally:
             with self._lock:
                 self._open.discard(sock)
+                self._shut.discard(sock)
             response.close()
+
+
+def _status(head: bytes) -> int:
+    """The status code of an HTTP response head ("HTTP/1.0 200 OK…")."""
+    try:
+        return int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise docker.errors.APIError(f"not an HTTP answer from Docker: {head[:80]!r}") from None
 
 
 def _api_error(status: int, body: bytes) -> docker.errors.APIError:

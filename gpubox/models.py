@@ -63,13 +63,18 @@ def format_time(value: datetime | None) -> str | None:
     """RFC 3339 in UTC with microseconds, sortable as text."""
     if value is None:
         return None
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    # As strftime("%Y-%m-%dT%H:%M:%S.%fZ") writes it, several times faster.
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(value: str | None) -> datetime | None:
     """The inverse of format_time; also takes Docker's nanosecond timestamps."""
     if not value:
         return None
+    if len(value) == 27 and value[19] == "." and value[26] == "Z":  # as format_time writes
+        return datetime.fromisoformat(value[:26]).replace(tzinfo=UTC)
     text = value.rstrip("Z")
     if "." in text:
         head, frac = text.split(".", 1)

@@ -319,6 +319,18 @@ def test_queue_is_priority_then_submission_order(store: base.Store) -> None:
     assert [job.id for job in store.queued_jobs(limit=2)] == [high.id, mid_a.id]
 
 
+def test_queued_jobs_already_known_are_not_read_again(store: base.Store) -> None:
+    first, second, third = queued(store), queued(store, priority=5), queued(store)
+    kept = dataclasses.replace(first, worker="as the scheduler kept it")  # an object we can tell
+    store.claim_job(second.id, "w1", [], at(1))  # no longer queued: left out, even if known
+    known = {first.id: kept, second.id: second}
+    listed = store.queued_jobs(known=known)
+    assert [job.id for job in listed] == [first.id, third.id]
+    assert listed[0] is kept  # given back, not read
+    assert listed[1] == third  # read
+    assert store.queued_jobs(1, known) == [kept]
+
+
 def test_queued_jobs_carry_what_the_scheduler_matches_on(store: base.Store) -> None:
     job = queued(
         store,

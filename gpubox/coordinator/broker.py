@@ -139,6 +139,7 @@ class Broker:
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
         self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
         self._stored: dict[int, int] = {}  # job id → last stored seq, to count new lines
+        self._queued: dict[int, models.Job] = {}  # queued jobs read in earlier rounds, by id
         # STARTED, LOG and DONE of this burst, not stored yet: (type, sender, body).
         self._reports: list[tuple[str, Peer, dict[str, Any]]] = []
         self.dropped_messages = 0
@@ -527,7 +528,14 @@ class Broker:
         if not timer and not slots:
             return
         window = QUEUE_WINDOW if timer else max(32, 2 * slots)
-        plan = scheduler.plan(self.store.queued_jobs(window), views)
+        queue = self.store.queued_jobs(window, self._queued)
+        # Kept for the next round (what a job asks for never changes); the timer's round,
+        # which reads the longest window, drops those no longer queued.
+        if timer:
+            self._queued = {job.id: job for job in queue}
+        else:
+            self._queued.update((job.id, job) for job in queue)
+        plan = scheduler.plan(queue, views)
         if timer:
             self.reasons = plan.reasons
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -82,9 +82,13 @@ class Store(abc.ABC):
         """When the longest-waiting QUEUED job was submitted; None when none is queued."""
 
     @abc.abstractmethod
-    def queued_jobs(self, limit: int = 500) -> list[models.Job]:
+    def queued_jobs(
+        self, limit: int = 500, known: Mapping[int, models.Job] | None = None
+    ) -> list[models.Job]:
         """Up to `limit` QUEUED jobs in the order they should run: highest priority first,
-        then lowest id."""
+        then lowest id. Those whose id is in `known` are not read again but returned as given
+        there: what a job asks for does not change, so a scheduler may keep the jobs it read
+        from one round to the next."""
 
     @abc.abstractmethod
     def batch(self) -> contextlib.AbstractContextManager[None]:

@@ -11,7 +11,7 @@ import abc
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -180,13 +180,24 @@ class SqlStore(base.Store):
             cur.execute("SELECT MIN(created_at) AS t FROM jobs WHERE status = 'QUEUED'")
             return models.parse_time(cur.fetchone()["t"])
 
-    def queued_jobs(self, limit: int = 500) -> list[models.Job]:
+    def queued_jobs(
+        self, limit: int = 500, known: Mapping[int, models.Job] | None = None
+    ) -> list[models.Job]:
+        queue = "FROM jobs WHERE status = 'QUEUED' ORDER BY priority DESC, id LIMIT ?"
         with self._read() as cur:
-            cur.execute(
-                "SELECT * FROM jobs WHERE status = 'QUEUED' ORDER BY priority DESC, id LIMIT ?",
-                (limit,),
-            )
-            return [job_from_row(row) for row in cur.fetchall()]
+            if not known:
+                cur.execute(f"SELECT * {queue}", (limit,))
+                return [job_from_row(row) for row in cur.fetchall()]
+            cur.execute(f"SELECT id {queue}", (limit,))
+            ids = [row["id"] for row in cur.fetchall()]
+            found = {job_id: known[job_id] for job_id in ids if job_id in known}
+            missing = [job_id for job_id in ids if job_id not in found]
+            for start in range(0, len(missing), 500):  # within any backend's parameter limit
+                chunk = missing[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                cur.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", chunk)
+                found.update((row["id"], job_from_row(row)) for row in cur.fetchall())
+            return [found[job_id] for job_id in ids if job_id in found]
 
     def claim_job(
         self, job_id: int, worker: str, gpu_ids: Sequence[str], now: datetime

@@ -1,6 +1,9 @@
-"""How a job's output is read from Docker: the follow and the catch-up after the container
-exited never both take a line (found by scripts/bench: a slow follow joined for 10 s, then
-catch_up ran beside it and 1,000,000 lines were stored as 1,632,733)."""
+"""How a job's output is read from Docker (runner.LogReader over a log that behaves as
+Docker's): the follow and the catch-up after the container exited never both take a line
+(found by scripts/bench: a slow follow joined for 10 s, then catch_up ran beside it and
+1,000,000 lines were stored as 1,632,733); the catch-up reads only the log's end when it can,
+and never misses an entry Docker stored out of timestamp order; a re-attach after a restart
+misses nothing of a stream that had nothing stored."""
 
 from __future__ import annotations
 
@@ -9,49 +12,67 @@ import time
 from collections.abc import Iterator
 
 from gpubox.worker.dockerlogs import Entry
-from gpubox.worker.runner import LineBuffer, LogReader, Masker, ts_ns
+from gpubox.worker.runner import CATCH_UP_TAIL, LineBuffer, LogReader, Masker, ts_ns
 
 
-class SlowLogs:
-    """A container whose follow stream is slow (a big backlog being copied), while a
-    one-shot read returns everything at once, as Docker does."""
+def stamp(ms: int) -> bytes:
+    """Docker's timestamp `ms` milliseconds into the minute."""
+    return f"2026-01-01T00:00:{ms // 1000:02d}.{ms % 1000:03d}Z".encode()
 
-    container_id = "slow"
 
-    def __init__(self, lines: int) -> None:
-        self.log = [
-            ("stdout", f"2026-01-01T00:00:{i // 1000:02d}.{i % 1000:03d}Z".encode(), b"%d\n" % i)
-            for i in range(lines)
-        ]
+class FakeLogs:
+    """A container's log as Docker serves it: entries in Docker's order; a follow that is
+    slow (a big backlog being copied) and may never send the last `follow_misses` entries; a
+    one-shot read with `since` (by timestamp) or `tail` (the last entries)."""
+
+    container_id = "fake"
+
+    def __init__(self, log: list[Entry], delay_s: float = 0.0) -> None:
+        self.log = log
+        self.delay_s = delay_s
+        self.follow_misses = 0
         self.follow_started = threading.Event()
-
         self.reads: list[str] = []
-        self.follow_misses = 0  # entries at the end a follow never sends
 
     def batches(
         self, follow: bool, since: float | None = None, tail: int | None = None
     ) -> Iterator[list[Entry]]:
+        kept = [e for e in self.log if since is None or ts_ns(e[1].decode()) / 1e9 >= since]
         if follow:
-            return self._slow()
+            return self._slow(kept[: len(kept) - self.follow_misses])
         if tail is not None:
             self.reads.append("tail")
-            return iter([self.log[-tail:]])
-        self.reads.append("since")
-        cutoff = since or 0.0
-        return iter([[e for e in self.log if ts_ns(e[1].decode()) / 1e9 >= cutoff]])
+            return iter([kept[-tail:]])
+        self.reads.append("since" if since is not None else "all")
+        return iter([kept])
 
-    def _slow(self) -> Iterator[list[Entry]]:
+    def _slow(self, entries: list[Entry]) -> Iterator[list[Entry]]:
         self.follow_started.set()
-        for entry in self.log[: len(self.log) - self.follow_misses]:
-            time.sleep(0.001)
+        for entry in entries:
+            time.sleep(self.delay_s)
             yield [entry]
 
     def close(self) -> None:
         """The follow goes on in Docker; the reader must take nothing more from it."""
 
 
+def numbered(count: int) -> list[Entry]:
+    return [("stdout", stamp(i), b"%d\n" % i) for i in range(count)]
+
+
+def run(logs: FakeLogs, resume: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """Follow to the end, catch up, and return (stream, line) as the buffer hands them out."""
+    buffer = LineBuffer(1)
+    reader = LogReader(logs, buffer, Masker([]), resume)
+    reader.thread.start()
+    reader.thread.join(30)
+    reader.abandon()
+    reader.catch_up()
+    return [(line[1], line[2]) for _, lines in buffer.take(0) for line in lines]
+
+
 def test_abandoning_a_slow_follow_then_catching_up_takes_each_line_once() -> None:
-    logs = SlowLogs(3000)
+    logs = FakeLogs(numbered(3000), delay_s=0.001)
     buffer = LineBuffer(1)
     reader = LogReader(logs, buffer, Masker([]))
     reader.thread.start()
@@ -63,18 +84,56 @@ def test_abandoning_a_slow_follow_then_catching_up_takes_each_line_once() -> Non
     assert not reader.thread.is_alive()
     taken = [line[2] for _, lines in buffer.take(0) for line in lines]
     assert taken == [str(i) for i in range(3000)]
-    assert logs.reads == ["tail", "since"]  # the last 1000 did not reach back to the follow
+    # The last 1000 did not reach back to the follow: the whole log again (stderr has no
+    # mark to start from), skipping what was taken.
+    assert logs.reads == ["tail", "all"]
 
 
 def test_what_a_finished_follow_missed_is_read_from_the_end_of_the_log() -> None:
-    logs = SlowLogs(1500)
+    logs = FakeLogs(numbered(1500))
     logs.follow_misses = 5
-    buffer = LineBuffer(1)
-    reader = LogReader(logs, buffer, Masker([]))
-    reader.thread.start()
-    reader.thread.join(30)
-    reader.abandon()
-    reader.catch_up()
-    taken = [line[2] for _, lines in buffer.take(0) for line in lines]
-    assert taken == [str(i) for i in range(1500)]
+    assert run(logs) == [("stdout", str(i)) for i in range(1500)]
     assert logs.reads == ["tail"]  # not the whole log again
+
+
+def test_the_catch_up_takes_an_entry_docker_stored_after_a_later_stamped_one() -> None:
+    # Docker's two copiers stamp and store in parallel: stdout's "late" (stamped 100 ms) was
+    # stored after stderr's "early" (102 ms), the last entry the follow took.
+    log = [*numbered(50), ("stderr", stamp(102), b"early\n"), ("stdout", stamp(100), b"late\n")]
+    logs = FakeLogs(log)
+    logs.follow_misses = 1
+    assert run(logs)[-2:] == [("stdout", "late"), ("stderr", "early")]  # in time order
+    assert logs.reads == ["tail"]
+
+
+def test_entries_sharing_a_time_across_the_tail_window_fall_back_to_since() -> None:
+    # The follow took the first two of three pieces stamped alike; the window starts at the
+    # second, so counting in it would skip the third: the reader reads from its marks instead.
+    pieces = [("stdout", stamp(5000), b"x" * 10)] * 3 + [("stdout", stamp(5000), b"\n")]
+    errors = [("stderr", stamp(6000 + i), b"e%d\n" % i) for i in range(CATCH_UP_TAIL - 3)]
+    logs = FakeLogs([*numbered(10), *pieces, *errors])  # the window starts at the 2nd piece
+    logs.follow_misses = 2 + len(errors)  # it took 10 lines and two pieces
+    lines = run(logs)
+    assert lines == [
+        *(("stdout", str(i)) for i in range(10)),
+        ("stdout", "x" * 30),
+        *(("stderr", f"e{i}") for i in range(len(errors))),
+    ]
+    assert logs.reads == ["tail", "all"]
+
+
+def test_a_reattach_reads_a_stream_with_nothing_stored_from_the_start() -> None:
+    # stderr printed a progress bar without a newline yet (pieces taken, no line stored);
+    # stdout's lines are stored up to 2,000. After a restart stdout resumes after its mark,
+    # and stderr from the log's start, so the bar's first piece is not lost.
+    log = [("stderr", stamp(0), b"10%"), *numbered(2000), ("stderr", stamp(0), b" 20%\n")]
+    log[1:2001] = [("stdout", stamp(1 + i), b"%d\n" % i) for i in range(2000)]
+    logs = FakeLogs(log)
+    last = ts_text(stamp(2000))
+    assert run(logs, resume={"stdout": last}) == [("stderr", "10% 20%")]
+
+
+def ts_text(raw: bytes) -> str:
+    from gpubox.worker.runner import normalize_ts
+
+    return normalize_ts(raw.decode())

@@ -30,6 +30,7 @@ SCHEDULE_EVERY_S = 1.0
 QUEUE_WINDOW = 200  # queued jobs planned per round, in queue order
 STORE_BACKOFF_MAX_S = 5.0
 FAILED = object()  # a report that could not be stored
+MAX_BURST_LINES = 50_000  # log lines stored in one transaction, at most (about 0.5 s)
 
 
 @dataclasses.dataclass
@@ -142,6 +143,7 @@ class Broker:
         self._queued: dict[int, models.Job] = {}  # queued jobs read in earlier rounds, by id
         # STARTED, LOG and DONE of this burst, not stored yet: (type, sender, body).
         self._reports: list[tuple[str, Peer, dict[str, Any]]] = []
+        self._report_lines = 0  # log lines among them
         self.dropped_messages = 0
         self._store_backoff_s = 0.0
         self._store_paused_until = 0.0
@@ -174,7 +176,11 @@ class Broker:
             while not self._stop.is_set():
                 events = dict(poller.poll(100))
                 if self.router in events:
-                    for _ in range(1000):  # bounded burst, then let timers run
+                    # A bounded burst (messages, and log lines to store in one transaction),
+                    # then the timers run: heartbeats must go out.
+                    for _ in range(1000):
+                        if self._report_lines >= MAX_BURST_LINES:
+                            break
                         try:
                             frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
@@ -256,6 +262,7 @@ class Broker:
         if name is None:
             # Not (or no longer) on the allow list: whatever it says, it gets nothing.
             self.dropped_messages += 1
+            self._guard(self._store_reports)  # what came before, first
             for peer in [p for p in self.peers.values() if p.routing_id == routing_id]:
                 self._guard(self._lose, peer, f"worker {peer.name}: its key was revoked")
             return
@@ -385,6 +392,7 @@ class Broker:
             self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
             return
         self._reports.append(("LOG", peer, body))
+        self._report_lines += len(body["lines"])
 
     def _on_done(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         job_id, attempt = body["job_id"], body["attempt"]
@@ -397,7 +405,7 @@ class Broker:
 
     def _store_reports(self) -> None:
         """Store the reports of this burst in one transaction, then act on each."""
-        pending, self._reports = self._reports, []
+        pending, self._reports, self._report_lines = self._reports, [], 0
         if not pending:
             return
         outcomes: list[Any] = []
@@ -412,7 +420,7 @@ class Broker:
                     outcomes.append(FAILED)
         for (kind, peer, body), outcome in zip(pending, outcomes, strict=True):
             if outcome is not FAILED:
-                self._stored_report(kind, peer, body, outcome)
+                self._guard(self._stored_report, kind, peer, body, outcome)  # each on its own
 
     def _store_report(self, kind: str, body: dict[str, Any]) -> Any:
         job_id, attempt = body["job_id"], body["attempt"]
@@ -481,8 +489,9 @@ class Broker:
                 "memory_used_mb": item.get("memory_used_mb"),
                 "utilization": item.get("utilization"),
             }
-        # No answer: the coordinator's own HEARTBEAT goes to every worker each interval
-        # (step), which is all a worker needs to know it is heard.
+        # Answered at once: a worker's liveness is its own setting, which the coordinator's
+        # own interval need not fit.
+        self._send(peer, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": True})
 
     # --- pokes from other threads -------------------------------------------------------------
 
@@ -553,16 +562,25 @@ class Broker:
                 # the store has RUNNING there (the next READY settles it).
                 continue
             peer = peers[assignment.worker]
-            if self._send_job(peer, job):
-                log.info(
-                    "job %d (attempt %d) sent to %s",
-                    job.id,
-                    job.attempts,
-                    peer.name,
-                    extra=fields(job=job.id, attempt=job.attempts, worker=peer.name),
-                )
-            elif self.store.get_job(job.id).status is models.Status.RUNNING:
-                self.store.unclaim_job(job.id, job.attempts, models.utcnow())
+            # Until the worker confirms it: should this send fail in a way that leaves the
+            # job claimed and unsent, expiry queues it again.
+            peer.unconfirmed[job.id] = (job.attempts, time.monotonic())
+            self._guard(self._dispatch, peer, job)
+
+    def _dispatch(self, peer: Peer, job: models.Job) -> None:
+        """Send a claimed job to its worker, or put it back."""
+        if self._send_job(peer, job):
+            log.info(
+                "job %d (attempt %d) sent to %s",
+                job.id,
+                job.attempts,
+                peer.name,
+                extra=fields(job=job.id, attempt=job.attempts, worker=peer.name),
+            )
+            return
+        peer.unconfirmed.pop(job.id, None)
+        if self.store.get_job(job.id).status is models.Status.RUNNING:
+            self.store.unclaim_job(job.id, job.attempts, models.utcnow())
 
     def queue_reason(self, job_id: int) -> str:
         """Why a QUEUED job waits, as of the last scheduling round. Any thread."""

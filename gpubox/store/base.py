@@ -95,7 +95,7 @@ class Store(abc.ABC):
         """One transaction for every write this thread makes inside the block: one commit
         (one fsync) for many. A write that fails undoes only itself (a savepoint) and raises
         as usual; the others still commit at the end. If the commit fails, none of them
-        happened. Not re-entrant."""
+        happened. Reads in the block see its writes. Not re-entrant."""
 
     @abc.abstractmethod
     def claim_job(

@@ -212,8 +212,8 @@ class PostgresStore(sql.SqlStore):
     @contextlib.contextmanager
     def _read(self) -> Iterator[_Cursor]:
         batch = getattr(self._local, "batch", None)
-        if batch is not None:  # inside batch(): see its writes
-            with _translate(), batch.cursor() as cur:
+        if batch is not None:  # inside batch(): see its writes; a failure undoes only itself
+            with _translate(), batch.transaction(), batch.cursor() as cur:
                 yield _Cursor(cur)
             return
         with _translate(), self.pool.connection() as conn, conn.cursor() as cur:

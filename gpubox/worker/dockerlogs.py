@@ -89,7 +89,8 @@ class DockerLogs:
             yield from batch
 
     def close(self) -> None:
-        """End every read in progress (they return as if the log had ended)."""
+        """End every read in progress: one that is streaming returns as if the log had
+        ended; one still waiting for Docker's answer raises a DockerException."""
         with self._lock:
             for conn in list(self._open):
                 self._shut.add(conn)
@@ -99,7 +100,10 @@ class DockerLogs:
 
     def _unix(self, params: dict[str, Any]) -> Iterator[bytes]:
         path = f"/v{self.api.api_version}/containers/{self.container_id}/logs?{urlencode(params)}"
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of file descriptors, say
+            raise docker.errors.DockerException(f"reading the log stream: {exc}") from exc
         with self._lock:
             self._open.add(conn)
         try:

@@ -153,7 +153,8 @@ class ProcessRuntime:
         stopped_for: str | None = None
         while proc.poll() is None:
             if all(end.is_set() for end in ended):
-                # Its output is closed: wait on the exit itself, not for lines.
+                # Its output is closed: send what is left, then wait on the exit itself.
+                self._flush(job, buffer, emit, 0)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(FLUSH_S)
             else:

@@ -33,7 +33,6 @@ FLUSH_S = 0.1
 STALL_S = 10.0  # a log follow that takes nothing this long after the container exited
 GATHER_S = 0.005
 CATCH_UP_TAIL = 1000  # entries read back from a log's end after the container exited
-JITTER_NS = 1_000_000  # how far Docker's order of entries strays from their timestamps
 LABEL = "io.gpubox.job"
 WORKER_LABEL = "io.gpubox.worker"
 MASK = "[MASKED]"
@@ -199,41 +198,33 @@ class LogReader:
     def __init__(
         self, logs: Any, buffer: LineBuffer, mask: Masker, resume: dict[str, str] | None = None
     ) -> None:
-        self.logs = logs  # .entries(follow, since) -> (stream, timestamp, data); .close()
+        self.logs = logs  # .batches(follow, since, tail) of (stream, timestamp, data); .close()
         self.buffer = buffer
         self.mask = mask
         self.streams = {s: _Stream((resume or {}).get(s, "")) for s in protocol.STREAMS}
+        self.last_stream: str | None = None  # the stream of the last entry taken
         self.taken = 0  # entries taken so far: how the runner sees the follow progress
         self._lock = threading.Lock()
         self._abandoned = False
         self.thread = threading.Thread(target=self._follow, daemon=True, name="logs")
 
-    def _since_ns(self) -> int | None:
-        # Docker writes both streams into one log in about timestamp order (its two copiers
-        # stamp and write in parallel), and this reader takes them in that order: nothing
-        # unread lies more than a little before the earliest of the marks.
-        marks = [state.last_ts for state in self.streams.values() if state.last_ts]
-        return min(ts_ns(mark) for mark in marks) - JITTER_NS if marks else None
+    def _since(self) -> float | None:
+        """Where a read must start so that it misses nothing not taken: the earliest of the
+        streams' marks (each stream's timestamps only grow), less a millisecond as Docker
+        applies `since` only roughly; the start of the log while a stream has no mark (a
+        stream whose entries were taken but not stored, a line still without its end, has
+        none after a restart)."""
+        marks = [state.last_ts for state in self.streams.values()]
+        if not all(marks):
+            return None
+        return (min(ts_ns(mark) for mark in marks) - 1_000_000) / 1e9
 
-    def _read(self, follow: bool, tail: int | None = None) -> bool:
+    def _read(self, follow: bool) -> None:
         """Take every entry after the ones already taken (by timestamp and count, per
         stream). A follow that was abandoned takes nothing more: catch_up reads on from where
-        it stopped. With `tail`, only the log's last `tail` entries are read (Docker finds
-        them from the end, where `since` reads the whole log): False, taking nothing, when
-        they do not reach back to what was taken."""
+        it stopped."""
         skips: dict[str, list[Any]] = {n: [s.last_ts, s.at_last] for n, s in self.streams.items()}
-        since = self._since_ns()
-        if tail is None:
-            batches = self.logs.batches(follow, None if since is None else since / 1e9)
-        else:
-            last = [entry for batch in self.logs.batches(False, tail=tail) for entry in batch]
-            reaches = len(last) < tail or (
-                since is not None and ts_ns(normalize_ts(last[0][1].decode())) < since
-            )
-            if not reaches:
-                return False
-            batches = iter([last])
-        for batch in batches:
+        for batch in self.logs.batches(follow, self._since()):
             fresh = []
             for stream, raw_ts, data in batch:
                 ts = normalize_ts(raw_ts.decode("ascii", "replace"))
@@ -246,11 +237,48 @@ class LogReader:
                         continue
                     skip[0] = ""
                 fresh.append((stream, ts, data))
-            with self._lock:
-                if follow and self._abandoned:
-                    return True
-                lines = [line for entry in fresh if (line := self._take(*entry))]
-                self.buffer.add_many(lines)
+            if not self._take_all(fresh, follow):
+                return
+
+    def _read_tail(self) -> bool:
+        """Take the entries after the last one taken, found among the log's last
+        CATCH_UP_TAIL entries (Docker finds those from the end, where `since` has it scan the
+        whole log). By position in Docker's order, not by timestamp: an entry of the other
+        stream stamped a little earlier but stored later is not missed. False, taking
+        nothing, when the last entry taken is not among them."""
+        if self.last_stream is None:
+            return False
+        state = self.streams[self.last_stream]
+        found = 0
+        last = [
+            (stream, normalize_ts(raw_ts.decode("ascii", "replace")), data)
+            for batch in self.logs.batches(False, tail=CATCH_UP_TAIL)
+            for stream, raw_ts, data in batch
+        ]
+        # Each stream's timestamps only grow: once an earlier entry of that stream is in the
+        # window (or the window is the whole log), every entry of its time is in it too, and
+        # counting them finds the last one taken.
+        complete = len(last) < CATCH_UP_TAIL
+        for index, (stream, ts, _) in enumerate(last):
+            if stream != self.last_stream or ts < state.last_ts:
+                complete = complete or (stream == self.last_stream and ts < state.last_ts)
+                continue
+            if ts > state.last_ts or not complete:
+                return False
+            found += 1
+            if found == state.at_last:
+                self._take_all(last[index + 1 :], follow=False)
+                return True
+        return False
+
+    def _take_all(self, entries: list[tuple[str, str, bytes]], follow: bool) -> bool:
+        """Take entries (stream, normalised timestamp, data) in order; False when a follow
+        was abandoned meanwhile (nothing taken)."""
+        with self._lock:
+            if follow and self._abandoned:
+                return False
+            lines = [line for entry in entries if (line := self._take(*entry))]
+            self.buffer.add_many(lines)
         return True
 
     def abandon(self) -> None:
@@ -271,6 +299,7 @@ class LogReader:
     def _take(self, stream: str, ts: str, data: bytes) -> tuple[str, str, str] | None:
         """One entry taken; the line it completes, if any."""
         self.taken += 1
+        self.last_stream = stream
         state = self.streams[stream]
         if ts == state.last_ts and state.at_last >= 0:
             state.at_last += 1
@@ -298,10 +327,11 @@ class LogReader:
         return state.pending_ts, stream, self._text(data)
 
     def catch_up(self) -> None:
-        """After the container exited: read entries the follow missed (from the log's end,
-        unless the follow stopped far from it), then flush a last line that had no newline."""
+        """After the container exited: read entries the follow missed (from the log's end
+        when the follow got close to it, else from the marks), then flush a last line that
+        had no newline."""
         try:
-            if not self._read(follow=False, tail=CATCH_UP_TAIL):
+            if not self._read_tail():
                 self._read(follow=False)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             log.warning("reading the rest of the log of %s failed: %s", self.logs.container_id, exc)

@@ -75,31 +75,45 @@ class Cluster:
         self.ctx = ctx
         self.state = Path(tempfile.mkdtemp(prefix="gpubox-bench-", dir=ctx.tmp))
         keys.init(str(self.state))
-        self.http = f"127.0.0.1:{free_port()}"
-        self.link = f"tcp://127.0.0.1:{free_port()}"
-        self.url = f"http://{self.http}"
         self.processes: list[subprocess.Popen[bytes]] = []
-        env = {
-            **os.environ,
-            "GPUBOX_STATE_DIR": str(self.state),
-            "GPUBOX_HTTP": self.http,
-            "GPUBOX_BIND": self.link,
-            **coordinator_env,
-        }
-        if ctx.db:
-            env["GPUBOX_DB"] = ctx.db
-        self.coordinator = self._spawn(["coordinator"], env, "coordinator")
-        deadline = time.monotonic() + 60
+        # A port found free can be taken before the coordinator binds it: then it exits at
+        # once, and a fresh pair of ports is tried.
+        for _ in range(3):
+            self.http = f"127.0.0.1:{free_port()}"
+            self.link = f"tcp://127.0.0.1:{free_port()}"
+            self.url = f"http://{self.http}"
+            env = {
+                **os.environ,
+                "GPUBOX_STATE_DIR": str(self.state),
+                "GPUBOX_HTTP": self.http,
+                "GPUBOX_BIND": self.link,
+                **coordinator_env,
+            }
+            if ctx.db:
+                env["GPUBOX_DB"] = ctx.db
+            self.coordinator = self._spawn(["coordinator"], env, "coordinator")
+            if self._started(deadline=time.monotonic() + 60):
+                break
+            self.coordinator.kill()
+            self.coordinator.wait()
+            self.processes.remove(self.coordinator)
+            print(f"bench: no coordinator on {self.http}; other ports", file=sys.stderr)
+        else:
+            log = (self.state / "coordinator.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the coordinator did not start ({self.state}):\n{log}")
+        self.token = (self.state / "token").read_text().strip()
+        self.client = Client(self.url, self.token)
+
+    def _started(self, deadline: float) -> bool:
+        """Wait until the coordinator answers /healthz (True) or has exited (False)."""
         while True:
             try:
                 urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
-                break
+                return True
             except OSError:
                 if self.coordinator.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the coordinator did not start: see {self.state}") from None
+                    return False
                 time.sleep(0.1)
-        self.token = (self.state / "token").read_text().strip()
-        self.client = Client(self.url, self.token)
 
     def _spawn(self, args: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
         """`gpubox ARGS` from this checkout (whatever gpubox the Python has installed)."""

@@ -735,21 +735,19 @@ def test_a_batch_left_by_an_exception_changes_nothing(store: base.Store) -> None
     assert seqs(store.read_logs(job.id)) == [1]
 
 
-def test_batches_of_a_burst_are_stored_in_one_call_each_answered(store: base.Store) -> None:
+def test_log_batches_in_one_transaction_are_each_answered_in_order(store: base.Store) -> None:
     one, two = running(store), running(store)
-    answers = store.append_log_batches(
-        [
-            base.LogBatch(one.id, 1, 1, raw(1, 2, "a")),
-            base.LogBatch(two.id, 1, 1, raw(1, 1, "b")),
-            base.LogBatch(one.id, 1, 3, raw(3, 2, "a")),  # follows the first: applied after it
-            base.LogBatch(two.id, 1, 5, raw(5, 1, "b")),  # a gap: nothing, answer what is stored
-            base.LogBatch(one.id, 2, 1, raw(1, 1, "x")),  # a stale attempt: forget it
+    with store.batch():
+        answers = [
+            store.append_logs(one.id, 1, 1, raw(1, 2, "a")),
+            store.append_logs(two.id, 1, 1, raw(1, 1, "b")),
+            store.append_logs(one.id, 1, 3, raw(3, 2, "a")),  # follows the first: applied after it
+            store.append_logs(two.id, 1, 5, raw(5, 1, "b")),  # a gap: nothing, say what is stored
+            store.append_logs(one.id, 2, 1, raw(1, 1, "x")),  # a stale attempt: forget it
         ]
-    )
     assert answers == [2, 1, 4, 1, 1]
     assert [line.line for line in store.read_logs(one.id)] == [f"line {i}a" for i in (1, 2, 3, 4)]
     assert [line.line for line in store.read_logs(two.id)] == ["line 1b"]
-    assert store.append_log_batches([]) == []
 
 
 def test_overlapping_batch_stores_each_line_once(store: base.Store) -> None:

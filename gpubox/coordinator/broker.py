@@ -22,7 +22,7 @@ from gpubox.coordinator import metrics, scheduler, sealing
 from gpubox.coordinator.events import Changes
 from gpubox.logfmt import fields
 from gpubox.store import Store
-from gpubox.store.base import Finish, LogBatch
+from gpubox.store.base import Finish
 
 log = logging.getLogger(__name__)
 
@@ -429,10 +429,9 @@ class Broker:
             return self.store.mark_started(job_id, attempt, executed_at)
         if kind == "LOG":
             lines = [tuple(line) for line in body["lines"]]
-            batch = LogBatch(
+            return self.store.append_logs(
                 job_id, attempt, body["seq"], lines, self.max_log_lines, body.get("last")
             )
-            return self.store.append_log_batches([batch])[0]
         return self.store.finish_job(
             job_id,
             attempt,

@@ -13,23 +13,12 @@ import contextlib
 import enum
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 from gpubox import models
 
 # A log line as it arrives from a worker: (timestamp, stream, text).
 RawLine = tuple[str, str, str]
-
-
-class LogBatch(NamedTuple):
-    """One LOG message's lines, for append_log_batches (see append_logs for the fields)."""
-
-    job_id: int
-    attempt: int
-    first_seq: int
-    lines: Sequence[RawLine]
-    keep: int | None = None
-    last: int | None = None
 
 
 # Every table, with the columns that order its rows (its primary key), for `db copy`.
@@ -152,6 +141,7 @@ class Store(abc.ABC):
 
     # --- logs ---------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def append_logs(
         self,
         job_id: int,
@@ -174,12 +164,6 @@ class Store(abc.ABC):
         belongs to a stale attempt, stores nothing. Returns the sequence number up to which the
         sender may forget its lines: the job's last stored seq, or the batch's end if stale.
         """
-        return self.append_log_batches([LogBatch(job_id, attempt, first_seq, lines, keep, last)])[0]
-
-    @abc.abstractmethod
-    def append_log_batches(self, batches: Sequence[LogBatch]) -> list[int]:
-        """append_logs for each batch in turn, all in one transaction (one commit for many
-        messages); the answer for each, in order."""
 
     @abc.abstractmethod
     def read_logs(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogLine]:

@@ -339,12 +339,28 @@ class SqlStore(base.Store):
 
     # --- logs ---------------------------------------------------------------------------------
 
-    def append_log_batches(self, batches: Sequence[base.LogBatch]) -> list[int]:
+    def append_logs(
+        self,
+        job_id: int,
+        attempt: int,
+        first_seq: int,
+        lines: Sequence[base.RawLine],
+        keep: int | None = None,
+        last: int | None = None,
+    ) -> int:
         with self._write() as cur:
-            return [self._append(cur, batch) for batch in batches]
+            return self._append(cur, job_id, attempt, first_seq, lines, keep, last)
 
-    def _append(self, cur: Any, batch: base.LogBatch) -> int:
-        job_id, attempt, first_seq, lines, keep, last = batch
+    def _append(
+        self,
+        cur: Any,
+        job_id: int,
+        attempt: int,
+        first_seq: int,
+        lines: Sequence[base.RawLine],
+        keep: int | None,
+        last: int | None,
+    ) -> int:
         end = max(first_seq + len(lines) - 1, last or 0)
         cur.execute(
             "SELECT status, attempts, log_seq FROM jobs WHERE id = ?" + self.row_lock, (job_id,)

@@ -15,7 +15,7 @@ import docker
 import docker.errors
 import pytest
 
-from gpubox.worker.dockerlogs import DockerLogs, parse_frames
+from gpubox.worker.dockerlogs import DockerLogs, Entry, parse_frames
 from gpubox.worker.runner import ts_ns
 
 SCRIPT = "echo one; echo two >&2; echo three; printf 'no newline' >&2"
@@ -43,8 +43,13 @@ def exited(docker_client: docker.DockerClient, image: str) -> Iterator[str]:
     container.remove(force=True)
 
 
+def entries(logs: DockerLogs, follow: bool, since: float | None = None) -> Iterator[Entry]:
+    for batch in logs.batches(follow, since):
+        yield from batch
+
+
 def read(logs: DockerLogs, follow: bool, since: float | None = None) -> list[tuple[str, bytes]]:
-    return [(stream, data) for stream, _, data in logs.entries(follow, since)]
+    return [(stream, data) for stream, _, data in entries(logs, follow, since)]
 
 
 def by_stream(entries: list[tuple[str, bytes]]) -> dict[str, list[bytes]]:
@@ -84,7 +89,7 @@ def test_since_skips_what_came_before(docker_client: docker.DockerClient, image:
     try:
         container.wait()
         logs = DockerLogs(docker_client.api, container.id)
-        stamps = {data: ts for _, ts, data in logs.entries(False)}
+        stamps = {data: ts for _, ts, data in entries(logs, False)}
         since = ts_ns(stamps[b"late\n"].decode()) / 1e9 - 0.5
         assert read(logs, follow=False, since=since) == [("stdout", b"late\n")]
     finally:
@@ -112,7 +117,7 @@ def test_close_ends_a_quiet_follow(
         if not local:
             logs.socket_path = None
         got: list[bytes] = []
-        thread = threading.Thread(target=lambda: got.extend(d for _, _, d in logs.entries(True)))
+        thread = threading.Thread(target=lambda: got.extend(d for _, _, d in entries(logs, True)))
         thread.start()
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:

@@ -81,13 +81,6 @@ class DockerLogs:
             if entries:
                 yield entries
 
-    def entries(
-        self, follow: bool, since: float | None = None, tail: int | None = None
-    ) -> Iterator[Entry]:
-        """The same, one entry at a time."""
-        for batch in self.batches(follow, since, tail):
-            yield from batch
-
     def close(self) -> None:
         """End every read in progress: one that is streaming returns as if the log had
         ended; one still waiting for Docker's answer raises a DockerException."""
@@ -137,8 +130,7 @@ class DockerLogs:
     def _sdk(self, params: dict[str, Any]) -> Iterator[bytes]:
         url = self.api._url("/containers/{0}/logs", self.container_id)
         response = self.api._get(url, params=params, stream=True)
-        self.api._raise_for_status(response)
-        raw = self.api._get_raw_response_socket(response)
+        raw = self.api._get_raw_response_socket(response)  # raises Docker's error, if any
         sock = getattr(raw, "_sock", raw)  # a SocketIO over the socket: shut the socket down
         with self._lock:
             self._open.add(sock)

@@ -36,6 +36,7 @@ from gpubox.worker.runner import (
     LineBuffer,
     Masker,
     emit_done,
+    line_text,
     secret_values,
     send_lines,
 )
@@ -218,8 +219,7 @@ def _read(
     try:
         with pipe:
             for raw in pipe:
-                text = raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
-                buffer.add(timestamp(), stream, mask(text.removesuffix("\n")))
+                buffer.add(timestamp(), stream, line_text(raw, mask))
     finally:
         ended.set()
         buffer.wake()  # the process is likely exiting: the runner looks now

@@ -93,6 +93,15 @@ class Masker:
         return text
 
 
+def line_text(data: bytes, mask: Masker) -> str:
+    """One line of output as stored: UTF-8 (bad bytes replaced), without its newline, NUL
+    replaced (PostgreSQL text cannot hold it), secrets masked."""
+    text = data.decode("utf-8", "replace").removesuffix("\n")
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    return mask(text)
+
+
 def secret_values(job: dict[str, Any]) -> list[str]:
     """What must never show in a job's stored output: its secrets and its registry password."""
     values = list((job.get("secrets") or {}).values())
@@ -316,11 +325,8 @@ class LogReader:
 
     def _text(self, data: bytes) -> str:
         # Whole lines only: Docker's 16 KiB pieces are joined first, so a secret across a
-        # piece boundary is masked too. NUL cannot be stored in PostgreSQL text.
-        text = data.decode("utf-8", "replace").removesuffix("\n")
-        if "\x00" in text:
-            text = text.replace("\x00", "\ufffd")
-        return self.mask(text)
+        # piece boundary is masked too.
+        return line_text(data, self.mask)
 
     def _pending_line(self, stream: str, state: _Stream) -> tuple[str, str, str]:
         data, state.pending = state.pending, b""

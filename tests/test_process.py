@@ -27,8 +27,8 @@ def run(cluster: Cluster, command: list[str], **fields: object) -> tuple[dict, l
 
 
 def test_output_exit_code_and_order(cluster: Cluster) -> None:
-    # The sleeps order the lines: each stream is read by its own thread and timestamped as
-    # it arrives, so lines written microseconds apart to two streams may swap.
+    # The sleeps order the lines: each stream is read and timestamped as it arrives, so
+    # lines written microseconds apart to two streams may swap.
     done, lines = run(
         cluster, ["sh", "-c", "echo one; sleep 0.05; echo two >&2; sleep 0.05; echo three"]
     )
@@ -131,3 +131,15 @@ def test_long_lines_are_split_and_nothing_is_lost(cluster: Cluster) -> None:
     texts = [r["line"] for r in lines]
     assert texts[-5000:] == [str(i) for i in range(1, 5001)]
     assert "".join(texts[:-5000]) == "x" * 200000
+
+
+def test_a_last_line_without_newline_and_a_child_left_behind(cluster: Cluster) -> None:
+    # The command exits while a process it started still holds its output open: the job ends
+    # (after a bounded wait), with every line written before the exit.
+    done, lines = run(cluster, ["sh", "-c", "sleep 30 & printf 'a\\nb'; printf c >&2"])
+    assert done["status"] == "FINISHED"
+    assert sorted((r["stream"], r["line"]) for r in lines) == [
+        ("stderr", "c"),
+        ("stdout", "a"),
+        ("stdout", "b"),
+    ]

@@ -10,7 +10,9 @@ docker.workdir or a fresh empty folder. Container options that need Docker (user
 shm_size, memory) make the job ERROR with a reason.
 
 Output, cancel, timeout and exit codes behave as with Docker: stdout and stderr are read line
-by line, timestamped as they arrive, masked, batched; cancel and timeout send SIGTERM to the
+by line, timestamped as they arrive, masked, batched (the job ends when the command has exited
+and its output is closed; output held open by a process it left running is read for at most
+READ_AFTER_EXIT_S more); cancel and timeout send SIGTERM to the
 job's process group, then SIGKILL after the grace period; a signal's exit code is 128 + its
 number. A worker that stops stops its processes: there is nothing to re-attach to. One
 killed outright (SIGKILL) leaves them running unattached, in their own process groups, while
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -30,8 +33,10 @@ import threading
 import time
 from typing import IO, Any
 
-from gpubox import models
+from gpubox import models, protocol
 from gpubox.worker.runner import (
+    BATCH_LINES,
+    GATHER_S,
     Emit,
     LineBuffer,
     Masker,
@@ -42,6 +47,8 @@ from gpubox.worker.runner import (
 )
 
 FLUSH_S = 0.1
+READ_BYTES = 256 * 1024
+READ_AFTER_EXIT_S = 2.0
 PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 NEEDS_DOCKER = ("user", "mounts", "shm_size", "memory")
 
@@ -140,38 +147,43 @@ class ProcessRuntime:
         cancel: threading.Event,
         detach: threading.Event,
     ) -> dict[str, Any] | None:
-        mask = Masker(secret_values(job))
-        ended = [threading.Event(), threading.Event()]
-        readers = [
-            threading.Thread(target=_read, args=(pipe, name, buffer, mask, end), daemon=True)
-            for (pipe, name), end in zip(
-                ((proc.stdout, "stdout"), (proc.stderr, "stderr")), ended, strict=True
-            )
-        ]
-        for reader in readers:
-            reader.start()
+        """Read both pipes in this thread until they close and the process has exited,
+        sending lines in batches, and stop the process on cancel, timeout or detach."""
+        assert proc.stdout is not None and proc.stderr is not None
+        output = Output(job, proc.stdout, proc.stderr)
         deadline = time.monotonic() + job["timeout"] if job.get("timeout") else None
+        exited_at: float | None = None
         stopped_for: str | None = None
-        while proc.poll() is None:
-            if all(end.is_set() for end in ended):
-                # Its output is closed: send what is left, then wait on the exit itself.
-                self._flush(job, buffer, emit, 0)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(FLUSH_S)
-            else:
-                self._flush(job, buffer, emit, FLUSH_S)
-            if detach.is_set():
-                self._stop(proc)
-                return None
-            if stopped_for is None and cancel.is_set():
-                stopped_for = "cancel"
-            elif stopped_for is None and deadline is not None and time.monotonic() >= deadline:
-                stopped_for = "timeout"
-            else:
-                continue
-            threading.Thread(target=self._stop, args=(proc,), daemon=True).start()
-        for reader in readers:
-            reader.join(timeout=10)
+        try:
+            while True:
+                now = time.monotonic()
+                lines = output.read(FLUSH_S if output.due is None else output.due - now)
+                buffer.add_many(lines)
+                if output.flush_due(time.monotonic()):
+                    self._flush(job, buffer, emit, 0)
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = time.monotonic()
+                if exited_at is not None and (
+                    output.closed or time.monotonic() - exited_at > READ_AFTER_EXIT_S
+                ):
+                    break  # (output held open by a process it left behind is not waited for)
+                if output.closed:
+                    # Nothing more to read: wait on the exit itself, a little at a time.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(FLUSH_S)
+                if detach.is_set():
+                    self._stop(proc)
+                    return None
+                if stopped_for is None and cancel.is_set():
+                    stopped_for = "cancel"
+                elif stopped_for is None and deadline is not None and now >= deadline:
+                    stopped_for = "timeout"
+                else:
+                    continue
+                threading.Thread(target=self._stop, args=(proc,), daemon=True).start()
+        finally:
+            output.close()
+        buffer.add_many(output.rest())
         code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         if stopped_for == "cancel":
             return {"status": "CANCELLED", "exit_code": code, "error": "cancelled"}
@@ -210,16 +222,82 @@ def environment(job: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def _read(
-    pipe: IO[bytes] | None, stream: str, buffer: LineBuffer, mask: Masker, ended: threading.Event
-) -> None:
-    """Every line of one pipe into the buffer, timestamped as it arrives; `ended` is set when
-    the pipe closed."""
-    assert pipe is not None
-    try:
-        with pipe:
-            for raw in pipe:
-                buffer.add(timestamp(), stream, line_text(raw, mask))
-    finally:
-        ended.set()
-        buffer.wake()  # the process is likely exiting: the runner looks now
+class Output:
+    """A job's stdout and stderr, read as they come (no thread per pipe): lines timestamped
+    as they arrive, masked, and due to be sent GATHER_S after the first one waiting, or at
+    once when a batch is full."""
+
+    def __init__(self, job: dict[str, Any], stdout: IO[bytes], stderr: IO[bytes]) -> None:
+        self._mask = Masker(secret_values(job))
+        self._pipes = {pipe.fileno(): pipe for pipe in (stdout, stderr)}
+        self._names = {stdout.fileno(): "stdout", stderr.fileno(): "stderr"}
+        self._partial = {fd: b"" for fd in self._pipes}
+        self._poll = select.poll()
+        for fd in self._pipes:
+            self._poll.register(fd, select.POLLIN)
+        self._held = 0
+        self.due: float | None = None  # when the lines held must go out
+
+    @property
+    def closed(self) -> bool:
+        return not self._pipes
+
+    def read(self, wait_s: float) -> list[tuple[str, str, str]]:
+        """Wait up to wait_s for output, then the complete lines that came."""
+        if not self._pipes:
+            return []
+        lines: list[tuple[str, str, str]] = []
+        for fd, _ in self._poll.poll(max(0, int(wait_s * 1000))):
+            data = os.read(fd, READ_BYTES)
+            if not data:  # closed: what was left without a newline is a line too
+                self._poll.unregister(fd)
+                self._pipes.pop(fd).close()
+                data = self._partial.pop(fd)
+                pieces = [data] if data else []
+            else:
+                pieces = (self._partial[fd] + data).split(b"\n")
+                self._partial[fd] = rest = pieces.pop()
+                while len(rest) > protocol.MAX_LINE:  # no newline in sight: send a piece
+                    cut = _char_start(rest, protocol.MAX_LINE)
+                    pieces.append(rest[:cut])
+                    self._partial[fd] = rest = rest[cut:]
+            if pieces:
+                ts, name = timestamp(), self._names[fd]
+                lines += [(ts, name, line_text(piece, self._mask)) for piece in pieces]
+        if lines:
+            if self.due is None:
+                self.due = time.monotonic() + GATHER_S
+            self._held += len(lines)
+            if self._held >= BATCH_LINES:
+                self.due = 0.0
+        return lines
+
+    def flush_due(self, now: float) -> bool:
+        """Whether the lines held should go out now (and then they count as gone)."""
+        if self.due is None or now < self.due:
+            return False
+        self.due, self._held = None, 0
+        return True
+
+    def rest(self) -> list[tuple[str, str, str]]:
+        """What is left without a newline in pipes given up on while still open."""
+        ts = timestamp()
+        return [
+            (ts, self._names[fd], line_text(data, self._mask))
+            for fd, data in self._partial.items()
+            if data
+        ]
+
+    def close(self) -> None:
+        for pipe in self._pipes.values():
+            pipe.close()
+        self._pipes.clear()
+
+
+def _char_start(data: bytes, limit: int) -> int:
+    """Where to cut `data` (longer than `limit`) so that the first piece holds at most `limit`
+    bytes and no UTF-8 character is cut in two."""
+    at = limit
+    while at > 0 and data[at] & 0xC0 == 0x80:
+        at -= 1
+    return at or limit

@@ -150,13 +150,15 @@ class LineBuffer:
 
     def take(self, wait_s: float) -> list[tuple[int, list[list[str]]]]:
         """Wait up to wait_s for lines, then return all pending ones as batches of
-        (first seq, [[ts, stream, line], …]), ordered by timestamp within the take."""
+        (first seq, [[ts, stream, line], …]), ordered by timestamp within the take. With
+        wait_s 0 it returns at once with what it holds."""
         with self._cond:
             # Wait for a first line, then briefly for its companions: a quiet job's line goes
             # out at once, a chatty job's lines still travel in full batches.
             self._cond.wait_for(lambda: self._lines or self._woken, wait_s)
             if (
-                self._lines
+                wait_s > 0
+                and self._lines
                 and not self._woken
                 and len(self._lines) < BATCH_LINES
                 and self._bytes < BATCH_BYTES

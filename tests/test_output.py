@@ -47,7 +47,7 @@ def test_lines_across_reads_both_streams_and_masking(pipes) -> None:  # type: ig
     assert [(s, t) for _, s, t in output.read(1)] == [("stdout", "one")]
     os.write(out_w, b"o\nthe token is hunter2\n")
     os.write(err_w, b"oops\n")
-    got = []
+    got: list[tuple[str, str]] = []
     while len(got) < 3:
         got += [(s, t) for _, s, t in output.read(1)]
     assert sorted(got) == [

@@ -1,5 +1,6 @@
-"""The SQLite backend: one file in WAL mode, one connection per thread, writes under
-BEGIN IMMEDIATE so a claim takes the write lock before it reads."""
+"""The SQLite backend: one file in WAL mode, a connection per thread for reads, and one writer
+connection whose transactions (BEGIN IMMEDIATE, so a claim takes the write lock before it
+reads) are shared by concurrent writes: a group commit."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from gpubox import errors
 from gpubox.store import sql
 
 log = logging.getLogger(__name__)
+
+# A group commit ends after this many writes even while more writers wait.
+MAX_GROUP_WRITES = 64
 
 # One script per schema version; statements separated by ";" at the end of a line.
 MIGRATIONS = (
@@ -100,14 +104,31 @@ class SqliteStore(sql.SqlStore):
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self._closed = False
+        # Writes go through one connection, under _write_lock, and commit in groups (see
+        # _write); _group guards the counters that tell a writer whether to commit.
+        self._writer: sqlite3.Connection | None = None
+        self._write_lock = threading.Lock()
+        self._group = threading.Condition()
+        self._queued = 0  # writers waiting for _write_lock
+        self._txn = 0  # the number of the transaction open (or last opened) on the writer
+        self._txn_writes = 0  # writes in it so far
+        self._open = False
+        self._ended = 0  # the last transaction that ended (transactions end in order)
+        self._failures: dict[int, BaseException] = {}  # transactions whose COMMIT failed
         self._prepare(upgrade)
 
     def _connect(self) -> sqlite3.Connection:
+        writing = getattr(self._local, "writing", None)
+        if writing is not None:
+            return writing  # inside a write: read what it wrote
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
+        conn = self._local.conn = self._open_connection()
+        return conn
+
+    def _open_connection(self) -> sqlite3.Connection:
         if self._closed:
             raise errors.StoreError("the store is closed")
         try:
@@ -120,7 +141,6 @@ class SqliteStore(sql.SqlStore):
             conn.execute("PRAGMA busy_timeout = 30000")
         except sqlite3.Error as exc:
             raise errors.StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
-        self._local.conn = conn
         with self._lock:
             self._all.append(conn)
         return conn
@@ -141,39 +161,91 @@ class SqliteStore(sql.SqlStore):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Cursor]:
+        """A write, in a savepoint of the transaction open on the writer connection, committed
+        before this returns: by this writer when no other is waiting (or the group is full),
+        else by a later writer of the same transaction, which this one waits for. Concurrent
+        writers (HTTP threads, the broker) so share one COMMIT and its fsync instead of
+        queueing for one each; each still returns only once what it wrote is durable, and a
+        write that fails undoes only itself."""
+        if getattr(self._local, "writing", None) is not None:
+            with self._savepoint() as cur:  # nested, or inside batch(): the writer is ours
+                yield cur
+            return
         # Writers of this process queue on a lock: SQLite's own wait for a busy database
         # sleeps in growing steps (up to 100 ms), which under load costs far more than the
         # writes. busy_timeout still covers other processes (gpubox token create, …).
-        batch = getattr(self._local, "batch", None)
-        if batch is not None:
-            # Inside batch(): a savepoint, so that a failed write undoes only itself.
-            with self._read() as cur:
-                cur.execute("SAVEPOINT write")
+        with self._group:
+            self._queued += 1
+        self._write_lock.acquire()
+        with self._group:
+            self._queued -= 1
+        committed = False
+        try:
+            if self._writer is None:
+                self._writer = self._open_connection()
+            if not self._open:
                 try:
+                    self._writer.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:  # busy past busy_timeout, disk I/O
+                    raise errors.StoreUnavailable(f"sqlite: {exc}") from exc
+                self._open, self._txn, self._txn_writes = True, self._txn + 1, 0
+            txn = self._txn
+            self._local.writing = self._writer
+            self._txn_writes += 1
+            try:
+                with self._savepoint() as cur:
                     yield cur
-                except BaseException:
-                    cur.execute("ROLLBACK TO write")
-                    cur.execute("RELEASE write")
-                    raise
-                cur.execute("RELEASE write")
-            return
-        with self._write_lock, self._read() as cur:
-            cur.execute("BEGIN IMMEDIATE")
+            finally:
+                self._local.writing = None
+                with self._group:
+                    others = self._queued
+                if not others or self._txn_writes >= MAX_GROUP_WRITES:
+                    self._commit(txn)
+                    committed = True
+        finally:
+            self._write_lock.release()
+        with self._group:
+            if not committed:
+                self._group.wait_for(lambda: self._ended >= txn)
+            failure = self._failures.get(txn)
+        if failure is not None:
+            raise errors.StoreUnavailable(f"sqlite: commit failed: {failure}") from failure
+
+    def _commit(self, txn: int) -> None:
+        """End transaction `txn` (holding _write_lock) and wake the writers waiting for it."""
+        assert self._writer is not None
+        failure: BaseException | None = None
+        try:
+            self._writer.commit()
+        except sqlite3.Error as exc:
+            failure = exc
+            with contextlib.suppress(sqlite3.Error):
+                self._writer.rollback()
+        self._open = False
+        with self._group:
+            if failure is not None:
+                self._failures[txn] = failure
+                for old in [t for t in self._failures if t < txn - 1000]:
+                    del self._failures[old]
+            self._ended = txn
+            self._group.notify_all()
+
+    @contextlib.contextmanager
+    def _savepoint(self) -> Iterator[sqlite3.Cursor]:
+        with self._read() as cur:
+            cur.execute("SAVEPOINT write")
             try:
                 yield cur
             except BaseException:
-                cur.connection.rollback()
+                cur.execute("ROLLBACK TO write")
+                cur.execute("RELEASE write")
                 raise
-            cur.connection.commit()
+            cur.execute("RELEASE write")
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        with self._write() as cur:
-            self._local.batch = cur.connection
-            try:
-                yield
-            finally:
-                self._local.batch = None
+        with self._write():
+            yield
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Cursor]:
@@ -202,4 +274,5 @@ class SqliteStore(sql.SqlStore):
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             self._all.clear()
+        self._writer = None
         self._local = threading.local()

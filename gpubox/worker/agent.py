@@ -14,6 +14,7 @@ once its spill is empty.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import socket
 import threading
@@ -29,6 +30,7 @@ import zmq.utils.monitor
 from gpubox import __version__, errors, keys, models, protocol
 from gpubox.config import WorkerConfig
 from gpubox.logfmt import fields
+from gpubox.worker.runners import Runners
 from gpubox.worker.spill import Spill
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,8 @@ class LocalJob:
     attempt: int
     gpus: list[str]
     cancel: threading.Event
-    thread: threading.Thread | None = None
+    # Set when its runner is done with it (and at first: nothing runs it yet).
+    ended: threading.Event = dataclasses.field(default_factory=threading.Event)
     running: bool = True
     # first seq → (lines, last seq covered, sent at): sent, not yet acknowledged
     unacked: dict[int, tuple[list[list[str]], int, float]] = dataclasses.field(default_factory=dict)
@@ -116,6 +119,7 @@ class Agent:
         self.events_address = f"inproc://gpubox-worker-{uuid.uuid4().hex}"
         self.events = self.context.socket(zmq.PULL)
         self.events.bind(self.events_address)
+        self.runners = Runners(self.context, self.events_address)
         self.spill = Spill(Path(config.state_dir) / "spill" / self.name, config.spill_max_bytes)
         self.dealer: zmq.Socket | None = None
         self.monitor: zmq.Socket = None  # type: ignore[assignment]
@@ -311,12 +315,6 @@ class Agent:
         else:
             job = LocalJob(spec["id"], spec["attempt"], list(spec["gpus"]), threading.Event())
             self.jobs[job.id] = job
-        job.thread = threading.Thread(
-            target=self._run_job,
-            args=(spec, job.cancel, found, body.get("resume")),
-            name=f"job-{job.id}",
-            daemon=True,
-        )
         log.info(
             "job %d (attempt %d) %s: %s",
             job.id,
@@ -325,7 +323,10 @@ class Agent:
             spec["image"],
             extra=fields(job=job.id, attempt=job.attempt, gpus=",".join(job.gpus) or "-"),
         )
-        job.thread.start()
+        run = functools.partial(
+            self._run_job, spec, job.cancel, job.ended, found, body.get("resume")
+        )
+        self.runners.start(f"job-{job.id}", run)
         self._ready()
 
     def _on_ack(self, body: dict[str, Any], now: float) -> None:
@@ -412,14 +413,11 @@ class Agent:
         self,
         spec: dict[str, Any],
         cancel: threading.Event,
-        found: Any = None,
-        resume: dict[str, str] | None = None,
+        ended: threading.Event,
+        found: Any,
+        resume: dict[str, str] | None,
+        push: zmq.Socket,
     ) -> None:
-        push = self.context.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDTIMEO, 500)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(self.events_address)
-
         def emit(kind: str, body: dict[str, Any]) -> None:
             # Blocks while the agent is behind (back-pressure on the container's output),
             # gives up once the agent has stopped.
@@ -447,7 +445,7 @@ class Agent:
                 },
             )
         finally:
-            push.close()
+            ended.set()
 
     def _drain_events(self, now: float) -> None:
         for _ in range(1000):  # then back to the poll: acknowledgements matter as much
@@ -549,12 +547,12 @@ class Agent:
         # Runner threads let go of their containers, which run on: the next start of this
         # worker finds them and re-attaches.
         self._detach.set()
-        running = [job for job in self.jobs.values() if job.running and job.thread is not None]
+        running = [job for job in self.jobs.values() if job.running and job.found is None]
         if running:
             log.info("leaving %d running job(s) to re-attach to at the next start", len(running))
         for job in running:
-            assert job.thread is not None
-            job.thread.join(timeout=2)
+            job.ended.wait(timeout=2)
+        self.runners.stop()
         self._close_dealer(None)
         self.events.close(linger=0)
         self.spill.close()

@@ -137,14 +137,16 @@ class AllowList:
         self._names: dict[str, str] = {}
         self._next_scan = 0.0
 
-    def name_for(self, public_key: str) -> str | None:
-        """The worker name a Z85 public key is allowed to speak for, or None."""
-        self._refresh()
+    def name_for(self, public_key: str, refresh: bool = True) -> str | None:
+        """The worker name a Z85 public key is allowed to speak for, or None; with `refresh`
+        False, as of the last look at the folder (see refresh())."""
+        if refresh:
+            self.refresh()
         return self._names.get(public_key)
 
     def names(self) -> dict[str, str]:
         """Every allowed worker: name → Z85 public key."""
-        self._refresh()
+        self.refresh()
         return {name: key for key, name in self._names.items()}
 
     def reload(self) -> int:
@@ -153,7 +155,8 @@ class AllowList:
             self._stamp, self._next_scan = None, 0.0
         return len(self.names())
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Read the folder again if it changed (a stat, unless it did)."""
         # A changed folder is read at once; an unchanged one again every RESCAN_S anyway,
         # since file times are coarse and an overwritten key file leaves the folder's alone.
         try:

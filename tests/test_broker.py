@@ -776,6 +776,21 @@ def test_schedule_poke_hands_out_a_new_job(link: Link) -> None:
     assert worker.job(timeout_s=0.9)["id"] == created.id  # sooner than the 1 s scheduling timer
 
 
+def test_every_schedule_poke_after_the_last_one_was_taken_counts(link: Link) -> None:
+    # A poke is skipped only while another is on its way: once the broker took it, the next
+    # submit's poke goes out again.
+    # (Each job must come well before the 1 s scheduling timer could have sent it.)
+    worker = link.worker("w1", max_jobs=5)
+    worker.hello()
+    worker.ready(slots=5)
+    worker.quiet("JOB", 0.2)
+    for _ in range(5):
+        created = link.create()
+        link.broker.poke("schedule")
+        link.broker.poke("schedule")  # a second one, likely still behind the first
+        assert worker.job(timeout_s=0.3)["id"] == created.id
+
+
 # --- lost workers and cancels ------------------------------------------------------------------
 
 

@@ -127,6 +127,8 @@ class Broker:
         self._all_pokers: list[zmq.Socket] = []
         self._pokers_lock = threading.Lock()
         self._stop = threading.Event()
+        self._allow_fresh = False  # run() looked at the allow list for this burst
+        self._schedule_poked = False  # a 'schedule' poke is on its way (see poke())
         self.peers: dict[str, Peer] = {}  # by session
         self.started_at = time.monotonic()
         self._next_heartbeat = 0.0
@@ -151,7 +153,15 @@ class Broker:
     # --- called from other threads ------------------------------------------------------------
 
     def poke(self, kind: str, job_id: int = 0) -> None:
-        """Tell the broker something changed: 'schedule' (a job was queued) or 'cancel'."""
+        """Tell the broker something changed: 'schedule' (a job was queued) or 'cancel'.
+
+        A 'schedule' while another is still on its way is not sent: the broker clears the
+        mark when it takes that one, before its round reads the queue, so the round sees
+        every job committed before the mark was seen."""
+        if kind == "schedule":
+            if self._schedule_poked:
+                return
+            self._schedule_poked = True
         sock = getattr(self._pokers, "sock", None)
         if sock is None:
             sock = self.context.socket(zmq.PUSH)
@@ -177,7 +187,10 @@ class Broker:
                 events = dict(poller.poll(100))
                 if self.router in events:
                     # A bounded burst (messages, and log lines to store in one transaction),
-                    # then the timers run: heartbeats must go out.
+                    # then the timers run: heartbeats must go out. The allow list is looked
+                    # at once per burst, not once per message.
+                    self.allow.refresh()
+                    self._allow_fresh = True
                     for _ in range(1000):
                         if self._report_lines >= MAX_BURST_LINES:
                             break
@@ -192,6 +205,7 @@ class Broker:
                             time.monotonic(),
                             key if isinstance(key, str) else None,
                         )
+                    self._allow_fresh = False
                     self._guard(self._store_reports)
                 if self.inbox in events:
                     while True:
@@ -258,7 +272,7 @@ class Broker:
             self.dropped_messages += 1
             return
         routing_id, rest = frames[0], frames[1:]
-        name = self.allow.name_for(key) if key else None
+        name = self.allow.name_for(key, refresh=not self._allow_fresh) if key else None
         if name is None:
             # Not (or no longer) on the allow list: whatever it says, it gets nothing.
             self.dropped_messages += 1
@@ -496,6 +510,7 @@ class Broker:
 
     def _on_poke(self, kind: str, job_id: int) -> None:
         if kind == "schedule":
+            self._schedule_poked = False
             self._schedule_due = True
         elif kind == "cancel":
             job = self.store.get_job(job_id)
@@ -517,10 +532,11 @@ class Broker:
         if timer:
             self._next_schedule = now + SCHEDULE_EVERY_S
         peers, views = {}, []
+        self.allow.refresh()
         for peer in list(self.peers.values()):
             if not peer.ready:
                 continue
-            if self.allow.name_for(peer.key) != peer.name:
+            if self.allow.name_for(peer.key, refresh=False) != peer.name:
                 self._lose(peer, f"worker {peer.name}: its key was revoked")
                 continue
             free, slots = peer.capacity()

@@ -156,6 +156,7 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
                 mounts=config.mount_map,
                 # Fake GPUs get the environment but no device request: Docker would refuse it.
                 gpu_devices=not config.fake_gpus,
+                log_files=config.log_source == "auto",
             )
         except errors.ConfigError:
             raise

@@ -193,6 +193,13 @@ class WorkerConfig:
         "docker, or process: run commands directly on this host (no isolation; no image)",
         "--runtime",
     )
+    log_source: str = setting(
+        "auto",
+        "GPUBOX_LOG_SOURCE",
+        "where the docker runtime reads job output: auto (the json-file log on disk where it"
+        " can, much cheaper for dockerd; else the engine's API), or api",
+        "--log-source",
+    )
     labels: str = setting("", "GPUBOX_LABELS", "labels this worker offers, KEY=VALUE,…", "--label")
     stop_grace_s: float = setting(
         10.0, "GPUBOX_STOP_GRACE", "seconds between SIGTERM and SIGKILL when stopping a job"
@@ -263,6 +270,8 @@ class WorkerConfig:
         parse_mounts(self.mounts)
         if self.runtime not in ("docker", "process"):
             raise errors.ConfigError(f"runtime: {self.runtime!r} is not docker or process")
+        if self.log_source not in ("auto", "api"):
+            raise errors.ConfigError(f"log_source: {self.log_source!r} is not auto or api")
         if self.runtime == "process" and self.mounts:
             raise errors.ConfigError("mounts: the process runtime has no containers to mount in")
 

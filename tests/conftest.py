@@ -161,6 +161,7 @@ class Cluster:
                 tee=io.StringIO(),
                 mounts=config.mount_map,
                 gpu_devices=False,  # fake GPUs: Docker here has no NVIDIA runtime
+                log_files=config.log_source == "auto",
             )
         agent = Agent(config, runtime, source.list(), context=self.context, usage=source.usage)
         thread = threading.Thread(target=agent.run, daemon=True)

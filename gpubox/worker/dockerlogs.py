@@ -81,6 +81,9 @@ class DockerLogs:
             if entries:
                 yield entries
 
+    def container_exited(self) -> None:
+        """Nothing to do: a follow ends by itself once Docker has sent the whole log."""
+
     def close(self) -> None:
         """End every read in progress: one that is streaming returns as if the log had
         ended; one still waiting for Docker's answer raises a DockerException."""

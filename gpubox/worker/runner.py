@@ -22,6 +22,7 @@ import requests.exceptions
 from gpubox import models, protocol
 from gpubox.config import Mount, check_mount_folders
 from gpubox.worker.dockerlogs import DockerLogs
+from gpubox.worker.logfile import JsonLogFile, usable_log_file
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,9 @@ class LogReader:
     def __init__(
         self, logs: Any, buffer: LineBuffer, mask: Masker, resume: dict[str, str] | None = None
     ) -> None:
-        self.logs = logs  # .batches(follow, since, tail) of (stream, timestamp, data); .close()
+        # .batches(follow, since, tail) of (stream, timestamp, data), .container_exited(),
+        # .close(): a DockerLogs or a JsonLogFile
+        self.logs = logs
         self.buffer = buffer
         self.mask = mask
         self.streams = {s: _Stream((resume or {}).get(s, "")) for s in protocol.STREAMS}
@@ -363,10 +366,12 @@ class DockerRuntime:
         tee: IO[str] | None = None,
         mounts: dict[str, Mount] | None = None,
         gpu_devices: bool = True,
+        log_files: bool = True,
     ) -> None:
         """`mounts`: the host folders jobs may ask for by name. `gpu_devices`: give containers
         their GPUs through a device request (needs the NVIDIA runtime); off for fake GPUs,
-        which get the environment only."""
+        which get the environment only. `log_files`: read a container's json-file log from
+        disk where possible (gpubox.worker.logfile), else always through the engine's API."""
         self.worker_name = worker_name
         self.stop_grace_s = stop_grace_s
         self.mounts = mounts or {}
@@ -377,6 +382,8 @@ class DockerRuntime:
         self._tee_lock = threading.Lock()
         self._ended: dict[int, Any] = {}  # job id → its exited container, until forget()
         self._ended_lock = threading.Lock()
+        self.log_files = log_files
+        self._docker_root: str | None = None
 
     def run(
         self,
@@ -562,11 +569,13 @@ class DockerRuntime:
         detach: threading.Event,
         resume: dict[str, str],
     ) -> dict[str, Any] | None:
-        reader = LogReader(
-            DockerLogs(self.client.api, container.id), buffer, Masker(secret_values(job)), resume
-        )
-        reader.thread.start()
         exited = threading.Event()
+        api_logs = DockerLogs(self.client.api, container.id)
+        root = self._root_dir() if api_logs.socket_path and self.log_files else None
+        path = usable_log_file(container, root)
+        logs = JsonLogFile(path, container.id) if path else api_logs
+        reader = LogReader(logs, buffer, Masker(secret_values(job)), resume)
+        reader.thread.start()
         result: dict[str, Any] = {}
 
         def wait() -> None:
@@ -575,6 +584,7 @@ class DockerRuntime:
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 result["Error"] = {"Message": str(exc)}
             exited.set()
+            logs.container_exited()
             buffer.wake()
 
         threading.Thread(target=wait, daemon=True, name=f"wait-{job['id']}").start()
@@ -617,6 +627,15 @@ class DockerRuntime:
             message = (result.get("Error") or {}).get("Message", "unknown")
             return {"status": "ERROR", "error": f"lost track of the container: {message}"}
         return {"status": "ERROR", "exit_code": code, "error": f"exit code {code}"}
+
+    def _root_dir(self) -> str | None:
+        """The local engine's DockerRootDir (asked once), where it keeps container logs."""
+        if self._docker_root is None:
+            try:
+                self._docker_root = str(self.client.info().get("DockerRootDir") or "")
+            except (docker.errors.DockerException, requests.exceptions.RequestException):
+                return None  # asked again next time
+        return self._docker_root or None
 
     def _stop(self, container: Any) -> None:
         try:

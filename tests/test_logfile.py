@@ -1,0 +1,188 @@
+"""Reading a container's log from the json-file driver's own file (gpubox.worker.logfile): the
+same entries the engine's API gives, a follow that ends only once the container exited and the
+file was read to its end, the tail read from the end, and the cases where the worker must use
+the API instead."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from gpubox.worker import runner
+from gpubox.worker.dockerlogs import DockerLogs
+from gpubox.worker.logfile import JsonLogFile, usable_log_file
+from gpubox.worker.runner import normalize_ts
+
+pytestmark = pytest.mark.timeout(60)
+
+SCRIPT = "echo one; echo two >&2; seq 1 3000; printf 'no newline' >&2"
+
+
+def entry(text: str, stream: str = "stdout", ts: str = "2024-05-01T12:00:00.000000001Z") -> bytes:
+    return json.dumps({"log": text, "stream": stream, "time": ts}).encode() + b"\n"
+
+
+def normalized(entries: list[tuple[str, bytes, bytes]]) -> list[tuple[str, str, bytes]]:
+    return [(stream, normalize_ts(ts.decode()), data) for stream, ts, data in entries]
+
+
+def read_all(logs: Any, follow: bool, **kwargs: Any) -> list[tuple[str, bytes, bytes]]:
+    return [e for batch in logs.batches(follow, **kwargs) for e in batch]
+
+
+@pytest.fixture
+def container(docker_client: docker.DockerClient, image: str) -> Iterator[Any]:
+    made = docker_client.containers.run(image, ["sh", "-c", f"sleep 0.5; {SCRIPT}"], detach=True)
+    yield made
+    made.remove(force=True)
+
+
+def test_a_follow_gives_what_the_api_gives_and_ends_after_the_exit(
+    container: Any, docker_client: docker.DockerClient
+) -> None:
+    root = docker_client.info()["DockerRootDir"]
+    path = usable_log_file(container, root)  # LogPath is not in attrs before a reload
+    assert path is not None and path.endswith(f"{container.id}-json.log")
+    logs = JsonLogFile(path, container.id)
+    got: list[tuple[str, bytes, bytes]] = []
+    follow = threading.Thread(target=lambda: got.extend(read_all(logs, follow=True)))
+    follow.start()
+    container.wait()
+    time.sleep(0.2)
+    assert follow.is_alive()  # the file alone does not say the container ended
+    logs.container_exited()
+    follow.join(5)
+    assert not follow.is_alive()
+    api = read_all(DockerLogs(docker_client.api, container.id), follow=False)
+    # Stream, time and text of every entry, in the same order (the file drops a time's
+    # trailing zeros, the API pads it to nine digits: the reader normalises both).
+    assert normalized(got) == normalized(api)
+    assert ("stderr", b"no newline") in [(s, d) for s, _, d in got]
+    assert len(got) == 3003
+
+
+def test_tail_reads_the_last_entries_from_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "log.json"
+    path.write_bytes(
+        b"".join(entry(f"line {i}\n", ts=f"2024-05-01T12:00:{i % 60:02d}Z") for i in range(5000))
+    )
+    logs = JsonLogFile(str(path), "c")
+    every = read_all(logs, follow=False)
+    assert len(every) == 5000
+    assert read_all(logs, follow=False, tail=1000) == every[-1000:]
+    assert read_all(logs, follow=False, tail=10_000) == every
+    path.write_bytes(b"")
+    assert read_all(logs, follow=False, tail=10) == []
+
+
+def test_a_line_written_in_two_parts_is_read_once_whole(tmp_path: Path) -> None:
+    path = tmp_path / "log.json"
+    path.write_bytes(b"")
+    logs = JsonLogFile(str(path), "c")
+    got: list[tuple[str, bytes, bytes]] = []
+    follow = threading.Thread(target=lambda: got.extend(read_all(logs, follow=True)))
+    follow.start()
+    whole = entry("split across two writes\n", "stderr")
+    with open(path, "ab") as fh:
+        fh.write(whole[:20])
+        fh.flush()
+        time.sleep(0.1)  # the follow reads the first part meanwhile
+        fh.write(whole[20:] + entry("next\n"))
+    time.sleep(0.1)
+    logs.container_exited()
+    follow.join(5)
+    assert [(s, d) for s, _, d in got] == [
+        ("stderr", b"split across two writes\n"),
+        ("stdout", b"next\n"),
+    ]
+
+
+def test_a_line_that_is_not_an_entry_is_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "log.json"
+    path.write_bytes(entry("a\n") + b'{"log": "cut sho\n' + b"[1, 2]\n" + entry("b\n"))
+    with caplog.at_level(logging.WARNING):
+        got = read_all(JsonLogFile(str(path), "c"), follow=False)
+    assert [d for _, _, d in got] == [b"a\n", b"b\n"]
+    assert sum("skipped" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_close_ends_a_follow(tmp_path: Path) -> None:
+    path = tmp_path / "log.json"
+    path.write_bytes(entry("a\n"))
+    logs = JsonLogFile(str(path), "c")
+    got: list[tuple[str, bytes, bytes]] = []
+    follow = threading.Thread(target=lambda: got.extend(read_all(logs, follow=True)))
+    follow.start()
+    time.sleep(0.1)
+    logs.close()
+    follow.join(5)
+    assert not follow.is_alive() and len(got) == 1
+
+
+def test_a_missing_file_is_a_docker_error(tmp_path: Path) -> None:
+    logs = JsonLogFile(str(tmp_path / "gone.json"), "c")
+    with pytest.raises(docker.errors.DockerException, match="gone.json"):
+        read_all(logs, follow=False)
+
+
+class Attrs:
+    def __init__(self, cid: str, log_config: dict[str, Any], log_path: str = "") -> None:
+        self.id = cid
+        self.attrs = {"HostConfig": {"LogConfig": log_config}, "LogPath": log_path}
+
+
+@pytest.mark.parametrize(
+    ("log_config", "root", "why"),
+    [
+        ({"Type": "json-file", "Config": {"max-size": "10m"}}, "ROOT", "rotation"),
+        ({"Type": "local", "Config": {}}, "ROOT", "another driver"),
+        ({"Type": "json-file", "Config": {}}, None, "an engine on another machine"),
+        ({"Type": "json-file", "Config": {}}, "ELSEWHERE", "a file it cannot read"),
+    ],
+)
+def test_the_api_is_used_for(tmp_path: Path, log_config: dict, root: str | None, why: str) -> None:
+    folder = tmp_path / "containers" / "abc"
+    folder.mkdir(parents=True)
+    (folder / "abc-json.log").write_bytes(entry("a\n"))
+    roots = {"ROOT": str(tmp_path), "ELSEWHERE": str(tmp_path / "nothing-here"), None: None}
+    assert usable_log_file(Attrs("abc", log_config), roots[root]) is None, why
+    plain = Attrs("abc", {"Type": "json-file", "Config": {}})
+    assert usable_log_file(plain, str(tmp_path)) == str(folder / "abc-json.log")
+    os.chmod(folder / "abc-json.log", 0o000)
+    if os.geteuid() != 0:  # root reads it anyway
+        assert usable_log_file(plain, str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("source", ["auto", "api"])
+def test_a_job_stores_the_same_output_read_from_the_file_or_the_api(
+    make_cluster: Any, image: str, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    used: list[str] = []
+
+    class Recording(JsonLogFile):
+        def batches(self, *args: Any, **kwargs: Any) -> Iterator[list[tuple[str, bytes, bytes]]]:
+            used.append(self.path)
+            yield from super().batches(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "JsonLogFile", Recording)
+    cluster = make_cluster(workers=0)
+    cluster.add_worker(log_source=source)
+    job = cluster.submit(image, ["sh", "-c", "seq 1 20000; echo oops >&2; printf end"])
+    done = cluster.wait(job["id"], timeout_s=60)
+    assert done["status"] == "FINISHED" and done["log_lines"] == 20002
+    stored = cluster.lines(job["id"])
+    out = [r["line"] for r in stored if r["stream"] == "stdout"]
+    assert out == [str(i) for i in range(1, 20001)] + ["end"]
+    assert [r["line"] for r in stored if r["stream"] == "stderr"] == ["oops"]
+    assert bool(used) == (source == "auto")  # the file where it can, the API when told

@@ -13,6 +13,7 @@ once its spill is empty.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -117,6 +118,10 @@ class Agent:
             log.info("found the container of job %d (attempt %d): re-attaching", job_id, attempt)
             self.jobs[job_id] = LocalJob(job_id, attempt, uuids, threading.Event(), found=container)
         self.events_address = f"inproc://gpubox-worker-{uuid.uuid4().hex}"
+        # Runner threads hand their events over in this deque (no copy, no pickling) and
+        # send one empty message per event on `events`, which wakes the loop and bounds how
+        # far they may run ahead of it (the PUSH high-water mark: back-pressure).
+        self._handed: collections.deque[tuple[int, str, dict[str, Any]]] = collections.deque()
         self.events = self.context.socket(zmq.PULL)
         self.events.bind(self.events_address)
         self.runners = Runners(self.context, self.events_address)
@@ -421,9 +426,10 @@ class Agent:
         def emit(kind: str, body: dict[str, Any]) -> None:
             # Blocks while the agent is behind (back-pressure on the container's output),
             # gives up once the agent has stopped.
+            self._handed.append((spec["id"], kind, body))
             while True:
                 try:
-                    push.send_pyobj((spec["id"], kind, body))
+                    push.send(b"")
                     return
                 except zmq.Again:
                     if self._stop.is_set():
@@ -450,7 +456,8 @@ class Agent:
     def _drain_events(self, now: float) -> None:
         for _ in range(1000):  # then back to the poll: acknowledgements matter as much
             try:
-                job_id, kind, body = self.events.recv_pyobj(zmq.NOBLOCK)
+                self.events.recv(zmq.NOBLOCK)
+                job_id, kind, body = self._handed.popleft()
             except zmq.Again:
                 return
             job = self.jobs.get(job_id)

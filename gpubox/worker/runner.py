@@ -100,7 +100,7 @@ def line_text(data: bytes, mask: Masker) -> str:
     text = data.decode("utf-8", "replace").removesuffix("\n")
     if "\x00" in text:
         text = text.replace("\x00", "\ufffd")
-    return mask(text)
+    return mask(text) if mask.values else text
 
 
 def secret_values(job: dict[str, Any]) -> list[str]:
@@ -286,12 +286,27 @@ class LogReader:
         return False
 
     def _take_all(self, entries: list[tuple[str, str, bytes]], follow: bool) -> bool:
-        """Take entries (stream, normalised timestamp, data) in order; False when a follow
-        was abandoned meanwhile (nothing taken)."""
+        """Take entries (stream, normalised timestamp, data) in order, noting per stream the
+        last timestamp taken and how many entries had it; False when a follow was abandoned
+        meanwhile (nothing taken). Runs per log entry: kept to plain loops."""
         with self._lock:
             if follow and self._abandoned:
                 return False
-            lines = [line for entry in entries if (line := self._take(*entry))]
+            lines = []
+            streams, mask = self.streams, self.mask
+            for stream, ts, data in entries:
+                state = streams[stream]
+                if ts == state.last_ts and state.at_last >= 0:
+                    state.at_last += 1
+                else:
+                    state.last_ts, state.at_last = ts, 1
+                if not state.pending and data.endswith(b"\n"):
+                    lines.append((ts, stream, line_text(data, mask)))  # a whole line: usual
+                elif (line := self._join(stream, state, ts, data)) is not None:
+                    lines.append(line)
+            if entries:
+                self.taken += len(entries)
+                self.last_stream = entries[-1][0]
             self.buffer.add_many(lines)
         return True
 
@@ -310,32 +325,21 @@ class LogReader:
         finally:
             self.buffer.wake()
 
-    def _take(self, stream: str, ts: str, data: bytes) -> tuple[str, str, str] | None:
-        """One entry taken; the line it completes, if any."""
-        self.taken += 1
-        self.last_stream = stream
-        state = self.streams[stream]
-        if ts == state.last_ts and state.at_last >= 0:
-            state.at_last += 1
-        else:
-            state.last_ts, state.at_last = ts, 1
+    def _join(
+        self, stream: str, state: _Stream, ts: str, data: bytes
+    ) -> tuple[str, str, str] | None:
+        """A piece of a line Docker split (over 16 KiB, or no newline yet): the line it
+        completes, if any. Whole lines only are masked, so a secret across pieces is too."""
         if not state.pending:
-            if data.endswith(b"\n"):  # the usual case: a whole line in one entry
-                return ts, stream, self._text(data)
             state.pending_ts = ts
         state.pending += data
         if state.pending.endswith(b"\n"):
             return self._pending_line(stream, state)
         return None
 
-    def _text(self, data: bytes) -> str:
-        # Whole lines only: Docker's 16 KiB pieces are joined first, so a secret across a
-        # piece boundary is masked too.
-        return line_text(data, self.mask)
-
     def _pending_line(self, stream: str, state: _Stream) -> tuple[str, str, str]:
         data, state.pending = state.pending, b""
-        return state.pending_ts, stream, self._text(data)
+        return state.pending_ts, stream, line_text(data, self.mask)
 
     def catch_up(self) -> None:
         """After the container exited: read entries the follow missed (from the log's end

@@ -361,6 +361,11 @@ WRONG_TYPES: list[tuple[str, str, str, Any]] = [
     ("worker", "LOG", "lines", [["yesterday", "stdout", "hello"]]),
     ("worker", "LOG", "lines", [{"ts": TS, "stream": "stdout", "line": "x"}]),
     ("worker", "LOG", "lines", [[TS, "stdout", "ok"], "not a line"]),
+    # (the checks run over the whole batch at once: none may let a bad line through)
+    ("worker", "LOG", "lines", [[f"{TS}\n{TS}", "stdout", "two stamps in one"]]),
+    ("worker", "LOG", "lines", [[TS, "stdout", "ok"], [TS, ["stdout"], "unhashable"]]),
+    ("worker", "LOG", "lines", [[TS, "stdout", "ok"], [TS, "stdout", None], [TS, "stdout", "ok"]]),
+    ("worker", "LOG", "lines", [[TS, "stdout", "ok"], [5, "stdout", "ok"]]),
     ("worker", "LOG", "lines", "hello"),
     ("worker", "LOG", "lines", None),
     ("worker", "LOG", "last", "9"),

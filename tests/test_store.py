@@ -516,6 +516,16 @@ def test_finish_before_lines_are_stored_reports_missing_lines(store: base.Store)
     assert done.log_seq == 5
 
 
+def test_a_large_batch_is_stored_whole_and_in_order(store: base.Store) -> None:
+    # More lines than one INSERT carries (SQLite writes 100 rows per statement), and not a
+    # multiple of it.
+    job = running(store)
+    assert store.append_logs(job.id, 1, 1, raw(1, 1234)) == 1234
+    lines = store.read_logs(job.id, limit=5000)
+    assert seqs(lines) == list(range(1, 1235))
+    assert [(line.ts, line.stream, line.line) for line in lines] == raw(1, 1234)
+
+
 def test_a_batch_may_cover_numbers_past_its_lines_for_a_drop_marker(store: base.Store) -> None:
     job = running(store)
     assert store.append_logs(job.id, 1, 1, raw(1, 2)) == 2

@@ -5,6 +5,7 @@ reads) are shared by concurrent writes: a group commit."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # A group commit ends after this many writes even while more writers wait.
 MAX_GROUP_WRITES = 64
+# Log rows per INSERT: 500 parameters, within every SQLite's limit (999 before 3.32).
+ROWS_PER_INSERT = 100
 
 # One script per schema version; statements separated by ";" at the end of a line.
 MIGRATIONS = (
@@ -90,6 +93,13 @@ ALTER TABLE jobs ADD COLUMN container TEXT NOT NULL DEFAULT '{}';
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
     return {col[0]: value for col, value in zip(cursor.description, row, strict=True)}
+
+
+@functools.cache
+def _logs_insert(rows: int) -> str:
+    return "INSERT INTO logs (job_id, seq, ts, stream, line) VALUES " + ", ".join(
+        ["(?, ?, ?, ?, ?)"] * rows
+    )
 
 
 class SqliteStore(sql.SqlStore):
@@ -263,6 +273,12 @@ class SqliteStore(sql.SqlStore):
         marks = ", ".join("?" * len(values))
         cur.execute(f"INSERT INTO jobs ({sql.JOB_COLUMNS}) VALUES ({marks})", values)
         return int(cur.lastrowid)
+
+    def _insert_logs(self, cur: Any, rows: Sequence[tuple[int, int, str, str, str]]) -> None:
+        """Many rows per INSERT: a third less CPU per line than executemany's row by row."""
+        for start in range(0, len(rows), ROWS_PER_INSERT):
+            chunk = rows[start : start + ROWS_PER_INSERT]
+            cur.execute(_logs_insert(len(chunk)), [value for row in chunk for value in row])
 
     def finish_import(self) -> None:
         """Nothing to do: AUTOINCREMENT's counter follows the highest id inserted."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -142,6 +143,18 @@ def test_create_round_trips_every_spec_field(store: base.Store) -> None:
         assert job.created_at == T0
         assert job.updated_at == T0
     assert created == fetched
+
+
+def test_create_returns_the_job_exactly_as_stored(store: base.Store) -> None:
+    # Whole numbers where the store keeps reals, and the write-only fields, which are never
+    # stored: the job create_job returns is the one get_job reads, to the JSON it shows.
+    spec = make_spec(timeout=60, gpus=1, gpu_memory_gb=16, docker={"image": "x", "shm_size": 2**30})
+    spec = dataclasses.replace(spec, auth={"username": "u", "password": "p"}, secrets={"K": "v"})
+    created = store.create_job(spec, T0)
+    fetched = store.get_job(created.id)
+    assert created == fetched
+    assert json.dumps(created.to_dict()) == json.dumps(fetched.to_dict())
+    assert created.spec.auth is None and created.spec.secrets == {}
 
 
 def test_create_round_trips_defaults(store: base.Store) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -135,7 +136,16 @@ class SqlStore(base.Store):
                     "INSERT INTO job_labels (job_id, pair) VALUES (?, ?)",
                     [(job_id, label_pair(k, v)) for k, v in spec.labels.items()],
                 )
-            return self._get(cur, job_id)
+        # The job as get_job would read it back, without reading it: what was stored is
+        # known (REAL columns give floats; auth and secrets are never stored, only sealed).
+        stored = dataclasses.replace(
+            spec,
+            auth=None,
+            secrets={},
+            timeout=None if spec.timeout is None else float(spec.timeout),
+            gpu_memory_gb=None if spec.gpu_memory_gb is None else float(spec.gpu_memory_gb),
+        )
+        return models.Job(job_id, stored, models.Status.QUEUED, created_at=now, updated_at=now)
 
     def _get(self, cur: Any, job_id: int, lock: bool = False) -> models.Job:
         cur.execute("SELECT * FROM jobs WHERE id = ?" + (self.row_lock if lock else ""), (job_id,))

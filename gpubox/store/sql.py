@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,6 +39,11 @@ def _dump(value: Any) -> str | None:
 
 def _load(value: str | None) -> Any:
     return None if value is None else json.loads(value)
+
+
+# A row (seq, ts, stream, line) as a LogLine, without a Python call per row (pages of
+# thousands of lines).
+_log_line = functools.partial(tuple.__new__, models.LogLine)
 
 
 def _time(value: datetime | None) -> str | None:
@@ -427,7 +433,7 @@ class SqlStore(base.Store):
                 " ORDER BY seq LIMIT ?",
                 (job_id, since, limit),
             )
-            return list(map(models.LogLine._make, cur.fetchall()))
+            return list(map(_log_line, cur.fetchall()))
 
     def _plain_rows(self, cur: Any) -> None:
         """Let `cur` return plain tuples, not dicts (for reads of many rows)."""

@@ -320,6 +320,10 @@ class Agent:
         else:
             job = LocalJob(spec["id"], spec["attempt"], list(spec["gpus"]), threading.Event())
             self.jobs[job.id] = job
+        run = functools.partial(
+            self._run_job, spec, job.cancel, job.ended, found, body.get("resume")
+        )
+        self.runners.start(f"job-{job.id}", run)  # first: the log line can wait, the job not
         log.info(
             "job %d (attempt %d) %s: %s",
             job.id,
@@ -328,10 +332,6 @@ class Agent:
             spec["image"],
             extra=fields(job=job.id, attempt=job.attempt, gpus=",".join(job.gpus) or "-"),
         )
-        run = functools.partial(
-            self._run_job, spec, job.cancel, job.ended, found, body.get("resume")
-        )
-        self.runners.start(f"job-{job.id}", run)
         self._ready()
 
     def _on_ack(self, body: dict[str, Any], now: float) -> None:

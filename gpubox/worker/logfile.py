@@ -56,8 +56,8 @@ def usable_log_file(container: Any, root_dir: str | None) -> str | None:
 
 
 class JsonLogFile:
-    """The log of one container in its json-file log (the same reads as DockerLogs:
-    batches() and close())."""
+    """The log of one container in its json-file log, read as DockerLogs reads it through
+    the API: batches(), container_exited(), close()."""
 
     def __init__(self, path: str, container_id: str) -> None:
         self.path = path

@@ -38,7 +38,14 @@ def _dump(value: Any) -> str | None:
 
 
 def _load(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
+    if value is None:
+        return None
+    empty = _EMPTY.get(value)  # most maps and lists of a job are empty: no parse for those
+    return empty() if empty is not None else json.loads(value)
+
+
+_EMPTY: dict[str, Any] = {"{}": dict, "[]": list}
+_STATUS = {status.value: status for status in models.Status}
 
 
 # A row (seq, ts, stream, line) as a LogLine, without a Python call per row (pages of
@@ -72,7 +79,7 @@ def job_from_row(row: dict[str, Any]) -> models.Job:
     return models.Job(
         id=row["id"],
         spec=spec,
-        status=models.Status(row["status"]),
+        status=_STATUS[row["status"]],
         created_at=models.parse_time(row["created_at"]),  # type: ignore[arg-type]
         updated_at=models.parse_time(row["updated_at"]),  # type: ignore[arg-type]
         worker=row["worker"],

@@ -352,7 +352,12 @@ def test_a_flood_spills_to_disk_and_every_line_arrives(make_cluster):
     done = cluster.client.job(job["id"])
     assert done["log_lines"] == 100000
     assert max(spilled) > 0  # the backlog went to disk, not memory
-    assert agent.unacked_lines == 0 and agent.spill.size == 0
+    # FINISHED once the coordinator applied DONE; the worker lets go at its acknowledgement.
+    wait_until(
+        lambda: agent.unacked_lines == 0 and agent.spill.size == 0 and not agent.jobs,
+        10,
+        "the worker to let go of the job",
+    )
     assert list(agent.spill.root.iterdir()) == []
     store = cluster.coordinator.store
     assert store is not None

@@ -58,6 +58,7 @@ VERSION = b"GPBX1"
 MAX_BODY = 32 * 1024 * 1024
 MAX_LINE = 64 * 1024
 STREAMS = ("stdout", "stderr")
+_STREAM_SET = frozenset(STREAMS)
 
 Check = Callable[[Any], bool]
 
@@ -118,7 +119,7 @@ def _is_lines(value: Any) -> bool:
         shapes = "\n".join(stamps).translate(DIGITS_TO_0).split("\n")  # (TypeError: not text)
         return (
             set(map(type, texts)) == {str}
-            and set(streams) <= set(STREAMS)
+            and set(streams) <= _STREAM_SET
             and len(shapes) == len(stamps)  # no timestamp holds a newline
             and set(shapes) <= TS_SHAPES
         )

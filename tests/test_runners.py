@@ -59,14 +59,17 @@ def test_a_runner_is_reused_once_idle_and_a_second_starts_only_when_needed(link)
 def test_a_failing_work_keeps_its_runner(link) -> None:  # type: ignore[no-untyped-def]
     _, pull, runners = link
 
+    ran_on: list[int] = []
+
     def broken(push: zmq.Socket) -> None:
+        ran_on.append(threading.get_ident())
         raise RuntimeError("a bug in the runtime")
 
     runners.start("job-1", broken)
     threading.Event().wait(0.05)
     runners.start("job-2", report("after"))
-    assert pull.recv_pyobj()[0] == "after"
-    assert threading.active_count() >= 1
+    tag, ident, _ = pull.recv_pyobj()
+    assert tag == "after" and [ident] == ran_on  # the same thread, still serving
 
 
 def test_stop_ends_every_runner(link) -> None:  # type: ignore[no-untyped-def]

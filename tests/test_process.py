@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gpubox.worker.process import Scratch
 from tests.conftest import Cluster, wait_until
 
 NO_IMAGE = "ignored-by-the-process-runtime"
@@ -68,10 +69,38 @@ def test_environment_secrets_and_gpus(cluster: Cluster) -> None:
 def test_workdir_given_or_a_fresh_folder_removed_after(cluster: Cluster, tmp_path: Path) -> None:
     done, lines = run(cluster, ["pwd"], docker={"workdir": str(tmp_path)})
     assert [r["line"] for r in lines] == [str(tmp_path)]
-    done, lines = run(cluster, ["sh", "-c", "pwd; ls -A | wc -l"])
+    done, lines = run(cluster, ["sh", "-c", "pwd; ls -A | wc -l; touch left-behind"])
     folder, count = (r["line"] for r in lines)
-    assert folder != str(tmp_path) and "gpubox-job-" in folder and count.strip() == "0"
-    assert not Path(folder).exists()
+    assert folder != str(tmp_path) and "gpubox-scratch-" in folder and count.strip() == "0"
+    assert not Path(folder).exists()  # not empty at the end: removed
+    done, lines = run(cluster, ["sh", "-c", "pwd; ls -A | wc -l"])
+    clean, count = (r["line"] for r in lines)
+    assert clean != folder and count.strip() == "0"
+    assert Path(clean).is_dir()  # left empty: kept for the next job, which gets it
+    done, lines = run(cluster, ["sh", "-c", "pwd; ls -A | wc -l"])
+    assert [r["line"] for r in lines] == [clean, "0"]
+
+
+def test_scratch_keeps_only_folders_left_as_made(tmp_path: Path) -> None:
+    scratch = Scratch()
+    first = scratch.take()
+    assert Path(first).is_dir() and not os.listdir(first)
+    assert (os.stat(first).st_mode & 0o777) == 0o700
+    scratch.give_back(first)
+    assert scratch.take() == first  # empty, as made: the next job gets it
+    os.chmod(first, 0o755)  # opened up by the job: not fresh any more
+    scratch.give_back(first)
+    assert not Path(first).exists()
+    second = scratch.take()
+    assert second != first
+    (Path(second) / "sub").mkdir()
+    (Path(second) / "sub" / "file").write_text("x")
+    scratch.give_back(second)
+    assert not Path(second).exists()
+    third = scratch.take()
+    os.rmdir(third)  # the job removed its own folder
+    scratch.give_back(third)
+    assert scratch.take() not in (first, second, third)
 
 
 def alive(pid: int) -> bool:

@@ -6,7 +6,8 @@ the host's files, network and every GPU driver. `docker.image` is ignored; `dock
 required. The job gets its own environment (PATH, HOME, LANG, TZ from the worker, then
 docker.env and docker.secrets) and its GPUs as NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES
 (the UUIDs; "" when it has none) with CUDA_DEVICE_ORDER=PCI_BUS_ID; it starts in
-docker.workdir or a fresh empty folder. Container options that need Docker (user, mounts,
+docker.workdir or a fresh empty folder (one emptied by the job that used it last counts as
+fresh: it is kept for the next). Container options that need Docker (user, mounts,
 shm_size, memory) make the job ERROR with a reason.
 
 Output, cancel, timeout and exit codes behave as with Docker: stdout and stderr are read line
@@ -21,11 +22,13 @@ the coordinator hands their jobs out again (or fails them): stop them by hand.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -70,6 +73,7 @@ class ProcessRuntime:
         self.stop_grace_s = stop_grace_s
         self.tee = tee or sys.stderr
         self._tee_lock = threading.Lock()
+        self._scratch = Scratch()
 
     def recover(self) -> list[tuple[int, int, list[str], Any]]:
         return []  # a process does not outlive its worker: nothing to find
@@ -114,7 +118,7 @@ class ProcessRuntime:
             outcome = {"status": "CANCELLED", "error": "cancelled before the process started"}
         else:
             if workdir is None:
-                scratch = workdir = tempfile.mkdtemp(prefix=f"gpubox-job-{job['id']}-")
+                scratch = workdir = self._scratch.take()
             try:
                 proc = subprocess.Popen(
                     job["command"],
@@ -132,7 +136,7 @@ class ProcessRuntime:
                 emit("started", {"container": f"pid-{proc.pid}", "executed_at": executed_at})
                 outcome = self._watch(job, proc, buffer, emit, cancel, detach)
         if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            self._scratch.give_back(scratch)
         if outcome is None:
             return
         self._flush(job, buffer, emit, 0)
@@ -208,6 +212,49 @@ class ProcessRuntime:
 
     def _flush(self, job: dict[str, Any], buffer: LineBuffer, emit: Emit, wait_s: float) -> None:
         send_lines(buffer, emit, self.tee, self._tee_lock, f"job={job['id']} process", wait_s)
+
+
+class Scratch:
+    """Empty folders for jobs without docker.workdir, each kept for a next job once it is
+    found empty again (making and removing a folder costs ~0.15 ms of CPU per job on ext4,
+    looking into one ~0.01 ms). They live in one folder of the temporary directory, removed
+    when the worker exits."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._root: str | None = None
+        self._free: list[str] = []
+
+    def take(self) -> str:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if self._root is None:
+                self._root = tempfile.mkdtemp(prefix="gpubox-scratch-")
+                atexit.register(shutil.rmtree, self._root, True)
+            root = self._root
+        return tempfile.mkdtemp(prefix="job-", dir=root)
+
+    def give_back(self, path: str) -> None:
+        """Keep `path` for the next job if it is as take() made it: an empty folder of ours
+        that only we may enter (mkdtemp's mode); else remove it."""
+        try:
+            info = os.lstat(path)
+            with os.scandir(path) as entries:
+                empty = next(entries, None) is None
+        except OSError:
+            empty = False
+        else:
+            empty = empty and (
+                stat.S_ISDIR(info.st_mode)
+                and stat.S_IMODE(info.st_mode) == 0o700
+                and info.st_uid == os.getuid()
+            )
+        if not empty:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        with self._lock:
+            self._free.append(path)
 
 
 def environment(job: dict[str, Any]) -> dict[str, str]:

@@ -34,7 +34,16 @@ def label_pair(key: str, value: str) -> str:
 
 
 def _dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    if value is None:
+        return None
+    if not value and type(value) in _EMPTY_TEXT:
+        return _EMPTY_TEXT[type(value)]
+    return _encode(value)
+
+
+# One encoder for all: json.dumps builds a new one per call when given separators.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_EMPTY_TEXT: dict[type, str] = {dict: "{}", list: "[]"}
 
 
 def _load(value: str | None) -> Any:

@@ -15,6 +15,7 @@ ROWS = (
     "big store",
     "throughput, 1 worker",
     "throughput, 2 workers",
+    "CPU per no-op job",
     "dispatch latency",
     "idle cost",
     "Docker overhead",

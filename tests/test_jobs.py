@@ -43,7 +43,9 @@ def test_missing_image_is_error_naming_the_image(cluster: Cluster):
     job = cluster.submit("gpubox-test/does-not-exist:1.0", ["true"])
     done = cluster.wait(job["id"])
     assert done["status"] == "ERROR"
-    assert "gpubox-test/does-not-exist:1.0" in done["result"]["error"]
+    assert done["result"]["error"].startswith(
+        "could not pull image 'gpubox-test/does-not-exist:1.0'"
+    )
     assert done["result"]["exit_code"] is None
 
 

@@ -231,6 +231,11 @@ class Job:
         }
 
 
+# A stored line as the store reads it: (seq, ts, stream, line), as LogLine without its names
+# (pages of thousands of lines are rendered from these).
+LogRow = tuple[int, str, str, str]
+
+
 class LogLine(NamedTuple):
     """One stored line of a job's output (a named tuple: logs are read by the thousand)."""
 

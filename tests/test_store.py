@@ -715,6 +715,11 @@ def test_append_and_read_logs_in_order(store: base.Store) -> None:
     assert store.get_job(job.id).log_seq == 3
     assert store.append_logs(job.id, 1, 4, raw(4, 2)) == 5
     assert seqs(store.read_logs(job.id)) == [1, 2, 3, 4, 5]
+    # The same rows as plain tuples (pages are rendered from these), and the same window.
+    rows = store.read_log_rows(job.id, since=1, limit=3)
+    assert rows == [tuple(line) for line in store.read_logs(job.id, since=1, limit=3)]
+    assert [type(row) for row in rows] == [tuple] * 3
+    assert rows[0] == (2, "2024-05-01T12:00:02.000000Z", "stderr", "warn: ü")
 
 
 def test_logs_of_jobs_are_separate(store: base.Store) -> None:

@@ -247,7 +247,7 @@ def make_app(
 
         render = _ndjson if ndjson else _text
         if limit is not None:  # one page: at most `limit` lines after `since`
-            return render(store.read_logs(job_id, since, limit))
+            return render(store.read_log_rows(job_id, since, limit))
         if not follow:
             return _pages(store, job_id, since, render)
         return _follow(store, changes, job_id, since, render, ndjson, disconnected)
@@ -319,11 +319,11 @@ def make_app(
     return app
 
 
-def _text(lines: list[models.LogLine]) -> str:
-    return "".join(f"{line.line}\n" for line in lines)
+def _text(lines: list[models.LogRow]) -> str:
+    return "".join([f"{line}\n" for _, _, _, line in lines])
 
 
-def _ndjson(lines: list[models.LogLine]) -> str:
+def _ndjson(lines: list[models.LogRow]) -> str:
     # As json.dumps(line.to_dict()) would write it, four times faster: only the line's text
     # needs escaping (seq is an integer; ts and stream are ASCII the worker wrote), by the
     # json module's own C escaper (what JSONEncoder(ensure_ascii=False) calls for a str).
@@ -337,14 +337,14 @@ def _ndjson(lines: list[models.LogLine]) -> str:
 
 
 def _pages(
-    store: Store, job_id: int, since: int, render: Callable[[list[models.LogLine]], str]
+    store: Store, job_id: int, since: int, render: Callable[[list[models.LogRow]], str]
 ) -> Iterator[str]:
     """Every stored line after `since`, read a page at a time."""
     while True:
-        lines = store.read_logs(job_id, since, PAGE_LINES)
+        lines = store.read_log_rows(job_id, since, PAGE_LINES)
         if not lines:
             return
-        since = lines[-1].seq
+        since = lines[-1][0]
         yield render(lines)
         if len(lines) < PAGE_LINES:
             return
@@ -355,7 +355,7 @@ def _follow(
     changes: Changes,
     job_id: int,
     since: int,
-    render: Callable[[list[models.LogLine]], str],
+    render: Callable[[list[models.LogRow]], str],
     keepalive: bool,
     disconnected: Callable[[], bool],
 ) -> Iterator[str]:
@@ -371,18 +371,18 @@ def _follow(
     try:
         while not disconnected():
             seen = changes.version(job_id)
-            lines = store.read_logs(job_id, since, PAGE_LINES)
+            lines = store.read_log_rows(job_id, since, PAGE_LINES)
             if lines:
-                since = lines[-1].seq
+                since = lines[-1][0]
                 last_sent = time.monotonic()
                 yield render(lines)
                 continue
             if store.get_job(job_id).status.terminal:
                 # Lines stored between our read and the status check come before the end.
-                tail = store.read_logs(job_id, since, PAGE_LINES)
+                tail = store.read_log_rows(job_id, since, PAGE_LINES)
                 if not tail:
                     return
-                since = tail[-1].seq
+                since = tail[-1][0]
                 yield render(tail)
                 continue
             changes.wait(job_id, seen, WAKE_S)

@@ -170,6 +170,10 @@ class Store(abc.ABC):
         """Up to `limit` stored lines with seq > since, in order."""
 
     @abc.abstractmethod
+    def read_log_rows(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogRow]:
+        """read_logs as plain (seq, ts, stream, line) tuples, without a LogLine made for each."""
+
+    @abc.abstractmethod
     def log_marks(self, job_id: int) -> dict[str, str]:
         """The latest timestamp stored for each stream of a job ({} when none), to re-attach
         to its container. Timestamps are fixed-width RFC 3339, so they compare as text."""

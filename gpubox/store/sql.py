@@ -442,6 +442,9 @@ class SqlStore(base.Store):
         )
 
     def read_logs(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogLine]:
+        return list(map(_log_line, self.read_log_rows(job_id, since, limit)))
+
+    def read_log_rows(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogRow]:
         with self._read() as cur:
             self._plain_rows(cur)
             cur.execute(
@@ -449,7 +452,8 @@ class SqlStore(base.Store):
                 " ORDER BY seq LIMIT ?",
                 (job_id, since, limit),
             )
-            return list(map(_log_line, cur.fetchall()))
+            rows: list[models.LogRow] = cur.fetchall()
+            return rows
 
     def _plain_rows(self, cur: Any) -> None:
         """Let `cur` return plain tuples, not dicts (for reads of many rows)."""

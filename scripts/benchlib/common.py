@@ -4,6 +4,7 @@ machine, a client, percentiles, and the Row it prints."""
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +58,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def connect(url: str, timeout: float = 60) -> http.client.HTTPConnection:
+    """A keep-alive HTTP connection to `url`'s host and port (http://HOST:PORT)."""
+    address = urlsplit(url)
+    host = address.hostname or "127.0.0.1"
+    return http.client.HTTPConnection(host, address.port, timeout=timeout)
 
 
 def percentile(values: list[float], p: float) -> float:

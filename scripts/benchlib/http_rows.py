@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from benchlib.common import Context, Row, cluster, free_port, ms, percentile
+from benchlib.common import Context, Row, cluster, connect, free_port, ms, percentile
 from gpubox import models
 from gpubox.coordinator.api import PAGE_LINES
 from gpubox.store import Store, open_store
@@ -114,7 +113,6 @@ def bare_app() -> Iterator[str]:
 def hammer(url: str, token: str, body: bytes, threads: int, seconds: float) -> float:
     """POST /api/v1/jobs answered 201 per second, from `threads` threads with one keep-alive
     connection each, for about `seconds` (after a short warm-up)."""
-    address = urlsplit(url)
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -124,7 +122,7 @@ def hammer(url: str, token: str, body: bytes, threads: int, seconds: float) -> f
     end = [0.0]
 
     def client(index: int) -> None:
-        conn = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        conn = connect(url, timeout=30)
         try:
             for _ in range(5):  # warm-up: connection, server threads, caches
                 post_job(conn, body, headers)
@@ -305,10 +303,9 @@ def timed(
 ) -> list[float]:
     """Seconds each of `count` requests took, one after another on one keep-alive
     connection (after a few untimed ones)."""
-    address = urlsplit(url)
     data = None if body is None else json.dumps(body).encode()
     sent = {**headers, "Content-Type": "application/json"} if data else headers
-    conn = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    conn = connect(url)
     times = []
     try:
         for index in range(count + 5):
@@ -331,8 +328,7 @@ def log_page_times(
     """Seconds for one page: GET …/logs?since=…&limit=PAGE_LINES&format=ndjson, read whole,
     on one keep-alive connection."""
     path = f"/api/v1/jobs/{job_id}/logs?since={since}&limit={PAGE_LINES}&format=ndjson"
-    address = urlsplit(url)
-    conn = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    conn = connect(url)
     times = []
     try:
         for index in range(count + 2):

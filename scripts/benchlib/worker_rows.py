@@ -4,7 +4,6 @@ with the process runtime, and what 100 idle workers cost the coordinator."""
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 import os
 import threading
@@ -13,11 +12,19 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import zmq
 
-from benchlib.common import Cluster, Context, Row, cluster, ms, percentile, seconds_between
+from benchlib.common import (
+    Cluster,
+    Context,
+    Row,
+    cluster,
+    connect,
+    ms,
+    percentile,
+    seconds_between,
+)
 from gpubox import __version__, keys, protocol
 
 
@@ -111,10 +118,9 @@ def submit_many(made: Cluster, count: int, command: list[str], threads: int = 8)
         {"name": "bench", "docker": {"image": made.ctx.image, "command": command}}
     ).encode()
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {made.token}"}
-    address = urlsplit(made.url)
 
     def submit(share: int) -> None:
-        conn = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        conn = connect(made.url)
         try:
             for _ in range(share):
                 post_job(conn, body, headers)

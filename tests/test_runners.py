@@ -4,6 +4,7 @@ when none is idle, each sending on its own socket, all gone after stop()."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -37,15 +38,24 @@ def report(tag: str, release: threading.Event | None = None):  # type: ignore[no
     return work
 
 
+def until_idle(runners: Runners, count: int) -> None:
+    """Wait until `count` runner threads are idle (they count themselves so after their work)."""
+    deadline = time.monotonic() + 10
+    while runners._idle != count:
+        assert time.monotonic() < deadline, f"{runners._idle} idle, not {count}"
+        time.sleep(0.001)
+
+
 def test_a_runner_is_reused_once_idle_and_a_second_starts_only_when_needed(link) -> None:  # type: ignore[no-untyped-def]
     _, pull, runners = link
     runners.start("job-1", report("one"))
     tag, first, name = pull.recv_pyobj()
     assert (tag, name) == ("one", "job-1")
-    threading.Event().wait(0.05)  # it goes back to idle
+    until_idle(runners, 1)  # it goes back to idle
     runners.start("job-2", report("two"))
     tag, second, name = pull.recv_pyobj()
     assert (tag, name, second) == ("two", "job-2", first)  # the same thread, renamed
+    until_idle(runners, 1)  # (it sends before it counts itself idle again)
     release = threading.Event()
     runners.start("job-3", report("three", release))  # holds the only runner
     runners.start("job-4", report("four"))  # so a second thread starts (either may take it)
@@ -66,7 +76,7 @@ def test_a_failing_work_keeps_its_runner(link) -> None:  # type: ignore[no-untyp
         raise RuntimeError("a bug in the runtime")
 
     runners.start("job-1", broken)
-    threading.Event().wait(0.05)
+    until_idle(runners, 1)
     runners.start("job-2", report("after"))
     tag, ident, _ = pull.recv_pyobj()
     assert tag == "after" and [ident] == ran_on  # the same thread, still serving

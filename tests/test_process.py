@@ -66,7 +66,9 @@ def test_environment_secrets_and_gpus(cluster: Cluster) -> None:
     assert [r["line"] for r in lines] == ["[]"]  # no GPU: none visible
 
 
-def test_workdir_given_or_a_fresh_folder_removed_after(cluster: Cluster, tmp_path: Path) -> None:
+def test_workdir_given_or_a_fresh_folder_kept_if_left_empty(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     done, lines = run(cluster, ["pwd"], docker={"workdir": str(tmp_path)})
     assert [r["line"] for r in lines] == [str(tmp_path)]
     done, lines = run(cluster, ["sh", "-c", "pwd; ls -A | wc -l; touch left-behind"])

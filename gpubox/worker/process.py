@@ -241,16 +241,16 @@ class Scratch:
         try:
             info = os.lstat(path)
             with os.scandir(path) as entries:
-                empty = next(entries, None) is None
+                reusable = next(entries, None) is None
         except OSError:
-            empty = False
+            reusable = False
         else:
-            empty = empty and (
+            reusable = reusable and (
                 stat.S_ISDIR(info.st_mode)
                 and stat.S_IMODE(info.st_mode) == 0o700
                 and info.st_uid == os.getuid()
             )
-        if not empty:
+        if not reusable:
             shutil.rmtree(path, ignore_errors=True)
             return
         with self._lock:

@@ -136,8 +136,11 @@ class Cluster:
         self.processes.append(proc)
         return proc
 
-    def add_worker(self, name: str, runtime: str = "process", **env: str) -> None:
-        """Start a worker and wait until the coordinator lists it as connected."""
+    def add_worker(
+        self, name: str, runtime: str = "process", wait: bool = True, **env: str
+    ) -> None:
+        """Start a worker and (unless `wait` is false) wait until the coordinator lists it as
+        connected."""
         keys.add_worker(str(self.state), name)
         self._spawn(
             ["worker", "--runtime", runtime, "--name", name, "--max-jobs", env.pop("jobs", "8")],
@@ -149,13 +152,20 @@ class Cluster:
             },
             f"worker-{name}",
         )
+        if wait:
+            self.wait_connected(name)
+
+    def wait_connected(self, *names: str) -> None:
+        """Until the coordinator lists every one of these workers as connected."""
         deadline = time.monotonic() + 60
-        while not any(
-            w["name"] == name and w["connected"] for w in self.client.workers()["workers"]
-        ):
+        while True:
+            connected = {w["name"] for w in self.client.workers()["workers"] if w["connected"]}
+            if connected >= set(names):
+                return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"worker {name} did not connect: see {self.state}")
-            time.sleep(0.1)
+                missing = ", ".join(sorted(set(names) - connected))
+                raise RuntimeError(f"worker(s) {missing} did not connect: see {self.state}")
+            time.sleep(0.05)
 
     def submit(self, command: list[str], **fields: Any) -> dict[str, Any]:
         docker = {"image": self.ctx.image, "command": command, **fields.pop("docker", {})}

@@ -666,7 +666,8 @@ def token_list(config_path: str | None, **flags: Any) -> None:
 @config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
 @friendly
 def token_revoke(name: str, config_path: str | None, **flags: Any) -> None:
-    """Revoke token NAME: requests carrying it are refused from now on."""
+    """Revoke token NAME: a running coordinator refuses requests carrying it within a second
+    (it trusts a token it found for that long)."""
     store = _open_store(config_path, flags)
     try:
         if not store.revoke_token(name):

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gpubox import errors, models
-from gpubox.store import base, open_store
+from gpubox.store import base, open_store, sql
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -981,6 +981,7 @@ def test_add_token_with_taken_name_raises_wrong_state(store: base.Store) -> None
 def test_revoke_token(store: base.Store) -> None:
     token = make_token("ci")
     store.add_token(token)
+    assert store.find_token(token.digest) == token  # found lately: a revoke here still ends it
     assert store.revoke_token("ci") is True
     assert store.find_token(token.digest) is None
     assert store.revoke_token("ci") is False
@@ -1042,3 +1043,22 @@ def test_append_logs_keeps_head_and_tail_with_a_marker_past_the_cap(store: base.
     assert seqs(lines) == [1, 2, 3, 4, 5, 6, 27, 28, 29, 30]
     assert "21 lines dropped" in lines[5].line
     assert finish(store, job, last_seq=30) is Finish.APPLIED
+
+
+def test_a_token_revoked_by_another_process_ends_within_the_cache_time(
+    store: base.Store, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens found are trusted for TOKEN_CACHE_S without reading the database again; a
+    revoke through another store (`gpubox token revoke` is another process) shows after."""
+    monkeypatch.setattr(sql, "TOKEN_CACHE_S", 30.0)
+    token = make_token("ci")
+    store.add_token(token)
+    assert store.find_token(token.digest) == token
+    other = open_store(db_url)
+    try:
+        assert other.revoke_token("ci") is True
+    finally:
+        other.close()
+    assert store.find_token(token.digest) == token  # still trusted: found just now
+    monkeypatch.setattr(sql, "TOKEN_CACHE_S", 0.0)
+    assert store.find_token(token.digest) is None  # past the cache time: read, and gone

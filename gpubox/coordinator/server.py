@@ -123,10 +123,10 @@ class Coordinator:
 
     def reload(self) -> None:
         """SIGHUP (systemctl reload): read the worker allow list again at once. Tokens need
-        nothing: they are looked up in the store on every request."""
+        nothing: one revoked in the store is refused within a second (sql.TOKEN_CACHE_S)."""
         if self.broker is not None:
             count = self.broker.allow.reload()
-            log.info("reloaded: %d worker key(s) on the allow list; tokens are read live", count)
+            log.info("reloaded: %d worker key(s) on the allow list", count)
 
     def _serve_http(self) -> None:
         """Waitress's loop, run until stop() says so; then its sockets are closed here, in the

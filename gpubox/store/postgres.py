@@ -159,6 +159,7 @@ class PostgresStore(sql.SqlStore):
     row_lock = " FOR UPDATE"
 
     def __init__(self, url: str, upgrade: bool = True, max_connections: int = 16) -> None:
+        super().__init__()
         self.url = url
         self._local = threading.local()  # the connection of a batch() open in this thread
         self.pool = psycopg_pool.ConnectionPool(

@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -54,6 +56,13 @@ def _load(value: str | None) -> Any:
 
 
 _EMPTY: dict[str, Any] = {"{}": dict, "[]": list}
+# How long a token found is taken on trust without asking the database again. Every request
+# looks its token up: without this, that read costs the coordinator more than the job's own
+# insert (a database round trip, and on SQLite a read transaction that wakes other threads).
+# A revoke through this store takes effect at once; one by another process (`gpubox token
+# revoke`) within this many seconds.
+TOKEN_CACHE_S = 1.0
+
 _STATUS = {status.value: status for status in models.Status}
 
 
@@ -111,6 +120,12 @@ class SqlStore(base.Store):
     row_lock = ""
     # The schema, one script per version: MIGRATIONS[0] makes version 1, and so on.
     MIGRATIONS: Sequence[str] = ()
+
+    def __init__(self) -> None:
+        # Tokens found lately (find_token): digest -> (token, monotonic time it was read).
+        self._tokens_found: dict[str, tuple[models.Token, float]] = {}
+        self._tokens_generation = 0
+        self._tokens_lock = threading.Lock()
 
     @property
     def latest_version(self) -> int:
@@ -507,6 +522,13 @@ class SqlStore(base.Store):
 
     # --- tokens -------------------------------------------------------------------------------
 
+    def _tokens_changed(self) -> None:
+        """After a token was added or revoked here: forget the tokens found, and keep a lookup
+        that read the database before the change from keeping what it read."""
+        with self._tokens_lock:
+            self._tokens_generation += 1
+            self._tokens_found = {}
+
     def add_token(self, token: models.Token) -> None:
         with self._write() as cur:
             cur.execute("SELECT name FROM tokens WHERE name = ?", (token.name,))
@@ -516,17 +538,33 @@ class SqlStore(base.Store):
                 "INSERT INTO tokens (name, digest, role, created_at) VALUES (?, ?, ?, ?)",
                 (token.name, token.digest, token.role, _time(token.created_at)),
             )
+        self._tokens_changed()
 
     def find_token(self, digest: str) -> models.Token | None:
+        """The token with this digest; one found less than TOKEN_CACHE_S ago is not read
+        again (an unknown digest always is: a new token works at once)."""
+        found = self._tokens_found.get(digest)
+        now = time.monotonic()
+        if found is not None and now - found[1] < TOKEN_CACHE_S:
+            return found[0]
+        generation = self._tokens_generation
         with self._read() as cur:
             cur.execute("SELECT * FROM tokens WHERE digest = ?", (digest,))
             row = cur.fetchone()
-        return None if row is None else _token(row)
+        if row is None:
+            return None
+        token = _token(row)
+        with self._tokens_lock:
+            if generation == self._tokens_generation:
+                self._tokens_found[digest] = (token, now)
+        return token
 
     def revoke_token(self, name: str) -> bool:
         with self._write() as cur:
             cur.execute("DELETE FROM tokens WHERE name = ?", (name,))
-            return bool(cur.rowcount == 1)
+            revoked = bool(cur.rowcount == 1)
+        self._tokens_changed()
+        return revoked
 
     def list_tokens(self) -> list[models.Token]:
         with self._read() as cur:

@@ -108,6 +108,7 @@ class SqliteStore(sql.SqlStore):
     MIGRATIONS = MIGRATIONS
 
     def __init__(self, path: str, upgrade: bool = True) -> None:
+        super().__init__()
         self.path = path
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -7,9 +7,10 @@ first, as the coordinator acknowledges. Nothing here survives the process: a res
 worker re-reads its jobs' output from Docker's log, from the last line the coordinator
 stored.
 
-Past `max_bytes` on disk the oldest spilled batches are dropped a segment at a time, and the
-job's queue begins with one marker line saying how many lines were dropped; the marker batch
-covers the dropped sequence numbers (`last`), so the coordinator sees no gap.
+Before a batch would take what is on disk past `max_bytes`, the oldest spilled batches are
+dropped a segment at a time (the bound holds at every moment, not only between pushes), and
+the job's queue begins with one marker line saying how many lines were dropped; the marker
+batch covers the dropped sequence numbers (`last`), so the coordinator sees no gap.
 """
 
 from __future__ import annotations
@@ -96,8 +97,13 @@ class Spill:
         return marker.last if marker else None
 
     def push(self, job_id: int, seq: int, lines: list[list[str]]) -> None:
-        """Queue a batch after every batch queued for job_id so far."""
+        """Queue a batch after every batch queued for job_id so far. The oldest batches go
+        first if it would not fit under max_bytes: what is on disk never exceeds it (unless
+        this one batch alone does)."""
         record = msgpack.packb([seq, lines], use_bin_type=True)
+        size = LENGTH.size + len(record)
+        while self.size + size > self.max_bytes and self._drop_oldest():
+            pass
         queue = self._queues.setdefault(job_id, collections.deque())
         if not queue or queue[-1].size >= self.segment_bytes:
             if queue:
@@ -110,7 +116,6 @@ class Spill:
             writer = self._writers[job_id] = open(segment.path, "ab")  # noqa: SIM115
         writer.write(LENGTH.pack(len(record)) + record)
         writer.flush()
-        size = LENGTH.size + len(record)
         if segment.unread == 0:
             segment.first_seq = seq
         segment.size += size
@@ -118,8 +123,6 @@ class Spill:
         segment.last_seq = seq + len(lines) - 1
         segment.last_ts = lines[-1][0] if lines else segment.last_ts
         self.size += size
-        while self.size > self.max_bytes and self._drop_oldest():
-            pass
 
     def pop(self, job_id: int) -> Batch | None:
         """The oldest batch queued for job_id (a drop marker first, if any), or None."""

@@ -235,6 +235,13 @@ class Job:
 # (pages of thousands of lines are rendered from these).
 LogRow = tuple[int, str, str, str]
 
+# Where a job's stored output ends, per stream: the latest timestamp stored and how many lines
+# (pieces, for a line over protocol.MAX_LINE) have exactly that timestamp. A worker that
+# re-attaches to the container reads on from there: the pieces of a long line of which only
+# some were stored are completed, not lost. A count of -1: unknown (an older coordinator);
+# every entry with that timestamp is then taken as stored.
+LogMarks = dict[str, tuple[str, int]]
+
 
 class LogLine(NamedTuple):
     """One stored line of a job's output (a named tuple: logs are read by the thousand)."""

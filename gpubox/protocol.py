@@ -29,10 +29,12 @@ worker -> coordinator
 coordinator -> worker
     WELCOME    {coordinator, heartbeat_interval_s, liveness_s}
     JOB        {coordinator, job: {id, attempt, name, image, command, env, secrets, auth, gpus,
-                timeout, first_seq, container?}, resume?}  secrets and auth are write-only:
-                mask, never log; gpus: the GPU uuids it gets; container: {shm_size, workdir,
-                user, memory, mounts}; resume {stream: last stored timestamp}: re-attach to
-                the running container
+                timeout, first_seq, container?}, resume?, resume_stored?}  secrets and auth
+                are write-only: mask, never log; gpus: the GPU uuids it gets; container:
+                {shm_size, workdir, user, memory, mounts}; resume {stream: last stored
+                timestamp}: re-attach to the running container; resume_stored {stream: how
+                many lines with that timestamp are stored} (pieces of a long line: the rest
+                are sent; without it, every entry with that timestamp counts as stored)
     ACK        {job_id, attempt, seq, done}     seq: last stored line; done: DONE was applied
     CANCEL     {job_id, attempt}
     HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO)
@@ -93,6 +95,12 @@ def _is_number(value: Any) -> bool:
 def _is_str_map(value: Any) -> bool:
     return isinstance(value, dict) and all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
+def _is_count_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _is_int(v) and v >= 0 for k, v in value.items()
     )
 
 
@@ -224,7 +232,12 @@ FROM_COORDINATOR: dict[str, dict[str, Check]] = {
         "heartbeat_interval_s": _is_number,
         "liveness_s": _is_number,
     },
-    "JOB": {"coordinator": _is_str, "job": _is_wire_job, "resume": _opt(_is_str_map)},
+    "JOB": {
+        "coordinator": _is_str,
+        "job": _is_wire_job,
+        "resume": _opt(_is_str_map),
+        "resume_stored": _opt(_is_count_map),
+    },
     "ACK": {
         "job_id": _is_int,
         "attempt": _is_int,
@@ -284,6 +297,24 @@ def decode_from_worker(frames: Sequence[bytes]) -> Message:
 def decode_from_coordinator(frames: Sequence[bytes]) -> Message:
     """Decode a message the coordinator sent."""
     return _decode(frames, FROM_COORDINATOR)
+
+
+def resume_fields(marks: models.LogMarks) -> dict[str, Any]:
+    """JOB's resume and resume_stored for a re-attach, from the store's log marks."""
+    return {
+        "resume": {stream: ts for stream, (ts, _) in marks.items()},
+        "resume_stored": {stream: count for stream, (_, count) in marks.items()},
+    }
+
+
+def resume_marks(body: dict[str, Any]) -> models.LogMarks | None:
+    """The log marks a JOB body carries (None: not a re-attach); a count an older
+    coordinator did not send is -1 (unknown)."""
+    resume = body.get("resume")
+    if resume is None:
+        return None
+    stored = body.get("resume_stored") or {}
+    return {stream: (ts, stored.get(stream, -1)) for stream, ts in resume.items()}
 
 
 def split_line(text: str, limit: int = MAX_LINE) -> list[str]:

@@ -97,6 +97,12 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("worker", "DONE", {"status": "CANCELLED", "exit_code": 143, "error": "cancelled"}),
     ("coordinator", "JOB", {"job": {**WIRE_JOB, "command": None, "auth": None, "timeout": None}}),
     ("coordinator", "JOB", {"job": {**WIRE_JOB, "gpus": [], "env": {}, "timeout": 60}}),
+    ("coordinator", "JOB", {"resume": {"stdout": "2026-01-01T00:00:00.000000000Z"}}),
+    (
+        "coordinator",
+        "JOB",
+        {"resume": {"stdout": "2026-01-01T00:00:00.000000000Z"}, "resume_stored": {"stdout": 2}},
+    ),
     ("coordinator", "ACK", {"done": False, "seq": 0}),
     ("coordinator", "HEARTBEAT", {"known": False}),
 ]
@@ -269,6 +275,7 @@ def test_the_optional_fields_are_the_documented_ones() -> None:
         "DONE.error",
         "DONE.executed_at",
         "JOB.resume",
+        "JOB.resume_stored",
         "LOG.last",
         "HELLO.mounts",
         "HEARTBEAT.usage",
@@ -414,6 +421,11 @@ WRONG_TYPES: list[tuple[str, str, str, Any]] = [
     ("coordinator", "JOB", "job", _job(timeout=True)),
     ("coordinator", "JOB", "job", _job(first_seq=None)),
     ("coordinator", "JOB", "job", _job(first_seq=1.0)),
+    ("coordinator", "JOB", "resume", {"stdout": 1}),
+    ("coordinator", "JOB", "resume_stored", {"stdout": "2"}),
+    ("coordinator", "JOB", "resume_stored", {"stdout": -1}),
+    ("coordinator", "JOB", "resume_stored", {"stdout": True}),
+    ("coordinator", "JOB", "resume_stored", [2]),
     # ACK
     ("coordinator", "ACK", "job_id", "7"),
     ("coordinator", "ACK", "seq", True),
@@ -614,3 +626,13 @@ def test_fuzz_field_values() -> None:
             else:
                 body[key] = _random_value(rng)
         _decode_only_raises_protocol_error(raw(msg_type, body))
+
+
+def test_resume_marks_round_trip_and_an_older_coordinators_count_is_unknown() -> None:
+    marks = {"stdout": ("2026-01-01T00:00:00.000000001Z", 2), "stderr": ("2026-01-01T00:00:00Z", 1)}
+    body = {"coordinator": "c-1", "job": WIRE_JOB, **protocol.resume_fields(marks)}
+    decoded = protocol.decode_from_coordinator(protocol.encode("JOB", body))
+    assert protocol.resume_marks(decoded.body) == marks
+    older = {"coordinator": "c-1", "job": WIRE_JOB, "resume": {"stdout": marks["stdout"][0]}}
+    assert protocol.resume_marks(older) == {"stdout": (marks["stdout"][0], -1)}
+    assert protocol.resume_marks({"coordinator": "c-1", "job": WIRE_JOB}) is None

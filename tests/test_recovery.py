@@ -3,10 +3,12 @@ Real processes (kill -9), real containers, real sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -97,6 +99,18 @@ def processes(docker_client) -> Iterator[list[Process]]:
     remove_containers(docker_client, {"proc-w1", "proc-w2", "proc-w3"})
 
 
+def start_worker(cluster: Cluster, processes: list[Process], tmp_path: Path) -> Process:
+    """`gpubox worker` proc-w1 in its own process, linked to the cluster's coordinator."""
+    state = cluster.coordinator.config.state_dir
+    worker = Process(
+        ["worker"],
+        worker_env(state, "proc-w1", cluster.coordinator.link_endpoint),
+        tmp_path / "worker.log",
+    )
+    processes.append(worker)
+    return worker
+
+
 def counting_job(cluster: Cluster, lines: int, pause: float = 0.05, **fields: Any) -> dict:
     script = f"for i in $(seq 1 {lines}); do echo line-$i; sleep {pause}; done"
     return cluster.submit(IMAGE, ["sh", "-c", script], **fields)
@@ -112,13 +126,7 @@ def test_worker_killed_and_restarted_reattaches_and_loses_no_line(
     make_cluster, processes, docker_client, tmp_path
 ):
     cluster: Cluster = make_cluster(workers=0)
-    state = cluster.coordinator.config.state_dir
-    worker = Process(
-        ["worker"],
-        worker_env(state, "proc-w1", cluster.coordinator.link_endpoint),
-        tmp_path / "worker.log",
-    )
-    processes.append(worker)
+    worker = start_worker(cluster, processes, tmp_path)
     job = counting_job(cluster, 80)
     wait_until(lambda: len(cluster.lines(job["id"])) >= 10, 30, "ten lines stored")
     worker.kill9()
@@ -138,6 +146,35 @@ def test_worker_killed_and_restarted_reattaches_and_loses_no_line(
         10,
         "the container gone",
     )
+
+
+@SQLITE_ONLY
+def test_a_reattach_completes_a_long_line_of_which_only_some_pieces_were_stored(
+    make_cluster, processes, tmp_path
+):
+    """A 150 KiB line travels as three pieces (64 KiB at most each), in separate batches.
+    The worker is killed once all are stored; the store is then put back to the moment only
+    the first was (a kill between two batches, made certain). The restarted worker re-attaches
+    and sends the other two pieces, then the rest: nothing lost, nothing twice."""
+    cluster: Cluster = make_cluster(workers=0)
+    worker = start_worker(cluster, processes, tmp_path)
+    script = 'echo before; head -c 153600 /dev/zero | tr "\\000" x; echo; sleep 3; echo after'
+    job = cluster.submit(IMAGE, ["sh", "-c", script])
+    wait_until(lambda: len(cluster.lines(job["id"])) == 4, 30, "the long line's pieces stored")
+    worker.kill9()
+    pieces = protocol.split_line("x" * 153600)
+    assert [r["line"] for r in cluster.lines(job["id"])] == ["before", *pieces]
+    path = cluster.coordinator.config.db.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as db, db:
+        db.execute("DELETE FROM logs WHERE job_id = ? AND seq > 2", (job["id"],))
+        db.execute("UPDATE jobs SET log_seq = 2 WHERE id = ?", (job["id"],))
+    assert len(cluster.lines(job["id"])) == 2  # "before" and the first piece
+    worker.start()
+    done = cluster.wait(job["id"], timeout_s=60)
+    assert done["status"] == "FINISHED" and done["attempts"] == 1, done
+    stored = cluster.lines(job["id"])
+    assert [r["line"] for r in stored] == ["before", *pieces, "after"]
+    assert [r["seq"] for r in stored] == [1, 2, 3, 4, 5]
 
 
 def test_a_worker_killed_before_its_done_arrived_reports_the_exit_after_a_restart(
@@ -181,13 +218,7 @@ def test_a_worker_killed_before_its_done_arrived_reports_the_exit_after_a_restar
 
 def test_worker_that_stays_away_has_its_job_requeued_or_failed(make_cluster, processes, tmp_path):
     cluster: Cluster = make_cluster(workers=0)
-    state = cluster.coordinator.config.state_dir
-    worker = Process(
-        ["worker"],
-        worker_env(state, "proc-w1", cluster.coordinator.link_endpoint),
-        tmp_path / "worker.log",
-    )
-    processes.append(worker)
+    worker = start_worker(cluster, processes, tmp_path)
     retried = cluster.submit(IMAGE, ["sleep", "300"], max_retries=1)
     once = cluster.submit(IMAGE, ["sleep", "300"])
     for job in (retried, once):  # started: the worker has them (not merely sent)
@@ -410,7 +441,7 @@ def test_past_the_spill_bound_the_oldest_lines_go_behind_one_marker(make_cluster
     )
     done = cluster.wait(job["id"], timeout_s=60)
     assert done["status"] == "FINISHED" and done["log_lines"] == 50001
-    assert 0 < most <= 64 * 1024 + 8192  # the disk bound held (one segment of slack)
+    assert 0 < most <= 64 * 1024  # the disk bound held, even as batches were added
     stored = cluster.lines(job["id"])
     markers = [r for r in stored if "lines dropped here" in r["line"]]
     assert len(markers) == 1 and markers[0]["stream"] == "stderr"

@@ -517,6 +517,18 @@ def test_finish_of_queued_job_is_ignored(store: base.Store) -> None:
     assert store.get_job(job.id).status is Status.QUEUED
 
 
+def test_log_marks_are_the_last_time_stored_per_stream_and_its_line_count(
+    store: base.Store,
+) -> None:
+    job = running(store)
+    assert store.log_marks(job.id) == {}
+    late = "2024-05-01T12:00:09.000000000Z"
+    lines = [*raw(1, 4), (late, "stdout", "a long line's first piece"), (late, "stdout", "its 2nd")]
+    assert store.append_logs(job.id, 1, 1, lines) == 6
+    # raw(1, 4): stdout at .000001, .000002, .000004; stderr at .000003
+    assert store.log_marks(job.id) == {"stdout": (late, 2), "stderr": (raw(3, 1)[0][0], 1)}
+
+
 def test_finish_before_lines_are_stored_reports_missing_lines(store: base.Store) -> None:
     job = running(store)
     assert store.append_logs(job.id, 1, 1, raw(1, 3)) == 3

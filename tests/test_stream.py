@@ -3,7 +3,8 @@ Docker's): the follow and the catch-up after the container exited never both tak
 (found by scripts/bench: a slow follow joined for 10 s, then catch_up ran beside it and
 1,000,000 lines were stored as 1,632,733); the catch-up reads only the log's end when it can,
 and never misses an entry Docker stored out of timestamp order; a re-attach after a restart
-misses nothing of a stream that had nothing stored."""
+misses nothing of a stream that had nothing stored, nor the rest of a long line of which only
+some pieces were stored."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from gpubox import protocol
+from gpubox.models import LogMarks
 from gpubox.worker.dockerlogs import Entry
 from gpubox.worker.runner import CATCH_UP_TAIL, LineBuffer, LogReader, Masker, ts_ns
 
@@ -60,7 +63,7 @@ def numbered(count: int) -> list[Entry]:
     return [("stdout", stamp(i), b"%d\n" % i) for i in range(count)]
 
 
-def run(logs: FakeLogs, resume: dict[str, str] | None = None) -> list[tuple[str, str]]:
+def run(logs: FakeLogs, resume: LogMarks | None = None) -> list[tuple[str, str]]:
     """Follow to the end, catch up, and return (stream, line) as the buffer hands them out."""
     buffer = LineBuffer(1)
     reader = LogReader(logs, buffer, Masker([]), resume)
@@ -130,10 +133,48 @@ def test_a_reattach_reads_a_stream_with_nothing_stored_from_the_start() -> None:
     log[1:2001] = [("stdout", stamp(1 + i), b"%d\n" % i) for i in range(2000)]
     logs = FakeLogs(log)
     last = ts_text(stamp(2000))
-    assert run(logs, resume={"stdout": last}) == [("stderr", "10% 20%")]
+    assert run(logs, resume={"stdout": (last, 1)}) == [("stderr", "10% 20%")]
 
 
 def ts_text(raw: bytes) -> str:
     from gpubox.worker.runner import normalize_ts
 
     return normalize_ts(raw.decode())
+
+
+def long_line(at: int, size: int) -> tuple[list[Entry], str]:
+    """A line of `size` bytes as Docker logs it: pieces of 16 KiB sharing one timestamp, the
+    last with the newline; and the line."""
+    text = "".join(chr(ord("a") + i % 26) for i in range(size))
+    data = text.encode() + b"\n"
+    cuts = range(0, len(data), 16 * 1024)
+    return [("stdout", stamp(at), data[i : i + 16 * 1024]) for i in cuts], text
+
+
+def test_a_reattach_completes_a_long_line_of_which_only_some_pieces_were_stored() -> None:
+    # A 150 KiB line is stored as three pieces (64 KiB each at most); the worker died after
+    # the first was stored. The new one reads that line again and sends the other two.
+    entries, text = long_line(10, 150 * 1024)
+    log = [*numbered(10), *entries, ("stdout", stamp(11), b"after\n")]
+    pieces = protocol.split_line(text)
+    assert len(pieces) == 3
+    mark = ts_text(stamp(10))
+    assert run(FakeLogs(log), resume={"stdout": (mark, 1)}) == [
+        ("stdout", pieces[1]),
+        ("stdout", pieces[2]),
+        ("stdout", "after"),
+    ]
+    assert run(FakeLogs(log), resume={"stdout": (mark, 3)}) == [("stdout", "after")]
+
+
+def test_a_reattach_takes_a_line_stamped_as_the_last_one_stored() -> None:
+    log = [*numbered(5), ("stdout", stamp(5), b"first\n"), ("stdout", stamp(5), b"twin\n")]
+    mark = ts_text(stamp(5))
+    assert run(FakeLogs(log), resume={"stdout": (mark, 1)}) == [("stdout", "twin")]
+
+
+def test_a_reattach_told_no_count_takes_every_entry_of_the_mark_as_stored() -> None:
+    # What an older coordinator's JOB means (no resume_stored): the count is unknown.
+    entries, _ = long_line(10, 150 * 1024)
+    log = [*numbered(10), *entries, ("stdout", stamp(11), b"after\n")]
+    assert run(FakeLogs(log), resume={"stdout": (ts_text(stamp(10)), -1)}) == [("stdout", "after")]

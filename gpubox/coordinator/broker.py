@@ -641,7 +641,7 @@ class Broker:
                 return models.utcnow() - timedelta(seconds=time.monotonic() - peer.last_seen)
         return None
 
-    def _send_job(self, peer: Peer, job: models.Job, resume: dict[str, str] | None = None) -> bool:
+    def _send_job(self, peer: Peer, job: models.Job, resume: models.LogMarks | None = None) -> bool:
         """Send JOB (its credentials unsealed); the worker must confirm receipt in time."""
         try:
             wire = job.to_wire(self.sealer.credentials(job))
@@ -650,7 +650,7 @@ class Broker:
             return False
         body: dict[str, Any] = {"coordinator": self.coordinator_id, "job": wire}
         if resume is not None:
-            body["resume"] = resume
+            body.update(protocol.resume_fields(resume))
         if not self._send(peer, "JOB", body):
             return False
         peer.assigned[job.id] = list(job.gpu_ids)

@@ -174,9 +174,10 @@ class Store(abc.ABC):
         """read_logs as plain (seq, ts, stream, line) tuples, without a LogLine made for each."""
 
     @abc.abstractmethod
-    def log_marks(self, job_id: int) -> dict[str, str]:
-        """The latest timestamp stored for each stream of a job ({} when none), to re-attach
-        to its container. Timestamps are fixed-width RFC 3339, so they compare as text."""
+    def log_marks(self, job_id: int) -> models.LogMarks:
+        """For each stream of a job ({} when none): the latest timestamp stored, and how many
+        lines have exactly that timestamp; to re-attach to its container. Timestamps are
+        fixed-width RFC 3339, so they compare as text."""
 
     # --- workers ------------------------------------------------------------------------------
 

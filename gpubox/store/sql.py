@@ -474,13 +474,21 @@ class SqlStore(base.Store):
         """Let `cur` return plain tuples, not dicts (for reads of many rows)."""
         cur.row_factory = None
 
-    def log_marks(self, job_id: int) -> dict[str, str]:
+    def log_marks(self, job_id: int) -> models.LogMarks:
         with self._read() as cur:
             cur.execute(
                 "SELECT stream, MAX(ts) AS ts FROM logs WHERE job_id = ? GROUP BY stream",
                 (job_id,),
             )
-            return {row["stream"]: row["ts"] for row in cur.fetchall()}
+            latest = [(row["stream"], row["ts"]) for row in cur.fetchall()]
+            marks: models.LogMarks = {}
+            for stream, ts in latest:
+                cur.execute(
+                    "SELECT COUNT(*) AS n FROM logs WHERE job_id = ? AND stream = ? AND ts = ?",
+                    (job_id, stream, ts),
+                )
+                marks[stream] = (ts, int(cur.fetchone()["n"]))
+            return marks
 
     # --- workers ------------------------------------------------------------------------------
 

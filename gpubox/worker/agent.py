@@ -56,7 +56,7 @@ class Runtime(Protocol):
         cancel: threading.Event,
         detach: threading.Event | None = None,
         container: Any = None,
-        resume: dict[str, str] | None = None,
+        resume: models.LogMarks | None = None,
     ) -> None: ...
 
     def recover(self) -> list[tuple[int, int, list[str], Any]]: ...
@@ -308,21 +308,20 @@ class Agent:
     def _on_job(self, body: dict[str, Any], now: float) -> None:
         spec = body["job"]
         job = self.jobs.get(spec["id"])
+        marks = protocol.resume_marks(body)  # a re-attach: where its stored output ends
         found = None
         if self.draining and job is None:
             # Not confirmed in READY: the coordinator queues it again for another worker.
             log.info("job %d: not taken, this worker is draining", spec["id"])
             return
         if job is not None:
-            if job.found is None or job.attempt != spec["attempt"] or body.get("resume") is None:
+            if job.found is None or job.attempt != spec["attempt"] or marks is None:
                 return  # a duplicate delivery
             found, job.found = job.found, None
         else:
             job = LocalJob(spec["id"], spec["attempt"], list(spec["gpus"]), threading.Event())
             self.jobs[job.id] = job
-        run = functools.partial(
-            self._run_job, spec, job.cancel, job.ended, found, body.get("resume")
-        )
+        run = functools.partial(self._run_job, spec, job.cancel, job.ended, found, marks)
         self.runners.start(f"job-{job.id}", run)  # first: the log line can wait, the job not
         log.info(
             "job %d (attempt %d) %s: %s",
@@ -420,7 +419,7 @@ class Agent:
         cancel: threading.Event,
         ended: threading.Event,
         found: Any,
-        resume: dict[str, str] | None,
+        resume: models.LogMarks | None,
         push: zmq.Socket,
     ) -> None:
         def emit(kind: str, body: dict[str, Any]) -> None:

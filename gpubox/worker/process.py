@@ -91,7 +91,7 @@ class ProcessRuntime:
         cancel: threading.Event,
         detach: threading.Event | None = None,
         container: Any = None,
-        resume: dict[str, str] | None = None,
+        resume: models.LogMarks | None = None,
     ) -> None:
         """Run one attempt to its end and emit "started", "lines", then "done" last. With
         `detach` set (the worker is stopping) the process is stopped and nothing more is

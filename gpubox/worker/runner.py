@@ -187,11 +187,17 @@ class LineBuffer:
 
 class _Stream:
     """Where the reading of one stream stands: the last timestamp taken and how many entries
-    had it (-1: skip every entry with that timestamp), and a line still waiting for its end."""
+    had it (-1: skip every entry with that timestamp), and a line still waiting for its end.
 
-    def __init__(self, resume_after: str) -> None:
-        self.last_ts = resume_after
-        self.at_last = 0 if not resume_after else -1
+    A re-attach starts at the last timestamp stored: its entries are read again, and the
+    first `drop` lines (pieces) they make are dropped, being stored already. When how many
+    are stored is not known (-1), every entry with that timestamp is skipped."""
+
+    def __init__(self, mark: tuple[str, int] = ("", 0)) -> None:
+        self.last_ts, stored = mark
+        self.at_last = -1 if self.last_ts and stored < 0 else 0
+        self.drop = max(stored, 0) if self.last_ts else 0
+        self.drop_ts = self.last_ts
         self.pending = b""
         self.pending_ts = ""
 
@@ -204,19 +210,22 @@ class LogReader:
     the pieces are joined here. Timestamps are normalised to nine fraction digits, so they
     sort as text. Per stream the reader remembers the last timestamp it took and how many
     entries had it, so `catch_up` reads what a live follow missed without repeating a line;
-    `resume` (the last timestamp stored per stream) makes it skip everything up to and
-    including those, to re-attach to a container whose earlier lines are stored.
+    `resume` (per stream, the last timestamp stored and how many lines had it) makes it skip
+    what is stored, to re-attach to a container whose earlier lines are stored: the rest of
+    a long line of which only some pieces were stored is taken, not lost.
     """
 
     def __init__(
-        self, logs: Any, buffer: LineBuffer, mask: Masker, resume: dict[str, str] | None = None
+        self, logs: Any, buffer: LineBuffer, mask: Masker, resume: models.LogMarks | None = None
     ) -> None:
         # .batches(follow, since, tail) of (stream, timestamp, data), .container_exited(),
         # .close(): a DockerLogs or a JsonLogFile
         self.logs = logs
         self.buffer = buffer
         self.mask = mask
-        self.streams = {s: _Stream((resume or {}).get(s, "")) for s in protocol.STREAMS}
+        marks = resume or {}
+        self.streams = {s: _Stream(marks.get(s, ("", 0))) for s in protocol.STREAMS}
+        self._dropping = any(state.drop for state in self.streams.values())
         self.last_stream: str | None = None  # the stream of the last entry taken
         self.taken = 0  # entries taken so far: how the runner sees the follow progress
         self._lock = threading.Lock()
@@ -308,8 +317,26 @@ class LogReader:
             if entries:
                 self.taken += len(entries)
                 self.last_stream = entries[-1][0]
-            self.buffer.add_many(lines)
+            self.buffer.add_many(self._drop_stored(lines) if self._dropping else lines)
         return True
+
+    def _drop_stored(self, lines: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """Of the lines a re-attach reads again, those not stored yet: per stream, the first
+        `drop` lines (pieces, as LineBuffer cuts them) stamped with its mark are stored."""
+        kept = []
+        for ts, stream, text in lines:
+            state = self.streams[stream]
+            if state.drop and ts == state.drop_ts:
+                pieces = protocol.split_line(text)
+                stored = min(state.drop, len(pieces))
+                state.drop -= stored
+                kept += [(ts, stream, piece) for piece in pieces[stored:]]
+                continue
+            if ts > state.drop_ts:
+                state.drop = 0  # past the mark: what had it is all read
+            kept.append((ts, stream, text))
+        self._dropping = any(state.drop for state in self.streams.values())
+        return kept
 
     def abandon(self) -> None:
         """Stop the follow from taking anything more, and end its read."""
@@ -351,13 +378,8 @@ class LogReader:
                 self._read(follow=False)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             log.warning("reading the rest of the log of %s failed: %s", self.logs.container_id, exc)
-        self.buffer.add_many(
-            [
-                self._pending_line(name, state)
-                for name, state in self.streams.items()
-                if state.pending
-            ]
-        )
+        last = [self._pending_line(name, s) for name, s in self.streams.items() if s.pending]
+        self.buffer.add_many(self._drop_stored(last) if self._dropping else last)
 
 
 class DockerRuntime:
@@ -397,7 +419,7 @@ class DockerRuntime:
         cancel: threading.Event,
         detach: threading.Event | None = None,
         container: Any = None,
-        resume: dict[str, str] | None = None,
+        resume: models.LogMarks | None = None,
     ) -> None:
         """Run one attempt to its end; emits exactly one "done" last, unless `detach` is set
         first: then it returns at once and leaves the container running, for a later worker
@@ -574,7 +596,7 @@ class DockerRuntime:
         emit: Emit,
         cancel: threading.Event,
         detach: threading.Event,
-        resume: dict[str, str],
+        resume: models.LogMarks,
     ) -> dict[str, Any] | None:
         exited = threading.Event()
         api_logs = DockerLogs(self.client.api, container.id)

@@ -8,6 +8,7 @@ some pieces were stored."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,15 @@ from collections.abc import Iterator
 from gpubox import protocol
 from gpubox.models import LogMarks
 from gpubox.worker.dockerlogs import Entry
-from gpubox.worker.runner import CATCH_UP_TAIL, LineBuffer, LogReader, Masker, ts_ns
+from gpubox.worker.runner import (
+    BATCH_BYTES,
+    BATCH_LINES,
+    CATCH_UP_TAIL,
+    LineBuffer,
+    LogReader,
+    Masker,
+    ts_ns,
+)
 
 
 def stamp(ms: int) -> bytes:
@@ -178,3 +187,31 @@ def test_a_reattach_told_no_count_takes_every_entry_of_the_mark_as_stored() -> N
     entries, _ = long_line(10, 150 * 1024)
     log = [*numbered(10), *entries, ("stdout", stamp(11), b"after\n")]
     assert run(FakeLogs(log), resume={"stdout": (ts_text(stamp(10)), -1)}) == [("stdout", "after")]
+
+
+def test_the_buffer_hands_out_lines_in_time_order_in_batches_within_both_bounds() -> None:
+    rng = random.Random(8)
+    sizes = [rng.choice([1, 10, 200, 5_000, 30_000, 65_536]) for _ in range(600)]
+    sizes += [1] * 2_500  # many short lines: cut by count
+    lines = [(ts_text(stamp(i)), "stdout", "x" * size) for i, size in enumerate(sizes)]
+    buffer = LineBuffer(7)
+    buffer.add_many(lines[1::2])  # the other stream's copier stored these first
+    buffer.add_many(lines[0::2])
+    batches = buffer.take(0)
+    # As a batch is filled line by line: a line that would take it past either bound
+    # starts the next one.
+    expected, current, size = [], [], 0
+    for line in lines:
+        if current and (len(current) >= BATCH_LINES or size + len(line[2]) > BATCH_BYTES):
+            expected.append(current)
+            current, size = [], 0
+        current.append(list(line))
+        size += len(line[2])
+    expected.append(current)
+    assert [batch for _, batch in batches] == expected
+    firsts = [seq for seq, _ in batches]
+    assert firsts[0] == 7
+    assert all(
+        b == a + len(batch) for a, b, (_, batch) in zip(firsts, firsts[1:], batches, strict=False)
+    )
+    assert buffer.next_seq == 7 + len(lines)

@@ -7,7 +7,10 @@ each batch of output, and always exactly one ("done", {status, exit_code, error,
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import operator
 import sys
 import threading
 import time
@@ -112,6 +115,9 @@ def secret_values(job: dict[str, Any]) -> list[str]:
     return values
 
 
+_TS, _TEXT = operator.itemgetter(0), operator.itemgetter(2)
+
+
 class LineBuffer:
     """Lines from both streams, handed out in batches with consecutive sequence numbers."""
 
@@ -136,9 +142,9 @@ class LineBuffer:
         """Lines as (timestamp, stream, text); a text over protocol.MAX_LINE is split."""
         if not lines:
             return
-        if any(len(text) * 4 > protocol.MAX_LINE for _, _, text in lines):
+        if max(map(len, map(_TEXT, lines))) * 4 > protocol.MAX_LINE:
             lines = [(ts, s, piece) for ts, s, text in lines for piece in protocol.split_line(text)]
-        size = sum(len(text) for _, _, text in lines)
+        size = sum(map(len, map(_TEXT, lines)))
         with self._cond:
             before = len(self._lines)
             self._lines += lines
@@ -168,20 +174,19 @@ class LineBuffer:
                 self._cond.wait(GATHER_S)
             pending, self._lines, self._bytes, self._woken = self._lines, [], 0, False
         # Timestamps are normalised (nine fraction digits, Z): as text they sort in time order.
-        pending.sort(key=lambda item: item[0])
+        pending.sort(key=_TS)
+        # Cut where a batch would pass BATCH_LINES lines or BATCH_BYTES of text (a batch has
+        # one line at least), found on the running total of the lines' sizes.
+        ends = list(itertools.accumulate(map(len, map(_TEXT, pending))))
         batches: list[tuple[int, list[list[str]]]] = []
-        current: list[list[str]] = []
-        size = 0
-        for ts, stream, text in pending:
-            if current and (len(current) >= BATCH_LINES or size + len(text) > BATCH_BYTES):
-                batches.append((self.next_seq, current))
-                self.next_seq += len(current)
-                current, size = [], 0
-            current.append([ts, stream, text])
-            size += len(text)
-        if current:
-            batches.append((self.next_seq, current))
-            self.next_seq += len(current)
+        start, before = 0, 0
+        while start < len(pending):
+            end = min(
+                start + BATCH_LINES, max(start + 1, bisect.bisect_right(ends, before + BATCH_BYTES))
+            )
+            batches.append((self.next_seq, list(map(list, pending[start:end]))))
+            self.next_seq += end - start
+            start, before = end, ends[end - 1]
         return batches
 
 
@@ -249,6 +254,11 @@ class LogReader:
         it stopped."""
         skips: dict[str, list[Any]] = {n: [s.last_ts, s.at_last] for n, s in self.streams.items()}
         for batch in self.logs.batches(follow, self._since()):
+            if not any(skip[0] for skip in skips.values()):  # nothing (more) to skip: usual
+                fresh = [(s, normalize_ts(ts.decode("ascii", "replace")), d) for s, ts, d in batch]
+                if not self._take_all(fresh, follow):
+                    return
+                continue
             fresh = []
             for stream, raw_ts, data in batch:
                 ts = normalize_ts(raw_ts.decode("ascii", "replace"))

@@ -3,6 +3,7 @@ settings, and request latencies with a big store behind the coordinator."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib.common import Context, Row, cluster, connect, free_port, ms, percentile
+from benchlib.worker_rows import context_switches, process_times
 from gpubox import models
 from gpubox.coordinator.api import PAGE_LINES
 from gpubox.store import Store, open_store
@@ -68,21 +70,26 @@ def submit(ctx: Context) -> list[Row]:
     seconds = 1.5 if ctx.quick else 5.0
     body = json.dumps(SUBMIT_BODY).encode()
     with cluster(ctx) as made:
-        rate = hammer(made.url, made.token, body, threads=8, seconds=seconds)
-    with bare_app() as url:
-        bare = hammer(url, "", body, threads=8, seconds=seconds)
+        ours = hammer(
+            made.url, made.token, body, threads=8, seconds=seconds, server=made.coordinator.pid
+        )
+    with bare_app() as (url, pid):
+        bare = hammer(url, "", body, threads=8, seconds=seconds, server=pid)
     return [
         Row(
             "submit rate (POST /api/v1/jobs, 8 keep-alive clients, no worker)",
-            f"{rate:,.0f} jobs/s",
-            f"{bare:,.0f} req/s bare (Bottle + Waitress, JSON in and out)",
+            f"{ours.rate:,.0f} jobs/s; the coordinator spent {ours.cpu_ms:.2f} CPU-ms and"
+            f" {ours.switches:.0f} context switches per request",
+            f"{bare.rate:,.0f} req/s bare (Bottle + Waitress, JSON in and out):"
+            f" {bare.cpu_ms:.2f} CPU-ms and {bare.switches:.0f} context switches per request",
         )
     ]
 
 
 @contextmanager
-def bare_app() -> Iterator[str]:
-    """BARE_APP in its own process (its own GIL, like the coordinator); yields its URL."""
+def bare_app() -> Iterator[tuple[str, int]]:
+    """BARE_APP in its own process (its own GIL, like the coordinator); yields its URL and
+    process id."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", BARE_APP, str(port)],
@@ -100,7 +107,7 @@ def bare_app() -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the bare Bottle app did not start") from None
                 time.sleep(0.05)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
@@ -110,9 +117,20 @@ def bare_app() -> Iterator[str]:
             proc.wait()
 
 
-def hammer(url: str, token: str, body: bytes, threads: int, seconds: float) -> float:
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """What hammer() measured: requests answered per second, and what each cost the server
+    process (CPU-milliseconds, context switches of all its threads)."""
+
+    rate: float
+    cpu_ms: float
+    switches: float
+
+
+def hammer(url: str, token: str, body: bytes, threads: int, seconds: float, server: int) -> Load:
     """POST /api/v1/jobs answered 201 per second, from `threads` threads with one keep-alive
-    connection each, for about `seconds` (after a short warm-up)."""
+    connection each, for about `seconds` (after a short warm-up); `server` is the process id
+    of the server, whose cost per request is measured over the same time."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -143,12 +161,15 @@ def hammer(url: str, token: str, body: bytes, threads: int, seconds: float) -> f
     with suppress(threading.BrokenBarrierError):  # a client failed: reported below
         start.wait()
     began = time.monotonic()
+    cpu, switches = process_times(server)[0], context_switches(server)
     end[0] = began + seconds
     for thread in pool:
         thread.join()
     if failures:
         raise RuntimeError(f"a client failed: {failures[0]!r}") from failures[0]
-    return sum(counts) / (time.monotonic() - began)
+    elapsed, answered = time.monotonic() - began, max(1, sum(counts))
+    cpu, switches = process_times(server)[0] - cpu, context_switches(server) - switches
+    return Load(answered / elapsed, cpu * 1000 / answered, switches / answered)
 
 
 def post_job(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str]) -> None:

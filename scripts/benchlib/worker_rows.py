@@ -129,6 +129,20 @@ def process_times(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / ticks, (int(fields[13]) + int(fields[14])) / ticks
 
 
+def context_switches(pid: int) -> int:
+    """Context switches so far of a process's live threads (voluntary and not)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for line in status.splitlines():
+            if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                total += int(line.split()[1])
+    return total
+
+
 def machine_times() -> tuple[float, float]:
     """CPU-seconds the whole machine was busy, and in all (busy, idle and I/O wait)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]

@@ -182,6 +182,18 @@ def test_a_reattach_takes_a_line_stamped_as_the_last_one_stored() -> None:
     assert run(FakeLogs(log), resume={"stdout": (mark, 1)}) == [("stdout", "twin")]
 
 
+def test_a_reattach_whose_follow_stops_early_does_not_send_the_other_streams_lines_again() -> None:
+    # stdout is stored up to o8, stderr up to e12. The follow takes o9 and stops; the catch-up
+    # must not take e10 and e11 (after o9 in the log, but stored: stderr's mark says so).
+    log = [("stdout", stamp(i), b"o%d\n" % i) for i in range(10)]
+    log += [("stderr", stamp(i), b"e%d\n" % i) for i in (10, 11, 12)]
+    log += [("stdout", stamp(13), b"o13\n")]
+    logs = FakeLogs(log)
+    logs.follow_misses = 4
+    marks = {"stdout": (ts_text(stamp(8)), 1), "stderr": (ts_text(stamp(12)), 1)}
+    assert run(logs, resume=marks) == [("stdout", "o9"), ("stdout", "o13")]
+
+
 def test_a_reattach_told_no_count_takes_every_entry_of_the_mark_as_stored() -> None:
     # What an older coordinator's JOB means (no resume_stored): the count is unknown.
     entries, _ = long_line(10, 150 * 1024)

@@ -179,24 +179,25 @@ class LineBuffer:
         # one line at least), found on the running total of the lines' sizes.
         ends = list(itertools.accumulate(map(len, map(_TEXT, pending))))
         batches: list[tuple[int, list[list[str]]]] = []
-        start, before = 0, 0
+        start, cut_bytes = 0, 0  # the first line of the next batch; the bytes before it
         while start < len(pending):
-            end = min(
-                start + BATCH_LINES, max(start + 1, bisect.bisect_right(ends, before + BATCH_BYTES))
-            )
+            fits = bisect.bisect_right(ends, cut_bytes + BATCH_BYTES)
+            end = min(start + BATCH_LINES, max(start + 1, fits))
             batches.append((self.next_seq, list(map(list, pending[start:end]))))
             self.next_seq += end - start
-            start, before = end, ends[end - 1]
+            start, cut_bytes = end, ends[end - 1]
         return batches
 
 
 class _Stream:
-    """Where the reading of one stream stands: the last timestamp taken and how many entries
-    had it (-1: skip every entry with that timestamp), and a line still waiting for its end.
+    """Where the reading of one stream stands: the last timestamp taken and how many of
+    Docker's entries had it (`at_last`; -1: skip every entry with that timestamp), and a
+    line still waiting for its end.
 
-    A re-attach starts at the last timestamp stored: its entries are read again, and the
-    first `drop` lines (pieces) they make are dropped, being stored already. When how many
-    are stored is not known (-1), every entry with that timestamp is skipped."""
+    A re-attach starts at the last timestamp stored (`drop_ts`): its entries are read again,
+    and the first `drop` lines they make are dropped, being stored already (lines as stored:
+    a line over protocol.MAX_LINE counts as its pieces, where `at_last` counts entries). When
+    how many are stored is not known (-1), every entry with that timestamp is skipped."""
 
     def __init__(self, mark: tuple[str, int] = ("", 0)) -> None:
         self.last_ts, stored = mark
@@ -231,6 +232,8 @@ class LogReader:
         marks = resume or {}
         self.streams = {s: _Stream(marks.get(s, ("", 0))) for s in protocol.STREAMS}
         self._dropping = any(state.drop for state in self.streams.values())
+        # Streams with a mark that nothing was taken from since: their skip is still to apply.
+        self._resuming = {s for s, state in self.streams.items() if state.last_ts}
         self.last_stream: str | None = None  # the stream of the last entry taken
         self.taken = 0  # entries taken so far: how the runner sees the follow progress
         self._lock = threading.Lock()
@@ -279,8 +282,10 @@ class LogReader:
         CATCH_UP_TAIL entries (Docker finds those from the end, where `since` has it scan the
         whole log). By position in Docker's order, not by timestamp: an entry of the other
         stream stamped a little earlier but stored later is not missed. False, taking
-        nothing, when the last entry taken is not among them."""
-        if self.last_stream is None:
+        nothing, when the last entry taken is not among them, or when a stream re-attached
+        to has had nothing taken yet (its entries after that one may be stored already: only
+        its mark tells)."""
+        if self.last_stream is None or self._resuming:
             return False
         state = self.streams[self.last_stream]
         found = 0
@@ -327,6 +332,8 @@ class LogReader:
             if entries:
                 self.taken += len(entries)
                 self.last_stream = entries[-1][0]
+                if self._resuming:
+                    self._resuming -= {stream for stream, _, _ in entries}
             self.buffer.add_many(self._drop_stored(lines) if self._dropping else lines)
         return True
 
@@ -434,7 +441,7 @@ class DockerRuntime:
         """Run one attempt to its end; emits exactly one "done" last, unless `detach` is set
         first: then it returns at once and leaves the container running, for a later worker
         to re-attach to. With `container` (found by `recover`) it re-attaches: no pull, no
-        start, and each stream resumes after `resume`'s timestamp for it."""
+        start, and each stream resumes where `resume` says its stored output ends."""
         detach = detach or threading.Event()
         executed_at: str | None = None
         buffer = LineBuffer(job["first_seq"])

@@ -189,6 +189,23 @@ class LineBuffer:
         return batches
 
 
+def _skipped(entry: tuple[str, str, bytes], skips: dict[str, list[Any]]) -> bool:
+    """Whether an entry is one already taken: stamped before its stream's [timestamp, count]
+    mark, or one of the first `count` stamped with it (-1: all of those). The first entry
+    not skipped clears the mark: the stream's timestamps only grow."""
+    stream, ts, _ = entry
+    skip = skips[stream]
+    if not skip[0]:
+        return False
+    if ts < skip[0]:
+        return True
+    if ts == skip[0] and skip[1] != 0:
+        skip[1] -= 1
+        return True
+    skip[0] = ""
+    return False
+
+
 class _Stream:
     """Where the reading of one stream stands: the last timestamp taken and how many of
     Docker's entries had it (`at_last`; -1: skip every entry with that timestamp), and a
@@ -257,23 +274,9 @@ class LogReader:
         it stopped."""
         skips: dict[str, list[Any]] = {n: [s.last_ts, s.at_last] for n, s in self.streams.items()}
         for batch in self.logs.batches(follow, self._since()):
-            if not any(skip[0] for skip in skips.values()):  # nothing (more) to skip: usual
-                fresh = [(s, normalize_ts(ts.decode("ascii", "replace")), d) for s, ts, d in batch]
-                if not self._take_all(fresh, follow):
-                    return
-                continue
-            fresh = []
-            for stream, raw_ts, data in batch:
-                ts = normalize_ts(raw_ts.decode("ascii", "replace"))
-                skip = skips[stream]
-                if skip[0]:
-                    if ts < skip[0]:
-                        continue
-                    if ts == skip[0] and skip[1] != 0:
-                        skip[1] -= 1
-                        continue
-                    skip[0] = ""
-                fresh.append((stream, ts, data))
+            fresh = [(s, normalize_ts(ts.decode("ascii", "replace")), d) for s, ts, d in batch]
+            if any(skip[0] for skip in skips.values()):  # not yet past what was taken
+                fresh = [entry for entry in fresh if not _skipped(entry, skips)]
             if not self._take_all(fresh, follow):
                 return
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -42,6 +43,7 @@ def test_metrics_need_a_token(make_cluster) -> None:  # type: ignore[no-untyped-
 def test_metrics_follow_jobs_workers_gpus_and_lines(make_cluster) -> None:  # type: ignore[no-untyped-def]
     cluster: Cluster = make_cluster(workers=0)
     kind, before = scrape(cluster)
+    scraped = time.monotonic()
     assert kind.startswith("text/plain; version=0.0.4")
     assert before["gpubox_workers_connected"] == 0
     assert before['gpubox_jobs{status="QUEUED"}'] == 0
@@ -71,6 +73,12 @@ def test_metrics_follow_jobs_workers_gpus_and_lines(make_cluster) -> None:  # ty
     assert page["gpubox_dispatch_latency_seconds_count"] == 2
     assert page['gpubox_dispatch_latency_seconds_bucket{le="+Inf"}'] == 2
     assert 0 < page["gpubox_dispatch_latency_seconds_sum"] < 10
+    # The broker worked (two jobs, 250 lines, heartbeats), waiting for work most of the
+    # while (a poll's wait is not work); its CPU was spent inside that work.
+    busy = page["gpubox_broker_busy_seconds_total"] - before["gpubox_broker_busy_seconds_total"]
+    assert 0 < busy < (time.monotonic() - scraped) / 2
+    cpu = page["gpubox_broker_cpu_seconds_total"]
+    assert 0 < cpu <= page["gpubox_broker_busy_seconds_total"] + 0.01
     first_gpu = '{worker="metrics-w",uuid="GPU-fake-metrics-w-0000"}'
     assert page[f"gpubox_gpu_utilization_ratio{first_gpu}"] == 0  # fake GPUs: idle
     assert page[f"gpubox_gpu_memory_used_bytes{first_gpu}"] == 0

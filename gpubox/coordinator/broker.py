@@ -185,6 +185,7 @@ class Broker:
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(100))
+                woke, woke_cpu = time.perf_counter(), time.thread_time()
                 if self.router in events:
                     # A bounded burst (messages, and log lines to store in one transaction),
                     # then the timers run: heartbeats must go out. The allow list is looked
@@ -215,6 +216,8 @@ class Broker:
                             break
                         self._guard(self._on_poke, kind.decode(), int(job_id))
                 self.step(time.monotonic())
+                self.counters.busy_s += time.perf_counter() - woke
+                self.counters.cpu_s += time.thread_time() - woke_cpu
         finally:
             self.close()
 

@@ -48,6 +48,11 @@ class BrokerCounters:
     dispatch: Histogram = dataclasses.field(default_factory=lambda: Histogram(DISPATCH_BUCKETS))
     log_lines: int = 0
     jobs_sent: int = 0
+    # Wall seconds the broker thread spent working (anything but waiting for a message),
+    # and its CPU seconds: busy near the wall clock means the broker is what dispatch waits
+    # for; CPU far below busy means it waits inside its work (the store's commits, the GIL).
+    busy_s: float = 0.0
+    cpu_s: float = 0.0
 
 
 def metric(name: str, kind: str, help_text: str, samples: Iterable[str]) -> list[str]:
@@ -90,6 +95,20 @@ def render(
             "counter",
             "Job attempts sent to workers.",
             [f"gpubox_jobs_dispatched_total {counters.jobs_sent}"],
+        ),
+        *metric(
+            "gpubox_broker_busy_seconds_total",
+            "counter",
+            "Seconds the broker thread spent working rather than waiting for work: a rate"
+            " near 1 means it is saturated, and dispatch waits for it.",
+            [f"gpubox_broker_busy_seconds_total {counters.busy_s:.3f}"],
+        ),
+        *metric(
+            "gpubox_broker_cpu_seconds_total",
+            "counter",
+            "CPU seconds of the broker thread: far below its busy seconds, it waits inside"
+            " its work (the store's commits, other threads holding the interpreter).",
+            [f"gpubox_broker_cpu_seconds_total {counters.cpu_s:.3f}"],
         ),
         *metric(
             "gpubox_log_lines_stored_total",

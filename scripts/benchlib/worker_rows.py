@@ -8,6 +8,7 @@ import json
 import os
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,14 @@ def throughput(ctx: Context) -> list[Row]:
             "what the dispatch and run path takes without submits sharing the 2 cores",
         )
     )
+    rows.append(
+        Row(
+            "broker thread, 2 workers, submit → FINISHED",
+            f"{rates[1][1].broker} of the run's wall time (from its /metrics counters)",
+            "busy ≈ 100 %: dispatch waits for the broker; CPU well below busy: it waits inside"
+            " its work (commits, the GIL)",
+        )
+    )
     cost = rates[1][1]
     cores = os.cpu_count() or 1
     rows.append(
@@ -76,6 +85,38 @@ class Cost:
     children: float  # the jobs' processes, reaped by the workers
     clients: float  # this process: the submitting clients and the waiting
     rest: float  # kernel threads, dockerd, other tenants: total minus the above
+    broker: Broker  # the coordinator's broker thread over the run
+
+
+@dataclasses.dataclass(frozen=True)
+class Broker:
+    """What the broker thread did over a run, from its /metrics counters: wall seconds
+    working (not waiting for a message) and CPU seconds, as shares of the run."""
+
+    busy: float
+    cpu: float
+
+    def __str__(self) -> str:
+        return f"busy {self.busy:.0%}, on CPU {self.cpu:.0%}"
+
+
+def broker_seconds(made: Cluster) -> tuple[float, float]:
+    """The broker thread's busy and CPU seconds so far (gpubox_broker_*_seconds_total)."""
+    headers = {"Authorization": f"Bearer {made.token}"}
+    request = urllib.request.Request(f"{made.url}/metrics", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        samples = dict(
+            line.split(" ", 1) for line in response.read().decode().splitlines() if line[:1] != "#"
+        )
+    return (
+        float(samples["gpubox_broker_busy_seconds_total"]),
+        float(samples["gpubox_broker_cpu_seconds_total"]),
+    )
+
+
+def broker_share(made: Cluster, before: tuple[float, float], seconds: float) -> Broker:
+    busy, cpu = broker_seconds(made)
+    return Broker((busy - before[0]) / seconds, (cpu - before[1]) / seconds)
 
 
 def _throughput(ctx: Context, workers: int, jobs: int) -> tuple[float, Cost]:
@@ -83,12 +124,14 @@ def _throughput(ctx: Context, workers: int, jobs: int) -> tuple[float, Cost]:
         for index in range(workers):
             made.add_worker(f"w{index}", jobs="16")
         pids = [proc.pid for proc in made.processes]
+        broker_before = broker_seconds(made)
         before = [process_times(pid) for pid in pids], machine_times(), os.times()
         started = time.monotonic()
         submit_many(made, jobs, ["true"])
         made.wait_idle()
         elapsed = time.monotonic() - started
         after = [process_times(pid) for pid in pids], machine_times(), os.times()
+        broker = broker_share(made, broker_before, elapsed)
         finished = sum(1 for job in made.all_jobs() if job["status"] == "FINISHED")
         if finished != jobs:
             raise RuntimeError(f"{jobs - finished} of {jobs} jobs did not finish")
@@ -99,7 +142,8 @@ def _throughput(ctx: Context, workers: int, jobs: int) -> tuple[float, Cost]:
     mine = after[2].user + after[2].system - before[2].user - before[2].system
     total = (busy_a - busy_b) * per_job
     parts = own[0], sum(own[1:]), reaped * per_job, mine * per_job
-    cost = Cost(total, (busy_a - busy_b) / max(all_a - all_b, 1e-9), *parts, total - sum(parts))
+    busy = (busy_a - busy_b) / max(all_a - all_b, 1e-9)
+    cost = Cost(total, busy, *parts, total - sum(parts), broker)
     return jobs / elapsed, cost
 
 

@@ -92,6 +92,28 @@ def test_the_disk_bound_holds_while_a_batch_is_added(tmp_path: Path):
     assert on_disk and max(on_disk) <= 64 * 1024
 
 
+def test_a_batch_larger_than_the_bound_is_dropped_as_it_comes(tmp_path: Path):
+    """A bound smaller than one batch: that batch is not written (the bound holds), the
+    job's batches before it go behind the same marker, and other jobs keep theirs."""
+    root = tmp_path / "spill"
+    spill = Spill(root, max_bytes=16 * 1024)
+    for seq in (1, 11, 21):
+        spill.push(1, seq, batch(seq, 10))
+        spill.push(2, seq, batch(seq, 10))
+    spill.push(1, 31, batch(31, 100, width=300))  # ~31 KiB alone
+    on_disk = sum(p.stat().st_size for p in root.iterdir())
+    assert on_disk == spill.size <= 16 * 1024
+    assert spill.dropped == 130 and spill.last_seq(1) == 130
+    spill.push(1, 131, batch(131, 10))  # the job goes on after the marker
+    got = drain(spill, 1)
+    assert [(seq, last) for seq, last, _ in got] == [(1, 130), (131, 140)]
+    assert got[0][2][0].startswith("[gpubox: 130 lines dropped here;")
+    assert [text for _, _, lines in drain(spill, 2) for text in lines] == [
+        f"{i:010d}" for i in range(1, 31)
+    ]
+    assert spill.size == 0 and list(root.iterdir()) == []
+
+
 def test_drops_while_reading_keep_one_marker_and_no_gap(tmp_path: Path):
     spill = Spill(tmp_path / "spill", max_bytes=16 * 1024)
     seq, covered = 1, []

@@ -10,7 +10,9 @@ stored.
 Before a batch would take what is on disk past `max_bytes`, the oldest spilled batches are
 dropped a segment at a time (the bound holds at every moment, not only between pushes), and
 the job's queue begins with one marker line saying how many lines were dropped; the marker
-batch covers the dropped sequence numbers (`last`), so the coordinator sees no gap.
+batch covers the dropped sequence numbers (`last`), so the coordinator sees no gap. A batch
+larger than the whole bound (only a bound of a couple of hundred KiB or less allows one) is
+dropped as it comes, with its job's batches queued before it; other jobs keep theirs.
 """
 
 from __future__ import annotations
@@ -98,10 +100,18 @@ class Spill:
 
     def push(self, job_id: int, seq: int, lines: list[list[str]]) -> None:
         """Queue a batch after every batch queued for job_id so far. The oldest batches go
-        first if it would not fit under max_bytes: what is on disk never exceeds it (unless
-        this one batch alone does)."""
+        first if it would not fit under max_bytes: what is on disk never exceeds it."""
         record = msgpack.packb([seq, lines], use_bin_type=True)
         size = LENGTH.size + len(record)
+        if size > self.max_bytes:
+            # It could never be written: drop it, and this job's queue before it so that the
+            # marker, which goes out first, stays in order.
+            while self._queues.get(job_id):
+                self._drop_head(job_id)
+            marker = self._markers.setdefault(job_id, _Marker(seq, 0, ""))
+            marker.last, marker.ts = seq + len(lines) - 1, lines[-1][0]
+            self.dropped += len(lines)
+            return
         while self.size + size > self.max_bytes and self._drop_oldest():
             pass
         queue = self._queues.setdefault(job_id, collections.deque())
@@ -164,14 +174,17 @@ class Spill:
         queues = [(sum(s.size for s in q), job_id) for job_id, q in self._queues.items() if q]
         if not queues:
             return False
-        _, job_id = max(queues)
+        self._drop_head(max(queues)[1])
+        return True
+
+    def _drop_head(self, job_id: int) -> None:
+        """Drop the unread part of job_id's oldest segment, noting it in the job's marker."""
         segment = self._queues[job_id][0]
         if segment.unread:
             marker = self._markers.setdefault(job_id, _Marker(segment.first_seq, 0, ""))
             marker.last, marker.ts = segment.last_seq, segment.last_ts
             self.dropped += segment.last_seq - segment.first_seq + 1
         self._remove_head(job_id)
-        return True
 
     def _remove_head(self, job_id: int) -> None:
         queue = self._queues[job_id]

@@ -85,11 +85,11 @@ class Cost:
     children: float  # the jobs' processes, reaped by the workers
     clients: float  # this process: the submitting clients and the waiting
     rest: float  # kernel threads, dockerd, other tenants: total minus the above
-    broker: Broker  # the coordinator's broker thread over the run
+    broker: BrokerShare  # the coordinator's broker thread over the run
 
 
 @dataclasses.dataclass(frozen=True)
-class Broker:
+class BrokerShare:
     """What the broker thread did over a run, from its /metrics counters: wall seconds
     working (not waiting for a message) and CPU seconds, as shares of the run."""
 
@@ -114,9 +114,9 @@ def broker_seconds(made: Cluster) -> tuple[float, float]:
     )
 
 
-def broker_share(made: Cluster, before: tuple[float, float], seconds: float) -> Broker:
+def broker_share_since(made: Cluster, before: tuple[float, float], seconds: float) -> BrokerShare:
     busy, cpu = broker_seconds(made)
-    return Broker((busy - before[0]) / seconds, (cpu - before[1]) / seconds)
+    return BrokerShare((busy - before[0]) / seconds, (cpu - before[1]) / seconds)
 
 
 def _throughput(ctx: Context, workers: int, jobs: int) -> tuple[float, Cost]:
@@ -131,7 +131,7 @@ def _throughput(ctx: Context, workers: int, jobs: int) -> tuple[float, Cost]:
         made.wait_idle()
         elapsed = time.monotonic() - started
         after = [process_times(pid) for pid in pids], machine_times(), os.times()
-        broker = broker_share(made, broker_before, elapsed)
+        broker = broker_share_since(made, broker_before, elapsed)
         finished = sum(1 for job in made.all_jobs() if job["status"] == "FINISHED")
         if finished != jobs:
             raise RuntimeError(f"{jobs - finished} of {jobs} jobs did not finish")

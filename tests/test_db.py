@@ -17,7 +17,7 @@ from gpubox import errors, keys, models
 from gpubox.client import ApiError, Client
 from gpubox.coordinator import tokens
 from gpubox.coordinator.server import Coordinator
-from gpubox.store import open_store
+from gpubox.store import open_store, postgres, redacted
 from gpubox.store.base import TABLES
 from gpubox.store.copy import copy_store
 from tests.conftest import PG_URL, Cluster, wait_until
@@ -118,6 +118,36 @@ def answers(client: Client, job_ids: list[int]) -> list[Any]:
 
 
 @pytest.mark.slow
+def test_a_store_url_in_an_error_shows_no_password() -> None:
+    assert (
+        redacted("postgresql://gpubox:hunter2@db:5432/q?sslmode=require")
+        == "postgresql://gpubox:***@db:5432/q?sslmode=require"
+    )
+    assert redacted("postgresql://gpubox@db/q?password=hunter2") == (
+        "postgresql://gpubox@db/q?password=***"
+    )
+    assert redacted("postgresql:///q?host=/var/run/postgresql") == (
+        "postgresql:///q?host=/var/run/postgresql"
+    )
+    with pytest.raises(errors.ConfigError) as bad:
+        open_store("mysql://gpubox:hunter2@db/q")
+    assert "hunter2" not in str(bad.value) and "gpubox:***@db" in str(bad.value)
+
+
+@pytest.mark.slow
+def test_an_unreachable_postgresql_is_named_without_its_password_and_with_the_cause() -> None:
+    """The pool tries for 10 s, then the error says why, as libpq does (no server there)."""
+    with pytest.raises(errors.StoreUnavailable) as down:
+        open_store("postgresql://gpubox:hunter2@127.0.0.1:1/q")
+    message = str(down.value)
+    assert "hunter2" not in message
+    assert message.startswith(
+        "cannot connect to PostgreSQL at postgresql://gpubox:***@127.0.0.1:1/q:"
+    )
+    assert "Connection refused" in message
+    assert "Connection refused" in postgres._connect_error("postgresql://x:y@127.0.0.1:1/q")
+
+
 def test_db_copy_sqlite_into_postgresql_gives_identical_answers(tmp_path: Path, pg_url: str):
     source = f"sqlite:///{tmp_path}/source.db"
     token = fill(source, jobs=1000, lines_per_job=200)  # 500 jobs with lines: 100,000 lines

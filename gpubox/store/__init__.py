@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import re
+from urllib.parse import urlsplit
+
 from gpubox import errors
 from gpubox.store.base import Store
+
+
+def redacted(url: str) -> str:
+    """A store URL as an error message may show it: a password in it (user:PASSWORD@, or
+    password=… among its parameters) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a malformed URL)"
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        url = parts._replace(netloc=netloc).geturl()
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
 
 
 def open_store(url: str, upgrade: bool = True) -> Store:
@@ -14,10 +30,12 @@ def open_store(url: str, upgrade: bool = True) -> Store:
 
         path = url.removeprefix("sqlite://")
         if not path or path == "/":
-            raise errors.ConfigError(f"db: no file in {url!r} (want sqlite:///path/to/file.db)")
+            raise errors.ConfigError(
+                f"db: no file in {redacted(url)!r} (want sqlite:///path/to/file.db)"
+            )
         return sqlite.SqliteStore(path, upgrade)
     if url.startswith(("postgresql://", "postgres://")):
         from gpubox.store import postgres
 
         return postgres.PostgresStore(url, upgrade)
-    raise errors.ConfigError(f"db: {url!r} is neither sqlite:///… nor postgresql://…")
+    raise errors.ConfigError(f"db: {redacted(url)!r} is neither sqlite:///… nor postgresql://…")

@@ -16,7 +16,7 @@ import psycopg_pool
 from psycopg.rows import dict_row, tuple_row
 
 from gpubox import errors
-from gpubox.store import sql
+from gpubox.store import redacted, sql
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,15 @@ def _check_idle(conn: psycopg.Connection[Any]) -> None:
         raise psycopg.OperationalError("the server ended this connection")
 
 
+def _connect_error(url: str) -> str:
+    """Why a connection to `url` fails, as libpq says it (the pool only logs its tries)."""
+    try:
+        psycopg.connect(url, connect_timeout=5).close()
+    except psycopg.Error as exc:
+        return " ".join(str(exc).split()) or type(exc).__name__
+    return "it did not answer in time"
+
+
 class PostgresStore(sql.SqlStore):
     """The store in a PostgreSQL database."""
 
@@ -177,7 +186,9 @@ class PostgresStore(sql.SqlStore):
             self.pool.open(wait=True, timeout=10.0)
         except psycopg_pool.PoolTimeout as exc:
             self.pool.close()
-            raise errors.StoreUnavailable(f"cannot connect to PostgreSQL at {url}") from exc
+            raise errors.StoreUnavailable(
+                f"cannot connect to PostgreSQL at {redacted(url)}: {_connect_error(url)}"
+            ) from exc
         try:
             self._prepare(upgrade)
         except BaseException:

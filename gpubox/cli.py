@@ -244,17 +244,17 @@ def up(config_path: str | None, **flags: Any) -> None:
     setup_logging()
     file_data = cfg.read_file(config_path)
     config = cfg.load(cfg.CoordinatorConfig, flags, file_data, defaults=UP_DEFAULTS)
-    worker_name = keys.check_name(flags.get("name") or _hostname())
+    worker_flags = {k: flags.get(k) for k in ("name", "gpus", "max_jobs", "mounts")}
+    worker_flags["state_dir"] = config.state_dir
+    # The worker's settings are checked before anything starts.
+    worker_config = cfg.load(cfg.WorkerConfig, worker_flags, file_data)
+    worker_name = keys.check_name(worker_config.name or _hostname())
+    worker_config = dataclasses.replace(worker_config, name=worker_name)
+    cfg.check_mount_folders(worker_config.mount_map)
     # First start: the coordinator's keypair, and a key on the allow list for our worker.
     keys.init(config.state_dir)
     if not keys.worker_secret_file(config.state_dir, worker_name).exists():
         keys.add_worker(config.state_dir, worker_name)
-    worker_flags: dict[str, Any] = {k: flags.get(k) for k in ("gpus", "max_jobs", "mounts")}
-    worker_flags["name"] = worker_name
-    worker_flags["state_dir"] = config.state_dir
-    # The worker's settings are checked before anything starts.
-    worker_config = cfg.load(cfg.WorkerConfig, worker_flags, file_data)
-    cfg.check_mount_folders(worker_config.mount_map)
     signals = Signals()
     server = Coordinator(config)
     server.start()
@@ -265,7 +265,11 @@ def up(config_path: str | None, **flags: Any) -> None:
         server.stop()
         raise
     click.echo(f"gpubox is up: HTTP {server.http_url}, state in {config.state_dir}", err=True)
-    click.echo("submit a job from another shell: gpubox submit --follow IMAGE CMD…", err=True)
+    click.echo(
+        f"submit a job from another shell: {_client_env(server.http_url, config.state_dir)}"
+        "gpubox submit --follow IMAGE CMD…",
+        err=True,
+    )
     systemd.notify("READY=1", f"STATUS=serving HTTP on {server.http_url}")
     signals.wait(reload=server.reload)
     systemd.notify("STOPPING=1")
@@ -273,6 +277,17 @@ def up(config_path: str | None, **flags: Any) -> None:
     agent.stop()
     thread.join()
     server.stop()
+
+
+def _client_env(url: str, state_dir: str) -> str:
+    """What a client on this box must be told of a coordinator on `url` with its token in
+    `state_dir`, as environment variables: nothing where the client's defaults find it."""
+    told = []
+    if url != cfg.ClientConfig().url:
+        told.append(f"GPUBOX_URL={url}")
+    if state_dir != cfg.default_state_dir():
+        told.append(f"GPUBOX_STATE_DIR={shlex.quote(state_dir)}")
+    return "".join(f"{item} " for item in told)
 
 
 # --- client commands --------------------------------------------------------------------------

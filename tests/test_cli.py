@@ -142,6 +142,52 @@ def test_client_errors_are_one_clear_line(tmp_path: Path):
     )
 
 
+@pytest.mark.docker
+def test_up_takes_its_worker_name_from_the_config_file_and_says_where_clients_find_it(
+    tmp_path: Path, docker_client
+):
+    """Flag > environment > file > default holds for `up`'s worker name too; on ports and a
+    state folder of its own, `up`'s hint tells a client on the box where to look."""
+    http_port, link_port = free_port(), free_port()
+    state = tmp_path / "state"
+    config = tmp_path / "up.toml"
+    config.write_text('[worker]\nname = "tomlbox"\nmax_jobs = 2\n')
+    env = {**os.environ, "GPUBOX_STATE_DIR": str(state)}
+    env.pop("GPUBOX_NAME", None)
+    log = tmp_path / "up.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                *GPUBOX,
+                "up",
+                "--config",
+                str(config),
+                "--http",
+                f"127.0.0.1:{http_port}",
+                "--bind",
+                f"tcp://127.0.0.1:{link_port}",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        client_env = {**env, "GPUBOX_URL": f"http://127.0.0.1:{http_port}"}
+        wait_until(
+            lambda: "tomlbox" in run("workers", env=client_env).stdout, 30, "the worker tomlbox"
+        )
+        assert socket.gethostname() not in run("workers", env=client_env).stdout
+        hint = f"GPUBOX_URL=http://127.0.0.1:{http_port} GPUBOX_STATE_DIR={state} gpubox submit"
+        assert hint in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+            remove_containers(docker_client, {"tomlbox"})
+
+
 def test_server_errors_are_one_clear_line_and_nothing_starts(tmp_path: Path):
     env = {**os.environ, "GPUBOX_STATE_DIR": str(tmp_path / "state")}
     with socket.socket() as taken:

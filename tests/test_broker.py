@@ -809,7 +809,7 @@ def test_silent_worker_is_lost(link: Link) -> None:
     eventually(lambda: all(link.store.get_job(j).executed_at for j in jobs), what="both started")
 
     worker.keepalive = False  # and it reads nothing more: silent from now on
-    lost_at = time.monotonic()
+    lost_at, silent_since = time.monotonic(), models.utcnow()
     eventually(
         lambda: link.status(failed.id) is not Status.RUNNING,
         timeout_s=LIVENESS_S + 3,
@@ -827,6 +827,8 @@ def test_silent_worker_is_lost(link: Link) -> None:
     (record,) = link.store.list_workers()
     assert record.name == "w1"
     assert record.connected is False
+    # Last heard from before it fell silent, not when it was declared lost.
+    assert (record.last_seen - silent_since).total_seconds() < LIVENESS_S * 0.3
 
     # The lost worker speaks again: it is told to say HELLO, and its late DONE changes nothing.
     worker.inbox.clear()

@@ -70,7 +70,8 @@ class Peer:
             labels=self.labels,
             max_jobs=self.max_jobs,
             connected=connected,
-            last_seen=models.utcnow(),
+            # When it was last heard from (a lost worker: not when it was declared lost).
+            last_seen=models.utcnow() - timedelta(seconds=time.monotonic() - self.last_seen),
             mounts=self.mounts,
         )
 

@@ -153,7 +153,7 @@ def test_up_takes_its_worker_name_from_the_config_file_and_says_where_clients_fi
     config = tmp_path / "up.toml"
     config.write_text('[worker]\nname = "tomlbox"\nmax_jobs = 2\n')
     env = {**os.environ, "GPUBOX_STATE_DIR": str(state)}
-    env.pop("GPUBOX_NAME", None)
+    env.pop("GPUBOX_WORKER_NAME", None)
     log = tmp_path / "up.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(

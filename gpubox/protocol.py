@@ -38,6 +38,8 @@ coordinator -> worker
     ACK        {job_id, attempt, seq, done}     seq: last stored line; done: DONE was applied
     CANCEL     {job_id, attempt}
     HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO)
+    REFUSED    {coordinator, reason}   a HELLO not taken, and why (the key is another
+                worker's); the worker logs it and says HELLO again when next told known: false
 
 A worker whose HEARTBEAT is answered with another `coordinator` id than its WELCOME's knows
 the coordinator restarted, and says HELLO again.
@@ -246,6 +248,7 @@ FROM_COORDINATOR: dict[str, dict[str, Check]] = {
     },
     "CANCEL": {"job_id": _is_int, "attempt": _is_int},
     "HEARTBEAT": {"coordinator": _is_str, "known": lambda v: isinstance(v, bool)},
+    "REFUSED": {"coordinator": _is_str, "reason": _is_str},
 }
 
 

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from gpubox import config as cfg
-from gpubox import errors, keys, models
+from gpubox import errors, keys, models, protocol
 from gpubox.worker.agent import Agent
 from tests.test_broker import (
     HANDSHAKE_FAILURES,
@@ -173,7 +173,9 @@ def test_a_key_cannot_say_hello_for_another_name(link: Link) -> None:
     liar = link.worker("liar")
     liar.keepalive = False
     liar.send_hello(name="victim")
-    liar.silent(1.0)
+    reason = liar.expect("REFUSED").body["reason"]
+    assert reason.startswith("its key is worker liar's, not 'victim''s: start it as liar")
+    liar.silent(1.0)  # and nothing else: no WELCOME, no work
     assert "victim" not in peer_names(link)
     assert link.broker.dropped_messages == 1
     assert link.connected("victim") is None
@@ -184,6 +186,7 @@ def test_a_key_cannot_say_hello_for_another_name(link: Link) -> None:
     victim.hello()
     liar.session = "liar-2"
     liar.send_hello(name="victim")
+    assert liar.expect("REFUSED").body["coordinator"] == link.broker.coordinator_id
     liar.silent(0.5)
     (peer,) = [p for p in list(link.broker.peers.values()) if p.name == "victim"]
     assert peer.session == victim.session
@@ -387,6 +390,7 @@ class StubRuntime:
     [
         ("refused key", "refused this worker's key"),
         ("wrong coordinator key", "CURVE handshake with"),
+        ("another worker's key", "refused this worker: its key is worker w0's, not 'w1''s"),
     ],
 )
 def test_the_agent_says_why_it_cannot_connect(
@@ -396,6 +400,9 @@ def test_the_agent_says_why_it_cannot_connect(
     coordinator_key = str(keys.coordinator_files(link.keys.state_dir)[0])
     if case == "refused key":
         key_file = keys.add_worker(str(tmp_path / "elsewhere"), "w1")  # not on our list
+    elif case == "another worker's key":
+        link.keys.worker("w0")
+        key_file = keys.worker_secret_file(link.keys.state_dir, "w0")
     else:
         link.keys.worker("w1")
         key_file = keys.worker_secret_file(link.keys.state_dir, "w1")
@@ -431,7 +438,11 @@ def test_the_agent_says_why_it_cannot_connect(
         )
         assert record.name == "gpubox.worker.agent"
         assert not agent.connected.is_set()
-        assert link.handled == []
+        if case == "another worker's key":  # through the handshake: only its HELLOs heard
+            types = {protocol.decode_from_worker(frames[1:]).type for _, frames in link.handled}
+            assert types <= {"HELLO", "HEARTBEAT"} and "HELLO" in types
+        else:
+            assert link.handled == []
         assert link.status(job.id) is Status.QUEUED
     finally:
         agent.stop()

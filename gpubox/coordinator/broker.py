@@ -297,10 +297,17 @@ class Broker:
             self._guard(self._store_reports)  # what it sent before goes first
             if body["name"] != name:
                 self.dropped_messages += 1
+                claimed = body["name"][:64]
                 log.warning(
-                    "refused HELLO: the key of worker %s claimed the name %r",
-                    name,
-                    body["name"][:64],
+                    "refused HELLO: the key of worker %s claimed the name %r", name, claimed
+                )
+                reason = (
+                    f"its key is worker {name}'s, not {claimed!r}'s: start it as {name}"
+                    f" (--name {name}), or give it a key of its own (gpubox keys worker NAME on"
+                    " the coordinator's box)"
+                )
+                self._send_raw(
+                    routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
                 )
                 return
             self._guard(self._on_hello, routing_id, key, body, now)

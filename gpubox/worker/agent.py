@@ -129,6 +129,7 @@ class Agent:
         self.dealer: zmq.Socket | None = None
         self.monitor: zmq.Socket = None  # type: ignore[assignment]
         self._handshake_warned = False
+        self._refused = ""  # the coordinator's reason for refusing our HELLO, logged once
         self.session = ""
         self.coordinator_id = ""
         self.welcomed = False
@@ -295,14 +296,21 @@ class Agent:
     def _on_welcome(self, body: dict[str, Any], now: float) -> None:
         self.coordinator_id = body["coordinator"]
         self.welcomed = True
+        self._refused = ""
         self.connected.set()
         log.info("connected to the coordinator at %s as %s", self.config.coordinator, self.name)
         self._resend(now, older_than=0.0)
         self._ready()
 
+    def _on_refused(self, body: dict[str, Any], now: float) -> None:
+        if body["reason"] != self._refused:
+            self._refused = body["reason"]
+            log.error("the coordinator refused this worker: %s", body["reason"][:300])
+
     def _on_heartbeat(self, body: dict[str, Any], now: float) -> None:
         if not body["known"] or (self.welcomed and body["coordinator"] != self.coordinator_id):
-            log.info("the coordinator does not know this session (it restarted?): HELLO again")
+            if not self._refused:  # else it is known why, and said once
+                log.info("the coordinator does not know this session (it restarted?): HELLO again")
             self._hello()
 
     def _on_job(self, body: dict[str, Any], now: float) -> None:

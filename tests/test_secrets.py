@@ -209,6 +209,13 @@ def test_token_roles_submit_and_admin(make_cluster, image: str):
         cluster, "POST", "/api/v1/tokens", admin, {"name": "z", "role": "root"}
     )
     assert status == 400 and answer["error"]["field"] == "role"
+    # a name DELETE /api/v1/tokens/NAME could not take back is not given out
+    for name in ("a/b", "", "tab\there", "x" * 101):
+        status, answer = request(cluster, "POST", "/api/v1/tokens", admin, {"name": name})
+        assert status == 400 and answer["error"]["field"] == "name", name
+    status, made = request(cluster, "POST", "/api/v1/tokens", admin, {"name": "ci bot@eu-1"})
+    assert status == 201
+    assert request(cluster, "DELETE", "/api/v1/tokens/ci%20bot%40eu-1", admin)[0] == 200
 
 
 def test_worker_key_revoked_over_http(make_cluster, image: str):

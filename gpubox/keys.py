@@ -105,7 +105,20 @@ def revoke(state_dir: str, name: str) -> bool:
 
 
 def load_secret(path: str | Path) -> tuple[bytes, bytes]:
-    """(public, secret) Z85 keys from a `.key_secret` file."""
+    """(public, secret) Z85 keys from a `.key_secret` file. One that other users may read is
+    used, with a warning."""
+    if not os.path.isfile(path):
+        raise errors.ConfigError(
+            f"no secret key file {path}: make a worker's with `gpubox keys worker NAME` on the"
+            " coordinator's box, copy it here (mode 0600) and name it with --key-file"
+        )
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        log.warning(
+            "the secret key file %s may be read by other users (mode %03o): chmod 600 it",
+            path,
+            mode,
+        )
     try:
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
@@ -119,6 +132,11 @@ def load_public(value: str) -> bytes:
     """A public key given as a Z85 string (40 characters) or as a `.key` file's path."""
     if len(value) == 40 and not os.path.exists(value):
         return value.encode("ascii")
+    if not os.path.isfile(value):
+        raise errors.ConfigError(
+            f"coordinator_key: {value!r} is neither a key file nor a public key (40 characters"
+            " of Z85 text, as `gpubox keys init` prints it)"
+        )
     try:
         public, _ = zmq.auth.load_certificate(value)
     except (OSError, ValueError) as exc:

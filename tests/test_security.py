@@ -345,6 +345,23 @@ def test_key_files_are_private(tmp_path: Path) -> None:
     assert allowed.name_for(worker_public.decode()) is None
 
 
+def test_key_file_mistakes_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    state = str(tmp_path / "state")
+    keys.init(state)
+    with pytest.raises(errors.ConfigError, match="no secret key file /no/such.key_secret: make"):
+        keys.load_secret("/no/such.key_secret")
+    with pytest.raises(errors.ConfigError, match="'short' is neither a key file nor a public"):
+        keys.load_public("short")
+    secret = keys.add_worker(state, "w1")
+    with caplog.at_level(logging.WARNING, logger="gpubox.keys"):
+        keys.load_secret(secret)
+        assert not caplog.records
+        secret.chmod(0o644)
+        keys.load_secret(secret)  # used all the same, with a warning
+    (warning,) = caplog.records
+    assert f"{secret} may be read by other users (mode 644): chmod 600 it" in warning.getMessage()
+
+
 @pytest.mark.parametrize("name", ["../x", "", "a" * 65, "-x", ".x", "a/b", "a b"])
 def test_bad_worker_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(errors.ConfigError):

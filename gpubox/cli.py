@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import shlex
 import signal
 import sys
@@ -639,6 +640,15 @@ def _open_store(config_path: str | None, flags: dict[str, Any]) -> Any:
     from gpubox.store import open_store
 
     config = cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path))
+    path = config.db.removeprefix("sqlite://")
+    path = "/" + path.lstrip("/") if path.startswith("/") else path  # sqlite:////abs → /abs
+    if config.db.startswith("sqlite://") and not os.path.exists(path):
+        # A new, empty store here would hold tokens no coordinator reads.
+        raise errors.GpuboxError(
+            f"no store at {path}: is {config.state_dir} the coordinator's state folder"
+            " (--state-dir, GPUBOX_STATE_DIR or --config as it runs with)? A coordinator makes"
+            " its store when it first starts."
+        )
     return open_store(config.db)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gpubox.store import open_store
 from tests.conftest import IMAGE, remove_containers, wait_until
 
 GPUBOX = [sys.executable, "-m", "gpubox"]
@@ -186,6 +187,27 @@ def test_up_takes_its_worker_name_from_the_config_file_and_says_where_clients_fi
         finally:
             proc.kill()
             remove_containers(docker_client, {"tomlbox"})
+
+
+def test_token_commands_work_on_the_coordinators_store_and_only_there(tmp_path: Path):
+    env = {**os.environ, "GPUBOX_STATE_DIR": str(tmp_path / "state")}
+    env.pop("GPUBOX_DB", None)
+    stray = run("token", "create", "ci", env=env)  # no coordinator ever ran here
+    assert stray.returncode != 0 and stray.stdout == ""
+    assert f"no store at {tmp_path / 'state' / 'gpubox.db'}: is {tmp_path / 'state'}" in (
+        stray.stderr
+    )
+    assert not (tmp_path / "state" / "gpubox.db").exists()
+
+    (tmp_path / "state").mkdir()
+    open_store(f"sqlite:///{tmp_path / 'state' / 'gpubox.db'}").close()  # as a coordinator does
+    made = run("token", "create", "ci", env=env)
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("gpbx_") and "shown only this once" in made.stderr
+    assert "ci" in run("token", "list", env=env).stdout
+    assert run("token", "revoke", "ci", env=env).returncode == 0
+    again = run("token", "revoke", "ci", env=env)
+    assert again.returncode != 0 and "no token named 'ci'" in again.stderr
 
 
 def test_server_errors_are_one_clear_line_and_nothing_starts(tmp_path: Path):

@@ -143,7 +143,8 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
     from gpubox.worker.runner import DockerRuntime
 
     source = gpu.source_for(config.fake_gpus, config.name or _hostname())
-    gpus = gpu.select(source.list(), config.gpus)
+    offers = config.gpus != "none"  # else NVML is not even asked (nor warned about)
+    gpus = gpu.select(source.list(), config.gpus) if offers else []
     runtime: Any
     if config.runtime == "process":
         from gpubox.worker.process import ProcessRuntime
@@ -163,7 +164,7 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
             raise
         except Exception as exc:
             raise errors.GpuboxError(f"cannot reach the Docker engine: {exc}") from exc
-    agent = Agent(config, runtime, gpus, usage=source.usage)
+    agent = Agent(config, runtime, gpus, usage=source.usage if offers else None)
     thread = threading.Thread(target=agent.run, name="gpubox-agent", daemon=True)
     thread.start()
     return agent, thread
@@ -843,6 +844,9 @@ def keys_list(config_path: str | None, **flags: Any) -> None:
     """List the workers on the allow list, with their public keys."""
     from gpubox import keys
 
-    allow = keys.AllowList(keys.allowed_dir(_state_dir(config_path, flags)))
-    for name, public in sorted(allow.names().items()):
+    folder = keys.allowed_dir(_state_dir(config_path, flags))
+    names = keys.AllowList(folder).names()
+    for name, public in sorted(names.items()):
         click.echo(f"{name:<24}  {public}")
+    if not names:
+        click.echo(f"no worker keys on the allow list ({folder})", err=True)

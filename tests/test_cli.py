@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gpubox import keys
 from gpubox.store import open_store
 from tests.conftest import IMAGE, remove_containers, wait_until
 
@@ -208,6 +209,43 @@ def test_token_commands_work_on_the_coordinators_store_and_only_there(tmp_path: 
     assert run("token", "revoke", "ci", env=env).returncode == 0
     again = run("token", "revoke", "ci", env=env)
     assert again.returncode != 0 and "no token named 'ci'" in again.stderr
+
+
+def test_a_worker_offering_no_gpus_does_not_ask_nvml_and_keys_list_says_when_empty(
+    tmp_path: Path,
+):
+    env = {**os.environ, "GPUBOX_STATE_DIR": str(tmp_path / "state")}
+    listed = run("keys", "list", env=env)
+    assert listed.returncode == 0 and listed.stdout == ""
+    assert "no worker keys on the allow list" in listed.stderr
+    keys.init(env["GPUBOX_STATE_DIR"])
+    keys.add_worker(env["GPUBOX_STATE_DIR"], "w1")
+    link = f"tcp://127.0.0.1:{free_port()}"  # nobody there: it keeps trying, quietly
+    worker = subprocess.Popen(
+        [
+            *GPUBOX,
+            "worker",
+            "--runtime",
+            "process",
+            "--gpus",
+            "none",
+            "--name",
+            "w1",
+            "--coordinator",
+            link,
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(timeout=2)  # running
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=30)
+    assert worker.returncode == 0, stderr
+    assert "NVML" not in stderr
 
 
 def test_server_errors_are_one_clear_line_and_nothing_starts(tmp_path: Path):

@@ -821,6 +821,12 @@ def test_silent_worker_is_lost(link: Link) -> None:
     assert again.status is Status.QUEUED
     assert again.attempts == 1
     assert again.worker is None
+    # Its log says where the attempt ended (the next one's lines follow); the other's not.
+    (marker,) = link.store.read_logs(retried.id)
+    assert (marker.seq, marker.stream) == (1, "stderr") and again.log_seq == 1
+    assert marker.line.startswith("[gpubox: attempt 1 ended: worker lost: no word from w1")
+    assert marker.line.endswith("; the job is queued again (retry 1 of 1)]")
+    assert link.store.read_logs(failed.id) == []
     gone = link.store.get_job(failed.id)
     assert gone.status is Status.ERROR
     assert gone.error is not None and "worker lost" in gone.error
@@ -842,7 +848,7 @@ def test_silent_worker_is_lost(link: Link) -> None:
     worker.hello()
     worker.ready(slots=2)
     job = worker.job()
-    assert (job["id"], job["attempt"]) == (retried.id, 2)
+    assert (job["id"], job["attempt"], job["first_seq"]) == (retried.id, 2, 2)
     assert link.store.list_workers()[0].connected is True
 
 

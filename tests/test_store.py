@@ -627,6 +627,7 @@ def test_release_requeues_while_retries_remain(store: base.Store) -> None:
     job = queued(store, gpus=1, max_retries=1)
     first = claim_next(store, "w1", ["GPU-a"], at(1))
     assert first is not None and first.id == job.id and first.attempts == 1
+    store.append_logs(job.id, 1, 1, raw(1, 2))
     requeued = store.release_job(job.id, 1, "worker w1 lost", at(2))
     assert requeued is not None
     assert requeued.status is Status.QUEUED
@@ -636,6 +637,16 @@ def test_release_requeues_while_retries_remain(store: base.Store) -> None:
     assert requeued.finished_at is None
     assert store.get_job(job.id) == requeued
     assert store.running_jobs() == []
+    # After the attempt's lines, one that says it ended; the next attempt's lines follow.
+    assert requeued.log_seq == 3
+    assert store.read_logs(job.id, since=2) == [
+        (
+            3,
+            f"{at(2):%Y-%m-%dT%H:%M:%S}.{at(2).microsecond:06d}000Z",
+            "stderr",
+            "[gpubox: attempt 1 ended: worker w1 lost; the job is queued again (retry 1 of 1)]",
+        )
+    ]
     second = claim_next(store, "w2", ["GPU-b"], at(3))
     assert second is not None and second.id == job.id
     assert second.attempts == 2

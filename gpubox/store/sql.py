@@ -362,10 +362,19 @@ class SqlStore(base.Store):
                     (_time(now), _time(now), f"cancelled; {error}", job_id),
                 )
             elif job.attempts <= job.spec.max_retries:
+                # One line in its log says where this attempt's output ends and why: the next
+                # attempt's lines follow it.
+                seq = job.log_seq + 1
+                marker = (
+                    f"[gpubox: attempt {attempt} ended: {error}; the job is queued again"
+                    f" (retry {attempt} of {job.spec.max_retries})]"
+                )
+                stamp = f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond:06d}000Z"
+                self._insert_logs(cur, [(job_id, seq, stamp, "stderr", marker)])
                 cur.execute(
                     "UPDATE jobs SET status = 'QUEUED', worker = NULL, gpu_ids = '[]',"
-                    " executed_at = NULL, updated_at = ? WHERE id = ?",
-                    (_time(now), job_id),
+                    " executed_at = NULL, updated_at = ?, log_seq = ? WHERE id = ?",
+                    (_time(now), seq, job_id),
                 )
             else:
                 cur.execute(

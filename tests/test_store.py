@@ -846,13 +846,13 @@ def test_stale_attempt_batch_stores_nothing_and_returns_its_end(store: base.Stor
     assert store.append_logs(job.id, 1, 1, raw(1, 2)) == 2
     assert store.append_logs(job.id, 2, 3, raw(3, 4)) == 6
     assert seqs(store.read_logs(job.id)) == [1, 2]
-    store.release_job(job.id, 1, "lost", at(2))
+    store.release_job(job.id, 1, "lost", at(2))  # seq 3: the line saying attempt 1 ended
     assert claim_next(store, "w2", [], at(3)) is not None
     assert store.append_logs(job.id, 1, 3, raw(3, 10, " old")) == 12
-    assert seqs(store.read_logs(job.id)) == [1, 2]
-    assert store.get_job(job.id).log_seq == 2
-    assert store.append_logs(job.id, 2, 3, raw(3, 1, " new")) == 3
-    assert [line.line for line in store.read_logs(job.id, since=2)] == ["line 3 new"]
+    assert seqs(store.read_logs(job.id)) == [1, 2, 3]
+    assert store.get_job(job.id).log_seq == 3
+    assert store.append_logs(job.id, 2, 4, raw(4, 1, " new")) == 4
+    assert [line.line for line in store.read_logs(job.id, since=3)] == ["line 4 new"]
 
 
 def test_logs_after_finish_are_dropped(store: base.Store) -> None:

@@ -20,6 +20,8 @@ from gpubox.store import redacted, sql
 
 log = logging.getLogger(__name__)
 
+OPEN_TIMEOUT_S = 10.0  # how long a start waits for a first connection before it gives up
+
 # One script per schema version; statements separated by ";" at the end of a line.
 MIGRATIONS = (
     """
@@ -183,7 +185,7 @@ class PostgresStore(sql.SqlStore):
             name="gpubox",
         )
         try:
-            self.pool.open(wait=True, timeout=10.0)
+            self.pool.open(wait=True, timeout=OPEN_TIMEOUT_S)
         except psycopg_pool.PoolTimeout as exc:
             self.pool.close()
             raise errors.StoreUnavailable(

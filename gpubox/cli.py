@@ -41,6 +41,16 @@ def config_options(
             default = (defaults or {}).get(field.name, field.default)
             help_text = f"{field.metadata['help']} [env {field.metadata['env']}"
             help_text += f"; default {default}]" if default not in ("", None) else "]"
+            if field.metadata.get("many"):  # repeatable: the values joined, as one list
+                fn = click.option(
+                    flag,
+                    field.name,
+                    type=kind,
+                    multiple=True,
+                    callback=lambda _ctx, _param, values: ",".join(values) or None,
+                    help=help_text + " (repeatable)",
+                )(fn)
+                continue
             fn = click.option(flag, field.name, type=kind, default=None, help=help_text)(fn)
         return fn
 
@@ -57,6 +67,12 @@ def config_file_option(fn: F) -> F:
     )(fn)
 
 
+class SettingError(click.ClickException):
+    """A bad setting: `Error: …` on one line (no usage block), exit status 2."""
+
+    exit_code = 2
+
+
 def friendly(fn: F) -> F:
     """Turn gpubox errors into `Error: …` and exit status 1 (2 for bad settings)."""
 
@@ -65,7 +81,7 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except errors.ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
+            raise SettingError(str(exc)) from None
         except ApiError as exc:
             where = f" ({exc.field})" if exc.field else ""
             raise click.ClickException(f"{exc.message}{where} [HTTP {exc.status}]") from None

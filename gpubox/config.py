@@ -21,9 +21,11 @@ from gpubox import errors
 T = TypeVar("T")
 
 
-def setting(default: Any, env: str, help: str, flag: str | None = None) -> Any:
-    """Declare a setting: its default, environment variable, help text and flag (if any)."""
-    return dataclasses.field(default=default, metadata={"env": env, "help": help, "flag": flag})
+def setting(default: Any, env: str, help: str, flag: str | None = None, many: bool = False) -> Any:
+    """Declare a setting: its default, environment variable, help text and flag (if any).
+    `many`: a comma-separated list, whose flag may be given more than once (joined)."""
+    metadata = {"env": env, "help": help, "flag": flag, "many": many}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def default_state_dir() -> str:
@@ -200,7 +202,9 @@ class WorkerConfig:
         " can, much cheaper for dockerd; else the engine's API), or api",
         "--log-source",
     )
-    labels: str = setting("", "GPUBOX_LABELS", "labels this worker offers, KEY=VALUE,…", "--label")
+    labels: str = setting(
+        "", "GPUBOX_LABELS", "labels this worker offers, KEY=VALUE,…", "--label", many=True
+    )
     stop_grace_s: float = setting(
         10.0, "GPUBOX_STOP_GRACE", "seconds between SIGTERM and SIGKILL when stopping a job"
     )
@@ -243,6 +247,7 @@ class WorkerConfig:
         "host folders jobs may mount by name: NAME=HOST_PATH[:CONTAINER_PATH][:ro|rw],…"
         " (default /mnt/NAME, read-only)",
         "--mount",
+        many=True,
     )
     fake_gpus: str = setting(
         "",

@@ -262,6 +262,17 @@ def test_server_errors_are_one_clear_line_and_nothing_starts(tmp_path: Path):
     assert missing.returncode == 2
     assert "mounts: data: /no/such/folder is not a folder on this box" in missing.stderr
     assert "Docker" not in missing.stderr and "serving" not in missing.stderr
+    assert "Usage:" not in missing.stderr  # one line, not a usage block
+    bad = run("worker", env={**env, "GPUBOX_STOP_GRACE": "abc"})
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "Error: stop_grace_s: 'abc' is not a valid float"
+    ]
+    # A list flag given twice keeps both (the bad one first: were only the last kept, the
+    # worker would start)
+    twice = run("worker", "--mount", "a=/no/such", "--mount", f"b={tmp_path}", env=env, timeout=20)
+    assert twice.returncode == 2 and "mounts: a: /no/such is not a folder" in twice.stderr
+    labels = run("worker", "--label", "nokey", "--label", "zone=a", env=env, timeout=20)
+    assert labels.returncode == 2 and "nokey" in labels.stderr
 
 
 def test_help_teaches_every_command():

@@ -222,7 +222,8 @@ def coordinator(config_path: str | None, **flags: Any) -> None:
 @config_options(cfg.WorkerConfig)
 @friendly
 def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
-    """Run a worker: take jobs from the coordinator and run them as Docker containers.
+    """Run a worker: take jobs from the coordinator and run them as Docker containers (or,
+    with --runtime process, as child processes on this host: no isolation).
 
     Stopping it (SIGTERM, Ctrl-C) leaves running containers alone: the next start finds them
     and re-attaches, and their jobs finish with every line. With --drain it first waits for

@@ -62,6 +62,10 @@ class Peer:
         taken = {uuid for job_id in pending for uuid in self.assigned[job_id]}
         return [g for g in self.free_gpus if g not in taken], self.slots - len(pending)
 
+    def heard_at(self) -> datetime:
+        """When this worker was last heard from, as a wall-clock time."""
+        return models.utcnow() - timedelta(seconds=time.monotonic() - self.last_seen)
+
     def info(self, connected: bool) -> models.WorkerInfo:
         return models.WorkerInfo(
             name=self.name,
@@ -70,8 +74,7 @@ class Peer:
             labels=self.labels,
             max_jobs=self.max_jobs,
             connected=connected,
-            # When it was last heard from (a lost worker: not when it was declared lost).
-            last_seen=models.utcnow() - timedelta(seconds=time.monotonic() - self.last_seen),
+            last_seen=self.heard_at(),  # a lost worker's: not when it was declared lost
             mounts=self.mounts,
         )
 
@@ -649,7 +652,7 @@ class Broker:
         """When a connected worker was last heard from (the store has when it connected)."""
         for peer in list(self.peers.values()):
             if peer.name == worker:
-                return models.utcnow() - timedelta(seconds=time.monotonic() - peer.last_seen)
+                return peer.heard_at()
         return None
 
     def _send_job(self, peer: Peer, job: models.Job, resume: models.LogMarks | None = None) -> bool:

@@ -186,6 +186,10 @@ def test_install_lays_out_every_file_and_a_second_run_changes_nothing(
     assert (root / "etc/gpubox/coordinator.toml").exists()
     install("--purge", "--root", str(root))
     assert not (root / "var/lib/gpubox").exists() and not (root / "etc/gpubox").exists()
+    for table in ("passwd", "group", "shadow", "gshadow"):  # the user and its group are gone
+        assert not any(
+            line.startswith("gpubox:") for line in (root / "etc" / table).read_text().splitlines()
+        ), table
 
 
 @pytest.fixture()

@@ -765,17 +765,18 @@ def db_copy(source: str, destination: str, replace: bool) -> None:
       gpubox db copy sqlite:///var/lib/gpubox/gpubox.db \\
           'postgresql://gpubox@db.example.com/gpubox'
     """
-    from gpubox.store import open_store
+    from gpubox.store import copy as store_copy
+    from gpubox.store import open_existing, open_store
     from gpubox.store.base import TABLES
-    from gpubox.store.copy import copy_store
 
-    src = open_store(source, upgrade=False)
+    src = open_existing(source)
     try:
         dst = open_store(destination)
         try:
+            store_copy.check(src, dst, replace)  # refused before the progress bar shows
             total = sum(src.count(table) for table in TABLES)
             with click.progressbar(length=total, label="copying rows", file=sys.stderr) as bar:
-                copied = copy_store(src, dst, replace, lambda _, n: bar.update(n))
+                copied = store_copy.copy_store(src, dst, replace, lambda _, n: bar.update(n))
         finally:
             dst.close()
     finally:

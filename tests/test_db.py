@@ -209,6 +209,46 @@ def test_db_copy_refuses_a_non_empty_destination_unless_replace(tmp_path: Path, 
         dst.close()
 
 
+def db_copy(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GPUBOX, "db", "copy", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_db_copy_refuses_to_copy_a_store_onto_itself(tmp_path: Path, pg_url: str):
+    # --replace would empty the only copy of the data, then copy nothing back
+    path = tmp_path / "jobs.db"
+    fill(f"sqlite:///{path}", jobs=4, lines_per_job=2)
+    fill(pg_url, jobs=3, lines_per_job=2)
+    (tmp_path / "link.db").symlink_to(path)
+    for source, destination in [
+        (f"sqlite:///{path}", f"sqlite:///{tmp_path}/link.db"),  # one file, two names
+        (pg_url, pg_url),
+    ]:
+        result = db_copy(source, destination, "--replace")
+        assert result.returncode != 0
+        assert "the source and the destination are the same store" in result.stderr
+        assert "copying" not in result.stderr  # refused before anything started
+    for url, jobs in [(f"sqlite:///{path}", 4), (pg_url, 3)]:
+        store = open_store(url, upgrade=False)
+        try:
+            assert store.count("jobs") == jobs and store.count("tokens") == 1
+        finally:
+            store.close()
+
+
+def test_db_copy_from_a_missing_sqlite_file_creates_nothing(tmp_path: Path):
+    result = db_copy(f"sqlite:///{tmp_path}/typo.db", f"sqlite:///{tmp_path}/out.db")
+    assert result.returncode != 0
+    assert f"no SQLite store at {tmp_path}/typo.db" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    # an existing file that holds no store is refused too, before the destination is touched
+    (tmp_path / "empty.db").write_bytes(b"")
+    result = db_copy(f"sqlite:///{tmp_path}/empty.db", f"sqlite:///{tmp_path}/out.db")
+    assert result.returncode != 0 and "holds no gpubox store" in result.stderr
+    assert not (tmp_path / "out.db").exists()
+
+
 def test_db_upgrade_twice_is_a_no_op_the_second_time(pg_url: str, tmp_path: Path):
     for url in (pg_url, f"sqlite:///{tmp_path}/fresh.db"):
         first = subprocess.run(

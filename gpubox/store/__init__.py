@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from urllib.parse import urlsplit
 
@@ -22,18 +23,35 @@ def redacted(url: str) -> str:
     return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
 
 
+def _sqlite_path(url: str) -> str:
+    path = url.removeprefix("sqlite://")
+    if not path or path == "/":
+        raise errors.ConfigError(
+            f"db: no file in {redacted(url)!r} (want sqlite:///path/to/file.db)"
+        )
+    return path
+
+
+def open_existing(url: str) -> Store:
+    """A store to read as it is: never created (a mistyped SQLite path is an error, not a
+    new empty file), never upgraded."""
+    if url.startswith("sqlite://") and not os.path.exists(path := _sqlite_path(url)):
+        shown = "/" + path.lstrip("/") if path.startswith("/") else path  # sqlite:////x: /x
+        raise errors.ConfigError(f"db: no SQLite store at {shown}")
+    store = open_store(url, upgrade=False)
+    if not store.schema_version():
+        store.close()
+        raise errors.StoreError(f"{redacted(url)} holds no gpubox store (it has no schema)")
+    return store
+
+
 def open_store(url: str, upgrade: bool = True) -> Store:
     """The store a URL names: `sqlite:///path/to/file.db` or `postgresql://…`. With `upgrade`
     its schema is created or brought up to date; a newer schema than ours is refused."""
     if url.startswith("sqlite://"):
         from gpubox.store import sqlite
 
-        path = url.removeprefix("sqlite://")
-        if not path or path == "/":
-            raise errors.ConfigError(
-                f"db: no file in {redacted(url)!r} (want sqlite:///path/to/file.db)"
-            )
-        return sqlite.SqliteStore(path, upgrade)
+        return sqlite.SqliteStore(_sqlite_path(url), upgrade)
     if url.startswith(("postgresql://", "postgres://")):
         from gpubox.store import postgres
 

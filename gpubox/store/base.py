@@ -238,6 +238,11 @@ class Store(abc.ABC):
         """Insert rows exported from another store of the same schema, keeping their keys."""
 
     @abc.abstractmethod
+    def identity(self) -> str:
+        """What tells this database from every other: two stores with the same identity are
+        the same data, however their URLs are written (for `db copy`)."""
+
+    @abc.abstractmethod
     def clear(self) -> None:
         """Delete every row of every table (for `db copy --replace`)."""
 

@@ -259,6 +259,15 @@ class PostgresStore(sql.SqlStore):
             if statement.strip():
                 cur.execute(statement)
 
+    def identity(self) -> str:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT (SELECT system_identifier FROM pg_control_system()) AS cluster,"
+                " current_database() AS db, current_schema() AS schema"
+            )
+            row = cur.fetchone()
+        return f"postgresql:{row['cluster']}:{row['db']}:{row['schema']}"
+
     def finish_import(self) -> None:
         with self._write() as cur:
             cur.execute("SELECT COALESCE(MAX(id), 0) AS top FROM jobs")

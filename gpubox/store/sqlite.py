@@ -281,6 +281,12 @@ class SqliteStore(sql.SqlStore):
             chunk = rows[start : start + ROWS_PER_INSERT]
             cur.execute(_logs_insert(len(chunk)), [value for row in chunk for value in row])
 
+    def identity(self) -> str:
+        if self.path == ":memory:":
+            return f"sqlite:memory:{id(self)}"
+        found = os.stat(self.path)  # the file itself, whatever path (or link) names it
+        return f"sqlite:{found.st_dev}:{found.st_ino}"
+
     def finish_import(self) -> None:
         """Nothing to do: AUTOINCREMENT's counter follows the highest id inserted."""
 

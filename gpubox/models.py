@@ -319,6 +319,38 @@ def _str_map(value: Any, field: str, env_names: bool = False) -> dict[str, str]:
     return dict(value)
 
 
+def _check_text(value: Any, field: str, nul_ok: bool = False) -> None:
+    """Every string in a submitted value (keys too) must be text that UTF-8, the store and the
+    worker link can hold: JSON's \\ud800 escapes let a lone surrogate through (a shell
+    argument that is not UTF-8 arrives as one), and PostgreSQL text, a command line and an
+    environment cannot hold NUL (metadata, stored as JSON, can: `nul_ok`). Without this such a
+    job failed at its insert (a 500) or, in a command, at every dispatch, never to run."""
+    pending = [(value, field)]
+    while pending:  # not recursive: metadata may nest as deep as JSON allows
+        item, where = pending.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                _check_string(key, f"a key in {where}", where, nul_ok)
+                pending.append((inner, f"{where}.{key}"))
+        elif isinstance(item, list):
+            pending.extend((inner, f"{where}[{index}]") for index, inner in enumerate(item))
+        elif isinstance(item, str):
+            _check_string(item, where, where, nul_ok)
+
+
+def _check_string(text: str, what: str, field: str, nul_ok: bool) -> None:
+    if not nul_ok and "\x00" in text:
+        raise errors.BadInput(f"{what} must not contain NUL characters", field)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.BadInput(
+            f"{what} is not valid Unicode text (it holds a lone surrogate, such as \\ud800,"
+            " which is what a shell argument that is not UTF-8 becomes)",
+            field,
+        ) from None
+
+
 def _unknown(data: dict[str, Any], allowed: set[str], prefix: str) -> None:
     for key in data:
         if key not in allowed:
@@ -390,6 +422,9 @@ def parse_spec(data: Any) -> JobSpec:
     """Validate a submission (decoded JSON) into a JobSpec, or raise BadInput naming the field."""
     if not isinstance(data, dict):
         raise errors.BadInput("the body must be a JSON object")
+    for key, value in data.items():
+        _check_string(key, "a field name", "", nul_ok=False)
+        _check_text(value, key, nul_ok=key == "metadata")
     _unknown(data, JOB_FIELDS, "")
     if "name" not in data:
         raise errors.BadInput("name is required", "name")

@@ -378,6 +378,42 @@ def test_body_that_is_not_a_json_object_is_400(api: Cluster, raw: bytes):
     assert newest_id(api) == before
 
 
+# Text no store or worker link can hold, as JSON can carry it: a lone surrogate escape (what
+# a shell argument that is not UTF-8 becomes) or NUL. Before, each was a 500 at the insert (NUL
+# on PostgreSQL only), or, in a command, a job that failed at every dispatch and never ran.
+BAD_TEXT = [
+    ("surrogate-name", spec(name="\ud800"), "name"),
+    ("surrogate-description", spec(description="caf\udce9"), "description"),
+    ("surrogate-image", docker_spec(image="\udce9"), "docker.image"),
+    ("surrogate-command", docker_spec(command=["echo", "caf\udce9"]), "docker.command[1]"),
+    ("surrogate-env", docker_spec(env={"A": "\ud800"}), "docker.env.A"),
+    ("surrogate-label-key", spec(labels={"\ud800": "x"}), "labels"),
+    ("surrogate-secret", docker_spec(secrets={"TOKEN": "s\ud800cret"}), "docker.secrets.TOKEN"),
+    ("surrogate-metadata", spec(metadata={"a": ["\ud800"]}), "metadata.a[0]"),
+    ("surrogate-field-name", {**BASE_SPEC, "\ud800": 1}, None),
+    ("nul-name", spec(name="a\x00b"), "name"),
+    ("nul-description", spec(description="\x00"), "description"),
+    ("nul-label", spec(labels={"pool": "a\x00"}), "labels.pool"),
+    ("nul-command", docker_spec(command=["echo", "a\x00"]), "docker.command[1]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"), [pytest.param(body, field, id=name) for name, body, field in BAD_TEXT]
+)
+def test_text_no_store_can_hold_is_400_naming_the_field(
+    bare: Cluster, body: dict[str, Any], field: str | None
+):
+    raw = json.dumps(body).encode()  # ASCII: the surrogates travel as \\ud800 escapes
+    error = assert_error(request(bare, "POST", JOBS, raw), 400, "bad_input")
+    assert error.get("field") == field, error
+    assert newest_id(bare) == 0  # nothing was created
+    # NUL in metadata is stored as JSON, so it is kept, on every backend
+    made = request(bare, "POST", JOBS, spec(metadata={"raw": "a\x00b"}))
+    assert made.status == 201, made.raw[:300]
+    assert request(bare, "GET", f"{JOBS}/{made.body['id']}").body["metadata"] == {"raw": "a\x00b"}
+
+
 def test_deeply_nested_json_is_400_not_500(api: Cluster):
     # 100 kB, well under the 1 MiB limit, but deeper than Python's json module recurses.
     assert_error(request(api, "POST", JOBS, b"[" * 100_000), 400, "bad_input")

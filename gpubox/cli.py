@@ -21,7 +21,7 @@ import click
 
 from gpubox import __version__, errors, logfmt, revision, systemd
 from gpubox import config as cfg
-from gpubox.client import ApiError, Client, local_token
+from gpubox.client import ApiError, Client, OutputClosed, local_token
 
 F = Callable[..., Any]
 
@@ -87,6 +87,11 @@ def friendly(fn: F) -> F:
             raise click.ClickException(f"{exc.message}{where} [HTTP {exc.status}]") from None
         except errors.GpuboxError as exc:
             raise click.ClickException(str(exc)) from None
+        except (OutputClosed, BrokenPipeError):
+            # The reader of a pipe left (`gpubox tail 42 | head`): stop quietly, as a command
+            # killed by SIGPIPE would, and let nothing flush into the closed pipe at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
 
     return wrapper
 
@@ -424,7 +429,9 @@ def _summary(job: dict[str, Any]) -> str:
     help="requeues if its worker is lost",
 )
 @click.option("--metadata", help="JSON object stored and returned untouched")
-@click.option("--follow", "-f", is_flag=True, help="follow the logs and exit with the job's code")
+@click.option(
+    "--follow", "-f", is_flag=True, help="print the job's output live; exit with the job's code"
+)
 @click.option("--json", "as_json", is_flag=True, help="print the created job as JSON")
 @client_options
 @friendly
@@ -452,7 +459,8 @@ def submit(
     config_path: str | None,
     **flags: Any,
 ) -> None:
-    """Queue IMAGE [COMMAND…] as a job and print its id.
+    """Queue IMAGE [COMMAND…] as a job and print its id (with --follow: print its output
+    instead, the id going to stderr, and exit with the job's code).
 
     \b
     Examples:
@@ -490,7 +498,7 @@ def submit(
     job = client.submit(spec)
     if as_json:
         _print_json(job)
-    else:
+    elif not follow:  # when following, stdout is the job's output alone
         click.echo(job["id"])
     if follow:
         click.echo(f"job {job['id']} queued; following its output", err=True)
@@ -553,7 +561,8 @@ def ls(
 def logs(job_id: int, since: int, config_path: str | None, **flags: Any) -> None:
     """Print the lines a job has logged so far (stderr lines to stderr)."""
     for record in make_client(config_path, flags).logs(job_id, since):
-        click.echo(record["line"], err=record["stream"] == "stderr")
+        # color=True: the line as the job printed it, escape sequences too, also into a file
+        click.echo(record["line"], err=record["stream"] == "stderr", color=True)
 
 
 @main.command()

@@ -25,6 +25,11 @@ RETRYABLE = (
     OSError,
 )
 FOLLOW_READ_TIMEOUT_S = 60.0
+RETRY_NOTE_EVERY_S = 30.0  # while a follow retries, how often it says so again
+
+
+class OutputClosed(Exception):
+    """Where `tail` prints went away (a pipe's reader exited: `gpubox tail 42 | head`)."""
 
 
 class ApiError(errors.GpuboxError):
@@ -136,26 +141,44 @@ class Client:
         retry_for_s: float = 300.0,
     ) -> int:
         """Print a job's lines as they come until it ends, resuming after a dropped connection
-        without a gap or a repeat; returns the job's exit code (see exit_code_for)."""
+        without a gap or a repeat; returns the job's exit code (see exit_code_for).
+
+        A coordinator that cannot be reached at all is an error at once (a wrong URL should
+        not look like an outage); once connected, one that goes away is waited for, up to
+        `retry_for_s`. OutputClosed when `out` or `err` can no longer be written."""
         out, err = out or sys.stdout, err or sys.stderr
+
+        def show(record: dict[str, Any]) -> None:
+            try:
+                (err if record["stream"] == "stderr" else out).write(record["line"] + "\n")
+            except OSError as exc:  # not the connection: retrying cannot help
+                raise OutputClosed(str(exc)) from exc
+
+        self.job(job_id)  # reachable, and the job is there: else an error at once
         failing_since: float | None = None
+        noted = 0.0
         while True:
             try:
                 for record in self._records(job_id, since, follow=True):
-                    (err if record["stream"] == "stderr" else out).write(record["line"] + "\n")
+                    show(record)
                     since = record["seq"]
                     failing_since = None
-                out.flush()
+                _flush(out)
                 job = self.job(job_id)
                 if job["status"] in ("FINISHED", "ERROR", "CANCELLED"):
                     for record in self.logs(job_id, since):  # lines stored after the stream ended
-                        (err if record["stream"] == "stderr" else out).write(record["line"] + "\n")
+                        show(record)
                         since = record["seq"]
-                    out.flush()
+                    _flush(out)
                     if job["status"] != "FINISHED":
                         reason = job["result"]["error"] or job["status"].lower()
-                        err.write(f"gpubox: job {job_id} {job['status']}: {reason}\n")
-                        err.flush()
+                        show(
+                            {
+                                "stream": "stderr",
+                                "line": f"gpubox: job {job_id} {job['status']}: {reason}",
+                            }
+                        )
+                        _flush(err)
                     return exit_code_for(job)
             except (errors.GpuboxError, *RETRYABLE, ValueError) as exc:
                 if isinstance(exc, ApiError) and exc.status < 500:
@@ -164,7 +187,18 @@ class Client:
                 failing_since = failing_since or now
                 if now - failing_since > retry_for_s:
                     raise errors.GpuboxError(f"lost the log stream of job {job_id}: {exc}") from exc
-                print(
-                    f"gpubox: connection lost ({exc}); resuming after line {since}", file=sys.stderr
-                )
+                if now - noted >= RETRY_NOTE_EVERY_S:
+                    noted = now
+                    print(
+                        f"gpubox: connection lost ({exc}); resuming after line {since} once the"
+                        f" coordinator answers (for up to {retry_for_s:g} s)",
+                        file=sys.stderr,
+                    )
                 time.sleep(1.0)
+
+
+def _flush(stream: IO[str]) -> None:
+    try:
+        stream.flush()
+    except OSError as exc:
+        raise OutputClosed(str(exc)) from exc

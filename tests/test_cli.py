@@ -96,8 +96,9 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
         env=env,
     )
     assert result.returncode == 4, result.stderr
-    job_id, hello = result.stdout.splitlines()
-    assert hello == "hello cli"
+    assert result.stdout == "hello cli\n"  # the job's output alone: its id goes to stderr
+    job_id = result.stderr.split()[1]
+    assert result.stderr.startswith(f"job {job_id} queued; following its output\n")
     assert "oops" in result.stderr
 
     shown = run("show", job_id, env=env)
@@ -122,6 +123,27 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
     ok = run("submit", IMAGE, "true", env=env)
     assert ok.returncode == 0 and ok.stdout.strip().isdigit()
 
+    # what a job printed comes out as printed, escape sequences too, also into a pipe
+    many = run(
+        "submit", "-f", IMAGE, "sh", "-c", r"printf '\033[1mbold\033[0m\n'; seq 200000", env=env
+    )
+    assert many.returncode == 0 and many.stdout.startswith("\x1b[1mbold\x1b[0m\n1\n2\n")
+    many_id = many.stderr.split()[1]
+    assert run("logs", many_id, env=env).stdout == many.stdout
+
+    # a follower whose reader goes away (`gpubox tail 42 | head -1`) stops at once, quietly
+    follower = subprocess.Popen(
+        [*GPUBOX, "tail", many_id], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert follower.stdout is not None and follower.stderr is not None
+    assert follower.stdout.readline() == b"\x1b[1mbold\x1b[0m\n"
+    follower.stdout.close()
+    try:
+        assert follower.wait(timeout=20) == 128 + signal.SIGPIPE  # not 5 minutes of retries
+    finally:
+        follower.kill()
+    assert follower.stderr.read() == b""
+
 
 def test_client_errors_are_one_clear_line(tmp_path: Path):
     env = {**os.environ, "GPUBOX_URL": f"http://127.0.0.1:{free_port()}", "GPUBOX_TOKEN": "x"}
@@ -129,6 +151,9 @@ def test_client_errors_are_one_clear_line(tmp_path: Path):
     assert down.returncode == 1
     assert "cannot reach the coordinator" in down.stderr
     assert "Traceback" not in down.stderr
+    # tail too, at once: it waits for a coordinator only after it has reached it once
+    tail = run("tail", "1", env=env, timeout=20)
+    assert tail.returncode == 1 and "cannot reach the coordinator" in tail.stderr
 
     bad = run("ls", env={**env, "GPUBOX_URL": "ftp://nope"})
     assert bad.returncode == 2 and "url" in bad.stderr

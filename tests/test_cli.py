@@ -318,3 +318,26 @@ def test_help_teaches_every_command():
         assert f"  {command} " in result.stdout
     submit = run("submit", "--help", env=dict(os.environ))
     assert "GPUBOX_URL" in submit.stdout and "Examples" in submit.stdout
+
+
+@pytest.mark.docker
+def test_a_coordinator_that_cannot_start_leaves_the_running_ones_token_alone(
+    up: dict[str, str], tmp_path: Path
+):
+    env = up
+    token_file = Path(env["GPUBOX_STATE_DIR"]) / "token"
+    before = token_file.read_text()
+    http = env["GPUBOX_URL"].removeprefix("http://")  # taken by the running one
+    second = run(
+        "coordinator",
+        "--db",
+        f"sqlite:///{tmp_path}/other.db",
+        "--http",
+        http,
+        "--bind",
+        f"tcp://127.0.0.1:{free_port()}",
+        env=env,
+    )
+    assert second.returncode == 2 and "cannot listen on" in second.stderr, second.stderr
+    assert token_file.read_text() == before  # clients on this box still get in
+    assert run("ls", env=env).returncode == 0

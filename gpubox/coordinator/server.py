@@ -64,7 +64,6 @@ class Coordinator:
         server_keys = keys.load_secret(secret)
         sealer = sealing.Sealer(self.config.state_dir)
         self.store = open_store(self.config.db)
-        tokens.ensure_local(self.store, self.config.state_dir)
         changes = Changes()
         self.broker = Broker(
             self.store,
@@ -113,6 +112,9 @@ class Coordinator:
             raise errors.ConfigError(
                 f"http: cannot listen on {self.config.http}: {exc.strerror}"
             ) from exc
+        # Only with both ports bound: a coordinator that cannot start (its port taken, say by
+        # the one already serving this state folder) must not replace its clients' token.
+        tokens.ensure_local(self.store, self.config.state_dir)
         self._threads = [
             threading.Thread(target=self.broker.run, name="gpubox-broker", daemon=True),
             threading.Thread(target=self._serve_http, name="gpubox-http", daemon=True),
@@ -142,6 +144,8 @@ class Coordinator:
         server = self.http_server
         if server is not None:
             server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+            if not self._threads:
+                wasyncore.close_all(server._map)  # bound, but its loop never ran to close it
         self._http_done.set()
         if self.broker is not None:
             self.broker.stop()

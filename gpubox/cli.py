@@ -231,8 +231,9 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
     with --runtime process, as child processes on this host: no isolation).
 
     Stopping it (SIGTERM, Ctrl-C) leaves running containers alone: the next start finds them
-    and re-attaches, and their jobs finish with every line. With --drain it first waits for
-    them to end.
+    and re-attaches, and their jobs finish with every line. The process runtime cannot: its
+    jobs' processes are stopped, and each job is queued again while it has retries left (else
+    it ends ERROR). With --drain it first waits for running jobs to end.
     """
     setup_logging()
     config = cfg.load(cfg.WorkerConfig, flags, cfg.read_file(config_path))

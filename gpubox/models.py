@@ -107,6 +107,11 @@ class JobSpec:
     gpu_memory_gb: float | None = None
     container: ContainerOptions = dataclasses.field(default_factory=lambda: ContainerOptions())
 
+    def runs_on(self, runtime: str) -> bool:
+        """Whether a worker of this runtime can run the job: the process runtime needs a
+        command (it has no image to take one from) and none of the Docker-only options."""
+        return runtime != "process" or bool(self.command and not self.container.needs_docker())
+
     def wants_gpu(self, gpu: dict[str, Any]) -> bool:
         """Whether a GPU (as a worker describes it: name, memory_mb) suits this job."""
         if self.gpu_model and self.gpu_model.lower() not in str(gpu.get("name", "")).lower():
@@ -114,6 +119,10 @@ class JobSpec:
         return not (
             self.gpu_memory_gb and gpu.get("memory_mb", 0) * 1024**2 < self.gpu_memory_gb * GB
         )
+
+
+DOCKER_ONLY = ("user", "mounts", "shm_size", "memory")  # options the process runtime lacks
+RUNTIMES = ("docker", "process")  # how a worker runs jobs (worker setting `runtime`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +134,10 @@ class ContainerOptions:
     user: str | None = None
     memory: int | None = None  # bytes: the container's memory limit
     mounts: list[str] = dataclasses.field(default_factory=list)  # names the worker declares
+
+    def needs_docker(self) -> list[str]:
+        """The options set that only the Docker runtime can apply (docker.NAME)."""
+        return [name for name in DOCKER_ONLY if getattr(self, name)]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -14,8 +14,10 @@ earlier incarnation of the other.
 worker -> coordinator
     HELLO      {name, version, session, gpus: [{uuid, name, memory_mb, index?, pci_bus_id?}],
                 labels: {str: str}, max_jobs, running: [{job_id, attempt, recovered?}],
-                mounts?: [name]}  recovered: found as a container at start, not held in memory
-                (answered with JOB + resume); mounts: the mount names jobs may ask for
+                mounts?: [name], runtime?}  recovered: found as a container at start, not held
+                in memory (answered with JOB + resume); mounts: the mount names jobs may ask
+                for; runtime: "docker" (when absent) or "process", which gets only the jobs
+                it can run (models.JobSpec.runs_on)
     READY      {session, free_gpus: [uuid], slots, running: [job_id]}   running: every job
                 it holds; this confirms receipt of a JOB (unconfirmed ones are queued again)
     STARTED    {session, job_id, attempt, container, executed_at}
@@ -192,6 +194,7 @@ FROM_WORKER: dict[str, dict[str, Check]] = {
         "max_jobs": _is_int,
         "running": _list_of(_is_running),
         "mounts": _opt(_list_of(_is_str)),
+        "runtime": _opt(_is_str),
     },
     "READY": {
         "session": _is_str,

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import io
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from gpubox.worker.process import Scratch
-from tests.conftest import Cluster, wait_until
+from gpubox.worker.process import ProcessRuntime, Scratch
+from tests.conftest import IMAGE, Cluster, wait_until
 
 NO_IMAGE = "ignored-by-the-process-runtime"
 
@@ -138,20 +140,51 @@ def test_timeout(cluster: Cluster) -> None:
     assert done["status"] == "ERROR" and done["result"]["error"] == "timeout"
 
 
+def test_a_command_that_cannot_start_ends_the_job_with_a_reason(cluster: Cluster) -> None:
+    done, _ = run(cluster, ["/no/such/program"])
+    assert done["status"] == "ERROR" and "could not start the command" in done["result"]["error"]
+
+
+@pytest.mark.parametrize(
+    ("command", "docker", "why"),
+    [
+        (None, {}, "it has no docker.command"),
+        (["true"], {"user": "1000"}, "it sets docker.user"),
+        (["true"], {"shm_size": "1g", "memory": "1g"}, "it sets docker.shm_size, docker.memory"),
+    ],
+)
+def test_what_it_cannot_do_is_not_sent_to_it_and_the_job_says_why(
+    cluster: Cluster, command: list[str] | None, docker: dict, why: str
+) -> None:
+    job = cluster.submit(NO_IMAGE, command, docker=docker)
+    wait_until(
+        lambda: why in cluster.client.job(job["id"]).get("queue_reason", ""),
+        10,
+        "the scheduler's reason",
+    )
+    assert cluster.client.job(job["id"])["status"] == "QUEUED"
+
+
 @pytest.mark.parametrize(
     ("command", "docker", "error"),
     [
         (None, {}, "the process runtime runs docker.command, and this job has none"),
         (["true"], {"user": "1000"}, "cannot apply docker.user"),
         (["true"], {"shm_size": "1g", "memory": "1g"}, "docker.shm_size, docker.memory"),
-        (["/no/such/program"], {}, "could not start the command"),
     ],
 )
-def test_what_it_cannot_do_ends_the_job_with_a_reason(
-    cluster: Cluster, command: list[str] | None, docker: dict, error: str
+def test_the_runtime_itself_refuses_what_it_cannot_do(
+    command: list[str] | None, docker: dict, error: str
 ) -> None:
-    done, _ = run(cluster, command, docker=docker)  # type: ignore[arg-type]
-    assert done["status"] == "ERROR" and error in done["result"]["error"]
+    # should a job reach it anyway (a coordinator that does not know runtimes)
+    spec = {"id": 1, "attempt": 1, "first_seq": 1, "env": {}, "secrets": {}, "gpus": []}
+    spec.update(command=command, container=docker)
+    events: list[tuple[str, dict]] = []
+    ProcessRuntime("w", tee=io.StringIO()).run(
+        spec, lambda *event: events.append(event), threading.Event()
+    )
+    ((kind, body),) = events
+    assert kind == "done" and body["status"] == "ERROR" and error in body["error"]
 
 
 def test_long_lines_are_split_and_nothing_is_lost(cluster: Cluster) -> None:
@@ -174,3 +207,20 @@ def test_a_last_line_without_newline_and_a_child_left_behind(cluster: Cluster) -
         ("stdout", "a"),
         ("stdout", "b"),
     ]
+
+
+def test_a_mixed_pool_sends_docker_only_jobs_to_docker_workers(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    made: Cluster = make_cluster(workers=0)
+    made.add_worker(name="a-proc", runtime="process")  # first by name: preferred on a tie
+    made.add_worker(name="b-docker")
+    docker_only = [
+        made.submit(IMAGE, ["true"], docker={"memory": "64m"}),
+        made.submit(IMAGE, ["true"], docker={"shm_size": "128m"}),
+    ]
+    for job in docker_only:
+        done = made.wait(job["id"])
+        assert (done["status"], done["worker"]) == ("FINISHED", "b-docker"), done
+    # the image's own command (this test image has none, so Docker refuses it: on b-docker)
+    assert made.wait(made.submit(IMAGE)["id"])["worker"] == "b-docker"
+    anywhere = made.wait(made.submit(IMAGE, ["true"])["id"])
+    assert (anywhere["status"], anywhere["worker"]) == ("FINISHED", "a-proc"), anywhere

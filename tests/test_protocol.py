@@ -279,6 +279,7 @@ def test_the_optional_fields_are_the_documented_ones() -> None:
         "JOB.resume_stored",
         "LOG.last",
         "HELLO.mounts",
+        "HELLO.runtime",
         "HEARTBEAT.usage",
     }
 

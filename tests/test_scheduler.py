@@ -57,6 +57,7 @@ def make_worker(
     labels: dict[str, str] | None = None,
     mounts: tuple[str, ...] = (),
     gpus: list[dict[str, Any]] | None = None,
+    runtime: str = "docker",
 ) -> WorkerView:
     """A worker view with `count` GPUs of `model` (uuids `name-<index>`) unless `gpus` is given;
     `free` is how many of them are free (the lowest indexes), or their uuids; all by default."""
@@ -74,6 +75,7 @@ def make_worker(
         slots=slots,
         labels=dict(labels or {}),
         mounts=frozenset(mounts),
+        runtime=runtime,
     )
 
 
@@ -349,6 +351,43 @@ def test_a_job_whose_mounts_no_worker_declares_is_told_so() -> None:
     assert placed(result) == []
     assert "mounts" in result.reasons[1] and "datasets" in result.reasons[1]
     assert result.reasons[1] == ("no connected worker with its labels declares the mounts datasets")
+
+
+def test_a_process_runtime_worker_gets_only_jobs_it_can_run() -> None:
+    # "a-proc" is the better fit (fewer free GPUs, first by name) for every job here, so a job
+    # goes to "b-docker" only because the process runtime could not run it
+    workers = [
+        make_worker("a-proc", count=0, runtime="process"),
+        make_worker("b-docker", count=1),
+    ]
+    queue = [
+        make_job(1, docker={"image": "i", "command": ["true"], "memory": "64m"}),
+        make_job(2, docker={"image": "i", "command": ["true"], "shm_size": "1g"}),
+        make_job(3, docker={"image": "i", "command": ["true"], "user": "1000"}),
+        make_job(4, docker={"image": "i"}),  # no command: the image's own, which it lacks
+        make_job(5, docker={"image": "i", "command": ["true"], "workdir": "/tmp"}),
+    ]
+    assert [(job, worker) for job, worker, _ in placed(scheduler.plan(queue, workers))] == [
+        (1, "b-docker"),
+        (2, "b-docker"),
+        (3, "b-docker"),
+        (4, "b-docker"),
+        (5, "a-proc"),
+    ]
+
+
+def test_a_job_only_docker_can_run_is_told_why_when_only_process_workers_are_connected() -> None:
+    workers = [make_worker("proc", runtime="process")]
+    memory = make_job(1, docker={"image": "i", "command": ["true"], "memory": "64m"})
+    image_only = make_job(2)
+    result = scheduler.plan([memory, image_only], workers)
+    assert placed(result) == []
+    assert result.reasons == {
+        1: "no connected worker with its labels runs Docker, and the process runtime's cannot"
+        " run it: it sets docker.memory",
+        2: "no connected worker with its labels runs Docker, and the process runtime's cannot"
+        " run it: it has no docker.command",
+    }
 
 
 def test_the_reason_names_the_mounts_when_only_a_worker_without_them_has_the_gpus() -> None:

@@ -382,6 +382,8 @@ def test_good_worker_names_are_accepted(name: str) -> None:
 class StubRuntime:
     """A runtime that ends every job at once (never called here: no job gets through)."""
 
+    outlives_worker = False
+
     def recover(self) -> list[Any]:
         return []
 

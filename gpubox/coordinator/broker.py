@@ -47,6 +47,7 @@ class Peer:
     max_jobs: int
     last_seen: float
     mounts: list[str] = dataclasses.field(default_factory=list)
+    runtime: str = "docker"
     usage: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # uuid → NVML now
     ready: bool = False
     free_gpus: list[str] = dataclasses.field(default_factory=list)
@@ -341,6 +342,7 @@ class Broker:
             max_jobs=body["max_jobs"],
             last_seen=now,
             mounts=list(body.get("mounts") or []),
+            runtime=body.get("runtime") or "docker",
         )
         self.peers[peer.session] = peer
         # Stored before WELCOME: once connected, its mounts count at submit.
@@ -557,7 +559,13 @@ class Broker:
             peers[peer.name] = peer
             views.append(
                 scheduler.WorkerView(
-                    peer.name, peer.gpus, free, slots, peer.labels, frozenset(peer.mounts)
+                    peer.name,
+                    peer.gpus,
+                    free,
+                    slots,
+                    peer.labels,
+                    frozenset(peer.mounts),
+                    peer.runtime,
                 )
             )
         free_now = sum(len(view.free) for view in views)

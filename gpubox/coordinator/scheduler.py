@@ -3,11 +3,12 @@ and what each worker has free, and applies the plan through the store.
 
 The rule, in queue order (priority, then submission):
 
-1. A job goes to a worker that has its labels and mounts, a free job slot, and enough free
-   GPUs that suit it (`gpu_model` in the NVML name, at least `gpu_memory_gb`). Of several,
-   the one with the fewest such GPUs free, then the least memory on them (best fit: big
-   blocks and big cards stay for the jobs that need them), then by name; its GPUs are taken
-   in index order.
+1. A job goes to a worker that has its labels and mounts, can run it (a process-runtime
+   worker cannot apply Docker-only options, nor run a job without a command), a free job
+   slot, and enough free GPUs that suit it (`gpu_model` in the NVML name, at least
+   `gpu_memory_gb`). Of several, the one with the fewest such GPUs free, then the least
+   memory on them (best fit: big blocks and big cards stay for the jobs that need them),
+   then by name; its GPUs are taken in index order.
 2. A job that could run on some worker but not now (too few GPUs free) reserves one: the one
    with the most suitable GPUs free (then by name). A reserved worker gives no GPU that suits
    the holder to a job behind it in the queue, so those GPUs gather as they free up until the
@@ -38,11 +39,13 @@ class WorkerView:
     slots: int  # jobs it can start now
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     mounts: frozenset[str] = frozenset()
+    runtime: str = "docker"
 
     def can_ever_run(self, spec: models.JobSpec) -> bool:
         return (
             spec.labels.items() <= self.labels.items()
             and set(spec.container.mounts) <= self.mounts
+            and spec.runs_on(self.runtime)
             and sum(1 for gpu in self.gpus if spec.wants_gpu(gpu)) >= spec.gpus
         )
 
@@ -150,6 +153,14 @@ def _no_worker(spec: models.JobSpec, workers: list[WorkerView]) -> str:
     if not mounted:
         names = ", ".join(spec.container.mounts)
         return f"no connected worker with its labels declares the mounts {names}"
+    runnable = [w for w in mounted if spec.runs_on(w.runtime)]
+    if not runnable:
+        needs = ", ".join(f"docker.{name}" for name in spec.container.needs_docker())
+        why = f"it sets {needs}" if needs else "it has no docker.command"
+        return (
+            "no connected worker with its labels runs Docker, and the process runtime's"
+            f" cannot run it: {why}"
+        )
     what = f"{spec.gpus} GPU" + ("s" if spec.gpus != 1 else "")
     if spec.gpu_model:
         what += f" of model {spec.gpu_model!r}"

@@ -49,6 +49,8 @@ HANDSHAKE_FAILURES = (
 class Runtime(Protocol):
     """Runs job attempts, reporting through emit(kind, body); see worker.runner."""
 
+    outlives_worker: bool  # its jobs run on while the worker is stopped (Docker's containers)
+
     def run(
         self,
         job: dict[str, Any],
@@ -269,6 +271,7 @@ class Agent:
                 "labels": self.labels,
                 "max_jobs": self.config.max_jobs,
                 "mounts": sorted(self.config.mount_map),
+                "runtime": self.config.runtime,
                 "running": [
                     {"job_id": j.id, "attempt": j.attempt, "recovered": j.found is not None}
                     for j in self.jobs.values()
@@ -559,11 +562,18 @@ class Agent:
 
     def _shutdown(self) -> None:
         # Runner threads let go of their containers, which run on: the next start of this
-        # worker finds them and re-attaches.
+        # worker finds them and re-attaches. Child processes cannot run on: they are stopped.
         self._detach.set()
         running = [job for job in self.jobs.values() if job.running and job.found is None]
-        if running:
+        if running and self.runtime.outlives_worker:
             log.info("leaving %d running job(s) to re-attach to at the next start", len(running))
+        elif running:
+            log.warning(
+                "stopping %d running job(s): the process runtime's jobs end with the worker"
+                " (the coordinator queues each again while it has retries left, else it is"
+                " an ERROR; --drain waits for them instead)",
+                len(running),
+            )
         for job in running:
             job.ended.wait(timeout=2)
         self.runners.stop()

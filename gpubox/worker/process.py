@@ -53,7 +53,6 @@ FLUSH_S = 0.1
 READ_BYTES = 256 * 1024
 READ_AFTER_EXIT_S = 2.0
 PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
-NEEDS_DOCKER = ("user", "mounts", "shm_size", "memory")
 
 
 def timestamp() -> str:
@@ -65,6 +64,8 @@ def timestamp() -> str:
 
 class ProcessRuntime:
     """Runs job attempts as child processes of the worker (see the module docstring)."""
+
+    outlives_worker = False  # stopping the worker stops its jobs' processes
 
     def __init__(
         self, worker_name: str, stop_grace_s: float = 10.0, tee: IO[str] | None = None
@@ -100,7 +101,7 @@ class ProcessRuntime:
         buffer = LineBuffer(job["first_seq"])
         executed_at: str | None = None
         options = models.ContainerOptions.from_dict(job.get("container"))
-        refused = [name for name in NEEDS_DOCKER if getattr(options, name)]
+        refused = options.needs_docker()
         workdir = options.workdir
         scratch = None
         if not job.get("command"):

@@ -405,6 +405,8 @@ class LogReader:
 class DockerRuntime:
     """Runs job attempts as Docker containers through the docker SDK."""
 
+    outlives_worker = True  # dockerd owns the containers: they run on, and are re-attached
+
     def __init__(
         self,
         worker_name: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import shlex
 import signal
@@ -83,7 +84,7 @@ def friendly(fn: F) -> F:
         except errors.ConfigError as exc:
             raise SettingError(str(exc)) from None
         except ApiError as exc:
-            where = f" ({exc.field})" if exc.field else ""
+            where = f" ({exc.field})" if exc.field and exc.field not in exc.message else ""
             raise click.ClickException(f"{exc.message}{where} [HTTP {exc.status}]") from None
         except errors.GpuboxError as exc:
             raise click.ClickException(str(exc)) from None
@@ -338,13 +339,32 @@ def make_client(config_path: str | None, flags: dict[str, Any]) -> Client:
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
-    result = {}
+    result: dict[str, str] = {}
     for value in values:
         key, sep, val = value.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint=what)
+        if key in result and result[key] != val:
+            raise click.BadParameter(
+                f"{key} is given twice, as {result[key]!r} and {val!r}", param_hint=what
+            )
         result[key] = val
     return result
+
+
+def _printable(text: str) -> str:
+    """A value for one line of a table: control characters (a newline, an escape sequence
+    that would drive the terminal) shown as escapes, as Python writes them."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _finite(value: float | None, what: str) -> float | None:
+    """click's FloatRange lets NaN through (every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", param_hint=what)
+    return value
 
 
 def _print_json(data: Any) -> None:
@@ -356,8 +376,16 @@ def _summary(job: dict[str, Any]) -> str:
     command = job["docker"]["command"]
     rows = [
         ("id", job["id"]),
-        ("name", job["name"]),
-        ("status", job["status"] + (" (cancel requested)" if job.get("cancel_requested") else "")),
+        ("name", _printable(job["name"])),
+        (
+            "status",
+            job["status"]
+            + (
+                " (cancel requested)"
+                if job.get("cancel_requested") and job["status"] == "RUNNING"
+                else ""
+            ),
+        ),
         ("image", job["docker"]["image"]),
         ("command", shlex.join(command) if command else "(image default)"),
         (
@@ -419,7 +447,8 @@ def _summary(job: dict[str, Any]) -> str:
 @click.option("--priority", type=int, default=0, show_default=True, help="higher runs first")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=0, min_open=True, max=366 * 86400),
+    callback=lambda _ctx, _param, value: _finite(value, "--timeout"),
     help="seconds before the job is stopped (ERROR 'timeout')",
 )
 @click.option(
@@ -546,7 +575,7 @@ def ls(
     for job in page["jobs"]:
         click.echo(
             f"{job['id']:>6}  {job['status']:<9}  {job['priority']:>4}  {job['gpus']:>4}  "
-            f"{(job['worker'] or '-')[:16]:<16}  {job['name']}"
+            f"{(job['worker'] or '-')[:16]:<16}  {_printable(job['name'])}"
         )
     if page["next"]:
         click.echo(f"(more: gpubox ls --before {page['next']})", err=True)
@@ -664,20 +693,19 @@ def token() -> None:
     """Manage API tokens (run on the coordinator's box; talks to the store directly)."""
 
 
-def _open_store(config_path: str | None, flags: dict[str, Any]) -> Any:
-    from gpubox.store import open_store
+def _open_store(config_path: str | None, flags: dict[str, Any]) -> tuple[Any, str]:
+    """The coordinator's store, and its URL as it may be shown."""
+    from gpubox.store import missing_file, open_store, redacted
 
     config = cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path))
-    path = config.db.removeprefix("sqlite://")
-    path = "/" + path.lstrip("/") if path.startswith("/") else path  # sqlite:////abs → /abs
-    if config.db.startswith("sqlite://") and not os.path.exists(path):
+    if missing := missing_file(config.db):
         # A new, empty store here would hold tokens no coordinator reads.
         raise errors.GpuboxError(
-            f"no store at {path}: is {config.state_dir} the coordinator's state folder"
+            f"no store at {missing}: is {config.state_dir} the coordinator's state folder"
             " (--state-dir, GPUBOX_STATE_DIR or --config as it runs with)? A coordinator makes"
             " its store when it first starts."
         )
-    return open_store(config.db)
+    return open_store(config.db), redacted(config.db)
 
 
 @token.command("create")
@@ -690,12 +718,12 @@ def token_create(name: str, role: str, config_path: str | None, **flags: Any) ->
     """Create a token NAME and print it once, alone on stdout (only a hash is kept)."""
     from gpubox.coordinator import tokens
 
-    store = _open_store(config_path, flags)
+    store, where = _open_store(config_path, flags)
     try:
         value = tokens.create(store, name, role)
     finally:
         store.close()
-    click.echo(f"token {name!r} ({role}) created; it is shown only this once", err=True)
+    click.echo(f"token {name!r} ({role}) created in {where}; it is shown only this once", err=True)
     click.echo(value)
 
 
@@ -705,10 +733,15 @@ def token_create(name: str, role: str, config_path: str | None, **flags: Any) ->
 @friendly
 def token_list(config_path: str | None, **flags: Any) -> None:
     """List tokens by name and role."""
-    store = _open_store(config_path, flags)
+    store, where = _open_store(config_path, flags)
     try:
-        for item in store.list_tokens():
-            click.echo(f"{item.name:<24}  {item.role:<7}  created {item.created_at:%Y-%m-%d %H:%M}")
+        found = store.list_tokens()
+        if not found:
+            click.echo(f"no tokens in {where}", err=True)
+            return
+        click.echo(f"{'NAME':<24}  {'ROLE':<7}  CREATED (UTC)")
+        for item in found:
+            click.echo(f"{item.name:<24}  {item.role:<7}  {item.created_at:%Y-%m-%d %H:%M}")
     finally:
         store.close()
 
@@ -721,7 +754,7 @@ def token_list(config_path: str | None, **flags: Any) -> None:
 def token_revoke(name: str, config_path: str | None, **flags: Any) -> None:
     """Revoke token NAME: a running coordinator refuses requests carrying it within a second
     (it trusts a token it found for that long)."""
-    store = _open_store(config_path, flags)
+    store, _ = _open_store(config_path, flags)
     try:
         if not store.revoke_token(name):
             raise errors.GpuboxError(f"no token named {name!r}")

@@ -120,6 +120,17 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
     assert refused.returncode == 1
     assert "already ERROR" in refused.stderr
 
+    # a name that would break the table or drive the terminal is shown escaped
+    odd = run(
+        "submit", "--name", "two\nlines \x1b[2J", IMAGE, "sleep", "30", env=env
+    ).stdout.strip()
+    assert f"{odd}  " in run("ls", env=env).stdout
+    assert "two\\nlines \\x1b[2J" in run("ls", env=env).stdout
+    assert "two\\nlines \\x1b[2J" in run("show", odd, env=env).stdout
+    run("cancel", odd, env=env)
+    wait_until(lambda: "CANCELLED" in run("show", odd, env=env).stdout, 30, "the cancel")
+    assert "cancel requested" not in run("show", odd, env=env).stdout  # it is done
+
     ok = run("submit", IMAGE, "true", env=env)
     assert ok.returncode == 0 and ok.stdout.strip().isdigit()
 
@@ -154,6 +165,12 @@ def test_client_errors_are_one_clear_line(tmp_path: Path):
     # tail too, at once: it waits for a coordinator only after it has reached it once
     tail = run("tail", "1", env=env, timeout=20)
     assert tail.returncode == 1 and "cannot reach the coordinator" in tail.stderr
+
+    # bad options are refused before anything is sent
+    twice = run("submit", "-e", "A=1", "-e", "A=2", "img", env=env)
+    assert twice.returncode == 2 and "A is given twice, as '1' and '2'" in twice.stderr
+    nan = run("submit", "--timeout", "nan", "img", env=env)
+    assert nan.returncode == 2 and "nan is not a number of seconds" in nan.stderr
 
     bad = run("ls", env={**env, "GPUBOX_URL": "ftp://nope"})
     assert bad.returncode == 2 and "url" in bad.stderr
@@ -226,11 +243,19 @@ def test_token_commands_work_on_the_coordinators_store_and_only_there(tmp_path: 
     assert not (tmp_path / "state" / "gpubox.db").exists()
 
     (tmp_path / "state").mkdir()
-    open_store(f"sqlite:///{tmp_path / 'state' / 'gpubox.db'}").close()  # as a coordinator does
+    db = f"sqlite:///{tmp_path / 'state' / 'gpubox.db'}"
+    open_store(db).close()  # as a coordinator does
+    empty = run("token", "list", env=env)
+    assert empty.stdout == "" and empty.stderr == f"no tokens in {db}\n"
     made = run("token", "create", "ci", env=env)
     assert made.returncode == 0, made.stderr
     assert made.stdout.startswith("gpbx_") and "shown only this once" in made.stderr
-    assert "ci" in run("token", "list", env=env).stdout
+    assert f"created in {db}" in made.stderr  # which store: a coordinator elsewhere would 401
+    header, row = run("token", "list", env=env).stdout.splitlines()
+    assert header.split() == ["NAME", "ROLE", "CREATED", "(UTC)"] and row.split()[:2] == [
+        "ci",
+        "submit",
+    ]
     assert run("token", "revoke", "ci", env=env).returncode == 0
     again = run("token", "revoke", "ci", env=env)
     assert again.returncode != 0 and "no token named 'ci'" in again.stderr

@@ -150,6 +150,22 @@ def test_an_unreachable_postgresql_is_named_without_its_password_and_with_the_ca
     assert "Connection refused" in postgres._connect_error("postgresql://x:y@127.0.0.1:1/q")
 
 
+def test_a_missing_postgresql_database_is_one_line_from_the_cli(pg_url: str) -> None:
+    missing = pg_url.replace("/gpubox_test?", f"/no_such_db_{os.getpid()}?")
+    assert missing != pg_url
+    result = subprocess.run(
+        [*GPUBOX, "db", "upgrade", "--db", missing],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    # the pool's own warning for each failed try is not printed before it
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: cannot connect to PostgreSQL") and "does not exist" in line
+
+
 def test_db_copy_sqlite_into_postgresql_gives_identical_answers(tmp_path: Path, pg_url: str):
     source = f"sqlite:///{tmp_path}/source.db"
     token = fill(source, jobs=1000, lines_per_job=200)  # 500 jobs with lines: 100,000 lines

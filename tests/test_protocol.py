@@ -85,7 +85,7 @@ COORDINATOR_BODIES: dict[str, dict[str, Any]] = {
     "ACK": {"job_id": 7, "attempt": 1, "seq": 3, "done": True},
     "CANCEL": {"job_id": 7, "attempt": 1},
     "HEARTBEAT": {"coordinator": "c-1", "known": True},
-    "REFUSED": {"coordinator": "c-1", "reason": "its key is worker a's, not 'b''s"},
+    "REFUSED": {"coordinator": "c-1", "reason": "it calls itself 'b', but its key is worker a's"},
 }
 
 # Other valid bodies: optional fields left empty, edge values.

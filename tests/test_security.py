@@ -174,7 +174,9 @@ def test_a_key_cannot_say_hello_for_another_name(link: Link) -> None:
     liar.keepalive = False
     liar.send_hello(name="victim")
     reason = liar.expect("REFUSED").body["reason"]
-    assert reason.startswith("its key is worker liar's, not 'victim''s: start it as liar")
+    assert reason.startswith(
+        "it calls itself 'victim', but its key is worker liar's: start it as liar"
+    )
     liar.silent(1.0)  # and nothing else: no WELCOME, no work
     assert "victim" not in peer_names(link)
     assert link.broker.dropped_messages == 1
@@ -197,6 +199,24 @@ def test_a_key_cannot_say_hello_for_another_name(link: Link) -> None:
     liar.keepalive = True
     assert liar.hello().body["coordinator"] == link.broker.coordinator_id
     assert sorted(peer_names(link)) == ["liar", "victim"]
+
+
+def test_two_workers_with_one_name_and_key_are_warned_about_once(
+    link: Link, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each HELLO takes the name's place from the other: without a warning, a copied worker
+    # config looks like one worker that keeps reconnecting.
+    first, second = link.worker("w1"), link.worker("w1")
+    for turn in range(4):
+        for worker in (first, second):
+            worker.session = f"{id(worker)}-{turn}"
+            worker.hello()
+    warned = [r.getMessage() for r in caplog.records if "two workers" in r.getMessage()]
+    assert warned == [
+        "worker w1 connected 4 times in 30 s: are two workers running with that name and key?"
+        " Each takes its place from the other"
+    ]
+    assert peer_names(link) == ["w1"]
 
 
 def test_another_workers_session_is_unknown_and_nothing_is_applied(link: Link) -> None:
@@ -409,7 +429,10 @@ class StubRuntime:
     [
         ("refused key", "refused this worker's key"),
         ("wrong coordinator key", "CURVE handshake with"),
-        ("another worker's key", "refused this worker: its key is worker w0's, not 'w1''s"),
+        (
+            "another worker's key",
+            "refused this worker: it calls itself 'w1', but its key is worker w0's",
+        ),
     ],
 )
 def test_the_agent_says_why_it_cannot_connect(

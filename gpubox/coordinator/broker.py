@@ -31,6 +31,7 @@ QUEUE_WINDOW = 200  # queued jobs planned per round, in queue order
 STORE_BACKOFF_MAX_S = 5.0
 FAILED = object()  # a report that could not be stored
 MAX_BURST_LINES = 50_000  # log lines stored in one transaction, at most (about 0.5 s)
+FLAP_HELLOS, FLAP_WINDOW_S = 4, 30.0  # this many HELLOs of one name within the window: warn
 
 
 @dataclasses.dataclass
@@ -135,6 +136,8 @@ class Broker:
         self._allow_fresh = False  # run() looked at the allow list for this burst
         self._schedule_poked = False  # a 'schedule' poke is on its way (see poke())
         self.peers: dict[str, Peer] = {}  # by session
+        self._hellos: dict[str, list[float]] = {}  # worker name → its recent HELLOs (monotonic)
+        self._flap_warned: dict[str, float] = {}  # worker name → no warning again before
         self.started_at = time.monotonic()
         self._next_heartbeat = 0.0
         self._next_expiry = 0.0
@@ -306,9 +309,9 @@ class Broker:
                     "refused HELLO: the key of worker %s claimed the name %r", name, claimed
                 )
                 reason = (
-                    f"its key is worker {name}'s, not {claimed!r}'s: start it as {name}"
-                    f" (--name {name}), or give it a key of its own (gpubox keys worker NAME on"
-                    " the coordinator's box)"
+                    f"it calls itself {claimed!r}, but its key is worker {name}'s: start it as"
+                    f" {name} (--name {name}), or give it a key of its own (gpubox keys worker"
+                    " NAME on the coordinator's box)"
                 )
                 self._send_raw(
                     routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
@@ -331,6 +334,7 @@ class Broker:
         name = body["name"]
         for old in [p for p in self.peers.values() if p.name == name]:
             del self.peers[old.session]
+        self._note_hello(name, now)
         peer = Peer(
             name=name,
             routing_id=routing_id,
@@ -381,6 +385,22 @@ class Broker:
             len(held),
             extra=fields(worker=name),
         )
+
+    def _note_hello(self, name: str, now: float) -> None:
+        """Warn (once a minute) about a worker name that keeps saying HELLO: two workers
+        started with one name and key take its place from each other, silently otherwise."""
+        recent = [t for t in self._hellos.get(name, []) if now - t < FLAP_WINDOW_S] + [now]
+        self._hellos[name] = recent
+        if len(recent) >= FLAP_HELLOS and now >= self._flap_warned.get(name, 0.0):
+            self._flap_warned[name] = now + 60.0
+            log.warning(
+                "worker %s connected %d times in %g s: are two workers running with that name"
+                " and key? Each takes its place from the other",
+                name,
+                len(recent),
+                FLAP_WINDOW_S,
+                extra=fields(worker=name),
+            )
 
     def _on_ready(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         peer.ready = True

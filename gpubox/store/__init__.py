@@ -32,12 +32,18 @@ def _sqlite_path(url: str) -> str:
     return path
 
 
+def missing_file(url: str) -> str | None:
+    """For a SQLite URL whose file does not exist, that file's path; else None."""
+    if not url.startswith("sqlite://") or os.path.exists(path := _sqlite_path(url)):
+        return None
+    return "/" + path.lstrip("/") if path.startswith("/") else path  # sqlite:////x: /x
+
+
 def open_existing(url: str) -> Store:
     """A store to read as it is: never created (a mistyped SQLite path is an error, not a
     new empty file), never upgraded."""
-    if url.startswith("sqlite://") and not os.path.exists(path := _sqlite_path(url)):
-        shown = "/" + path.lstrip("/") if path.startswith("/") else path  # sqlite:////x: /x
-        raise errors.ConfigError(f"db: no SQLite store at {shown}")
+    if missing := missing_file(url):
+        raise errors.ConfigError(f"db: no SQLite store at {missing}")
     store = open_store(url, upgrade=False)
     if not store.schema_version():
         store.close()

@@ -163,6 +163,11 @@ def _connect_error(url: str) -> str:
     return "it did not answer in time"
 
 
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
 class PostgresStore(sql.SqlStore):
     """The store in a PostgreSQL database."""
 
@@ -184,6 +189,10 @@ class PostgresStore(sql.SqlStore):
             open=False,
             name="gpubox",
         )
+        # The pool logs each failed try at open; the error below says it once, in one line.
+        # (Later, the coordinator's journal keeps its warnings during a database outage.)
+        quiet = _DropAll()
+        logging.getLogger("psycopg.pool").addFilter(quiet)
         try:
             self.pool.open(wait=True, timeout=OPEN_TIMEOUT_S)
         except psycopg_pool.PoolTimeout as exc:
@@ -191,6 +200,8 @@ class PostgresStore(sql.SqlStore):
             raise errors.StoreUnavailable(
                 f"cannot connect to PostgreSQL at {redacted(url)}: {_connect_error(url)}"
             ) from exc
+        finally:
+            logging.getLogger("psycopg.pool").removeFilter(quiet)
         try:
             self._prepare(upgrade)
         except BaseException:

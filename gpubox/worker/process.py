@@ -113,7 +113,7 @@ class ProcessRuntime:
             outcome = {
                 "status": "ERROR",
                 "error": f"the process runtime cannot apply docker.{', docker.'.join(refused)}"
-                " (they need the Docker runtime)",
+                " (only the Docker runtime can)",
             }
         elif cancel.is_set():
             outcome = {"status": "CANCELLED", "error": "cancelled before the process started"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -23,6 +24,13 @@ from gpubox.store.copy import copy_store
 from tests.conftest import PG_URL, Cluster, wait_until
 
 GPUBOX = [sys.executable, "-m", "gpubox"]
+
+
+def gpubox(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real command, as a user runs it."""
+    return subprocess.run(
+        [*GPUBOX, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.fixture()
@@ -150,32 +158,23 @@ def test_an_unreachable_postgresql_is_named_without_its_password_and_with_the_ca
     assert "Connection refused" in postgres._connect_error("postgresql://x:y@127.0.0.1:1/q")
 
 
-def test_a_missing_postgresql_database_is_one_line_from_the_cli(pg_url: str) -> None:
+def test_a_missing_postgresql_database_is_one_error_without_the_pools_warnings(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(postgres, "OPEN_TIMEOUT_S", 1.0)
     missing = pg_url.replace("/gpubox_test?", f"/no_such_db_{os.getpid()}?")
     assert missing != pg_url
-    result = subprocess.run(
-        [*GPUBOX, "db", "upgrade", "--db", missing],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 1
-    # the pool's own warning for each failed try is not printed before it
-    (line,) = result.stderr.splitlines()
-    assert line.startswith("Error: cannot connect to PostgreSQL") and "does not exist" in line
+    with caplog.at_level(logging.DEBUG), pytest.raises(errors.StoreUnavailable) as down:
+        open_store(missing)
+    assert "does not exist" in str(down.value)
+    # the pool's warning for each failed try (4 of them, before `Error: …`, from the CLI)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")] == []
 
 
 def test_db_copy_sqlite_into_postgresql_gives_identical_answers(tmp_path: Path, pg_url: str):
     source = f"sqlite:///{tmp_path}/source.db"
     token = fill(source, jobs=1000, lines_per_job=200)  # 500 jobs with lines: 100,000 lines
-    result = subprocess.run(
-        [*GPUBOX, "db", "copy", source, pg_url],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = gpubox("db", "copy", source, pg_url, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "copied and checked: 1000 jobs" in result.stderr
     assert "100000 logs" in result.stderr
@@ -226,9 +225,7 @@ def test_db_copy_refuses_a_non_empty_destination_unless_replace(tmp_path: Path, 
 
 
 def db_copy(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*GPUBOX, "db", "copy", *args], capture_output=True, text=True, timeout=120, check=False
-    )
+    return gpubox("db", "copy", *args)
 
 
 def test_db_copy_refuses_to_copy_a_store_onto_itself(tmp_path: Path, pg_url: str):
@@ -267,21 +264,9 @@ def test_db_copy_from_a_missing_sqlite_file_creates_nothing(tmp_path: Path):
 
 def test_db_upgrade_twice_is_a_no_op_the_second_time(pg_url: str, tmp_path: Path):
     for url in (pg_url, f"sqlite:///{tmp_path}/fresh.db"):
-        first = subprocess.run(
-            [*GPUBOX, "db", "upgrade", "--db", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        first = gpubox("db", "upgrade", "--db", url)
         assert first.returncode == 0 and "upgraded from version 0 to 2" in first.stderr
-        second = subprocess.run(
-            [*GPUBOX, "db", "upgrade", "--db", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        second = gpubox("db", "upgrade", "--db", url)
         assert second.returncode == 0 and "nothing to do" in second.stderr
         store = open_store(url, upgrade=False)
         try:
@@ -338,23 +323,10 @@ def test_coordinator_refuses_a_newer_schema(pg_url: str, tmp_path: Path, pg_admi
     schema = pg_url.rsplit("%3D", 1)[1]
     pg_admin.execute(f"UPDATE {schema}.schema_version SET version = 99")
     keys.init(str(tmp_path))
-    result = subprocess.run(
-        [
-            *GPUBOX,
-            "coordinator",
-            "--db",
-            pg_url,
-            "--state-dir",
-            str(tmp_path),
-            "--http",
-            "127.0.0.1:0",
-            "--bind",
-            "tcp://127.0.0.1:*",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = gpubox(
+        "coordinator",
+        *("--db", pg_url, "--state-dir", str(tmp_path)),
+        *("--http", "127.0.0.1:0", "--bind", "tcp://127.0.0.1:*"),
     )
     assert result.returncode == 1
     assert "schema version 99" in result.stderr and "upgrade gpubox" in result.stderr

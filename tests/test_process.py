@@ -140,9 +140,15 @@ def test_timeout(cluster: Cluster) -> None:
     assert done["status"] == "ERROR" and done["result"]["error"] == "timeout"
 
 
-def test_a_command_that_cannot_start_ends_the_job_with_a_reason(cluster: Cluster) -> None:
+def test_a_command_that_cannot_start_ends_the_job_with_a_reason(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     done, _ = run(cluster, ["/no/such/program"])
     assert done["status"] == "ERROR" and "could not start the command" in done["result"]["error"]
+    assert done["result"]["exit_code"] == 127  # as a shell and the Docker runtime say it
+    (tmp_path / "data").write_text("not a program")
+    done, _ = run(cluster, [str(tmp_path / "data")])  # found, not executable
+    assert done["status"] == "ERROR" and done["result"]["exit_code"] == 126
 
 
 @pytest.mark.parametrize(

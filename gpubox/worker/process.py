@@ -131,7 +131,12 @@ class ProcessRuntime:
                     start_new_session=True,  # its own process group, stopped as one
                 )
             except OSError as exc:
-                outcome = {"status": "ERROR", "error": f"could not start the command: {exc}"}
+                outcome = {
+                    "status": "ERROR",
+                    "error": f"could not start the command: {exc}",
+                    # as a shell (and Docker) says it: 127 not found, 126 found but not run
+                    "exit_code": 127 if isinstance(exc, FileNotFoundError) else 126,
+                }
             else:
                 executed_at = models.format_time(models.utcnow())
                 emit("started", {"container": f"pid-{proc.pid}", "executed_at": executed_at})

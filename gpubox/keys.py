@@ -12,6 +12,7 @@ A worker may only speak for the name its key file is called by in the allow list
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -102,6 +103,11 @@ def revoke(state_dir: str, name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def fingerprint(public: bytes) -> str:
+    """A short, stable name for a public key (its SHA-256, 16 hex digits)."""
+    return hashlib.sha256(public).hexdigest()[:16]
 
 
 def load_secret(path: str | Path) -> tuple[bytes, bytes]:

@@ -414,6 +414,11 @@ def test_text_no_store_can_hold_is_400_naming_the_field(
     assert request(bare, "GET", f"{JOBS}/{made.body['id']}").body["metadata"] == {"raw": "a\x00b"}
 
 
+def test_a_number_too_long_to_read_is_400_not_500(api: Cluster):
+    raw = b'{"name": "a", "priority": 1' + b"0" * 5000 + b', "docker": {"image": "x"}}'
+    assert_error(request(api, "POST", JOBS, raw), 400, "bad_input")
+
+
 def test_deeply_nested_json_is_400_not_500(api: Cluster):
     # 100 kB, well under the 1 MiB limit, but deeper than Python's json module recurses.
     assert_error(request(api, "POST", JOBS, b"[" * 100_000), 400, "bad_input")

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
-from gpubox.worker.process import ProcessRuntime, Scratch
+from gpubox.worker.process import ProcessRuntime, Scratch, environment
 from tests.conftest import IMAGE, Cluster, wait_until
 
 NO_IMAGE = "ignored-by-the-process-runtime"
@@ -230,3 +233,36 @@ def test_a_mixed_pool_sends_docker_only_jobs_to_docker_workers(make_cluster) -> 
     assert made.wait(made.submit(IMAGE)["id"])["worker"] == "b-docker"
     anywhere = made.wait(made.submit(IMAGE, ["true"])["id"])
     assert (anywhere["status"], anywhere["worker"]) == ("FINISHED", "a-proc"), anywhere
+
+
+def test_a_restarted_worker_stops_what_its_killed_run_left_behind(tmp_path: Path) -> None:
+    # A worker killed outright (SIGKILL) leaves its job's processes running while the
+    # coordinator hands the job out again: the next start must stop them, a job's children
+    # too, and nothing of another worker (another coordinator, same name) on this host.
+    def left_behind(owner: str, job_id: int) -> tuple[subprocess.Popen[bytes], int]:
+        runtime = ProcessRuntime("w1", tee=io.StringIO())
+        runtime.owner = owner
+        spec = {"id": job_id, "attempt": 1, "env": {}, "secrets": {}, "gpus": []}
+        child_pid = tmp_path / f"child-{job_id}"
+        proc = subprocess.Popen(
+            ["sh", "-c", f"sleep 300 & echo $! > {child_pid}; wait"],
+            env=environment(spec, runtime.marker()),
+            start_new_session=True,
+        )
+        wait_until(lambda: child_pid.exists() and child_pid.read_text().strip(), 10, "the child")
+        return proc, int(child_pid.read_text())
+
+    ours, our_child = left_behind("coordinator-a", 7)
+    theirs, their_child = left_behind("coordinator-b", 8)
+    try:
+        restarted = ProcessRuntime("w1", tee=io.StringIO())
+        restarted.owner = "coordinator-a"
+        assert restarted.recover() == []  # nothing to re-attach to, but:
+        assert ours.wait(timeout=10) == -signal.SIGKILL
+        wait_until(lambda: not alive(our_child), 10, "the job's child to be stopped too")
+        assert theirs.poll() is None and alive(their_child)
+    finally:
+        for proc in (ours, theirs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

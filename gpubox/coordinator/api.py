@@ -161,6 +161,8 @@ def make_app(
             return json.loads(raw, parse_constant=_no_constant)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise errors.BadInput(f"the body is not valid JSON: {exc}") from None
+        except ValueError as exc:  # an integer of more than 4,300 digits (int's own limit)
+            raise errors.BadInput(f"the body holds a number too long to read: {exc}") from None
         except RecursionError:
             raise errors.BadInput("the body is nested too deeply") from None
 

@@ -50,6 +50,7 @@ class Runtime(Protocol):
     """Runs job attempts, reporting through emit(kind, body); see worker.runner."""
 
     outlives_worker: bool  # its jobs run on while the worker is stopped (Docker's containers)
+    owner: str  # the coordinator its jobs are for (keys.fingerprint), set before recover()
 
     def run(
         self,
@@ -111,6 +112,9 @@ class Agent:
             config.coordinator_key or str(keys.coordinator_files(config.state_dir)[0])
         )
         self.runtime = runtime
+        # What this worker's jobs are marked with, so a restart finds its own and never those
+        # of another gpubox on this host under the same worker name: the coordinator's key.
+        runtime.owner = keys.fingerprint(self.server_key)
         self.gpus = gpus
         self.labels = config.label_map
         self.context = context or zmq.Context.instance()

@@ -4,11 +4,11 @@ For hosts without Docker (like other runners' shell executors) and to measure gp
 overhead without Docker's. It gives NO isolation: the command runs as the worker's user, sees
 the host's files, network and every GPU driver. `docker.image` is ignored; `docker.command` is
 required. The job gets its own environment (PATH, HOME, LANG, TZ from the worker, then
-docker.env and docker.secrets) and its GPUs as NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES
-(the UUIDs; "" when it has none) with CUDA_DEVICE_ORDER=PCI_BUS_ID; it starts in
-docker.workdir or a fresh empty folder (one emptied by the job that used it last counts as
-fresh: it is kept for the next). Container options that need Docker (user, mounts,
-shm_size, memory) make the job ERROR with a reason.
+docker.env and docker.secrets, GPUBOX_JOB_ID, and a marker, GPUBOX_WORKER_RUN) and its GPUs
+as NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES (the UUIDs; "" when it has none) with
+CUDA_DEVICE_ORDER=PCI_BUS_ID; it starts in docker.workdir or a fresh empty folder (one
+emptied by the job that used it last counts as fresh: it is kept for the next). Container
+options that need Docker (user, mounts, shm_size, memory) make the job ERROR with a reason.
 
 Output, cancel, timeout and exit codes behave as with Docker: stdout and stderr are read line
 by line, timestamped as they arrive, masked, batched (the job ends when the command has exited
@@ -17,13 +17,15 @@ READ_AFTER_EXIT_S more); cancel and timeout send SIGTERM to the
 job's process group, then SIGKILL after the grace period; a signal's exit code is 128 + its
 number. A worker that stops stops its processes: there is nothing to re-attach to. One
 killed outright (SIGKILL) leaves them running unattached, in their own process groups, while
-the coordinator hands their jobs out again (or fails them): stop them by hand.
+the coordinator hands their jobs out again (or fails them); its next start stops every
+process that still carries its marker (a job's children too, unless they dropped it).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import select
 import shutil
@@ -52,7 +54,10 @@ from gpubox.worker.runner import (
 FLUSH_S = 0.1
 READ_BYTES = 256 * 1024
 READ_AFTER_EXIT_S = 2.0
+log = logging.getLogger(__name__)
+
 PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
+OWNER_VARIABLE = "GPUBOX_WORKER_RUN"  # coordinator:worker, in every job process's environment
 
 
 def timestamp() -> str:
@@ -66,6 +71,7 @@ class ProcessRuntime:
     """Runs job attempts as child processes of the worker (see the module docstring)."""
 
     outlives_worker = False  # stopping the worker stops its jobs' processes
+    owner = ""  # set by the agent (Runtime.owner)
 
     def __init__(
         self, worker_name: str, stop_grace_s: float = 10.0, tee: IO[str] | None = None
@@ -77,7 +83,33 @@ class ProcessRuntime:
         self._scratch = Scratch()
 
     def recover(self) -> list[tuple[int, int, list[str], Any]]:
-        return []  # a process does not outlive its worker: nothing to find
+        """Nothing to re-attach to; but a worker killed outright (SIGKILL, a crash) left its
+        jobs' processes running, which the coordinator has handed out again or ended: they
+        are stopped now, found by the marker in their environment (see environment())."""
+        marker = f"{OWNER_VARIABLE}={self.marker()}".encode()
+        stopped: set[str] = set()
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                    variables = fh.read().split(b"\0")
+                if marker in variables:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    job = [v for v in variables if v.startswith(b"GPUBOX_JOB_ID=")]
+                    stopped.add(job[0].decode().partition("=")[2] if job else "?")
+            except (OSError, ValueError):
+                continue  # gone meanwhile, or not ours to read
+        if stopped:
+            log.warning(
+                "stopped what the last run of this worker left running of job(s) %s",
+                ", ".join(sorted(stopped)),
+            )
+        return []
+
+    def marker(self) -> str:
+        """What marks this worker's job processes: its coordinator, its name."""
+        return f"{self.owner}:{self.worker_name}"
 
     def discard(self, container: Any, stop: bool = True) -> None:
         """Nothing to remove: recover() never finds anything."""
@@ -124,7 +156,7 @@ class ProcessRuntime:
                 proc = subprocess.Popen(
                     job["command"],
                     cwd=workdir,
-                    env=environment(job),
+                    env=environment(job, self.marker()),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -263,11 +295,14 @@ class Scratch:
             self._free.append(path)
 
 
-def environment(job: dict[str, Any]) -> dict[str, str]:
-    """The job's environment: a few of the worker's variables, the job's, its GPUs."""
+def environment(job: dict[str, Any], marker: str = "") -> dict[str, str]:
+    """The job's environment: a few of the worker's variables, the job's, its GPUs, its id,
+    and the marker by which a restarted worker finds what its last run left behind."""
     env = {name: os.environ[name] for name in PASSED_ON if name in os.environ}
     env.update(job.get("env") or {})
     env.update(job.get("secrets") or {})
+    env["GPUBOX_JOB_ID"] = str(job["id"])
+    env[OWNER_VARIABLE] = marker
     gpus = ",".join(job.get("gpus") or [])
     env["NVIDIA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = gpus
     if gpus:

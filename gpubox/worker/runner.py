@@ -39,6 +39,7 @@ GATHER_S = 0.005
 CATCH_UP_TAIL = 1000  # entries read back from a log's end after the container exited
 LABEL = "io.gpubox.job"
 WORKER_LABEL = "io.gpubox.worker"
+OWNER_LABEL = "io.gpubox.coordinator"  # keys.fingerprint of the coordinator's public key
 MASK = "[MASKED]"
 
 
@@ -406,6 +407,7 @@ class DockerRuntime:
     """Runs job attempts as Docker containers through the docker SDK."""
 
     outlives_worker = True  # dockerd owns the containers: they run on, and are re-attached
+    owner = ""  # set by the agent (Runtime.owner)
 
     def __init__(
         self,
@@ -499,6 +501,8 @@ class DockerRuntime:
         label = f"{WORKER_LABEL}={self.worker_name}"
         for container in self.client.containers.list(all=True, filters={"label": label}):
             labels = container.labels
+            if labels.get(OWNER_LABEL, self.owner) != self.owner:
+                continue  # another gpubox's worker of the same name on this engine
             try:
                 job_id, attempt = int(labels[LABEL]), int(labels[f"{LABEL}.attempt"])
             except (KeyError, ValueError):
@@ -575,6 +579,7 @@ class DockerRuntime:
                 f"{LABEL}.attempt": str(job["attempt"]),
                 f"{LABEL}.gpus": ",".join(job["gpus"]),
                 WORKER_LABEL: self.worker_name,
+                OWNER_LABEL: self.owner,
             },
         }
         if job["gpus"] and self.gpu_devices:

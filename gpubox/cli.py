@@ -7,6 +7,7 @@ into one clear line on stderr.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -16,7 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -74,6 +75,10 @@ class SettingError(click.ClickException):
     exit_code = 2
 
 
+# Errors writing stdout or stderr: the output is gone, not the command's own failure.
+UNWRITABLE = {errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
 def friendly(fn: F) -> F:
     """Turn gpubox errors into `Error: …` and exit status 1 (2 for bad settings)."""
 
@@ -88,11 +93,17 @@ def friendly(fn: F) -> F:
             raise click.ClickException(f"{exc.message}{where} [HTTP {exc.status}]") from None
         except errors.GpuboxError as exc:
             raise click.ClickException(str(exc)) from None
-        except (OutputClosed, BrokenPipeError):
-            # The reader of a pipe left (`gpubox tail 42 | head`): stop quietly, as a command
-            # killed by SIGPIPE would, and let nothing flush into the closed pipe at exit.
+        except (OutputClosed, OSError) as exc:
+            cause = exc.__cause__ if isinstance(exc, OutputClosed) else exc
+            if not isinstance(cause, OSError) or cause.errno not in UNWRITABLE:
+                raise
+            # Nothing more can be written (and nothing should flush into stdout at exit).
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(128 + signal.SIGPIPE)
+            if cause.errno == errno.EPIPE:
+                # The reader of a pipe left (`gpubox tail 42 | head`): stop quietly, as a
+                # command killed by SIGPIPE would.
+                sys.exit(128 + signal.SIGPIPE)
+            raise click.ClickException(f"cannot write the output: {cause}") from None
 
     return wrapper
 
@@ -367,6 +378,21 @@ def _finite(value: float | None, what: str) -> float | None:
     return value
 
 
+def _follow(client: Client, job_id: int, since: int = 0) -> NoReturn:
+    """Print a job's output until it ends and exit with its code; Ctrl-C stops following
+    only (exit 130), and says so: the job is not cancelled."""
+    try:
+        code = client.tail(job_id, since)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\ngpubox: stopped following job {job_id}, which is not cancelled"
+            f" (gpubox cancel {job_id} stops it)",
+            err=True,
+        )
+        sys.exit(130)
+    sys.exit(code)
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
@@ -532,7 +558,7 @@ def submit(
         click.echo(job["id"])
     if follow:
         click.echo(f"job {job['id']} queued; following its output", err=True)
-        sys.exit(client.tail(job["id"]))
+        _follow(client, job["id"])
 
 
 @main.command()
@@ -606,7 +632,7 @@ def tail(job_id: int, since: int, config_path: str | None, **flags: Any) -> None
     Exit status: 0 FINISHED, the container's code on a non-zero exit, 1 for other errors,
     130 cancelled. A dropped connection is resumed without a gap or a repeated line.
     """
-    sys.exit(make_client(config_path, flags).tail(job_id, since))
+    _follow(make_client(config_path, flags), job_id, since)
 
 
 @main.command()

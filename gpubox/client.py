@@ -29,7 +29,8 @@ RETRY_NOTE_EVERY_S = 30.0  # while a follow retries, how often it says so again
 
 
 class OutputClosed(Exception):
-    """Where `tail` prints went away (a pipe's reader exited: `gpubox tail 42 | head`)."""
+    """Where `tail` prints cannot be written: a pipe's reader exited (`gpubox tail 42 | head`,
+    EPIPE), or a full disk, … (the OSError is its cause)."""
 
 
 class ApiError(errors.GpuboxError):
@@ -152,7 +153,7 @@ class Client:
             try:
                 (err if record["stream"] == "stderr" else out).write(record["line"] + "\n")
             except OSError as exc:  # not the connection: retrying cannot help
-                raise OutputClosed(str(exc)) from exc
+                raise OutputClosed(exc) from exc
 
         self.job(job_id)  # reachable, and the job is there: else an error at once
         failing_since: float | None = None
@@ -201,4 +202,4 @@ def _flush(stream: IO[str]) -> None:
     try:
         stream.flush()
     except OSError as exc:
-        raise OutputClosed(str(exc)) from exc
+        raise OutputClosed(exc) from exc

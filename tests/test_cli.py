@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,6 +128,18 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
     assert f"{odd}  " in run("ls", env=env).stdout
     assert "two\\nlines \\x1b[2J" in run("ls", env=env).stdout
     assert "two\\nlines \\x1b[2J" in run("show", odd, env=env).stdout
+    # Ctrl-C stops following, not the job, and says so
+    follower = subprocess.Popen(
+        [*GPUBOX, "tail", odd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(2)
+    follower.send_signal(signal.SIGINT)
+    _, said = follower.communicate(timeout=20)
+    assert follower.returncode == 130
+    assert said.endswith(
+        f"stopped following job {odd}, which is not cancelled (gpubox cancel {odd} stops it)\n"
+    )
+    assert "RUNNING" in run("show", odd, env=env).stdout
     run("cancel", odd, env=env)
     wait_until(lambda: "CANCELLED" in run("show", odd, env=env).stdout, 30, "the cancel")
     assert "cancel requested" not in run("show", odd, env=env).stdout  # it is done
@@ -154,6 +167,22 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
     finally:
         follower.kill()
     assert follower.stderr.read() == b""
+
+    # output that cannot be written (a full disk) is one line and exit 1, not a traceback
+    for args in (["ls"], ["logs", many_id], ["tail", many_id]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [*GPUBOX, *args],
+                env=env,
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=30,
+            )
+        assert (result.returncode, result.stderr) == (
+            1,
+            "Error: cannot write the output: [Errno 28] No space left on device\n",
+        ), args
 
 
 def test_client_errors_are_one_clear_line(tmp_path: Path):

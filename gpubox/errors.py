@@ -78,6 +78,13 @@ class StoreUnavailable(GpuboxError):
     code = "store_unavailable"
 
 
+class Busy(GpuboxError):
+    """The coordinator is too busy for this right now; try again."""
+
+    http_status = 503
+    code = "busy"
+
+
 class StoreError(GpuboxError):
     """The store failed."""
 

@@ -414,6 +414,43 @@ def test_text_no_store_can_hold_is_400_naming_the_field(
     assert request(bare, "GET", f"{JOBS}/{made.body['id']}").body["metadata"] == {"raw": "a\x00b"}
 
 
+def test_followers_past_the_cap_get_503_and_every_other_request_still_runs(
+    make_cluster: Callable[..., Cluster],
+):
+    # Each follow stream holds an HTTP thread; with every thread following, /healthz and
+    # cancel used to hang. 8 threads: 6 followers at most, 2 threads for the rest.
+    cluster = make_cluster(workers=0, http_threads=8)
+    job = request(cluster, "POST", JOBS, spec()).body  # queued for good: no worker
+    url = urllib.parse.urlsplit(cluster.url)
+    path = f"{JOBS}/{job['id']}/logs?follow=1&format=ndjson"
+    streams = []
+
+    def follow() -> tuple[HTTPConnection, Any]:
+        conn = HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=15)
+        conn.request("GET", path, headers={"Authorization": f"Bearer {cluster.token}"})
+        return conn, conn.getresponse()
+
+    try:
+        for _ in range(6):
+            conn, answer = follow()
+            assert answer.status == 200
+            streams.append(conn)
+        refused = request(cluster, "GET", path)
+        error = assert_error(refused, 503, "busy")
+        assert "6 log followers are connected" in error["message"]
+        assert request(cluster, "GET", "/healthz", auth=None).status == 200
+        assert request(cluster, "GET", f"{JOBS}/{job['id']}").status == 200
+        streams.pop().close()  # one goes: its place is given back once the server notices
+        conn, answer = wait_until(
+            lambda: (made := follow())[1].status == 200 and made, 10, "a free follower place"
+        )
+        streams.append(conn)
+        assert request(cluster, "POST", f"{JOBS}/{job['id']}/cancel").status == 200
+    finally:
+        for conn in streams:
+            conn.close()
+
+
 def test_a_number_too_long_to_read_is_400_not_500(api: Cluster):
     raw = b'{"name": "a", "priority": 1' + b"0" * 5000 + b', "docker": {"image": "x"}}'
     assert_error(request(api, "POST", JOBS, raw), 400, "bad_input")

@@ -92,13 +92,16 @@ def make_app(
     max_body_bytes: int = 1_048_576,
     stopping: threading.Event | None = None,
     live: LiveView | None = None,
+    max_followers: int = 1_000_000,
 ) -> bottle.Bottle:
     """The WSGI app. `poke` tells the broker about new jobs and cancels; `sealer` encrypts
     credentials before they are stored; `state_dir` holds the worker allow list; `stopping`
     ends follow streams when the server shuts down; `live` is what only the broker knows
-    (why a job waits, GPU usage now)."""
+    (why a job waits, GPU usage now); `max_followers` caps the follow streams open at once,
+    each of which holds an HTTP thread, so that threads stay for every other request."""
     app = bottle.Bottle()
     stopping = stopping or threading.Event()
+    followers = Followers(max_followers)
 
     def default_error(res: bottle.HTTPError) -> str:
         bottle.response.content_type = "application/json"
@@ -252,7 +255,10 @@ def make_app(
             return render(store.read_log_rows(job_id, since, limit))
         if not follow:
             return _pages(store, job_id, since, render)
-        return _follow(store, changes, job_id, since, render, ndjson, disconnected)
+        followers.take()  # before the stream starts: a refusal is still a 503
+        return followers.releasing(
+            _follow(store, changes, job_id, since, render, ndjson, disconnected)
+        )
 
     @app.get("/api/v1/workers")
     @endpoint()
@@ -350,6 +356,34 @@ def _pages(
         yield render(lines)
         if len(lines) < PAGE_LINES:
             return
+
+
+class Followers:
+    """How many follow streams are open, and a limit on it (see make_app)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        with self._lock:
+            if self.open >= self.limit:
+                raise errors.Busy(
+                    f"{self.open} log followers are connected, as many as this coordinator"
+                    " serves (each holds an HTTP thread; --http-threads sets how many there"
+                    " are): retry later"
+                )
+            self.open += 1
+
+    def releasing(self, stream: Iterator[str]) -> Iterator[str]:
+        """The stream, giving its place back when it ends or is closed (Bottle starts a
+        generator at once, to send the headers, so this `finally` always runs)."""
+        try:
+            yield from stream
+        finally:
+            with self._lock:
+                self.open -= 1
 
 
 def _follow(

@@ -86,6 +86,9 @@ class Coordinator:
             self.config.max_body_bytes,
             self._stopping,
             live=self.broker,
+            # Each follow stream holds a thread: an eighth of them (at least 2) stays for
+            # every other request, /healthz and cancel included.
+            max_followers=max(1, self.config.http_threads - max(2, self.config.http_threads // 8)),
         )
         host, port = config_mod.parse_address(self.config.http, "http")
         try:

@@ -6,6 +6,7 @@ into one clear line on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -74,6 +75,8 @@ class SettingError(click.ClickException):
 
     exit_code = 2
 
+
+QUEUED_NOTE_S = 5.0  # a followed job queued this long is said to be, with why
 
 # Errors writing stdout or stderr: the output is gone, not the command's own failure.
 UNWRITABLE = {errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
@@ -380,7 +383,19 @@ def _finite(value: float | None, what: str) -> float | None:
 
 def _follow(client: Client, job_id: int, since: int = 0) -> NoReturn:
     """Print a job's output until it ends and exit with its code; Ctrl-C stops following
-    only (exit 130), and says so: the job is not cancelled."""
+    only (exit 130), and says so: the job is not cancelled. A job still queued after
+    QUEUED_NOTE_S is said to be, with why (a follow that prints nothing says nothing)."""
+
+    def note_if_queued() -> None:
+        with contextlib.suppress(Exception):  # only a note: the follow itself reports errors
+            job = client.job(job_id)
+            if job["status"] == "QUEUED":
+                why = job.get("queue_reason") or "waiting to be scheduled"
+                click.echo(f"gpubox: job {job_id} is still queued: {why}", err=True)
+
+    timer = threading.Timer(QUEUED_NOTE_S, note_if_queued)
+    timer.daemon = True
+    timer.start()
     try:
         code = client.tail(job_id, since)
     except KeyboardInterrupt:
@@ -390,11 +405,41 @@ def _follow(client: Client, job_id: int, since: int = 0) -> NoReturn:
             err=True,
         )
         sys.exit(130)
+    finally:
+        timer.cancel()
     sys.exit(code)
 
 
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
+
+
+def _needs(job: dict[str, Any]) -> str:
+    """What the job asks of a worker and of its run, beyond GPUs: what a queue reason such as
+    'no connected worker has the labels …' is checked against."""
+    docker = job["docker"]
+    parts = [f"label {_printable(k)}={_printable(v)}" for k, v in sorted(job["labels"].items())]
+    if job.get("gpu_model"):
+        parts.append(f"GPU model {_printable(job['gpu_model'])}")
+    if job.get("gpu_memory_gb"):
+        parts.append(f"{job['gpu_memory_gb']:g} GB per GPU")
+    parts += [f"mount {_printable(name)}" for name in docker.get("mounts") or []]
+    for key in ("memory", "shm_size"):
+        if docker.get(key):
+            size = docker[key]
+            parts.append(
+                f"{key} {size / 1024**3:g} GiB"
+                if size >= 1024**3
+                else f"{key} {size / 1024**2:g} MiB"
+            )
+    for key in ("user", "workdir"):
+        if docker.get(key):
+            parts.append(f"{key} {_printable(docker[key])}")
+    if job.get("timeout"):
+        parts.append(f"timeout {job['timeout']:g} s")
+    if job.get("max_retries"):
+        parts.append(f"{job['max_retries']} retries")
+    return ", ".join(parts) or "-"
 
 
 def _summary(job: dict[str, Any]) -> str:
@@ -419,6 +464,7 @@ def _summary(job: dict[str, Any]) -> str:
             job["gpus"] if not result["gpus"] else f"{job['gpus']}: {', '.join(result['gpus'])}",
         ),
         ("priority", job["priority"]),
+        ("needs", _needs(job)),
         ("worker", job["worker"] or "-"),
         ("attempts", job["attempts"]),
         ("created", job["created_at"]),
@@ -933,6 +979,8 @@ def keys_list(config_path: str | None, **flags: Any) -> None:
 
     folder = keys.allowed_dir(_state_dir(config_path, flags))
     names = keys.AllowList(folder).names()
+    if names:
+        click.echo(f"{'WORKER':<24}  PUBLIC KEY")
     for name, public in sorted(names.items()):
         click.echo(f"{name:<24}  {public}")
     if not names:

@@ -128,6 +128,23 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
     assert f"{odd}  " in run("ls", env=env).stdout
     assert "two\\nlines \\x1b[2J" in run("ls", env=env).stdout
     assert "two\\nlines \\x1b[2J" in run("show", odd, env=env).stdout
+    # show says what a job asks for; a follow of a job no worker can take says why it waits
+    waiting = subprocess.Popen(
+        [*GPUBOX, "submit", "-f", "-l", "zone=nowhere", "--timeout", "60", IMAGE, "true"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert waiting.stderr is not None
+    stuck = waiting.stderr.readline().split()[1]
+    assert "label zone=nowhere, timeout 60 s" in run("show", stuck, env=env).stdout
+    assert waiting.stderr.readline() == (
+        f"gpubox: job {stuck} is still queued: no connected worker has the labels zone=nowhere\n"
+    )
+    run("cancel", stuck, env=env)
+    assert waiting.wait(timeout=20) == 130
+
     # Ctrl-C stops following, not the job, and says so
     follower = subprocess.Popen(
         [*GPUBOX, "tail", odd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -299,6 +316,8 @@ def test_a_worker_offering_no_gpus_does_not_ask_nvml_and_keys_list_says_when_emp
     assert "no worker keys on the allow list" in listed.stderr
     keys.init(env["GPUBOX_STATE_DIR"])
     keys.add_worker(env["GPUBOX_STATE_DIR"], "w1")
+    header, row = run("keys", "list", env=env).stdout.splitlines()
+    assert header.split() == ["WORKER", "PUBLIC", "KEY"] and row.split()[0] == "w1"
     link = f"tcp://127.0.0.1:{free_port()}"  # nobody there: it keeps trying, quietly
     worker = subprocess.Popen(
         [

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gpubox import errors
+from gpubox import errors, models
 
 T = TypeVar("T")
 
@@ -273,7 +273,7 @@ class WorkerConfig:
         parse_labels(self.labels)
         parse_fake_gpus(self.fake_gpus)
         parse_mounts(self.mounts)
-        if self.runtime not in ("docker", "process"):
+        if self.runtime not in models.RUNTIMES:
             raise errors.ConfigError(f"runtime: {self.runtime!r} is not docker or process")
         if self.log_source not in ("auto", "api"):
             raise errors.ConfigError(f"log_source: {self.log_source!r} is not auto or api")

@@ -13,11 +13,13 @@ import functools
 import json
 import math
 import os
+import pwd
 import shlex
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -83,7 +85,8 @@ UNWRITABLE = {errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
 def friendly(fn: F) -> F:
-    """Turn gpubox errors into `Error: …` and exit status 1 (2 for bad settings)."""
+    """Turn gpubox errors, and errors reading or writing a file, into `Error: …` and exit
+    status 1 (2 for bad settings)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -96,19 +99,59 @@ def friendly(fn: F) -> F:
             raise click.ClickException(f"{exc.message}{where} [HTTP {exc.status}]") from None
         except errors.GpuboxError as exc:
             raise click.ClickException(str(exc)) from None
-        except (OutputClosed, OSError) as exc:
-            cause = exc.__cause__ if isinstance(exc, OutputClosed) else exc
-            if not isinstance(cause, OSError) or cause.errno not in UNWRITABLE:
-                raise
-            # Nothing more can be written (and nothing should flush into stdout at exit).
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            if cause.errno == errno.EPIPE:
-                # The reader of a pipe left (`gpubox tail 42 | head`): stop quietly, as a
-                # command killed by SIGPIPE would.
-                sys.exit(128 + signal.SIGPIPE)
-            raise click.ClickException(f"cannot write the output: {cause}") from None
+        except OSError as exc:
+            if exc.filename is None:
+                _output_failed(exc)
+            raise click.ClickException(_file_error(exc)) from None
+        except OutputClosed as exc:
+            _output_failed(exc)
 
     return wrapper
+
+
+def _output_failed(exc: OutputClosed | OSError) -> NoReturn:
+    """Writing stdout or stderr failed: exit quietly if its reader left, say so in one line if
+    the output cannot take more; re-raise anything else."""
+    cause = exc.__cause__ if isinstance(exc, OutputClosed) else exc
+    if not isinstance(cause, OSError) or cause.errno not in UNWRITABLE:
+        raise exc
+    # Nothing more can be written (and nothing should flush into stdout at exit).
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if cause.errno == errno.EPIPE:
+        # The reader of a pipe left (`gpubox tail 42 | head`): stop quietly, as a command
+        # killed by SIGPIPE would.
+        sys.exit(128 + signal.SIGPIPE)
+    raise click.ClickException(f"cannot write the output: {cause}") from None
+
+
+def _file_error(exc: OSError) -> str:
+    """One line for a file the command could not read or write (a key file, the state folder):
+    its path and why; for "Permission denied", which user to run the command as."""
+    paths = " and ".join(str(path) for path in (exc.filename, exc.filename2) if path is not None)
+    line = f"{paths}: {exc.strerror or exc}"
+    if not isinstance(exc, PermissionError):
+        return line
+    owner = _owner(str(exc.filename))
+    command = f"runuser -u {owner or 'gpubox'} -- {shlex.join(['gpubox', *sys.argv[1:]])}"
+    advice = f": {command}" if owner else f" (e.g. {command})"
+    return f"{line}; run the command as the user that owns the state folder{advice}"
+
+
+def _owner(path: str) -> str | None:
+    """The user that owns `path`, or the nearest folder above it this process may look at;
+    None where that is this process's own user (the mode is the problem, not the user)."""
+    for part in (path, *(str(p) for p in Path(path).absolute().parents)):
+        try:
+            uid = os.stat(part).st_uid
+        except OSError:
+            continue
+        if uid == os.geteuid():
+            return None
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return str(uid)
+    return None
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -771,13 +814,28 @@ def _open_store(config_path: str | None, flags: dict[str, Any]) -> tuple[Any, st
 
     config = cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path))
     if missing := missing_file(config.db):
+        with contextlib.suppress(FileNotFoundError):
+            os.stat(missing)  # there but hidden from this user: PermissionError, said by friendly
         # A new, empty store here would hold tokens no coordinator reads.
         raise errors.GpuboxError(
             f"no store at {missing}: is {config.state_dir} the coordinator's state folder"
             " (--state-dir, GPUBOX_STATE_DIR or --config as it runs with)? A coordinator makes"
             " its store when it first starts."
         )
-    return open_store(config.db), redacted(config.db)
+    return _owned_store(open_store(config.db)), redacted(config.db)
+
+
+def _owned_store(store: Any) -> Any:
+    """`store`, its files given to the owner of their folder when root opened a SQLite store
+    there (keys.give_to_owner): a store file root made would stop the service."""
+    from gpubox import keys
+    from gpubox.store.sqlite import SqliteStore
+
+    if isinstance(store, SqliteStore) and store.path != ":memory:":
+        files = [store.path + suffix for suffix in ("", "-wal", "-shm")]
+        folder = os.path.dirname(os.path.abspath(store.path))
+        keys.give_to_owner(folder, *(path for path in files if os.path.exists(path)))
+    return store
 
 
 @token.command("create")
@@ -853,7 +911,7 @@ def db_upgrade(config_path: str | None, **flags: Any) -> None:
     from gpubox.store import open_store
 
     config = cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path))
-    store = open_store(config.db, upgrade=False)
+    store = _owned_store(open_store(config.db, upgrade=False))
     try:
         before = store.schema_version()
         applied = store.upgrade()
@@ -886,7 +944,7 @@ def db_copy(source: str, destination: str, replace: bool) -> None:
 
     src = open_existing(source)
     try:
-        dst = open_store(destination)
+        dst = _owned_store(open_store(destination))
         try:
             store_copy.check(src, dst, replace)  # refused before the progress bar shows
             total = sum(src.count(table) for table in TABLES)

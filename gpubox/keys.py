@@ -43,6 +43,25 @@ def check_name(name: str) -> str:
     return name
 
 
+def give_to_owner(folder: str | Path, *paths: str | Path) -> None:
+    """When root writes into a folder that another user owns (the state folder of the
+    `gpubox` service user), hand `paths` and every folder between `folder` and them to that
+    user and group, modes unchanged; else do nothing. A root-owned file left there would stop
+    the service and that user's own commands with "Permission denied"."""
+    if os.geteuid() != 0:
+        return
+    top = Path(folder).absolute()
+    info = top.stat()
+    if info.st_uid == 0:
+        return
+    for path in paths:
+        path = Path(path).absolute()
+        for part in (path, *path.parents):
+            if part == top or top not in part.parents:
+                break
+            os.chown(part, info.st_uid, info.st_gid, follow_symlinks=False)
+
+
 def keys_dir(state_dir: str) -> Path:
     return Path(state_dir) / "keys"
 
@@ -62,11 +81,17 @@ def allowed_dir(state_dir: str) -> Path:
     return keys_dir(state_dir) / "allowed"
 
 
-def _make_pair(folder: Path, name: str) -> tuple[Path, Path]:
+def _make_folder(state_dir: str, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    give_to_owner(state_dir, folder)
+
+
+def _make_pair(state_dir: str, folder: Path, name: str) -> tuple[Path, Path]:
+    _make_folder(state_dir, folder)
     os.chmod(folder, 0o700)
     public, secret = zmq.auth.create_certificates(str(folder), name)
     os.chmod(secret, 0o600)  # pyzmq writes it readable by everyone
+    give_to_owner(state_dir, public, secret)
     return Path(public), Path(secret)
 
 
@@ -75,8 +100,8 @@ def init(state_dir: str) -> tuple[Path, bool]:
     public, secret = coordinator_files(state_dir)
     if public.exists() and secret.exists():
         return public, False
-    _make_pair(public.parent, "coordinator")
-    allowed_dir(state_dir).mkdir(parents=True, exist_ok=True)
+    _make_pair(state_dir, public.parent, "coordinator")
+    _make_folder(state_dir, allowed_dir(state_dir))
     return public, True
 
 
@@ -85,12 +110,13 @@ def add_worker(state_dir: str, name: str) -> Path:
     key file to copy to the worker's box. An existing key for NAME is replaced."""
     check_name(name)
     folder = keys_dir(state_dir) / "workers"
-    _make_pair(folder, name)
+    _make_pair(state_dir, folder, name)
     allowed = allowed_dir(state_dir)
-    allowed.mkdir(parents=True, exist_ok=True)
+    _make_folder(state_dir, allowed)
     # Through a new file and a rename, so the folder changes and a running coordinator
     # reads its allow list again at once (an old key for NAME stops working then).
     shutil.copyfile(folder / f"{name}.key", allowed / f".{name}.key.new")
+    give_to_owner(state_dir, allowed / f".{name}.key.new")
     os.replace(allowed / f".{name}.key.new", allowed / f"{name}.key")
     return folder / f"{name}.key_secret"
 

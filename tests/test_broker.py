@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import random
 import socket
 import threading
@@ -978,6 +979,44 @@ def test_coordinator_restart_keeps_reported_jobs_and_releases_the_rest(link: Lin
     assert back.ack()["done"] is True
     assert link.status(kept.id) is Status.FINISHED
     assert [line.seq for line in link.store.read_logs(kept.id)] == [1, 2, 3, 4]
+
+
+def test_a_worker_back_after_a_coordinator_restart_is_logged_with_the_jobs_it_holds(
+    link: Link, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The HELLO line counts the jobs the worker still runs for us, and says how many others
+    it was told to stop (it once said `0 jobs held` for a worker running a job)."""
+    caplog.set_level(logging.INFO, logger="gpubox.coordinator.broker")
+
+    def connected_lines() -> list[str]:  # logged right after the broker's answers go out
+        return [r.getMessage() for r in caplog.records if "connected (" in r.getMessage()]
+
+    kept, ended = link.create(name="kept"), link.create(name="ended")
+    w1 = link.worker("w1", gpus=["GPU-a"], max_jobs=2)
+    w1.hello()
+    w1.ready(slots=2)
+    jobs = {job["id"]: job for job in (w1.job(), w1.job())}
+    w1.done(jobs[ended.id], last_seq=0)
+    assert w1.ack()["done"] is True
+
+    link.broker.stop()
+    link.thread.join(timeout=5)
+    restarted = link.start_broker()
+    back = link.worker("w1", endpoint=restarted.endpoint, gpus=["GPU-a"])
+    caplog.clear()
+    # It still runs `kept`, and says it holds `ended` too (its container not yet removed).
+    back.hello(running=[{"job_id": kept.id, "attempt": 1}, {"job_id": ended.id, "attempt": 1}])
+    assert back.expect("CANCEL").body == {"job_id": ended.id, "attempt": 1}
+    assert eventually(connected_lines) == [
+        "worker w1 connected (1 GPUs, 1 jobs held; 1 stale told to stop)"
+    ]
+    assert link.status(kept.id) is Status.RUNNING
+
+    # Holding only its own job, it is said without the stale part.
+    again = link.worker("w1", endpoint=restarted.endpoint)
+    caplog.clear()
+    again.hello(running=[{"job_id": kept.id, "attempt": 1}])
+    assert eventually(connected_lines) == ["worker w1 connected (0 GPUs, 1 jobs held)"]
 
 
 def test_a_job_that_cannot_be_sent_stays_queued(link: Link) -> None:

@@ -378,11 +378,15 @@ class Broker:
         for job_id, item in held.items():
             # Held by the worker but not its to run (ended, lost, or another attempt): stop it.
             self._send(peer, "CANCEL", {"job_id": job_id, "attempt": item["attempt"]})
+        # The loop above took the worker's own jobs out of `held`: what is left are the stale
+        # ones it was just told to stop.
+        stale = f"; {len(held)} stale told to stop" if held else ""
         log.info(
-            "worker %s connected (%d GPUs, %d jobs held)",
+            "worker %s connected (%d GPUs, %d jobs held%s)",
             name,
             len(peer.gpus),
-            len(held),
+            len(peer.assigned),
+            stale,
             extra=fields(worker=name),
         )
 

@@ -155,7 +155,11 @@ def test_install_lays_out_every_file_and_a_second_run_changes_nothing(
         wants = root / "etc/systemd/system/multi-user.target.wants" / unit
         assert os.readlink(wants) == f"/etc/systemd/system/{unit}"
     assert os.access(root / "usr/local/bin/gpubox", os.X_OK)
-    assert (root / "usr/local/bin/gpubox").read_bytes() == single_file.read_bytes()
+    assert (root / "usr/local/lib/gpubox/gpubox").read_bytes() == single_file.read_bytes()
+    # unpacked once, readable by every user: no one's command unpacks it into their home
+    unpacked = list((root / "usr/local/lib/gpubox/unpacked").glob("gpubox_*/site-packages"))
+    assert len(unpacked) == 1 and (unpacked[0] / "gpubox" / "cli.py").stat().st_mode & 0o004
+    assert "SHIV_ROOT=/usr/local/lib/gpubox/unpacked" in (root / "usr/local/bin/gpubox").read_text()
     assert re.search(r"^gpubox:x:\d+:\d+:", (root / "etc/passwd").read_text(), re.MULTILINE)
     assert (root / "var/lib/gpubox").stat().st_mode & 0o777 == 0o700
     # where the units expect things
@@ -178,8 +182,12 @@ def test_install_lays_out_every_file_and_a_second_run_changes_nothing(
     install("--role", "both", "--root", str(root), "--from", str(single_file))
     assert (root / "etc/gpubox/worker.toml").read_text().startswith("[worker]\nstate_dir")
 
+    # an admin's drop-in for a unit goes with the units
+    (root / "etc/systemd/system/gpubox-worker.service.d").mkdir()
+    (root / "etc/systemd/system/gpubox-worker.service.d/local.conf").write_text("[Service]\n")
     install("--uninstall", "--root", str(root))
     assert not (root / "usr/local/bin/gpubox").exists()
+    assert not (root / "usr/local/lib/gpubox").exists()
     assert not (root / "etc/systemd/system/gpubox-worker.service").exists()
     assert not list((root / "etc/systemd/system").rglob("gpubox-*"))
     assert (root / "var/lib/gpubox/keys/coordinator.key_secret").exists()  # state kept

@@ -745,6 +745,30 @@ def test_append_and_read_logs_in_order(store: base.Store) -> None:
     assert rows[0] == (2, "2024-05-01T12:00:02.000000Z", "stderr", "warn: ü")
 
 
+def test_a_read_of_log_rows_stops_at_max_bytes(store: base.Store) -> None:
+    """The rows stop at the first that brings their text (UTF-8) to max_bytes; a line
+    longer than max_bytes comes alone; the line limit still applies."""
+
+    def row_seqs(rows: list[models.LogRow]) -> list[int]:
+        return [row[0] for row in rows]
+
+    job = running(store)
+    texts = ["a" * 100, "ü" * 100, "b" * 100, "c" * 1000, "d" * 10]  # ü: 200 bytes
+    store.append_logs(
+        job.id, 1, 1, [("2024-05-01T12:00:01.000000Z", "stdout", text) for text in texts]
+    )
+    assert row_seqs(store.read_log_rows(job.id, 0, 100, max_bytes=300)) == [1, 2]
+    assert row_seqs(store.read_log_rows(job.id, 0, 100, max_bytes=301)) == [1, 2, 3]
+    assert row_seqs(store.read_log_rows(job.id, 3, 100, max_bytes=10)) == [4]
+    assert row_seqs(store.read_log_rows(job.id, 0, 2, max_bytes=10_000)) == [1, 2]
+    assert row_seqs(store.read_log_rows(job.id, 0, 100, max_bytes=10_000)) == [1, 2, 3, 4, 5]
+    assert store.read_log_rows(job.id, 5, 100, max_bytes=10) == []
+    # more rows than one fetch holds (sql.FETCH_ROWS)
+    many = [("2024-05-01T12:00:01.000000Z", "stdout", "x" * 10) for _ in range(100)]
+    store.append_logs(job.id, 1, 6, many)
+    assert row_seqs(store.read_log_rows(job.id, 5, 1000, max_bytes=505)) == list(range(6, 57))
+
+
 def test_logs_of_jobs_are_separate(store: base.Store) -> None:
     one = running(store)
     two = running(store)

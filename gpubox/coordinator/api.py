@@ -23,6 +23,10 @@ from gpubox.store import Store
 log = logging.getLogger(__name__)
 
 PAGE_LINES = 5000
+# A page of a job's log also stops at about this many bytes of text: each open log request
+# holds one page at a time (its rows and their rendering), whatever the lines' length. Pages of
+# 5,000 lines of 60 KB made 6 requests that never read their answer hold 10 GB.
+PAGE_BYTES = 1024 * 1024
 MAX_ID = 2**63 - 1
 KEEPALIVE_S = 15.0
 WAKE_S = 1.0
@@ -252,7 +256,7 @@ def make_app(
 
         render = _ndjson if ndjson else _text
         if limit is not None:  # one page: at most `limit` lines after `since`
-            return render(store.read_log_rows(job_id, since, limit))
+            return render(store.read_log_rows(job_id, since, limit, PAGE_BYTES))
         if not follow:
             return _pages(store, job_id, since, render)
         followers.take()  # before the stream starts: a refusal is still a 503
@@ -347,15 +351,10 @@ def _ndjson(lines: list[models.LogRow]) -> str:
 def _pages(
     store: Store, job_id: int, since: int, render: Callable[[list[models.LogRow]], str]
 ) -> Iterator[str]:
-    """Every stored line after `since`, read a page at a time."""
-    while True:
-        lines = store.read_log_rows(job_id, since, PAGE_LINES)
-        if not lines:
-            return
+    """Every stored line after `since`, read and sent a page at a time."""
+    while lines := store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES):
         since = lines[-1][0]
         yield render(lines)
-        if len(lines) < PAGE_LINES:
-            return
 
 
 class Followers:
@@ -407,7 +406,7 @@ def _follow(
     try:
         while not disconnected():
             seen = changes.version(job_id)
-            lines = store.read_log_rows(job_id, since, PAGE_LINES)
+            lines = store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES)
             if lines:
                 since = lines[-1][0]
                 last_sent = time.monotonic()
@@ -415,7 +414,7 @@ def _follow(
                 continue
             if store.get_job(job_id).status.terminal:
                 # Lines stored between our read and the status check come before the end.
-                tail = store.read_log_rows(job_id, since, PAGE_LINES)
+                tail = store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES)
                 if not tail:
                     return
                 since = tail[-1][0]

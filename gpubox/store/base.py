@@ -170,8 +170,14 @@ class Store(abc.ABC):
         """Up to `limit` stored lines with seq > since, in order."""
 
     @abc.abstractmethod
-    def read_log_rows(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogRow]:
-        """read_logs as plain (seq, ts, stream, line) tuples, without a LogLine made for each."""
+    def read_log_rows(
+        self, job_id: int, since: int = 0, limit: int = 1000, max_bytes: int | None = None
+    ) -> list[models.LogRow]:
+        """read_logs as plain (seq, ts, stream, line) tuples, without a LogLine made for each.
+
+        With `max_bytes`, the rows also stop at the first one whose text brings their total
+        to max_bytes (in UTF-8) or more: a page of long lines stays near that size, and still
+        holds a row when there is one. Rows past the page are not held in memory."""
 
     @abc.abstractmethod
     def log_marks(self, job_id: int) -> models.LogMarks:

@@ -15,7 +15,7 @@ import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row, tuple_row
 
-from gpubox import errors
+from gpubox import errors, models
 from gpubox.store import redacted, sql
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,27 @@ class PostgresStore(sql.SqlStore):
         with cur.copy("COPY logs (job_id, seq, ts, stream, line) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
+
+    def read_log_rows(
+        self, job_id: int, since: int = 0, limit: int = 1000, max_bytes: int | None = None
+    ) -> list[models.LogRow]:
+        if max_bytes is None:
+            return super().read_log_rows(job_id, since, limit)
+        # The client receives a whole answer at once, so the page is cut here, in SQL: each
+        # row with the bytes of the rows before it (OCTET_LENGTH reads the stored size,
+        # without reading the text).
+        with self._read() as cur:
+            self._plain_rows(cur)
+            cur.execute(
+                "SELECT seq, ts, stream, line FROM ("
+                " SELECT seq, ts, stream, line, SUM(OCTET_LENGTH(line))"
+                " OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) - OCTET_LENGTH(line) AS before"
+                " FROM logs WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?) AS page"
+                " WHERE before < ? ORDER BY seq",
+                (job_id, since, limit, max_bytes),
+            )
+            rows: list[models.LogRow] = cur.fetchall()
+            return rows
 
     def _current_version(self, cur: Any) -> int:
         cur.execute("SELECT to_regclass('schema_version') IS NOT NULL AS present")

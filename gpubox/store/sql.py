@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+import operator
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -62,6 +63,9 @@ _EMPTY: dict[str, Any] = {"{}": dict, "[]": list}
 # A revoke through this store takes effect at once; one by another process (`gpubox token
 # revoke`) within this many seconds.
 TOKEN_CACHE_S = 1.0
+# Log rows fetched at a time by a read bounded in bytes: at most 32 lines of 64 KiB (2 MiB)
+# held before the bound is checked.
+FETCH_ROWS = 32
 
 _STATUS = {status.value: status for status in models.Status}
 
@@ -69,6 +73,8 @@ _STATUS = {status.value: status for status in models.Status}
 # A row (seq, ts, stream, line) as a LogLine, without a Python call per row (pages of
 # thousands of lines).
 _log_line = functools.partial(tuple.__new__, models.LogLine)
+_LINE = operator.itemgetter(3)
+_utf8 = functools.partial(str.encode, encoding="utf-8", errors="surrogatepass")
 
 
 def _time(value: datetime | None) -> str | None:
@@ -468,7 +474,9 @@ class SqlStore(base.Store):
     def read_logs(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogLine]:
         return list(map(_log_line, self.read_log_rows(job_id, since, limit)))
 
-    def read_log_rows(self, job_id: int, since: int = 0, limit: int = 1000) -> list[models.LogRow]:
+    def read_log_rows(
+        self, job_id: int, since: int = 0, limit: int = 1000, max_bytes: int | None = None
+    ) -> list[models.LogRow]:
         with self._read() as cur:
             self._plain_rows(cur)
             cur.execute(
@@ -476,7 +484,24 @@ class SqlStore(base.Store):
                 " ORDER BY seq LIMIT ?",
                 (job_id, since, limit),
             )
-            rows: list[models.LogRow] = cur.fetchall()
+            if max_bytes is None:
+                rows: list[models.LogRow] = cur.fetchall()
+                return rows
+            # SQLite reads a row only when it is fetched: a few rows at a time, and no more
+            # once the page is full. (PostgreSQL's client fetches the whole answer at once:
+            # its backend cuts the page in SQL instead.)
+            rows, size = [], 0
+            while size < max_bytes and (chunk := cur.fetchmany(FETCH_ROWS)):
+                sizes = list(map(len, map(_utf8, map(_LINE, chunk))))
+                if size + sum(sizes) < max_bytes:
+                    rows += chunk
+                    size += sum(sizes)
+                    continue
+                for row, row_size in zip(chunk, sizes, strict=True):
+                    rows.append(row)
+                    size += row_size
+                    if size >= max_bytes:
+                        break
             return rows
 
     def _plain_rows(self, cur: Any) -> None:

@@ -1,0 +1,151 @@
+"""Attacks on the bounds of a job's log (issue 19): memory of the coordinator while serving it,
+the store's bytes per job, the disk and memory a flood costs a worker, gpubox's own markers,
+and follow streams of revoked tokens."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpubox import keys, models
+from gpubox.client import Client
+from gpubox.store import open_store
+from tests.conftest import wait_until
+from tests.test_store import running
+
+GPUBOX = [sys.executable, "-m", "gpubox"]
+TS = "2024-05-01T12:00:00.000000001Z"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float:
+    """The resident memory of a process now (VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def stored_job(db: str, lines: int, width: int) -> int:
+    """A FINISHED job whose stored log is `lines` lines of `width` characters; its id."""
+    store = open_store(db)
+    try:
+        job = running(store)
+        for first in range(1, lines + 1, 100):
+            count = min(100, lines - first + 1)
+            batch = [
+                (TS, "stdout", f"{seq:08d}" + "x" * (width - 8))
+                for seq in range(first, first + count)
+            ]
+            store.append_logs(job.id, 1, first, batch)
+        store.finish_job(job.id, 1, models.Status.FINISHED, 0, None, None, models.utcnow(), lines)
+        return job.id
+    finally:
+        store.close()
+
+
+class CoordinatorProcess:
+    """`gpubox coordinator` in a subprocess, on a state folder of its own."""
+
+    def __init__(self, state: Path, db: str) -> None:
+        keys.init(str(state))
+        self.http = f"127.0.0.1:{free_port()}"
+        env = {
+            **os.environ,
+            "GPUBOX_STATE_DIR": str(state),
+            "GPUBOX_DB": db,
+            "GPUBOX_HTTP": self.http,
+            "GPUBOX_BIND": f"tcp://127.0.0.1:{free_port()}",
+        }
+        self.log = state / "coordinator.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [*GPUBOX, "coordinator"], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.url = f"http://{self.http}"
+        wait_until(self._healthy, 30, "the coordinator to answer")
+        self.token = (state / "token").read_text().strip()
+        self.client = Client(self.url, self.token)
+
+    def _healthy(self) -> bool:
+        assert self.proc.poll() is None, self.log.read_text()
+        try:
+            host, port = self.http.split(":")
+            with socket.create_connection((host, int(port)), timeout=1) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                return sock.recv(100).startswith(b"HTTP/1.0 200")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def idle_request(http: str, path: str, token: str) -> socket.socket:
+    """A GET whose answer is never read: the socket's receive buffer kept small."""
+    host, port = http.split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    return sock
+
+
+# --- finding 2: reading a log exhausts the coordinator's memory -------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_requests_that_never_read_a_log_of_long_lines_hold_little_memory(tmp_path: Path):
+    """1,500 lines of 60 KB (90 MB) stored; 6 requests for them (3 pages, 3 follows, text and
+    NDJSON) that never read: the coordinator grows by less than 100 MB (it was ~270 MB per
+    request: a page of up to 5,000 lines read, rendered and encoded whole). A client that
+    reads still gets every line once."""
+    state = tmp_path / "state"
+    db = f"sqlite:///{state}/gpubox.db"
+    job_id = stored_job(db, lines=1500, width=60_000)
+    coordinator = CoordinatorProcess(state, db)
+    try:
+        before = rss_mib(coordinator.proc.pid)
+        path = f"/api/v1/jobs/{job_id}/logs"
+        sockets = [
+            idle_request(coordinator.http, path + query, coordinator.token)
+            for query in (
+                "",
+                "?format=ndjson",
+                "?limit=5000",
+                "?follow=1",
+                "?follow=1&format=ndjson",
+                "?follow=1",
+            )
+        ]
+        peak = before
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_mib(coordinator.proc.pid))
+            time.sleep(0.05)
+        assert peak - before < 100, f"the coordinator grew from {before:.0f} to {peak:.0f} MiB"
+        for sock in sockets:
+            sock.close()
+        seqs = [record["seq"] for record in coordinator.client.logs(job_id)]
+        assert seqs == list(range(1, 1501))
+    finally:
+        coordinator.stop()

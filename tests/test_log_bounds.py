@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from gpubox import keys, models
 from gpubox.client import Client
 from gpubox.store import open_store
+from gpubox.worker import runner
 from tests.conftest import wait_until
 from tests.test_store import running
 
@@ -149,3 +151,69 @@ def test_requests_that_never_read_a_log_of_long_lines_hold_little_memory(tmp_pat
         assert seqs == list(range(1, 1501))
     finally:
         coordinator.stop()
+
+
+# --- finding 10: a flood's lines piled up in the worker's memory ------------------------------
+
+
+class FloodLogs:
+    """A container's log that holds `total` lines of 60 KB, read 4 lines (240 KB) at a time
+    as fast as they are asked for: a json-file log Docker wrote faster than the worker sends."""
+
+    container_id = "flood"
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def batches(
+        self, follow: bool, since: float | None = None, tail: int | None = None
+    ) -> Iterator[list[tuple[str, bytes, bytes]]]:
+        if tail is not None:
+            return iter([])
+        return (
+            [
+                ("stdout", b"2026-01-01T00:00:00.%09dZ" % n, b"x" * 60_000 + b"\n")
+                for n in range(first, min(first + 4, self.total))
+            ]
+            for first in range(0, self.total, 4)
+        )
+
+    def container_exited(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_log_reader_waits_while_the_line_buffer_is_full() -> None:
+    """1,000 lines of 60 KB (60 MB) in the log, nothing taken from the buffer: the reader
+    stops at the buffer's bound (4 MiB) plus one read, not at 60 MB; once lines are taken it
+    goes on, and every line comes out once, in order."""
+    buffer = runner.LineBuffer(1)
+    reader = runner.LogReader(FloodLogs(1000), buffer, runner.Masker([]))
+    reader.thread.start()
+    wait_until(
+        lambda: not reader.thread.is_alive() or getattr(buffer, "waiting", 0),
+        10,
+        "the reader to wait for room, or to end",
+    )
+    held = sum(len(line[2]) for _, lines in buffer.take(0) for line in lines)
+    assert held <= 4 * 2**20 + 4 * 60_000, f"{held / 2**20:.0f} MiB held"
+    taken = held // 60_000
+    next_seq = 1 + taken
+    while reader.thread.is_alive() or taken < 1000:
+        for seq, lines in buffer.take(0.1):
+            assert seq == next_seq
+            next_seq += len(lines)
+            taken += len(lines)
+    assert taken == 1000
+
+
+def test_abandoning_a_follow_that_waits_for_room_ends_it() -> None:
+    buffer = runner.LineBuffer(1, max_bytes=100_000)
+    reader = runner.LogReader(FloodLogs(1000), buffer, runner.Masker([]))
+    reader.thread.start()
+    wait_until(lambda: buffer.waiting, 10, "the reader to wait for room")
+    reader.abandon()
+    reader.thread.join(5)
+    assert not reader.thread.is_alive()

@@ -31,6 +31,7 @@ import zmq.utils.monitor
 from gpubox import __version__, errors, keys, models, protocol
 from gpubox.config import WorkerConfig
 from gpubox.logfmt import fields
+from gpubox.worker import runners
 from gpubox.worker.runners import Runners
 from gpubox.worker.spill import Spill
 
@@ -129,6 +130,7 @@ class Agent:
         # far they may run ahead of it (the PUSH high-water mark: back-pressure).
         self._handed: collections.deque[tuple[int, str, dict[str, Any]]] = collections.deque()
         self.events = self.context.socket(zmq.PULL)
+        self.events.setsockopt(zmq.RCVHWM, runners.EVENTS_HWM)
         self.events.bind(self.events_address)
         self.runners = Runners(self.context, self.events_address)
         self.spill = Spill(Path(config.state_dir) / "spill" / self.name, config.spill_max_bytes)

@@ -36,6 +36,11 @@ BATCH_BYTES = 64 * 1024
 FLUSH_S = 0.1
 STALL_S = 10.0  # a log follow that takes nothing this long after the container exited
 GATHER_S = 0.005
+# Text a job's line buffer holds before its log readers wait for the runner to take some: the
+# bound on a job's output in the worker's memory between Docker and the link. Without it, the
+# reader of a job printing 60 KB lines outran the link and took the worker from 42 MiB to
+# 2.5 GiB in 20 s (scripts/bench-flood).
+BUFFER_BYTES = 4 * 1024 * 1024
 CATCH_UP_TAIL = 1000  # entries read back from a log's end after the container exited
 LABEL = "io.gpubox.job"
 WORKER_LABEL = "io.gpubox.worker"
@@ -120,14 +125,39 @@ _TS, _TEXT = operator.itemgetter(0), operator.itemgetter(2)
 
 
 class LineBuffer:
-    """Lines from both streams, handed out in batches with consecutive sequence numbers."""
+    """Lines from both streams, handed out in batches with consecutive sequence numbers.
 
-    def __init__(self, first_seq: int) -> None:
-        self._cond = threading.Condition()
+    A reader in another thread than the one that takes (the Docker runtime's log readers)
+    calls wait_for_room() before it adds: it then waits while the buffer holds max_bytes of
+    text or more, so the buffer holds at most that plus one read."""
+
+    def __init__(self, first_seq: int, max_bytes: int = BUFFER_BYTES) -> None:
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # lines came: for take()
+        self._room = threading.Condition(lock)  # take() made room: for wait_for_room()
         self._lines: list[tuple[str, str, str]] = []
         self._bytes = 0
         self._woken = False
+        self.max_bytes = max_bytes
         self.next_seq = first_seq
+        self.waiting = 0  # readers waiting for room now
+
+    def wait_for_room(self, give_up: Callable[[], bool] | None = None) -> None:
+        """Wait while the buffer is full, until take() makes room, or until `give_up()` is
+        true when looked at (after each take() or release())."""
+        with self._room:
+            self.waiting += 1
+            try:
+                self._room.wait_for(
+                    lambda: self._bytes < self.max_bytes or (give_up is not None and give_up())
+                )
+            finally:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        """Make readers waiting for room look at their `give_up` again."""
+        with self._room:
+            self._room.notify_all()
 
     def wake(self) -> None:
         """End a take() waiting for lines now: something else happened (the job's process
@@ -174,6 +204,7 @@ class LineBuffer:
             ):
                 self._cond.wait(GATHER_S)
             pending, self._lines, self._bytes, self._woken = self._lines, [], 0, False
+            self._room.notify_all()
         # Timestamps are normalised (nine fraction digits, Z): as text they sort in time order.
         pending.sort(key=_TS)
         # Cut where a batch would pass BATCH_LINES lines or BATCH_BYTES of text (a batch has
@@ -317,7 +348,12 @@ class LogReader:
     def _take_all(self, entries: list[tuple[str, str, bytes]], follow: bool) -> bool:
         """Take entries (stream, normalised timestamp, data) in order, noting per stream the
         last timestamp taken and how many entries had it; False when a follow was abandoned
-        meanwhile (nothing taken). Runs per log entry: kept to plain loops."""
+        meanwhile (nothing taken). Runs per log entry: kept to plain loops.
+
+        First it waits for room in the buffer (not holding the lock, which abandon() takes):
+        a reader never runs more than the buffer's bound ahead of the runner."""
+        if entries:
+            self.buffer.wait_for_room(self._abandon_follow if follow else None)
         with self._lock:
             if follow and self._abandoned:
                 return False
@@ -359,10 +395,14 @@ class LogReader:
         self._dropping = any(state.drop for state in self.streams.values())
         return kept
 
+    def _abandon_follow(self) -> bool:
+        return self._abandoned
+
     def abandon(self) -> None:
         """Stop the follow from taking anything more, and end its read."""
         with self._lock:
             self._abandoned = True
+        self.buffer.release()  # a follow waiting for room gives up
         self.logs.close()
 
     def _follow(self) -> None:
@@ -401,6 +441,7 @@ class LogReader:
             log.warning("reading the rest of the log of %s failed: %s", self.logs.container_id, exc)
         last = [self._pending_line(name, s) for name, s in self.streams.items() if s.pending]
         self.buffer.add_many(self._drop_stored(last) if self._dropping else last)
+        self.buffer.wake()  # the runner waiting for lines looks now: the catch-up is over
 
 
 class DockerRuntime:
@@ -651,6 +692,7 @@ class DockerRuntime:
         stopped_for: str | None = None
         while not exited.is_set():
             if detach.is_set():
+                reader.abandon()  # nothing takes from the buffer any more
                 return None
             self._flush(job, buffer, emit, container, wait_s=FLUSH_S)
             if stopped_for is None and cancel.is_set():
@@ -666,12 +708,22 @@ class DockerRuntime:
         progress, taken = time.monotonic(), -1
         while reader.thread.is_alive():
             self._flush(job, buffer, emit, container, wait_s=FLUSH_S)
-            if reader.taken != taken:
+            if reader.taken != taken or buffer.waiting:  # (waiting for room is not stalling)
                 progress, taken = time.monotonic(), reader.taken
             elif time.monotonic() - progress > STALL_S:
                 break
         reader.abandon()
-        reader.catch_up()
+        # The catch-up reads in a thread of its own while this one keeps sending what it
+        # reads: the buffer is bounded, and only this thread makes room in it.
+        failed: list[BaseException] = []
+        catch_up = threading.Thread(
+            target=_capture, args=(reader.catch_up, failed), daemon=True, name="logs-catch-up"
+        )
+        catch_up.start()
+        while catch_up.is_alive():
+            self._flush(job, buffer, emit, container, wait_s=FLUSH_S)
+        if failed:
+            raise failed[0]  # as if it had run here: the agent reports the job failed
         code = result.get("StatusCode")
         if stopped_for == "cancel":
             return {"status": "CANCELLED", "exit_code": code, "error": "cancelled"}
@@ -706,6 +758,14 @@ class DockerRuntime:
         send_lines(
             buffer, emit, self.tee, self._tee_lock, f"job={job['id']} container={short}", wait_s
         )
+
+
+def _capture(fn: Callable[[], None], failed: list[BaseException]) -> None:
+    """Run fn, keeping what it raises in `failed` (for a thread whose starter re-raises it)."""
+    try:
+        fn()
+    except BaseException as exc:
+        failed.append(exc)
 
 
 def emit_done(

@@ -14,6 +14,7 @@ import zmq
 log = logging.getLogger(__name__)
 
 Work = Callable[[zmq.Socket], None]
+EVENTS_HWM = 64  # events a runner thread may have waiting for the agent (each side of the pipe)
 
 
 class Runners:
@@ -50,6 +51,11 @@ class Runners:
         push = self._context.socket(zmq.PUSH)
         # Blocks while the agent is behind (back-pressure on a job's output), a bounded while.
         push.setsockopt(zmq.SNDTIMEO, 500)
+        # Each event waiting hands over up to a batch of lines (64 KiB of text): this many
+        # waiting (here and at the agent's end, which holds as many) bound what a runner
+        # thread holds for the agent to 64 x 64 KiB x 2 = 8 MiB. ZeroMQ's default, 1,000, let
+        # a flood hold 128 MiB per job.
+        push.setsockopt(zmq.SNDHWM, EVENTS_HWM)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(self._address)
         thread = threading.current_thread()

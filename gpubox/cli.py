@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn, cast
 
 import click
 
@@ -219,21 +219,25 @@ class Signals:
 def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
     from gpubox.worker import gpu
     from gpubox.worker.agent import Agent
-    from gpubox.worker.runner import DockerRuntime
+    from gpubox.worker.runner import DockerRuntime, OutputCopy
 
     source = gpu.source_for(config.fake_gpus, config.name or _hostname())
     offers = config.gpus != "none"  # else NVML is not even asked (nor warned about)
     gpus = gpu.select(source.list(), config.gpus) if offers else []
     runtime: Any
+    copy = OutputCopy(sys.stderr, config.journal_bytes_per_job)
     if config.runtime == "process":
         from gpubox.worker.process import ProcessRuntime
 
-        runtime = ProcessRuntime(config.name or _hostname(), config.stop_grace_s)
+        # (an OutputCopy is written as a text stream is: write and flush)
+        tee = cast(IO[str], copy)
+        runtime = ProcessRuntime(config.name or _hostname(), config.stop_grace_s, tee=tee)
     else:
         try:
             runtime = DockerRuntime(
                 config.name or _hostname(),
                 config.stop_grace_s,
+                tee=copy,
                 mounts=config.mount_map,
                 # Fake GPUs get the environment but no device request: Docker would refuse it.
                 gpu_devices=not config.fake_gpus,

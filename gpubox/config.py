@@ -228,6 +228,12 @@ class WorkerConfig:
         "bytes of log backlog a worker keeps on disk (<state-dir>/spill); past it, the oldest"
         " are dropped and one marker line says how many",
     )
+    journal_bytes_per_job: int = setting(
+        16 * 1024 * 1024,
+        "GPUBOX_JOURNAL_BYTES_PER_JOB",
+        "bytes of each job's output the worker also copies to its own log (stderr: the journal"
+        " under systemd); past it, one line says the rest is not copied (0: copy none)",
+    )
     key_file: str = setting(
         "",
         "GPUBOX_KEY_FILE",
@@ -268,6 +274,8 @@ class WorkerConfig:
         )
         if self.stop_grace_s < 0:
             raise errors.ConfigError("stop_grace_s: must not be negative")
+        if self.journal_bytes_per_job < 0:
+            raise errors.ConfigError("journal_bytes_per_job: must not be negative")
         if self.gpus not in ("all", "none") and not re.fullmatch(r"\d+(,\d+)*", self.gpus):
             raise errors.ConfigError(f"gpus: {self.gpus!r} is not all, none or indices like 0,2")
         parse_labels(self.labels)

@@ -4,13 +4,16 @@ and follow streams of revoked tokens."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,3 +220,33 @@ def test_abandoning_a_follow_that_waits_for_room_ends_it() -> None:
     reader.abandon()
     reader.thread.join(5)
     assert not reader.thread.is_alive()
+
+
+# --- finding 9: a flood fills the disks --------------------------------------------------------
+
+
+def test_the_worker_copies_at_most_journal_bytes_per_job_of_a_jobs_output_to_its_own_log():
+    """3 MB of output: the worker's own log gets the first 1 MB of it, tagged, then one line
+    saying the rest is not copied; every line still goes to the coordinator."""
+    journal = io.StringIO()
+    copy = runner.OutputCopy(journal, 1_000_000)
+    buffer = runner.LineBuffer(1)
+    sent: list[list[str]] = []
+
+    def emit(kind: str, body: dict[str, Any]) -> None:
+        sent.extend(body["lines"])
+
+    lock = threading.Lock()
+    for first in range(0, 3000, 100):
+        buffer.add_many(
+            [(TS, "stdout", f"{n:04d} " + "x" * 995) for n in range(first, first + 100)]
+        )
+        runner.send_lines(buffer, emit, copy, lock, "job=7 container=abc", 0)
+    assert len(sent) == 3000
+    copied = journal.getvalue().splitlines()
+    assert len(journal.getvalue().encode()) <= 1_000_000 + 300
+    assert all(line.startswith("job=7 container=abc ") for line in copied)
+    assert copied[0] == "job=7 container=abc stdout: 0000 " + "x" * 995
+    assert [line for line in copied if "gpubox:" in line] == [copied[-1]]
+    assert "the rest of its output is not copied" in copied[-1]
+    assert len(copied) - 1 == 1_000_000 // len(copied[0] + "\n")

@@ -708,10 +708,10 @@ def ls(
 @client_options
 @friendly
 def logs(job_id: int, since: int, config_path: str | None, **flags: Any) -> None:
-    """Print the lines a job has logged so far (stderr lines to stderr)."""
+    """Print the lines a job has logged so far (stderr lines, and gpubox's own, to stderr)."""
     for record in make_client(config_path, flags).logs(job_id, since):
         # color=True: the line as the job printed it, escape sequences too, also into a file
-        click.echo(record["line"], err=record["stream"] == "stderr", color=True)
+        click.echo(record["line"], err=record["stream"] != "stdout", color=True)
 
 
 @main.command()

@@ -151,7 +151,8 @@ class Client:
 
         def show(record: dict[str, Any]) -> None:
             try:
-                (err if record["stream"] == "stderr" else out).write(record["line"] + "\n")
+                # stderr, and gpubox's own lines (stream gpubox), go to err
+                (out if record["stream"] == "stdout" else err).write(record["line"] + "\n")
             except OSError as exc:  # not the connection: retrying cannot help
                 raise OutputClosed(exc) from exc
 

@@ -248,6 +248,11 @@ class Job:
 # (pages of thousands of lines are rendered from these).
 LogRow = tuple[int, str, str, str]
 
+# The stream of a line that gpubox itself wrote into a job's log (an attempt ended, lines were
+# dropped), where a job's own lines have stdout or stderr: a job cannot print a line that
+# passes for gpubox's. Stores written before it hold such lines as stderr.
+GPUBOX_STREAM = "gpubox"
+
 # Where a job's stored output ends, per stream: the latest timestamp stored and how many lines
 # (pieces, for a line over protocol.MAX_LINE) have exactly that timestamp. A worker that
 # re-attaches to the container reads on from there: the pieces of a long line of which only

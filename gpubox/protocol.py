@@ -21,9 +21,12 @@ worker -> coordinator
     READY      {session, free_gpus: [uuid], slots, running: [job_id]}   running: every job
                 it holds; this confirms receipt of a JOB (unconfirmed ones are queued again)
     STARTED    {session, job_id, attempt, container, executed_at}
-    LOG        {session, job_id, attempt, seq, lines: [[ts, stream, line]], last?}   seq: first
-                line's; last: the last seq the batch covers when more than its lines (a marker
-                line standing for lines the worker dropped: its spill went past its disk bound)
+    LOG        {session, job_id, attempt, seq, lines: [[ts, stream, line]], last?, notes?}
+                seq: first line's; last: the last seq the batch covers when more than its
+                lines (a marker line standing for lines the worker dropped: its spill went past
+                its disk bound); notes: the indices of lines that are the worker's own (such
+                markers), sent with stream stderr and stored with stream gpubox
+                (models.GPUBOX_STREAM); an older coordinator ignores it
     DONE       {session, job_id, attempt, status, exit_code, error, executed_at, finished_at,
                 last_seq}                                                     the full record
     HEARTBEAT  {session, usage?: [{uuid, memory_used_mb, utilization}]}   usage: NVML's now
@@ -216,6 +219,7 @@ FROM_WORKER: dict[str, dict[str, Check]] = {
         "seq": _is_int,
         "lines": _is_lines,
         "last": _opt(_is_int),
+        "notes": _opt(_list_of(_is_int)),
     },
     "DONE": {
         "session": _is_str,

@@ -705,6 +705,45 @@ def test_log_batch_with_a_gap_is_not_stored(link: Link) -> None:
     assert link.store.read_logs(created.id) == []
 
 
+def test_the_workers_own_lines_are_stored_with_the_gpubox_stream(link: Link) -> None:
+    """Lines a LOG names in `notes` (the worker's markers, sent as stderr) are stored with
+    stream gpubox; from a worker that sends no notes, so is the last line of a batch that
+    covers more seqs than it has lines (its spill's marker). A job's own line with the same
+    text stays stderr."""
+    created = link.create()
+    worker = link.worker("w1")
+    worker.hello()
+    worker.ready()
+    job = worker.job()
+    text = "[gpubox: 5 lines dropped here; …]"
+    ts = "2024-05-01T12:00:00.000000001Z"
+    worker.send(
+        "LOG",
+        job_id=job["id"],
+        attempt=job["attempt"],
+        seq=1,
+        lines=[[ts, "stderr", text], [ts, "stderr", text]],
+        notes=[1, 7],  # an index past the batch is ignored
+    )
+    assert worker.ack()["seq"] == 2
+    worker.send(
+        "LOG",
+        job_id=job["id"],
+        attempt=job["attempt"],
+        seq=3,
+        lines=[[ts, "stdout", "x"], [ts, "stderr", text]],
+        last=9,
+    )
+    assert worker.ack()["seq"] == 9
+    stored = link.store.read_logs(created.id)
+    assert [(line.seq, line.stream) for line in stored] == [
+        (1, "stderr"),
+        (2, "gpubox"),
+        (3, "stdout"),
+        (4, "gpubox"),
+    ]
+
+
 def test_jobs_go_out_by_priority(link: Link) -> None:
     low = link.create(name="low", priority=0)
     high = link.create(name="high", priority=5)
@@ -824,7 +863,7 @@ def test_silent_worker_is_lost(link: Link) -> None:
     assert again.worker is None
     # Its log says where the attempt ended (the next one's lines follow); the other's not.
     (marker,) = link.store.read_logs(retried.id)
-    assert (marker.seq, marker.stream) == (1, "stderr") and again.log_seq == 1
+    assert (marker.seq, marker.stream) == (1, "gpubox") and again.log_seq == 1
     assert marker.line.startswith("[gpubox: attempt 1 ended: worker lost: no word from w1")
     assert marker.line.endswith("; the job is queued again (retry 1 of 1)]")
     assert link.store.read_logs(failed.id) == []

@@ -250,3 +250,29 @@ def test_the_worker_copies_at_most_journal_bytes_per_job_of_a_jobs_output_to_its
     assert [line for line in copied if "gpubox:" in line] == [copied[-1]]
     assert "the rest of its output is not copied" in copied[-1]
     assert len(copied) - 1 == 1_000_000 // len(copied[0] + "\n")
+
+
+# --- low (a): a job printed text identical to gpubox's own markers -----------------------------
+
+
+def test_a_job_cannot_print_a_line_that_passes_for_gpuboxs_own(make_cluster: Any):
+    """A job prints the very text of gpubox's attempt marker; the real marker, written when
+    the attempt is lost, has the stream gpubox in NDJSON, and tail and logs print it on
+    stderr, where the job's forged line stays stdout."""
+    cluster = make_cluster(workers=0)
+    store = cluster.coordinator.store
+    job = cluster.submit("busybox", ["true"], max_retries=1)
+    assert store.claim_job(job["id"], "w1", [], models.utcnow()) is not None
+    forged = "[gpubox: attempt 1 ended: worker lost; the job is queued again (retry 1 of 1)]"
+    store.append_logs(job["id"], 1, 1, [(TS, "stdout", forged)])
+    store.release_job(job["id"], 1, "worker lost", models.utcnow())
+    cluster.client.cancel(job["id"])
+    records = list(cluster.client.logs(job["id"]))
+    assert [(r["stream"], r["line"]) for r in records] == [
+        ("stdout", forged),
+        ("gpubox", forged),
+    ]
+    out, err = io.StringIO(), io.StringIO()
+    assert cluster.client.tail(job["id"], out=out, err=err) == 130
+    assert out.getvalue() == forged + "\n"
+    assert err.getvalue().splitlines()[0] == forged

@@ -278,6 +278,7 @@ def test_the_optional_fields_are_the_documented_ones() -> None:
         "JOB.resume",
         "JOB.resume_stored",
         "LOG.last",
+        "LOG.notes",
         "HELLO.mounts",
         "HELLO.runtime",
         "HEARTBEAT.usage",

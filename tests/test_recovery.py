@@ -444,7 +444,7 @@ def test_past_the_spill_bound_the_oldest_lines_go_behind_one_marker(make_cluster
     assert 0 < most <= 64 * 1024  # the disk bound held, even as batches were added
     stored = cluster.lines(job["id"])
     markers = [r for r in stored if "lines dropped here" in r["line"]]
-    assert len(markers) == 1 and markers[0]["stream"] == "stderr"
+    assert len(markers) == 1 and markers[0]["stream"] == "gpubox"
     dropped = int(markers[0]["line"].split()[1])
     assert dropped == agent.spill.dropped > 0
     assert "spill_max_bytes" in markers[0]["line"]

@@ -643,7 +643,7 @@ def test_release_requeues_while_retries_remain(store: base.Store) -> None:
         (
             3,
             f"{at(2):%Y-%m-%dT%H:%M:%S}.{at(2).microsecond:06d}000Z",
-            "stderr",
+            "gpubox",
             "[gpubox: attempt 1 ended: worker w1 lost; the job is queued again (retry 1 of 1)]",
         )
     ]
@@ -1080,7 +1080,7 @@ def test_append_logs_keeps_head_and_tail_with_a_marker_past_the_cap(store: base.
     lines = store.read_logs(job.id)
     assert seqs(lines) == [1, 2, 3, 4, 5, 6, 22, 23, 24, 25]
     marker = lines[5]
-    assert marker.stream == "stderr"
+    assert marker.stream == "gpubox"  # gpubox's own line: no job can print one
     assert "16 lines dropped" in marker.line and "10 lines" in marker.line
     assert [line.line for line in lines[6:]] == ["line 22", "line 23", "line 24", "line 25"]
     assert store.get_job(job.id).log_seq == 25

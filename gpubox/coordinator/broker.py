@@ -483,6 +483,9 @@ class Broker:
             return self.store.mark_started(job_id, attempt, executed_at)
         if kind == "LOG":
             lines = [tuple(line) for line in body["lines"]]
+            for index in _worker_notes(body):
+                ts, _, text = lines[index]
+                lines[index] = (ts, models.GPUBOX_STREAM, text)
             return self.store.append_logs(
                 job_id, attempt, body["seq"], lines, self.max_log_lines, body.get("last")
             )
@@ -798,3 +801,15 @@ class Broker:
         except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer congested)
             log.debug("could not send %s: %s", msg_type, exc)
             return False
+
+
+def _worker_notes(body: dict[str, Any]) -> list[int]:
+    """The indices of a LOG batch's lines that are the worker's own, not the job's: those it
+    names in `notes`, or, from a worker that sends no notes, the last line of a batch that
+    covers more sequence numbers than it has lines (its marker for lines it dropped)."""
+    count = len(body["lines"])
+    notes = body.get("notes")
+    if notes is None:
+        last = body.get("last")
+        notes = [count - 1] if last is not None and count and last > body["seq"] + count - 1 else []
+    return [index for index in notes if 0 <= index < count]

@@ -181,9 +181,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def log_marks(self, job_id: int) -> models.LogMarks:
-        """For each stream of a job ({} when none): the latest timestamp stored, and how many
-        lines have exactly that timestamp; to re-attach to its container. Timestamps are
-        fixed-width RFC 3339, so they compare as text."""
+        """For each stream of a job's own output ({} when none; gpubox's own lines are not
+        counted): the latest timestamp stored, and how many lines have exactly that
+        timestamp; to re-attach to its container. Timestamps are fixed-width RFC 3339, so
+        they compare as text."""
 
     # --- workers ------------------------------------------------------------------------------
 

@@ -376,7 +376,7 @@ class SqlStore(base.Store):
                     f" (retry {attempt} of {job.spec.max_retries})]"
                 )
                 stamp = f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond:06d}000Z"
-                self._insert_logs(cur, [(job_id, seq, stamp, "stderr", marker)])
+                self._insert_logs(cur, [(job_id, seq, stamp, models.GPUBOX_STREAM, marker)])
                 cur.execute(
                     "UPDATE jobs SET status = 'QUEUED', worker = NULL, gpu_ids = '[]',"
                     " executed_at = NULL, updated_at = ?, log_seq = ? WHERE id = ?",
@@ -456,8 +456,9 @@ class SqlStore(base.Store):
         )
         dropped = tail_from - head - 1
         cur.execute(
-            "UPDATE logs SET stream = 'stderr', line = ? WHERE job_id = ? AND seq = ?",
+            "UPDATE logs SET stream = ?, line = ? WHERE job_id = ? AND seq = ?",
             (
+                models.GPUBOX_STREAM,
                 f"[gpubox: {dropped} lines dropped here; the job logged more than the"
                 f" {keep} lines kept per job (max_log_lines)]",
                 job_id,
@@ -510,9 +511,11 @@ class SqlStore(base.Store):
 
     def log_marks(self, job_id: int) -> models.LogMarks:
         with self._read() as cur:
+            # gpubox's own lines are in no container's log.
             cur.execute(
-                "SELECT stream, MAX(ts) AS ts FROM logs WHERE job_id = ? GROUP BY stream",
-                (job_id,),
+                "SELECT stream, MAX(ts) AS ts FROM logs WHERE job_id = ? AND stream <> ?"
+                " GROUP BY stream",
+                (job_id, models.GPUBOX_STREAM),
             )
             latest = [(row["stream"], row["ts"]) for row in cur.fetchall()]
             marks: models.LogMarks = {}

@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import operator
 import socket
 import threading
 import time
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_UNACKED_BYTES = 64 * 1024 * 1024  # the in-memory window's other bound
 LINE_OVERHEAD = 48  # bytes a held line costs besides its text (timestamp, stream, list)
+_STREAM = operator.itemgetter(1)
 
 HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -538,6 +540,14 @@ class Agent:
         }
         if last != seq + len(lines) - 1:
             body["last"] = last
+        if models.GPUBOX_STREAM in map(_STREAM, lines):
+            # The worker's own lines (markers) travel as stderr, named in `notes`: a
+            # coordinator that knows no gpubox stream still takes the batch.
+            body["notes"] = [i for i, line in enumerate(lines) if line[1] == models.GPUBOX_STREAM]
+            body["lines"] = [
+                [line[0], "stderr", line[2]] if line[1] == models.GPUBOX_STREAM else line
+                for line in lines
+            ]
         if self._send("LOG", body):
             job.unacked[seq] = (lines, last, now)
 

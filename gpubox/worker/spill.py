@@ -26,6 +26,8 @@ from typing import Any
 
 import msgpack
 
+from gpubox import models
+
 LENGTH = struct.Struct(">I")
 MAX_SEGMENT_BYTES = 8 * 1024 * 1024
 
@@ -62,7 +64,7 @@ class _Marker:
             f"[gpubox: {dropped} lines dropped here; the worker's backlog for the coordinator"
             f" went past its {max_bytes} bytes on disk (spill_max_bytes)]"
         )
-        return Batch(self.first, [[self.ts, "stderr", text]], self.last)
+        return Batch(self.first, [[self.ts, models.GPUBOX_STREAM, text]], self.last)
 
 
 class Spill:

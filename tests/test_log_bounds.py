@@ -4,6 +4,7 @@ and follow streams of revoked tokens."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import socket
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from gpubox import keys, models
-from gpubox.client import Client
+from gpubox.client import ApiError, Client
 from gpubox.store import open_store
 from gpubox.worker import runner
 from tests.conftest import wait_until
@@ -276,3 +277,42 @@ def test_a_job_cannot_print_a_line_that_passes_for_gpuboxs_own(make_cluster: Any
     assert cluster.client.tail(job["id"], out=out, err=err) == 130
     assert out.getvalue() == forged + "\n"
     assert err.getvalue().splitlines()[0] == forged
+
+
+# --- low (b): a revoked token's follow stream ran on -------------------------------------------
+
+
+def test_a_follow_stream_ends_soon_after_its_token_is_revoked(make_cluster: Any, db_url: str):
+    """A follower with its own token, on a running job; the token is revoked by another
+    process (`gpubox token revoke`, another store): the stream ends within a few seconds
+    (it ran on until the job ended), and the token gets 401 after."""
+    cluster = make_cluster(workers=0)
+    store = cluster.coordinator.store
+    token = cluster.client.call("POST", "/api/v1/tokens", {"name": "ci"})["token"]
+    job = cluster.submit("busybox", ["true"])
+    assert store.claim_job(job["id"], "w1", [], models.utcnow()) is not None
+    host, port = cluster.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request(
+        "GET",
+        f"/api/v1/jobs/{job['id']}/logs?follow=1&format=ndjson",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline() == b"\n"  # the stream is open
+    ended = threading.Event()
+    threading.Thread(target=lambda: (response.read(), ended.set()), daemon=True).start()
+    assert not ended.wait(1.5)  # a stream with a valid token goes on
+    other = open_store(db_url)  # another process's revoke: no cache of ours is told
+    try:
+        assert other.revoke_token("ci")
+    finally:
+        other.close()
+    revoked_at = time.monotonic()
+    assert ended.wait(10), "the stream went on after its token was revoked"
+    assert time.monotonic() - revoked_at < 4
+    conn.close()
+    with pytest.raises(ApiError) as refused:
+        Client(cluster.url, token).job(job["id"])
+    assert refused.value.status == 401

@@ -30,6 +30,7 @@ PAGE_BYTES = 1024 * 1024
 MAX_ID = 2**63 - 1
 KEEPALIVE_S = 15.0
 WAKE_S = 1.0
+TOKEN_CHECK_S = 1.0  # how often a follow stream checks that its token still holds
 
 
 def _error_body(code: str, message: str, field: str | None = None) -> str:
@@ -250,9 +251,10 @@ def make_app(
         bottle.response.set_header("Cache-Control", "no-store")
         bottle.response.set_header("X-Accel-Buffering", "no")
         gone = bottle.request.environ.get("waitress.client_disconnected", lambda: False)
+        revoked = _Revoked(store, bottle.request.environ.get("HTTP_AUTHORIZATION"))
 
         def disconnected() -> bool:
-            return stopping.is_set() or gone()
+            return stopping.is_set() or gone() or revoked()
 
         render = _ndjson if ndjson else _text
         if limit is not None:  # one page: at most `limit` lines after `since`
@@ -355,6 +357,29 @@ def _pages(
     while lines := store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES):
         since = lines[-1][0]
         yield render(lines)
+
+
+class _Revoked:
+    """Whether the token of a follow stream has been revoked since the stream began: asked
+    at most every TOKEN_CHECK_S, so that a stream ends soon after its token does (the store
+    takes a revoke by another process into account within a second: sql.TOKEN_CACHE_S)."""
+
+    def __init__(self, store: Store, header: str | None) -> None:
+        self.store = store
+        self.header = header
+        self.checked = time.monotonic()
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked < TOKEN_CHECK_S:
+            return False
+        self.checked = now
+        try:
+            tokens.check(self.store, self.header)
+        except errors.Unauthorized:
+            log.info("a log stream ended: its token was revoked")
+            return True
+        return False
 
 
 class Followers:

@@ -153,6 +153,11 @@ class CoordinatorConfig:
         "GPUBOX_MAX_LOG_LINES",
         "lines kept per job: the first half and the latest, a marker line between",
     )
+    max_log_bytes: int = setting(
+        256 * 1024 * 1024,
+        "GPUBOX_MAX_LOG_BYTES",
+        "bytes of output kept per job: the first half and the latest, a marker line between",
+    )
 
     def validate(self) -> None:
         parse_address(self.http, "http")
@@ -164,9 +169,12 @@ class CoordinatorConfig:
             "heartbeat_interval_s",
             "liveness_s",
             "max_log_lines",
+            "max_log_bytes",
         )
         if self.max_log_lines < 10:
             raise errors.ConfigError("max_log_lines: must be at least 10")
+        if self.max_log_bytes < 1024 * 1024:
+            raise errors.ConfigError("max_log_bytes: must be at least 1048576 (1 MiB)")
         if self.liveness_s <= self.heartbeat_interval_s:
             raise errors.ConfigError("liveness_s: must be longer than heartbeat_interval_s")
 

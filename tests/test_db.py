@@ -265,12 +265,12 @@ def test_db_copy_from_a_missing_sqlite_file_creates_nothing(tmp_path: Path):
 def test_db_upgrade_twice_is_a_no_op_the_second_time(pg_url: str, tmp_path: Path):
     for url in (pg_url, f"sqlite:///{tmp_path}/fresh.db"):
         first = gpubox("db", "upgrade", "--db", url)
-        assert first.returncode == 0 and "upgraded from version 0 to 2" in first.stderr
+        assert first.returncode == 0 and "upgraded from version 0 to 3" in first.stderr
         second = gpubox("db", "upgrade", "--db", url)
         assert second.returncode == 0 and "nothing to do" in second.stderr
         store = open_store(url, upgrade=False)
         try:
-            assert store.schema_version() == store.latest_version == 2
+            assert store.schema_version() == store.latest_version == 3
         finally:
             store.close()
 
@@ -308,7 +308,7 @@ def test_a_version_1_store_is_upgraded_and_its_jobs_read_as_before(
             conn.execute(row)  # type: ignore[arg-type]
     store = open_store(url)
     try:
-        assert store.schema_version() == 2
+        assert store.schema_version() == 3
         job = store.get_job(7)
         assert job.spec.name == "old" and job.spec.gpus == 1
         assert job.spec.gpu_model is None and job.spec.gpu_memory_gb is None
@@ -396,3 +396,34 @@ def submitted(cluster: Cluster, image: str) -> dict[str, Any] | None:
     except ApiError as exc:
         assert exc.status == 503
         return None
+
+
+def test_a_version_2_store_counts_the_log_bytes_of_its_running_jobs(tmp_path: Path):
+    """Version 3 added the bytes of each job's stored log (for max_log_bytes): a job still
+    running when the store is upgraded has what it stored counted, an ended one is left."""
+    import sqlite3
+
+    from gpubox.store import sqlite
+
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        sqlite.MIGRATIONS[0]
+        + sqlite.MIGRATIONS[1]
+        + "INSERT INTO schema_version VALUES (2);"
+        + "".join(
+            "INSERT INTO jobs (id, name, description, priority, image, env, gpus, labels,"
+            f" max_retries, metadata, status, created_at, updated_at) VALUES ({job}, 'j', '',"
+            f" 0, 'busybox', '{{}}', 0, '{{}}', 0, '{{}}', '{status}', 't', 't');"
+            f"INSERT INTO logs VALUES ({job}, 1, 't', 'stdout', 'ü{'x' * 98}');"
+            for job, status in ((1, "RUNNING"), (2, "FINISHED"))
+        )
+    )
+    conn.close()
+    open_store(f"sqlite:///{path}").close()
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT id, log_bytes, log_cut FROM jobs ORDER BY id").fetchall()
+        assert rows == [(1, 100, 0), (2, 0, 0)]  # ü is 2 bytes in UTF-8
+    finally:
+        conn.close()

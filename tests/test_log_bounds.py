@@ -316,3 +316,27 @@ def test_a_follow_stream_ends_soon_after_its_token_is_revoked(make_cluster: Any,
     with pytest.raises(ApiError) as refused:
         Client(cluster.url, token).job(job["id"])
     assert refused.value.status == 401
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_a_job_printing_past_max_log_bytes_keeps_a_head_a_marker_and_its_tail(
+    make_cluster: Any, image: str
+):
+    """A job prints 4,000 lines of 1,000 characters (4 MB) under a cap of 1 MiB: the store
+    keeps at most 1 MiB of it, the first lines, a gpubox marker naming max_log_bytes and the
+    last lines; the job runs to its end (it printed 4 MB into a store with no byte cap)."""
+    cluster = make_cluster(max_log_bytes=1024 * 1024)
+    line = "$(head -c 996 /dev/zero | tr '\\0' x)"
+    script = f"x={line}; i=1; while [ $i -le 4000 ]; do printf '%04d%s\\n' $i $x; i=$((i+1)); done"
+    job = cluster.submit(image, ["sh", "-c", script])
+    done = cluster.wait(job["id"], timeout_s=120)
+    assert done["status"] == "FINISHED"
+    stored = cluster.lines(job["id"])
+    assert sum(len(r["line"]) for r in stored) <= 1024 * 1024
+    (marker,) = [r for r in stored if r["stream"] == "gpubox"]
+    assert "lines dropped here" in marker["line"] and "(max_log_bytes)" in marker["line"]
+    numbers = [int(r["line"][:4]) for r in stored if r["stream"] == "stdout"]
+    head = numbers[: stored.index(marker)]
+    assert head == list(range(1, len(head) + 1)) and len(head) * 1000 <= 512 * 1024
+    assert numbers[len(head) :] == list(range(numbers[len(head)], 4001))  # the latest kept

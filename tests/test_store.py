@@ -1109,3 +1109,34 @@ def test_a_token_revoked_by_another_process_ends_within_the_cache_time(
     assert store.find_token(token.digest) == token  # still trusted: found just now
     monkeypatch.setattr(sql, "TOKEN_CACHE_S", 0.0)
     assert store.find_token(token.digest) is None  # past the cache time: read, and gone
+
+
+def test_append_logs_keeps_head_and_tail_within_keep_bytes(store: base.Store) -> None:
+    """Lines of 1,000 bytes past a cap of 20,000 bytes: a head of at most 10,000 bytes, a
+    marker (stream gpubox) counting the lines dropped, then the latest lines; the job keeps
+    at most the cap (and the marker); every batch is acknowledged to its end."""
+    job = running(store)
+    ts = "2024-05-01T12:00:00.000000001Z"
+
+    def batch(first: int, count: int) -> list[base.RawLine]:
+        return [(ts, "stdout", f"{seq:04d}" + "x" * 996) for seq in range(first, first + count)]
+
+    for first in range(1, 101, 10):
+        assert store.append_logs(job.id, 1, first, batch(first, 10), keep_bytes=20_000) == first + 9
+    lines = store.read_logs(job.id)
+    (marker,) = [line for line in lines if line.stream == "gpubox"]
+    head = [line for line in lines if line.seq < marker.seq]
+    tail = [line for line in lines if line.seq > marker.seq]
+    assert [line.seq for line in head] == list(range(1, 11))  # 10,000 bytes: half the cap
+    assert sum(len(line.line) for line in head + tail) <= 20_000
+    assert tail[-1].seq == 100 and [line.seq for line in tail] == list(range(tail[0].seq, 101))
+    assert marker.line == (
+        f"[gpubox: {tail[0].seq - marker.seq} lines dropped here; the job logged more than"
+        " the 20000 bytes kept per job (max_log_bytes)]"
+    )
+    # The marker keeps counting; the line cap applies beside the byte cap.
+    store.append_logs(job.id, 1, 101, batch(101, 10), keep=15, keep_bytes=20_000)
+    lines = store.read_logs(job.id)
+    assert len(lines) == 15 and lines[10].stream == "gpubox" and lines[-1].seq == 110
+    assert "lines kept per job (max_log_lines)" in lines[10].line
+    assert finish(store, job, last_seq=110) is Finish.APPLIED

@@ -96,6 +96,7 @@ class Broker:
         liveness_s: float = 10.0,
         context: zmq.Context | None = None,
         max_log_lines: int | None = None,
+        max_log_bytes: int | None = None,
     ) -> None:
         """`server_keys` is the coordinator's (public, secret) Z85 CURVE keypair; `allow` the
         worker keys it accepts. The context must not carry another ZAP authenticator."""
@@ -106,6 +107,7 @@ class Broker:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness_s = liveness_s
         self.max_log_lines = max_log_lines
+        self.max_log_bytes = max_log_bytes
         self.context = context or zmq.Context()
         self.coordinator_id = uuid.uuid4().hex
         # ZAP must run on this context before the ROUTER binds, or CURVE lets any key in.
@@ -487,7 +489,13 @@ class Broker:
                 ts, _, text = lines[index]
                 lines[index] = (ts, models.GPUBOX_STREAM, text)
             return self.store.append_logs(
-                job_id, attempt, body["seq"], lines, self.max_log_lines, body.get("last")
+                job_id,
+                attempt,
+                body["seq"],
+                lines,
+                self.max_log_lines,
+                body.get("last"),
+                self.max_log_bytes,
             )
         return self.store.finish_job(
             job_id,

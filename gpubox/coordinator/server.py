@@ -76,6 +76,7 @@ class Coordinator:
             liveness_s=self.config.liveness_s,
             context=self.context,
             max_log_lines=self.config.max_log_lines,
+            max_log_bytes=self.config.max_log_bytes,
         )
         app = api.make_app(
             self.store,

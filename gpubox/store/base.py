@@ -150,6 +150,7 @@ class Store(abc.ABC):
         lines: Sequence[RawLine],
         keep: int | None = None,
         last: int | None = None,
+        keep_bytes: int | None = None,
     ) -> int:
         """Store a batch whose first line has sequence number first_seq, in one transaction.
 
@@ -158,7 +159,10 @@ class Store(abc.ABC):
         drop, which its marker line stands for).
 
         With `keep`, a job keeps at most that many lines: the first keep/2 and the latest,
-        the line after the head replaced by a marker saying how many were dropped there.
+        the line after the head replaced by a marker (stream gpubox) saying how many were
+        dropped there. With `keep_bytes`, likewise at most that many bytes of text (UTF-8):
+        a head of at most keep_bytes/2, the marker, and the latest lines. Lines go on being
+        accepted (and acknowledged) past either cap; the newest line is always kept.
 
         Lines already stored are skipped (exactly once); a batch that would leave a gap, or
         belongs to a stale attempt, stores nothing. Returns the sequence number up to which the

@@ -88,6 +88,15 @@ ALTER TABLE jobs ADD COLUMN gpu_model TEXT;
 ALTER TABLE jobs ADD COLUMN gpu_memory_gb DOUBLE PRECISION;
 ALTER TABLE jobs ADD COLUMN container TEXT NOT NULL DEFAULT '{}';
 """,
+    # 3: the bytes of a job's stored log, and where its head ends once lines are dropped
+    # (the max_log_bytes cap); counted for jobs still running
+    """
+ALTER TABLE jobs ADD COLUMN log_bytes BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN log_cut BIGINT NOT NULL DEFAULT 0;
+UPDATE jobs SET log_bytes = (
+    SELECT COALESCE(SUM(OCTET_LENGTH(line)), 0) FROM logs WHERE logs.job_id = jobs.id
+) WHERE status = 'RUNNING';
+""",
 )
 
 # Two coordinators upgrading one database at once take turns on this lock.
@@ -173,6 +182,7 @@ class PostgresStore(sql.SqlStore):
 
     MIGRATIONS = MIGRATIONS
     row_lock = " FOR UPDATE"
+    octet_length = "OCTET_LENGTH(line)"
 
     def __init__(self, url: str, upgrade: bool = True, max_connections: int = 16) -> None:
         super().__init__()

@@ -8,9 +8,11 @@ rewritten by a backend that needs another style).
 from __future__ import annotations
 
 import abc
+import bisect
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import operator
@@ -74,6 +76,7 @@ _STATUS = {status.value: status for status in models.Status}
 # thousands of lines).
 _log_line = functools.partial(tuple.__new__, models.LogLine)
 _LINE = operator.itemgetter(3)
+_ROW_LINE = operator.itemgetter(4)  # of a row to insert: (job_id, seq, ts, stream, line)
 _utf8 = functools.partial(str.encode, encoding="utf-8", errors="surrogatepass")
 
 
@@ -124,6 +127,9 @@ class SqlStore(base.Store):
     # Appended to a read that the same transaction then updates (SQLite's BEGIN IMMEDIATE
     # already serialises writers; PostgreSQL locks the row).
     row_lock = ""
+    # The bytes of a log line's text in UTF-8, in SQL (SQLite reads the text to count them;
+    # PostgreSQL's OCTET_LENGTH reads the size it stored).
+    octet_length = "LENGTH(CAST(line AS BLOB))"
     # The schema, one script per version: MIGRATIONS[0] makes version 1, and so on.
     MIGRATIONS: Sequence[str] = ()
 
@@ -379,8 +385,9 @@ class SqlStore(base.Store):
                 self._insert_logs(cur, [(job_id, seq, stamp, models.GPUBOX_STREAM, marker)])
                 cur.execute(
                     "UPDATE jobs SET status = 'QUEUED', worker = NULL, gpu_ids = '[]',"
-                    " executed_at = NULL, updated_at = ?, log_seq = ? WHERE id = ?",
-                    (_time(now), seq, job_id),
+                    " executed_at = NULL, updated_at = ?, log_seq = ?,"
+                    " log_bytes = log_bytes + ? WHERE id = ?",
+                    (_time(now), seq, len(_utf8(marker)), job_id),
                 )
             else:
                 cur.execute(
@@ -409,9 +416,10 @@ class SqlStore(base.Store):
         lines: Sequence[base.RawLine],
         keep: int | None = None,
         last: int | None = None,
+        keep_bytes: int | None = None,
     ) -> int:
         with self._write() as cur:
-            return self._append(cur, job_id, attempt, first_seq, lines, keep, last)
+            return self._append(cur, job_id, attempt, first_seq, lines, keep, last, keep_bytes)
 
     def _append(
         self,
@@ -422,10 +430,13 @@ class SqlStore(base.Store):
         lines: Sequence[base.RawLine],
         keep: int | None,
         last: int | None,
+        keep_bytes: int | None = None,
     ) -> int:
         end = max(first_seq + len(lines) - 1, last or 0)
         cur.execute(
-            "SELECT status, attempts, log_seq FROM jobs WHERE id = ?" + self.row_lock, (job_id,)
+            "SELECT status, attempts, log_seq, log_bytes, log_cut FROM jobs WHERE id = ?"
+            + self.row_lock,
+            (job_id,),
         )
         row = cur.fetchone()
         answer = refused_batch(row, attempt, first_seq, end)
@@ -438,33 +449,78 @@ class SqlStore(base.Store):
             if i >= skip
         ]
         self._insert_logs(cur, rows)
-        cur.execute("UPDATE jobs SET log_seq = ? WHERE id = ?", (end, job_id))
-        if keep is not None and end > keep:
-            self._cap_logs(cur, job_id, end, keep)
+        cap = _Cap(keep, keep_bytes, row["log_bytes"], row["log_cut"])
+        if keep_bytes is not None:
+            cap.add(rows)
+        if (keep is not None and end > keep) or cap.over_bytes:
+            self._cap_logs(cur, job_id, end, cap, len(rows))
+        cur.execute(
+            "UPDATE jobs SET log_seq = ?, log_bytes = ?, log_cut = ? WHERE id = ?",
+            (end, cap.stored, cap.cut, job_id),
+        )
         return end
 
-    def _cap_logs(self, cur: Any, job_id: int, end: int, keep: int) -> None:
-        """Keep the first keep/2 lines and the last keep/2: the line after the head becomes a
-        marker saying how many lines were dropped there; those between it and the tail go."""
-        head = keep // 2
-        tail_from = end - (keep - head) + 2  # the tail keeps keep - head - 1 lines + marker
-        if tail_from <= head + 2:
+    def _cap_logs(self, cur: Any, job_id: int, end: int, cap: _Cap, added: int) -> None:
+        """Keep the head (the lines before cap.cut: at most keep/2 lines and keep_bytes/2
+        bytes) and the latest lines. The line at cap.cut becomes a marker saying how many
+        lines were dropped there; the oldest lines after it go until the job keeps at most
+        `keep` lines and `keep_bytes` bytes (the newest line always stays). `added`: how
+        many lines were just stored, about as many as go now."""
+        if not cap.cut:
+            cap.cut = cap.keep // 2 + 1 if cap.keep is not None else 2
+        marker = cap.cut
+        # The line cap: the tail keeps keep - marker lines, so it starts here or later.
+        by_lines = end - cap.keep + marker + 1 if cap.keep is not None else marker + 1
+        tail_from, freed = by_lines, 0
+        if cap.keep_bytes is not None:
+            tail_from, freed = self._tail_start(cur, job_id, marker, end, by_lines, cap, added)
+        if tail_from <= marker + 1:
             return
+        cur.execute("SELECT ts, line FROM logs WHERE job_id = ? AND seq = ?", (job_id, marker))
+        replaced = cur.fetchone()
+        if replaced is None:  # no line has that seq (the worker dropped it): take the next's time
+            cur.execute(
+                "SELECT ts FROM logs WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT 1",
+                (job_id, marker),
+            )
+            replaced = {"ts": cur.fetchone()["ts"], "line": ""}  # (the newest line stays)
         cur.execute(
-            "DELETE FROM logs WHERE job_id = ? AND seq > ? AND seq < ?",
-            (job_id, head + 1, tail_from),
+            "DELETE FROM logs WHERE job_id = ? AND seq >= ? AND seq < ?",
+            (job_id, marker, tail_from),
         )
-        dropped = tail_from - head - 1
-        cur.execute(
-            "UPDATE logs SET stream = ?, line = ? WHERE job_id = ? AND seq = ?",
-            (
-                models.GPUBOX_STREAM,
-                f"[gpubox: {dropped} lines dropped here; the job logged more than the"
-                f" {keep} lines kept per job (max_log_lines)]",
-                job_id,
-                head + 1,
-            ),
+        if tail_from > by_lines:
+            why = f"{cap.keep_bytes} bytes kept per job (max_log_bytes)"
+        else:
+            why = f"{cap.keep} lines kept per job (max_log_lines)"
+        text = (
+            f"[gpubox: {tail_from - marker} lines dropped here; the job logged more than the {why}]"
         )
+        self._insert_logs(cur, [(job_id, marker, replaced["ts"], models.GPUBOX_STREAM, text)])
+        cap.stored -= freed + len(_utf8(replaced["line"])) - len(_utf8(text))
+
+    def _tail_start(
+        self, cur: Any, job_id: int, marker: int, end: int, by_lines: int, cap: _Cap, added: int
+    ) -> tuple[int, int]:
+        """Where the kept tail starts so that it fits both caps (by_lines or later), and the
+        bytes of the lines between the marker and it, found from their stored sizes (read
+        `added` lines' worth at a time, at first: about what the batch just stored)."""
+        limit = cap.keep_bytes
+        assert limit is not None
+        freed, after, count = 0, marker, added + 8
+        while True:
+            cur.execute(
+                f"SELECT seq, {self.octet_length} AS size FROM logs WHERE job_id = ?"
+                " AND seq > ? AND seq < ? ORDER BY seq LIMIT ?",
+                (job_id, after, end, count),
+            )
+            rows = cur.fetchall()
+            for row in rows:
+                if row["seq"] >= by_lines and cap.stored - freed <= limit:
+                    return int(row["seq"]), freed
+                freed += int(row["size"])
+            if len(rows) < count:
+                return max(end, by_lines), freed
+            after, count = rows[-1]["seq"], 500
 
     def _insert_logs(self, cur: Any, rows: Sequence[tuple[int, int, str, str, str]]) -> None:
         """Insert log rows in as few round trips as the backend allows."""
@@ -700,6 +756,37 @@ class SqlStore(base.Store):
         with self._write() as cur:
             for table in base.TABLES:
                 cur.execute(f"DELETE FROM {table}")
+
+
+@dataclasses.dataclass
+class _Cap:
+    """The bounds on what a job keeps of its log, at most `keep` lines and `keep_bytes` bytes
+    of text (None: no such bound), and where it stands, as its jobs row holds it: `stored`,
+    the bytes of its lines stored now; `cut`, the seq of the line where its head ends and its
+    dropped lines are marked (0: not known yet)."""
+
+    keep: int | None
+    keep_bytes: int | None
+    stored: int
+    cut: int
+
+    def add(self, rows: Sequence[tuple[int, int, str, str, str]]) -> None:
+        """Count the bytes of log rows just stored; the first line that takes the job's bytes
+        past half of keep_bytes is where its head ends (or keep/2 lines, if fewer)."""
+        assert self.keep_bytes is not None
+        sizes = list(map(len, map(_utf8, map(_ROW_LINE, rows))))
+        total = self.stored + sum(sizes)
+        half = self.keep_bytes // 2
+        if not self.cut and rows and total > half:
+            upto = list(itertools.accumulate(sizes, initial=self.stored))[1:]
+            self.cut = rows[min(bisect.bisect_right(upto, half), len(rows) - 1)][1]
+            if self.keep is not None:
+                self.cut = min(self.cut, self.keep // 2 + 1)
+        self.stored = total
+
+    @property
+    def over_bytes(self) -> bool:
+        return self.keep_bytes is not None and self.stored > self.keep_bytes
 
 
 def refused_batch(row: dict[str, Any] | None, attempt: int, first_seq: int, end: int) -> int | None:

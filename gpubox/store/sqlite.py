@@ -88,6 +88,15 @@ ALTER TABLE jobs ADD COLUMN gpu_model TEXT;
 ALTER TABLE jobs ADD COLUMN gpu_memory_gb REAL;
 ALTER TABLE jobs ADD COLUMN container TEXT NOT NULL DEFAULT '{}';
 """,
+    # 3: the bytes of a job's stored log, and where its head ends once lines are dropped
+    # (the max_log_bytes cap); counted for jobs still running
+    """
+ALTER TABLE jobs ADD COLUMN log_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN log_cut INTEGER NOT NULL DEFAULT 0;
+UPDATE jobs SET log_bytes = (
+    SELECT COALESCE(SUM(LENGTH(CAST(line AS BLOB))), 0) FROM logs WHERE logs.job_id = jobs.id
+) WHERE status = 'RUNNING';
+""",
 )
 
 

@@ -239,6 +239,8 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
                 config.stop_grace_s,
                 tee=copy,
                 mounts=config.mount_map,
+                log_max_bytes=config.container_log_max_bytes,
+                log_max_files=config.container_log_files,
                 # Fake GPUs get the environment but no device request: Docker would refuse it.
                 gpu_devices=not config.fake_gpus,
                 log_files=config.log_source == "auto",

@@ -236,6 +236,18 @@ class WorkerConfig:
         "bytes of log backlog a worker keeps on disk (<state-dir>/spill); past it, the oldest"
         " are dropped and one marker line says how many",
     )
+    container_log_max_bytes: int = setting(
+        64 * 1024 * 1024,
+        "GPUBOX_CONTAINER_LOG_MAX_BYTES",
+        "bytes of a job's output Docker keeps in each file of the container's json-file log"
+        " (max-size); 0: the engine's own log settings, unbounded by default",
+    )
+    container_log_files: int = setting(
+        2,
+        "GPUBOX_CONTAINER_LOG_FILES",
+        "files of the container's json-file log Docker keeps (max-file): at most"
+        " container_log_max_bytes x this on disk per job",
+    )
     journal_bytes_per_job: int = setting(
         16 * 1024 * 1024,
         "GPUBOX_JOURNAL_BYTES_PER_JOB",
@@ -284,6 +296,12 @@ class WorkerConfig:
             raise errors.ConfigError("stop_grace_s: must not be negative")
         if self.journal_bytes_per_job < 0:
             raise errors.ConfigError("journal_bytes_per_job: must not be negative")
+        if self.container_log_max_bytes and self.container_log_max_bytes < 64 * 1024:
+            raise errors.ConfigError(
+                "container_log_max_bytes: must be 0 or at least 65536 (a line is up to 64 KiB)"
+            )
+        if self.container_log_files < 1:
+            raise errors.ConfigError("container_log_files: must be at least 1")
         if self.gpus not in ("all", "none") and not re.fullmatch(r"\d+(,\d+)*", self.gpus):
             raise errors.ConfigError(f"gpus: {self.gpus!r} is not all, none or indices like 0,2")
         parse_labels(self.labels)

@@ -162,6 +162,8 @@ class Cluster:
                 mounts=config.mount_map,
                 gpu_devices=False,  # fake GPUs: Docker here has no NVIDIA runtime
                 log_files=config.log_source == "auto",
+                log_max_bytes=config.container_log_max_bytes,
+                log_max_files=config.container_log_files,
             )
         agent = Agent(config, runtime, source.list(), context=self.context, usage=source.usage)
         thread = threading.Thread(target=agent.run, daemon=True)

@@ -340,3 +340,42 @@ def test_a_job_printing_past_max_log_bytes_keeps_a_head_a_marker_and_its_tail(
     head = numbers[: stored.index(marker)]
     assert head == list(range(1, len(head) + 1)) and len(head) * 1000 <= 512 * 1024
     assert numbers[len(head) :] == list(range(numbers[len(head)], 4001))  # the latest kept
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_docker_keeps_a_bounded_log_of_a_job_and_the_worker_reads_it_across_rotations(
+    make_cluster: Any, image: str, docker_client: Any, monkeypatch: pytest.MonkeyPatch
+):
+    """The container's json-file log is bounded (max-size, max-file: it had neither, and a
+    flood wrote 4.5 GB a minute there); 30,000 lines (~2.6 MB of json-file log) through
+    files of 256 KiB still reach the store each once, in order, read from the files."""
+    read: list[str] = []
+
+    class Recording(runner.JsonLogFile):  # type: ignore[misc]
+        def batches(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            read.append(self.path)
+            yield from super().batches(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "JsonLogFile", Recording)
+    cluster = make_cluster(workers=0)
+    name = f"logs-{os.getpid()}"  # other tests on this engine name their workers worker-N
+    cluster.add_worker(name=name, container_log_max_bytes=256 * 1024, container_log_files=2)
+    # (a pause every 1,000 lines: a reader in this busy test process may fall behind a job
+    # printing flat out by more than these small files, and then lines are lost, as marked)
+    script = (
+        "sleep 2; i=1; while [ $i -le 30000 ]; do echo $i;"
+        " [ $((i % 1000)) -eq 0 ] && sleep 0.05; i=$((i+1)); done"
+    )
+    job = cluster.submit(image, ["sh", "-c", script])
+    labels = [f"io.gpubox.job={job['id']}", f"io.gpubox.worker={name}"]
+    (found,) = wait_until(
+        lambda: docker_client.api.containers(filters={"label": labels}), 30, "the container"
+    )
+    config = docker_client.api.inspect_container(found["Id"])["HostConfig"]["LogConfig"]
+    assert config == {"Type": "json-file", "Config": {"max-file": "2", "max-size": "262144"}}
+    done = cluster.wait(job["id"], timeout_s=120)
+    assert done["status"] == "FINISHED"
+    stored = cluster.lines(job["id"])
+    assert [r["line"] for r in stored] == [str(n) for n in range(1, 30001)]
+    assert read  # from the files, not through the engine's API

@@ -145,7 +145,7 @@ class Attrs:
 @pytest.mark.parametrize(
     ("log_config", "root", "why"),
     [
-        ({"Type": "json-file", "Config": {"max-size": "10m"}}, "ROOT", "rotation"),
+        ({"Type": "json-file", "Config": {"max-size": "10m", "compress": "true"}}, "ROOT", "gzip"),
         ({"Type": "local", "Config": {}}, "ROOT", "another driver"),
         ({"Type": "json-file", "Config": {}}, None, "an engine on another machine"),
         ({"Type": "json-file", "Config": {}}, "ELSEWHERE", "a file it cannot read"),
@@ -159,6 +159,8 @@ def test_the_api_is_used_for(tmp_path: Path, log_config: dict, root: str | None,
     assert usable_log_file(Attrs("abc", log_config), roots[root]) is None, why
     plain = Attrs("abc", {"Type": "json-file", "Config": {}})
     assert usable_log_file(plain, str(tmp_path)) == str(folder / "abc-json.log")
+    rotated = Attrs("abc", {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}})
+    assert usable_log_file(rotated, str(tmp_path)) == str(folder / "abc-json.log")
     os.chmod(folder / "abc-json.log", 0o000)
     if os.geteuid() != 0:  # root reads it anyway
         assert usable_log_file(plain, str(tmp_path)) is None
@@ -186,3 +188,109 @@ def test_a_job_stores_the_same_output_read_from_the_file_or_the_api(
     assert out == [str(i) for i in range(1, 20001)] + ["end"]
     assert [r["line"] for r in stored if r["stream"] == "stderr"] == ["oops"]
     assert bool(used) == (source == "auto")  # the file where it can, the API when told
+
+
+# --- rotation (max-size): Docker renames the file to PATH.1, PATH.1 to PATH.2, … -------------
+
+
+def rotate(path: Path, files: int) -> None:
+    """What Docker does when the file it writes reaches max-size, keeping `files` files."""
+    oldest = Path(f"{path}.{files - 1}")
+    oldest.unlink(missing_ok=True)
+    for number in range(files - 2, 0, -1):
+        if Path(f"{path}.{number}").exists():
+            os.rename(f"{path}.{number}", f"{path}.{number + 1}")
+    if files > 1:
+        os.rename(path, f"{path}.1")
+    else:
+        path.unlink()
+    path.write_bytes(b"")
+
+
+def numbered(first: int, count: int) -> bytes:
+    return b"".join(entry(f"{n}\n") for n in range(first, first + count))
+
+
+def test_a_follow_reads_on_across_rotations_without_a_gap_or_a_repeat(tmp_path: Path) -> None:
+    path = tmp_path / "c-json.log"
+    path.write_bytes(numbered(0, 100))
+    logs = JsonLogFile(str(path), "c")
+    got: list[tuple[str, bytes, bytes]] = []
+    follow = threading.Thread(target=lambda: got.extend(read_all(logs, follow=True)))
+    follow.start()
+    for first in range(100, 2100, 100):
+        rotate(path, files=2)
+        with open(path, "ab") as fh:
+            fh.write(numbered(first, 100))
+        time.sleep(0.01)
+    logs.container_exited()
+    follow.join(5)
+    assert [int(data) for _, _, data in got] == list(range(2100))
+    assert logs.gaps == 0
+
+
+def test_a_read_starts_at_the_oldest_file_and_tail_reaches_into_rotated_files(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c-json.log"
+    path.write_bytes(numbered(0, 50))
+    rotate(path, files=3)
+    path.write_bytes(numbered(50, 50))
+    rotate(path, files=3)
+    path.write_bytes(numbered(100, 10))
+    logs = JsonLogFile(str(path), "c")
+    assert [int(d) for _, _, d in read_all(logs, follow=False)] == list(range(110))
+    assert [int(d) for _, _, d in read_all(logs, follow=False, tail=30)] == list(range(80, 110))
+    assert [int(d) for _, _, d in read_all(logs, follow=False, tail=500)] == list(range(110))
+
+
+def test_files_rotated_away_before_they_were_read_count_as_a_gap(tmp_path: Path) -> None:
+    """The reader stops after its first read (as it does while the worker's buffer is
+    full); Docker rotates three times, keeping two files: the file being read is read to
+    its end, the one deleted unread is a gap, and no line comes twice or out of order."""
+    path = tmp_path / "c-json.log"
+    path.write_bytes(numbered(0, 30_000))  # more than one read (256 KiB)
+    logs = JsonLogFile(str(path), "c")
+    reads = logs.batches(follow=True)
+    got = [int(d) for _, _, d in next(reads)]
+    for first in range(30_000, 33_000, 1000):
+        rotate(path, files=2)
+        with open(path, "ab") as fh:
+            fh.write(numbered(first, 1000))
+    logs.container_exited()
+    got += [int(d) for batch in reads for _, _, d in batch]
+    assert got == sorted(set(got))
+    assert got[:30_000] == list(range(30_000))  # the file being read, though deleted
+    assert got[30_000:] == list(range(31_000, 33_000))  # 30,000-30,999 rotated away unread
+    assert logs.gaps >= 1
+
+
+def test_the_job_log_says_where_rotated_lines_may_be_missing(tmp_path: Path) -> None:
+    """The reader waits for room in a full buffer while Docker rotates its log three times
+    (two files kept): the lines it then reads come in order, once, after a gpubox line
+    saying lines may be missing there."""
+    path = tmp_path / "c-json.log"
+    path.write_bytes(numbered(0, 30_000))
+    logs = JsonLogFile(str(path), "c")
+    buffer = runner.LineBuffer(1, max_bytes=1000)
+    reader = runner.LogReader(logs, buffer, runner.Masker([]))
+    reader.thread.start()
+    deadline = time.monotonic() + 10
+    while not buffer.waiting:
+        assert time.monotonic() < deadline, "the reader never waited for room"
+        time.sleep(0.01)
+    for first in range(30_000, 33_000, 1000):
+        rotate(path, files=2)
+        with open(path, "ab") as fh:
+            fh.write(numbered(first, 1000))
+    logs.container_exited()
+    got: list[tuple[str, str]] = []
+    while reader.thread.is_alive() or got == []:
+        got += [(line[1], line[2]) for _, lines in buffer.take(0.05) for line in lines]
+    got += [(line[1], line[2]) for _, lines in buffer.take(0) for line in lines]
+    notes = [text for stream, text in got if stream == "gpubox"]
+    assert len(notes) == 1 and "lines may be missing here" in notes[0]
+    numbers = [int(text) for stream, text in got if stream == "stdout"]
+    assert numbers == sorted(set(numbers)) and numbers[-1] == 32_999
+    at = got.index(("gpubox", notes[0]))
+    assert int(got[at + 1][1]) == 31_000  # right before the first line read after the gap

@@ -288,6 +288,7 @@ class LogReader:
         self._resuming = {s for s, state in self.streams.items() if state.last_ts}
         self.last_stream: str | None = None  # the stream of the last entry taken
         self.taken = 0  # entries taken so far: how the runner sees the follow progress
+        self._gaps = 0  # the log's gaps marked in the job's log so far
         self._lock = threading.Lock()
         self._abandoned = False
         self.thread = threading.Thread(target=self._follow, daemon=True, name="logs")
@@ -309,6 +310,8 @@ class LogReader:
         it stopped."""
         skips: dict[str, list[Any]] = {n: [s.last_ts, s.at_last] for n, s in self.streams.items()}
         for batch in self.logs.batches(follow, self._since()):
+            if getattr(self.logs, "gaps", 0) > self._gaps:
+                self._mark_gap()
             fresh = [(s, normalize_ts(ts.decode("ascii", "replace")), d) for s, ts, d in batch]
             if any(skip[0] for skip in skips.values()):  # not yet past what was taken
                 fresh = [entry for entry in fresh if not _skipped(entry, skips)]
@@ -398,6 +401,19 @@ class LogReader:
         self._dropping = any(state.drop for state in self.streams.values())
         return kept
 
+    def _mark_gap(self) -> None:
+        """Say in the job's log (a gpubox line) that lines may be missing here: Docker's log
+        of the container rotated before they were read (gpubox.worker.logfile)."""
+        self._gaps = self.logs.gaps
+        taken = [state.last_ts for state in self.streams.values() if state.last_ts]
+        ts = max(taken) if taken else normalize_ts(models.format_time(models.utcnow()) or "")
+        text = (
+            "[gpubox: lines may be missing here: Docker's log of the container rotated"
+            " (worker settings container_log_max_bytes, container_log_files) before the"
+            " worker read them; the job printed faster than the worker could send]"
+        )
+        self.buffer.add_many([(ts, models.GPUBOX_STREAM, text)])
+
     def _abandon_follow(self) -> bool:
         return self._abandoned
 
@@ -462,11 +478,15 @@ class DockerRuntime:
         mounts: dict[str, Mount] | None = None,
         gpu_devices: bool = True,
         log_files: bool = True,
+        log_max_bytes: int = 64 * 1024 * 1024,
+        log_max_files: int = 2,
     ) -> None:
         """`mounts`: the host folders jobs may ask for by name. `gpu_devices`: give containers
         their GPUs through a device request (needs the NVIDIA runtime); off for fake GPUs,
         which get the environment only. `log_files`: read a container's json-file log from
-        disk where possible (gpubox.worker.logfile), else always through the engine's API."""
+        disk where possible (gpubox.worker.logfile), else always through the engine's API.
+        `log_max_bytes`, `log_max_files`: the json-file log Docker keeps of each container,
+        in that many files of that size (0 bytes: the engine's own log settings)."""
         self.worker_name = worker_name
         self.stop_grace_s = stop_grace_s
         self.mounts = mounts or {}
@@ -478,6 +498,8 @@ class DockerRuntime:
         self._ended: dict[int, Any] = {}  # job id → its exited container, until forget()
         self._ended_lock = threading.Lock()
         self.log_files = log_files
+        self.log_max_bytes = log_max_bytes
+        self.log_max_files = log_max_files
         self._docker_root: str | None = None
 
     def run(
@@ -626,6 +648,13 @@ class DockerRuntime:
                 OWNER_LABEL: self.owner,
             },
         }
+        if self.log_max_bytes:
+            # Docker's own copy of the output, bounded on disk (a flood wrote 4.5 GB a minute
+            # into an unbounded one): the worker follows its files across rotation.
+            kwargs["log_config"] = docker.types.LogConfig(
+                type="json-file",
+                config={"max-size": str(self.log_max_bytes), "max-file": str(self.log_max_files)},
+            )
         if job["gpus"] and self.gpu_devices:
             kwargs["device_requests"] = [
                 docker.types.DeviceRequest(device_ids=list(job["gpus"]), capabilities=[["gpu"]])

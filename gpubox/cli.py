@@ -18,13 +18,13 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from gpubox import __version__, errors, logfmt, revision, systemd
+from gpubox import __version__, errors, logfmt, revision, supervise, systemd
 from gpubox import config as cfg
 from gpubox.client import ApiError, Client, OutputClosed, local_token
 
@@ -201,10 +201,12 @@ class Signals:
         signal.signal(signal.SIGHUP, lambda *_: self.hup.set())
 
     def wait(
-        self, thread: threading.Thread | None = None, reload: Callable[[], None] | None = None
-    ) -> None:
-        """Block until a stop signal (or until `thread` ends); on SIGHUP call `reload`. A
-        signal that came before this call counts."""
+        self,
+        threads: Sequence[threading.Thread] = (),
+        reload: Callable[[], None] | None = None,
+    ) -> threading.Thread | None:
+        """Block until a stop signal, or until one of `threads` ends (then return it); on
+        SIGHUP call `reload`. A signal that came before this call counts."""
         while not self.stop.wait(0.2):
             if self.hup.is_set():
                 self.hup.clear()
@@ -212,8 +214,15 @@ class Signals:
                     systemd.notify("RELOADING=1")
                     reload()
                     systemd.notify("READY=1")
-            if thread is not None and not thread.is_alive():
-                return
+            if (dead := supervise.first_dead(threads)) is not None:
+                return dead
+        return None
+
+    def check(self, dead: threading.Thread | None) -> None:
+        """A thread the service needs ended without a stop signal: one error line, exit 1,
+        so that systemd (Restart=on-failure) starts the service again."""
+        if dead is not None and not self.stop.is_set():
+            raise click.ClickException(f"{supervise.why(dead)}: gpubox cannot go on without it")
 
 
 def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
@@ -244,7 +253,7 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
         except Exception as exc:
             raise errors.GpuboxError(f"cannot reach the Docker engine: {exc}") from exc
     agent = Agent(config, runtime, gpus, usage=source.usage if offers else None)
-    thread = threading.Thread(target=agent.run, name="gpubox-agent", daemon=True)
+    thread = supervise.Essential("gpubox-agent", agent.run)
     thread.start()
     return agent, thread
 
@@ -269,9 +278,10 @@ def coordinator(config_path: str | None, **flags: Any) -> None:
     server = Coordinator(config)
     server.start()
     systemd.notify("READY=1", f"STATUS=serving HTTP on {server.http_url}")
-    signals.wait(reload=server.reload)
+    dead = signals.wait(server.threads, reload=server.reload)
     systemd.notify("STOPPING=1")
     server.stop()
+    signals.check(dead)
 
 
 @main.command()
@@ -295,17 +305,19 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
     """
     setup_logging()
     config = cfg.load(cfg.WorkerConfig, flags, cfg.read_file(config_path))
+    cfg.private_state_dir(config.state_dir)
     signals = Signals()
     agent, thread = _start_worker(config)
     systemd.notify("READY=1", f"STATUS=working for {config.coordinator}")
-    signals.wait(thread)
+    dead = signals.wait([thread])
     systemd.notify("STOPPING=1")
     if drain and thread.is_alive():
         agent.stop(drain=True)
         signals.stop.clear()  # a second signal stops at once
-        signals.wait(thread)
+        signals.wait([thread])
     agent.stop()
     thread.join()
+    signals.check(dead)
 
 
 @main.command()
@@ -335,6 +347,7 @@ def up(config_path: str | None, **flags: Any) -> None:
     worker_config = dataclasses.replace(worker_config, name=worker_name)
     cfg.check_mount_folders(worker_config.mount_map)
     # First start: the coordinator's keypair, and a key on the allow list for our worker.
+    cfg.private_state_dir(config.state_dir)
     keys.init(config.state_dir)
     if not keys.worker_secret_file(config.state_dir, worker_name).exists():
         keys.add_worker(config.state_dir, worker_name)
@@ -354,12 +367,13 @@ def up(config_path: str | None, **flags: Any) -> None:
         err=True,
     )
     systemd.notify("READY=1", f"STATUS=serving HTTP on {server.http_url}")
-    signals.wait(reload=server.reload)
+    dead = signals.wait([*server.threads, thread], reload=server.reload)
     systemd.notify("STOPPING=1")
     click.echo("stopping…", err=True)
     agent.stop()
     thread.join()
     server.stop()
+    signals.check(dead)
 
 
 def _client_env(url: str, state_dir: str) -> str:

@@ -8,6 +8,7 @@ the environment names and the config examples all come from these declarations.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -33,6 +34,26 @@ def default_state_dir() -> str:
     if os.geteuid() == 0:
         return "/var/lib/gpubox"
     return str(Path.home() / ".local" / "state" / "gpubox")
+
+
+def private_state_dir(path: str) -> None:
+    """Make the state folder readable by its owner alone: it holds the store (jobs' env,
+    metadata and logs), keys and tokens. A new one is made 0700; one that gpubox already
+    keeps things in (a store or keys) is tightened to 0700, whoever made it and however gpubox
+    is started; any other folder named as the state folder is left as it is, with a warning
+    (it may be shared, like /tmp), since the files gpubox writes there are 0600 anyway."""
+    folder = Path(path)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = folder.stat().st_mode & 0o777
+    if mode & 0o077 == 0:
+        return
+    ours = (folder / "gpubox.db").exists() or (folder / "keys").is_dir()
+    if ours and folder.stat().st_uid == os.geteuid():
+        os.chmod(folder, 0o700)
+    else:
+        logging.getLogger(__name__).warning(
+            "state folder %s may be read by other users (mode %03o): chmod 700 it", path, mode
+        )
 
 
 def parse_address(value: str, name: str) -> tuple[str, int]:

@@ -478,8 +478,10 @@ def _body_of_size(size: int) -> bytes:
 
 @pytest.mark.parametrize("size", [1001, 1500, 2000, 5000])
 def test_body_over_the_limit_is_413(make_cluster: Callable[..., Cluster], size: int):
+    # Waitress answers it itself (plain text), from the Content-Length alone: see
+    # test_http_attacks.py for a body it is never made to read.
     cluster = make_cluster(workers=0, max_body_bytes=1000)
-    assert_error(request(cluster, "POST", JOBS, _body_of_size(size)), 413, "too_large")
+    assert request(cluster, "POST", JOBS, _body_of_size(size)).status == 413
     assert list_ids(cluster) == []
 
 

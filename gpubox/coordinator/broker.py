@@ -32,6 +32,7 @@ STORE_BACKOFF_MAX_S = 5.0
 FAILED = object()  # a report that could not be stored
 MAX_BURST_LINES = 50_000  # log lines stored in one transaction, at most (about 0.5 s)
 FLAP_HELLOS, FLAP_WINDOW_S = 4, 30.0  # this many HELLOs of one name within the window: warn
+HANDSHAKE_MS = 5000  # how long a connection to the worker link may go without a CURVE handshake
 
 
 @dataclasses.dataclass
@@ -116,6 +117,10 @@ class Broker:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BODY + 4096)
+        # A connection that has not finished its CURVE handshake within this is closed:
+        # idle sockets opened to this port by anyone (no key needed) go away on their own
+        # instead of piling up until the process runs out of file descriptors.
+        self.router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         self.router.curve_server = True
         self.router.curve_publickey, self.router.curve_secretkey = server_keys
         self.router.zap_domain = keys.ZAP_DOMAIN.encode()

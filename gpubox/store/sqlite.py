@@ -102,6 +102,17 @@ def _logs_insert(rows: int) -> str:
     )
 
 
+def _private_files(path: str) -> None:
+    """The store's file, and its -wal and -shm files, readable by their owner alone: they hold
+    jobs' env, metadata and logs. The file is made before SQLite opens it, as SQLite makes the
+    other two with the file's own mode; files an older gpubox left readable are tightened."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+
+
 class SqliteStore(sql.SqlStore):
     """The store in one SQLite file."""
 
@@ -111,7 +122,8 @@ class SqliteStore(sql.SqlStore):
         super().__init__()
         self.path = path
         if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            _private_files(path)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()

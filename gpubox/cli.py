@@ -504,7 +504,7 @@ def _summary(job: dict[str, Any]) -> str:
     command = job["docker"]["command"]
     rows = [
         ("id", job["id"]),
-        ("name", _printable(job["name"])),
+        ("name", job["name"]),
         (
             "status",
             job["status"]
@@ -534,7 +534,9 @@ def _summary(job: dict[str, Any]) -> str:
     ]
     if job.get("queue_reason"):
         rows.insert(3, ("waiting", job["queue_reason"]))
-    return "\n".join(f"{key:>10}  {value}" for key, value in rows)
+    # Every value escaped: image, command, error and the reason come from the submitter or
+    # the registry, and an escape sequence in them would drive the terminal.
+    return "\n".join(f"{key:>10}  {_printable(str(value))}" for key, value in rows)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

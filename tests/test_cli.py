@@ -128,6 +128,11 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
     assert f"{odd}  " in run("ls", env=env).stdout
     assert "two\\nlines \\x1b[2J" in run("ls", env=env).stdout
     assert "two\\nlines \\x1b[2J" in run("show", odd, env=env).stdout
+    # so is every other field show prints: the image and the command come from the submitter
+    sneaky = run("submit", f"{IMAGE}\x1b]0;t\x07", "echo", "\x1b[31mred", env=env).stdout.strip()
+    shown = run("show", sneaky, env=env).stdout
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "\\x1b]0;t\\x07" in shown and "\\x1b[31mred" in shown
     # show says what a job asks for; a follow of a job no worker can take says why it waits
     waiting = subprocess.Popen(
         [*GPUBOX, "submit", "-f", "-l", "zone=nowhere", "--timeout", "60", IMAGE, "true"],

@@ -666,7 +666,10 @@ def test_plan_shapes_makes_the_plan_of_the_whole_queue_reading_only_part_of_it()
         queue, workers = random_case(rng)
         whole = scheduler.plan(queue, workers)
         reads: list[tuple[str, int]] = []
-        result = scheduler.plan_shapes(shapes_of(queue), read_from(queue, reads), workers)
+        matches = scheduler.Matches()
+        result = scheduler.plan_shapes(shapes_of(queue), read_from(queue, reads), workers, matches)
+        again = scheduler.plan_shapes(shapes_of(queue), read_from(queue, []), workers, matches)
+        assert again == result, case  # the second from the matches kept from the first
         assert placed(result) == placed(whole), case
         assert result.reserved == whole.reserved, case
         for job in queue:
@@ -707,3 +710,19 @@ def test_the_jobs_of_a_shape_past_those_planned_share_the_last_ones_reason() -> 
     behind = "waiting behind job 1: the GPUs of w1 are held for it"
     assert result.reasons == {1: not_enough(2, 4, "w1"), **{i: behind for i in range(2, 8)}}
     assert result.shape_reasons == {queue[1].spec.needs.shape: behind}
+
+
+def test_kept_matches_are_found_again_when_a_worker_changes() -> None:
+    queue = [make_job(1, gpus=1, labels={"zone": "eu"}), make_job(2, gpus=8)]
+    shapes = shapes_of(queue)
+    matches = scheduler.Matches()
+    result = scheduler.plan_shapes(shapes, read_from(queue, []), [make_worker("w1")], matches)
+    assert placed(result) == []
+    eu = make_worker("w1", labels={"zone": "eu"})
+    result = scheduler.plan_shapes(shapes, read_from(queue, []), [eu], matches)
+    assert placed(result) == [(1, "w1", ["w1-0"])]
+    bigger = make_worker("w2", count=8, free=0)
+    result = scheduler.plan_shapes(shapes, read_from(queue, []), [eu, bigger], matches)
+    assert result.reasons[2] == not_enough(0, 8, "w2")
+    result = scheduler.plan_shapes(shapes, read_from(queue, []), [], matches)
+    assert set(result.shape_reasons.values()) == {"no worker is connected"}

@@ -148,6 +148,7 @@ class Broker:
         self.reasons: dict[int, str] = {}
         self.shape_reasons: dict[str, str] = {}
         self._needs: dict[str, models.Needs] = {}  # queued shapes read back, by shape
+        self._matches = scheduler.Matches()  # which workers can run each shape
         self.counters = metrics.BrokerCounters()
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
         self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
@@ -595,19 +596,7 @@ class Broker:
         slots = sum(max(0, view.slots) for view in views)
         if not timer and not slots:
             return
-        # What a job asks for never changes: the shapes and jobs read are kept for the next
-        # round, which reads only those it did not have.
-        shapes = self.store.queued_shapes()
-        self._needs = {s: self._needs.get(s) or models.Needs.from_shape(s) for s in shapes}
-        known, self._queued = self._queued, {}
-
-        def read(shape: str, count: int) -> list[models.Job]:
-            jobs = self.store.queued_jobs(count, known, shape)
-            self._queued.update((job.id, job) for job in jobs)
-            return jobs
-
-        plan = scheduler.plan_shapes(self._needs, read, views)
-        self.reasons, self.shape_reasons = plan.reasons, plan.shape_reasons
+        plan = self.plan(views)
         with self.store.batch():  # one commit for the round's claims
             claimed = [
                 self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())
@@ -623,6 +612,24 @@ class Broker:
             # job claimed and unsent, expiry queues it again.
             peer.unconfirmed[job.id] = (job.attempts, time.monotonic())
             self._guard(self._dispatch, peer, job)
+
+    def plan(self, views: list[scheduler.WorkerView]) -> scheduler.Plan:
+        """Plan the whole queue on these workers, reading only the jobs the plan needs
+        (scheduler.plan_shapes), and keep why each job waits. Claims nothing."""
+        # What a job asks for never changes: the shapes and jobs read are kept for the next
+        # round, which reads only those it did not have.
+        shapes = self.store.queued_shapes()
+        self._needs = {s: self._needs.get(s) or models.Needs.from_shape(s) for s in shapes}
+        known, self._queued = self._queued, {}
+
+        def read(shape: str, count: int) -> list[models.Job]:
+            jobs = self.store.queued_jobs(count, known, shape)
+            self._queued.update((job.id, job) for job in jobs)
+            return jobs
+
+        plan = scheduler.plan_shapes(self._needs, read, views, self._matches)
+        self.reasons, self.shape_reasons = plan.reasons, plan.shape_reasons
+        return plan
 
     def _dispatch(self, peer: Peer, job: models.Job) -> None:
         """Send a claimed job to its worker, or put it back."""

@@ -77,20 +77,25 @@ def plan_shapes(
     shapes: Mapping[str, models.Needs],
     read: Callable[[str, int], list[models.Job]],
     workers: list[WorkerView],
+    matches: Matches | None = None,
 ) -> Plan:
     """The plan that plan() would make for the whole queue, reading only what it needs.
 
     `shapes` are the shapes of the queued jobs with their needs; `read(shape, n)` gives the
     first n queued jobs of a shape in queue order. Jobs that plan() would look at in vain
-    are not read: their reason is in `shape_reasons`."""
+    are not read: their reason is in `shape_reasons`. `matches`, kept by the caller from
+    one round to the next, saves matching every shape against every worker again."""
     queue: list[models.Job] = []
     last: dict[str, int] = {}  # shape → its last job read, when it has more
     reasons: dict[str, str] = {}
+    found = (matches or Matches()).find(shapes, workers)
+    by_name = {w.name: w for w in workers}
     for shape, needs in shapes.items():
-        count = _window(needs, workers)
-        if not count:
-            reasons[shape] = _no_worker(needs, workers)
+        match = found[shape]
+        if isinstance(match, str):
+            reasons[shape] = match
             continue
+        count = _window(needs, [by_name[name] for name in match])
         jobs = read(shape, count)
         queue.extend(jobs)
         if len(jobs) == count:
@@ -104,18 +109,51 @@ def plan_shapes(
     return result
 
 
-def _window(needs: models.Needs, workers: list[WorkerView]) -> int:
-    """How many of the first queued jobs of a shape a round must plan; 0 if no worker can
-    ever run it.
+class Matches:
+    """Which workers can ever run each shape, or why none can, kept from one round to the
+    next while the workers offer the same (GPUs, labels, mounts, runtime). With a shape per
+    job, matching each against every worker every round would cost the most: about 5 µs a
+    shape with 8 workers."""
+
+    def __init__(self) -> None:
+        self._offer: tuple[Any, ...] = ()
+        self._found: dict[str, tuple[str, ...] | str] = {}
+
+    def find(
+        self, shapes: Mapping[str, models.Needs], workers: list[WorkerView]
+    ) -> dict[str, tuple[str, ...] | str]:
+        """For each shape, the names of the workers that can ever run it, or why none can."""
+        offer = tuple(
+            (
+                w.name,
+                w.runtime,
+                sorted(w.labels.items()),
+                sorted(w.mounts),
+                [sorted(gpu.items()) for gpu in w.gpus],
+            )
+            for w in workers
+        )
+        known = self._found if offer == self._offer else {}
+        found = {}
+        for shape, needs in shapes.items():
+            match = known.get(shape)
+            if match is None:
+                able = tuple(w.name for w in workers if w.can_ever_run(needs))
+                match = able or _no_worker(needs, workers)
+            found[shape] = match
+        self._offer, self._found = offer, found  # shapes no longer queued are dropped
+        return found
+
+
+def _window(needs: models.Needs, able: list[WorkerView]) -> int:
+    """How many of the first queued jobs of a shape a round must plan, given the workers
+    that can ever run it.
 
     Through a round, free GPUs, slots and open workers only get fewer, so once a job of
     the shape cannot start, none behind it can. Of those behind, each can at most reserve a
     worker that no job holds yet, and only when it needs GPUs. So no more jobs of the shape
     can start or reserve than the free slots and the workers that can run it, and the one
     after them (and every one behind it) waits for the same reason and changes nothing."""
-    able = [w for w in workers if w.can_ever_run(needs)]
-    if not able:
-        return 0
     slots = sum(max(0, w.slots) for w in able)
     return slots + (len(able) if needs.gpus else 0) + 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import re
 import shlex
 from datetime import UTC, datetime
@@ -107,10 +108,46 @@ class JobSpec:
     gpu_memory_gb: float | None = None
     container: ContainerOptions = dataclasses.field(default_factory=lambda: ContainerOptions())
 
+    @property
+    def needs(self) -> Needs:
+        """What of this job decides which workers and GPUs can run it."""
+        return Needs(
+            gpus=self.gpus,
+            gpu_model=self.gpu_model,
+            gpu_memory_gb=None if self.gpu_memory_gb is None else float(self.gpu_memory_gb),
+            labels=dict(self.labels),
+            mounts=tuple(self.container.mounts),
+            docker_only=tuple(self.container.needs_docker()),
+            command=bool(self.command),
+        )
+
+    def runs_on(self, runtime: str) -> bool:
+        """Whether a worker of this runtime can run the job (see Needs.runs_on)."""
+        return self.needs.runs_on(runtime)
+
+    def wants_gpu(self, gpu: dict[str, Any]) -> bool:
+        """Whether a GPU (as a worker describes it: name, memory_mb) suits this job."""
+        return self.needs.wants_gpu(gpu)
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What decides which workers and GPUs can run a job. Jobs with equal needs can run on
+    exactly the same workers, so the scheduler treats them as one group; the store keeps
+    each job's needs as one text, its `shape`, and indexes the queue by it."""
+
+    gpus: int = 0
+    gpu_model: str | None = None
+    gpu_memory_gb: float | None = None
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    mounts: tuple[str, ...] = ()  # in the order the job lists them
+    docker_only: tuple[str, ...] = ()  # the Docker-only options it sets (ContainerOptions)
+    command: bool = False  # whether it has a command
+
     def runs_on(self, runtime: str) -> bool:
         """Whether a worker of this runtime can run the job: the process runtime needs a
         command (it has no image to take one from) and none of the Docker-only options."""
-        return runtime != "process" or bool(self.command and not self.container.needs_docker())
+        return runtime != "process" or (self.command and not self.docker_only)
 
     def wants_gpu(self, gpu: dict[str, Any]) -> bool:
         """Whether a GPU (as a worker describes it: name, memory_mb) suits this job."""
@@ -118,6 +155,25 @@ class JobSpec:
             return False
         return not (
             self.gpu_memory_gb and gpu.get("memory_mb", 0) * 1024**2 < self.gpu_memory_gb * GB
+        )
+
+    @property
+    def shape(self) -> str:
+        """These needs as one JSON text: equal needs give the same text, and from_shape
+        reads it back."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_shape(cls, text: str) -> Needs:
+        data = json.loads(text)
+        return cls(
+            gpus=data["gpus"],
+            gpu_model=data["gpu_model"],
+            gpu_memory_gb=data["gpu_memory_gb"],
+            labels=data["labels"],
+            mounts=tuple(data["mounts"]),
+            docker_only=tuple(data["docker_only"]),
+            command=data["command"],
         )
 
 

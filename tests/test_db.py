@@ -265,12 +265,12 @@ def test_db_copy_from_a_missing_sqlite_file_creates_nothing(tmp_path: Path):
 def test_db_upgrade_twice_is_a_no_op_the_second_time(pg_url: str, tmp_path: Path):
     for url in (pg_url, f"sqlite:///{tmp_path}/fresh.db"):
         first = gpubox("db", "upgrade", "--db", url)
-        assert first.returncode == 0 and "upgraded from version 0 to 2" in first.stderr
+        assert first.returncode == 0 and "upgraded from version 0 to 3" in first.stderr
         second = gpubox("db", "upgrade", "--db", url)
         assert second.returncode == 0 and "nothing to do" in second.stderr
         store = open_store(url, upgrade=False)
         try:
-            assert store.schema_version() == store.latest_version == 2
+            assert store.schema_version() == store.latest_version == 3
         finally:
             store.close()
 
@@ -280,7 +280,8 @@ def test_a_version_1_store_is_upgraded_and_its_jobs_read_as_before(
     backend: str, pg_url: str, tmp_path: Path
 ):
     """Version 2 added gpu_model, gpu_memory_gb and the container options: a job stored by
-    version 1 reads with none of them asked for."""
+    version 1 reads with none of them asked for. Version 3 added the shape the scheduler reads
+    the queue by: the upgrade writes it for the old job."""
     from gpubox.store import postgres, sqlite
 
     row = (
@@ -308,12 +309,14 @@ def test_a_version_1_store_is_upgraded_and_its_jobs_read_as_before(
             conn.execute(row)  # type: ignore[arg-type]
     store = open_store(url)
     try:
-        assert store.schema_version() == 2
+        assert store.schema_version() == 3
         job = store.get_job(7)
         assert job.spec.name == "old" and job.spec.gpus == 1
         assert job.spec.gpu_model is None and job.spec.gpu_memory_gb is None
         assert job.spec.container == models.ContainerOptions()
         assert [queued.id for queued in store.queued_jobs()] == [7]
+        assert store.queued_shapes() == [job.spec.needs.shape]
+        assert [queued.id for queued in store.queued_jobs(shape=job.spec.needs.shape)] == [7]
     finally:
         store.close()
 

@@ -27,7 +27,6 @@ from gpubox.store.base import Finish
 log = logging.getLogger(__name__)
 
 SCHEDULE_EVERY_S = 1.0
-QUEUE_WINDOW = 200  # queued jobs planned per round, in queue order
 STORE_BACKOFF_MAX_S = 5.0
 FAILED = object()  # a report that could not be stored
 MAX_BURST_LINES = 50_000  # log lines stored in one transaction, at most (about 0.5 s)
@@ -149,13 +148,17 @@ class Broker:
         self._next_schedule = 0.0
         # A READY, DONE or new job asks for a round; one round serves them all (see step).
         self._schedule_due = False
-        # Why each queued job waits, from the last scheduling round (read by HTTP threads).
+        # Why queued jobs wait, as of the last scheduling round (read by HTTP threads): by job
+        # for the jobs it planned one by one, by shape for the others.
         self.reasons: dict[int, str] = {}
+        self.shape_reasons: dict[str, str] = {}
+        self._needs: dict[str, models.Needs] = {}  # queued shapes read back, by shape
+        self._matches = scheduler.Matches()  # which workers can run each shape
         self.counters = metrics.BrokerCounters()
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
         self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
         self._stored: dict[int, int] = {}  # job id → last stored seq, to count new lines
-        self._queued: dict[int, models.Job] = {}  # queued jobs read in earlier rounds, by id
+        self._queued: dict[int, models.Job] = {}  # queued jobs read last round, by id
         # STARTED, LOG and DONE of this burst, not stored yet: (type, sender, body).
         self._reports: list[tuple[str, Peer, dict[str, Any]]] = []
         self._report_lines = 0  # log lines among them
@@ -566,13 +569,9 @@ class Broker:
     # --- scheduling and expiry ----------------------------------------------------------------
 
     def _schedule(self, now: float, timer: bool = False) -> None:
-        """Plan the queue on the ready workers (coordinator.scheduler) and send what starts.
-
-        The timer's round (every SCHEDULE_EVERY_S) plans the first QUEUE_WINDOW queued jobs
-        and gives every one a reason; a round asked for by events plans only as many as the
-        free slots could take, and is skipped while no worker has a free slot. Jobs past a
-        short window are all behind the ones in it, so they could not run before them
-        anyway; reservations held for them are renewed by the next timer round."""
+        """Plan the whole queue on the ready workers (scheduler.plan_shapes) and send what
+        starts. The timer runs a round every SCHEDULE_EVERY_S; events (READY, DONE, a new
+        job) ask for one sooner, which is skipped while no worker has a free slot."""
         self._schedule_due = False
         if timer:
             self._next_schedule = now + SCHEDULE_EVERY_S
@@ -602,21 +601,7 @@ class Broker:
         slots = sum(max(0, view.slots) for view in views)
         if not timer and not slots:
             return
-        window = QUEUE_WINDOW if timer else max(32, 2 * slots)
-        queue = self.store.queued_jobs(window, self._queued)
-        # Kept for the next round (what a job asks for never changes); the timer's round,
-        # which reads the longest window, drops those no longer queued.
-        if timer:
-            self._queued = {job.id: job for job in queue}
-        else:
-            self._queued.update((job.id, job) for job in queue)
-        plan = scheduler.plan(queue, views)
-        if timer:
-            self.reasons = plan.reasons
-        else:
-            started = {assignment.job.id for assignment in plan.assignments}
-            reasons = {**self.reasons, **plan.reasons}
-            self.reasons = {job_id: why for job_id, why in reasons.items() if job_id not in started}
+        plan = self.plan(views)
         with self.store.batch():  # one commit for the round's claims
             claimed = [
                 self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())
@@ -632,6 +617,24 @@ class Broker:
             # job claimed and unsent, expiry queues it again.
             peer.unconfirmed[job.id] = (job.attempts, time.monotonic())
             self._guard(self._dispatch, peer, job)
+
+    def plan(self, views: list[scheduler.WorkerView]) -> scheduler.Plan:
+        """Plan the whole queue on these workers, reading only the jobs the plan needs
+        (scheduler.plan_shapes), and keep why each job waits. Claims nothing."""
+        # What a job asks for never changes: the shapes and jobs read are kept for the next
+        # round, which reads only those it did not have.
+        shapes = self.store.queued_shapes()
+        self._needs = {s: self._needs.get(s) or models.Needs.from_shape(s) for s in shapes}
+        known, self._queued = self._queued, {}
+
+        def read(shape: str, count: int) -> list[models.Job]:
+            jobs = self.store.queued_jobs(count, known, shape)
+            self._queued.update((job.id, job) for job in jobs)
+            return jobs
+
+        plan = scheduler.plan_shapes(self._needs, read, views, self._matches)
+        self.reasons, self.shape_reasons = plan.reasons, plan.shape_reasons
+        return plan
 
     def _dispatch(self, peer: Peer, job: models.Job) -> None:
         """Send a claimed job to its worker, or put it back."""
@@ -653,10 +656,10 @@ class Broker:
 
     def queue_reason(self, job_id: int) -> str:
         """Why a QUEUED job waits, as of the last scheduling round. Any thread."""
-        return self.reasons.get(job_id) or (
-            "waiting to be scheduled (just submitted, or behind the first"
-            f" {QUEUE_WINDOW} queued jobs)"
-        )
+        why = self.reasons.get(job_id)
+        if why is None:
+            why = self.shape_reasons.get(self.store.get_job(job_id).spec.needs.shape)
+        return why or "waiting to be scheduled (submitted since the last scheduling round)"
 
     def metrics_page(self) -> str:
         """GET /metrics. Any thread."""

@@ -88,6 +88,12 @@ ALTER TABLE jobs ADD COLUMN gpu_model TEXT;
 ALTER TABLE jobs ADD COLUMN gpu_memory_gb DOUBLE PRECISION;
 ALTER TABLE jobs ADD COLUMN container TEXT NOT NULL DEFAULT '{}';
 """,
+    # 3: each job's needs as one text (models.Needs.shape), so that the scheduler reads the
+    # queue shape by shape; SqlStore.upgrade fills it in for the jobs not ended yet
+    """
+ALTER TABLE jobs ADD COLUMN shape TEXT;
+CREATE INDEX jobs_shape ON jobs (shape, priority DESC, id) WHERE status = 'QUEUED';
+""",
 )
 
 # Two coordinators upgrading one database at once take turns on this lock.

@@ -507,6 +507,7 @@ def _summary(job: dict[str, Any]) -> str:
             job["gpus"] if not result["gpus"] else f"{job['gpus']}: {', '.join(result['gpus'])}",
         ),
         ("priority", job["priority"]),
+        ("submitter", _printable(job.get("submitter") or "-")),
         ("needs", _needs(job)),
         ("worker", job["worker"] or "-"),
         ("attempts", job["attempts"]),
@@ -686,11 +687,15 @@ def ls(
     if as_json:
         _print_json(page)
         return
-    click.echo(f"{'ID':>6}  {'STATUS':<9}  {'PRI':>4}  {'GPUS':>4}  {'WORKER':<16}  NAME")
+    click.echo(
+        f"{'ID':>6}  {'STATUS':<9}  {'PRI':>4}  {'GPUS':>4}  {'WORKER':<16}  {'SUBMITTER':<12}"
+        "  NAME"
+    )
     for job in page["jobs"]:
+        submitter = _printable(job.get("submitter") or "-")[:12]
         click.echo(
             f"{job['id']:>6}  {job['status']:<9}  {job['priority']:>4}  {job['gpus']:>4}  "
-            f"{(job['worker'] or '-')[:16]:<16}  {_printable(job['name'])}"
+            f"{(job['worker'] or '-')[:16]:<16}  {submitter:<12}  {_printable(job['name'])}"
         )
     if page["next"]:
         click.echo(f"(more: gpubox ls --before {page['next']})", err=True)
@@ -841,19 +846,28 @@ def _owned_store(store: Any) -> Any:
 @token.command("create")
 @click.argument("name")
 @click.option("--role", type=click.Choice(["submit", "admin"]), default="submit", show_default=True)
+@click.option(
+    "--allow-process",
+    is_flag=True,
+    help="its jobs may also run on process-runtime workers, which run them on their hosts"
+    " (admin tokens' jobs always may)",
+)
 @config_file_option
 @config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
 @friendly
-def token_create(name: str, role: str, config_path: str | None, **flags: Any) -> None:
+def token_create(
+    name: str, role: str, allow_process: bool, config_path: str | None, **flags: Any
+) -> None:
     """Create a token NAME and print it once, alone on stdout (only a hash is kept)."""
     from gpubox.coordinator import tokens
 
     store, where = _open_store(config_path, flags)
     try:
-        value = tokens.create(store, name, role)
+        value = tokens.create(store, name, role, allow_process)
     finally:
         store.close()
-    click.echo(f"token {name!r} ({role}) created in {where}; it is shown only this once", err=True)
+    kind = f"{role}, may use process workers" if allow_process else role
+    click.echo(f"token {name!r} ({kind}) created in {where}; it is shown only this once", err=True)
     click.echo(value)
 
 
@@ -869,9 +883,12 @@ def token_list(config_path: str | None, **flags: Any) -> None:
         if not found:
             click.echo(f"no tokens in {where}", err=True)
             return
-        click.echo(f"{'NAME':<24}  {'ROLE':<7}  CREATED (UTC)")
+        click.echo(f"{'NAME':<24}  {'ROLE':<7}  {'PROCESS':<7}  CREATED (UTC)")
         for item in found:
-            click.echo(f"{item.name:<24}  {item.role:<7}  {item.created_at:%Y-%m-%d %H:%M}")
+            process = "yes" if item.may_use_process else "-"
+            click.echo(
+                f"{item.name:<24}  {item.role:<7}  {process:<7}  {item.created_at:%Y-%m-%d %H:%M}"
+            )
     finally:
         store.close()
 

@@ -1,0 +1,130 @@
+"""Who may do what: each attack of issue 19 played against the real parts, and refused.
+
+- A submit token cancels only the jobs it submitted (each job records its submitter).
+- A process-runtime worker gets only jobs whose token may use process workers: a label
+  alone never sends a job there.
+- A worker key claims at most what it was enrolled with (labels, GPUs, mounts); a worker
+  that takes jobs and never confirms them is quarantined; HELLO and READY values are bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from gpubox import models
+from gpubox.client import ApiError, Client
+from gpubox.coordinator import tokens
+from tests.conftest import IMAGE, Cluster, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+NO_IMAGE = "ignored-by-the-process-runtime"
+
+
+def token_client(cluster: Cluster, name: str, **options: Any) -> Client:
+    """A client holding a new token NAME (role submit unless `role` says otherwise)."""
+    return Client(cluster.url, tokens.create(cluster.coordinator.store, name, **options))
+
+
+def spec(command: list[str] | None = None, **fields: Any) -> dict[str, Any]:
+    docker: dict[str, Any] = {"image": IMAGE}
+    if command is not None:
+        docker["command"] = command
+    return {"name": "identity", "docker": docker, **fields}
+
+
+# --- 12: a submit token cancels only its own jobs -------------------------------------------------
+
+
+def test_a_submit_token_cannot_cancel_another_tokens_job(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(workers=0)
+    alice, bob = token_client(cluster, "a"), token_client(cluster, "b")
+    job = alice.submit(spec(labels={"zone": "nowhere"}))  # stays queued
+    assert job["submitter"] == "a"
+    assert bob.job(job["id"])["submitter"] == "a"  # reads stay team-wide
+    assert [j["submitter"] for j in bob.jobs(None, 10, None)["jobs"]] == ["a"]
+
+    with pytest.raises(ApiError) as refused:
+        bob.cancel(job["id"])
+    assert (refused.value.status, refused.value.code) == (403, "not_your_job")
+    assert "submitted by token 'a'" in refused.value.message
+    assert alice.job(job["id"])["status"] == "QUEUED"
+
+    assert alice.cancel(job["id"])["status"] == "CANCELLED"
+    # an admin token cancels anyone's
+    other = bob.submit(spec(labels={"zone": "nowhere"}))
+    assert cluster.client.cancel(other["id"])["status"] == "CANCELLED"
+    # an unknown job is still a 404, not a 403
+    with pytest.raises(ApiError) as missing:
+        bob.cancel(999_999)
+    assert missing.value.status == 404
+
+
+def test_a_job_stored_before_submitters_were_recorded_is_cancelled_by_admins_only(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(workers=0)
+    store = cluster.coordinator.store
+    old = store.create_job(
+        models.parse_spec({"name": "old", "docker": {"image": IMAGE}}), models.utcnow()
+    )
+    assert old.spec.submitter is None
+    someone = token_client(cluster, "someone")
+    assert someone.job(old.id)["submitter"] is None
+    with pytest.raises(ApiError) as refused:
+        someone.cancel(old.id)
+    assert (refused.value.status, refused.value.code) == (403, "not_your_job")
+    assert "only an admin token can cancel it" in refused.value.message
+    assert cluster.client.cancel(old.id)["status"] == "CANCELLED"
+
+
+# --- 5: a process worker runs jobs as an unprivileged user, for allowed tokens only ---------
+
+
+def test_a_label_alone_never_sends_a_job_to_a_process_worker(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(workers=0)
+    cluster.add_worker(name="host-box", runtime="process", labels="box=host")
+    plain = token_client(cluster, "plain")
+    trusted = token_client(cluster, "trusted", allow_process=True)
+    # The attack: a plain submit token names the process worker's label.
+    attack = plain.submit(spec(["sh", "-c", "id -u; cat /etc/shadow"], labels={"box": "host"}))
+    reason = wait_until(
+        lambda: "token" in (why := plain.job(attack["id"]).get("queue_reason") or "") and why,
+        10,
+        "the scheduler's reason",
+    )
+    assert reason.endswith(
+        "cannot run it: its token may not use process workers (an admin"
+        " makes one that may with gpubox token create NAME --allow-process)"
+    )
+    assert "--allow-process" in reason
+    allowed = trusted.submit(spec(["id", "-u"], labels={"box": "host"}))
+    done = cluster.wait(allowed["id"])
+    assert (done["status"], done["worker"]) == ("FINISHED", "host-box"), done
+    assert done["allow_process"] is True
+    job = plain.job(attack["id"])
+    assert (job["status"], job["worker"], job["allow_process"]) == ("QUEUED", None, False)
+
+
+def test_an_admin_tokens_jobs_may_use_process_workers_and_tokens_say_so(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(workers=0)
+    store = cluster.coordinator.store
+    token_client(cluster, "trusted", allow_process=True)
+    token_client(cluster, "plain")
+    listed = {t.name: t for t in store.list_tokens()}
+    assert listed["trusted"].allow_process and listed["trusted"].may_use_process
+    assert not listed["plain"].may_use_process
+    assert listed["local"].may_use_process  # an admin token
+    job = cluster.client.submit(spec(["true"]))
+    assert (job["submitter"], job["allow_process"]) == ("local", True)
+    stored = store.get_job(job["id"])
+    assert (stored.spec.submitter, stored.spec.allow_process) == ("local", True)

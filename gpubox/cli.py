@@ -228,7 +228,9 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
     if config.runtime == "process":
         from gpubox.worker.process import ProcessRuntime
 
-        runtime = ProcessRuntime(config.name or _hostname(), config.stop_grace_s)
+        runtime = ProcessRuntime(
+            config.name or _hostname(), config.stop_grace_s, process_user=config.process_user
+        )
     else:
         try:
             runtime = DockerRuntime(

@@ -195,6 +195,14 @@ class WorkerConfig:
         "docker, or process: run commands directly on this host (no isolation; no image)",
         "--runtime",
     )
+    process_user: str = setting(
+        "",
+        "GPUBOX_PROCESS_USER",
+        "the process runtime: the user (name or id) jobs run as; never root. Default: nobody"
+        " when the worker runs as root, else the worker's own user (the only one a worker"
+        " that is not root can run them as)",
+        "--process-user",
+    )
     log_source: str = setting(
         "auto",
         "GPUBOX_LOG_SOURCE",

@@ -1,22 +1,25 @@
 """Who may do what: each attack of issue 19 played against the real parts, and refused.
 
 - A submit token cancels only the jobs it submitted (each job records its submitter).
-- A process-runtime worker gets only jobs whose token may use process workers: a label
-  alone never sends a job there.
+- A process-runtime worker runs jobs as an unprivileged user, and gets only jobs whose
+  token may use process workers: a label alone never sends a job there.
 - A worker key claims at most what it was enrolled with (labels, GPUs, mounts); a worker
   that takes jobs and never confirms them is quarantined; HELLO and READY values are bounded.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from gpubox import models
+from gpubox import errors, models
 from gpubox.client import ApiError, Client
 from gpubox.coordinator import tokens
+from gpubox.worker import process
 from tests.conftest import IMAGE, Cluster, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -86,6 +89,11 @@ def test_a_job_stored_before_submitters_were_recorded_is_cancelled_by_admins_onl
 # --- 5: a process worker runs jobs as an unprivileged user, for allowed tokens only ---------
 
 
+def expected_uid() -> int:
+    """The uid a process worker with the default process_user runs jobs as."""
+    return pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()
+
+
 def test_a_label_alone_never_sends_a_job_to_a_process_worker(
     make_cluster: Callable[..., Cluster],
 ) -> None:
@@ -109,8 +117,47 @@ def test_a_label_alone_never_sends_a_job_to_a_process_worker(
     done = cluster.wait(allowed["id"])
     assert (done["status"], done["worker"]) == ("FINISHED", "host-box"), done
     assert done["allow_process"] is True
+    assert [line["line"] for line in cluster.lines(allowed["id"])] == [str(expected_uid())]
+    assert expected_uid() != 0
     job = plain.job(attack["id"])
     assert (job["status"], job["worker"], job["allow_process"]) == ("QUEUED", None, False)
+
+
+def test_the_process_user_is_never_root() -> None:
+    with pytest.raises(errors.ConfigError, match="never runs jobs as root"):
+        process.job_user("root")
+    with pytest.raises(errors.ConfigError, match="never runs jobs as root"):
+        process.job_user("0")
+    with pytest.raises(errors.ConfigError, match="no user 'no-such-user-here'"):
+        process.job_user("no-such-user-here")
+    default = process.job_user("")
+    assert default.uid == expected_uid() and default.uid != 0
+    assert default.switch is (os.geteuid() == 0)
+
+
+def test_a_worker_that_cannot_switch_users_runs_jobs_only_as_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As the systemd unit runs it: user gpubox, no capabilities. Its own user is the default
+    # and works; any other is refused with a message that says what to do.
+    nobody = pwd.getpwnam("nobody")
+    me = 4242 if nobody.pw_uid != 4242 else 4243
+    monkeypatch.setattr(os, "geteuid", lambda: me)
+    monkeypatch.setattr(process, "_can_switch_users", lambda: False)
+    own = process.job_user("")
+    assert (own.uid, own.switch) == (me, False)
+    with pytest.raises(errors.ConfigError) as refused:
+        process.job_user("nobody")
+    assert "cannot run jobs as nobody" in str(refused.value)
+    assert "leave process_user unset" in str(refused.value)
+
+
+def test_a_process_worker_refuses_to_start_with_root_as_its_process_user(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(workers=0)
+    with pytest.raises(errors.ConfigError, match="process_user: root"):
+        cluster.add_worker(name="rooted", runtime="process", process_user="root")
 
 
 def test_an_admin_tokens_jobs_may_use_process_workers_and_tokens_say_so(

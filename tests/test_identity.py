@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import pwd
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from gpubox.client import ApiError, Client
 from gpubox.coordinator import tokens
 from gpubox.worker import process
 from tests.conftest import IMAGE, Cluster, wait_until
+from tests.test_broker import FakeWorker, Link, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,15 +50,15 @@ def test_a_submit_token_cannot_cancel_another_tokens_job(
     cluster = make_cluster(workers=0)
     alice, bob = token_client(cluster, "a"), token_client(cluster, "b")
     job = alice.submit(spec(labels={"zone": "nowhere"}))  # stays queued
-    assert job["submitter"] == "a"
-    assert bob.job(job["id"])["submitter"] == "a"  # reads stay team-wide
-    assert [j["submitter"] for j in bob.jobs(None, 10, None)["jobs"]] == ["a"]
-
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(ApiError) as refused:  # the attack
         bob.cancel(job["id"])
     assert (refused.value.status, refused.value.code) == (403, "not_your_job")
     assert "submitted by token 'a'" in refused.value.message
     assert alice.job(job["id"])["status"] == "QUEUED"
+
+    assert job["submitter"] == "a"
+    assert bob.job(job["id"])["submitter"] == "a"  # reads stay team-wide
+    assert [j["submitter"] for j in bob.jobs(None, 10, None)["jobs"]] == ["a"]
 
     assert alice.cancel(job["id"])["status"] == "CANCELLED"
     # an admin token cancels anyone's
@@ -100,7 +102,6 @@ def test_a_label_alone_never_sends_a_job_to_a_process_worker(
     cluster = make_cluster(workers=0)
     cluster.add_worker(name="host-box", runtime="process", labels="box=host")
     plain = token_client(cluster, "plain")
-    trusted = token_client(cluster, "trusted", allow_process=True)
     # The attack: a plain submit token names the process worker's label.
     attack = plain.submit(spec(["sh", "-c", "id -u; cat /etc/shadow"], labels={"box": "host"}))
     reason = wait_until(
@@ -113,6 +114,7 @@ def test_a_label_alone_never_sends_a_job_to_a_process_worker(
         " makes one that may with gpubox token create NAME --allow-process)"
     )
     assert "--allow-process" in reason
+    trusted = token_client(cluster, "trusted", allow_process=True)
     allowed = trusted.submit(spec(["id", "-u"], labels={"box": "host"}))
     done = cluster.wait(allowed["id"])
     assert (done["status"], done["worker"]) == ("FINISHED", "host-box"), done
@@ -175,3 +177,82 @@ def test_an_admin_tokens_jobs_may_use_process_workers_and_tokens_say_so(
     assert (job["submitter"], job["allow_process"]) == ("local", True)
     stored = store.get_job(job["id"])
     assert (stored.spec.submitter, stored.spec.allow_process) == ("local", True)
+
+
+# --- 13: a worker key claims no more than its enrolment; unconfirmed jobs quarantine ---------
+
+
+@pytest.fixture()
+def link(tmp_path: Path) -> Iterator[Link]:
+    """A broker on a SQLite store with fake workers (tests/test_broker.py), liveness 1 s."""
+    with serve(tmp_path) as state:
+        yield state
+
+
+def gpus(count: int, name: str = "NVIDIA H100 80GB HBM3") -> list[dict[str, Any]]:
+    return [{"uuid": f"GPU-{i}", "name": name, "memory_mb": 81559} for i in range(count)]
+
+
+def hello(fake: FakeWorker, **fields: Any) -> None:
+    body = {
+        "name": fake.name,
+        "version": "test",
+        "gpus": [],
+        "labels": {},
+        "max_jobs": 1,
+        "running": [],
+        **fields,
+    }
+    fake.send("HELLO", **body)
+
+
+# --- lows: HELLO and READY values are bounded ---------------------------------------------------
+
+
+def test_a_ready_with_absurd_slots_is_dropped_without_a_traceback(
+    link: Link, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = link.worker("w")
+    worker.hello()
+    link.create()
+    worker.send("READY", free_gpus=[], slots=2**64 - 1, running=[])
+    worker.quiet("JOB", 1.5)  # a timer round came and went
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert link.broker.dropped_messages == 1
+    worker.ready()  # and it still works
+    worker.job()
+
+
+@pytest.mark.parametrize(
+    ("fields", "what"),
+    [
+        ({"gpus": gpus(100_000)}, "HELLO.gpus"),
+        ({"labels": {f"k{i}": "v" for i in range(20_000)}}, "HELLO.labels"),
+        ({"labels": {"k": "v" * 1000}}, "HELLO.labels"),
+        ({"max_jobs": 2**40}, "HELLO.max_jobs"),
+        ({"mounts": [f"m{i}" for i in range(1000)]}, "HELLO.mounts"),
+    ],
+    ids=["gpus", "labels", "label-length", "max-jobs", "mounts"],
+)
+def test_a_hello_that_claims_too_much_is_refused_and_stored_nowhere(
+    link: Link, fields: dict[str, Any], what: str
+) -> None:
+    big = link.worker("big")
+    big.keepalive = False
+    hello(big, **fields)
+    reason = big.expect("REFUSED", timeout_s=10).body["reason"]
+    assert reason.startswith(f"its HELLO is malformed or claims too much: {what}")
+    assert link.connected("big") is None
+
+
+def test_a_gpu_keeps_only_the_fields_gpubox_knows(link: Link) -> None:
+    worker = link.worker("w")
+    padded = [{**gpu, "junk": "x" * 100_000} for gpu in gpus(2)]
+    hello(worker, gpus=padded)
+    worker.expect("WELCOME")
+    (stored,) = link.store.list_workers()
+    assert [set(gpu) for gpu in stored.gpus] == [{"uuid", "name", "memory_mb"}] * 2
+    worker.send("HEARTBEAT", usage=[{"uuid": f"other-{i}", "utilization": 1} for i in range(9)])
+    worker.send("HEARTBEAT", usage=[{"uuid": "GPU-0", "utilization": 50}])
+    worker.wait_for(lambda: link.broker.gpu_usage("w"), 3, "the usage")
+    assert set(link.broker.gpu_usage("w")) == {"GPU-0"}

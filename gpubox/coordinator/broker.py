@@ -295,7 +295,12 @@ class Broker:
             msg = protocol.decode_from_worker(rest)
         except errors.ProtocolError as exc:
             self.dropped_messages += 1
-            log.warning("dropped a malformed message: %s", exc)
+            log.warning("dropped a malformed message from worker %s: %s", name, exc)
+            if len(rest) > 1 and rest[1] == b"HELLO":  # say why, so its own log shows it
+                reason = f"its HELLO is malformed or claims too much: {exc}"
+                self._send_raw(
+                    routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
+                )
             return
         body = msg.body
         if msg.type != "HEARTBEAT" and now < self._store_paused_until:
@@ -341,7 +346,7 @@ class Broker:
             session=body["session"],
             key=key,
             version=body["version"],
-            gpus=body["gpus"],
+            gpus=[protocol.gpu_record(gpu) for gpu in body["gpus"]],
             labels=body["labels"],
             max_jobs=body["max_jobs"],
             last_seen=now,
@@ -409,7 +414,7 @@ class Broker:
     def _on_ready(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         peer.ready = True
         peer.free_gpus = list(body["free_gpus"])
-        peer.slots = body["slots"]
+        peer.slots = min(body["slots"], peer.max_jobs)
         peer.known = set(body["running"])
         for job_id in peer.known:
             peer.unconfirmed.pop(job_id, None)
@@ -537,7 +542,10 @@ class Broker:
             self._schedule_due = True
 
     def _on_heartbeat(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+        offered = {gpu["uuid"] for gpu in peer.gpus}
         for item in body.get("usage") or []:
+            if item["uuid"] not in offered:
+                continue  # kept only for the GPUs it offers: the map stays bounded
             peer.usage[item["uuid"]] = {
                 "memory_used_mb": item.get("memory_used_mb"),
                 "utilization": item.get("utilization"),

@@ -1014,19 +1014,55 @@ def keys_init(config_path: str | None, **flags: Any) -> None:
 
 @keys_group.command("worker")
 @click.argument("name")
+@click.option(
+    "--labels",
+    default=None,
+    help='the labels it may offer, KEY=VALUE,… ("" for none) [default: any]',
+)
+@click.option(
+    "--gpus", "gpu_count", type=click.IntRange(0), default=None, help="at most this many GPUs"
+)
+@click.option("--gpu-model", default=None, help="every GPU's name must contain this (any case)")
+@click.option("--mounts", default=None, help='the mount names it may declare, NAME,… ("" for none)')
 @config_file_option
 @config_options(cfg.CoordinatorConfig, only=("state_dir",))
 @friendly
-def keys_worker(name: str, config_path: str | None, **flags: Any) -> None:
-    """Make a keypair for worker NAME and allow it; print where its secret key file is."""
+def keys_worker(
+    name: str,
+    labels: str | None,
+    gpu_count: int | None,
+    gpu_model: str | None,
+    mounts: str | None,
+    config_path: str | None,
+    **flags: Any,
+) -> None:
+    """Make a keypair for worker NAME and allow it; print where its secret key file is.
+
+    With --labels, --gpus, --gpu-model or --mounts, the worker may claim no more than that
+    when it connects (it is refused otherwise), so its key cannot attract jobs, with their
+    secrets, that were never meant for it. Left out, a claim has no limit.
+    """
     from gpubox import keys
 
+    claims = None
+    if (labels, gpu_count, gpu_model, mounts) != (None, None, None, None):
+        names = None if mounts is None else [m.strip() for m in mounts.split(",") if m.strip()]
+        for mount in names or []:
+            if not cfg.MOUNT_NAME.match(mount):
+                raise click.BadParameter(f"{mount!r} is not a mount name", param_hint="--mounts")
+        claims = keys.Claims(
+            labels=None if labels is None else cfg.parse_labels(labels, "--labels"),
+            gpus=gpu_count,
+            gpu_model=gpu_model.strip() if gpu_model else None,
+            mounts=names,
+        )
     state_dir = _state_dir(config_path, flags)
     keys.init(state_dir)
-    secret = keys.add_worker(state_dir, name)
+    secret = keys.add_worker(state_dir, name, claims)
+    limits = f" (it may claim {claims.describe()})" if claims else ""
     click.echo(
-        f"worker {name!r} is on the allow list; copy its secret key file to the worker's"
-        f" box and pass it as --key-file (mode 0600):",
+        f"worker {name!r} is on the allow list{limits}; copy its secret key file to the"
+        " worker's box and pass it as --key-file (mode 0600):",
         err=True,
     )
     click.echo(str(secret))
@@ -1055,10 +1091,12 @@ def keys_list(config_path: str | None, **flags: Any) -> None:
     from gpubox import keys
 
     folder = keys.allowed_dir(_state_dir(config_path, flags))
-    names = keys.AllowList(folder).names()
+    allow = keys.AllowList(folder)
+    names = allow.names()
     if names:
-        click.echo(f"{'WORKER':<24}  PUBLIC KEY")
+        click.echo(f"{'WORKER':<24}  {'PUBLIC KEY':<40}  MAY CLAIM")
     for name, public in sorted(names.items()):
-        click.echo(f"{name:<24}  {public}")
+        claims = allow.claims_for(name)
+        click.echo(f"{name:<24}  {public:<40}  {claims.describe() if claims else 'anything'}")
     if not names:
         click.echo(f"no worker keys on the allow list ({folder})", err=True)

@@ -323,7 +323,8 @@ def test_a_worker_offering_no_gpus_does_not_ask_nvml_and_keys_list_says_when_emp
     keys.init(env["GPUBOX_STATE_DIR"])
     keys.add_worker(env["GPUBOX_STATE_DIR"], "w1")
     header, row = run("keys", "list", env=env).stdout.splitlines()
-    assert header.split() == ["WORKER", "PUBLIC", "KEY"] and row.split()[0] == "w1"
+    assert header.split() == ["WORKER", "PUBLIC", "KEY", "MAY", "CLAIM"]
+    assert row.split()[0] == "w1" and row.split()[2] == "anything"
     link = f"tcp://127.0.0.1:{free_port()}"  # nobody there: it keeps trying, quietly
     worker = subprocess.Popen(
         [

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq.auth
 
-from gpubox import errors, models
+from gpubox import errors, keys, models
 from gpubox.client import ApiError, Client
 from gpubox.coordinator import tokens
 from gpubox.worker import process
@@ -189,6 +190,11 @@ def link(tmp_path: Path) -> Iterator[Link]:
         yield state
 
 
+def enrol(link: Link, name: str, **claims: Any) -> None:
+    """Put worker NAME's key on the allow list with these claims."""
+    keys.add_worker(link.keys.state_dir, name, keys.Claims(**claims))
+
+
 def gpus(count: int, name: str = "NVIDIA H100 80GB HBM3") -> list[dict[str, Any]]:
     return [{"uuid": f"GPU-{i}", "name": name, "memory_mb": 81559} for i in range(count)]
 
@@ -204,6 +210,59 @@ def hello(fake: FakeWorker, **fields: Any) -> None:
         **fields,
     }
     fake.send("HELLO", **body)
+
+
+def test_a_worker_claiming_more_than_it_was_enrolled_with_is_refused(link: Link) -> None:
+    enrol(link, "small", gpus=1, gpu_model="T4", labels={"zone": "a"}, mounts=["datasets"])
+    job = link.create(gpus=1)  # with secrets, were it to be handed out
+    cases = [
+        ({"gpus": gpus(8, "Tesla T4")}, "8 GPUs, of the 1 it was enrolled with"),
+        ({"gpus": gpus(1, "NVIDIA H100 80GB HBM3")}, "not of the model 'T4'"),
+        ({"labels": {"zone": "a", "tier": "best"}}, "the labels tier=best"),
+        ({"mounts": ["datasets", "bait"]}, "the mounts bait"),
+    ]
+    for fields, wanted in cases:
+        liar = link.worker("small")
+        liar.keepalive = False
+        hello(liar, **fields)
+        reason = liar.expect("REFUSED").body["reason"]
+        assert wanted in reason, reason
+        assert "gpubox keys worker NAME --labels" in reason
+        liar.send("READY", free_gpus=["GPU-0"], slots=1, running=[])
+        liar.quiet("JOB", 0.5)
+        assert [p.name for p in list(link.broker.peers.values())] == []
+    assert link.connected("small") is None  # never stored: its mounts count nowhere
+    assert link.status(job.id) is models.Status.QUEUED
+
+    # Within its claims it is welcome (a T4 whose name says so, fewer labels) and gets work.
+    honest = link.worker("small", gpus=["GPU-0"])
+    hello(honest, gpus=gpus(1, "Tesla T4"), labels={"zone": "a"}, mounts=["datasets"])
+    honest.expect("WELCOME")
+    honest.ready()
+    assert honest.job()["id"] == job.id
+
+
+def test_a_key_without_claims_may_claim_anything_as_before(link: Link) -> None:
+    free = link.worker("free")
+    hello(free, gpus=gpus(8), labels={"any": "thing"}, mounts=["x"])
+    free.expect("WELCOME")
+    assert keys.AllowList(keys.allowed_dir(link.keys.state_dir)).claims_for("free") is None
+
+
+def test_claims_in_the_key_file_are_read_by_an_older_coordinator_as_a_plain_key(
+    link: Link,
+) -> None:
+    enrol(link, "w", gpus=2, labels={"zone": "a"})
+    path = keys.allowed_dir(link.keys.state_dir) / "w.key"
+    public, secret = zmq.auth.load_certificate(str(path))  # what older coordinators do
+    assert (
+        secret is None
+        and public == keys.load_secret(keys.worker_secret_file(link.keys.state_dir, "w"))[0]
+    )
+    assert keys.read_claims(path) == keys.Claims(labels={"zone": "a"}, gpus=2)
+    # A claims line that cannot be read leaves the key out rather than without its limits.
+    path.write_text(path.read_text().replace('"gpus":2', '"gpus":"lots"'))
+    assert keys.AllowList(path.parent).names() == {}
 
 
 # --- lows: HELLO and READY values are bounded ---------------------------------------------------

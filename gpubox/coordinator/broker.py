@@ -322,6 +322,27 @@ class Broker:
                     routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
                 )
                 return
+            claims = self.allow.claims_for(name)
+            mounts = body.get("mounts") or []
+            if claims and (excess := claims.excess(body["labels"], body["gpus"], mounts)):
+                # Misconfigured, or a key trying to look like the best place for jobs (and
+                # their secrets) it was never meant to get.
+                self.dropped_messages += 1
+                log.error(
+                    "refused HELLO of worker %s: it claims %s",
+                    name,
+                    excess,
+                    extra=fields(worker=name),
+                )
+                reason = (
+                    f"it claims {excess}: start it with no more than that, or enrol it again"
+                    " with what it has (gpubox keys worker NAME --labels … --gpus N"
+                    " --gpu-model X --mounts … on the coordinator's box)"
+                )
+                self._send_raw(
+                    routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
+                )
+                return
             self._guard(self._on_hello, routing_id, key, body, now)
             return
         known = self.peers.get(body["session"])

@@ -759,6 +759,8 @@ def workers(as_json: bool, config_path: str | None, **flags: Any) -> None:
     click.echo(f"{'NAME':<20}  {'STATE':<12}  {'GPUS':>4}  {'JOBS':<12}  LAST HEARTBEAT")
     for w in answer["workers"]:
         state = "connected" if w["connected"] else "lost"
+        if w.get("quarantined"):
+            state = "quarantined"  # sent a job it never confirmed: gets no more this session
         jobs = ",".join(map(str, w["running_jobs"])) or "-"
         click.echo(
             f"{w['name'][:20]:<20}  {state:<12}  {len(w['gpus']):>4}  {jobs:<12}  "

@@ -265,6 +265,51 @@ def test_claims_in_the_key_file_are_read_by_an_older_coordinator_as_a_plain_key(
     assert keys.AllowList(path.parent).names() == {}
 
 
+def test_a_worker_that_never_confirms_a_job_is_quarantined_and_the_job_goes_elsewhere(
+    link: Link, caplog: pytest.LogCaptureFixture
+) -> None:
+    collector = link.worker("collector", gpus=["GPU-0"])
+    collector.hello()
+    collector.ready()
+    first = link.create(gpus=1, docker={"image": "i", "secrets": {"TOKEN": "s3cret"}})
+    taken = collector.job()
+    assert taken["id"] == first.id and taken["secrets"] == {"TOKEN": "s3cret"}
+    # It never confirms it (no READY listing it) and keeps its session alive meanwhile.
+    collector.wait_for(
+        lambda: link.status(first.id) is models.Status.QUEUED, 5, "the job queued again"
+    )
+    errors_logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any("never confirmed it" in r.getMessage() for r in errors_logged), errors_logged
+    assert all(r.exc_info is None for r in errors_logged)
+    (peer,) = list(link.broker.peers.values())
+    assert peer.quarantined.startswith(f"it was sent job {first.id} and did not confirm it")
+    assert link.broker.quarantine("collector") == peer.quarantined
+    # Its owner sees where it went.
+    (marker,) = [line.line for line in link.store.read_logs(first.id)]
+    assert "worker collector was sent this job (attempt 1, with its secrets" in marker
+
+    collector.ready()  # asks again: gets nothing more this session
+    honest = link.worker("honest", gpus=["GPU-1"])
+    honest.hello()
+    honest.ready()
+    again = honest.job()
+    assert (again["id"], again["attempt"]) == (first.id, 1)
+    # It confirms the job, takes no other, and runs it to its end.
+    honest.send("READY", free_gpus=[], slots=0, running=[first.id])
+    honest.started(again)
+    honest.done(again, last_seq=1)
+    honest.wait_for(lambda: link.status(first.id) is models.Status.FINISHED, 3, "the job to finish")
+    second = link.create()
+    collector.ready()
+    collector.quiet("JOB", 1.5)
+    assert link.status(second.id) is models.Status.QUEUED
+    # A new session starts clean.
+    collector.session = "new-session"
+    collector.hello()
+    collector.ready()
+    assert collector.job()["id"] == second.id
+
+
 # --- lows: HELLO and READY values are bounded ---------------------------------------------------
 
 

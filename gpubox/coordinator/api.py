@@ -70,6 +70,8 @@ class LiveView(Protocol):
 
     def last_heard(self, worker: str) -> datetime | None: ...
 
+    def quarantine(self, worker: str) -> str: ...
+
 
 TOKEN_KEY = "gpubox.token"  # where a request's checked token waits for its handler
 
@@ -301,14 +303,19 @@ def make_app(
             running.setdefault(job.worker or "", []).append(job.id)
         shown = []
         for worker in store.list_workers():
+            quarantine = ""
             if live is not None and worker.connected:
                 heard = live.last_heard(worker.name)
                 if heard is not None:
                     worker = dataclasses.replace(worker, last_seen=heard)
                 usage = live.gpu_usage(worker.name)
+                quarantine = live.quarantine(worker.name)
             else:
                 usage = None
-            shown.append(worker.to_dict(running.get(worker.name, []), usage))
+            # Why it gets no jobs now, if it does not (see Broker._unconfirmed).
+            item = {**worker.to_dict(running.get(worker.name, []), usage)}
+            item["quarantined"] = quarantine or None
+            shown.append(item)
         return {"workers": shown}
 
     @app.post("/api/v1/workers/<name>/revoke")

@@ -57,6 +57,9 @@ class Peer:
     assigned: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # job id → GPU uuids
     # Jobs sent whose receipt the worker has not confirmed yet: job id → (attempt, sent at).
     unconfirmed: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
+    # Why this session gets no more jobs ("" while it may): it was sent a job and never
+    # confirmed it. A new HELLO (a new session) starts clean.
+    quarantined: str = ""
 
     def capacity(self) -> tuple[list[str], int]:
         """Free GPUs and job slots, counting jobs sent since the worker's last READY."""
@@ -608,6 +611,8 @@ class Broker:
             if self.allow.name_for(peer.key, refresh=False) != peer.name:
                 self._lose(peer, f"worker {peer.name}: its key was revoked")
                 continue
+            if peer.quarantined:
+                continue
             free, slots = peer.capacity()
             peers[peer.name] = peer
             views.append(
@@ -744,14 +749,7 @@ class Broker:
                     del peer.unconfirmed[job_id]
                     peer.assigned.pop(job_id, None)
                     self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
-                    if self.store.unclaim_job(job_id, attempt, models.utcnow()):
-                        log.warning(
-                            "job %d: %s never confirmed it; queued again",
-                            job_id,
-                            peer.name,
-                            extra=fields(job=job_id, worker=peer.name),
-                        )
-                        self.changes.notify(job_id)
+                    self._unconfirmed(peer, job_id, attempt)
             if now - peer.last_seen > self.liveness_s:
                 self._lose(peer, f"worker lost: no word from {peer.name} for {self.liveness_s:g} s")
         if now - self.started_at < self.liveness_s:
@@ -760,6 +758,51 @@ class Broker:
         for job in self.store.running_jobs():
             if job.worker not in connected:
                 self._release(job, f"worker lost: {job.worker} did not reconnect")
+
+    def _unconfirmed(self, peer: Peer, job_id: int, attempt: int) -> None:
+        """A worker was sent a job, with its secrets, and never confirmed it: it gets no more
+        jobs this session, and a line in the job's log tells its owner where it went. The
+        job is queued again."""
+        if not peer.quarantined:
+            peer.quarantined = (
+                f"it was sent job {job_id} and did not confirm it within {self.liveness_s:g} s:"
+                " it gets no more jobs until it connects again"
+            )
+            log.error(
+                "worker %s was sent job %d and never confirmed it: it gets no more jobs until"
+                " it connects again (a buggy or hostile worker, or a broken link)",
+                peer.name,
+                job_id,
+                extra=fields(job=job_id, worker=peer.name),
+            )
+        job = self.store.get_job(job_id)
+        if job.status is not models.Status.RUNNING or job.attempts != attempt:
+            return
+        now = models.utcnow()
+        marker = (
+            f"[gpubox: worker {peer.name} was sent this job (attempt {attempt}, with its secrets"
+            f" and registry credentials) and did not confirm it within {self.liveness_s:g} s;"
+            " the job is queued again]"
+        )
+        stamp = f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond:06d}000Z"
+        self.store.append_logs(
+            job_id, attempt, job.log_seq + 1, [(stamp, "stderr", marker)], self.max_log_lines
+        )
+        if self.store.unclaim_job(job_id, attempt, now):
+            log.warning(
+                "job %d: %s never confirmed it; queued again",
+                job_id,
+                peer.name,
+                extra=fields(job=job_id, worker=peer.name),
+            )
+            self.changes.notify(job_id)
+
+    def quarantine(self, worker: str) -> str:
+        """Why a connected worker gets no more jobs; "" if it may. Any thread."""
+        for peer in list(self.peers.values()):
+            if peer.name == worker:
+                return peer.quarantined
+        return ""
 
     def _lose(self, peer: Peer, reason: str) -> None:
         del self.peers[peer.session]

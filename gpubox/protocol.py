@@ -31,8 +31,9 @@ worker -> coordinator
 coordinator -> worker
     WELCOME    {coordinator, heartbeat_interval_s, liveness_s}
     JOB        {coordinator, job: {id, attempt, name, image, command, env, secrets, auth, gpus,
-                timeout, first_seq, container?}, resume?, resume_stored?}  secrets and auth
-                are write-only: mask, never log; gpus: the GPU uuids it gets; container:
+                timeout, first_seq, container?, submitter?}, resume?, resume_stored?}  secrets
+                and auth are write-only: mask, never log; gpus: the GPU uuids it gets;
+                submitter: the name of the token that submitted it (null: not recorded); container:
                 {shm_size, workdir, user, memory, mounts}; resume {stream: last stored
                 timestamp}: re-attach to the running container; resume_stored {stream: how
                 many lines with that timestamp are stored} (pieces of a long line: the rest
@@ -41,7 +42,9 @@ coordinator -> worker
     CANCEL     {job_id, attempt}
     HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO)
     REFUSED    {coordinator, reason}   a HELLO not taken, and why (the key is another
-                worker's); the worker logs it and says HELLO again when next told known: false
+                worker's, it claims more than its key was enrolled with, or it is malformed or
+                past the bounds below); the worker logs it and says HELLO again when next told
+                known: false
 
 A worker whose HEARTBEAT is answered with another `coordinator` id than its WELCOME's knows
 the coordinator restarted, and says HELLO again.

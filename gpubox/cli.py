@@ -237,7 +237,9 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
     if config.runtime == "process":
         from gpubox.worker.process import ProcessRuntime
 
-        runtime = ProcessRuntime(config.name or _hostname(), config.stop_grace_s)
+        runtime = ProcessRuntime(
+            config.name or _hostname(), config.stop_grace_s, process_user=config.process_user
+        )
     else:
         try:
             runtime = DockerRuntime(
@@ -521,6 +523,7 @@ def _summary(job: dict[str, Any]) -> str:
             job["gpus"] if not result["gpus"] else f"{job['gpus']}: {', '.join(result['gpus'])}",
         ),
         ("priority", job["priority"]),
+        ("submitter", _printable(job.get("submitter") or "-")),
         ("needs", _needs(job)),
         ("worker", job["worker"] or "-"),
         ("attempts", job["attempts"]),
@@ -702,11 +705,15 @@ def ls(
     if as_json:
         _print_json(page)
         return
-    click.echo(f"{'ID':>6}  {'STATUS':<9}  {'PRI':>4}  {'GPUS':>4}  {'WORKER':<16}  NAME")
+    click.echo(
+        f"{'ID':>6}  {'STATUS':<9}  {'PRI':>4}  {'GPUS':>4}  {'WORKER':<16}  {'SUBMITTER':<12}"
+        "  NAME"
+    )
     for job in page["jobs"]:
+        submitter = _printable(job.get("submitter") or "-")[:12]
         click.echo(
             f"{job['id']:>6}  {job['status']:<9}  {job['priority']:>4}  {job['gpus']:>4}  "
-            f"{(job['worker'] or '-')[:16]:<16}  {_printable(job['name'])}"
+            f"{(job['worker'] or '-')[:16]:<16}  {submitter:<12}  {_printable(job['name'])}"
         )
     if page["next"]:
         click.echo(f"(more: gpubox ls --before {page['next']})", err=True)
@@ -768,6 +775,8 @@ def workers(as_json: bool, config_path: str | None, **flags: Any) -> None:
     click.echo(f"{'NAME':<20}  {'STATE':<12}  {'GPUS':>4}  {'JOBS':<12}  LAST HEARTBEAT")
     for w in answer["workers"]:
         state = "connected" if w["connected"] else "lost"
+        if w.get("quarantined"):
+            state = "quarantined"  # sent a job it never confirmed: gets no more this session
         jobs = ",".join(map(str, w["running_jobs"])) or "-"
         click.echo(
             f"{w['name'][:20]:<20}  {state:<12}  {len(w['gpus']):>4}  {jobs:<12}  "
@@ -857,19 +866,28 @@ def _owned_store(store: Any) -> Any:
 @token.command("create")
 @click.argument("name")
 @click.option("--role", type=click.Choice(["submit", "admin"]), default="submit", show_default=True)
+@click.option(
+    "--allow-process",
+    is_flag=True,
+    help="its jobs may also run on process-runtime workers, which run them on their hosts"
+    " (admin tokens' jobs always may)",
+)
 @config_file_option
 @config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
 @friendly
-def token_create(name: str, role: str, config_path: str | None, **flags: Any) -> None:
+def token_create(
+    name: str, role: str, allow_process: bool, config_path: str | None, **flags: Any
+) -> None:
     """Create a token NAME and print it once, alone on stdout (only a hash is kept)."""
     from gpubox.coordinator import tokens
 
     store, where = _open_store(config_path, flags)
     try:
-        value = tokens.create(store, name, role)
+        value = tokens.create(store, name, role, allow_process)
     finally:
         store.close()
-    click.echo(f"token {name!r} ({role}) created in {where}; it is shown only this once", err=True)
+    kind = f"{role}, may use process workers" if allow_process else role
+    click.echo(f"token {name!r} ({kind}) created in {where}; it is shown only this once", err=True)
     click.echo(value)
 
 
@@ -885,9 +903,12 @@ def token_list(config_path: str | None, **flags: Any) -> None:
         if not found:
             click.echo(f"no tokens in {where}", err=True)
             return
-        click.echo(f"{'NAME':<24}  {'ROLE':<7}  CREATED (UTC)")
+        click.echo(f"{'NAME':<24}  {'ROLE':<7}  {'PROCESS':<7}  CREATED (UTC)")
         for item in found:
-            click.echo(f"{item.name:<24}  {item.role:<7}  {item.created_at:%Y-%m-%d %H:%M}")
+            process = "yes" if item.may_use_process else "-"
+            click.echo(
+                f"{item.name:<24}  {item.role:<7}  {process:<7}  {item.created_at:%Y-%m-%d %H:%M}"
+            )
     finally:
         store.close()
 
@@ -1011,19 +1032,55 @@ def keys_init(config_path: str | None, **flags: Any) -> None:
 
 @keys_group.command("worker")
 @click.argument("name")
+@click.option(
+    "--labels",
+    default=None,
+    help='the labels it may offer, KEY=VALUE,… ("" for none) [default: any]',
+)
+@click.option(
+    "--gpus", "gpu_count", type=click.IntRange(0), default=None, help="at most this many GPUs"
+)
+@click.option("--gpu-model", default=None, help="every GPU's name must contain this (any case)")
+@click.option("--mounts", default=None, help='the mount names it may declare, NAME,… ("" for none)')
 @config_file_option
 @config_options(cfg.CoordinatorConfig, only=("state_dir",))
 @friendly
-def keys_worker(name: str, config_path: str | None, **flags: Any) -> None:
-    """Make a keypair for worker NAME and allow it; print where its secret key file is."""
+def keys_worker(
+    name: str,
+    labels: str | None,
+    gpu_count: int | None,
+    gpu_model: str | None,
+    mounts: str | None,
+    config_path: str | None,
+    **flags: Any,
+) -> None:
+    """Make a keypair for worker NAME and allow it; print where its secret key file is.
+
+    With --labels, --gpus, --gpu-model or --mounts, the worker may claim no more than that
+    when it connects (it is refused otherwise), so its key cannot attract jobs, with their
+    secrets, that were never meant for it. Left out, a claim has no limit.
+    """
     from gpubox import keys
 
+    claims = None
+    if (labels, gpu_count, gpu_model, mounts) != (None, None, None, None):
+        names = None if mounts is None else [m.strip() for m in mounts.split(",") if m.strip()]
+        for mount in names or []:
+            if not cfg.MOUNT_NAME.match(mount):
+                raise click.BadParameter(f"{mount!r} is not a mount name", param_hint="--mounts")
+        claims = keys.Claims(
+            labels=None if labels is None else cfg.parse_labels(labels, "--labels"),
+            gpus=gpu_count,
+            gpu_model=gpu_model.strip() if gpu_model else None,
+            mounts=names,
+        )
     state_dir = _state_dir(config_path, flags)
     keys.init(state_dir)
-    secret = keys.add_worker(state_dir, name)
+    secret = keys.add_worker(state_dir, name, claims)
+    limits = f" (it may claim {claims.describe()})" if claims else ""
     click.echo(
-        f"worker {name!r} is on the allow list; copy its secret key file to the worker's"
-        f" box and pass it as --key-file (mode 0600):",
+        f"worker {name!r} is on the allow list{limits}; copy its secret key file to the"
+        " worker's box and pass it as --key-file (mode 0600):",
         err=True,
     )
     click.echo(str(secret))
@@ -1052,10 +1109,12 @@ def keys_list(config_path: str | None, **flags: Any) -> None:
     from gpubox import keys
 
     folder = keys.allowed_dir(_state_dir(config_path, flags))
-    names = keys.AllowList(folder).names()
+    allow = keys.AllowList(folder)
+    names = allow.names()
     if names:
-        click.echo(f"{'WORKER':<24}  PUBLIC KEY")
+        click.echo(f"{'WORKER':<24}  {'PUBLIC KEY':<40}  MAY CLAIM")
     for name, public in sorted(names.items()):
-        click.echo(f"{name:<24}  {public}")
+        claims = allow.claims_for(name)
+        click.echo(f"{name:<24}  {public:<40}  {claims.describe() if claims else 'anything'}")
     if not names:
         click.echo(f"no worker keys on the allow list ({folder})", err=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gpubox import errors, models
+from gpubox import errors, models, protocol
 
 T = TypeVar("T")
 
@@ -216,6 +216,14 @@ class WorkerConfig:
         "docker, or process: run commands directly on this host (no isolation; no image)",
         "--runtime",
     )
+    process_user: str = setting(
+        "",
+        "GPUBOX_PROCESS_USER",
+        "the process runtime: the user (name or id) jobs run as; never root. Default: nobody"
+        " when the worker runs as root, else the worker's own user (the only one a worker"
+        " that is not root can run them as)",
+        "--process-user",
+    )
     log_source: str = setting(
         "auto",
         "GPUBOX_LOG_SOURCE",
@@ -291,9 +299,20 @@ class WorkerConfig:
             raise errors.ConfigError("stop_grace_s: must not be negative")
         if self.gpus not in ("all", "none") and not re.fullmatch(r"\d+(,\d+)*", self.gpus):
             raise errors.ConfigError(f"gpus: {self.gpus!r} is not all, none or indices like 0,2")
-        parse_labels(self.labels)
+        if self.max_jobs > protocol.MAX_JOBS:
+            raise errors.ConfigError(f"max_jobs: must be at most {protocol.MAX_JOBS}")
+        labels = parse_labels(self.labels)
+        if len(labels) > protocol.MAX_LABELS:
+            raise errors.ConfigError(f"labels: at most {protocol.MAX_LABELS} labels")
+        for key, value in labels.items():
+            if max(len(key), len(value)) > protocol.MAX_TEXT:
+                raise errors.ConfigError(
+                    f"labels: {key[:40]!r}: keys and values of at most {protocol.MAX_TEXT}"
+                    " characters"
+                )
         parse_fake_gpus(self.fake_gpus)
-        parse_mounts(self.mounts)
+        if len(parse_mounts(self.mounts)) > protocol.MAX_MOUNTS:
+            raise errors.ConfigError(f"mounts: at most {protocol.MAX_MOUNTS} mounts")
         if self.runtime not in models.RUNTIMES:
             raise errors.ConfigError(f"runtime: {self.runtime!r} is not docker or process")
         if self.log_source not in ("auto", "api"):

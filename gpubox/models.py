@@ -107,6 +107,11 @@ class JobSpec:
     gpu_model: str | None = None
     gpu_memory_gb: float | None = None
     container: ContainerOptions = dataclasses.field(default_factory=lambda: ContainerOptions())
+    # Set by the coordinator at submit, never by the client: the name of the token that
+    # submitted the job (None for jobs stored before gpubox recorded it), and whether that
+    # token may have its jobs run on process-runtime workers, which run them on the host.
+    submitter: str | None = None
+    allow_process: bool = False
 
     @property
     def needs(self) -> Needs:
@@ -119,6 +124,7 @@ class JobSpec:
             mounts=tuple(self.container.mounts),
             docker_only=tuple(self.container.needs_docker()),
             command=bool(self.command),
+            allow_process=self.allow_process,
         )
 
     def runs_on(self, runtime: str) -> bool:
@@ -143,11 +149,26 @@ class Needs:
     mounts: tuple[str, ...] = ()  # in the order the job lists them
     docker_only: tuple[str, ...] = ()  # the Docker-only options it sets (ContainerOptions)
     command: bool = False  # whether it has a command
+    allow_process: bool = False  # whether its token may use process-runtime workers
 
     def runs_on(self, runtime: str) -> bool:
         """Whether a worker of this runtime can run the job: the process runtime needs a
-        command (it has no image to take one from) and none of the Docker-only options."""
-        return runtime != "process" or (self.command and not self.docker_only)
+        command (it has no image to take one from), none of the Docker-only options, and a
+        job whose token may use process workers."""
+        return runtime != "process" or self.process_refusal() is None
+
+    def process_refusal(self) -> str | None:
+        """Why a process-runtime worker cannot run this job, in words; None if it can."""
+        if self.docker_only:
+            return f"it sets {', '.join(f'docker.{name}' for name in self.docker_only)}"
+        if not self.command:
+            return "it has no docker.command"
+        if not self.allow_process:
+            return (
+                "its token may not use process workers (an admin makes one that may with"
+                " gpubox token create NAME --allow-process)"
+            )
+        return None
 
     def wants_gpu(self, gpu: dict[str, Any]) -> bool:
         """Whether a GPU (as a worker describes it: name, memory_mb) suits this job."""
@@ -174,6 +195,8 @@ class Needs:
             mounts=tuple(data["mounts"]),
             docker_only=tuple(data["docker_only"]),
             command=data["command"],
+            # shapes stored before tokens had the permission lack it: no
+            allow_process=data.get("allow_process", False),
         )
 
 
@@ -262,6 +285,8 @@ class Job:
             "timeout": spec.timeout,
             "max_retries": spec.max_retries,
             "metadata": spec.metadata,
+            "submitter": spec.submitter,
+            "allow_process": spec.allow_process,
             "status": self.status.value,
             "queue_reason": None,  # GET /jobs/<id> says why a QUEUED job waits
             "cancel_requested": self.cancel_requested,
@@ -297,6 +322,7 @@ class Job:
             "timeout": spec.timeout,
             "first_seq": self.log_seq + 1,
             "container": spec.container.to_dict(),
+            "submitter": spec.submitter,
         }
 
 
@@ -647,3 +673,10 @@ class Token:
     digest: str
     role: str
     created_at: datetime
+    # Whether jobs submitted with it may run on process-runtime workers (admin tokens' may).
+    allow_process: bool = False
+
+    @property
+    def may_use_process(self) -> bool:
+        """Whether this token's jobs may run on process-runtime workers."""
+        return self.allow_process or self.role == "admin"

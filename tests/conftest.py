@@ -152,7 +152,12 @@ class Cluster:
         source = gpu.FakeGpus(config.fake_gpus, config.name)
         runtime: Any
         if config.runtime == "process":
-            runtime = ProcessRuntime(config.name, config.stop_grace_s, tee=io.StringIO())
+            runtime = ProcessRuntime(
+                config.name,
+                config.stop_grace_s,
+                tee=io.StringIO(),
+                process_user=config.process_user,
+            )
         else:
             runtime = DockerRuntime(
                 config.name,

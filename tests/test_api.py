@@ -793,6 +793,7 @@ def test_workers_lists_the_connected_worker(cluster: Cluster):
     workers = response.body["workers"]
     assert [w["name"] for w in workers] == ["worker-1"]
     _check_worker(workers[0], "worker-1", {}, 0)
+    assert workers[0]["quarantined"] is None  # it confirms the jobs it is sent
 
 
 def test_a_connected_workers_last_heartbeat_moves(cluster: Cluster):

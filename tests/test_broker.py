@@ -546,8 +546,14 @@ def test_malformed_messages_from_an_authenticated_worker_are_dropped(link: Link)
     # Well-formed, but from a session the broker never welcomed: not stored, asked to HELLO.
     log = {"session": "nobody", "job_id": job.id, "attempt": 1, "seq": 1, "lines": lines(1, 2)}
     junk.send_multipart(protocol.encode("LOG", log))
-    assert junk.poll(3000), "no answer to a LOG from an unknown session"
-    answer = protocol.decode_from_coordinator(junk.recv_multipart())
+    refused = []  # a malformed HELLO is answered with why (REFUSED), so its worker logs it
+    while True:
+        assert junk.poll(3000), "no answer to a LOG from an unknown session"
+        answer = protocol.decode_from_coordinator(junk.recv_multipart())
+        if answer.type != "REFUSED":
+            break
+        refused.append(answer.body["reason"])
+    assert len(refused) == 7 and all("HELLO is malformed" in reason for reason in refused)
     assert answer.type == "HEARTBEAT"
     assert answer.body == {"coordinator": link.broker.coordinator_id, "known": False}
     # One connection's messages are handled in order: every one before the LOG was dropped.

@@ -105,9 +105,12 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
     shown = run("show", job_id, env=env)
     assert shown.returncode == 0
     assert "ERROR" in shown.stdout and "exit code  4" in shown.stdout
+    assert " submitter  local\n" in shown.stdout  # `up`'s local token submitted it
 
     listed = run("ls", env=env)
     assert "cli job" in listed.stdout and job_id in listed.stdout
+    assert "SUBMITTER" in listed.stdout.splitlines()[0]
+    assert [line.split()[5] for line in listed.stdout.splitlines()[1:]] == ["local"]
 
     tailed = run("tail", job_id, env=env)
     assert tailed.returncode == 4 and tailed.stdout == "hello cli\n"
@@ -303,10 +306,13 @@ def test_token_commands_work_on_the_coordinators_store_and_only_there(tmp_path: 
     assert made.stdout.startswith("gpbx_") and "shown only this once" in made.stderr
     assert f"created in {db}" in made.stderr  # which store: a coordinator elsewhere would 401
     header, row = run("token", "list", env=env).stdout.splitlines()
-    assert header.split() == ["NAME", "ROLE", "CREATED", "(UTC)"] and row.split()[:2] == [
-        "ci",
-        "submit",
-    ]
+    assert header.split() == ["NAME", "ROLE", "PROCESS", "CREATED", "(UTC)"]
+    assert row.split()[:3] == ["ci", "submit", "-"]
+    trusted = run("token", "create", "trusted", "--allow-process", env=env)
+    assert "(submit, may use process workers)" in trusted.stderr
+    listed = run("token", "list", env=env).stdout.splitlines()
+    assert listed[2].split()[:3] == ["trusted", "submit", "yes"]
+    assert run("token", "revoke", "trusted", env=env).returncode == 0
     assert run("token", "revoke", "ci", env=env).returncode == 0
     again = run("token", "revoke", "ci", env=env)
     assert again.returncode != 0 and "no token named 'ci'" in again.stderr
@@ -322,7 +328,8 @@ def test_a_worker_offering_no_gpus_does_not_ask_nvml_and_keys_list_says_when_emp
     keys.init(env["GPUBOX_STATE_DIR"])
     keys.add_worker(env["GPUBOX_STATE_DIR"], "w1")
     header, row = run("keys", "list", env=env).stdout.splitlines()
-    assert header.split() == ["WORKER", "PUBLIC", "KEY"] and row.split()[0] == "w1"
+    assert header.split() == ["WORKER", "PUBLIC", "KEY", "MAY", "CLAIM"]
+    assert row.split()[0] == "w1" and row.split()[2] == "anything"
     link = f"tcp://127.0.0.1:{free_port()}"  # nobody there: it keeps trying, quietly
     worker = subprocess.Popen(
         [

@@ -4,6 +4,7 @@ a plan out. No Docker, no database, no network."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,13 +22,17 @@ T4 = ("Tesla T4", 15360)
 Placed = tuple[int, str, list[str]]
 
 
-def make_job(job_id: int, mounts: list[str] | None = None, **fields: Any) -> models.Job:
+def make_job(
+    job_id: int, mounts: list[str] | None = None, allow_process: bool = True, **fields: Any
+) -> models.Job:
     """A QUEUED job with this id; keyword arguments are top-level submission fields (gpus,
-    labels, gpu_model, …), `mounts` goes to docker.mounts."""
+    labels, gpu_model, …), `mounts` goes to docker.mounts; `allow_process`: whether its
+    token may use process workers."""
     docker: dict[str, Any] = {"image": "busybox"}
     if mounts is not None:
         docker["mounts"] = mounts
     spec = models.parse_spec({"name": f"job-{job_id}", "docker": docker, **fields})
+    spec = dataclasses.replace(spec, allow_process=allow_process)
     created = T0 + timedelta(seconds=job_id)
     return models.Job(
         id=job_id,

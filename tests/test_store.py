@@ -133,6 +133,7 @@ def test_create_round_trips_every_spec_field(store: base.Store) -> None:
         metadata={"nested": {"list": [1, 2.5, None, True, "ü"]}, "n": 0},
         sealed=SEALED,
     )
+    spec = dataclasses.replace(spec, submitter="ci-ü", allow_process=True)
     created = store.create_job(spec, T0)
     fetched = store.get_job(created.id)
     for job in (created, fetched):
@@ -1020,6 +1021,9 @@ def test_add_and_find_token(store: base.Store) -> None:
     token = make_token("ci", role="admin")
     store.add_token(token)
     assert store.find_token(token.digest) == token
+    trusted = dataclasses.replace(make_token("trusted"), allow_process=True)
+    store.add_token(trusted)
+    assert store.find_token(trusted.digest) == trusted
     assert store.find_token(hashlib.sha256(b"other").hexdigest()) is None
 
 

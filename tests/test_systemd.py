@@ -469,6 +469,13 @@ def test_a_process_runtime_worker_runs_on_a_box_without_docker(
     assert c.sh("getent group docker", check=False).returncode != 0
     assert "no docker group" in first_worker_install(c, builds[1])
     enroll_worker(a, c, 'runtime = "process"', as_root=True)
+    # A process worker takes only jobs of tokens allowed to use one (the ci token is not):
+    # its jobs run on its host, as the worker's user, gpubox.
+    made = a.sh(
+        "runuser -u gpubox -- gpubox token create ci-host --allow-process"
+        " --config /etc/gpubox/coordinator.toml"
+    )
+    api = Api(api.url, made.stdout.strip().splitlines()[-1].strip())
     job_id = api.submit("echo from a process; id -un; hostname", labels={"box": c.name})
     job = api.wait(job_id)
     assert job["status"] == "FINISHED" and job["worker"] == c.name, job

@@ -57,6 +57,9 @@ class Peer:
     assigned: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # job id → GPU uuids
     # Jobs sent whose receipt the worker has not confirmed yet: job id → (attempt, sent at).
     unconfirmed: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
+    # Why this session gets no more jobs ("" while it may): it was sent a job and never
+    # confirmed it. A new HELLO (a new session) starts clean.
+    quarantined: str = ""
 
     def capacity(self) -> tuple[list[str], int]:
         """Free GPUs and job slots, counting jobs sent since the worker's last READY."""
@@ -303,7 +306,12 @@ class Broker:
             msg = protocol.decode_from_worker(rest)
         except errors.ProtocolError as exc:
             self.dropped_messages += 1
-            log.warning("dropped a malformed message: %s", exc)
+            log.warning("dropped a malformed message from worker %s: %s", name, exc)
+            if len(rest) > 1 and rest[1] == b"HELLO":  # say why, so its own log shows it
+                reason = f"its HELLO is malformed or claims too much: {exc}"
+                self._send_raw(
+                    routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
+                )
             return
         body = msg.body
         if msg.type != "HEARTBEAT" and now < self._store_paused_until:
@@ -320,6 +328,27 @@ class Broker:
                     f"it calls itself {claimed!r}, but its key is worker {name}'s: start it as"
                     f" {name} (--name {name}), or give it a key of its own (gpubox keys worker"
                     " NAME on the coordinator's box)"
+                )
+                self._send_raw(
+                    routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
+                )
+                return
+            claims = self.allow.claims_for(name)
+            mounts = body.get("mounts") or []
+            if claims and (excess := claims.excess(body["labels"], body["gpus"], mounts)):
+                # Misconfigured, or a key trying to look like the best place for jobs (and
+                # their secrets) it was never meant to get.
+                self.dropped_messages += 1
+                log.error(
+                    "refused HELLO of worker %s: it claims %s",
+                    name,
+                    excess,
+                    extra=fields(worker=name),
+                )
+                reason = (
+                    f"it claims {excess}: start it with no more than that, or enrol it again"
+                    " with what it has (gpubox keys worker NAME --labels … --gpus N"
+                    " --gpu-model X --mounts … on the coordinator's box)"
                 )
                 self._send_raw(
                     routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
@@ -349,7 +378,7 @@ class Broker:
             session=body["session"],
             key=key,
             version=body["version"],
-            gpus=body["gpus"],
+            gpus=[protocol.gpu_record(gpu) for gpu in body["gpus"]],
             labels=body["labels"],
             max_jobs=body["max_jobs"],
             last_seen=now,
@@ -417,7 +446,7 @@ class Broker:
     def _on_ready(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         peer.ready = True
         peer.free_gpus = list(body["free_gpus"])
-        peer.slots = body["slots"]
+        peer.slots = min(body["slots"], peer.max_jobs)
         peer.known = set(body["running"])
         for job_id in peer.known:
             peer.unconfirmed.pop(job_id, None)
@@ -545,7 +574,10 @@ class Broker:
             self._schedule_due = True
 
     def _on_heartbeat(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+        offered = {gpu["uuid"] for gpu in peer.gpus}
         for item in body.get("usage") or []:
+            if item["uuid"] not in offered:
+                continue  # kept only for the GPUs it offers: the map stays bounded
             peer.usage[item["uuid"]] = {
                 "memory_used_mb": item.get("memory_used_mb"),
                 "utilization": item.get("utilization"),
@@ -582,6 +614,8 @@ class Broker:
                 continue
             if self.allow.name_for(peer.key, refresh=False) != peer.name:
                 self._lose(peer, f"worker {peer.name}: its key was revoked")
+                continue
+            if peer.quarantined:
                 continue
             free, slots = peer.capacity()
             peers[peer.name] = peer
@@ -723,14 +757,7 @@ class Broker:
                     del peer.unconfirmed[job_id]
                     peer.assigned.pop(job_id, None)
                     self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
-                    if self.store.unclaim_job(job_id, attempt, models.utcnow()):
-                        log.warning(
-                            "job %d: %s never confirmed it; queued again",
-                            job_id,
-                            peer.name,
-                            extra=fields(job=job_id, worker=peer.name),
-                        )
-                        self.changes.notify(job_id)
+                    self._unconfirmed(peer, job_id, attempt)
             if now - peer.last_seen > self.liveness_s:
                 self._lose(peer, f"worker lost: no word from {peer.name} for {self.liveness_s:g} s")
         if now - self.started_at < self.liveness_s:
@@ -739,6 +766,51 @@ class Broker:
         for job in self.store.running_jobs():
             if job.worker not in connected:
                 self._release(job, f"worker lost: {job.worker} did not reconnect")
+
+    def _unconfirmed(self, peer: Peer, job_id: int, attempt: int) -> None:
+        """A worker was sent a job, with its secrets, and never confirmed it: it gets no more
+        jobs this session, and a line in the job's log tells its owner where it went. The
+        job is queued again."""
+        if not peer.quarantined:
+            peer.quarantined = (
+                f"it was sent job {job_id} and did not confirm it within {self.liveness_s:g} s:"
+                " it gets no more jobs until it connects again"
+            )
+            log.error(
+                "worker %s was sent job %d and never confirmed it: it gets no more jobs until"
+                " it connects again (a buggy or hostile worker, or a broken link)",
+                peer.name,
+                job_id,
+                extra=fields(job=job_id, worker=peer.name),
+            )
+        job = self.store.get_job(job_id)
+        if job.status is not models.Status.RUNNING or job.attempts != attempt:
+            return
+        now = models.utcnow()
+        marker = (
+            f"[gpubox: worker {peer.name} was sent this job (attempt {attempt}, with its secrets"
+            f" and registry credentials) and did not confirm it within {self.liveness_s:g} s;"
+            " the job is queued again]"
+        )
+        stamp = f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond:06d}000Z"
+        self.store.append_logs(
+            job_id, attempt, job.log_seq + 1, [(stamp, "stderr", marker)], self.max_log_lines
+        )
+        if self.store.unclaim_job(job_id, attempt, now):
+            log.warning(
+                "job %d: %s never confirmed it; queued again",
+                job_id,
+                peer.name,
+                extra=fields(job=job_id, worker=peer.name),
+            )
+            self.changes.notify(job_id)
+
+    def quarantine(self, worker: str) -> str:
+        """Why a connected worker gets no more jobs; "" if it may. Any thread."""
+        for peer in list(self.peers.values()):
+            if peer.name == worker:
+                return peer.quarantined
+        return ""
 
     def _lose(self, peer: Peer, reason: str) -> None:
         del self.peers[peer.session]

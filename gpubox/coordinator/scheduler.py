@@ -4,7 +4,8 @@ and what each worker has free, and applies the plan through the store.
 The rule, in queue order (priority, then submission):
 
 1. A job goes to a worker that has its labels and mounts, can run it (a process-runtime
-   worker cannot apply Docker-only options, nor run a job without a command), a free job
+   worker cannot apply Docker-only options, nor run a job without a command, and takes only
+   jobs whose token may use process workers: labels alone never send a job there), a free job
    slot, and enough free GPUs that suit it (`gpu_model` in the NVML name, at least
    `gpu_memory_gb`). Of several, the one with the fewest such GPUs free, then the least
    memory on them (best fit: big blocks and big cards stay for the jobs that need them),
@@ -249,11 +250,9 @@ def _no_worker(needs: models.Needs, workers: list[WorkerView]) -> str:
         return f"no connected worker with its labels declares the mounts {names}"
     runnable = [w for w in mounted if needs.runs_on(w.runtime)]
     if not runnable:
-        options = ", ".join(f"docker.{name}" for name in needs.docker_only)
-        why = f"it sets {options}" if options else "it has no docker.command"
         return (
             "no connected worker with its labels runs Docker, and the process runtime's"
-            f" cannot run it: {why}"
+            f" cannot run it: {needs.process_refusal()}"
         )
     what = f"{needs.gpus} GPU" + ("s" if needs.gpus != 1 else "")
     if needs.gpu_model:

@@ -94,6 +94,13 @@ ALTER TABLE jobs ADD COLUMN container TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE jobs ADD COLUMN shape TEXT;
 CREATE INDEX jobs_shape ON jobs (shape, priority DESC, id) WHERE status = 'QUEUED';
 """,
+    # 4: who submitted a job (its token's name; NULL for older jobs), and whether a token,
+    # and each job it submitted, may use process-runtime workers (older ones: no)
+    """
+ALTER TABLE jobs ADD COLUMN submitter TEXT;
+ALTER TABLE jobs ADD COLUMN allow_process INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tokens ADD COLUMN allow_process INTEGER NOT NULL DEFAULT 0;
+""",
 )
 
 # Two coordinators upgrading one database at once take turns on this lock.

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 JOB_COLUMNS = (
     "name, description, priority, image, command, env, sealed, gpus, labels, timeout, "
     "max_retries, metadata, status, created_at, updated_at, gpu_model, gpu_memory_gb, container,"
-    " shape"
+    " shape, submitter, allow_process"
 )
 SHAPE_VERSION = 3  # the schema version that added jobs.shape
 
@@ -95,6 +95,8 @@ def job_from_row(row: dict[str, Any]) -> models.Job:
         gpu_model=row["gpu_model"],
         gpu_memory_gb=row["gpu_memory_gb"],
         container=models.ContainerOptions.from_dict(_load(row["container"])),
+        submitter=row["submitter"],
+        allow_process=bool(row["allow_process"]),
     )
     return models.Job(
         id=row["id"],
@@ -168,6 +170,8 @@ class SqlStore(base.Store):
             spec.gpu_memory_gb,
             _dump(spec.container.to_dict()),
             spec.needs.shape,
+            spec.submitter,
+            int(spec.allow_process),
         )
         with self._write() as cur:
             job_id = self._insert_job(cur, values)
@@ -575,8 +579,15 @@ class SqlStore(base.Store):
             if cur.fetchone() is not None:
                 raise errors.WrongState(f"a token named {token.name!r} exists already")
             cur.execute(
-                "INSERT INTO tokens (name, digest, role, created_at) VALUES (?, ?, ?, ?)",
-                (token.name, token.digest, token.role, _time(token.created_at)),
+                "INSERT INTO tokens (name, digest, role, created_at, allow_process)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    token.name,
+                    token.digest,
+                    token.role,
+                    _time(token.created_at),
+                    int(token.allow_process),
+                ),
             )
         self._tokens_changed()
 
@@ -745,4 +756,5 @@ def _token(row: dict[str, Any]) -> models.Token:
         digest=row["digest"],
         role=row["role"],
         created_at=models.parse_time(row["created_at"]),  # type: ignore[arg-type]
+        allow_process=bool(row["allow_process"]),
     )

@@ -751,7 +751,9 @@ class Broker:
     def _expire(self, now: float) -> None:
         for peer in list(self.peers.values()):
             for job_id, (attempt, sent_at) in list(peer.unconfirmed.items()):
-                if now - sent_at > self.liveness_s:
+                # While the store was away, READY messages (the confirmations) were not read:
+                # a job sent before an outage gets its whole window again after it.
+                if now - max(sent_at, self._store_paused_until) > self.liveness_s:
                     # The JOB never arrived (or its receipt did not): queue it again without
                     # counting an attempt, and stop it should it arrive after all.
                     del peer.unconfirmed[job_id]

@@ -124,6 +124,41 @@ def parse_fake_gpus(spec: str) -> list[tuple[int, str, int]]:
     return groups
 
 
+CAPABILITY = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+def half_the_memory() -> int:
+    """Half of this host's memory, in bytes, rounded down to MiB: the default max_shm_size."""
+    half = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return half // 1024**2 * 1024**2
+
+
+def parse_shm_size(value: str) -> int:
+    """max_shm_size in bytes: a size like "16g", or "" for half of this host's memory."""
+    if not value.strip():
+        return half_the_memory()
+    try:
+        size = models.parse_size(value, "max_shm_size", 1024**2, 1024**5)
+    except errors.BadInput:
+        size = None
+    if size is None:
+        raise errors.ConfigError(
+            f'max_shm_size: {value!r} is not a size like "16g" or "512m" (at least 1m)'
+        )
+    return size
+
+
+def parse_capabilities(value: str) -> tuple[str, ...]:
+    """cap_drop as Docker's capability names, upper-case without CAP_: "MKNOD,NET_RAW"."""
+    names = []
+    for part in filter(None, (p.strip().upper() for p in value.split(","))):
+        name = part.removeprefix("CAP_")
+        if not CAPABILITY.match(name):
+            raise errors.ConfigError(f"cap_drop: {part!r} is not a capability name like MKNOD")
+        names.append(name)
+    return tuple(names)
+
+
 @dataclasses.dataclass(frozen=True)
 class CoordinatorConfig:
     """Settings of `gpubox coordinator` (and the coordinator half of `gpubox up`)."""
@@ -249,6 +284,22 @@ class WorkerConfig:
         "--mount",
         many=True,
     )
+    pids_limit: int = setting(
+        4096,
+        "GPUBOX_PIDS_LIMIT",
+        "processes and threads a job's container may have at once (0: no limit)",
+    )
+    max_shm_size: str = setting(
+        "",
+        "GPUBOX_MAX_SHM_SIZE",
+        'largest docker.shm_size a job may ask for, like "16g" (default: half of this'
+        " host's memory); a job asking for more ends ERROR",
+    )
+    cap_drop: str = setting(
+        "MKNOD",
+        "GPUBOX_CAP_DROP",
+        "capabilities taken from every job's container, comma-separated (MKNOD: no device files)",
+    )
     fake_gpus: str = setting(
         "",
         "GPUBOX_FAKE_GPUS",
@@ -268,6 +319,10 @@ class WorkerConfig:
         )
         if self.stop_grace_s < 0:
             raise errors.ConfigError("stop_grace_s: must not be negative")
+        if self.pids_limit < 0:
+            raise errors.ConfigError("pids_limit: must not be negative (0: no limit)")
+        parse_shm_size(self.max_shm_size)
+        parse_capabilities(self.cap_drop)
         if self.gpus not in ("all", "none") and not re.fullmatch(r"\d+(,\d+)*", self.gpus):
             raise errors.ConfigError(f"gpus: {self.gpus!r} is not all, none or indices like 0,2")
         parse_labels(self.labels)

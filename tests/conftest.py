@@ -24,6 +24,7 @@ from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
 from gpubox.worker import gpu
 from gpubox.worker.agent import Agent
+from gpubox.worker.policy import ContainerPolicy
 from gpubox.worker.process import ProcessRuntime
 from gpubox.worker.runner import DockerRuntime
 
@@ -162,6 +163,7 @@ class Cluster:
                 mounts=config.mount_map,
                 gpu_devices=False,  # fake GPUs: Docker here has no NVIDIA runtime
                 log_files=config.log_source == "auto",
+                policy=ContainerPolicy.from_config(config),
             )
         agent = Agent(config, runtime, source.list(), context=self.context, usage=source.usage)
         thread = threading.Thread(target=agent.run, daemon=True)

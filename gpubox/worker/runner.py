@@ -26,6 +26,7 @@ from gpubox import models, protocol
 from gpubox.config import Mount, check_mount_folders
 from gpubox.worker.dockerlogs import DockerLogs
 from gpubox.worker.logfile import JsonLogFile, usable_log_file
+from gpubox.worker.policy import ContainerPolicy
 
 log = logging.getLogger(__name__)
 
@@ -418,14 +419,18 @@ class DockerRuntime:
         mounts: dict[str, Mount] | None = None,
         gpu_devices: bool = True,
         log_files: bool = True,
+        policy: ContainerPolicy | None = None,
     ) -> None:
         """`mounts`: the host folders jobs may ask for by name. `gpu_devices`: give containers
         their GPUs through a device request (needs the NVIDIA runtime); off for fake GPUs,
         which get the environment only. `log_files`: read a container's json-file log from
-        disk where possible (gpubox.worker.logfile), else always through the engine's API."""
+        disk where possible (gpubox.worker.logfile), else always through the engine's API.
+        `policy`: the limits every container gets (default: the worker settings'
+        defaults)."""
         self.worker_name = worker_name
         self.stop_grace_s = stop_grace_s
         self.mounts = mounts or {}
+        self.policy = policy or ContainerPolicy()
         self.gpu_devices = gpu_devices
         check_mount_folders(self.mounts)
         self.client = client or docker.from_env()
@@ -567,7 +572,8 @@ class DockerRuntime:
         """The keyword arguments of containers.create for a JOB: command, environment,
         labels to find it again, its GPUs (device request + NVIDIA_VISIBLE_DEVICES, with
         CUDA_DEVICE_ORDER=PCI_BUS_ID so indices inside match nvidia-smi outside), and its
-        container options. Raises JobRefused for a mount this worker does not declare."""
+        container options, with this worker's limits (policy). Raises JobRefused for a mount
+        this worker does not declare, or /dev/shm over its max_shm_size."""
         options = models.ContainerOptions.from_dict(job.get("container"))
         kwargs: dict[str, Any] = {
             "command": job.get("command"),
@@ -591,6 +597,10 @@ class DockerRuntime:
         kwargs["environment"]["NVIDIA_VISIBLE_DEVICES"] = ",".join(job["gpus"]) or "void"
         if job["gpus"]:
             kwargs["environment"]["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        try:
+            kwargs.update(self.policy.create_options(options.shm_size))
+        except ValueError as exc:
+            raise JobRefused(str(exc)) from None
         if options.shm_size is not None:
             kwargs["shm_size"] = options.shm_size
         if options.memory is not None:

@@ -1,14 +1,25 @@
 """Attacks a job's submitter could make on the worker's box, each made for real (issue 19):
-unbounded containers.
+root on the host through a writable mount, and unbounded containers.
 
-Real coordinator, real worker, real containers from the local busybox image.
+Real coordinator, real worker, real containers from the local busybox image. The mount
+tests mount tmpfs filesystems, and run a program as nobody: they need root.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import os
+import platform
 import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -26,12 +37,80 @@ WAIT_S = 120
 MiB = 1024**2
 
 
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounts filesystems and runs programs as nobody: needs root")
+
+
+@pytest.fixture()
+def open_dir() -> Iterator[Path]:
+    """An empty folder that every user may enter (tmp_path's parents only root may enter):
+    the attack runs a program from it as nobody."""
+    path = Path(tempfile.mkdtemp(prefix="gpubox-hardening-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `path` with `options` (like "nosuid,nodev"), unmounted after."""
+    needs_root()
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"{options},size=16m", "tmpfs", str(path)], check=True
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def euid_probe() -> bytes:
+    """A 136-byte x86-64 Linux program that exits with its effective uid modulo 256: 0 when
+    it runs as root, 254 as nobody (65534). A copy of /bin/busybox will not do: busybox
+    drops a setuid bit's privileges by itself for the applets that do not need them."""
+    base = 0x400000
+    # mov eax, 107 (geteuid); syscall; mov edi, eax; mov eax, 60 (exit); syscall
+    code = bytes.fromhex("b86b0000000f0589c7b83c0000000f05")
+    size = 64 + 56 + len(code)
+    header = b"\x7fELF\x02\x01\x01" + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, base + 120, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    segment = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
+    return header + segment + code
+
+
 def start_worker(cluster: Cluster, **settings: Any) -> str:
     """Start a worker with a name no other test uses (tests of other checkouts may share this
     Docker engine, and remove the containers of workers by name); its name."""
     name = f"hardening-{uuid.uuid4().hex[:8]}"
     cluster.add_worker(name=name, **settings)
     return name
+
+
+def leave_root_shell(cluster: Cluster, folder: Path) -> tuple[int, bool, list[str]]:
+    """The attack of issue 19, finding 4: a job writes a program into the writable mount
+    "scratch" (at /scratch), makes it setuid root, and makes a device file anyone may open.
+    What nobody gets on the host: the program's exit code (0: it ran as root), whether the
+    device file opened, and the job's output."""
+    if platform.machine() != "x86_64":
+        pytest.skip("the probe program is x86-64 code")
+    payload = base64.b64encode(euid_probe()).decode()
+    script = (
+        f"echo {payload} | base64 -d > /scratch/rootsh && chmod 4755 /scratch/rootsh;"
+        " mknod /scratch/zero c 1 5 && chmod 666 /scratch/zero; ls -ln /scratch"
+    )
+    job = cluster.submit(IMAGE, ["sh", "-c", script], docker={"mounts": ["scratch"]})
+    done = cluster.wait(job["id"], timeout_s=WAIT_S)
+    lines = [r["line"] for r in cluster.lines(job["id"])]
+    assert done["status"] in ("FINISHED", "ERROR") and (folder / "rootsh").exists(), lines
+    nobody = ["runuser", "-u", "nobody", "--"]
+    euid = subprocess.run([*nobody, str(folder / "rootsh")], check=False).returncode
+    assert euid in (0, 65534 % 256), f"the probe did not run as nobody: exit code {euid}"
+    opened = (folder / "zero").exists() and (
+        subprocess.run([*nobody, "head", "-c", "1", str(folder / "zero")], check=False)
+    ).returncode == 0
+    return euid, opened, lines
 
 
 def wire_job(command: list[str], **container: Any) -> dict[str, Any]:
@@ -61,6 +140,85 @@ def worker_name(docker_client: docker.DockerClient) -> Iterator[str]:
         all=True, filters={"label": f"io.gpubox.worker={name}"}
     ):
         docker_client.api.remove_container(container["Id"], force=True, v=True)
+
+
+# --- finding 4: root on the host through a writable mount -------------------------------------
+
+
+@pytest.mark.slow
+def test_writable_mount_where_setuid_works_is_refused_at_worker_start(
+    make_cluster: Callable[..., Cluster], open_dir: Path
+):
+    with tmpfs(open_dir / "plain", "rw") as plain:
+        cluster = make_cluster(workers=0)
+        try:
+            start_worker(cluster, mounts=f"scratch={plain}:/scratch:rw")
+        except errors.ConfigError as exc:
+            message = str(exc)
+        else:
+            euid, opened, lines = leave_root_shell(cluster, plain)
+            pytest.fail(
+                f"the worker took a writable mount on a filesystem without nosuid,nodev; a job"
+                f" left a program there that ran as euid {euid} (0: root) for nobody, and a"
+                f" device file that {'opened' if opened else 'did not open'}: {lines}"
+            )
+        assert message.startswith(f"mounts: scratch: jobs may write to {plain}, but ")
+        assert "without nosuid,nodev" in message
+        assert f"mount -o remount,bind,nosuid,nodev {plain}" in message
+        assert f"{plain} {plain} none bind,nosuid,nodev 0 0" in message
+        assert "\n" not in message
+        # Read-only, the same folder is fine: a job cannot leave anything there.
+        start_worker(cluster, mounts=f"data={plain}")
+
+
+def test_writable_mount_needs_both_nosuid_and_nodev_also_below_it(tmp_path: Path):
+    for options, lacking in (("nodev", "nosuid"), ("nosuid", "nodev")):
+        folder = tmp_path / options
+        with tmpfs(folder, options), pytest.raises(errors.ConfigError) as refused:
+            cfg.check_mount_folders(cfg.parse_mounts(f"s={folder}:rw"))
+        assert f"its filesystem is mounted without {lacking}, so" in str(refused.value)
+    with tmpfs(tmp_path / "safe", "nosuid,nodev") as folder:
+        cfg.check_mount_folders(cfg.parse_mounts(f"s={folder}:rw"))
+        # A filesystem mounted inside it reaches the container too.
+        with tmpfs(folder / "inner", "rw") as inner:
+            with pytest.raises(errors.ConfigError, match=f"{inner}, mounted inside it"):
+                cfg.check_mount_folders(cfg.parse_mounts(f"s={folder}:rw"))
+            cfg.check_mount_folders(cfg.parse_mounts(f"s={folder}"))  # read-only: fine
+
+
+def test_the_worker_command_refuses_such_a_mount_in_one_line(tmp_path: Path):
+    with tmpfs(tmp_path / "plain", "rw") as plain:
+        ran = subprocess.run(
+            [sys.executable, "-m", "gpubox", "worker", "--mount", f"scratch={plain}:rw"],
+            env={
+                **os.environ,
+                "GPUBOX_STATE_DIR": str(tmp_path / "state"),
+                "GPUBOX_GPUS": "none",
+                "GPUBOX_COORDINATOR": "tcp://127.0.0.1:9",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert ran.returncode == 2, ran
+    lines = ran.stderr.strip().splitlines()
+    assert len(lines) == 1 and "scratch" in lines[0] and "nosuid,nodev" in lines[0], ran.stderr
+
+
+@pytest.mark.slow
+def test_a_job_cannot_leave_a_working_setuid_program_or_device_in_a_writable_mount(
+    make_cluster: Callable[..., Cluster], nosuid_dir: Path
+):
+    needs_root()
+    cluster = make_cluster(workers=0)
+    start_worker(cluster, mounts=f"scratch={nosuid_dir}:/scratch:rw")
+    euid, opened, lines = leave_root_shell(cluster, nosuid_dir)
+    assert os.stat(nosuid_dir / "rootsh").st_mode & 0o4000  # the job did set the bit…
+    assert os.stat(nosuid_dir / "rootsh").st_uid == 0
+    assert euid == 65534 % 256, (euid, lines)  # …and it gives nobody nothing
+    assert not (nosuid_dir / "zero").exists() and not opened, lines  # no CAP_MKNOD
+    assert any("mknod" in line and "not permitted" in line for line in lines), lines
 
 
 # --- finding 7: containers without limits -----------------------------------------------------

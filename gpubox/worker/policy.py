@@ -10,7 +10,9 @@ with local users, so each job's container runs with:
 - no CAP_MKNOD (cap_drop): a job cannot make device files, neither for itself nor for the
   host through a writable mount. Docker's other default capabilities stay: apt-get needs
   CHOWN, SETUID and SETGID (it drops to its _apt user), and FSETID or SETFCAP would not stop
-  a setuid-root file anyway (the owner of a file may always set its setuid bit).
+  a setuid-root file anyway (the owner of a file may always set its setuid bit). What stops
+  such a file from working on the host is that writable mounts must be on a filesystem
+  mounted nosuid,nodev (config.check_mount_folders).
 - /dev/shm no larger than max_shm_size: /dev/shm is memory, and without a memory limit a job
   could take the host's.
 """

@@ -189,7 +189,10 @@ def parse_fake_gpus(spec: str) -> list[tuple[int, str, int]]:
     return groups
 
 
+PUBLIC = "public"  # in `registries`: any registry whose addresses are all public
+ANY = "*"  # in `registries`: any registry at all
 CAPABILITY = re.compile(r"^[A-Z][A-Z0-9_]*$")
+REGISTRY_PATTERN = re.compile(r"^[a-z0-9.*?:\[\]_-]+$")
 
 
 def half_the_memory() -> int:
@@ -222,6 +225,21 @@ def parse_capabilities(value: str) -> tuple[str, ...]:
             raise errors.ConfigError(f"cap_drop: {part!r} is not a capability name like MKNOD")
         names.append(name)
     return tuple(names)
+
+
+def parse_registries(value: str) -> tuple[str, ...]:
+    """`registries` as its entries: "public", "*", or registry names and patterns like
+    "nvcr.io", "*.corp.example", "10.1.2.3:5000"."""
+    entries = tuple(filter(None, (p.strip().lower() for p in value.split(","))))
+    for entry in entries:
+        if entry not in (PUBLIC, ANY) and not REGISTRY_PATTERN.match(entry):
+            raise errors.ConfigError(
+                f"registries: {entry!r} is not public, *, or a registry like nvcr.io,"
+                " *.corp.example or 10.1.2.3:5000"
+            )
+    if not entries:
+        raise errors.ConfigError("registries: empty (the default is public)")
+    return entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +383,13 @@ class WorkerConfig:
         "GPUBOX_CAP_DROP",
         "capabilities taken from every job's container, comma-separated (MKNOD: no device files)",
     )
+    registries: str = setting(
+        "public",
+        "GPUBOX_REGISTRIES",
+        "registries images may be pulled from: public (any whose host is not a loopback,"
+        " private or link-local address; Docker Hub's included), * (any), or names and"
+        " patterns like nvcr.io,*.corp.example,10.1.2.3:5000, comma-separated",
+    )
     fake_gpus: str = setting(
         "",
         "GPUBOX_FAKE_GPUS",
@@ -388,6 +413,7 @@ class WorkerConfig:
             raise errors.ConfigError("pids_limit: must not be negative (0: no limit)")
         parse_shm_size(self.max_shm_size)
         parse_capabilities(self.cap_drop)
+        parse_registries(self.registries)
         if self.gpus not in ("all", "none") and not re.fullmatch(r"\d+(,\d+)*", self.gpus):
             raise errors.ConfigError(f"gpus: {self.gpus!r} is not all, none or indices like 0,2")
         parse_labels(self.labels)

@@ -1,5 +1,6 @@
 """Attacks a job's submitter could make on the worker's box, each made for real (issue 19):
-root on the host through a writable mount, and unbounded containers.
+root on the host through a writable mount, unbounded containers, the engine's image pull
+pointed at services only the box can reach.
 
 Real coordinator, real worker, real containers from the local busybox image. The mount
 tests mount tmpfs filesystems, and run a program as nobody: they need root.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.server
 import os
 import platform
 import re
@@ -17,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +30,7 @@ import pytest
 
 from gpubox import config as cfg
 from gpubox import errors
+from gpubox.worker import policy
 from gpubox.worker.policy import ContainerPolicy
 from gpubox.worker.runner import DockerRuntime
 from tests.conftest import IMAGE, Cluster
@@ -35,6 +39,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
 WAIT_S = 120
 MiB = 1024**2
+SECRET = "SECRET-BODY-of-an-internal-service"
 
 
 def needs_root() -> None:
@@ -295,6 +300,8 @@ def test_shm_size_over_the_workers_cap_ends_the_job_with_a_clear_error(
         ({"max_shm_size": "lots"}, "max_shm_size"),
         ({"max_shm_size": "1k"}, "max_shm_size"),
         ({"cap_drop": "MKNOD,no such"}, "cap_drop"),
+        ({"registries": ""}, "registries"),
+        ({"registries": "http://x"}, "registries"),
     ],
 )
 def test_bad_limits_are_config_errors_naming_the_setting(settings: dict[str, Any], name: str):
@@ -307,9 +314,12 @@ def test_limit_settings_become_the_policy():
         "pids_limit": "100",
         "max_shm_size": "16g",
         "cap_drop": "mknod, CAP_NET_RAW",
+        "registries": "public, Registry.corp:5000",
     }
     made = ContainerPolicy.from_config(cfg.load(cfg.WorkerConfig, settings))
-    assert made == ContainerPolicy(100, 16 * 1024**3, ("MKNOD", "NET_RAW"))
+    assert made == ContainerPolicy(
+        100, 16 * 1024**3, ("MKNOD", "NET_RAW"), ("public", "registry.corp:5000")
+    )
     default = ContainerPolicy.from_config(cfg.load(cfg.WorkerConfig))
     assert default == ContainerPolicy()
     assert default.max_shm_size == cfg.half_the_memory() > 0
@@ -321,3 +331,153 @@ def test_limit_settings_become_the_policy():
     assert str(refused.value) == (
         "docker.shm_size of 67108865 bytes is more than this worker allows (max_shm_size, 64 MiB)"
     )
+
+
+# --- finding 8: the engine's image pull pointed at the box's own services ----------------------
+
+
+class Recorder(http.server.ThreadingHTTPServer):
+    """A web server on 127.0.0.1 that answers every request 404 with SECRET as its body,
+    and records the paths asked for."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                recorder.paths.append(self.path)
+                body = SECRET.encode()
+                self.send_response(404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture()
+def recorder() -> Iterator[Recorder]:
+    server = Recorder()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow
+def test_an_image_from_a_loopback_registry_is_refused_before_any_request(
+    make_cluster: Callable[..., Cluster], recorder: Recorder
+):
+    port = recorder.server_address[1]
+    cluster = make_cluster(workers=0)
+    start_worker(cluster)
+    for image in (f"127.0.0.1:{port}/probe:1", f"localhost:{port}/probe:1"):
+        job = cluster.submit(image, ["true"])
+        done = cluster.wait(job["id"], timeout_s=WAIT_S)
+        assert done["status"] == "ERROR", done
+        error = done["result"]["error"]
+        assert error.startswith(f"could not pull image {image!r}: registry "), error
+        assert "not allowed on this worker" in error and SECRET not in error
+    assert recorder.paths == []
+
+
+@pytest.mark.slow
+def test_a_pull_from_an_allowed_registry_never_echoes_what_it_answered(
+    make_cluster: Callable[..., Cluster], recorder: Recorder
+):
+    port = recorder.server_address[1]
+    cluster = make_cluster(workers=0)
+    start_worker(cluster, registries=f"public,127.0.0.1:{port}")
+    image = f"127.0.0.1:{port}/probe:1"
+    job = cluster.submit(image, ["true"])
+    done = cluster.wait(job["id"], timeout_s=WAIT_S)
+    assert done["status"] == "ERROR", done
+    assert recorder.paths, "the engine did not try the allowed registry"
+    assert done["result"]["error"] == f"could not pull image {image!r}: registry answered 404"
+
+
+def test_registry_of_an_image_follows_dockers_rule():
+    cases = {
+        "busybox": "docker.io",
+        "busybox:1.36": "docker.io",
+        "nvidia/cuda:12.4.1-base": "docker.io",
+        "docker.io/library/busybox": "docker.io",
+        "nvcr.io/nvidia/pytorch:24.01-py3": "nvcr.io",
+        "localhost/x": "localhost",
+        "localhost:5000/x": "localhost:5000",
+        "127.0.0.1:8470/probe:1": "127.0.0.1:8470",
+        "[::1]:5000/x": "[::1]:5000",
+        "Upper/x": "upper",
+        "x@sha256:" + "0" * 64: "docker.io",
+    }
+    assert {image: policy.registry_of(image) for image in cases} == cases
+
+
+@pytest.mark.parametrize(
+    ("registries", "image", "allowed"),
+    [
+        (("public",), "busybox", True),
+        (("public",), "8.8.8.8:5000/x", True),
+        (("public",), "127.0.0.1:5000/x", False),
+        (("public",), "127.1/x", False),
+        (("public",), "0.0.0.0:5000/x", False),
+        (("public",), "10.1.2.3/x", False),
+        (("public",), "192.168.0.1/x", False),
+        (("public",), "172.16.0.1/x", False),
+        (("public",), "100.64.0.1/x", False),
+        (("public",), "169.254.169.254/latest", False),
+        (("public",), "[::1]:5000/x", False),
+        (("public",), "[::ffff:127.0.0.1]:5000/x", False),
+        (("public",), "[fe80::1]/x", False),
+        (("public",), "[fd00::1]/x", False),
+        (("public",), "localhost:5000/x", False),
+        (("public",), "no-such-host.invalid/x", False),
+        (("public", "10.1.2.3"), "10.1.2.3:5000/x", True),
+        (("public", "10.1.2.3:5000"), "10.1.2.3:5001/x", False),
+        (("*.corp.example",), "reg.corp.example:5000/x", True),
+        (("*.corp.example",), "busybox", False),
+        (("*.corp.example",), "8.8.8.8/x", False),
+        (("docker.io", "nvcr.io"), "busybox", True),
+        (("docker.io", "nvcr.io"), "nvcr.io/nvidia/x", True),
+        (("*",), "127.0.0.1:5000/x", True),
+    ],
+)
+def test_registries_setting(registries: tuple[str, ...], image: str, allowed: bool):
+    refusal = ContainerPolicy(registries=registries).registry_refusal(image)
+    assert (refusal is None) == allowed, refusal
+
+
+@pytest.mark.parametrize(
+    ("message", "words"),
+    [
+        (
+            f"error parsing HTTP 404 response body: invalid character 'S': \"{SECRET}\"",
+            "registry answered 404",
+        ),
+        (
+            'Get "http://10.0.0.1:81/v2/": dial tcp 10.0.0.1:81: connect: connection refused',
+            "connection refused",
+        ),
+        ("dial tcp: lookup x.invalid on 10.0.0.53:53: no such host", "registry host not found"),
+        ("manifest for nvcr.io/x:1 not found: manifest unknown: manifest unknown", "not found"),
+        (
+            "pull access denied for x, repository does not exist or may require 'docker login'",
+            "not found, or access denied (check the name and docker.auth)",
+        ),
+        (
+            'Get "https://r/v2/": http: server gave HTTP response to HTTPS client',
+            "the registry does not speak HTTPS",
+        ),
+        ("received unexpected HTTP status: 503 Service Unavailable", "registry answered 503"),
+        (f"something new: {SECRET}", "pull failed (the worker's log has Docker's message)"),
+    ],
+)
+def test_a_failed_pull_is_told_in_fixed_words(message: str, words: str):
+    assert policy.pull_failure(message) == words

@@ -1,5 +1,5 @@
-"""What a job's container may do, beyond what its submitter chose: its limits (processes,
-/dev/shm) and the privileges it loses.
+"""What a job's container may do and reach, beyond what its submitter chose: its limits
+(processes, /dev/shm), the privileges it loses, and the registries its image may come from.
 
 A worker runs containers for anyone who can submit, on a box it shares with other jobs and
 with local users, so each job's container runs with:
@@ -15,16 +15,54 @@ with local users, so each job's container runs with:
   mounted nosuid,nodev (config.check_mount_folders).
 - /dev/shm no larger than max_shm_size: /dev/shm is memory, and without a memory limit a job
   could take the host's.
+- an image pulled only from an allowed registry (`registries`): without that, a job naming
+  `127.0.0.1:8470/x` has the engine call services only this box can reach.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import ipaddress
+import re
+import socket
 from typing import Any
 
 from gpubox import config
+from gpubox.config import ANY, PUBLIC
 
+HUB = "docker.io"
 NO_NEW_PRIVILEGES = "no-new-privileges"
+
+
+def registry_of(image: str) -> str:
+    """The registry an image reference names, as host[:port] in lower case; "docker.io" for
+    Docker Hub. Docker's own rule: the part before the first "/" names a registry when it
+    holds a "." or ":", is "localhost", or has upper-case letters; else it is Docker Hub's
+    (busybox, nvidia/cuda)."""
+    first, slash, _ = image.partition("/")
+    if not slash or (
+        not any(c in first for c in ".:") and first != "localhost" and first == first.lower()
+    ):
+        return HUB
+    return first.lower()
+
+
+def host_of(registry: str) -> str:
+    """The host of a registry's host[:port] ("[::1]:5000" → "::1")."""
+    if registry.startswith("["):
+        return registry[1:].partition("]")[0]
+    return registry.partition(":")[0]
+
+
+def is_public(address: str) -> bool:
+    """Whether an IP address is one on the internet: not loopback, private, link-local
+    (169.254.169.254, where clouds serve their instance secrets), shared, multicast or
+    unspecified (0.0.0.0 reaches this host)."""
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    return ip.is_global and not ip.is_multicast
 
 
 def human_size(size: int) -> str:
@@ -43,6 +81,7 @@ class ContainerPolicy:
     pids_limit: int = 4096  # 0: no limit
     max_shm_size: int = dataclasses.field(default_factory=config.half_the_memory)
     cap_drop: tuple[str, ...] = ("MKNOD",)
+    registries: tuple[str, ...] = (PUBLIC,)
 
     @classmethod
     def from_config(cls, settings: config.WorkerConfig) -> ContainerPolicy:
@@ -51,6 +90,7 @@ class ContainerPolicy:
             pids_limit=settings.pids_limit,
             max_shm_size=config.parse_shm_size(settings.max_shm_size),
             cap_drop=config.parse_capabilities(settings.cap_drop),
+            registries=config.parse_registries(settings.registries),
         )
 
     def create_options(self, shm_size: int | None) -> dict[str, Any]:
@@ -68,3 +108,69 @@ class ContainerPolicy:
         if self.cap_drop:
             options["cap_drop"] = list(self.cap_drop)
         return options
+
+    def registry_refusal(self, image: str) -> str | None:
+        """Why this worker must not pull `image` (its registry is not allowed), or None.
+
+        Under "public" the registry's host is resolved here, as the engine on this box will
+        resolve it: a name that resolves to a loopback, private or link-local address is
+        refused like that address. The engine resolves it again when it pulls, so a name
+        whose DNS answer changes in between (DNS rebinding) can still reach a private address;
+        and a public registry can redirect the engine's requests elsewhere. Only an explicit
+        list of trusted registries, without "public", closes both."""
+        registry = registry_of(image)
+        host = host_of(registry)
+        for entry in self.registries:
+            if entry == ANY or fnmatch.fnmatchcase(registry, entry):
+                return None
+            if fnmatch.fnmatchcase(host, entry):  # an entry without a port allows any port
+                return None
+        if PUBLIC not in self.registries:
+            return f"registry {registry} is not allowed on this worker (worker setting registries)"
+        if registry == HUB:
+            return None
+        try:
+            found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            return f"registry host {host} could not be resolved"
+        if found and all(is_public(str(info[4][0])) for info in found):
+            return None
+        return (
+            f"registry {registry} is not allowed on this worker: it is on a loopback, private"
+            " or link-local address (the worker setting registries can allow it)"
+        )
+
+
+# How a failed pull is told to the submitter: a fixed phrase per kind of failure, never
+# Docker's text, which can hold what the remote server answered (the body of any web page
+# the engine was pointed at). The first matching entry wins; its pattern is matched against
+# Docker's message in lower case.
+PULL_FAILURES = [
+    # Docker quotes the body of an answer it could not parse: say its status only.
+    (re.compile(r"error parsing http (\d{3}) response body"), "registry answered {0}"),
+    (re.compile(r"no such host|server misbehaving"), "registry host not found"),
+    (re.compile(r"connection refused"), "connection refused"),
+    (re.compile(r"timeout|timed out|deadline exceeded"), "timed out"),
+    (re.compile(r"http response to https client"), "the registry does not speak HTTPS"),
+    (re.compile(r"x509|certificate|tls:"), "TLS error: the registry's certificate"),
+    (re.compile(r"toomanyrequests|rate limit"), "the registry limits pulls: try later"),
+    (re.compile(r"no matching manifest"), "no image for this platform"),
+    (
+        re.compile(r"unauthorized|authentication required|denied"),
+        "not found, or access denied (check the name and docker.auth)",
+    ),
+    (
+        re.compile(r"not found|manifest unknown|does not exist|no such image"),
+        "not found",
+    ),
+    (re.compile(r"\b(?:http|status(?: code)?:?) ?([1-5]\d\d)\b"), "registry answered {0}"),
+]
+
+
+def pull_failure(message: str) -> str:
+    """A failed pull in a few fixed words (PULL_FAILURES), from Docker's message."""
+    text = message.lower()
+    for pattern, words in PULL_FAILURES:
+        if match := pattern.search(text):
+            return words.format(*match.groups())
+    return "pull failed (the worker's log has Docker's message)"

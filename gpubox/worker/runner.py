@@ -22,11 +22,11 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from gpubox import models, protocol
+from gpubox import logfmt, models, protocol
 from gpubox.config import Mount, check_mount_folders
 from gpubox.worker.dockerlogs import DockerLogs
 from gpubox.worker.logfile import JsonLogFile, usable_log_file
-from gpubox.worker.policy import ContainerPolicy
+from gpubox.worker.policy import ContainerPolicy, pull_failure
 
 log = logging.getLogger(__name__)
 
@@ -425,8 +425,8 @@ class DockerRuntime:
         their GPUs through a device request (needs the NVIDIA runtime); off for fake GPUs,
         which get the environment only. `log_files`: read a container's json-file log from
         disk where possible (gpubox.worker.logfile), else always through the engine's API.
-        `policy`: the limits every container gets (default: the worker settings'
-        defaults)."""
+        `policy`: the limits every container gets and the registries images may come from
+        (default: the worker settings' defaults)."""
         self.worker_name = worker_name
         self.stop_grace_s = stop_grace_s
         self.mounts = mounts or {}
@@ -544,6 +544,11 @@ class DockerRuntime:
             return self.client.containers.create(job["image"], **spec)
         except docker.errors.ImageNotFound:
             pass
+        # Checked before the pull, not before the create: an image the engine has already
+        # needs no request to any registry.
+        refused = self.policy.registry_refusal(job["image"])
+        if refused is not None:
+            raise JobRefused(f"could not pull image {job['image']!r}: {refused}")
         pull_error = self._pull(job["image"], job.get("auth"))
         if pull_error is not None:
             raise JobRefused(f"could not pull image {job['image']!r}: {pull_error}")
@@ -552,7 +557,7 @@ class DockerRuntime:
         return self.client.containers.create(job["image"], **spec)
 
     def _pull(self, image: str, auth: dict[str, str] | None) -> str | None:
-        """Pull the image; None on success, else Docker's reason."""
+        """Pull the image; None on success, else why not, in a few fixed words."""
         auth_config = None
         if auth:
             auth_config = {"username": auth["username"], "password": auth["password"]}
@@ -565,8 +570,16 @@ class DockerRuntime:
             self.client.images.pull(repo, tag=tag or "latest", auth_config=auth_config)
             return None
         except docker.errors.APIError as exc:
-            # Docker's own explanation; auth_config is never part of it or of any log line.
-            return str(exc.explanation or exc)
+            # Docker's explanation can quote what the registry answered, which may be any
+            # server's page: the submitter gets its kind only, the worker's log the rest.
+            # auth_config is never part of it.
+            explanation = str(exc.explanation or exc)
+            log.warning(
+                "pulling %s failed: %s",
+                logfmt.printable(image),
+                logfmt.printable(explanation[:1000]),
+            )
+            return pull_failure(explanation)
 
     def container_spec(self, job: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of containers.create for a JOB: command, environment,

@@ -1,6 +1,7 @@
 """Attacks a job's submitter could make on the worker's box, each made for real (issue 19):
 root on the host through a writable mount, unbounded containers, the engine's image pull
-pointed at services only the box can reach.
+pointed at services only the box can reach, and the smaller ones (reserved environment
+variables, anonymous volumes left behind, control characters in the worker's log).
 
 Real coordinator, real worker, real containers from the local busybox image. The mount
 tests mount tmpfs filesystems, and run a program as nobody: they need root.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
+import logging
 import os
 import platform
 import re
@@ -29,11 +31,12 @@ import docker
 import pytest
 
 from gpubox import config as cfg
-from gpubox import errors
+from gpubox import errors, logfmt
+from gpubox.client import ApiError
 from gpubox.worker import policy
 from gpubox.worker.policy import ContainerPolicy
-from gpubox.worker.runner import DockerRuntime
-from tests.conftest import IMAGE, Cluster
+from gpubox.worker.runner import LABEL, WORKER_LABEL, DockerRuntime
+from tests.conftest import IMAGE, Cluster, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -481,3 +484,88 @@ def test_registries_setting(registries: tuple[str, ...], image: str, allowed: bo
 )
 def test_a_failed_pull_is_told_in_fixed_words(message: str, words: str):
     assert policy.pull_failure(message) == words
+
+
+# --- the lows -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "name"),
+    [
+        ("env", "NVIDIA_DRIVER_CAPABILITIES"),
+        ("env", "NVIDIA_MIG_CONFIG_DEVICES"),
+        ("secrets", "NVIDIA_VISIBLE_DEVICES"),
+        ("env", "CUDA_VISIBLE_DEVICES"),
+        ("env", "GPUBOX_WORKER_RUN"),
+        ("secrets", "GPUBOX_JOB_ID"),
+    ],
+)
+def test_reserved_environment_names_are_refused_at_submit(
+    make_cluster: Callable[..., Cluster], field: str, name: str
+):
+    cluster = make_cluster(workers=0)
+    with pytest.raises(ApiError) as refused:
+        cluster.submit(IMAGE, ["true"], docker={field: {name: "all-of-it"}})
+    assert (refused.value.status, refused.value.field) == (400, f"docker.{field}")
+    assert name in refused.value.message
+    # Near misses are the job's own.
+    job = cluster.submit(
+        IMAGE, ["true"], docker={"env": {"MY_NVIDIA_THING": "1", "CUDA_HOME": "/x"}}
+    )
+    assert job["docker"]["env"] == {"MY_NVIDIA_THING": "1", "CUDA_HOME": "/x"}
+
+
+@pytest.mark.slow
+def test_anonymous_volumes_go_with_the_job_container(
+    make_cluster: Callable[..., Cluster], docker_client: docker.DockerClient
+):
+    base = docker_client.containers.create(IMAGE, ["true"])
+    tag = f"gpubox-test-volume:{uuid.uuid4().hex[:12]}"
+    base.commit(*tag.split(":"), changes=["VOLUME /data"])
+    base.remove()
+    try:
+        cluster = make_cluster(workers=0)
+        name = start_worker(cluster)
+        job = cluster.submit(tag, ["sh", "-c", "echo kept > /data/file; sleep 2"])
+        labels = [f"{LABEL}={job['id']}", f"{WORKER_LABEL}={name}"]
+        found = wait_until(
+            lambda: docker_client.api.containers(filters={"label": labels}),
+            WAIT_S,
+            "the job's container",
+        )
+        mounts = docker_client.api.inspect_container(found[0]["Id"])["Mounts"]
+        volumes = [m["Name"] for m in mounts if m["Type"] == "volume"]
+        assert len(volumes) == 1, mounts
+        done = cluster.wait(job["id"], timeout_s=WAIT_S)
+        assert done["status"] == "FINISHED", (done["result"], cluster.lines(job["id"]))
+        wait_until(
+            lambda: not docker_client.api.containers(all=True, filters={"label": labels}),
+            WAIT_S,
+            "the worker to remove the job's container",
+        )
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.volumes.get(volumes[0])
+    finally:
+        docker_client.images.remove(tag, force=True)
+
+
+@pytest.mark.slow
+def test_a_job_cannot_write_lines_into_the_workers_log(
+    make_cluster: Callable[..., Cluster], caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="gpubox.worker")
+    cluster = make_cluster(workers=0)
+    start_worker(cluster)
+    forged = "2026-12-06T00:00:00.000Z ERROR gpubox.worker.agent: forged"
+    job = cluster.submit(f"{IMAGE}\n{forged}\x1b[2J", ["true"])
+    assert cluster.wait(job["id"], timeout_s=WAIT_S)["status"] == "ERROR"
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any("\n" in m or "\x1b" in m for m in messages), messages
+    assert any(f"received: {IMAGE}\\n{forged}\\x1b[2J" in m for m in messages), messages
+
+
+def test_printable_escapes_control_characters_only():
+    assert logfmt.printable("nvcr.io/x:1 é ✓") == "nvcr.io/x:1 é ✓"
+    assert logfmt.printable("a\nb\r\tc\x1b[0m\x7f\x85\u2028") == (
+        "a\\nb\\r\\tc\\x1b[0m\\x7f\\x85\\u2028"
+    )

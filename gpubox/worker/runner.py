@@ -525,11 +525,13 @@ class DockerRuntime:
             threading.Thread(target=self.discard, args=(container, False), daemon=True).start()
 
     def discard(self, container: Any, stop: bool = True) -> None:
-        """Stop a container (SIGTERM, then SIGKILL after the grace period) and remove it."""
+        """Stop a container (SIGTERM, then SIGKILL after the grace period) and remove it,
+        with the anonymous volumes its image declares (VOLUME): kept, they would fill the
+        engine's disk one job at a time."""
         try:
             if stop:
                 self._stop(container)
-            container.remove(force=True)
+            container.remove(v=True, force=True)
         except docker.errors.NotFound:
             pass
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:

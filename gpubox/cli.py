@@ -228,6 +228,7 @@ class Signals:
 def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
     from gpubox.worker import gpu
     from gpubox.worker.agent import Agent
+    from gpubox.worker.policy import ContainerPolicy
     from gpubox.worker.runner import DockerRuntime
 
     source = gpu.source_for(config.fake_gpus, config.name or _hostname())
@@ -249,6 +250,7 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
                 # Fake GPUs get the environment but no device request: Docker would refuse it.
                 gpu_devices=not config.fake_gpus,
                 log_files=config.log_source == "auto",
+                policy=ContainerPolicy.from_config(config),
             )
         except errors.ConfigError:
             raise

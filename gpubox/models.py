@@ -18,7 +18,13 @@ MAX_IMAGE = 512
 MAX_GPUS = 64
 MAX_INT = 2**31 - 1
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-RESERVED_ENV = frozenset({"NVIDIA_VISIBLE_DEVICES"})
+# Environment variables a job may not set. gpubox sets CUDA_VISIBLE_DEVICES (process
+# runtime) and NVIDIA_VISIBLE_DEVICES to the job's GPUs; the other NVIDIA_* variables steer
+# the NVIDIA container runtime (NVIDIA_DRIVER_CAPABILITIES, NVIDIA_MIG_CONFIG_DEVICES give a
+# container more of the driver than its GPUs); GPUBOX_* are gpubox's own (the process runtime
+# finds its jobs' processes by one).
+RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES"})
+RESERVED_ENV_PREFIXES = ("NVIDIA_", "GPUBOX_")
 MOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
@@ -543,12 +549,13 @@ def parse_spec(data: Any) -> JobSpec:
     env = _str_map(docker.get("env"), "docker.env", env_names=True)
     secrets = _str_map(docker.get("secrets"), "docker.secrets", env_names=True)
     for field, values in (("docker.env", env), ("docker.secrets", secrets)):
-        if RESERVED_ENV & values.keys():
-            raise errors.BadInput(
-                f"{field}: NVIDIA_VISIBLE_DEVICES is set by gpubox to the GPUs the job gets;"
-                " ask for them with gpus",
-                field,
-            )
+        for key in values:
+            if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIXES):
+                raise errors.BadInput(
+                    f"{field}: {key} is gpubox's to set: a job sets no NVIDIA_* or GPUBOX_*"
+                    " variable, nor CUDA_VISIBLE_DEVICES (ask for GPUs with gpus)",
+                    field,
+                )
     for key, value in secrets.items():
         if key in env:
             raise errors.BadInput(

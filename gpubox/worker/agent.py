@@ -30,7 +30,7 @@ import zmq.utils.monitor
 
 from gpubox import __version__, errors, keys, models, protocol
 from gpubox.config import WorkerConfig
-from gpubox.logfmt import fields
+from gpubox.logfmt import fields, printable
 from gpubox.worker.runners import Runners
 from gpubox.worker.spill import Spill
 
@@ -343,7 +343,7 @@ class Agent:
             job.id,
             job.attempt,
             "re-attached" if found else "received",
-            spec["image"],
+            printable(spec["image"]),
             extra=fields(job=job.id, attempt=job.attempt, gpus=",".join(job.gpus) or "-"),
         )
         self._ready()

@@ -31,6 +31,7 @@ STORE_BACKOFF_MAX_S = 5.0
 FAILED = object()  # a report that could not be stored
 MAX_BURST_LINES = 50_000  # log lines stored in one transaction, at most (about 0.5 s)
 FLAP_HELLOS, FLAP_WINDOW_S = 4, 30.0  # this many HELLOs of one name within the window: warn
+QUARANTINE_S = 300.0  # no jobs for a worker that was sent one and never confirmed it
 HANDSHAKE_MS = 5000  # how long a connection to the worker link may go without a CURVE handshake
 
 
@@ -59,7 +60,8 @@ class Peer:
     unconfirmed: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
     # Why this session gets no more jobs ("" while it may): it was sent a job and never
     # confirmed it. A new HELLO (a new session) starts clean.
-    quarantined: str = ""
+    quarantined: str = ""  # why it gets no jobs, until quarantined_until (time.monotonic)
+    quarantined_until: float = 0.0
 
     def capacity(self) -> tuple[list[str], int]:
         """Free GPUs and job slots, counting jobs sent since the worker's last READY."""
@@ -615,8 +617,13 @@ class Broker:
             if self.allow.name_for(peer.key, refresh=False) != peer.name:
                 self._lose(peer, f"worker {peer.name}: its key was revoked")
                 continue
-            if peer.quarantined:
+            if peer.quarantined and now < peer.quarantined_until:
                 continue
+            if peer.quarantined:
+                log.warning(
+                    "worker %s may get jobs again", peer.name, extra=fields(worker=peer.name)
+                )
+                peer.quarantined = ""
             free, slots = peer.capacity()
             peers[peer.name] = peer
             views.append(
@@ -759,7 +766,7 @@ class Broker:
                     del peer.unconfirmed[job_id]
                     peer.assigned.pop(job_id, None)
                     self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
-                    self._unconfirmed(peer, job_id, attempt)
+                    self._unconfirmed(peer, job_id, attempt, now)
             if now - peer.last_seen > self.liveness_s:
                 self._lose(peer, f"worker lost: no word from {peer.name} for {self.liveness_s:g} s")
         if now - self.started_at < self.liveness_s:
@@ -769,36 +776,40 @@ class Broker:
             if job.worker not in connected:
                 self._release(job, f"worker lost: {job.worker} did not reconnect")
 
-    def _unconfirmed(self, peer: Peer, job_id: int, attempt: int) -> None:
+    def _unconfirmed(self, peer: Peer, job_id: int, attempt: int, now: float) -> None:
         """A worker was sent a job, with its secrets, and never confirmed it: it gets no more
         jobs this session, and a line in the job's log tells its owner where it went. The
         job is queued again."""
         if not peer.quarantined:
+            # For a while, not for good: a broken link loses a JOB too, and an honest worker
+            # should not sit idle for the rest of its session because of it.
+            peer.quarantined_until = now + QUARANTINE_S
             peer.quarantined = (
                 f"it was sent job {job_id} and did not confirm it within {self.liveness_s:g} s:"
-                " it gets no more jobs until it connects again"
+                f" it gets no jobs for {QUARANTINE_S:g} s or until it connects again"
             )
             log.error(
-                "worker %s was sent job %d and never confirmed it: it gets no more jobs until"
-                " it connects again (a buggy or hostile worker, or a broken link)",
+                "worker %s was sent job %d and never confirmed it: it gets no jobs for %g s or"
+                " until it connects again (a buggy or hostile worker, or a broken link)",
                 peer.name,
                 job_id,
+                QUARANTINE_S,
                 extra=fields(job=job_id, worker=peer.name),
             )
         job = self.store.get_job(job_id)
         if job.status is not models.Status.RUNNING or job.attempts != attempt:
             return
-        now = models.utcnow()
+        at = models.utcnow()
         marker = (
             f"[gpubox: worker {peer.name} was sent this job (attempt {attempt}, with its secrets"
             f" and registry credentials) and did not confirm it within {self.liveness_s:g} s;"
             " the job is queued again]"
         )
-        stamp = f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond:06d}000Z"
+        stamp = f"{at:%Y-%m-%dT%H:%M:%S}.{at.microsecond:06d}000Z"
         self.store.append_logs(
             job_id, attempt, job.log_seq + 1, [(stamp, "stderr", marker)], self.max_log_lines
         )
-        if self.store.unclaim_job(job_id, attempt, now):
+        if self.store.unclaim_job(job_id, attempt, at):
             log.warning(
                 "job %d: %s never confirmed it; queued again",
                 job_id,

@@ -18,13 +18,13 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn, cast
 
 import click
 
-from gpubox import __version__, errors, logfmt, revision, systemd
+from gpubox import __version__, errors, logfmt, revision, supervise, systemd
 from gpubox import config as cfg
 from gpubox.client import ApiError, Client, OutputClosed, local_token
 
@@ -201,10 +201,12 @@ class Signals:
         signal.signal(signal.SIGHUP, lambda *_: self.hup.set())
 
     def wait(
-        self, thread: threading.Thread | None = None, reload: Callable[[], None] | None = None
-    ) -> None:
-        """Block until a stop signal (or until `thread` ends); on SIGHUP call `reload`. A
-        signal that came before this call counts."""
+        self,
+        threads: Sequence[threading.Thread] = (),
+        reload: Callable[[], None] | None = None,
+    ) -> threading.Thread | None:
+        """Block until a stop signal, or until one of `threads` ends (then return it); on
+        SIGHUP call `reload`. A signal that came before this call counts."""
         while not self.stop.wait(0.2):
             if self.hup.is_set():
                 self.hup.clear()
@@ -212,13 +214,21 @@ class Signals:
                     systemd.notify("RELOADING=1")
                     reload()
                     systemd.notify("READY=1")
-            if thread is not None and not thread.is_alive():
-                return
+            if (dead := supervise.first_dead(threads)) is not None:
+                return dead
+        return None
+
+    def check(self, dead: threading.Thread | None) -> None:
+        """A thread the service needs ended without a stop signal: one error line, exit 1,
+        so that systemd (Restart=on-failure) starts the service again."""
+        if dead is not None and not self.stop.is_set():
+            raise click.ClickException(f"{supervise.why(dead)}: gpubox cannot go on without it")
 
 
 def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
     from gpubox.worker import gpu
     from gpubox.worker.agent import Agent
+    from gpubox.worker.policy import ContainerPolicy
     from gpubox.worker.runner import DockerRuntime, OutputCopy
 
     source = gpu.source_for(config.fake_gpus, config.name or _hostname())
@@ -230,8 +240,12 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
         from gpubox.worker.process import ProcessRuntime
 
         # (an OutputCopy is written as a text stream is: write and flush)
-        tee = cast(IO[str], copy)
-        runtime = ProcessRuntime(config.name or _hostname(), config.stop_grace_s, tee=tee)
+        runtime = ProcessRuntime(
+            config.name or _hostname(),
+            config.stop_grace_s,
+            tee=cast(IO[str], copy),
+            process_user=config.process_user,
+        )
     else:
         try:
             runtime = DockerRuntime(
@@ -244,13 +258,14 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
                 # Fake GPUs get the environment but no device request: Docker would refuse it.
                 gpu_devices=not config.fake_gpus,
                 log_files=config.log_source == "auto",
+                policy=ContainerPolicy.from_config(config),
             )
         except errors.ConfigError:
             raise
         except Exception as exc:
             raise errors.GpuboxError(f"cannot reach the Docker engine: {exc}") from exc
     agent = Agent(config, runtime, gpus, usage=source.usage if offers else None)
-    thread = threading.Thread(target=agent.run, name="gpubox-agent", daemon=True)
+    thread = supervise.Essential("gpubox-agent", agent.run)
     thread.start()
     return agent, thread
 
@@ -275,9 +290,10 @@ def coordinator(config_path: str | None, **flags: Any) -> None:
     server = Coordinator(config)
     server.start()
     systemd.notify("READY=1", f"STATUS=serving HTTP on {server.http_url}")
-    signals.wait(reload=server.reload)
+    dead = signals.wait(server.threads, reload=server.reload)
     systemd.notify("STOPPING=1")
     server.stop()
+    signals.check(dead)
 
 
 @main.command()
@@ -301,17 +317,19 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
     """
     setup_logging()
     config = cfg.load(cfg.WorkerConfig, flags, cfg.read_file(config_path))
+    cfg.private_state_dir(config.state_dir)
     signals = Signals()
     agent, thread = _start_worker(config)
     systemd.notify("READY=1", f"STATUS=working for {config.coordinator}")
-    signals.wait(thread)
+    dead = signals.wait([thread])
     systemd.notify("STOPPING=1")
     if drain and thread.is_alive():
         agent.stop(drain=True)
         signals.stop.clear()  # a second signal stops at once
-        signals.wait(thread)
+        signals.wait([thread])
     agent.stop()
     thread.join()
+    signals.check(dead)
 
 
 @main.command()
@@ -341,6 +359,7 @@ def up(config_path: str | None, **flags: Any) -> None:
     worker_config = dataclasses.replace(worker_config, name=worker_name)
     cfg.check_mount_folders(worker_config.mount_map)
     # First start: the coordinator's keypair, and a key on the allow list for our worker.
+    cfg.private_state_dir(config.state_dir)
     keys.init(config.state_dir)
     if not keys.worker_secret_file(config.state_dir, worker_name).exists():
         keys.add_worker(config.state_dir, worker_name)
@@ -360,12 +379,13 @@ def up(config_path: str | None, **flags: Any) -> None:
         err=True,
     )
     systemd.notify("READY=1", f"STATUS=serving HTTP on {server.http_url}")
-    signals.wait(reload=server.reload)
+    dead = signals.wait([*server.threads, thread], reload=server.reload)
     systemd.notify("STOPPING=1")
     click.echo("stopping…", err=True)
     agent.stop()
     thread.join()
     server.stop()
+    signals.check(dead)
 
 
 def _client_env(url: str, state_dir: str) -> str:
@@ -496,7 +516,7 @@ def _summary(job: dict[str, Any]) -> str:
     command = job["docker"]["command"]
     rows = [
         ("id", job["id"]),
-        ("name", _printable(job["name"])),
+        ("name", job["name"]),
         (
             "status",
             job["status"]
@@ -513,6 +533,7 @@ def _summary(job: dict[str, Any]) -> str:
             job["gpus"] if not result["gpus"] else f"{job['gpus']}: {', '.join(result['gpus'])}",
         ),
         ("priority", job["priority"]),
+        ("submitter", _printable(job.get("submitter") or "-")),
         ("needs", _needs(job)),
         ("worker", job["worker"] or "-"),
         ("attempts", job["attempts"]),
@@ -526,7 +547,9 @@ def _summary(job: dict[str, Any]) -> str:
     ]
     if job.get("queue_reason"):
         rows.insert(3, ("waiting", job["queue_reason"]))
-    return "\n".join(f"{key:>10}  {value}" for key, value in rows)
+    # Every value escaped: image, command, error and the reason come from the submitter or
+    # the registry, and an escape sequence in them would drive the terminal.
+    return "\n".join(f"{key:>10}  {_printable(str(value))}" for key, value in rows)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -692,11 +715,15 @@ def ls(
     if as_json:
         _print_json(page)
         return
-    click.echo(f"{'ID':>6}  {'STATUS':<9}  {'PRI':>4}  {'GPUS':>4}  {'WORKER':<16}  NAME")
+    click.echo(
+        f"{'ID':>6}  {'STATUS':<9}  {'PRI':>4}  {'GPUS':>4}  {'WORKER':<16}  {'SUBMITTER':<12}"
+        "  NAME"
+    )
     for job in page["jobs"]:
+        submitter = _printable(job.get("submitter") or "-")[:12]
         click.echo(
             f"{job['id']:>6}  {job['status']:<9}  {job['priority']:>4}  {job['gpus']:>4}  "
-            f"{(job['worker'] or '-')[:16]:<16}  {_printable(job['name'])}"
+            f"{(job['worker'] or '-')[:16]:<16}  {submitter:<12}  {_printable(job['name'])}"
         )
     if page["next"]:
         click.echo(f"(more: gpubox ls --before {page['next']})", err=True)
@@ -758,6 +785,8 @@ def workers(as_json: bool, config_path: str | None, **flags: Any) -> None:
     click.echo(f"{'NAME':<20}  {'STATE':<12}  {'GPUS':>4}  {'JOBS':<12}  LAST HEARTBEAT")
     for w in answer["workers"]:
         state = "connected" if w["connected"] else "lost"
+        if w.get("quarantined"):
+            state = "quarantined"  # sent a job it never confirmed: gets no more this session
         jobs = ",".join(map(str, w["running_jobs"])) or "-"
         click.echo(
             f"{w['name'][:20]:<20}  {state:<12}  {len(w['gpus']):>4}  {jobs:<12}  "
@@ -847,19 +876,28 @@ def _owned_store(store: Any) -> Any:
 @token.command("create")
 @click.argument("name")
 @click.option("--role", type=click.Choice(["submit", "admin"]), default="submit", show_default=True)
+@click.option(
+    "--allow-process",
+    is_flag=True,
+    help="its jobs may also run on process-runtime workers, which run them on their hosts"
+    " (admin tokens' jobs always may)",
+)
 @config_file_option
 @config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
 @friendly
-def token_create(name: str, role: str, config_path: str | None, **flags: Any) -> None:
+def token_create(
+    name: str, role: str, allow_process: bool, config_path: str | None, **flags: Any
+) -> None:
     """Create a token NAME and print it once, alone on stdout (only a hash is kept)."""
     from gpubox.coordinator import tokens
 
     store, where = _open_store(config_path, flags)
     try:
-        value = tokens.create(store, name, role)
+        value = tokens.create(store, name, role, allow_process)
     finally:
         store.close()
-    click.echo(f"token {name!r} ({role}) created in {where}; it is shown only this once", err=True)
+    kind = f"{role}, may use process workers" if allow_process else role
+    click.echo(f"token {name!r} ({kind}) created in {where}; it is shown only this once", err=True)
     click.echo(value)
 
 
@@ -875,9 +913,12 @@ def token_list(config_path: str | None, **flags: Any) -> None:
         if not found:
             click.echo(f"no tokens in {where}", err=True)
             return
-        click.echo(f"{'NAME':<24}  {'ROLE':<7}  CREATED (UTC)")
+        click.echo(f"{'NAME':<24}  {'ROLE':<7}  {'PROCESS':<7}  CREATED (UTC)")
         for item in found:
-            click.echo(f"{item.name:<24}  {item.role:<7}  {item.created_at:%Y-%m-%d %H:%M}")
+            process = "yes" if item.may_use_process else "-"
+            click.echo(
+                f"{item.name:<24}  {item.role:<7}  {process:<7}  {item.created_at:%Y-%m-%d %H:%M}"
+            )
     finally:
         store.close()
 
@@ -1001,19 +1042,55 @@ def keys_init(config_path: str | None, **flags: Any) -> None:
 
 @keys_group.command("worker")
 @click.argument("name")
+@click.option(
+    "--labels",
+    default=None,
+    help='the labels it may offer, KEY=VALUE,… ("" for none) [default: any]',
+)
+@click.option(
+    "--gpus", "gpu_count", type=click.IntRange(0), default=None, help="at most this many GPUs"
+)
+@click.option("--gpu-model", default=None, help="every GPU's name must contain this (any case)")
+@click.option("--mounts", default=None, help='the mount names it may declare, NAME,… ("" for none)')
 @config_file_option
 @config_options(cfg.CoordinatorConfig, only=("state_dir",))
 @friendly
-def keys_worker(name: str, config_path: str | None, **flags: Any) -> None:
-    """Make a keypair for worker NAME and allow it; print where its secret key file is."""
+def keys_worker(
+    name: str,
+    labels: str | None,
+    gpu_count: int | None,
+    gpu_model: str | None,
+    mounts: str | None,
+    config_path: str | None,
+    **flags: Any,
+) -> None:
+    """Make a keypair for worker NAME and allow it; print where its secret key file is.
+
+    With --labels, --gpus, --gpu-model or --mounts, the worker may claim no more than that
+    when it connects (it is refused otherwise), so its key cannot attract jobs, with their
+    secrets, that were never meant for it. Left out, a claim has no limit.
+    """
     from gpubox import keys
 
+    claims = None
+    if (labels, gpu_count, gpu_model, mounts) != (None, None, None, None):
+        names = None if mounts is None else [m.strip() for m in mounts.split(",") if m.strip()]
+        for mount in names or []:
+            if not cfg.MOUNT_NAME.match(mount):
+                raise click.BadParameter(f"{mount!r} is not a mount name", param_hint="--mounts")
+        claims = keys.Claims(
+            labels=None if labels is None else cfg.parse_labels(labels, "--labels"),
+            gpus=gpu_count,
+            gpu_model=gpu_model.strip() if gpu_model else None,
+            mounts=names,
+        )
     state_dir = _state_dir(config_path, flags)
     keys.init(state_dir)
-    secret = keys.add_worker(state_dir, name)
+    secret = keys.add_worker(state_dir, name, claims)
+    limits = f" (it may claim {claims.describe()})" if claims else ""
     click.echo(
-        f"worker {name!r} is on the allow list; copy its secret key file to the worker's"
-        f" box and pass it as --key-file (mode 0600):",
+        f"worker {name!r} is on the allow list{limits}; copy its secret key file to the"
+        " worker's box and pass it as --key-file (mode 0600):",
         err=True,
     )
     click.echo(str(secret))
@@ -1042,10 +1119,12 @@ def keys_list(config_path: str | None, **flags: Any) -> None:
     from gpubox import keys
 
     folder = keys.allowed_dir(_state_dir(config_path, flags))
-    names = keys.AllowList(folder).names()
+    allow = keys.AllowList(folder)
+    names = allow.names()
     if names:
-        click.echo(f"{'WORKER':<24}  PUBLIC KEY")
+        click.echo(f"{'WORKER':<24}  {'PUBLIC KEY':<40}  MAY CLAIM")
     for name, public in sorted(names.items()):
-        click.echo(f"{name:<24}  {public}")
+        claims = allow.claims_for(name)
+        click.echo(f"{name:<24}  {public:<40}  {claims.describe() if claims else 'anything'}")
     if not names:
         click.echo(f"no worker keys on the allow list ({folder})", err=True)

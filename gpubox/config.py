@@ -8,15 +8,17 @@ the environment names and the config examples all come from these declarations.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
+import shlex
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gpubox import errors, models
+from gpubox import errors, models, protocol
 
 T = TypeVar("T")
 
@@ -33,6 +35,26 @@ def default_state_dir() -> str:
     if os.geteuid() == 0:
         return "/var/lib/gpubox"
     return str(Path.home() / ".local" / "state" / "gpubox")
+
+
+def private_state_dir(path: str) -> None:
+    """Make the state folder readable by its owner alone: it holds the store (jobs' env,
+    metadata and logs), keys and tokens. A new one is made 0700; one that gpubox already
+    keeps things in (a store or keys) is tightened to 0700, whoever made it and however gpubox
+    is started; any other folder named as the state folder is left as it is, with a warning
+    (it may be shared, like /tmp), since the files gpubox writes there are 0600 anyway."""
+    folder = Path(path)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = folder.stat().st_mode & 0o777
+    if mode & 0o077 == 0:
+        return
+    ours = (folder / "gpubox.db").exists() or (folder / "keys").is_dir()
+    if ours and folder.stat().st_uid == os.geteuid():
+        os.chmod(folder, 0o700)
+    else:
+        logging.getLogger(__name__).warning(
+            "state folder %s may be read by other users (mode %03o): chmod 700 it", path, mode
+        )
 
 
 def parse_address(value: str, name: str) -> tuple[str, int]:
@@ -95,12 +117,76 @@ def parse_mounts(value: str) -> dict[str, Mount]:
 
 
 def check_mount_folders(mounts: dict[str, Mount]) -> None:
-    """ConfigError for a declared mount whose host folder does not exist on this box."""
+    """ConfigError for a declared mount whose host folder does not exist on this box, or that
+    jobs may write to on a filesystem that honours setuid bits or device files.
+
+    A job runs as root in its container unless it asks otherwise, and root owns whatever it
+    writes: without nosuid, a copy of a shell with its setuid bit set, left in a writable
+    mount, runs as root for any local user who finds it at the host path; without nodev, a
+    device file left there opens the device. A `nosuid` seen only inside the container does
+    not help, as local users reach the files through the host path. On a nosuid,nodev
+    filesystem such files are inert, and no other file a job leaves gives anyone more rights
+    than they had: ownership alone (a job with `user: "1000:1000"`, or root's chown) lets that
+    user change the file, nothing else. Filesystems mounted below the folder count too: the
+    container gets them as well."""
     for mount in mounts.values():
         if not os.path.isdir(mount.host_path):
             raise errors.ConfigError(
                 f"mounts: {mount.name}: {mount.host_path} is not a folder on this box"
             )
+        if mount.read_only:
+            continue
+        lacking = setuid_risk(mount.host_path)
+        if lacking:
+            path = mount.host_path
+            quoted = shlex.quote(path)
+            raise errors.ConfigError(
+                f"mounts: {mount.name}: jobs may write to {path}, but {lacking}, so a program a"
+                " job leaves there could run as root for anyone on this box. Mount it"
+                f" nosuid,nodev: `mount --bind {quoted} {quoted} && mount -o"
+                f" remount,bind,nosuid,nodev {quoted}`, and for the next boot the fstab line"
+                f" `{_fstab_path(path)} {_fstab_path(path)} none bind,nosuid,nodev 0 0`;"
+                " or make the mount :ro"
+            )
+
+
+def setuid_risk(path: str) -> str | None:
+    """What lets files under `path` work as setuid programs or devices on this host: "its
+    filesystem is mounted without nosuid,nodev", or the same of a filesystem mounted below
+    it; None when neither can happen."""
+    flags = os.statvfs(path).f_flag
+    lacking = [
+        name for name, bit in (("nosuid", os.ST_NOSUID), ("nodev", os.ST_NODEV)) if not flags & bit
+    ]
+    if lacking:
+        return f"its filesystem is mounted without {','.join(lacking)}"
+    inside = os.path.realpath(path).rstrip("/") + "/"
+    for point, options in _mounted():
+        if point.startswith(inside):
+            lacking = [name for name in ("nosuid", "nodev") if name not in options]
+            if lacking:
+                return f"{point}, mounted inside it, is mounted without {','.join(lacking)}"
+    return None
+
+
+def _mounted() -> list[tuple[str, set[str]]]:
+    """(mount point, options) of each filesystem this process sees (/proc/self/mounts, which
+    writes a space in a path as \\040)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+            rows = [line.split() for line in fh]
+    except OSError:
+        return []
+    octal = re.compile(r"\\([0-7]{3})")
+    return [
+        (octal.sub(lambda m: chr(int(m.group(1), 8)), row[1]), set(row[3].split(",")))
+        for row in rows
+        if len(row) >= 4
+    ]
+
+
+def _fstab_path(path: str) -> str:
+    return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
 
 
 def parse_fake_gpus(spec: str) -> list[tuple[int, str, int]]:
@@ -122,6 +208,59 @@ def parse_fake_gpus(spec: str) -> list[tuple[int, str, int]]:
             )
         groups.append((int(count), name.strip(), int(memory)))
     return groups
+
+
+PUBLIC = "public"  # in `registries`: any registry whose addresses are all public
+ANY = "*"  # in `registries`: any registry at all
+CAPABILITY = re.compile(r"^[A-Z][A-Z0-9_]*$")
+REGISTRY_PATTERN = re.compile(r"^[a-z0-9.*?:\[\]_-]+$")
+
+
+def half_the_memory() -> int:
+    """Half of this host's memory, in bytes, rounded down to MiB: the default max_shm_size."""
+    half = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return half // 1024**2 * 1024**2
+
+
+def parse_shm_size(value: str) -> int:
+    """max_shm_size in bytes: a size like "16g", or "" for half of this host's memory."""
+    if not value.strip():
+        return half_the_memory()
+    try:
+        size = models.parse_size(value, "max_shm_size", 1024**2, 1024**5)
+    except errors.BadInput:
+        size = None
+    if size is None:
+        raise errors.ConfigError(
+            f'max_shm_size: {value!r} is not a size like "16g" or "512m" (at least 1m)'
+        )
+    return size
+
+
+def parse_capabilities(value: str) -> tuple[str, ...]:
+    """cap_drop as Docker's capability names, upper-case without CAP_: "MKNOD,NET_RAW"."""
+    names = []
+    for part in filter(None, (p.strip().upper() for p in value.split(","))):
+        name = part.removeprefix("CAP_")
+        if not CAPABILITY.match(name):
+            raise errors.ConfigError(f"cap_drop: {part!r} is not a capability name like MKNOD")
+        names.append(name)
+    return tuple(names)
+
+
+def parse_registries(value: str) -> tuple[str, ...]:
+    """`registries` as its entries: "public", "*", or registry names and patterns like
+    "nvcr.io", "*.corp.example", "10.1.2.3:5000"."""
+    entries = tuple(filter(None, (p.strip().lower() for p in value.split(","))))
+    for entry in entries:
+        if entry not in (PUBLIC, ANY) and not REGISTRY_PATTERN.match(entry):
+            raise errors.ConfigError(
+                f"registries: {entry!r} is not public, *, or a registry like nvcr.io,"
+                " *.corp.example or 10.1.2.3:5000"
+            )
+    if not entries:
+        raise errors.ConfigError("registries: empty (the default is public)")
+    return entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +342,14 @@ class WorkerConfig:
         "docker, or process: run commands directly on this host (no isolation; no image)",
         "--runtime",
     )
+    process_user: str = setting(
+        "",
+        "GPUBOX_PROCESS_USER",
+        "the process runtime: the user (name or id) jobs run as; never root. Default: nobody"
+        " when the worker runs as root, else the worker's own user (the only one a worker"
+        " that is not root can run them as)",
+        "--process-user",
+    )
     log_source: str = setting(
         "auto",
         "GPUBOX_LOG_SOURCE",
@@ -275,6 +422,29 @@ class WorkerConfig:
         "--mount",
         many=True,
     )
+    pids_limit: int = setting(
+        4096,
+        "GPUBOX_PIDS_LIMIT",
+        "processes and threads a job's container may have at once (0: no limit)",
+    )
+    max_shm_size: str = setting(
+        "",
+        "GPUBOX_MAX_SHM_SIZE",
+        'largest docker.shm_size a job may ask for, like "16g" (default: half of this'
+        " host's memory); a job asking for more ends ERROR",
+    )
+    cap_drop: str = setting(
+        "MKNOD",
+        "GPUBOX_CAP_DROP",
+        "capabilities taken from every job's container, comma-separated (MKNOD: no device files)",
+    )
+    registries: str = setting(
+        "public",
+        "GPUBOX_REGISTRIES",
+        "registries images may be pulled from: public (any whose host is not a loopback,"
+        " private or link-local address; Docker Hub's included), * (any), or names and"
+        " patterns like nvcr.io,*.corp.example,10.1.2.3:5000, comma-separated",
+    )
     fake_gpus: str = setting(
         "",
         "GPUBOX_FAKE_GPUS",
@@ -294,6 +464,11 @@ class WorkerConfig:
         )
         if self.stop_grace_s < 0:
             raise errors.ConfigError("stop_grace_s: must not be negative")
+        if self.pids_limit < 0:
+            raise errors.ConfigError("pids_limit: must not be negative (0: no limit)")
+        parse_shm_size(self.max_shm_size)
+        parse_capabilities(self.cap_drop)
+        parse_registries(self.registries)
         if self.journal_bytes_per_job < 0:
             raise errors.ConfigError("journal_bytes_per_job: must not be negative")
         if self.container_log_max_bytes and self.container_log_max_bytes < 64 * 1024:
@@ -304,9 +479,20 @@ class WorkerConfig:
             raise errors.ConfigError("container_log_files: must be at least 1")
         if self.gpus not in ("all", "none") and not re.fullmatch(r"\d+(,\d+)*", self.gpus):
             raise errors.ConfigError(f"gpus: {self.gpus!r} is not all, none or indices like 0,2")
-        parse_labels(self.labels)
+        if self.max_jobs > protocol.MAX_JOBS:
+            raise errors.ConfigError(f"max_jobs: must be at most {protocol.MAX_JOBS}")
+        labels = parse_labels(self.labels)
+        if len(labels) > protocol.MAX_LABELS:
+            raise errors.ConfigError(f"labels: at most {protocol.MAX_LABELS} labels")
+        for key, value in labels.items():
+            if max(len(key), len(value)) > protocol.MAX_TEXT:
+                raise errors.ConfigError(
+                    f"labels: {key[:40]!r}: keys and values of at most {protocol.MAX_TEXT}"
+                    " characters"
+                )
         parse_fake_gpus(self.fake_gpus)
-        parse_mounts(self.mounts)
+        if len(parse_mounts(self.mounts)) > protocol.MAX_MOUNTS:
+            raise errors.ConfigError(f"mounts: at most {protocol.MAX_MOUNTS} mounts")
         if self.runtime not in models.RUNTIMES:
             raise errors.ConfigError(f"runtime: {self.runtime!r} is not docker or process")
         if self.log_source not in ("auto", "api"):

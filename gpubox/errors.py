@@ -42,6 +42,12 @@ class Forbidden(GpuboxError):
     code = "forbidden"
 
 
+class NotYourJob(Forbidden):
+    """A submit token cancels only the jobs it submitted; an admin token cancels any."""
+
+    code = "not_your_job"
+
+
 class NotFound(GpuboxError):
     """No such resource."""
 

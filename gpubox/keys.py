@@ -7,30 +7,120 @@ allow list of worker public keys, all as files in the state folder.
     <state>/keys/workers/NAME.key_secret    a worker's keypair as `keys worker NAME` made it,
                                             to copy to that worker's box (0600)
 
-A worker may only speak for the name its key file is called by in the allow list.
+A worker may only speak for the name its key file is called by in the allow list, and claim
+no more than it was enrolled with: `keys worker NAME --labels … --gpus N --gpu-model X
+--mounts …` writes these claims into the metadata section of its allowed key file, as one
+line `gpubox-claims = {JSON}` (a coordinator that does not know them reads the key as
+before). A claim left out sets no limit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
 
 from gpubox import errors
 
+CLAIMS_KEY = "gpubox-claims"  # the metadata entry of an allowed key file that holds its claims
+
 log = logging.getLogger(__name__)
 
 RESCAN_S = 1.0  # an unchanged allow-list folder is read again this often anyway
 ZAP_DOMAIN = "gpubox"  # the ROUTER's zap_domain; the authenticator answers for it alone
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Claims:
+    """What a worker key was enrolled to claim in its HELLO; None sets no limit. A HELLO that
+    claims more (a label not listed, more GPUs, a GPU of another model, a mount not listed)
+    is refused: a key cannot make itself look like the best place for jobs it was never
+    meant to get, with their secrets."""
+
+    labels: dict[str, str] | None = None
+    gpus: int | None = None
+    gpu_model: str | None = None  # a part of every GPU's NVML name, any case
+    mounts: list[str] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {k: v for k, v in dataclasses.asdict(self).items() if v is not None},
+            separators=(",", ":"),
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Claims:
+        """Claims as to_json wrote them; ValueError for anything else."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or set(data) - {"labels", "gpus", "gpu_model", "mounts"}:
+            raise ValueError("not an object of labels, gpus, gpu_model and mounts")
+        claims = cls(**data)
+        if claims.labels is not None and not (
+            isinstance(claims.labels, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in claims.labels.items())
+        ):
+            raise ValueError("labels must be an object of strings")
+        if claims.gpus is not None and (type(claims.gpus) is not int or claims.gpus < 0):
+            raise ValueError("gpus must be a count")
+        if claims.gpu_model is not None and not isinstance(claims.gpu_model, str):
+            raise ValueError("gpu_model must be a string")
+        if claims.mounts is not None and not (
+            isinstance(claims.mounts, list) and all(isinstance(m, str) for m in claims.mounts)
+        ):
+            raise ValueError("mounts must be a list of names")
+        return claims
+
+    def describe(self) -> str:
+        """The claims in a few words, for `keys list`; "-" for none."""
+        parts = []
+        if self.labels is not None:
+            parts.append(
+                "labels " + (",".join(f"{k}={v}" for k, v in self.labels.items()) or "none")
+            )
+        if self.gpus is not None:
+            parts.append(f"gpus {self.gpus}")
+        if self.gpu_model is not None:
+            parts.append(f"model {self.gpu_model}")
+        if self.mounts is not None:
+            parts.append("mounts " + (",".join(self.mounts) or "none"))
+        return "; ".join(parts) or "-"
+
+    def excess(self, labels: dict[str, str], gpus: list[dict[str, Any]], mounts: list[str]) -> str:
+        """What a HELLO (its labels, GPUs and mounts) claims beyond these, in words; "" if
+        nothing."""
+        if self.labels is not None:
+            extra = [f"{k}={v}" for k, v in labels.items() if self.labels.get(k) != v]
+            if extra:
+                return f"the labels {', '.join(extra)[:200]}, which its enrolment does not list"
+        if self.gpus is not None and len(gpus) > self.gpus:
+            return f"{len(gpus)} GPUs, of the {self.gpus} it was enrolled with"
+        if self.gpu_model is not None:
+            model = self.gpu_model.lower()
+            other = [
+                str(gpu.get("name")) for gpu in gpus if model not in str(gpu.get("name")).lower()
+            ]
+            if other:
+                return (
+                    f"a GPU {other[0][:100]!r}, not of the model {self.gpu_model!r} it was"
+                    " enrolled with"
+                )
+        if self.mounts is not None:
+            extra = sorted(set(mounts) - set(self.mounts))
+            if extra:
+                return f"the mounts {', '.join(extra)[:200]}, which its enrolment does not list"
+        return ""
 
 
 def check_name(name: str) -> str:
@@ -105,9 +195,10 @@ def init(state_dir: str) -> tuple[Path, bool]:
     return public, True
 
 
-def add_worker(state_dir: str, name: str) -> Path:
-    """Make a keypair for worker NAME and put its public key on the allow list; the secret
-    key file to copy to the worker's box. An existing key for NAME is replaced."""
+def add_worker(state_dir: str, name: str, claims: Claims | None = None) -> Path:
+    """Make a keypair for worker NAME and put its public key on the allow list, with what
+    its HELLO may claim (None: no limit); the secret key file to copy to the worker's box.
+    An existing key for NAME is replaced."""
     check_name(name)
     folder = keys_dir(state_dir) / "workers"
     _make_pair(state_dir, folder, name)
@@ -115,10 +206,29 @@ def add_worker(state_dir: str, name: str) -> Path:
     _make_folder(state_dir, allowed)
     # Through a new file and a rename, so the folder changes and a running coordinator
     # reads its allow list again at once (an old key for NAME stops working then).
-    shutil.copyfile(folder / f"{name}.key", allowed / f".{name}.key.new")
+    text = (folder / f"{name}.key").read_text()
+    if claims is not None:
+        # In the metadata section that pyzmq writes (and reads past): one line of JSON.
+        line = f"    {CLAIMS_KEY} = {claims.to_json()}\n"
+        text = text.replace("\nmetadata\n", f"\nmetadata\n{line}", 1)
+        if line not in text:
+            raise errors.GpuboxError(f"cannot write the claims into {folder / name}.key")
+    (allowed / f".{name}.key.new").write_text(text)
     give_to_owner(state_dir, allowed / f".{name}.key.new")
     os.replace(allowed / f".{name}.key.new", allowed / f"{name}.key")
     return folder / f"{name}.key_secret"
+
+
+def read_claims(path: str | Path) -> Claims | None:
+    """The claims written in an allowed key file; None when it has none (no limit).
+    ValueError for a claims line that cannot be read."""
+    prefix = f"{CLAIMS_KEY} ="
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line.startswith(prefix):
+                return Claims.from_json(line[len(prefix) :])
+    return None
 
 
 def revoke(state_dir: str, name: str) -> bool:
@@ -185,6 +295,7 @@ class AllowList:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._names: dict[str, str] = {}
+        self._claims: dict[str, Claims] = {}  # worker name → what its HELLO may claim
         self._next_scan = 0.0
 
     def name_for(self, public_key: str, refresh: bool = True) -> str | None:
@@ -193,6 +304,11 @@ class AllowList:
         if refresh:
             self.refresh()
         return self._names.get(public_key)
+
+    def claims_for(self, name: str) -> Claims | None:
+        """What worker NAME was enrolled to claim, as of the last look at the folder; None
+        when its key carries no claims (no limit)."""
+        return self._claims.get(name)
 
     def names(self) -> dict[str, str]:
         """Every allowed worker: name → Z85 public key."""
@@ -219,14 +335,20 @@ class AllowList:
             if stamp == self._stamp and now < self._next_scan:
                 return
             names: dict[str, str] = {}
+            claims: dict[str, Claims] = {}
             for path in sorted(self.folder.glob("*.key")) if stamp else []:
                 try:
                     public, _ = zmq.auth.load_certificate(str(path))
+                    # Unreadable claims leave the key out: never a key without its limits.
+                    found = read_claims(path)
                 except (OSError, ValueError) as exc:
                     log.warning("ignoring unreadable key file %s: %s", path, exc)
                     continue
                 names[public.decode("ascii")] = path.stem
-            self._names, self._stamp, self._next_scan = names, stamp, now + RESCAN_S
+                if found is not None:
+                    claims[path.stem] = found
+            self._names, self._claims = names, claims
+            self._stamp, self._next_scan = stamp, now + RESCAN_S
 
 
 class CurveAuthenticator:

@@ -16,11 +16,24 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from typing import IO, Any
 
 PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+# What must not reach a log line raw: C0 and C1 control characters (a newline would start a
+# line that looks like gpubox's own, an escape sequence would drive the reader's terminal)
+# and Unicode's line and paragraph separators.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """A value from a job (its image, a remote server's message) made fit for one log line:
+    each control character written as Python writes it in a string (\\n, \\x1b)."""
+    return CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 def fields(**values: Any) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import re
 import shlex
 from datetime import UTC, datetime
@@ -17,7 +18,13 @@ MAX_IMAGE = 512
 MAX_GPUS = 64
 MAX_INT = 2**31 - 1
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-RESERVED_ENV = frozenset({"NVIDIA_VISIBLE_DEVICES"})
+# Environment variables a job may not set. gpubox sets CUDA_VISIBLE_DEVICES (process
+# runtime) and NVIDIA_VISIBLE_DEVICES to the job's GPUs; the other NVIDIA_* variables steer
+# the NVIDIA container runtime (NVIDIA_DRIVER_CAPABILITIES, NVIDIA_MIG_CONFIG_DEVICES give a
+# container more of the driver than its GPUs); GPUBOX_* are gpubox's own (the process runtime
+# finds its jobs' processes by one).
+RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES"})
+RESERVED_ENV_PREFIXES = ("NVIDIA_", "GPUBOX_")
 MOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
@@ -106,11 +113,68 @@ class JobSpec:
     gpu_model: str | None = None
     gpu_memory_gb: float | None = None
     container: ContainerOptions = dataclasses.field(default_factory=lambda: ContainerOptions())
+    # Set by the coordinator at submit, never by the client: the name of the token that
+    # submitted the job (None for jobs stored before gpubox recorded it), and whether that
+    # token may have its jobs run on process-runtime workers, which run them on the host.
+    submitter: str | None = None
+    allow_process: bool = False
+
+    @property
+    def needs(self) -> Needs:
+        """What of this job decides which workers and GPUs can run it."""
+        return Needs(
+            gpus=self.gpus,
+            gpu_model=self.gpu_model,
+            gpu_memory_gb=None if self.gpu_memory_gb is None else float(self.gpu_memory_gb),
+            labels=dict(self.labels),
+            mounts=tuple(self.container.mounts),
+            docker_only=tuple(self.container.needs_docker()),
+            command=bool(self.command),
+            allow_process=self.allow_process,
+        )
+
+    def runs_on(self, runtime: str) -> bool:
+        """Whether a worker of this runtime can run the job (see Needs.runs_on)."""
+        return self.needs.runs_on(runtime)
+
+    def wants_gpu(self, gpu: dict[str, Any]) -> bool:
+        """Whether a GPU (as a worker describes it: name, memory_mb) suits this job."""
+        return self.needs.wants_gpu(gpu)
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What decides which workers and GPUs can run a job. Jobs with equal needs can run on
+    exactly the same workers, so the scheduler treats them as one group; the store keeps
+    each job's needs as one text, its `shape`, and indexes the queue by it."""
+
+    gpus: int = 0
+    gpu_model: str | None = None
+    gpu_memory_gb: float | None = None
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    mounts: tuple[str, ...] = ()  # in the order the job lists them
+    docker_only: tuple[str, ...] = ()  # the Docker-only options it sets (ContainerOptions)
+    command: bool = False  # whether it has a command
+    allow_process: bool = False  # whether its token may use process-runtime workers
 
     def runs_on(self, runtime: str) -> bool:
         """Whether a worker of this runtime can run the job: the process runtime needs a
-        command (it has no image to take one from) and none of the Docker-only options."""
-        return runtime != "process" or bool(self.command and not self.container.needs_docker())
+        command (it has no image to take one from), none of the Docker-only options, and a
+        job whose token may use process workers."""
+        return runtime != "process" or self.process_refusal() is None
+
+    def process_refusal(self) -> str | None:
+        """Why a process-runtime worker cannot run this job, in words; None if it can."""
+        if self.docker_only:
+            return f"it sets {', '.join(f'docker.{name}' for name in self.docker_only)}"
+        if not self.command:
+            return "it has no docker.command"
+        if not self.allow_process:
+            return (
+                "its token may not use process workers (an admin makes one that may with"
+                " gpubox token create NAME --allow-process)"
+            )
+        return None
 
     def wants_gpu(self, gpu: dict[str, Any]) -> bool:
         """Whether a GPU (as a worker describes it: name, memory_mb) suits this job."""
@@ -118,6 +182,27 @@ class JobSpec:
             return False
         return not (
             self.gpu_memory_gb and gpu.get("memory_mb", 0) * 1024**2 < self.gpu_memory_gb * GB
+        )
+
+    @property
+    def shape(self) -> str:
+        """These needs as one JSON text: equal needs give the same text, and from_shape
+        reads it back."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_shape(cls, text: str) -> Needs:
+        data = json.loads(text)
+        return cls(
+            gpus=data["gpus"],
+            gpu_model=data["gpu_model"],
+            gpu_memory_gb=data["gpu_memory_gb"],
+            labels=data["labels"],
+            mounts=tuple(data["mounts"]),
+            docker_only=tuple(data["docker_only"]),
+            command=data["command"],
+            # shapes stored before tokens had the permission lack it: no
+            allow_process=data.get("allow_process", False),
         )
 
 
@@ -206,6 +291,8 @@ class Job:
             "timeout": spec.timeout,
             "max_retries": spec.max_retries,
             "metadata": spec.metadata,
+            "submitter": spec.submitter,
+            "allow_process": spec.allow_process,
             "status": self.status.value,
             "queue_reason": None,  # GET /jobs/<id> says why a QUEUED job waits
             "cancel_requested": self.cancel_requested,
@@ -241,6 +328,7 @@ class Job:
             "timeout": spec.timeout,
             "first_seq": self.log_seq + 1,
             "container": spec.container.to_dict(),
+            "submitter": spec.submitter,
         }
 
 
@@ -466,12 +554,13 @@ def parse_spec(data: Any) -> JobSpec:
     env = _str_map(docker.get("env"), "docker.env", env_names=True)
     secrets = _str_map(docker.get("secrets"), "docker.secrets", env_names=True)
     for field, values in (("docker.env", env), ("docker.secrets", secrets)):
-        if RESERVED_ENV & values.keys():
-            raise errors.BadInput(
-                f"{field}: NVIDIA_VISIBLE_DEVICES is set by gpubox to the GPUs the job gets;"
-                " ask for them with gpus",
-                field,
-            )
+        for key in values:
+            if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIXES):
+                raise errors.BadInput(
+                    f"{field}: {key} is gpubox's to set: a job sets no NVIDIA_* or GPUBOX_*"
+                    " variable, nor CUDA_VISIBLE_DEVICES (ask for GPUs with gpus)",
+                    field,
+                )
     for key, value in secrets.items():
         if key in env:
             raise errors.BadInput(
@@ -596,3 +685,10 @@ class Token:
     digest: str
     role: str
     created_at: datetime
+    # Whether jobs submitted with it may run on process-runtime workers (admin tokens' may).
+    allow_process: bool = False
+
+    @property
+    def may_use_process(self) -> bool:
+        """Whether this token's jobs may run on process-runtime workers."""
+        return self.allow_process or self.role == "admin"

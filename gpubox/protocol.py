@@ -34,8 +34,9 @@ worker -> coordinator
 coordinator -> worker
     WELCOME    {coordinator, heartbeat_interval_s, liveness_s}
     JOB        {coordinator, job: {id, attempt, name, image, command, env, secrets, auth, gpus,
-                timeout, first_seq, container?}, resume?, resume_stored?}  secrets and auth
-                are write-only: mask, never log; gpus: the GPU uuids it gets; container:
+                timeout, first_seq, container?, submitter?}, resume?, resume_stored?}  secrets
+                and auth are write-only: mask, never log; gpus: the GPU uuids it gets;
+                submitter: the name of the token that submitted it (null: not recorded); container:
                 {shm_size, workdir, user, memory, mounts}; resume {stream: last stored
                 timestamp}: re-attach to the running container; resume_stored {stream: how
                 many lines with that timestamp are stored} (pieces of a long line: the rest
@@ -44,13 +45,19 @@ coordinator -> worker
     CANCEL     {job_id, attempt}
     HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO)
     REFUSED    {coordinator, reason}   a HELLO not taken, and why (the key is another
-                worker's); the worker logs it and says HELLO again when next told known: false
+                worker's, it claims more than its key was enrolled with, or it is malformed or
+                past the bounds below); the worker logs it and says HELLO again when next told
+                known: false
 
 A worker whose HEARTBEAT is answered with another `coordinator` id than its WELCOME's knows
 the coordinator restarted, and says HELLO again.
 
 `decode` checks the version, the type and every field's type, and raises ProtocolError on
-anything else; the receiver logs and drops such a message.
+anything else; the receiver logs and drops such a message (a HELLO: answered with REFUSED).
+What a worker says of itself is bounded too (see the MAX_* figures below): at most
+MAX_WORKER_GPUS GPUs, MAX_LABELS labels, MAX_MOUNTS mounts, max_jobs and slots of 0 to
+MAX_JOBS, MAX_RUNNING jobs held, names, labels and other texts of MAX_TEXT characters, ids and
+sequence numbers of 0 to MAX_ID, exit codes that fit 32 bits.
 """
 
 from __future__ import annotations
@@ -71,6 +78,20 @@ _STREAM_SET = frozenset(STREAMS)
 
 Check = Callable[[Any], bool]
 
+# Bounds on what a worker says of itself, far above any real box: without them one worker's
+# HELLO with 100,000 GPUs and 20,000 labels made GET /workers answer 28 MB, and a READY
+# with 2**64 - 1 free slots broke every scheduling round (no store takes such an integer).
+MAX_WORKER_GPUS = 256
+MAX_LABELS = 64
+MAX_MOUNTS = 64
+MAX_JOBS = 1024  # a worker's max_jobs, and the free slots a READY offers
+MAX_RUNNING = 4096  # jobs a worker lists as held (more than max_jobs after a restart)
+MAX_TEXT = 256  # a worker's name, version, label key or value, GPU name or uuid, session
+MAX_ERROR = 65536  # the error text of a DONE
+MAX_ID = 2**63 - 1  # job ids, attempts and sequence numbers: what both stores hold
+MAX_EXIT = 2**31 - 1  # an exit code, either sign
+MAX_MEMORY_MB = 2**40
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -78,6 +99,31 @@ def _is_int(value: Any) -> bool:
 
 def _opt(check: Check) -> Check:
     return lambda value: value is None or check(value)
+
+
+def _int_in(low: int, high: int) -> Check:
+    return lambda value: _is_int(value) and low <= value <= high
+
+
+def _text(limit: int = MAX_TEXT) -> Check:
+    return lambda value: isinstance(value, str) and len(value) <= limit
+
+
+def _bounded_list(check: Check, limit: int) -> Check:
+    return lambda value: (
+        isinstance(value, list) and len(value) <= limit and all(check(item) for item in value)
+    )
+
+
+def _is_labels(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and len(value) <= MAX_LABELS
+        and all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_TEXT and len(v) <= MAX_TEXT
+            for k, v in value.items()
+        )
+    )
 
 
 def _list_of(check: Check) -> Check:
@@ -142,28 +188,39 @@ def _is_lines(value: Any) -> bool:
         return False
 
 
+_ID = _int_in(0, MAX_ID)
+_SESSION = _text()
+GPU_FIELDS = ("uuid", "name", "memory_mb", "index", "pci_bus_id")  # what a GPU is kept with
+
+
 def _is_gpu(value: Any) -> bool:
     return (
         isinstance(value, dict)
-        and isinstance(value.get("uuid"), str)
-        and isinstance(value.get("name"), str)
-        and _is_int(value.get("memory_mb"))
+        and _text()(value.get("uuid"))
+        and _text()(value.get("name"))
+        and _int_in(0, MAX_MEMORY_MB)(value.get("memory_mb"))
+        and _opt(_int_in(0, MAX_ID))(value.get("index"))
+        and _opt(_text())(value.get("pci_bus_id"))
     )
+
+
+def gpu_record(gpu: dict[str, Any]) -> dict[str, Any]:
+    """A GPU of a HELLO with only the fields gpubox knows (GPU_FIELDS): anything else a
+    worker adds is not kept nor shown."""
+    return {key: gpu[key] for key in GPU_FIELDS if key in gpu}
 
 
 def _is_usage(value: Any) -> bool:
     return (
         isinstance(value, dict)
-        and isinstance(value.get("uuid"), str)
-        and _opt(_is_int)(value.get("memory_used_mb"))
-        and _opt(_is_int)(value.get("utilization"))
+        and _text()(value.get("uuid"))
+        and _opt(_int_in(0, MAX_MEMORY_MB))(value.get("memory_used_mb"))
+        and _opt(_int_in(0, 100))(value.get("utilization"))
     )
 
 
 def _is_running(value: Any) -> bool:
-    return (
-        isinstance(value, dict) and _is_int(value.get("job_id")) and _is_int(value.get("attempt"))
-    )
+    return isinstance(value, dict) and _ID(value.get("job_id")) and _ID(value.get("attempt"))
 
 
 def _is_wire_job(value: Any) -> bool:
@@ -189,50 +246,50 @@ _WIRE_JOB: dict[str, Check] = {
 
 FROM_WORKER: dict[str, dict[str, Check]] = {
     "HELLO": {
-        "name": _is_str,
-        "version": _is_str,
-        "session": _is_str,
-        "gpus": _list_of(_is_gpu),
-        "labels": _is_str_map,
-        "max_jobs": _is_int,
-        "running": _list_of(_is_running),
-        "mounts": _opt(_list_of(_is_str)),
-        "runtime": _opt(_is_str),
+        "name": _text(),
+        "version": _text(),
+        "session": _SESSION,
+        "gpus": _bounded_list(_is_gpu, MAX_WORKER_GPUS),
+        "labels": _is_labels,
+        "max_jobs": _int_in(0, MAX_JOBS),
+        "running": _bounded_list(_is_running, MAX_RUNNING),
+        "mounts": _opt(_bounded_list(_text(), MAX_MOUNTS)),
+        "runtime": _opt(_text()),
     },
     "READY": {
-        "session": _is_str,
-        "free_gpus": _list_of(_is_str),
-        "slots": _is_int,
-        "running": _list_of(_is_int),
+        "session": _SESSION,
+        "free_gpus": _bounded_list(_text(), MAX_WORKER_GPUS),
+        "slots": _int_in(0, MAX_JOBS),
+        "running": _bounded_list(_ID, MAX_RUNNING),
     },
     "STARTED": {
-        "session": _is_str,
-        "job_id": _is_int,
-        "attempt": _is_int,
-        "container": _is_str,
+        "session": _SESSION,
+        "job_id": _ID,
+        "attempt": _ID,
+        "container": _text(),
         "executed_at": _is_time,
     },
     "LOG": {
-        "session": _is_str,
-        "job_id": _is_int,
-        "attempt": _is_int,
-        "seq": _is_int,
+        "session": _SESSION,
+        "job_id": _ID,
+        "attempt": _ID,
+        "seq": _ID,
         "lines": _is_lines,
-        "last": _opt(_is_int),
+        "last": _opt(_ID),
         "notes": _opt(_list_of(_is_int)),
     },
     "DONE": {
-        "session": _is_str,
-        "job_id": _is_int,
-        "attempt": _is_int,
+        "session": _SESSION,
+        "job_id": _ID,
+        "attempt": _ID,
         "status": lambda v: v in ("FINISHED", "ERROR", "CANCELLED"),
-        "exit_code": _opt(_is_int),
-        "error": _opt(_is_str),
+        "exit_code": _opt(_int_in(-MAX_EXIT - 1, MAX_EXIT)),
+        "error": _opt(_text(MAX_ERROR)),
         "executed_at": _opt(_is_time),
         "finished_at": _is_time,
-        "last_seq": _is_int,
+        "last_seq": _ID,
     },
-    "HEARTBEAT": {"session": _is_str, "usage": _opt(_list_of(_is_usage))},
+    "HEARTBEAT": {"session": _SESSION, "usage": _opt(_bounded_list(_is_usage, MAX_WORKER_GPUS))},
 }
 
 FROM_COORDINATOR: dict[str, dict[str, Check]] = {

@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 import io
 import os
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -24,6 +26,7 @@ from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
 from gpubox.worker import gpu
 from gpubox.worker.agent import Agent
+from gpubox.worker.policy import ContainerPolicy
 from gpubox.worker.process import ProcessRuntime
 from gpubox.worker.runner import DockerRuntime
 
@@ -152,7 +155,12 @@ class Cluster:
         source = gpu.FakeGpus(config.fake_gpus, config.name)
         runtime: Any
         if config.runtime == "process":
-            runtime = ProcessRuntime(config.name, config.stop_grace_s, tee=io.StringIO())
+            runtime = ProcessRuntime(
+                config.name,
+                config.stop_grace_s,
+                tee=io.StringIO(),
+                process_user=config.process_user,
+            )
         else:
             runtime = DockerRuntime(
                 config.name,
@@ -164,6 +172,7 @@ class Cluster:
                 log_files=config.log_source == "auto",
                 log_max_bytes=config.container_log_max_bytes,
                 log_max_files=config.container_log_files,
+                policy=ContainerPolicy.from_config(config),
             )
         agent = Agent(config, runtime, source.list(), context=self.context, usage=source.usage)
         thread = threading.Thread(target=agent.run, daemon=True)
@@ -253,3 +262,26 @@ def make_cluster(
 def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
     """A coordinator with one worker (max 4 jobs, no GPUs)."""
     return make_cluster()
+
+
+@pytest.fixture()
+def nosuid_dir() -> Iterator[Path]:
+    """A folder on a filesystem mounted nosuid,nodev, as a worker's writable mount must be
+    (config.check_mount_folders): a tmpfs of its own where the tests run as root, else a
+    folder in one the box has (the user's runtime folder, /dev/shm)."""
+    if os.geteuid() == 0:
+        # Not in tmp_path, whose parents only root may enter: tests run programs from here
+        # as other users.
+        path = Path(tempfile.mkdtemp(prefix="gpubox-nosuid-"))
+        options = "nosuid,nodev,size=64m"
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+        yield path
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        path.rmdir()
+        return
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm"):
+        if base and os.access(base, os.W_OK) and cfg.setuid_risk(base) is None:
+            with tempfile.TemporaryDirectory(dir=base) as folder:
+                yield Path(folder)
+            return
+    pytest.skip("no nosuid,nodev folder to write to: run the tests as root")

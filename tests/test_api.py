@@ -478,8 +478,10 @@ def _body_of_size(size: int) -> bytes:
 
 @pytest.mark.parametrize("size", [1001, 1500, 2000, 5000])
 def test_body_over_the_limit_is_413(make_cluster: Callable[..., Cluster], size: int):
+    # Waitress answers it itself (plain text), from the Content-Length alone: see
+    # test_http_attacks.py for a body it is never made to read.
     cluster = make_cluster(workers=0, max_body_bytes=1000)
-    assert_error(request(cluster, "POST", JOBS, _body_of_size(size)), 413, "too_large")
+    assert request(cluster, "POST", JOBS, _body_of_size(size)).status == 413
     assert list_ids(cluster) == []
 
 
@@ -791,6 +793,7 @@ def test_workers_lists_the_connected_worker(cluster: Cluster):
     workers = response.body["workers"]
     assert [w["name"] for w in workers] == ["worker-1"]
     _check_worker(workers[0], "worker-1", {}, 0)
+    assert workers[0]["quarantined"] is None  # it confirms the jobs it is sent
 
 
 def test_a_connected_workers_last_heartbeat_moves(cluster: Cluster):

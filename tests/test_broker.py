@@ -26,7 +26,7 @@ from gpubox import keys, models, protocol
 from gpubox.coordinator import sealing
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
-from gpubox.store.sqlite import SqliteStore
+from gpubox.store import Store, open_store
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -295,7 +295,7 @@ class Link:
     """A running broker, its store and keys, and the fake workers of one test. The workers
     share one context, apart from every broker's."""
 
-    store: SqliteStore
+    store: Store
     keys: Keys
     sealer: sealing.Sealer
     context: zmq.Context
@@ -384,10 +384,14 @@ class Link:
 
 @contextlib.contextmanager
 def serve(
-    tmp_path: Path, heartbeat_interval_s: float = HEARTBEAT_S, liveness_s: float = LIVENESS_S
+    tmp_path: Path,
+    heartbeat_interval_s: float = HEARTBEAT_S,
+    liveness_s: float = LIVENESS_S,
+    db_url: str = "",
 ) -> Iterator[Link]:
-    """A Link with one broker started; everything stopped and closed afterwards."""
-    store = SqliteStore(str(tmp_path / "gpubox.db"))
+    """A Link with one broker started, on the store at db_url (a SQLite file in tmp_path by
+    default); everything stopped and closed afterwards."""
+    store = open_store(db_url or f"sqlite:///{tmp_path}/gpubox.db")
     state_dir = tmp_path / "state"
     state = Link(
         store,
@@ -422,6 +426,13 @@ def serve(
 @pytest.fixture()
 def link(tmp_path: Path) -> Iterator[Link]:
     with serve(tmp_path) as state:
+        yield state
+
+
+@pytest.fixture()
+def any_link(tmp_path: Path, db_url: str) -> Iterator[Link]:
+    """A Link on each store backend (see conftest.db_url)."""
+    with serve(tmp_path, db_url=db_url) as state:
         yield state
 
 
@@ -535,8 +546,14 @@ def test_malformed_messages_from_an_authenticated_worker_are_dropped(link: Link)
     # Well-formed, but from a session the broker never welcomed: not stored, asked to HELLO.
     log = {"session": "nobody", "job_id": job.id, "attempt": 1, "seq": 1, "lines": lines(1, 2)}
     junk.send_multipart(protocol.encode("LOG", log))
-    assert junk.poll(3000), "no answer to a LOG from an unknown session"
-    answer = protocol.decode_from_coordinator(junk.recv_multipart())
+    refused = []  # a malformed HELLO is answered with why (REFUSED), so its worker logs it
+    while True:
+        assert junk.poll(3000), "no answer to a LOG from an unknown session"
+        answer = protocol.decode_from_coordinator(junk.recv_multipart())
+        if answer.type != "REFUSED":
+            break
+        refused.append(answer.body["reason"])
+    assert len(refused) == 7 and all("HELLO is malformed" in reason for reason in refused)
     assert answer.type == "HEARTBEAT"
     assert answer.body == {"coordinator": link.broker.coordinator_id, "known": False}
     # One connection's messages are handled in order: every one before the LOG was dropped.
@@ -829,6 +846,105 @@ def test_every_schedule_poke_after_the_last_one_was_taken_counts(link: Link) -> 
         link.broker.poke("schedule")
         link.broker.poke("schedule")  # a second one, likely still behind the first
         assert worker.job(timeout_s=0.3)["id"] == created.id
+
+
+# --- jobs that no worker can run ---------------------------------------------------------------
+
+
+def create_many(link: Link, count: int, **fields: Any) -> list[models.Job]:
+    """`count` QUEUED jobs with these submission fields, in one transaction."""
+    with link.store.batch():
+        return [link.create(**fields) for _ in range(count)]
+
+
+def test_jobs_no_worker_can_run_do_not_hold_back_one_that_can(any_link: Link) -> None:
+    # Issue 19, finding 3: the scheduler looked only at the first 200 queued jobs, so 200
+    # jobs that could never run kept every job behind them queued.
+    link = any_link
+    too_big = create_many(link, 250, gpus=64, priority=10)
+    nowhere = create_many(link, 250, labels={"pool": "nobody"})
+    worker = link.worker("w1", gpus=["GPU-a"])
+    worker.hello()
+    worker.ready(slots=1)
+    runnable = link.create(gpus=1)
+    link.broker.poke("schedule")
+    assert worker.job(timeout_s=1.0)["id"] == runnable.id
+    worker.quiet("JOB", 0.3)
+    # every job left has the reason of its own: none is said to wait behind others
+    reason = link.broker.queue_reason
+    for job in (too_big[0], too_big[-1]):
+        assert reason(job.id) == "no connected worker with its labels has 64 GPUs"
+    for job in (nowhere[0], nowhere[-1]):
+        assert reason(job.id) == "no connected worker has the labels pool=nobody"
+
+
+def test_jobs_no_worker_can_run_submitted_after_runnable_ones_change_nothing(
+    any_link: Link,
+) -> None:
+    link = any_link
+    first, second = link.create(gpus=1), link.create(gpus=1)
+    create_many(link, 300, gpus=64)
+    create_many(link, 300, gpus=1, labels={"pool": "nobody"})
+    third = link.create()
+    worker = link.worker("w1", gpus=["GPU-a", "GPU-b"], max_jobs=4)
+    worker.hello()
+    worker.ready(slots=4)
+    assert sorted(worker.job()["id"] for _ in range(3)) == [first.id, second.id, third.id]
+    worker.quiet("JOB", 0.3)
+
+
+def test_a_job_no_worker_could_run_starts_when_a_worker_that_can_connects(
+    any_link: Link,
+) -> None:
+    link = any_link
+    waiting = create_many(link, 300, labels={"pool": "h100"})
+    plain = link.worker("plain")
+    plain.hello()
+    plain.ready(slots=1)
+    plain.wait_for(
+        lambda: (
+            link.broker.queue_reason(waiting[-1].id)
+            == "no connected worker has the labels pool=h100"
+        ),
+        3.0,
+        "the reason of a job past the first 200",
+    )
+    plain.quiet("JOB", 0.2)
+    h100 = link.worker("h100", labels={"pool": "h100"}, max_jobs=2)
+    h100.hello()
+    h100.ready(slots=2)
+    assert [h100.job()["id"], h100.job()["id"]] == [waiting[0].id, waiting[1].id]
+    assert link.broker.queue_reason(waiting[-1].id) == (
+        "waiting for a free job slot (max_jobs) on h100"
+    )
+    plain.quiet("JOB", 0.2)
+
+
+def test_a_big_job_behind_jobs_no_worker_can_run_still_gathers_its_gpus(any_link: Link) -> None:
+    link = any_link
+    first = link.create(gpus=1)
+    worker = link.worker("w1", gpus=["GPU-a", "GPU-b"], max_jobs=4)
+    worker.hello()
+    worker.ready(slots=1)
+    running = worker.job()
+    assert (running["id"], running["gpus"]) == (first.id, ["GPU-a"])
+    worker.started(running)
+    create_many(link, 300, gpus=64)
+    create_many(link, 300, gpus=1, labels={"pool": "nobody"})
+    big, small = link.create(gpus=2), link.create(gpus=1)
+    worker.send("READY", free_gpus=["GPU-b"], slots=3, running=[first.id])
+    link.broker.poke("schedule")
+    worker.quiet("JOB", 1.2)  # past a timer round: GPU-b is held for the big job
+    assert link.broker.queue_reason(small.id) == (
+        f"waiting behind job {big.id}: the GPUs of w1 are held for it"
+    )
+    worker.done(running, last_seq=0)
+    assert worker.ack()["done"] is True
+    worker.ready(slots=4)
+    job = worker.job()
+    assert (job["id"], job["gpus"]) == (big.id, ["GPU-a", "GPU-b"])
+    worker.quiet("JOB", 0.3)
+    assert link.status(small.id) is Status.QUEUED
 
 
 # --- lost workers and cancels ------------------------------------------------------------------

@@ -105,9 +105,12 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
     shown = run("show", job_id, env=env)
     assert shown.returncode == 0
     assert "ERROR" in shown.stdout and "exit code  4" in shown.stdout
+    assert " submitter  local\n" in shown.stdout  # `up`'s local token submitted it
 
     listed = run("ls", env=env)
     assert "cli job" in listed.stdout and job_id in listed.stdout
+    assert "SUBMITTER" in listed.stdout.splitlines()[0]
+    assert [line.split()[5] for line in listed.stdout.splitlines()[1:]] == ["local"]
 
     tailed = run("tail", job_id, env=env)
     assert tailed.returncode == 4 and tailed.stdout == "hello cli\n"
@@ -128,6 +131,11 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
     assert f"{odd}  " in run("ls", env=env).stdout
     assert "two\\nlines \\x1b[2J" in run("ls", env=env).stdout
     assert "two\\nlines \\x1b[2J" in run("show", odd, env=env).stdout
+    # so is every other field show prints: the image and the command come from the submitter
+    sneaky = run("submit", f"{IMAGE}\x1b]0;t\x07", "echo", "\x1b[31mred", env=env).stdout.strip()
+    shown = run("show", sneaky, env=env).stdout
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "\\x1b]0;t\\x07" in shown and "\\x1b[31mred" in shown
     # show says what a job asks for; a follow of a job no worker can take says why it waits
     waiting = subprocess.Popen(
         [*GPUBOX, "submit", "-f", "-l", "zone=nowhere", "--timeout", "60", IMAGE, "true"],
@@ -298,10 +306,13 @@ def test_token_commands_work_on_the_coordinators_store_and_only_there(tmp_path: 
     assert made.stdout.startswith("gpbx_") and "shown only this once" in made.stderr
     assert f"created in {db}" in made.stderr  # which store: a coordinator elsewhere would 401
     header, row = run("token", "list", env=env).stdout.splitlines()
-    assert header.split() == ["NAME", "ROLE", "CREATED", "(UTC)"] and row.split()[:2] == [
-        "ci",
-        "submit",
-    ]
+    assert header.split() == ["NAME", "ROLE", "PROCESS", "CREATED", "(UTC)"]
+    assert row.split()[:3] == ["ci", "submit", "-"]
+    trusted = run("token", "create", "trusted", "--allow-process", env=env)
+    assert "(submit, may use process workers)" in trusted.stderr
+    listed = run("token", "list", env=env).stdout.splitlines()
+    assert listed[2].split()[:3] == ["trusted", "submit", "yes"]
+    assert run("token", "revoke", "trusted", env=env).returncode == 0
     assert run("token", "revoke", "ci", env=env).returncode == 0
     again = run("token", "revoke", "ci", env=env)
     assert again.returncode != 0 and "no token named 'ci'" in again.stderr
@@ -317,7 +328,8 @@ def test_a_worker_offering_no_gpus_does_not_ask_nvml_and_keys_list_says_when_emp
     keys.init(env["GPUBOX_STATE_DIR"])
     keys.add_worker(env["GPUBOX_STATE_DIR"], "w1")
     header, row = run("keys", "list", env=env).stdout.splitlines()
-    assert header.split() == ["WORKER", "PUBLIC", "KEY"] and row.split()[0] == "w1"
+    assert header.split() == ["WORKER", "PUBLIC", "KEY", "MAY", "CLAIM"]
+    assert row.split()[0] == "w1" and row.split()[2] == "anything"
     link = f"tcp://127.0.0.1:{free_port()}"  # nobody there: it keeps trying, quietly
     worker = subprocess.Popen(
         [

@@ -147,13 +147,12 @@ def test_job_without_gpus_gets_no_device_request_and_sees_no_gpu(
 
 
 def test_container_options_reach_the_engine(
-    docker_client: docker.DockerClient, worker_name: str, tmp_path: Path
+    docker_client: docker.DockerClient, worker_name: str, tmp_path: Path, nosuid_dir: Path
 ):
     (tmp_path / "d").mkdir()
-    (tmp_path / "s").mkdir()
     mounts = {
         "datasets": Mount("datasets", str(tmp_path / "d"), "/mnt/datasets", read_only=True),
-        "scratch": Mount("scratch", str(tmp_path / "s"), "/scratch", read_only=False),
+        "scratch": Mount("scratch", str(nosuid_dir), "/scratch", read_only=False),
     }
     runtime = DockerRuntime(
         worker_name, client=docker_client, tee=io.StringIO(), mounts=mounts, gpu_devices=False
@@ -179,7 +178,7 @@ def test_container_options_reach_the_engine(
         }
         assert binds == {
             "/mnt/datasets": (str(tmp_path / "d"), "bind", True),
-            "/scratch": (str(tmp_path / "s"), "bind", False),
+            "/scratch": (str(nosuid_dir), "bind", False),
         }
     finally:
         container.remove(force=True)
@@ -261,12 +260,11 @@ def test_gpu_container_sees_exactly_its_gpus_where_the_engine_has_the_nvidia_run
 # --- end to end: mounts ---------------------------------------------------------------------
 
 
-def test_mounts_end_to_end(make_cluster: Callable[..., Cluster], tmp_path: Path):
+def test_mounts_end_to_end(make_cluster: Callable[..., Cluster], tmp_path: Path, nosuid_dir: Path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "file").write_text("hello from the host\n")
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
+    scratch = nosuid_dir
     cluster = make_cluster(workers=0)
     # Without the mount rule the scheduler would pick "aa-bare" (same free GPUs, name first).
     cluster.add_worker(name="aa-bare")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -69,6 +70,10 @@ def fill(url: str, jobs: int, lines_per_job: int) -> str:
                     "max_retries": 1,
                 }
             )
+            # who submitted it, and whether it may use process workers: copied like the rest
+            spec = dataclasses.replace(
+                spec, submitter=f"user-{index % 3}", allow_process=index % 2 == 0
+            )
             store.create_job(spec, now)
         with_lines = 0
         while with_lines < jobs // 2:
@@ -92,7 +97,7 @@ def fill(url: str, jobs: int, lines_per_job: int) -> str:
             with_lines += 1
         store.cancel_job(store.list_jobs(models.Status.QUEUED, 1)[0].id, now)
         store.save_worker(models.WorkerInfo("w1", "0.1.0", [], {"zone": "a"}, 4, False, now))
-        return tokens.create(store, "ci", "submit")
+        return tokens.create(store, "ci", "submit", allow_process=True)
     finally:
         store.close()
 
@@ -202,6 +207,9 @@ def test_db_copy_refuses_a_non_empty_destination_unless_replace(tmp_path: Path, 
     src, dst = open_store(source), open_store(pg_url)
     try:
         assert copy_store(src, dst)["jobs"] == 6
+        assert [job.spec for job in dst.list_jobs()] == [job.spec for job in src.list_jobs()]
+        assert {job.spec.submitter for job in dst.list_jobs()} == {"user-0", "user-1", "user-2"}
+        assert [(t.name, t.allow_process) for t in dst.list_tokens()] == [("ci", True)]
         with pytest.raises(errors.WrongState, match="--replace"):
             copy_store(src, dst)
         assert copy_store(src, dst, replace=True) == {t: src.count(t) for t in TABLES}
@@ -265,12 +273,12 @@ def test_db_copy_from_a_missing_sqlite_file_creates_nothing(tmp_path: Path):
 def test_db_upgrade_twice_is_a_no_op_the_second_time(pg_url: str, tmp_path: Path):
     for url in (pg_url, f"sqlite:///{tmp_path}/fresh.db"):
         first = gpubox("db", "upgrade", "--db", url)
-        assert first.returncode == 0 and "upgraded from version 0 to 3" in first.stderr
+        assert first.returncode == 0 and "upgraded from version 0 to 5" in first.stderr
         second = gpubox("db", "upgrade", "--db", url)
         assert second.returncode == 0 and "nothing to do" in second.stderr
         store = open_store(url, upgrade=False)
         try:
-            assert store.schema_version() == store.latest_version == 3
+            assert store.schema_version() == store.latest_version == 5
         finally:
             store.close()
 
@@ -280,7 +288,8 @@ def test_a_version_1_store_is_upgraded_and_its_jobs_read_as_before(
     backend: str, pg_url: str, tmp_path: Path
 ):
     """Version 2 added gpu_model, gpu_memory_gb and the container options: a job stored by
-    version 1 reads with none of them asked for."""
+    version 1 reads with none of them asked for. Version 3 added the shape the scheduler reads
+    the queue by: the upgrade writes it for the old job. Version 4 added its submitter."""
     from gpubox.store import postgres, sqlite
 
     row = (
@@ -308,12 +317,65 @@ def test_a_version_1_store_is_upgraded_and_its_jobs_read_as_before(
             conn.execute(row)  # type: ignore[arg-type]
     store = open_store(url)
     try:
-        assert store.schema_version() == 3
+        assert store.schema_version() == 5
         job = store.get_job(7)
         assert job.spec.name == "old" and job.spec.gpus == 1
         assert job.spec.gpu_model is None and job.spec.gpu_memory_gb is None
         assert job.spec.container == models.ContainerOptions()
+        # version 4: no submitter recorded (only an admin token cancels it), and no process
+        # workers for it
+        assert job.spec.submitter is None and job.spec.allow_process is False
         assert [queued.id for queued in store.queued_jobs()] == [7]
+        assert store.queued_shapes() == [job.spec.needs.shape]
+        assert [queued.id for queued in store.queued_jobs(shape=job.spec.needs.shape)] == [7]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_2_store_keeps_its_tokens_and_jobs_which_get_no_submitter(
+    backend: str, pg_url: str, tmp_path: Path
+):
+    """Version 4 added who submitted a job and the process-worker permission of tokens and
+    jobs: a store of version 2 reads its tokens and jobs with neither."""
+    from gpubox.store import sqlite
+
+    digest = tokens.digest("gpbx_old")
+    rows = [
+        "INSERT INTO jobs (id, name, description, priority, image, command, env, gpus, labels,"
+        " max_retries, metadata, status, created_at, updated_at) VALUES (9, 'old', '', 0,"
+        " 'busybox', '[\"true\"]', '{}', 0, '{}', 0, '{}', 'QUEUED',"
+        " '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')",
+        "INSERT INTO tokens (name, digest, role, created_at) VALUES"
+        f" ('ci', '{digest}', 'submit', '2026-01-01T00:00:00.000000Z')",
+    ]
+    scripts = {"sqlite": sqlite.MIGRATIONS, "postgresql": postgres.MIGRATIONS}[backend][:2]
+    statements = [s for script in scripts for s in script.split(";\n") if s.strip()]
+    statements += ["INSERT INTO schema_version VALUES (2)", *rows]
+    if backend == "sqlite":
+        import sqlite3
+
+        url = f"sqlite:///{tmp_path}/v2.db"
+        conn = sqlite3.connect(f"{tmp_path}/v2.db")
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+        conn.close()
+    else:
+        import psycopg
+
+        url = pg_url
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+    store = open_store(url)
+    try:
+        assert store.schema_version() == 5
+        job = store.get_job(9)
+        assert (job.spec.submitter, job.spec.allow_process) == (None, False)
+        assert job.to_dict()["submitter"] is None
+        token = store.find_token(digest)
+        assert token is not None and (token.role, token.allow_process) == ("submit", False)
     finally:
         store.close()
 
@@ -398,19 +460,18 @@ def submitted(cluster: Cluster, image: str) -> dict[str, Any] | None:
         return None
 
 
-def test_a_version_2_store_counts_the_log_bytes_of_its_running_jobs(tmp_path: Path):
-    """Version 3 added the bytes of each job's stored log (for max_log_bytes): a job still
+def test_a_version_4_store_counts_the_log_bytes_of_its_running_jobs(tmp_path: Path):
+    """Version 5 added the bytes of each job's stored log (for max_log_bytes): a job still
     running when the store is upgraded has what it stored counted, an ended one is left."""
     import sqlite3
 
     from gpubox.store import sqlite
 
-    path = tmp_path / "v2.db"
+    path = tmp_path / "v4.db"
     conn = sqlite3.connect(path)
     conn.executescript(
-        sqlite.MIGRATIONS[0]
-        + sqlite.MIGRATIONS[1]
-        + "INSERT INTO schema_version VALUES (2);"
+        "".join(sqlite.MIGRATIONS[:4])
+        + "INSERT INTO schema_version VALUES (4);"
         + "".join(
             "INSERT INTO jobs (id, name, description, priority, image, env, gpus, labels,"
             f" max_retries, metadata, status, created_at, updated_at) VALUES ({job}, 'j', '',"

@@ -247,15 +247,14 @@ def test_gpu_model_and_memory_route_jobs_to_the_workers_that_have_them(
 
 
 def test_workers_endpoint_shows_each_gpu_with_its_usage_and_the_mounts(
-    make_cluster: Callable[..., Cluster], tmp_path: Path
+    make_cluster: Callable[..., Cluster], tmp_path: Path, nosuid_dir: Path
 ):
     (tmp_path / "data").mkdir()
-    (tmp_path / "scratch").mkdir()
     cluster = make_cluster(workers=0)
     cluster.add_worker(
         name="box",
         fake_gpus=f"{A100},{T4}",
-        mounts=f"scratch={tmp_path}/scratch:/scratch:rw,data={tmp_path}/data",
+        mounts=f"scratch={nosuid_dir}:/scratch:rw,data={tmp_path}/data",
     )
     expected = [
         {

@@ -264,6 +264,10 @@ def test_coordinator_killed_and_restarted_mid_job(processes, tmp_path, docker_cl
     stored = list(client.logs(job["id"]))
     assert [r["seq"] for r in stored] == list(range(1, 101))
     assert client.job(job["id"])["attempts"] == 1
+    # One HELLO brought the worker back: the batches it had queued meanwhile each got an
+    # "unknown session" answer, and each of those started another session before.
+    said = (tmp_path / "worker.log").read_text()
+    assert said.count("HELLO again") == 1, said
 
 
 def ok(call: Any) -> Any:
@@ -273,9 +277,15 @@ def ok(call: Any) -> Any:
         return None
 
 
-def test_a_lost_job_message_is_sent_again_and_the_job_runs_once(make_cluster, tmp_path):
+def test_a_lost_job_message_is_sent_again_and_the_job_runs_once(
+    make_cluster, tmp_path, monkeypatch
+):
     """A fake worker that ignores its first JOB: the coordinator queues it again after the
-    liveness window and the job runs exactly once."""
+    liveness window, gives that worker no job for a while (it may be hostile: see
+    test_identity), then again, and the job runs exactly once."""
+    from gpubox.coordinator import broker
+
+    monkeypatch.setattr(broker, "QUARANTINE_S", 1.0)
     cluster: Cluster = make_cluster(workers=0, liveness_s=2.0, heartbeat_interval_s=0.3)
     state = cluster.coordinator.config.state_dir
     public, secret = keys.load_secret(keys.add_worker(state, "fake"))

@@ -4,6 +4,8 @@ a plan out. No Docker, no database, no network."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,13 +22,17 @@ T4 = ("Tesla T4", 15360)
 Placed = tuple[int, str, list[str]]
 
 
-def make_job(job_id: int, mounts: list[str] | None = None, **fields: Any) -> models.Job:
+def make_job(
+    job_id: int, mounts: list[str] | None = None, allow_process: bool = True, **fields: Any
+) -> models.Job:
     """A QUEUED job with this id; keyword arguments are top-level submission fields (gpus,
-    labels, gpu_model, …), `mounts` goes to docker.mounts."""
+    labels, gpu_model, …), `mounts` goes to docker.mounts; `allow_process`: whether its
+    token may use process workers."""
     docker: dict[str, Any] = {"image": "busybox"}
     if mounts is not None:
         docker["mounts"] = mounts
     spec = models.parse_spec({"name": f"job-{job_id}", "docker": docker, **fields})
+    spec = dataclasses.replace(spec, allow_process=allow_process)
     created = T0 + timedelta(seconds=job_id)
     return models.Job(
         id=job_id,
@@ -603,3 +609,125 @@ def test_a_reserved_worker_still_gives_out_the_gpus_its_holder_cannot_use() -> N
     assert placed(result) == [(2, "box", ["box-t-4"]), (3, "box", ["box-t-5"])]
     assert result.reserved == {"box": 1}
     assert result.reasons[4] == "waiting behind job 1: the GPUs of box are held for it"
+
+
+# --- the whole queue, shape by shape -------------------------------------------------------
+
+
+def read_from(queue: list[models.Job], reads: list[tuple[str, int]]) -> Any:
+    """A `read` for plan_shapes over this queue (in queue order) that notes each read."""
+
+    def read(shape: str, count: int) -> list[models.Job]:
+        reads.append((shape, count))
+        return [job for job in queue if job.spec.needs.shape == shape][:count]
+
+    return read
+
+
+def shapes_of(queue: list[models.Job]) -> dict[str, models.Needs]:
+    return {job.spec.needs.shape: job.spec.needs for job in queue}
+
+
+def random_case(rng: random.Random) -> tuple[list[models.Job], list[WorkerView]]:
+    """A queue drawn from a few kinds of job (some that no worker can run) and 1-3 workers."""
+    kinds = []
+    for _ in range(rng.randint(1, 6)):
+        gpus = rng.choice([0, 1, 1, 2, 3, 4, 64])
+        fields: dict[str, Any] = {"gpus": gpus}
+        fields["labels"] = rng.choice([{}, {}, {"zone": "eu"}, {"zone": "us"}, {"pool": "x"}])
+        if gpus and rng.random() < 0.3:
+            fields["gpu_model"] = rng.choice(["A100", "T4"])
+        docker: dict[str, Any] = {"image": "busybox"}
+        if rng.random() < 0.5:
+            docker["command"] = ["true"]
+        if rng.random() < 0.2:
+            docker["mounts"] = ["datasets"]
+        kinds.append({**fields, "docker": docker})
+    jobs = [
+        make_job(i, priority=rng.choice([0, 0, 1, 5]), **rng.choice(kinds))
+        for i in range(1, rng.randint(0, 40) + 1)
+    ]
+    workers = []
+    for index in range(rng.randint(1, 3)):
+        gpus = make_gpus(f"w{index}", rng.randint(0, 4), rng.choice([A100, T4]))
+        free = [gpu["uuid"] for gpu in gpus if rng.random() < 0.6]
+        worker = WorkerView(
+            name=f"w{index}",
+            gpus=gpus,
+            free=free,
+            slots=rng.randint(0, 3),
+            labels=rng.choice([{}, {"zone": "eu"}, {"zone": "us"}]),
+            mounts=frozenset(rng.choice([(), ("datasets",)])),
+            runtime=rng.choice(["docker", "docker", "process"]),
+        )
+        workers.append(worker)
+    return sorted(jobs, key=lambda job: (-job.spec.priority, job.id)), workers
+
+
+def test_plan_shapes_makes_the_plan_of_the_whole_queue_reading_only_part_of_it() -> None:
+    rng = random.Random(19)
+    skipped = 0  # jobs planned by their shape's reason rather than one by one, over all cases
+    for case in range(500):
+        queue, workers = random_case(rng)
+        whole = scheduler.plan(queue, workers)
+        reads: list[tuple[str, int]] = []
+        matches = scheduler.Matches()
+        result = scheduler.plan_shapes(shapes_of(queue), read_from(queue, reads), workers, matches)
+        again = scheduler.plan_shapes(shapes_of(queue), read_from(queue, []), workers, matches)
+        assert again == result, case  # the second from the matches kept from the first
+        assert placed(result) == placed(whole), case
+        assert result.reserved == whole.reserved, case
+        for job in queue:
+            shape = job.spec.needs.shape
+            if job.id in result.reasons:
+                assert result.reasons[job.id] == whole.reasons[job.id], case
+            elif job.id in whole.reasons:
+                assert result.shape_reasons[shape] == whole.reasons[job.id], case
+                skipped += 1
+        # a shape that no worker can run is never read
+        assert all(any(w.can_ever_run(shapes_of(queue)[s]) for w in workers) for s, _ in reads)
+    assert skipped > 1000
+
+
+def test_500_jobs_no_worker_can_run_are_not_read_and_do_not_hold_back_one_that_can() -> None:
+    queue = [make_job(i, gpus=64, priority=5) for i in range(1, 251)]
+    queue += [make_job(i, gpus=1, labels={"pool": "x"}) for i in range(251, 501)]
+    queue.append(make_job(501, gpus=1))
+    reads: list[tuple[str, int]] = []
+    workers = [make_worker("w1", count=2, slots=2)]
+    result = scheduler.plan_shapes(shapes_of(queue), read_from(queue, reads), workers)
+    assert placed(result) == [(501, "w1", ["w1-0"])]
+    assert result.reserved == {}
+    assert reads == [(queue[-1].spec.needs.shape, 2 + 1 + 1)]  # slots, workers, one more
+    assert result.shape_reasons == {
+        queue[0].spec.needs.shape: "no connected worker with its labels has 64 GPUs",
+        queue[250].spec.needs.shape: "no connected worker has the labels pool=x",
+    }
+
+
+def test_the_jobs_of_a_shape_past_those_planned_share_the_last_ones_reason() -> None:
+    queue = [make_job(1, gpus=4)] + [make_job(i, gpus=1) for i in range(2, 100)]
+    reads: list[tuple[str, int]] = []
+    workers = [make_worker("w1", free=2, slots=4)]
+    result = scheduler.plan_shapes(shapes_of(queue), read_from(queue, reads), workers)
+    assert placed(result) == []
+    assert reads == [(queue[0].spec.needs.shape, 4 + 1 + 1), (queue[1].spec.needs.shape, 6)]
+    behind = "waiting behind job 1: the GPUs of w1 are held for it"
+    assert result.reasons == {1: not_enough(2, 4, "w1"), **{i: behind for i in range(2, 8)}}
+    assert result.shape_reasons == {queue[1].spec.needs.shape: behind}
+
+
+def test_kept_matches_are_found_again_when_a_worker_changes() -> None:
+    queue = [make_job(1, gpus=1, labels={"zone": "eu"}), make_job(2, gpus=8)]
+    shapes = shapes_of(queue)
+    matches = scheduler.Matches()
+    result = scheduler.plan_shapes(shapes, read_from(queue, []), [make_worker("w1")], matches)
+    assert placed(result) == []
+    eu = make_worker("w1", labels={"zone": "eu"})
+    result = scheduler.plan_shapes(shapes, read_from(queue, []), [eu], matches)
+    assert placed(result) == [(1, "w1", ["w1-0"])]
+    bigger = make_worker("w2", count=8, free=0)
+    result = scheduler.plan_shapes(shapes, read_from(queue, []), [eu, bigger], matches)
+    assert result.reasons[2] == not_enough(0, 8, "w2")
+    result = scheduler.plan_shapes(shapes, read_from(queue, []), [], matches)
+    assert set(result.shape_reasons.values()) == {"no worker is connected"}

@@ -133,6 +133,7 @@ def test_create_round_trips_every_spec_field(store: base.Store) -> None:
         metadata={"nested": {"list": [1, 2.5, None, True, "ü"]}, "n": 0},
         sealed=SEALED,
     )
+    spec = dataclasses.replace(spec, submitter="ci-ü", allow_process=True)
     created = store.create_job(spec, T0)
     fetched = store.get_job(created.id)
     for job in (created, fetched):
@@ -359,6 +360,40 @@ def test_queued_jobs_carry_what_the_scheduler_matches_on(store: base.Store) -> N
     assert listed.spec.labels == {"zone": "eu"}
     assert listed.spec.container.mounts == ["datasets"]
     assert listed.spec.container.shm_size == 8 * 1024**3
+
+
+def test_queued_shapes_are_the_needs_of_the_queued_jobs_each_once(store: base.Store) -> None:
+    plain = queued(store)
+    queued(store, priority=5)
+    big = queued(store, gpus=64)
+    labelled = queued(store, labels={"zone": "eu", "tier": "gold"})
+    queued(store, labels={"tier": "gold", "zone": "eu"})  # the same labels in another order
+    claimed = queued(store, gpus=1, gpu_model="A100")
+    assert store.claim_job(claimed.id, "w1", ["GPU-0"], at(1))  # not queued: not listed
+    cancelled = queued(store, gpus=2)
+    store.cancel_job(cancelled.id, at(1))
+    shapes = [job.spec.needs.shape for job in (plain, big, labelled)]
+    assert sorted(store.queued_shapes()) == sorted(shapes)
+    assert [models.Needs.from_shape(shape) for shape in shapes] == [
+        job.spec.needs for job in (plain, big, labelled)
+    ]
+    assert claimed.spec.needs.shape not in store.queued_shapes()
+    assert store.unclaim_job(claimed.id, 1, at(2))  # queued again: listed again
+    assert claimed.spec.needs.shape in store.queued_shapes()
+
+
+def test_queued_jobs_of_one_shape_come_in_queue_order(store: base.Store) -> None:
+    low = queued(store, gpus=1)
+    queued(store, gpus=2)
+    high = queued(store, gpus=1, priority=9)
+    queued(store, gpus=1, labels={"zone": "eu"})
+    last = queued(store, gpus=1)
+    shape = low.spec.needs.shape
+    assert [job.id for job in store.queued_jobs(shape=shape)] == [high.id, low.id, last.id]
+    assert [job.id for job in store.queued_jobs(2, shape=shape)] == [high.id, low.id]
+    known = {low.id: dataclasses.replace(low, worker="as the scheduler kept it")}
+    assert store.queued_jobs(3, known, shape)[1] is known[low.id]
+    assert store.queued_jobs(shape=models.JobSpec(name="x", image="y").needs.shape) == []
 
 
 def test_concurrent_claims_hand_out_each_job_once(store: base.Store) -> None:
@@ -1010,6 +1045,9 @@ def test_add_and_find_token(store: base.Store) -> None:
     token = make_token("ci", role="admin")
     store.add_token(token)
     assert store.find_token(token.digest) == token
+    trusted = dataclasses.replace(make_token("trusted"), allow_process=True)
+    store.add_token(trusted)
+    assert store.find_token(trusted.digest) == trusted
     assert store.find_token(hashlib.sha256(b"other").hexdigest()) is None
 
 

@@ -27,11 +27,12 @@ from gpubox.store.base import Finish
 log = logging.getLogger(__name__)
 
 SCHEDULE_EVERY_S = 1.0
-QUEUE_WINDOW = 200  # queued jobs planned per round, in queue order
 STORE_BACKOFF_MAX_S = 5.0
 FAILED = object()  # a report that could not be stored
 MAX_BURST_LINES = 50_000  # log lines stored in one transaction, at most (about 0.5 s)
 FLAP_HELLOS, FLAP_WINDOW_S = 4, 30.0  # this many HELLOs of one name within the window: warn
+QUARANTINE_S = 300.0  # no jobs for a worker that was sent one and never confirmed it
+HANDSHAKE_MS = 5000  # how long a connection to the worker link may go without a CURVE handshake
 
 
 @dataclasses.dataclass
@@ -57,6 +58,10 @@ class Peer:
     assigned: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # job id → GPU uuids
     # Jobs sent whose receipt the worker has not confirmed yet: job id → (attempt, sent at).
     unconfirmed: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
+    # Why this session gets no more jobs ("" while it may): it was sent a job and never
+    # confirmed it. A new HELLO (a new session) starts clean.
+    quarantined: str = ""  # why it gets no jobs, until quarantined_until (time.monotonic)
+    quarantined_until: float = 0.0
 
     def capacity(self) -> tuple[list[str], int]:
         """Free GPUs and job slots, counting jobs sent since the worker's last READY."""
@@ -118,6 +123,10 @@ class Broker:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BODY + 4096)
+        # A connection that has not finished its CURVE handshake within this is closed:
+        # idle sockets opened to this port by anyone (no key needed) go away on their own
+        # instead of piling up until the process runs out of file descriptors.
+        self.router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         self.router.curve_server = True
         self.router.curve_publickey, self.router.curve_secretkey = server_keys
         self.router.zap_domain = keys.ZAP_DOMAIN.encode()
@@ -146,13 +155,17 @@ class Broker:
         self._next_schedule = 0.0
         # A READY, DONE or new job asks for a round; one round serves them all (see step).
         self._schedule_due = False
-        # Why each queued job waits, from the last scheduling round (read by HTTP threads).
+        # Why queued jobs wait, as of the last scheduling round (read by HTTP threads): by job
+        # for the jobs it planned one by one, by shape for the others.
         self.reasons: dict[int, str] = {}
+        self.shape_reasons: dict[str, str] = {}
+        self._needs: dict[str, models.Needs] = {}  # queued shapes read back, by shape
+        self._matches = scheduler.Matches()  # which workers can run each shape
         self.counters = metrics.BrokerCounters()
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
         self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
         self._stored: dict[int, int] = {}  # job id → last stored seq, to count new lines
-        self._queued: dict[int, models.Job] = {}  # queued jobs read in earlier rounds, by id
+        self._queued: dict[int, models.Job] = {}  # queued jobs read last round, by id
         # STARTED, LOG and DONE of this burst, not stored yet: (type, sender, body).
         self._reports: list[tuple[str, Peer, dict[str, Any]]] = []
         self._report_lines = 0  # log lines among them
@@ -297,7 +310,12 @@ class Broker:
             msg = protocol.decode_from_worker(rest)
         except errors.ProtocolError as exc:
             self.dropped_messages += 1
-            log.warning("dropped a malformed message: %s", exc)
+            log.warning("dropped a malformed message from worker %s: %s", name, exc)
+            if len(rest) > 1 and rest[1] == b"HELLO":  # say why, so its own log shows it
+                reason = f"its HELLO is malformed or claims too much: {exc}"
+                self._send_raw(
+                    routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
+                )
             return
         body = msg.body
         if msg.type != "HEARTBEAT" and now < self._store_paused_until:
@@ -314,6 +332,27 @@ class Broker:
                     f"it calls itself {claimed!r}, but its key is worker {name}'s: start it as"
                     f" {name} (--name {name}), or give it a key of its own (gpubox keys worker"
                     " NAME on the coordinator's box)"
+                )
+                self._send_raw(
+                    routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
+                )
+                return
+            claims = self.allow.claims_for(name)
+            mounts = body.get("mounts") or []
+            if claims and (excess := claims.excess(body["labels"], body["gpus"], mounts)):
+                # Misconfigured, or a key trying to look like the best place for jobs (and
+                # their secrets) it was never meant to get.
+                self.dropped_messages += 1
+                log.error(
+                    "refused HELLO of worker %s: it claims %s",
+                    name,
+                    excess,
+                    extra=fields(worker=name),
+                )
+                reason = (
+                    f"it claims {excess}: start it with no more than that, or enrol it again"
+                    " with what it has (gpubox keys worker NAME --labels … --gpus N"
+                    " --gpu-model X --mounts … on the coordinator's box)"
                 )
                 self._send_raw(
                     routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
@@ -343,7 +382,7 @@ class Broker:
             session=body["session"],
             key=key,
             version=body["version"],
-            gpus=body["gpus"],
+            gpus=[protocol.gpu_record(gpu) for gpu in body["gpus"]],
             labels=body["labels"],
             max_jobs=body["max_jobs"],
             last_seen=now,
@@ -411,7 +450,7 @@ class Broker:
     def _on_ready(self, peer: Peer, body: dict[str, Any], now: float) -> None:
         peer.ready = True
         peer.free_gpus = list(body["free_gpus"])
-        peer.slots = body["slots"]
+        peer.slots = min(body["slots"], peer.max_jobs)
         peer.known = set(body["running"])
         for job_id in peer.known:
             peer.unconfirmed.pop(job_id, None)
@@ -548,7 +587,10 @@ class Broker:
             self._schedule_due = True
 
     def _on_heartbeat(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+        offered = {gpu["uuid"] for gpu in peer.gpus}
         for item in body.get("usage") or []:
+            if item["uuid"] not in offered:
+                continue  # kept only for the GPUs it offers: the map stays bounded
             peer.usage[item["uuid"]] = {
                 "memory_used_mb": item.get("memory_used_mb"),
                 "utilization": item.get("utilization"),
@@ -572,13 +614,9 @@ class Broker:
     # --- scheduling and expiry ----------------------------------------------------------------
 
     def _schedule(self, now: float, timer: bool = False) -> None:
-        """Plan the queue on the ready workers (coordinator.scheduler) and send what starts.
-
-        The timer's round (every SCHEDULE_EVERY_S) plans the first QUEUE_WINDOW queued jobs
-        and gives every one a reason; a round asked for by events plans only as many as the
-        free slots could take, and is skipped while no worker has a free slot. Jobs past a
-        short window are all behind the ones in it, so they could not run before them
-        anyway; reservations held for them are renewed by the next timer round."""
+        """Plan the whole queue on the ready workers (scheduler.plan_shapes) and send what
+        starts. The timer runs a round every SCHEDULE_EVERY_S; events (READY, DONE, a new
+        job) ask for one sooner, which is skipped while no worker has a free slot."""
         self._schedule_due = False
         if timer:
             self._next_schedule = now + SCHEDULE_EVERY_S
@@ -590,6 +628,13 @@ class Broker:
             if self.allow.name_for(peer.key, refresh=False) != peer.name:
                 self._lose(peer, f"worker {peer.name}: its key was revoked")
                 continue
+            if peer.quarantined and now < peer.quarantined_until:
+                continue
+            if peer.quarantined:
+                log.warning(
+                    "worker %s may get jobs again", peer.name, extra=fields(worker=peer.name)
+                )
+                peer.quarantined = ""
             free, slots = peer.capacity()
             peers[peer.name] = peer
             views.append(
@@ -608,21 +653,7 @@ class Broker:
         slots = sum(max(0, view.slots) for view in views)
         if not timer and not slots:
             return
-        window = QUEUE_WINDOW if timer else max(32, 2 * slots)
-        queue = self.store.queued_jobs(window, self._queued)
-        # Kept for the next round (what a job asks for never changes); the timer's round,
-        # which reads the longest window, drops those no longer queued.
-        if timer:
-            self._queued = {job.id: job for job in queue}
-        else:
-            self._queued.update((job.id, job) for job in queue)
-        plan = scheduler.plan(queue, views)
-        if timer:
-            self.reasons = plan.reasons
-        else:
-            started = {assignment.job.id for assignment in plan.assignments}
-            reasons = {**self.reasons, **plan.reasons}
-            self.reasons = {job_id: why for job_id, why in reasons.items() if job_id not in started}
+        plan = self.plan(views)
         with self.store.batch():  # one commit for the round's claims
             claimed = [
                 self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())
@@ -638,6 +669,24 @@ class Broker:
             # job claimed and unsent, expiry queues it again.
             peer.unconfirmed[job.id] = (job.attempts, time.monotonic())
             self._guard(self._dispatch, peer, job)
+
+    def plan(self, views: list[scheduler.WorkerView]) -> scheduler.Plan:
+        """Plan the whole queue on these workers, reading only the jobs the plan needs
+        (scheduler.plan_shapes), and keep why each job waits. Claims nothing."""
+        # What a job asks for never changes: the shapes and jobs read are kept for the next
+        # round, which reads only those it did not have.
+        shapes = self.store.queued_shapes()
+        self._needs = {s: self._needs.get(s) or models.Needs.from_shape(s) for s in shapes}
+        known, self._queued = self._queued, {}
+
+        def read(shape: str, count: int) -> list[models.Job]:
+            jobs = self.store.queued_jobs(count, known, shape)
+            self._queued.update((job.id, job) for job in jobs)
+            return jobs
+
+        plan = scheduler.plan_shapes(self._needs, read, views, self._matches)
+        self.reasons, self.shape_reasons = plan.reasons, plan.shape_reasons
+        return plan
 
     def _dispatch(self, peer: Peer, job: models.Job) -> None:
         """Send a claimed job to its worker, or put it back."""
@@ -659,10 +708,10 @@ class Broker:
 
     def queue_reason(self, job_id: int) -> str:
         """Why a QUEUED job waits, as of the last scheduling round. Any thread."""
-        return self.reasons.get(job_id) or (
-            "waiting to be scheduled (just submitted, or behind the first"
-            f" {QUEUE_WINDOW} queued jobs)"
-        )
+        why = self.reasons.get(job_id)
+        if why is None:
+            why = self.shape_reasons.get(self.store.get_job(job_id).spec.needs.shape)
+        return why or "waiting to be scheduled (submitted since the last scheduling round)"
 
     def metrics_page(self) -> str:
         """GET /metrics. Any thread."""
@@ -720,20 +769,15 @@ class Broker:
     def _expire(self, now: float) -> None:
         for peer in list(self.peers.values()):
             for job_id, (attempt, sent_at) in list(peer.unconfirmed.items()):
-                if now - sent_at > self.liveness_s:
+                # While the store was away, READY messages (the confirmations) were not read:
+                # a job sent before an outage gets its whole window again after it.
+                if now - max(sent_at, self._store_paused_until) > self.liveness_s:
                     # The JOB never arrived (or its receipt did not): queue it again without
                     # counting an attempt, and stop it should it arrive after all.
                     del peer.unconfirmed[job_id]
                     peer.assigned.pop(job_id, None)
                     self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
-                    if self.store.unclaim_job(job_id, attempt, models.utcnow()):
-                        log.warning(
-                            "job %d: %s never confirmed it; queued again",
-                            job_id,
-                            peer.name,
-                            extra=fields(job=job_id, worker=peer.name),
-                        )
-                        self.changes.notify(job_id)
+                    self._unconfirmed(peer, job_id, attempt, now)
             if now - peer.last_seen > self.liveness_s:
                 self._lose(peer, f"worker lost: no word from {peer.name} for {self.liveness_s:g} s")
         if now - self.started_at < self.liveness_s:
@@ -742,6 +786,55 @@ class Broker:
         for job in self.store.running_jobs():
             if job.worker not in connected:
                 self._release(job, f"worker lost: {job.worker} did not reconnect")
+
+    def _unconfirmed(self, peer: Peer, job_id: int, attempt: int, now: float) -> None:
+        """A worker was sent a job, with its secrets, and never confirmed it: it gets no more
+        jobs this session, and a line in the job's log tells its owner where it went. The
+        job is queued again."""
+        if not peer.quarantined:
+            # For a while, not for good: a broken link loses a JOB too, and an honest worker
+            # should not sit idle for the rest of its session because of it.
+            peer.quarantined_until = now + QUARANTINE_S
+            peer.quarantined = (
+                f"it was sent job {job_id} and did not confirm it within {self.liveness_s:g} s:"
+                f" it gets no jobs for {QUARANTINE_S:g} s or until it connects again"
+            )
+            log.error(
+                "worker %s was sent job %d and never confirmed it: it gets no jobs for %g s or"
+                " until it connects again (a buggy or hostile worker, or a broken link)",
+                peer.name,
+                job_id,
+                QUARANTINE_S,
+                extra=fields(job=job_id, worker=peer.name),
+            )
+        job = self.store.get_job(job_id)
+        if job.status is not models.Status.RUNNING or job.attempts != attempt:
+            return
+        at = models.utcnow()
+        marker = (
+            f"[gpubox: worker {peer.name} was sent this job (attempt {attempt}, with its secrets"
+            f" and registry credentials) and did not confirm it within {self.liveness_s:g} s;"
+            " the job is queued again]"
+        )
+        stamp = f"{at:%Y-%m-%dT%H:%M:%S}.{at.microsecond:06d}000Z"
+        self.store.append_logs(
+            job_id, attempt, job.log_seq + 1, [(stamp, "stderr", marker)], self.max_log_lines
+        )
+        if self.store.unclaim_job(job_id, attempt, at):
+            log.warning(
+                "job %d: %s never confirmed it; queued again",
+                job_id,
+                peer.name,
+                extra=fields(job=job_id, worker=peer.name),
+            )
+            self.changes.notify(job_id)
+
+    def quarantine(self, worker: str) -> str:
+        """Why a connected worker gets no more jobs; "" if it may. Any thread."""
+        for peer in list(self.peers.values()):
+            if peer.name == worker:
+                return peer.quarantined
+        return ""
 
     def _lose(self, peer: Peer, reason: str) -> None:
         del self.peers[peer.session]

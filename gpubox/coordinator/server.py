@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 from typing import Any
 
@@ -11,7 +12,7 @@ import zmq
 from waitress import wasyncore
 
 from gpubox import config as config_mod
-from gpubox import errors, keys
+from gpubox import errors, keys, supervise
 from gpubox.coordinator import api, sealing, tokens
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
@@ -20,6 +21,28 @@ from gpubox.store import Store, open_store
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 16 * 1024
+# Open HTTP connections at once. Each idle one costs a file descriptor and a little memory,
+# no thread (a thread serves a request only once it is complete), so the bound is high: a few
+# hundred slow or idle clients must not lock everyone else out. Capped below by the file
+# descriptors the process may open (see raise_fd_limit).
+MAX_HTTP_CONNECTIONS = 10_000
+# File descriptors kept for the store, the worker link's connections and the rest.
+RESERVED_FDS = 1024
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit and return it. systemd and most
+    shells start services at 1,024: a burst of connections past that (to either port) would
+    make every accept() and open() fail."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+    return soft
 
 
 class Coordinator:
@@ -32,7 +55,7 @@ class Coordinator:
         self.store: Store | None = None
         self.broker: Broker | None = None
         self.http_server: Any = None
-        self._threads: list[threading.Thread] = []
+        self.threads: list[supervise.Essential] = []
         self._stopping = threading.Event()
         self._http_done = threading.Event()
 
@@ -55,6 +78,7 @@ class Coordinator:
             raise
 
     def _start(self) -> None:
+        config_mod.private_state_dir(self.config.state_dir)
         _, secret = keys.coordinator_files(self.config.state_dir)
         if not secret.exists():
             raise errors.ConfigError(
@@ -92,6 +116,7 @@ class Coordinator:
             max_followers=max(1, self.config.http_threads - max(2, self.config.http_threads // 8)),
         )
         host, port = config_mod.parse_address(self.config.http, "http")
+        connections = max(100, min(MAX_HTTP_CONNECTIONS, raise_fd_limit() - RESERVED_FDS))
         try:
             self.http_server = waitress.create_server(
                 app,
@@ -100,15 +125,20 @@ class Coordinator:
                 threads=self.config.http_threads,
                 # Lets a follow stream notice a client that went away while it is quiet.
                 channel_request_lookahead=1,
-                # The app answers bodies over max_body_bytes with a JSON 413; Waitress buffers
-                # a body before the app sees it, so it refuses (plain 413) far larger ones itself.
-                max_request_body_size=max(16 * 1024 * 1024, self.config.max_body_bytes * 4),
+                # Waitress reads a whole body before the app can look at the token: past
+                # max_body_bytes it refuses it itself, from the Content-Length alone (a
+                # plain-text 413), so no one without a token makes it buffer more than that.
+                # (It refuses a body of this size or more, hence the + 1.)
+                max_request_body_size=self.config.max_body_bytes + 1,
                 ident="gpubox",
                 clear_untrusted_proxy_headers=True,
                 max_request_header_size=MAX_HEADER_BYTES,
                 # Idle keep-alive connections are closed after this; streams in flight are not idle.
                 channel_timeout=60,
-                connection_limit=self.config.http_threads + 100,
+                connection_limit=connections,
+                # poll(), not select(): select() fails outright on a descriptor numbered past
+                # 1,023 (ValueError), which a burst of idle connections to either port reaches.
+                asyncore_use_poll=True,
             )
         except OSError as exc:
             self.broker.close()
@@ -119,11 +149,11 @@ class Coordinator:
         # Only with both ports bound: a coordinator that cannot start (its port taken, say by
         # the one already serving this state folder) must not replace its clients' token.
         tokens.ensure_local(self.store, self.config.state_dir)
-        self._threads = [
-            threading.Thread(target=self.broker.run, name="gpubox-broker", daemon=True),
-            threading.Thread(target=self._serve_http, name="gpubox-http", daemon=True),
+        self.threads = [
+            supervise.Essential("gpubox-broker", self.broker.run),
+            supervise.Essential("gpubox-http", self._serve_http),
         ]
-        for thread in self._threads:
+        for thread in self.threads:
             thread.start()
         log.info("coordinator serving HTTP on %s, workers on %s", self.http_url, self.link_endpoint)
 
@@ -139,7 +169,7 @@ class Coordinator:
         loop's own thread (closing them from another thread races its select())."""
         server = self.http_server
         while not self._http_done.is_set():
-            wasyncore.loop(timeout=0.2, map=server._map, count=1)
+            wasyncore.loop(timeout=0.2, use_poll=True, map=server._map, count=1)
         wasyncore.close_all(server._map)
 
     def stop(self) -> None:
@@ -148,12 +178,12 @@ class Coordinator:
         server = self.http_server
         if server is not None:
             server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
-            if not self._threads:
+            if not self.threads:
                 wasyncore.close_all(server._map)  # bound, but its loop never ran to close it
         self._http_done.set()
         if self.broker is not None:
             self.broker.stop()
-        for thread in self._threads:
+        for thread in self.threads:
             thread.join(timeout=10)
         if self.store is not None:
             self.store.close()

@@ -25,15 +25,16 @@ def digest(token: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def create(store: Store, name: str, role: str = "submit") -> str:
-    """Make a new token, store its digest under `name`, and return the token itself."""
+def create(store: Store, name: str, role: str = "submit", allow_process: bool = False) -> str:
+    """Make a new token, store its digest under `name`, and return the token itself. With
+    `allow_process`, its jobs may also run on process-runtime workers (on their hosts)."""
     if role not in ROLES:
         raise errors.BadInput(f"role must be one of {', '.join(ROLES)}", "role")
     if not name or len(name) > 100 or "/" in name or not name.isprintable():
         # (a '/' could not be revoked over HTTP: DELETE /api/v1/tokens/NAME takes none)
         raise errors.BadInput("token name must be 1 to 100 printable characters, no '/'", "name")
     token = "gpbx_" + secrets.token_urlsafe(32)
-    store.add_token(models.Token(name, digest(token), role, models.utcnow()))
+    store.add_token(models.Token(name, digest(token), role, models.utcnow(), allow_process))
     return token
 
 

@@ -72,12 +72,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def queued_jobs(
-        self, limit: int = 500, known: Mapping[int, models.Job] | None = None
+        self,
+        limit: int = 500,
+        known: Mapping[int, models.Job] | None = None,
+        shape: str | None = None,
     ) -> list[models.Job]:
         """Up to `limit` QUEUED jobs in the order they should run: highest priority first,
-        then lowest id. Those whose id is in `known` are not read again but returned as given
-        there: what a job asks for does not change, so a scheduler may keep the jobs it read
-        from one round to the next."""
+        then lowest id; with `shape`, only the jobs of that shape (models.Needs.shape). Those
+        whose id is in `known` are not read again but returned as given there: what a job
+        asks for does not change, so a scheduler may keep the jobs it read from one round to
+        the next."""
+
+    @abc.abstractmethod
+    def queued_shapes(self) -> list[str]:
+        """The shapes (models.Needs.shape) of the QUEUED jobs, each once, in no set order.
+        It costs an index lookup per shape, not a read per job: 100,000 queued jobs of a few
+        shapes cost no more than a few jobs."""
 
     @abc.abstractmethod
     def batch(self) -> contextlib.AbstractContextManager[None]:

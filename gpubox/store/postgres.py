@@ -88,7 +88,20 @@ ALTER TABLE jobs ADD COLUMN gpu_model TEXT;
 ALTER TABLE jobs ADD COLUMN gpu_memory_gb DOUBLE PRECISION;
 ALTER TABLE jobs ADD COLUMN container TEXT NOT NULL DEFAULT '{}';
 """,
-    # 3: the bytes of a job's stored log, and where its head ends once lines are dropped
+    # 3: each job's needs as one text (models.Needs.shape), so that the scheduler reads the
+    # queue shape by shape; SqlStore.upgrade fills it in for the jobs not ended yet
+    """
+ALTER TABLE jobs ADD COLUMN shape TEXT;
+CREATE INDEX jobs_shape ON jobs (shape, priority DESC, id) WHERE status = 'QUEUED';
+""",
+    # 4: who submitted a job (its token's name; NULL for older jobs), and whether a token,
+    # and each job it submitted, may use process-runtime workers (older ones: no)
+    """
+ALTER TABLE jobs ADD COLUMN submitter TEXT;
+ALTER TABLE jobs ADD COLUMN allow_process INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tokens ADD COLUMN allow_process INTEGER NOT NULL DEFAULT 0;
+""",
+    # 5: the bytes of a job's stored log, and where its head ends once lines are dropped
     # (the max_log_bytes cap); counted for jobs still running
     """
 ALTER TABLE jobs ADD COLUMN log_bytes BIGINT NOT NULL DEFAULT 0;

@@ -88,7 +88,20 @@ ALTER TABLE jobs ADD COLUMN gpu_model TEXT;
 ALTER TABLE jobs ADD COLUMN gpu_memory_gb REAL;
 ALTER TABLE jobs ADD COLUMN container TEXT NOT NULL DEFAULT '{}';
 """,
-    # 3: the bytes of a job's stored log, and where its head ends once lines are dropped
+    # 3: each job's needs as one text (models.Needs.shape), so that the scheduler reads the
+    # queue shape by shape; SqlStore.upgrade fills it in for the jobs not ended yet
+    """
+ALTER TABLE jobs ADD COLUMN shape TEXT;
+CREATE INDEX jobs_shape ON jobs (shape, priority DESC, id) WHERE status = 'QUEUED';
+""",
+    # 4: who submitted a job (its token's name; NULL for older jobs), and whether a token,
+    # and each job it submitted, may use process-runtime workers (older ones: no)
+    """
+ALTER TABLE jobs ADD COLUMN submitter TEXT;
+ALTER TABLE jobs ADD COLUMN allow_process INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tokens ADD COLUMN allow_process INTEGER NOT NULL DEFAULT 0;
+""",
+    # 5: the bytes of a job's stored log, and where its head ends once lines are dropped
     # (the max_log_bytes cap); counted for jobs still running
     """
 ALTER TABLE jobs ADD COLUMN log_bytes INTEGER NOT NULL DEFAULT 0;
@@ -111,6 +124,17 @@ def _logs_insert(rows: int) -> str:
     )
 
 
+def _private_files(path: str) -> None:
+    """The store's file, and its -wal and -shm files, readable by their owner alone: they hold
+    jobs' env, metadata and logs. The file is made before SQLite opens it, as SQLite makes the
+    other two with the file's own mode; files an older gpubox left readable are tightened."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+
+
 class SqliteStore(sql.SqlStore):
     """The store in one SQLite file."""
 
@@ -120,7 +144,8 @@ class SqliteStore(sql.SqlStore):
         super().__init__()
         self.path = path
         if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            _private_files(path)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()

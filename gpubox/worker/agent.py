@@ -31,7 +31,7 @@ import zmq.utils.monitor
 
 from gpubox import __version__, errors, keys, models, protocol
 from gpubox.config import WorkerConfig
-from gpubox.logfmt import fields
+from gpubox.logfmt import fields, printable
 from gpubox.worker import runners
 from gpubox.worker.runners import Runners
 from gpubox.worker.spill import Spill
@@ -140,6 +140,7 @@ class Agent:
         self.monitor: zmq.Socket = None  # type: ignore[assignment]
         self._handshake_warned = False
         self._refused = ""  # the coordinator's reason for refusing our HELLO, logged once
+        self._hello_at = 0.0  # when the last HELLO went out (time.monotonic)
         self.session = ""
         self.coordinator_id = ""
         self.welcomed = False
@@ -268,6 +269,7 @@ class Agent:
     def _hello(self) -> None:
         self.session = uuid.uuid4().hex
         self.welcomed = False
+        self._hello_at = time.monotonic()
         self.connected.clear()
         self._send(
             "HELLO",
@@ -319,6 +321,11 @@ class Agent:
             log.error("the coordinator refused this worker: %s", body["reason"][:300])
 
     def _on_heartbeat(self, body: dict[str, Any], now: float) -> None:
+        if not body["known"] and not self.welcomed and now - self._hello_at < self.config.resend_s:
+            # A HELLO is on its way. This answers a message sent before it (batches queued
+            # while the coordinator was away all get one): another HELLO would start yet
+            # another session, and the next such answer another, a HELLO per queued message.
+            return
         if not body["known"] or (self.welcomed and body["coordinator"] != self.coordinator_id):
             if not self._refused:  # else it is known why, and said once
                 log.info("the coordinator does not know this session (it restarted?): HELLO again")
@@ -347,7 +354,7 @@ class Agent:
             job.id,
             job.attempt,
             "re-attached" if found else "received",
-            spec["image"],
+            printable(spec["image"]),
             extra=fields(job=job.id, attempt=job.attempt, gpus=",".join(job.gpus) or "-"),
         )
         self._ready()

@@ -1,9 +1,12 @@
 """The process runtime: a job's command run directly on this host, as a child process.
 
 For hosts without Docker (like other runners' shell executors) and to measure gpubox's own
-overhead without Docker's. It gives NO isolation: the command runs as the worker's user, sees
-the host's files, network and every GPU driver. `docker.image` is ignored; `docker.command` is
-required. The job gets its own environment (PATH, HOME, LANG, TZ from the worker, then
+overhead without Docker's. It gives NO isolation beyond a user: the command runs as the
+worker's `process_user` (never root; by default "nobody" when the worker runs as root, else
+the worker's own user), sees the host's files that user may read, the network and every GPU
+driver. The coordinator sends such a worker only jobs whose token may use process workers.
+`docker.image` is ignored; `docker.command` is required. The job gets its own environment
+(PATH, HOME, LANG, TZ from the worker, HOME, USER and LOGNAME of the job's user, then
 docker.env and docker.secrets, GPUBOX_JOB_ID, and a marker, GPUBOX_WORKER_RUN) and its GPUs
 as NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES (the UUIDs; "" when it has none) with
 CUDA_DEVICE_ORDER=PCI_BUS_ID; it starts in docker.workdir or a fresh empty folder (one
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
+import pwd
 import select
 import shutil
 import signal
@@ -38,7 +43,8 @@ import threading
 import time
 from typing import IO, Any
 
-from gpubox import models, protocol
+from gpubox import errors, models, protocol
+from gpubox.logfmt import fields
 from gpubox.worker.runner import (
     BATCH_LINES,
     GATHER_S,
@@ -58,6 +64,78 @@ log = logging.getLogger(__name__)
 
 PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 OWNER_VARIABLE = "GPUBOX_WORKER_RUN"  # coordinator:worker, in every job process's environment
+CAP_SETGID, CAP_SETUID = 6, 7  # the capabilities a process needs to change its groups and user
+
+
+@dataclasses.dataclass(frozen=True)
+class JobUser:
+    """The user a process worker runs its jobs as."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: list[int]  # its supplementary groups (the worker's own are not passed on)
+    home: str
+    switch: bool  # True: the worker runs as another user (root) and switches to this one
+
+
+def _can_switch_users() -> bool:
+    """Whether this process may change its user and groups (CAP_SETUID and CAP_SETGID):
+    root usually may; root under a unit without capabilities, and other users, may not."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    return bool(caps >> CAP_SETUID & 1 and caps >> CAP_SETGID & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def job_user(setting: str = "") -> JobUser:
+    """The user jobs run as, from the worker's process_user setting: a user name or id, or ""
+    for the default ("nobody" when the worker runs as root, else the worker's own user).
+    errors.ConfigError for root, for an unknown user, and for a user this worker cannot
+    switch to (only root can: a worker running as gpubox under its systemd unit, without
+    capabilities, runs jobs as gpubox)."""
+    me = os.geteuid()
+    if not setting:
+        setting = "nobody" if me == 0 else str(me)
+    try:
+        entry = pwd.getpwuid(int(setting)) if setting.isdigit() else pwd.getpwnam(setting)
+    except KeyError:
+        if setting != str(me):
+            raise errors.ConfigError(f"process_user: no user {setting!r} on this host") from None
+        entry = None  # the worker's own uid has no name here (a container): run as it
+    if entry is None:
+        name, uid, gid, home = setting, me, os.getegid(), os.environ.get("HOME", "/")
+    else:
+        name, uid, gid, home = entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir
+    if uid == 0:
+        raise errors.ConfigError(
+            f"process_user: {name} is root (uid 0); the process runtime never runs jobs as"
+            " root: name an unprivileged user (the default is nobody when the worker runs"
+            " as root)"
+        )
+    if uid == me:
+        return JobUser(name, uid, gid, [], home, switch=False)
+    if not _can_switch_users():
+        own = _user_name(me)
+        raise errors.ConfigError(
+            f"process_user: this worker runs as {own} and cannot run jobs as {name} (that"
+            f" needs root with CAP_SETUID and CAP_SETGID): leave process_user unset to run"
+            f" them as {own}, or run the worker as root"
+        )
+    groups = os.getgrouplist(name, gid) if entry is not None else [gid]
+    return JobUser(name, uid, gid, groups, home, switch=True)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def timestamp() -> str:
@@ -74,13 +152,25 @@ class ProcessRuntime:
     owner = ""  # set by the agent (Runtime.owner)
 
     def __init__(
-        self, worker_name: str, stop_grace_s: float = 10.0, tee: IO[str] | None = None
+        self,
+        worker_name: str,
+        stop_grace_s: float = 10.0,
+        tee: IO[str] | None = None,
+        process_user: str = "",
     ) -> None:
+        """`process_user`: the worker setting (see job_user, which may refuse it)."""
         self.worker_name = worker_name
         self.stop_grace_s = stop_grace_s
         self.tee = tee or sys.stderr
         self._tee_lock = threading.Lock()
-        self._scratch = Scratch()
+        self.user = job_user(process_user)
+        self._scratch = Scratch(self.user.uid, self.user.gid)
+        log.info(
+            "the process runtime runs jobs as %s (uid %d)",
+            self.user.name,
+            self.user.uid,
+            extra=fields(worker=worker_name),
+        )
 
     def recover(self) -> list[tuple[int, int, list[str], Any]]:
         """Nothing to re-attach to; but a worker killed outright (SIGKILL, a crash) left its
@@ -153,10 +243,18 @@ class ProcessRuntime:
             if workdir is None:
                 scratch = workdir = self._scratch.take()
             try:
+                switch: dict[str, Any] = {}
+                if self.user.switch:
+                    switch = {
+                        "user": self.user.uid,
+                        "group": self.user.gid,
+                        "extra_groups": self.user.groups,
+                    }
                 proc = subprocess.Popen(
                     job["command"],
                     cwd=workdir,
-                    env=environment(job, self.marker()),
+                    env=environment(job, self.marker(), self.user),
+                    **switch,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -256,12 +354,14 @@ class Scratch:
     """Empty folders for jobs without docker.workdir, each kept for a next job once it is
     found empty again (making and removing a folder costs ~0.15 ms of CPU per job on ext4,
     looking into one ~0.01 ms). They live in one folder of the temporary directory, removed
-    when the worker exits."""
+    when the worker exits, and belong to the user jobs run as (uid, gid)."""
 
-    def __init__(self) -> None:
+    def __init__(self, uid: int | None = None, gid: int | None = None) -> None:
         self._lock = threading.Lock()
         self._root: str | None = None
         self._free: list[str] = []
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
 
     def take(self) -> str:
         with self._lock:
@@ -270,8 +370,14 @@ class Scratch:
             if self._root is None:
                 self._root = tempfile.mkdtemp(prefix="gpubox-scratch-")
                 atexit.register(shutil.rmtree, self._root, True)
+                # Jobs of another user than the worker's must get through to their folder,
+                # but not list the others.
+                os.chmod(self._root, 0o711)
             root = self._root
-        return tempfile.mkdtemp(prefix="job-", dir=root)
+        path = tempfile.mkdtemp(prefix="job-", dir=root)
+        if self.uid != os.getuid():
+            os.chown(path, self.uid, self.gid)
+        return path
 
     def give_back(self, path: str) -> None:
         """Keep `path` for the next job if it is as take() made it: an empty folder of ours
@@ -286,7 +392,7 @@ class Scratch:
             reusable = reusable and (
                 stat.S_ISDIR(info.st_mode)
                 and stat.S_IMODE(info.st_mode) == 0o700
-                and info.st_uid == os.getuid()
+                and info.st_uid == self.uid
             )
         if not reusable:
             shutil.rmtree(path, ignore_errors=True)
@@ -295,10 +401,15 @@ class Scratch:
             self._free.append(path)
 
 
-def environment(job: dict[str, Any], marker: str = "") -> dict[str, str]:
-    """The job's environment: a few of the worker's variables, the job's, its GPUs, its id,
-    and the marker by which a restarted worker finds what its last run left behind."""
+def environment(
+    job: dict[str, Any], marker: str = "", user: JobUser | None = None
+) -> dict[str, str]:
+    """The job's environment: a few of the worker's variables (HOME, USER and LOGNAME those
+    of `user` when the worker switches to it), the job's, its GPUs, its id, and the marker by
+    which a restarted worker finds what its last run left behind."""
     env = {name: os.environ[name] for name in PASSED_ON if name in os.environ}
+    if user is not None and user.switch:
+        env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
     env.update(job.get("env") or {})
     env.update(job.get("secrets") or {})
     env["GPUBOX_JOB_ID"] = str(job["id"])

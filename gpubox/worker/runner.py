@@ -22,10 +22,11 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from gpubox import models, protocol
+from gpubox import logfmt, models, protocol
 from gpubox.config import Mount, check_mount_folders
 from gpubox.worker.dockerlogs import DockerLogs
 from gpubox.worker.logfile import JsonLogFile, usable_log_file
+from gpubox.worker.policy import ContainerPolicy, pull_failure
 
 log = logging.getLogger(__name__)
 
@@ -480,16 +481,20 @@ class DockerRuntime:
         log_files: bool = True,
         log_max_bytes: int = 64 * 1024 * 1024,
         log_max_files: int = 2,
+        policy: ContainerPolicy | None = None,
     ) -> None:
         """`mounts`: the host folders jobs may ask for by name. `gpu_devices`: give containers
         their GPUs through a device request (needs the NVIDIA runtime); off for fake GPUs,
         which get the environment only. `log_files`: read a container's json-file log from
         disk where possible (gpubox.worker.logfile), else always through the engine's API.
         `log_max_bytes`, `log_max_files`: the json-file log Docker keeps of each container,
-        in that many files of that size (0 bytes: the engine's own log settings)."""
+        in that many files of that size (0 bytes: the engine's own log settings).
+        `policy`: the limits every container gets and the registries images may come from
+        (default: the worker settings' defaults)."""
         self.worker_name = worker_name
         self.stop_grace_s = stop_grace_s
         self.mounts = mounts or {}
+        self.policy = policy or ContainerPolicy()
         self.gpu_devices = gpu_devices
         check_mount_folders(self.mounts)
         self.client = client or docker.from_env()
@@ -586,11 +591,13 @@ class DockerRuntime:
             threading.Thread(target=self.discard, args=(container, False), daemon=True).start()
 
     def discard(self, container: Any, stop: bool = True) -> None:
-        """Stop a container (SIGTERM, then SIGKILL after the grace period) and remove it."""
+        """Stop a container (SIGTERM, then SIGKILL after the grace period) and remove it,
+        with the anonymous volumes its image declares (VOLUME): kept, they would fill the
+        engine's disk one job at a time."""
         try:
             if stop:
                 self._stop(container)
-            container.remove(force=True)
+            container.remove(v=True, force=True)
         except docker.errors.NotFound:
             pass
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
@@ -605,6 +612,11 @@ class DockerRuntime:
             return self.client.containers.create(job["image"], **spec)
         except docker.errors.ImageNotFound:
             pass
+        # Checked before the pull, not before the create: an image the engine has already
+        # needs no request to any registry.
+        refused = self.policy.registry_refusal(job["image"])
+        if refused is not None:
+            raise JobRefused(f"could not pull image {job['image']!r}: {refused}")
         pull_error = self._pull(job["image"], job.get("auth"))
         if pull_error is not None:
             raise JobRefused(f"could not pull image {job['image']!r}: {pull_error}")
@@ -613,7 +625,7 @@ class DockerRuntime:
         return self.client.containers.create(job["image"], **spec)
 
     def _pull(self, image: str, auth: dict[str, str] | None) -> str | None:
-        """Pull the image; None on success, else Docker's reason."""
+        """Pull the image; None on success, else why not, in a few fixed words."""
         auth_config = None
         if auth:
             auth_config = {"username": auth["username"], "password": auth["password"]}
@@ -626,14 +638,23 @@ class DockerRuntime:
             self.client.images.pull(repo, tag=tag or "latest", auth_config=auth_config)
             return None
         except docker.errors.APIError as exc:
-            # Docker's own explanation; auth_config is never part of it or of any log line.
-            return str(exc.explanation or exc)
+            # Docker's explanation can quote what the registry answered, which may be any
+            # server's page: the submitter gets its kind only, the worker's log the rest.
+            # auth_config is never part of it.
+            explanation = str(exc.explanation or exc)
+            log.warning(
+                "pulling %s failed: %s",
+                logfmt.printable(image),
+                logfmt.printable(explanation[:1000]),
+            )
+            return pull_failure(explanation)
 
     def container_spec(self, job: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of containers.create for a JOB: command, environment,
         labels to find it again, its GPUs (device request + NVIDIA_VISIBLE_DEVICES, with
         CUDA_DEVICE_ORDER=PCI_BUS_ID so indices inside match nvidia-smi outside), and its
-        container options. Raises JobRefused for a mount this worker does not declare."""
+        container options, with this worker's limits (policy). Raises JobRefused for a mount
+        this worker does not declare, or /dev/shm over its max_shm_size."""
         options = models.ContainerOptions.from_dict(job.get("container"))
         kwargs: dict[str, Any] = {
             "command": job.get("command"),
@@ -664,6 +685,10 @@ class DockerRuntime:
         kwargs["environment"]["NVIDIA_VISIBLE_DEVICES"] = ",".join(job["gpus"]) or "void"
         if job["gpus"]:
             kwargs["environment"]["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        try:
+            kwargs.update(self.policy.create_options(options.shm_size))
+        except ValueError as exc:
+            raise JobRefused(str(exc)) from None
         if options.shm_size is not None:
             kwargs["shm_size"] = options.shm_size
         if options.memory is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -67,6 +68,11 @@ class _Marker:
         return Batch(self.first, [[self.ts, models.GPUBOX_STREAM, text]], self.last)
 
 
+def _private(path: str, flags: int) -> int:
+    """open()'s opener for a spill file: readable by its owner alone."""
+    return os.open(path, flags, 0o600)
+
+
 class Spill:
     """Per-job FIFO queues of batches on disk, bounded in total by max_bytes."""
 
@@ -83,7 +89,8 @@ class Spill:
         self._names = 0
         # What an earlier process left is of no use: its jobs resume from Docker's log.
         shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
+        # Job output: for the worker's user alone, like the state folder it lies in.
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def __contains__(self, job_id: int) -> bool:
         return job_id in self._queues or job_id in self._markers
@@ -125,7 +132,7 @@ class Spill:
         segment = queue[-1]
         writer = self._writers.get(job_id)
         if writer is None:
-            writer = self._writers[job_id] = open(segment.path, "ab")  # noqa: SIM115
+            writer = self._writers[job_id] = open(segment.path, "ab", opener=_private)  # noqa: SIM115
         writer.write(LENGTH.pack(len(record)) + record)
         writer.flush()
         if segment.unread == 0:

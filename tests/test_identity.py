@@ -285,8 +285,9 @@ def test_a_worker_that_never_confirms_a_job_is_quarantined_and_the_job_goes_else
     assert peer.quarantined.startswith(f"it was sent job {first.id} and did not confirm it")
     assert link.broker.quarantine("collector") == peer.quarantined
     # Its owner sees where it went.
-    (marker,) = [line.line for line in link.store.read_logs(first.id)]
-    assert "worker collector was sent this job (attempt 1, with its secrets" in marker
+    (marker,) = list(link.store.read_logs(first.id))
+    assert "worker collector was sent this job (attempt 1, with its secrets" in marker.line
+    assert marker.stream == "gpubox"  # gpubox's own line, which no job can print
 
     collector.ready()  # asks again: gets nothing more this session
     honest = link.worker("honest", gpus=["GPU-1"])

@@ -818,7 +818,12 @@ class Broker:
         )
         stamp = f"{at:%Y-%m-%dT%H:%M:%S}.{at.microsecond:06d}000Z"
         self.store.append_logs(
-            job_id, attempt, job.log_seq + 1, [(stamp, "stderr", marker)], self.max_log_lines
+            job_id,
+            attempt,
+            job.log_seq + 1,
+            [(stamp, models.GPUBOX_STREAM, marker)],
+            self.max_log_lines,
+            keep_bytes=self.max_log_bytes,
         )
         if self.store.unclaim_job(job_id, attempt, at):
             log.warning(

@@ -165,7 +165,7 @@ def test_idle_and_slow_connections_to_both_ports_leave_healthz_fast(
 def test_connections_that_never_handshake_on_the_worker_link_are_closed(coordinator: Running):
     held = idle(coordinator.link, 1100)
     try:
-        time.sleep(7)  # past the 5 s CURVE handshake allowance
+        time.sleep(6)  # past the 5 s CURVE handshake allowance
         closed = 0
         for sock in held:
             sock.settimeout(0.5)

@@ -265,7 +265,7 @@ def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
         except Exception as exc:
             raise errors.GpuboxError(f"cannot reach the Docker engine: {exc}") from exc
     agent = Agent(config, runtime, gpus, usage=source.usage if offers else None)
-    thread = supervise.Essential("gpubox-agent", agent.run)
+    thread = supervise.Essential("gpubox-agent", agent.run, agent.loop)
     thread.start()
     return agent, thread
 

@@ -77,6 +77,10 @@ class LiveView(Protocol):
 
     def quarantine(self, worker: str) -> str: ...
 
+    def stalled(self) -> str: ...
+
+    def last_turn_s(self) -> float: ...
+
 
 TOKEN_KEY = "gpubox.token"  # where a request's checked token waits for its handler
 
@@ -206,7 +210,15 @@ def make_app(
     @app.get("/healthz")
     @endpoint(auth=False)
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__}
+        # Up means the broker turns its loop too: with it dead or stuck, HTTP would take jobs
+        # that never run.
+        if live is not None and (trouble := live.stalled()):
+            bottle.response.status = 503
+            return {"status": "unavailable", "reason": trouble, "version": __version__}
+        shown: dict[str, Any] = {"status": "ok", "version": __version__}
+        if live is not None:
+            shown["broker_last_turn_s"] = round(live.last_turn_s(), 3)
+        return shown
 
     @app.get("/metrics")
     @endpoint()

@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import zmq
 
-from gpubox import errors, keys, models, protocol
+from gpubox import errors, keys, models, protocol, supervise
 from gpubox.coordinator import metrics, scheduler, sealing
 from gpubox.coordinator.events import Changes
 from gpubox.logfmt import fields
@@ -172,6 +173,17 @@ class Broker:
         self.dropped_messages = 0
         self._store_backoff_s = 0.0
         self._store_paused_until = 0.0
+        # Ticked at every turn of run()'s loop: /healthz and the process watch it.
+        self.loop = supervise.Loop(stall_s=3 * heartbeat_interval_s)
+        # What each message from a connected worker is handled by (HELLO, which makes the
+        # connection, is handled before a session exists).
+        self._handlers: dict[str, Callable[[Peer, dict[str, Any], float], None]] = {
+            "READY": self._on_ready,
+            "STARTED": self._on_started,
+            "LOG": self._on_log,
+            "DONE": self._on_done,
+            "HEARTBEAT": self._on_heartbeat,
+        }
 
     # --- called from other threads ------------------------------------------------------------
 
@@ -207,6 +219,7 @@ class Broker:
         poller.register(self.inbox, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                self.loop.tick()
                 events = dict(poller.poll(100))
                 woke, woke_cpu = time.perf_counter(), time.thread_time()
                 if self.router in events:
@@ -368,7 +381,11 @@ class Broker:
             )
             return
         known.last_seen = now
-        handler = getattr(self, f"_on_{msg.type.lower()}")
+        handler = self._handlers.get(msg.type)
+        if handler is None:  # a type protocol knows and this broker does not handle: drop it
+            self.dropped_messages += 1
+            log.warning("dropped a %s message from worker %s: no handler", msg.type, name)
+            return
         self._guard(handler, known, body, now)
 
     def _on_hello(self, routing_id: bytes, key: str, body: dict[str, Any], now: float) -> None:
@@ -833,6 +850,16 @@ class Broker:
                 extra=fields(job=job_id, worker=peer.name),
             )
             self.changes.notify(job_id)
+
+    def stalled(self) -> str:
+        """Why the broker is not serving ("" while its loop turns): its thread ended, or its
+        loop has not turned for three heartbeat intervals. Any thread."""
+        trouble = self.loop.trouble()
+        return f"the broker thread {trouble}" if trouble else ""
+
+    def last_turn_s(self) -> float:
+        """Seconds since the broker's loop last turned. Any thread."""
+        return self.loop.since()
 
     def quarantine(self, worker: str) -> str:
         """Why a connected worker gets no more jobs; "" if it may. Any thread."""

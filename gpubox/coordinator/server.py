@@ -58,6 +58,7 @@ class Coordinator:
         self.threads: list[supervise.Essential] = []
         self._stopping = threading.Event()
         self._http_done = threading.Event()
+        self._http_loop = supervise.Loop(stall_s=3 * config.heartbeat_interval_s)
 
     @property
     def http_url(self) -> str:
@@ -150,8 +151,8 @@ class Coordinator:
         # the one already serving this state folder) must not replace its clients' token.
         tokens.ensure_local(self.store, self.config.state_dir)
         self.threads = [
-            supervise.Essential("gpubox-broker", self.broker.run),
-            supervise.Essential("gpubox-http", self._serve_http),
+            supervise.Essential("gpubox-broker", self.broker.run, self.broker.loop),
+            supervise.Essential("gpubox-http", self._serve_http, self._http_loop),
         ]
         for thread in self.threads:
             thread.start()
@@ -169,6 +170,7 @@ class Coordinator:
         loop's own thread (closing them from another thread races its select())."""
         server = self.http_server
         while not self._http_done.is_set():
+            self._http_loop.tick()
             wasyncore.loop(timeout=0.2, use_poll=True, map=server._map, count=1)
         wasyncore.close_all(server._map)
 

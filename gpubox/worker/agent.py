@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import zmq
 import zmq.utils.monitor
 
-from gpubox import __version__, errors, keys, models, protocol
+from gpubox import __version__, errors, keys, models, protocol, supervise
 from gpubox.config import WorkerConfig
 from gpubox.logfmt import fields, printable
 from gpubox.worker import runners
@@ -141,6 +141,17 @@ class Agent:
         self._handshake_warned = False
         self._refused = ""  # the coordinator's reason for refusing our HELLO, logged once
         self._hello_at = 0.0  # when the last HELLO went out (time.monotonic)
+        # Ticked at every turn of run()'s loop; the process ends if it stops turning.
+        self.loop = supervise.Loop(stall_s=3 * config.heartbeat_interval_s)
+        # What each message from the coordinator is handled by.
+        self._handlers: dict[str, Callable[[dict[str, Any], float], None]] = {
+            "WELCOME": self._on_welcome,
+            "REFUSED": self._on_refused,
+            "HEARTBEAT": self._on_heartbeat,
+            "JOB": self._on_job,
+            "ACK": self._on_ack,
+            "CANCEL": self._on_cancel,
+        }
         self.session = ""
         self.coordinator_id = ""
         self.welcomed = False
@@ -175,6 +186,7 @@ class Agent:
         self._connect(time.monotonic(), poller)
         try:
             while not self._stop.is_set():
+                self.loop.tick()
                 if self.draining and not self.jobs:
                     break
                 events = dict(poller.poll(100))
@@ -302,7 +314,15 @@ class Agent:
                 log.warning("dropped a malformed message from the coordinator: %s", exc)
                 continue
             self.last_heard = now
-            getattr(self, f"_on_{msg.type.lower()}")(msg.body, now)
+            handler = self._handlers.get(msg.type)
+            if handler is None:  # a type protocol knows and this worker does not handle
+                log.warning("dropped a %s message from the coordinator: no handler", msg.type)
+                continue
+            try:
+                handler(msg.body, now)
+            except Exception:
+                # One message gone wrong must not end the agent, and with it every job here.
+                log.exception("the %s message from the coordinator failed", msg.type)
 
     # --- messages from the coordinator --------------------------------------------------------
 

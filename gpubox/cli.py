@@ -228,8 +228,9 @@ class Signals:
 def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
     from gpubox.worker import gpu
     from gpubox.worker.agent import Agent
+    from gpubox.worker.docker_runtime import DockerRuntime
+    from gpubox.worker.lines import OutputCopy
     from gpubox.worker.policy import ContainerPolicy
-    from gpubox.worker.runner import DockerRuntime, OutputCopy
 
     source = gpu.source_for(config.fake_gpus, config.name or _hostname())
     offers = config.gpus != "none"  # else NVML is not even asked (nor warned about)

@@ -26,9 +26,9 @@ from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
 from gpubox.worker import gpu
 from gpubox.worker.agent import Agent
+from gpubox.worker.docker_runtime import DockerRuntime
 from gpubox.worker.policy import ContainerPolicy
 from gpubox.worker.process import ProcessRuntime
-from gpubox.worker.runner import DockerRuntime
 
 IMAGE = os.environ.get("GPUBOX_TEST_IMAGE", "gpubox-busybox:latest")
 TERMINAL = ("FINISHED", "ERROR", "CANCELLED")

@@ -22,7 +22,7 @@ import pytest
 
 from gpubox.client import ApiError
 from gpubox.config import Mount
-from gpubox.worker.runner import LABEL, WORKER_LABEL, DockerRuntime, JobRefused
+from gpubox.worker.docker_runtime import LABEL, WORKER_LABEL, DockerRuntime, JobRefused
 from tests.conftest import IMAGE, Cluster, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]

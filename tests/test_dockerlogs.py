@@ -16,7 +16,7 @@ import docker.errors
 import pytest
 
 from gpubox.worker.dockerlogs import DockerLogs, Entry, parse_frames
-from gpubox.worker.runner import ts_ns
+from gpubox.worker.lines import ts_ns
 
 SCRIPT = "echo one; echo two >&2; echo three; printf 'no newline' >&2"
 

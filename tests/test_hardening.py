@@ -34,8 +34,8 @@ from gpubox import config as cfg
 from gpubox import errors, logfmt
 from gpubox.client import ApiError
 from gpubox.worker import policy
+from gpubox.worker.docker_runtime import LABEL, WORKER_LABEL, DockerRuntime
 from gpubox.worker.policy import ContainerPolicy
-from gpubox.worker.runner import LABEL, WORKER_LABEL, DockerRuntime
 from tests.conftest import IMAGE, Cluster, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]

@@ -21,7 +21,7 @@ import pytest
 from gpubox import keys, models
 from gpubox.client import ApiError, Client
 from gpubox.store import open_store
-from gpubox.worker import runner
+from gpubox.worker import docker_runtime, lines, logreader
 from tests.conftest import wait_until
 from tests.test_store import running
 
@@ -193,29 +193,29 @@ def test_a_log_reader_waits_while_the_line_buffer_is_full() -> None:
     """1,000 lines of 60 KB (60 MB) in the log, nothing taken from the buffer: the reader
     stops at the buffer's bound (4 MiB) plus one read, not at 60 MB; once lines are taken it
     goes on, and every line comes out once, in order."""
-    buffer = runner.LineBuffer(1)
-    reader = runner.LogReader(FloodLogs(1000), buffer, runner.Masker([]))
+    buffer = lines.LineBuffer(1)
+    reader = logreader.LogReader(FloodLogs(1000), buffer, lines.Masker([]))
     reader.thread.start()
     wait_until(
         lambda: not reader.thread.is_alive() or getattr(buffer, "waiting", 0),
         10,
         "the reader to wait for room, or to end",
     )
-    held = sum(len(line[2]) for _, lines in buffer.take(0) for line in lines)
+    held = sum(len(line[2]) for _, batch in buffer.take(0) for line in batch)
     assert held <= 4 * 2**20 + 4 * 60_000, f"{held / 2**20:.0f} MiB held"
     taken = held // 60_000
     next_seq = 1 + taken
     while reader.thread.is_alive() or taken < 1000:
-        for seq, lines in buffer.take(0.1):
+        for seq, batch in buffer.take(0.1):
             assert seq == next_seq
-            next_seq += len(lines)
-            taken += len(lines)
+            next_seq += len(batch)
+            taken += len(batch)
     assert taken == 1000
 
 
 def test_abandoning_a_follow_that_waits_for_room_ends_it() -> None:
-    buffer = runner.LineBuffer(1, max_bytes=100_000)
-    reader = runner.LogReader(FloodLogs(1000), buffer, runner.Masker([]))
+    buffer = lines.LineBuffer(1, max_bytes=100_000)
+    reader = logreader.LogReader(FloodLogs(1000), buffer, lines.Masker([]))
     reader.thread.start()
     wait_until(lambda: buffer.waiting, 10, "the reader to wait for room")
     reader.abandon()
@@ -230,8 +230,8 @@ def test_the_worker_copies_at_most_journal_bytes_per_job_of_a_jobs_output_to_its
     """3 MB of output: the worker's own log gets the first 1 MB of it, tagged, then one line
     saying the rest is not copied; every line still goes to the coordinator."""
     journal = io.StringIO()
-    copy = runner.OutputCopy(journal, 1_000_000)
-    buffer = runner.LineBuffer(1)
+    copy = lines.OutputCopy(journal, 1_000_000)
+    buffer = lines.LineBuffer(1)
     sent: list[list[str]] = []
 
     def emit(kind: str, body: dict[str, Any]) -> None:
@@ -242,7 +242,7 @@ def test_the_worker_copies_at_most_journal_bytes_per_job_of_a_jobs_output_to_its
         buffer.add_many(
             [(TS, "stdout", f"{n:04d} " + "x" * 995) for n in range(first, first + 100)]
         )
-        runner.send_lines(buffer, emit, copy, lock, "job=7 container=abc", 0)
+        lines.send_lines(buffer, emit, copy, lock, "job=7 container=abc", 0)
     assert len(sent) == 3000
     copied = journal.getvalue().splitlines()
     assert len(journal.getvalue().encode()) <= 1_000_000 + 300
@@ -352,12 +352,12 @@ def test_docker_keeps_a_bounded_log_of_a_job_and_the_worker_reads_it_across_rota
     files of 256 KiB still reach the store each once, in order, read from the files."""
     read: list[str] = []
 
-    class Recording(runner.JsonLogFile):  # type: ignore[misc]
+    class Recording(docker_runtime.JsonLogFile):  # type: ignore[misc]
         def batches(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
             read.append(self.path)
             yield from super().batches(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "JsonLogFile", Recording)
+    monkeypatch.setattr(docker_runtime, "JsonLogFile", Recording)
     cluster = make_cluster(workers=0)
     name = f"logs-{os.getpid()}"  # other tests on this engine name their workers worker-N
     cluster.add_worker(name=name, container_log_max_bytes=256 * 1024, container_log_files=2)

@@ -17,10 +17,10 @@ from typing import Any
 import docker
 import pytest
 
-from gpubox.worker import runner
+from gpubox.worker import docker_runtime, lines, logreader
 from gpubox.worker.dockerlogs import DockerLogs
+from gpubox.worker.lines import normalize_ts
 from gpubox.worker.logfile import JsonLogFile, usable_log_file
-from gpubox.worker.runner import normalize_ts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -177,7 +177,7 @@ def test_a_job_stores_the_same_output_read_from_the_file_or_the_api(
             used.append(self.path)
             yield from super().batches(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "JsonLogFile", Recording)
+    monkeypatch.setattr(docker_runtime, "JsonLogFile", Recording)
     cluster = make_cluster(workers=0)
     cluster.add_worker(log_source=source)
     job = cluster.submit(image, ["sh", "-c", "seq 1 20000; echo oops >&2; printf end"])
@@ -272,8 +272,8 @@ def test_the_job_log_says_where_rotated_lines_may_be_missing(tmp_path: Path) -> 
     path = tmp_path / "c-json.log"
     path.write_bytes(numbered(0, 30_000))
     logs = JsonLogFile(str(path), "c")
-    buffer = runner.LineBuffer(1, max_bytes=1000)
-    reader = runner.LogReader(logs, buffer, runner.Masker([]))
+    buffer = lines.LineBuffer(1, max_bytes=1000)
+    reader = logreader.LogReader(logs, buffer, lines.Masker([]))
     reader.thread.start()
     deadline = time.monotonic() + 10
     while not buffer.waiting:

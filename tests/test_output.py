@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from gpubox import protocol
+from gpubox.worker.lines import BATCH_LINES, GATHER_S
 from gpubox.worker.process import Output
-from gpubox.worker.runner import BATCH_LINES, GATHER_S
 
 
 @pytest.fixture()

@@ -531,22 +531,22 @@ def test_link_cut_shorter_than_liveness_changes_nothing_longer_ends_the_attempt(
 def test_a_worker_finds_only_its_own_coordinators_containers(docker_client) -> None:
     # Two gpubox on one Docker engine with one worker name (the host name, by default): a
     # start of one must not re-attach to, and then stop, the other's running job.
-    from gpubox.worker import runner
+    from gpubox.worker import docker_runtime
 
     name = f"owner-test-{os.getpid()}"
 
     def container(job_id: int, owner: str | None) -> Any:
-        labels = {runner.LABEL: str(job_id), f"{runner.LABEL}.attempt": "1"}
-        labels[runner.WORKER_LABEL] = name
+        labels = {docker_runtime.LABEL: str(job_id), f"{docker_runtime.LABEL}.attempt": "1"}
+        labels[docker_runtime.WORKER_LABEL] = name
         if owner is not None:
-            labels[runner.OWNER_LABEL] = owner
+            labels[docker_runtime.OWNER_LABEL] = owner
         return docker_client.containers.create(IMAGE, ["true"], labels=labels)
 
     try:
         container(1, "coordinator-a")
         container(2, "coordinator-b")
         container(3, None)  # made before containers carried their coordinator: anyone's
-        runtime = runner.DockerRuntime(name, client=docker_client, tee=io.StringIO())
+        runtime = docker_runtime.DockerRuntime(name, client=docker_client, tee=io.StringIO())
         runtime.owner = "coordinator-a"
         assert sorted(job_id for job_id, *_ in runtime.recover()) == [1, 3]
         runtime.owner = "coordinator-b"

@@ -16,15 +16,8 @@ from collections.abc import Iterator
 from gpubox import protocol
 from gpubox.models import LogMarks
 from gpubox.worker.dockerlogs import Entry
-from gpubox.worker.runner import (
-    BATCH_BYTES,
-    BATCH_LINES,
-    CATCH_UP_TAIL,
-    LineBuffer,
-    LogReader,
-    Masker,
-    ts_ns,
-)
+from gpubox.worker.lines import BATCH_BYTES, BATCH_LINES, LineBuffer, Masker, ts_ns
+from gpubox.worker.logreader import CATCH_UP_TAIL, LogReader
 
 
 def stamp(ms: int) -> bytes:
@@ -146,7 +139,7 @@ def test_a_reattach_reads_a_stream_with_nothing_stored_from_the_start() -> None:
 
 
 def ts_text(raw: bytes) -> str:
-    from gpubox.worker.runner import normalize_ts
+    from gpubox.worker.lines import normalize_ts
 
     return normalize_ts(raw.decode())
 

@@ -50,7 +50,8 @@ HANDSHAKE_FAILURES = (
 
 
 class Runtime(Protocol):
-    """Runs job attempts, reporting through emit(kind, body); see worker.runner."""
+    """Runs job attempts, reporting through emit(kind, body); see worker.docker_runtime and
+    worker.process."""
 
     outlives_worker: bool  # its jobs run on while the worker is stopped (Docker's containers)
     owner: str  # the coordinator its jobs are for (keys.fingerprint), set before recover()

@@ -45,7 +45,7 @@ from typing import IO, Any
 
 from gpubox import errors, models, protocol
 from gpubox.logfmt import fields
-from gpubox.worker.runner import (
+from gpubox.worker.lines import (
     BATCH_LINES,
     GATHER_S,
     Emit,

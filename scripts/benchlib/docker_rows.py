@@ -20,7 +20,8 @@ import docker.errors
 from benchlib.common import Cluster, Context, Row, cluster, percentile
 from benchlib.worker_rows import cpu_seconds
 from gpubox import models
-from gpubox.worker.runner import WORKER_LABEL, ts_ns
+from gpubox.worker.docker_runtime import WORKER_LABEL
+from gpubox.worker.lines import ts_ns
 
 LABELS = {"gpubox-bench": "1"}
 CONCURRENCY = 4

@@ -5,6 +5,7 @@ sequence taken before the insert; log batches travel as one COPY; a claim is one
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import select
 import threading
@@ -116,21 +117,49 @@ UPDATE jobs SET log_bytes = (
 UPGRADE_LOCK = 847_001
 
 
+@functools.lru_cache(maxsize=1024)
+def pg_sql(text: str) -> str:
+    """The shared SQL `text`, written with SQLite's `?` placeholders, in psycopg's style.
+
+    Each `?` outside quotes becomes `%s`. psycopg reads `%` everywhere, even inside a quoted
+    string, so every `%` becomes `%%`. A `?` inside a string ('...', where '' is a quote), a
+    quoted name ("...") or a `--` comment stays as it is, so no literal changes meaning.
+    The shared SQL uses no other quoting (no E'...' strings, no $$ bodies).
+    The answer is cached per text, since every statement passes here: the store's texts are
+    fixed strings, except IN lists of 1 to 500 ids, so 1024 entries hold them all.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char in "'\"":  # a string or a quoted name: copy it up to its closing quote
+            end = text.find(char, i + 1)
+            end = len(text) if end < 0 else end + 1
+            out.append(text[i:end].replace("%", "%%"))
+            i = end  # a doubled quote ('') closes one string and opens the next: same text
+            continue
+        if text.startswith("--", i):  # a comment: copy it up to the end of its line
+            end = text.find("\n", i)
+            end = len(text) if end < 0 else end
+            out.append(text[i:end].replace("%", "%%"))
+            i = end
+            continue
+        out.append("%s" if char == "?" else "%%" if char == "%" else char)
+        i += 1
+    return "".join(out)
+
+
 class _Cursor:
-    """A psycopg cursor that takes the shared SQL's `?` placeholders."""
+    """A psycopg cursor that takes the shared SQL's `?` placeholders (see pg_sql)."""
 
     def __init__(self, cur: psycopg.Cursor[Any]) -> None:
         self._cur = cur
 
-    @staticmethod
-    def _sql(text: str) -> str:
-        return text.replace("?", "%s")
-
     def execute(self, text: str, params: Sequence[Any] = ()) -> None:
-        self._cur.execute(self._sql(text), params)  # type: ignore[arg-type]
+        self._cur.execute(pg_sql(text), params)  # type: ignore[arg-type]
 
     def executemany(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
-        self._cur.executemany(self._sql(text), rows)  # type: ignore[arg-type]
+        self._cur.executemany(pg_sql(text), rows)  # type: ignore[arg-type]
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()

@@ -106,7 +106,7 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str 
             return value
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what or predicate}")
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def remove_containers(client: docker.DockerClient, workers: set[str]) -> None:

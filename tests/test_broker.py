@@ -27,6 +27,7 @@ from gpubox.coordinator import sealing
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store, open_store
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -41,18 +42,6 @@ HANDSHAKE_FAILURES = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
-
-
-def eventually(predicate: Callable[[], Any], timeout_s: float = 3.0, what: str = "") -> Any:
-    """Poll until predicate() is truthy and return its value; fail after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what or predicate}")
-        time.sleep(0.01)
 
 
 def lines(first: int, count: int) -> list[list[str]]:
@@ -217,13 +206,13 @@ class FakeWorker:
         assert not unexpected, f"{self.name}: unexpected {msg_type}: {unexpected}"
 
     def wait_for(self, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        """eventually(), staying alive (heartbeats) and collecting messages meanwhile."""
+        """wait_until(), staying alive (heartbeats) and collecting messages meanwhile."""
 
         def pumped() -> Any:
             self._pump(0.01)
             return predicate()
 
-        return eventually(pumped, timeout_s, what)
+        return wait_until(pumped, timeout_s, what)
 
     def job(self, timeout_s: float = 3.0) -> dict[str, Any]:
         """The next JOB's wire job."""
@@ -602,7 +591,7 @@ def test_welcome_and_worker_record(link: Link) -> None:
         "heartbeat_interval_s": HEARTBEAT_S,
         "liveness_s": LIVENESS_S,
     }
-    (record,) = eventually(link.store.list_workers, what="the worker to be stored")
+    (record,) = wait_until(link.store.list_workers, what="the worker to be stored")
     assert record.name == "w1"
     assert record.connected is True
     assert record.labels == {"zone": "eu"}
@@ -642,7 +631,7 @@ def test_happy_path(link: Link) -> None:
     assert stored.attempts == 1
 
     worker.started(job)
-    eventually(
+    wait_until(
         lambda: link.store.get_job(created.id).executed_at is not None, what="STARTED stored"
     )
 
@@ -962,11 +951,11 @@ def test_silent_worker_is_lost(link: Link) -> None:
     worker.ready(slots=0, running=sorted(jobs))  # confirms it holds both
     for job_id in sorted(jobs):  # and both containers started
         worker.started({"id": job_id, "attempt": 1})
-    eventually(lambda: all(link.store.get_job(j).executed_at for j in jobs), what="both started")
+    wait_until(lambda: all(link.store.get_job(j).executed_at for j in jobs), what="both started")
 
     worker.keepalive = False  # and it reads nothing more: silent from now on
     lost_at, silent_since = time.monotonic(), models.utcnow()
-    eventually(
+    wait_until(
         lambda: link.status(failed.id) is not Status.RUNNING,
         timeout_s=LIVENESS_S + 3,
         what="the silent worker to be lost",
@@ -1067,14 +1056,14 @@ def test_reconnect_keeps_the_jobs_the_worker_reports(link: Link) -> None:
     worker.ready(slots=2)
     jobs = {job["id"]: job for job in (worker.job(), worker.job())}
     worker.started(jobs[dropped.id])  # it ran: losing it spends an attempt
-    eventually(lambda: link.store.get_job(dropped.id).executed_at, what="dropped started")
+    wait_until(lambda: link.store.get_job(dropped.id).executed_at, what="dropped started")
     worker.log(jobs[kept.id], 1, lines(1, 2))
     assert worker.ack()["seq"] == 2
 
     # The same worker on a new connection (new session), still running only `kept`.
     again = link.worker("w1", max_jobs=2)
     again.hello(running=[{"job_id": kept.id, "attempt": 1}])
-    eventually(lambda: link.status(dropped.id) is Status.QUEUED, what="the dropped job requeued")
+    wait_until(lambda: link.status(dropped.id) is Status.QUEUED, what="the dropped job requeued")
     assert link.status(kept.id) is Status.RUNNING
     # The old connection's session is gone.
     worker.keepalive = False
@@ -1106,7 +1095,7 @@ def test_coordinator_restart_keeps_reported_jobs_and_releases_the_rest(link: Lin
     orphaned = w2.job()
     assert orphaned["id"] == orphan.id
     w2.started(orphaned)  # it ran: losing it with its worker spends its only attempt
-    eventually(lambda: link.store.get_job(orphan.id).executed_at, what="orphan started")
+    wait_until(lambda: link.store.get_job(orphan.id).executed_at, what="orphan started")
     w1.log(job, 1, lines(1, 2))
     assert w1.ack()["seq"] == 2
 
@@ -1162,7 +1151,7 @@ def test_a_worker_back_after_a_coordinator_restart_is_logged_with_the_jobs_it_ho
     # It still runs `kept`, and says it holds `ended` too (its container not yet removed).
     back.hello(running=[{"job_id": kept.id, "attempt": 1}, {"job_id": ended.id, "attempt": 1}])
     assert back.expect("CANCEL").body == {"job_id": ended.id, "attempt": 1}
-    assert eventually(connected_lines) == [
+    assert wait_until(connected_lines) == [
         "worker w1 connected (1 GPUs, 1 jobs held; 1 stale told to stop)"
     ]
     assert link.status(kept.id) is Status.RUNNING
@@ -1171,7 +1160,7 @@ def test_a_worker_back_after_a_coordinator_restart_is_logged_with_the_jobs_it_ho
     again = link.worker("w1", endpoint=restarted.endpoint)
     caplog.clear()
     again.hello(running=[{"job_id": kept.id, "attempt": 1}])
-    assert eventually(connected_lines) == ["worker w1 connected (0 GPUs, 1 jobs held)"]
+    assert wait_until(connected_lines) == ["worker w1 connected (0 GPUs, 1 jobs held)"]
 
 
 def test_a_job_that_cannot_be_sent_stays_queued(link: Link) -> None:
@@ -1205,7 +1194,7 @@ def test_a_job_lost_before_its_container_started_is_queued_again_for_free(link: 
     job = worker.job()
     worker.ready(slots=0, running=[job["id"]])  # confirmed, but no STARTED ever comes
     worker.keepalive = False
-    eventually(
+    wait_until(
         lambda: link.status(created.id) is Status.QUEUED,
         timeout_s=LIVENESS_S + 3,
         what="the job back in the queue",

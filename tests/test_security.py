@@ -21,13 +21,13 @@ import zmq
 from gpubox import config as cfg
 from gpubox import errors, keys, models, protocol
 from gpubox.worker.agent import Agent
+from tests.conftest import wait_until
 from tests.test_broker import (
     HANDSHAKE_FAILURES,
     HEARTBEAT_S,
     TS,
     Keypair,
     Link,
-    eventually,
     lines,
     serve,
     zmtp3_greeting,
@@ -305,7 +305,7 @@ def test_a_revoked_key_is_dropped_at_its_next_heartbeat(
 
     assert keys.revoke(link.keys.state_dir, "w1")
     worker.send("HEARTBEAT")  # its next heartbeat, on the connection made before the revoke
-    eventually(
+    wait_until(
         lambda: link.connected("w1") is False,
         timeout_s=HEARTBEAT_S + 1.0,
         what="the revoked worker to be lost",
@@ -466,7 +466,7 @@ def test_the_agent_says_why_it_cannot_connect(
     thread = threading.Thread(target=agent.run, name="agent", daemon=True)
     thread.start()
     try:
-        record = eventually(
+        record = wait_until(
             lambda: next(
                 (
                     r

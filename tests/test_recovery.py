@@ -23,6 +23,7 @@ import zmq
 from gpubox import keys, protocol
 from gpubox.client import Client
 from tests.conftest import IMAGE, Cluster, remove_containers, wait_until
+from tests.test_broker import FakeWorker
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -288,56 +289,21 @@ def test_a_lost_job_message_is_sent_again_and_the_job_runs_once(
     monkeypatch.setattr(broker, "QUARANTINE_S", 1.0)
     cluster: Cluster = make_cluster(workers=0, liveness_s=2.0, heartbeat_interval_s=0.3)
     state = cluster.coordinator.config.state_dir
-    public, secret = keys.load_secret(keys.add_worker(state, "fake"))
+    keypair = keys.load_secret(keys.add_worker(state, "fake"))
     server = keys.load_public(str(keys.coordinator_files(state)[0]))
     context = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
-    dealer.curve_publickey, dealer.curve_secretkey, dealer.curve_serverkey = public, secret, server
-    dealer.connect(cluster.coordinator.link_endpoint)
+    fake = FakeWorker(context, cluster.coordinator.link_endpoint, "fake", keypair, server)
     try:
-        session = "s1"
-        dealer.send_multipart(
-            protocol.encode(
-                "HELLO",
-                {
-                    "name": "fake",
-                    "version": "t",
-                    "session": session,
-                    "gpus": [],
-                    "labels": {},
-                    "max_jobs": 1,
-                    "running": [],
-                },
-            )
-        )
+        fake.hello()
+        fake.ready()
         job = cluster.submit(IMAGE, ["true"])
-        jobs_seen: list[dict[str, Any]] = []
-
-        def pump() -> bool:
-            while dealer.poll(50):
-                msg = protocol.decode_from_coordinator(dealer.recv_multipart())
-                if msg.type == "WELCOME":
-                    dealer.send_multipart(
-                        protocol.encode(
-                            "READY",
-                            {"session": session, "free_gpus": [], "slots": 1, "running": []},
-                        )
-                    )
-                elif msg.type == "JOB":
-                    jobs_seen.append(msg.body["job"])
-                    if len(jobs_seen) >= 2:
-                        return True
-                    # the first JOB is "lost": no READY confirming it
-                elif msg.type == "HEARTBEAT":
-                    dealer.send_multipart(protocol.encode("HEARTBEAT", {"session": session}))
-            dealer.send_multipart(protocol.encode("HEARTBEAT", {"session": session}))
-            return False
-
-        wait_until(pump, 20, "the JOB to be sent again")
-        assert [j["id"] for j in jobs_seen] == [job["id"], job["id"]]
-        assert [j["attempt"] for j in jobs_seen] == [1, 1]  # not counted as a failed attempt
+        first = fake.expect("JOB", 10).body["job"]  # "lost": no READY confirms it
+        # queued again after the liveness window, then sent again once the quarantine ends
+        again = fake.expect("JOB", 20).body["job"]
+        assert [first["id"], again["id"]] == [job["id"], job["id"]]
+        assert [first["attempt"], again["attempt"]] == [1, 1]  # not counted as an attempt
     finally:
-        dealer.close(linger=0)
+        fake.close()
         context.destroy(linger=0)
     # a real worker then runs it, once
     cluster.add_worker()

@@ -64,3 +64,39 @@ def test_literals_in_a_write(store: sql.SqlStore) -> None:
     with store._read() as cur:
         cur.execute("SELECT description FROM jobs WHERE id = ?", (job.id,))
         assert cur.fetchone()["description"] == "?% done!"
+
+
+def test_every_field_of_a_job_lands_in_its_own_column(store: sql.SqlStore) -> None:
+    # Each text a distinct value: a value written into another column would show here.
+    spec = models.JobSpec(
+        name="the-name",
+        image="the-image",
+        description="the-description",
+        command=["the-command"],
+        env={"THE_ENV": "1"},
+        labels={"the": "label"},
+        metadata={"the": "metadata"},
+        gpu_model="the-model",
+        gpu_memory_gb=12.5,
+        priority=7,
+        max_retries=2,
+        timeout=30.0,
+        submitter="the-submitter",
+        allow_process=True,
+    )
+    job = store.get_job(store.create_job(spec, models.utcnow()).id)
+    got = job.spec
+    assert (got.name, got.image, got.description) == ("the-name", "the-image", "the-description")
+    assert (got.command, got.env, got.labels) == (
+        ["the-command"],
+        {"THE_ENV": "1"},
+        {"the": "label"},
+    )
+    assert (got.metadata, got.gpu_model, got.gpu_memory_gb) == (
+        {"the": "metadata"},
+        "the-model",
+        12.5,
+    )
+    assert (got.priority, got.max_retries, got.timeout) == (7, 2, 30.0)
+    assert (got.submitter, got.allow_process) == ("the-submitter", True)
+    assert job.status is models.Status.QUEUED

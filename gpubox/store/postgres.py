@@ -296,11 +296,12 @@ class PostgresStore(sql.SqlStore):
         with _translate(), self.pool.connection() as conn, conn.cursor() as cur:
             yield _Cursor(cur)
 
-    def _insert_job(self, cur: Any, values: Sequence[Any]) -> int:
+    def _insert_job(self, cur: Any, row: dict[str, Any]) -> int:
         cur.execute("SELECT nextval('jobs_id_seq') AS id")
         job_id = int(cur.fetchone()["id"])
-        marks = ", ".join("?" * (len(values) + 1))
-        cur.execute(f"INSERT INTO jobs (id, {sql.JOB_COLUMNS}) VALUES ({marks})", (job_id, *values))
+        columns = ", ".join(["id", *row])
+        marks = ", ".join("?" * (len(row) + 1))
+        cur.execute(f"INSERT INTO jobs ({columns}) VALUES ({marks})", (job_id, *row.values()))
         return job_id
 
     def _insert_logs(self, cur: Any, rows: Sequence[tuple[int, int, str, str, str]]) -> None:

@@ -27,11 +27,6 @@ from gpubox.store import base
 
 log = logging.getLogger(__name__)
 
-JOB_COLUMNS = (
-    "name, description, priority, image, command, env, sealed, gpus, labels, timeout, "
-    "max_retries, metadata, status, created_at, updated_at, gpu_model, gpu_memory_gb, container,"
-    " shape, submitter, allow_process"
-)
 SHAPE_VERSION = 3  # the schema version that added jobs.shape
 
 
@@ -156,37 +151,40 @@ class SqlStore(base.Store):
         """A cursor for reads outside any write transaction."""
 
     @abc.abstractmethod
-    def _insert_job(self, cur: Any, values: Sequence[Any]) -> int:
-        """Insert a job row (JOB_COLUMNS order) and return its id from the backend's counter."""
+    def _insert_job(self, cur: Any, row: dict[str, Any]) -> int:
+        """Insert a job row (column name → value) and return its id from the backend's
+        counter."""
 
     # --- jobs ---------------------------------------------------------------------------------
 
     def create_job(self, spec: models.JobSpec, now: datetime) -> models.Job:
-        values = (
-            spec.name,
-            spec.description,
-            spec.priority,
-            spec.image,
-            _dump(spec.command),
-            _dump(spec.env),
-            spec.sealed,
-            spec.gpus,
-            _dump(spec.labels),
-            spec.timeout,
-            spec.max_retries,
-            _dump(spec.metadata),
-            models.Status.QUEUED.value,
-            _time(now),
-            _time(now),
-            spec.gpu_model,
-            spec.gpu_memory_gb,
-            _dump(spec.container.to_dict()),
-            spec.needs.shape,
-            spec.submitter,
-            int(spec.allow_process),
-        )
+        # By column name: the insert takes its columns from these keys, so a value cannot
+        # land in another column (a positional list did that silently).
+        row = {
+            "name": spec.name,
+            "description": spec.description,
+            "priority": spec.priority,
+            "image": spec.image,
+            "command": _dump(spec.command),
+            "env": _dump(spec.env),
+            "sealed": spec.sealed,
+            "gpus": spec.gpus,
+            "labels": _dump(spec.labels),
+            "timeout": spec.timeout,
+            "max_retries": spec.max_retries,
+            "metadata": _dump(spec.metadata),
+            "status": models.Status.QUEUED.value,
+            "created_at": _time(now),
+            "updated_at": _time(now),
+            "gpu_model": spec.gpu_model,
+            "gpu_memory_gb": spec.gpu_memory_gb,
+            "container": _dump(spec.container.to_dict()),
+            "shape": spec.needs.shape,
+            "submitter": spec.submitter,
+            "allow_process": int(spec.allow_process),
+        }
         with self._write() as cur:
-            job_id = self._insert_job(cur, values)
+            job_id = self._insert_job(cur, row)
             if spec.labels:
                 cur.executemany(
                     "INSERT INTO job_labels (job_id, pair) VALUES (?, ?)",

@@ -304,9 +304,9 @@ class SqliteStore(sql.SqlStore):
         finally:
             cur.close()
 
-    def _insert_job(self, cur: Any, values: Sequence[Any]) -> int:
-        marks = ", ".join("?" * len(values))
-        cur.execute(f"INSERT INTO jobs ({sql.JOB_COLUMNS}) VALUES ({marks})", values)
+    def _insert_job(self, cur: Any, row: dict[str, Any]) -> int:
+        marks = ", ".join("?" * len(row))
+        cur.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({marks})", tuple(row.values()))
         return int(cur.lastrowid)
 
     def _insert_logs(self, cur: Any, rows: Sequence[tuple[int, int, str, str, str]]) -> None:

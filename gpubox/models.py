@@ -311,26 +311,6 @@ class Job:
             "updated_at": format_time(self.updated_at),
         }
 
-    def to_wire(self, credentials: dict[str, Any]) -> dict[str, Any]:
-        """The job as a worker receives it in JOB: what it needs to run this attempt, with its
-        unsealed credentials ({"auth": …, "secrets": …})."""
-        spec = self.spec
-        return {
-            "secrets": dict(credentials.get("secrets") or {}),
-            "id": self.id,
-            "attempt": self.attempts,
-            "name": spec.name,
-            "image": spec.image,
-            "command": spec.command,
-            "env": dict(spec.env),
-            "auth": credentials.get("auth"),
-            "gpus": list(self.gpu_ids),
-            "timeout": spec.timeout,
-            "first_seq": self.log_seq + 1,
-            "container": spec.container.to_dict(),
-            "submitter": spec.submitter,
-        }
-
 
 # A stored line as the store reads it: (seq, ts, stream, line), as LogLine without its names
 # (pages of thousands of lines are rendered from these).

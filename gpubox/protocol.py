@@ -399,3 +399,24 @@ def split_line(text: str, limit: int = MAX_LINE) -> list[str]:
         start = cut
     pieces.append(data[start:].decode("utf-8", "surrogatepass"))
     return pieces
+
+
+def wire_job(job: models.Job, credentials: dict[str, Any]) -> dict[str, Any]:
+    """The job as a worker receives it in JOB: what it needs to run this attempt, with its
+    unsealed credentials ({"auth": …, "secrets": …}). _WIRE_JOB checks it on arrival."""
+    spec = job.spec
+    return {
+        "secrets": dict(credentials.get("secrets") or {}),
+        "id": job.id,
+        "attempt": job.attempts,
+        "name": spec.name,
+        "image": spec.image,
+        "command": spec.command,
+        "env": dict(spec.env),
+        "auth": credentials.get("auth"),
+        "gpus": list(job.gpu_ids),
+        "timeout": spec.timeout,
+        "first_seq": job.log_seq + 1,
+        "container": spec.container.to_dict(),
+        "submitter": spec.submitter,
+    }

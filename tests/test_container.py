@@ -41,7 +41,7 @@ def has_nvidia_runtime(client: docker.DockerClient) -> bool:
 
 
 def wire_job(gpus: list[str], command: list[str] | None = None, **container: Any) -> dict:
-    """A job as a worker receives it (models.Job.to_wire), with an id no other test uses."""
+    """A job as a worker receives it (protocol.wire_job), with an id no other test uses."""
     return {
         "id": 1_000_000 + uuid.uuid4().int % 1_000_000_000,
         "attempt": 1,

@@ -767,7 +767,7 @@ class Broker:
     def _send_job(self, peer: Peer, job: models.Job, resume: models.LogMarks | None = None) -> bool:
         """Send JOB (its credentials unsealed); the worker must confirm receipt in time."""
         try:
-            wire = job.to_wire(self.sealer.credentials(job))
+            wire = protocol.wire_job(job, self.sealer.credentials(job))
         except errors.GpuboxError as exc:
             self._fail(job, str(exc))
             return False

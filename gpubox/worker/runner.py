@@ -22,7 +22,7 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from gpubox import logfmt, models, protocol
+from gpubox import errors, logfmt, models, protocol
 from gpubox.config import Mount, check_mount_folders
 from gpubox.worker.dockerlogs import DockerLogs
 from gpubox.worker.logfile import JsonLogFile, usable_log_file
@@ -49,7 +49,7 @@ OWNER_LABEL = "io.gpubox.coordinator"  # keys.fingerprint of the coordinator's p
 MASK = "[MASKED]"
 
 
-class JobRefused(Exception):
+class JobRefused(errors.GpuboxError):
     """This worker cannot run the job as asked (a mount it does not declare, an image it
     could not pull)."""
 

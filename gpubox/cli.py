@@ -97,14 +97,14 @@ def friendly(fn: F) -> F:
         except ApiError as exc:
             where = f" ({exc.field})" if exc.field and exc.field not in exc.message else ""
             raise click.ClickException(f"{exc.message}{where} [HTTP {exc.status}]") from None
+        except OutputClosed as exc:  # a GpuboxError, but it needs its own handling
+            _output_failed(exc)
         except errors.GpuboxError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
             if exc.filename is None:
                 _output_failed(exc)
             raise click.ClickException(_file_error(exc)) from None
-        except OutputClosed as exc:
-            _output_failed(exc)
 
     return wrapper
 

@@ -28,7 +28,7 @@ FOLLOW_READ_TIMEOUT_S = 60.0
 RETRY_NOTE_EVERY_S = 30.0  # while a follow retries, how often it says so again
 
 
-class OutputClosed(Exception):
+class OutputClosed(errors.GpuboxError):
     """Where `tail` prints cannot be written: a pipe's reader exited (`gpubox tail 42 | head`,
     EPIPE), or a full disk, … (the OSError is its cause)."""
 
@@ -38,6 +38,7 @@ class ApiError(errors.GpuboxError):
 
     def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
+        # status is the HTTP status of the answer; code and field come from its JSON body.
         self.status, self.code, self.field = status, code, field
 
 
@@ -154,7 +155,7 @@ class Client:
                 # stderr, and gpubox's own lines (stream gpubox), go to err
                 (out if record["stream"] == "stdout" else err).write(record["line"] + "\n")
             except OSError as exc:  # not the connection: retrying cannot help
-                raise OutputClosed(exc) from exc
+                raise OutputClosed(str(exc)) from exc
 
         self.job(job_id)  # reachable, and the job is there: else an error at once
         failing_since: float | None = None
@@ -182,6 +183,8 @@ class Client:
                         )
                         _flush(err)
                     return exit_code_for(job)
+            except OutputClosed:
+                raise  # the output, not the connection: retrying cannot help
             except (errors.GpuboxError, *RETRYABLE, ValueError) as exc:
                 if isinstance(exc, ApiError) and exc.status < 500:
                     raise  # 4xx: retrying cannot help; 5xx: the coordinator's store is away
@@ -203,4 +206,4 @@ def _flush(stream: IO[str]) -> None:
     try:
         stream.flush()
     except OSError as exc:
-        raise OutputClosed(exc) from exc
+        raise OutputClosed(str(exc)) from exc

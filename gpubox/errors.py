@@ -1,4 +1,8 @@
-"""The one error hierarchy of gpubox; each class's docstring is its default message."""
+"""The one error hierarchy of gpubox; each class's docstring is its default message.
+
+Every error gpubox raises on purpose is a GpuboxError. The HTTP status of each error is chosen
+by the API (STATUS in gpubox/coordinator/api.py), not here; `code` is the machine-readable name
+that the API puts in its JSON error body."""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ from __future__ import annotations
 class GpuboxError(Exception):
     """gpubox failed."""
 
-    http_status = 500
     code = "internal"
 
     def __init__(self, message: str | None = None) -> None:
@@ -20,7 +23,6 @@ class GpuboxError(Exception):
 class BadInput(GpuboxError):
     """The request is not valid."""
 
-    http_status = 400
     code = "bad_input"
 
     def __init__(self, message: str | None = None, field: str | None = None) -> None:
@@ -31,14 +33,12 @@ class BadInput(GpuboxError):
 class Unauthorized(GpuboxError):
     """A valid bearer token is required."""
 
-    http_status = 401
     code = "unauthorized"
 
 
 class Forbidden(GpuboxError):
     """This token's role does not allow that."""
 
-    http_status = 403
     code = "forbidden"
 
 
@@ -51,7 +51,6 @@ class NotYourJob(Forbidden):
 class NotFound(GpuboxError):
     """No such resource."""
 
-    http_status = 404
     code = "not_found"
 
 
@@ -66,33 +65,29 @@ class JobNotFound(NotFound):
 class WrongState(GpuboxError):
     """The job is not in a state that allows this."""
 
-    http_status = 409
     code = "wrong_state"
 
 
 class TooLarge(GpuboxError):
     """The request body is too large."""
 
-    http_status = 413
     code = "too_large"
-
-
-class StoreUnavailable(GpuboxError):
-    """The store cannot be reached right now; try again."""
-
-    http_status = 503
-    code = "store_unavailable"
 
 
 class Busy(GpuboxError):
     """The coordinator is too busy for this right now; try again."""
 
-    http_status = 503
     code = "busy"
 
 
 class StoreError(GpuboxError):
     """The store failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now; try again."""
+
+    code = "store_unavailable"
 
 
 class ProtocolError(GpuboxError):

@@ -1105,9 +1105,9 @@ def test_reopened_store_keeps_everything(store: base.Store, db_url: str) -> None
 def test_closed_store_refuses_work(store: base.Store) -> None:
     job = queued(store)
     store.close()
-    with pytest.raises((errors.StoreError, errors.StoreUnavailable)):
+    with pytest.raises(errors.StoreError):  # StoreUnavailable too
         store.get_job(job.id)
-    with pytest.raises((errors.StoreError, errors.StoreUnavailable)):
+    with pytest.raises(errors.StoreError):  # StoreUnavailable too
         queued(store)
 
 

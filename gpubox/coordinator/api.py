@@ -33,6 +33,27 @@ WAKE_S = 1.0
 TOKEN_CHECK_S = 1.0  # how often a follow stream checks that its token still holds
 
 
+# The HTTP status of each gpubox error. An error takes the status of the first class here that
+# it is an instance of, so a subclass must come before its parent class. Any other error (a
+# StoreError, a ProtocolError, a ConfigError or a plain GpuboxError) is a fault of gpubox, not
+# of the request, and is a 500.
+STATUS: dict[type[errors.GpuboxError], int] = {
+    errors.BadInput: 400,
+    errors.Unauthorized: 401,
+    errors.Forbidden: 403,  # NotYourJob too
+    errors.NotFound: 404,  # JobNotFound too
+    errors.WrongState: 409,
+    errors.TooLarge: 413,
+    errors.StoreUnavailable: 503,  # a StoreError, but the client may try again
+    errors.Busy: 503,
+}
+
+
+def status_for(exc: errors.GpuboxError) -> int:
+    """The HTTP status that the API answers `exc` with (see STATUS)."""
+    return next((status for cls, status in STATUS.items() if isinstance(exc, cls)), 500)
+
+
 def _error_body(code: str, message: str, field: str | None = None) -> str:
     error: dict[str, Any] = {"code": code, "message": message}
     if field:
@@ -172,11 +193,12 @@ def make_app(
                         raise errors.JobNotFound(job_id)
                     return fn(*args, **kwargs)
                 except errors.GpuboxError as exc:
-                    bottle.response.status = exc.http_status
+                    status = status_for(exc)
+                    bottle.response.status = status
                     bottle.response.content_type = "application/json"
-                    if exc.http_status == 401:
+                    if status == 401:
                         bottle.response.set_header("WWW-Authenticate", 'Bearer realm="gpubox"')
-                    if exc.http_status >= 500:
+                    if status >= 500:
                         log.warning("%s %s: %s", bottle.request.method, bottle.request.path, exc)
                     return _error_body(exc.code, exc.message, getattr(exc, "field", None))
                 except Exception:

@@ -3,7 +3,8 @@
 Backends (SQLite, PostgreSQL) implement it with the same meaning; one test suite runs against
 each. All methods are safe to call from several threads at once. Times are UTC-aware datetimes.
 A backend that cannot reach its database raises errors.StoreUnavailable; every other backend
-failure is errors.StoreError. Nothing else escapes.
+failure is errors.StoreError. StoreUnavailable is a kind of StoreError, so `except StoreError`
+catches both. Nothing else escapes.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from gpubox import logfmt, models
+from gpubox import errors, logfmt, models
 from gpubox.config import Mount, check_mount_folders
 from gpubox.worker.dockerlogs import DockerLogs
 from gpubox.worker.lines import (
@@ -44,7 +44,7 @@ WORKER_LABEL = "io.gpubox.worker"
 OWNER_LABEL = "io.gpubox.coordinator"  # keys.fingerprint of the coordinator's public key
 
 
-class JobRefused(Exception):
+class JobRefused(errors.GpuboxError):
     """This worker cannot run the job as asked (a mount it does not declare, an image it
     could not pull)."""
 

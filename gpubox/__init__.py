@@ -7,7 +7,7 @@ def revision() -> str:
     """The git revision this gpubox is: stamped into a build (scripts/build), else asked of
     the checkout it runs from; "unknown" when neither can tell."""
     try:
-        from gpubox._revision import REVISION  # type: ignore[import-not-found]
+        from gpubox._revision import REVISION  # type: ignore[import-not-found, unused-ignore]
 
         return str(REVISION)
     except ImportError:

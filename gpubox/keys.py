@@ -355,7 +355,7 @@ class CurveAuthenticator:
     """ZAP on the ROUTER's context: accepts only keys on the allow list. Started before bind;
     refuses to run at all rather than fall back to accepting any key."""
 
-    def __init__(self, context: zmq.Context, allow: AllowList) -> None:
+    def __init__(self, context: zmq.Context[Any], allow: AllowList) -> None:
         from zmq.auth.thread import ThreadAuthenticator
 
         self.allow = allow

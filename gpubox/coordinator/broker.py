@@ -100,7 +100,7 @@ class Broker:
         sealer: sealing.Sealer,
         heartbeat_interval_s: float = 2.0,
         liveness_s: float = 10.0,
-        context: zmq.Context | None = None,
+        context: zmq.Context[Any] | None = None,
         max_log_lines: int | None = None,
         max_log_bytes: int | None = None,
     ) -> None:
@@ -142,7 +142,7 @@ class Broker:
         self.inbox = self.context.socket(zmq.PULL)
         self.inbox.bind(self.inbox_address)
         self._pokers = threading.local()
-        self._all_pokers: list[zmq.Socket] = []
+        self._all_pokers: list[zmq.Socket[Any]] = []
         self._pokers_lock = threading.Lock()
         self._stop = threading.Event()
         self._allow_fresh = False  # run() looked at the allow list for this burst
@@ -560,7 +560,7 @@ class Broker:
             body["exit_code"],
             body["error"],
             models.parse_time(body["executed_at"]),
-            models.parse_time(body["finished_at"])  # type: ignore[arg-type]
+            models.parse_time(body["finished_at"])
             or models.utcnow(),
             body["last_seq"],
         )

@@ -7,7 +7,7 @@ import re
 from urllib.parse import urlsplit
 
 from gpubox import errors
-from gpubox.store.base import Store
+from gpubox.store.base import Store as Store
 
 
 def redacted(url: str) -> str:

@@ -156,10 +156,10 @@ class _Cursor:
         self._cur = cur
 
     def execute(self, text: str, params: Sequence[Any] = ()) -> None:
-        self._cur.execute(pg_sql(text), params)  # type: ignore[arg-type]
+        self._cur.execute(pg_sql(text), params)
 
     def executemany(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
-        self._cur.executemany(pg_sql(text), rows)  # type: ignore[arg-type]
+        self._cur.executemany(pg_sql(text), rows)
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()

@@ -164,10 +164,10 @@ class SqliteStore(sql.SqlStore):
         self._prepare(upgrade)
 
     def _connect(self) -> sqlite3.Connection:
-        writing = getattr(self._local, "writing", None)
+        writing: sqlite3.Connection | None = getattr(self._local, "writing", None)
         if writing is not None:
             return writing  # inside a write: read what it wrote
-        conn = getattr(self._local, "conn", None)
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
         conn = self._local.conn = self._open_connection()

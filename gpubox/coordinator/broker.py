@@ -560,8 +560,7 @@ class Broker:
             body["exit_code"],
             body["error"],
             models.parse_time(body["executed_at"]),
-            models.parse_time(body["finished_at"])
-            or models.utcnow(),
+            models.parse_time(body["finished_at"]) or models.utcnow(),
             body["last_seq"],
         )
 

@@ -83,6 +83,20 @@ def start(
         time.sleep(0.1)
 
 
+def exit_once_triggered(running: Running, trigger: Path) -> str:
+    """Touch `trigger` (the coordinator's prelude breaks a thread once it exists) and wait
+    for the process to end with exit status 1; what it logged."""
+    trigger.touch()
+    try:
+        running.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        running.proc.kill()
+        pytest.fail("the coordinator stayed up with a dead thread")
+    said = running.log.read_text()
+    assert running.proc.returncode == 1, said
+    return said
+
+
 @pytest.fixture()
 def coordinator(tmp_path: Path) -> Iterator[Running]:
     running = start(tmp_path)
@@ -209,13 +223,5 @@ def loop(*args, **kwargs):
     return real_loop(*args, **kwargs)
 wasyncore.loop = loop
 """
-    running = start(tmp_path, prelude)
-    trigger.touch()
-    try:
-        running.proc.wait(15)
-    except subprocess.TimeoutExpired:
-        running.proc.kill()
-        pytest.fail("the coordinator stayed up with no HTTP thread")
-    said = running.log.read_text()
-    assert running.proc.returncode == 1, said
+    said = exit_once_triggered(start(tmp_path, prelude), trigger)
     assert "the gpubox-http thread stopped (ValueError: filedescriptor out of range" in said

@@ -4,7 +4,6 @@ a broker that is dead or stuck shows in /healthz, and a dead one ends the proces
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +15,7 @@ import pytest
 
 from gpubox import protocol
 from tests.conftest import Cluster, wait_until
-from tests.test_http_attacks import start
+from tests.test_http_attacks import exit_once_triggered, start
 
 
 def healthz(cluster: Cluster) -> tuple[int, dict[str, Any]]:
@@ -97,15 +96,7 @@ def step(self, now):
     return real_step(self, now)
 broker.Broker.step = step
 """
-    running = start(tmp_path, prelude)
-    trigger.touch()
-    try:
-        running.proc.wait(15)
-    except subprocess.TimeoutExpired:
-        running.proc.kill()
-        pytest.fail("the coordinator stayed up with a dead broker")
-    said = running.log.read_text()
-    assert running.proc.returncode == 1, said
+    said = exit_once_triggered(start(tmp_path, prelude), trigger)
     assert "the gpubox-broker thread stopped (RuntimeError: injected)" in said
 
 

@@ -22,7 +22,7 @@ from gpubox.client import ApiError
 from gpubox.worker import gpu
 from tests.conftest import IMAGE, Cluster, wait_until
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 60.0  # another suite may share this machine's two cores and its Docker engine
 A100 = "NVIDIA A100-SXM4-80GB:81920"
@@ -99,6 +99,7 @@ def not_enough(free: int, needs: int, worker: str) -> str:
     )
 
 
+@pytest.mark.docker
 def test_one_gpu_jobs_share_a_worker_one_gpu_each_and_the_next_waits_for_one(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ):
@@ -132,6 +133,7 @@ def test_one_gpu_jobs_share_a_worker_one_gpu_each_and_the_next_waits_for_one(
         assert cluster.wait(job_id)["status"] == "FINISHED"
 
 
+@pytest.mark.docker
 def test_a_big_job_is_not_overtaken_forever_by_smaller_lower_priority_jobs(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ):
@@ -187,6 +189,7 @@ def test_a_big_job_is_not_overtaken_forever_by_smaller_lower_priority_jobs(
         assert len(done["result"]["gpus"]) == 1
 
 
+@pytest.mark.docker
 def test_gpu_model_and_memory_route_jobs_to_the_workers_that_have_them(
     make_cluster: Callable[..., Cluster],
 ):
@@ -246,6 +249,7 @@ def test_gpu_model_and_memory_route_jobs_to_the_workers_that_have_them(
         assert caught.value.message == f"{field} needs gpus of 1 or more"
 
 
+@pytest.mark.docker
 def test_workers_endpoint_shows_each_gpu_with_its_usage_and_the_mounts(
     make_cluster: Callable[..., Cluster], tmp_path: Path, nosuid_dir: Path
 ):

@@ -46,6 +46,7 @@ def container(docker_client: docker.DockerClient, image: str) -> Iterator[Any]:
     made.remove(force=True)
 
 
+@pytest.mark.docker
 def test_a_follow_gives_what_the_api_gives_and_ends_after_the_exit(
     container: Any, docker_client: docker.DockerClient
 ) -> None:
@@ -167,6 +168,7 @@ def test_the_api_is_used_for(tmp_path: Path, log_config: dict, root: str | None,
 
 
 @pytest.mark.parametrize("source", ["auto", "api"])
+@pytest.mark.docker
 def test_a_job_stores_the_same_output_read_from_the_file_or_the_api(
     make_cluster: Any, image: str, source: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,7 +27,7 @@ def healthz(cluster: Cluster) -> tuple[int, dict[str, Any]]:
 
 
 def test_every_message_type_has_exactly_one_handler(make_cluster: Callable[..., Cluster]):
-    cluster = make_cluster(workers=1)
+    cluster = make_cluster(workers=1, worker_settings={"runtime": "process"})
     broker = cluster.coordinator.broker
     assert broker is not None
     # HELLO makes the session, so it is handled before one exists; every other type has one
@@ -105,7 +105,7 @@ def test_a_message_type_without_a_handler_is_dropped_not_fatal(
 ):
     # A type that protocol accepts but the broker has no handler for (as when one is added
     # to protocol.FROM_WORKER alone): dropped and counted, and the broker serves on.
-    cluster = make_cluster(workers=1)
+    cluster = make_cluster(workers=1, worker_settings={"runtime": "process"})
     broker = cluster.coordinator.broker
     assert broker is not None
     monkeypatch.delitem(broker._handlers, "HEARTBEAT")

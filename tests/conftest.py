@@ -175,16 +175,16 @@ class Cluster:
     context: zmq.Context
     # How to reach the Docker engine, asked only once a Docker worker (or the test) needs it;
     # None for a cluster that never may.
-    docker: Callable[[], docker.DockerClient] | None = None
+    get_docker: Callable[[], docker.DockerClient] | None = None
     agents: list[tuple[Agent, threading.Thread]] = dataclasses.field(default_factory=list)
     _docker_client: docker.DockerClient | None = dataclasses.field(default=None, repr=False)
 
     @property
     def docker_client(self) -> docker.DockerClient:
         if self._docker_client is None:
-            if self.docker is None:
+            if self.get_docker is None:
                 pytest.fail("this cluster has no Docker engine", pytrace=False)
-            self._docker_client = self.docker()
+            self._docker_client = self.get_docker()
         return self._docker_client
 
     def add_worker(self, **settings: Any) -> Agent:

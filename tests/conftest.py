@@ -140,16 +140,24 @@ def image(docker_client: docker.DockerClient) -> str:
     return IMAGE
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "") -> Any:
-    """Poll until predicate() is truthy; its value. Fails the test after timeout_s."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout_s: float = 30.0,
+    what: str | Callable[[], str] = "",
+    every_s: float = 0.02,
+) -> Any:
+    """Poll until predicate() is truthy; its value. Fails the test after timeout_s, saying
+    `what` it waited for (a callable: asked then, to tell what it last saw). The tests' one
+    polling helper."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what or predicate}")
-        time.sleep(0.02)
+            said = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout_s} s waiting for {said or predicate}")
+        time.sleep(every_s)
 
 
 def remove_containers(client: docker.DockerClient, workers: set[str]) -> None:

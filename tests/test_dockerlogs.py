@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from gpubox.worker.dockerlogs import DockerLogs, Entry, parse_frames
 from gpubox.worker.lines import ts_ns
+from tests.conftest import wait_until
 
 SCRIPT = "echo one; echo two >&2; echo three; printf 'no newline' >&2"
 
@@ -124,9 +124,7 @@ def test_close_ends_a_quiet_follow(
         got: list[bytes] = []
         thread = threading.Thread(target=lambda: got.extend(d for _, _, d in entries(logs, True)))
         thread.start()
-        deadline = time.monotonic() + 10
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: got, 10, "the follow's first line")
         logs.close()
         thread.join(5)
         assert not thread.is_alive(), "close() did not end the follow"

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,17 +74,21 @@ def started(cluster: Cluster, job_id: int) -> dict[str, Any]:
 
 def queued_with(cluster: Cluster, job_id: int, reason: str) -> dict[str, Any]:
     """The job once it is QUEUED with exactly this queue_reason (the last one seen on failure)."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        job = cluster.client.job(job_id)
-        if job["status"] == "QUEUED" and job["queue_reason"] == reason:
-            return job
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"job {job_id}: wanted QUEUED because {reason!r}; it is {job['status']}"
-                f" because {job['queue_reason']!r}"
-            )
-        time.sleep(0.05)
+    seen: dict[str, Any] = {}
+
+    def queued() -> dict[str, Any] | None:
+        seen.update(cluster.client.job(job_id))
+        return seen if seen["status"] == "QUEUED" and seen["queue_reason"] == reason else None
+
+    return wait_until(  # type: ignore[no-any-return]
+        queued,
+        TIMEOUT_S,
+        lambda: (
+            f"job {job_id} to be QUEUED because {reason!r}; it is {seen.get('status')}"
+            f" because {seen.get('queue_reason')!r}"
+        ),
+        every_s=0.05,
+    )
 
 
 def printed(cluster: Cluster, job_id: int) -> list[str]:

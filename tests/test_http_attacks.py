@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
+
 GPUBOX = [sys.executable, "-m", "gpubox"]
 # systemd starts services with this soft limit on open files (its hard limit is far higher).
 SYSTEMD_SOFT_LIMIT = 1024
@@ -73,14 +75,16 @@ def start(
         preexec_fn=limit,
     )
     running = Running(proc, http, link, log)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def answers() -> bool:
         with contextlib.suppress(OSError):
             running.healthz_ms()
-            return running
+            return True
         assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "the coordinator did not start"
-        time.sleep(0.1)
+        return False
+
+    wait_until(answers, 30, "the coordinator to start", every_s=0.1)
+    return running
 
 
 def exit_once_triggered(running: Running, trigger: Path) -> str:

@@ -17,8 +17,13 @@ import bottle
 
 from gpubox import __version__, errors, keys, models
 from gpubox.coordinator import sealing, tokens
+from gpubox.coordinator.api import http_errors
+from gpubox.coordinator.api.http_errors import STATUS, status_for
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
+
+# What other modules, tests and scripts import from here, whichever module of the package holds it.
+__all__ = ["STATUS", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -31,34 +36,6 @@ MAX_ID = 2**63 - 1
 KEEPALIVE_S = 15.0
 WAKE_S = 1.0
 TOKEN_CHECK_S = 1.0  # how often a follow stream checks that its token still holds
-
-
-# The HTTP status of each gpubox error. An error takes the status of the first class here that
-# it is an instance of, so a subclass must come before its parent class. Any other error (a
-# StoreError, a ProtocolError, a ConfigError or a plain GpuboxError) is a fault of gpubox, not
-# of the request, and is a 500.
-STATUS: dict[type[errors.GpuboxError], int] = {
-    errors.BadInput: 400,
-    errors.Unauthorized: 401,
-    errors.Forbidden: 403,  # NotYourJob too
-    errors.NotFound: 404,  # JobNotFound too
-    errors.WrongState: 409,
-    errors.TooLarge: 413,
-    errors.StoreUnavailable: 503,  # a StoreError, but the client may try again
-    errors.Busy: 503,
-}
-
-
-def status_for(exc: errors.GpuboxError) -> int:
-    """The HTTP status that the API answers `exc` with (see STATUS)."""
-    return next((status for cls, status in STATUS.items() if isinstance(exc, cls)), 500)
-
-
-def _error_body(code: str, message: str, field: str | None = None) -> str:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if field:
-        error["field"] = field
-    return json.dumps({"error": error})
 
 
 def _no_constant(name: str) -> Any:
@@ -161,13 +138,7 @@ def make_app(
     stopping = stopping or threading.Event()
     followers = Followers(max_followers)
 
-    def default_error(res: bottle.HTTPError) -> str:
-        bottle.response.content_type = "application/json"
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-        message = {404: "no such endpoint", 405: "method not allowed"}.get(res.status_code)
-        return _error_body(codes.get(res.status_code, "error"), message or str(res.body))
-
-    app.default_error_handler = default_error  # type: ignore[method-assign]
+    app.default_error_handler = http_errors.default_error  # type: ignore[method-assign]
 
     def endpoint(
         auth: bool = True, admin: bool = False
@@ -193,21 +164,25 @@ def make_app(
                         raise errors.JobNotFound(job_id)
                     return fn(*args, **kwargs)
                 except errors.GpuboxError as exc:
-                    status = status_for(exc)
+                    status = http_errors.status_for(exc)
                     bottle.response.status = status
                     bottle.response.content_type = "application/json"
                     if status == 401:
                         bottle.response.set_header("WWW-Authenticate", 'Bearer realm="gpubox"')
                     if status >= 500:
                         log.warning("%s %s: %s", bottle.request.method, bottle.request.path, exc)
-                    return _error_body(exc.code, exc.message, getattr(exc, "field", None))
+                    return http_errors.error_body(
+                        exc.code, exc.message, getattr(exc, "field", None)
+                    )
                 except Exception:
                     log.exception(
                         "unexpected error on %s %s", bottle.request.method, bottle.request.path
                     )
                     bottle.response.status = 500
                     bottle.response.content_type = "application/json"
-                    return _error_body("internal", "internal error; see the coordinator's log")
+                    return http_errors.error_body(
+                        "internal", "internal error; see the coordinator's log"
+                    )
 
             return wrapper
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import json.encoder
 import logging
@@ -17,13 +16,15 @@ import bottle
 
 from gpubox import __version__, errors, keys, models
 from gpubox.coordinator import sealing, tokens
-from gpubox.coordinator.api import http_errors
+from gpubox.coordinator.api import endpoints, http_errors, params
+from gpubox.coordinator.api.endpoints import TOKEN_KEY
 from gpubox.coordinator.api.http_errors import STATUS, status_for
+from gpubox.coordinator.api.params import MAX_ID
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
 
 # What other modules, tests and scripts import from here, whichever module of the package holds it.
-__all__ = ["STATUS", "status_for"]
+__all__ = ["MAX_ID", "STATUS", "TOKEN_KEY", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -32,34 +33,9 @@ PAGE_LINES = 5000
 # holds one page at a time (its rows and their rendering), whatever the lines' length. Pages of
 # 5,000 lines of 60 KB made 6 requests that never read their answer hold 10 GB.
 PAGE_BYTES = 1024 * 1024
-MAX_ID = 2**63 - 1
 KEEPALIVE_S = 15.0
 WAKE_S = 1.0
 TOKEN_CHECK_S = 1.0  # how often a follow stream checks that its token still holds
-
-
-def _no_constant(name: str) -> Any:
-    raise errors.BadInput(f"{name} is not valid JSON")
-
-
-def _int_param(name: str, default: int | None, low: int, high: int) -> int | None:
-    raw = bottle.request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise errors.BadInput(f"{name} must be an integer", name) from None
-    if not low <= value <= high:
-        raise errors.BadInput(f"{name} must be between {low} and {high}", name)
-    return value
-
-
-def _flag(name: str) -> bool:
-    raw = bottle.request.query.get(name, "0").lower()
-    if raw not in ("0", "1", "true", "false", "yes", "no", ""):
-        raise errors.BadInput(f"{name} must be 0 or 1", name)
-    return raw in ("1", "true", "yes")
 
 
 class LiveView(Protocol):
@@ -78,15 +54,6 @@ class LiveView(Protocol):
     def stalled(self) -> str: ...
 
     def last_turn_s(self) -> float: ...
-
-
-TOKEN_KEY = "gpubox.token"  # where a request's checked token waits for its handler
-
-
-def _token() -> models.Token:
-    """The token of the request being served, as its endpoint checked it."""
-    token: models.Token = bottle.request.environ[TOKEN_KEY]
-    return token
 
 
 def _check_owner(token: models.Token, job: models.Job) -> None:
@@ -140,72 +107,8 @@ def make_app(
 
     app.default_error_handler = http_errors.default_error  # type: ignore[method-assign]
 
-    def endpoint(
-        auth: bool = True, admin: bool = False
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Wrap a route: check the token (and its role, for `admin` routes), turn gpubox
-        errors into JSON error responses."""
-
-        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-            @functools.wraps(fn)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    if auth:
-                        # The raw WSGI value (latin-1): Bottle's get_header re-decodes it as
-                        # UTF-8 and fails on other bytes.
-                        token = tokens.check(
-                            store, bottle.request.environ.get("HTTP_AUTHORIZATION")
-                        )
-                        if admin and token.role != "admin":
-                            raise errors.Forbidden("this needs an admin token")
-                        bottle.request.environ[TOKEN_KEY] = token
-                    job_id = kwargs.get("job_id")
-                    if job_id is not None and not 0 < job_id <= MAX_ID:
-                        raise errors.JobNotFound(job_id)
-                    return fn(*args, **kwargs)
-                except errors.GpuboxError as exc:
-                    status = http_errors.status_for(exc)
-                    bottle.response.status = status
-                    bottle.response.content_type = "application/json"
-                    if status == 401:
-                        bottle.response.set_header("WWW-Authenticate", 'Bearer realm="gpubox"')
-                    if status >= 500:
-                        log.warning("%s %s: %s", bottle.request.method, bottle.request.path, exc)
-                    return http_errors.error_body(
-                        exc.code, exc.message, getattr(exc, "field", None)
-                    )
-                except Exception:
-                    log.exception(
-                        "unexpected error on %s %s", bottle.request.method, bottle.request.path
-                    )
-                    bottle.response.status = 500
-                    bottle.response.content_type = "application/json"
-                    return http_errors.error_body(
-                        "internal", "internal error; see the coordinator's log"
-                    )
-
-            return wrapper
-
-        return wrap
-
-    def json_body() -> Any:
-        length = bottle.request.content_length
-        if length > max_body_bytes:
-            raise errors.TooLarge(f"the body is larger than {max_body_bytes} bytes")
-        raw = bottle.request.body.read(max_body_bytes + 1)
-        if len(raw) > max_body_bytes:
-            raise errors.TooLarge(f"the body is larger than {max_body_bytes} bytes")
-        try:
-            return json.loads(raw, parse_constant=_no_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise errors.BadInput(f"the body is not valid JSON: {exc}") from None
-        except ValueError as exc:  # an integer of more than 4,300 digits (int's own limit)
-            raise errors.BadInput(f"the body holds a number too long to read: {exc}") from None
-        except RecursionError:
-            raise errors.BadInput("the body is nested too deeply") from None
-
     @app.get("/healthz")
-    @endpoint(auth=False)
+    @endpoints.endpoint(store, auth=False)
     def healthz() -> dict[str, Any]:
         # Up means the broker turns its loop too: with it dead or stuck, HTTP would take jobs
         # that never run.
@@ -218,7 +121,7 @@ def make_app(
         return shown
 
     @app.get("/metrics")
-    @endpoint()
+    @endpoints.endpoint(store)
     def metrics() -> Any:
         if live is None:
             raise errors.NotFound("no metrics without a broker")
@@ -227,11 +130,11 @@ def make_app(
         return page
 
     @app.post("/api/v1/jobs")
-    @endpoint()
+    @endpoints.endpoint(store)
     def create_job() -> dict[str, Any]:
-        token = _token()
+        token = endpoints.current_token()
         spec = dataclasses.replace(
-            sealer.seal(models.parse_spec(json_body())),
+            sealer.seal(models.parse_spec(params.json_body(max_body_bytes))),
             submitter=token.name,
             allow_process=token.may_use_process,
         )
@@ -244,7 +147,7 @@ def make_app(
         return job.to_dict()
 
     @app.get("/api/v1/jobs/<job_id:int>")
-    @endpoint()
+    @endpoints.endpoint(store)
     def get_job(job_id: int) -> dict[str, Any]:
         job = store.get_job(job_id)
         shown = job.to_dict()
@@ -253,21 +156,21 @@ def make_app(
         return shown
 
     @app.get("/api/v1/jobs")
-    @endpoint()
+    @endpoints.endpoint(store)
     def list_jobs() -> dict[str, Any]:
         raw_status = bottle.request.query.get("status")
         status = models.parse_status(raw_status) if raw_status else None
-        limit = _int_param("limit", 50, 1, 1000) or 50
-        before = _int_param("before", None, 1, MAX_ID)
+        limit = params.int_param("limit", 50, 1, 1000) or 50
+        before = params.int_param("before", None, 1, params.MAX_ID)
         jobs = store.list_jobs(status, limit + 1, before)
         more = len(jobs) > limit
         jobs = jobs[:limit]
         return {"jobs": [job.to_dict() for job in jobs], "next": jobs[-1].id if more else None}
 
     @app.post("/api/v1/jobs/<job_id:int>/cancel")
-    @endpoint()
+    @endpoints.endpoint(store)
     def cancel_job(job_id: int) -> dict[str, Any]:
-        _check_owner(_token(), store.get_job(job_id))
+        _check_owner(endpoints.current_token(), store.get_job(job_id))
         job = store.cancel_job(job_id, models.utcnow())
         if job.status is models.Status.RUNNING:
             poke("cancel", job.id)
@@ -277,11 +180,11 @@ def make_app(
         return job.to_dict()
 
     @app.get("/api/v1/jobs/<job_id:int>/logs")
-    @endpoint()
+    @endpoints.endpoint(store)
     def job_logs(job_id: int) -> Any:
-        since = _int_param("since", 0, 0, MAX_ID) or 0
-        limit = _int_param("limit", None, 1, PAGE_LINES)
-        follow = _flag("follow")
+        since = params.int_param("since", 0, 0, params.MAX_ID) or 0
+        limit = params.int_param("limit", None, 1, PAGE_LINES)
+        follow = params.flag("follow")
         if limit is not None and follow:
             raise errors.BadInput("limit and follow do not go together", "limit")
         fmt = bottle.request.query.get("format", "text")
@@ -311,7 +214,7 @@ def make_app(
         )
 
     @app.get("/api/v1/workers")
-    @endpoint()
+    @endpoints.endpoint(store)
     def list_workers() -> dict[str, Any]:
         running: dict[str, list[int]] = {}
         for job in store.running_jobs():
@@ -334,7 +237,7 @@ def make_app(
         return {"workers": shown}
 
     @app.post("/api/v1/workers/<name>/revoke")
-    @endpoint(admin=True)
+    @endpoints.endpoint(store, admin=True)
     def revoke_worker(name: str) -> dict[str, Any]:
         try:
             revoked = keys.revoke(state_dir, name)
@@ -345,7 +248,7 @@ def make_app(
         return {"name": name, "revoked": True}
 
     @app.get("/api/v1/tokens")
-    @endpoint(admin=True)
+    @endpoints.endpoint(store, admin=True)
     def list_tokens() -> dict[str, Any]:
         return {
             "tokens": [
@@ -360,9 +263,9 @@ def make_app(
         }
 
     @app.post("/api/v1/tokens")
-    @endpoint(admin=True)
+    @endpoints.endpoint(store, admin=True)
     def create_token() -> dict[str, Any]:
-        body = json_body()
+        body = params.json_body(max_body_bytes)
         if not isinstance(body, dict):
             raise errors.BadInput("the body must be a JSON object")
         for key in body:
@@ -381,7 +284,7 @@ def make_app(
         return {"name": name, "role": role, "allow_process": allow_process, "token": value}
 
     @app.delete("/api/v1/tokens/<name>")
-    @endpoint(admin=True)
+    @endpoints.endpoint(store, admin=True)
     def revoke_token(name: str) -> dict[str, Any]:
         if not store.revoke_token(name):
             raise errors.NotFound(f"no token named {name!r}")

@@ -1,88 +1,56 @@
-"""The HTTP API (v1) as a Bottle app: JSON in and out, bearer tokens, one error model."""
+"""The HTTP API (v1) as a Bottle app: JSON in and out, bearer tokens, one error model.
+
+make_app builds the app from the package's modules, each with one job:
+
+- context.py: what the routes work with (the store, the broker's LiveView, the settings);
+- endpoints.py: the wrapper around every route (token check, errors answered as JSON);
+- params.py: reading a request's JSON body and query parameters;
+- http_errors.py: the HTTP status of each gpubox error (STATUS) and the error body;
+- health.py, jobs.py, logs.py, admin.py: the routes, by what they are about.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import json.encoder
-import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
-from datetime import datetime
-from typing import Any, Protocol
+from collections.abc import Callable
 
 import bottle
 
-from gpubox import __version__, errors, keys, models
-from gpubox.coordinator import sealing, tokens
-from gpubox.coordinator.api import endpoints, http_errors, params
+from gpubox.coordinator import sealing
+from gpubox.coordinator.api import admin, context, health, http_errors, jobs, logs
+from gpubox.coordinator.api.context import LiveView
 from gpubox.coordinator.api.endpoints import TOKEN_KEY
 from gpubox.coordinator.api.http_errors import STATUS, status_for
+from gpubox.coordinator.api.logs import (
+    KEEPALIVE_S,
+    PAGE_BYTES,
+    PAGE_LINES,
+    TOKEN_CHECK_S,
+    WAKE_S,
+    Followers,
+    _ndjson,
+)
 from gpubox.coordinator.api.params import MAX_ID
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
 
-# What other modules, tests and scripts import from here, whichever module of the package holds it.
-__all__ = ["MAX_ID", "STATUS", "TOKEN_KEY", "status_for"]
-
-log = logging.getLogger(__name__)
-
-PAGE_LINES = 5000
-# A page of a job's log also stops at about this many bytes of text: each open log request
-# holds one page at a time (its rows and their rendering), whatever the lines' length. Pages of
-# 5,000 lines of 60 KB made 6 requests that never read their answer hold 10 GB.
-PAGE_BYTES = 1024 * 1024
-KEEPALIVE_S = 15.0
-WAKE_S = 1.0
-TOKEN_CHECK_S = 1.0  # how often a follow stream checks that its token still holds
-
-
-class LiveView(Protocol):
-    """What the broker knows that the store does not (coordinator.broker.Broker)."""
-
-    def queue_reason(self, job_id: int) -> str: ...
-
-    def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]: ...
-
-    def metrics_page(self) -> str: ...
-
-    def last_heard(self, worker: str) -> datetime | None: ...
-
-    def quarantine(self, worker: str) -> str: ...
-
-    def stalled(self) -> str: ...
-
-    def last_turn_s(self) -> float: ...
-
-
-def _check_owner(token: models.Token, job: models.Job) -> None:
-    """errors.NotYourJob unless this token may cancel the job: an admin token any job, a
-    submit token only those it submitted. A job stored before gpubox recorded submitters
-    has none, so only an admin token may cancel it."""
-    if token.role == "admin" or (job.spec.submitter and job.spec.submitter == token.name):
-        return
-    if job.spec.submitter is None:
-        raise errors.NotYourJob(
-            f"job {job.id} was submitted before gpubox recorded who submits a job: only an"
-            " admin token can cancel it"
-        )
-    raise errors.NotYourJob(
-        f"job {job.id} was submitted by token {job.spec.submitter!r}, not by this one"
-        f" ({token.name!r}): a submit token cancels only its own jobs, an admin token any"
-    )
-
-
-def _check_mounts(wanted: list[str], workers: list[models.WorkerInfo]) -> None:
-    """400 for a mount name that no worker known to the coordinator declares."""
-    declared = {name for worker in workers for name in worker.mounts}
-    missing = [name for name in wanted if name not in declared]
-    if missing:
-        known = ", ".join(sorted(declared)) or "none"
-        raise errors.BadInput(
-            f"no worker declares a mount named {', '.join(missing)} (declared: {known})",
-            "docker.mounts",
-        )
+# What other modules, tests and scripts import from here, whichever module of the package holds
+# it (tests/test_api.py reads _ndjson; scripts/benchlib reads PAGE_LINES).
+__all__ = [
+    "KEEPALIVE_S",
+    "MAX_ID",
+    "PAGE_BYTES",
+    "PAGE_LINES",
+    "STATUS",
+    "TOKEN_CHECK_S",
+    "TOKEN_KEY",
+    "WAKE_S",
+    "Followers",
+    "LiveView",
+    "_ndjson",
+    "make_app",
+    "status_for",
+]
 
 
 def make_app(
@@ -103,312 +71,20 @@ def make_app(
     each of which holds an HTTP thread, so that threads stay for every other request."""
     app = bottle.Bottle()
     stopping = stopping or threading.Event()
-    followers = Followers(max_followers)
-
     app.default_error_handler = http_errors.default_error  # type: ignore[method-assign]
-
-    @app.get("/healthz")
-    @endpoints.endpoint(store, auth=False)
-    def healthz() -> dict[str, Any]:
-        # Up means the broker turns its loop too: with it dead or stuck, HTTP would take jobs
-        # that never run.
-        if live is not None and (trouble := live.stalled()):
-            bottle.response.status = 503
-            return {"status": "unavailable", "reason": trouble, "version": __version__}
-        shown: dict[str, Any] = {"status": "ok", "version": __version__}
-        if live is not None:
-            shown["broker_last_turn_s"] = round(live.last_turn_s(), 3)
-        return shown
-
-    @app.get("/metrics")
-    @endpoints.endpoint(store)
-    def metrics() -> Any:
-        if live is None:
-            raise errors.NotFound("no metrics without a broker")
-        page = live.metrics_page()
-        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return page
-
-    @app.post("/api/v1/jobs")
-    @endpoints.endpoint(store)
-    def create_job() -> dict[str, Any]:
-        token = endpoints.current_token()
-        spec = dataclasses.replace(
-            sealer.seal(models.parse_spec(params.json_body(max_body_bytes))),
-            submitter=token.name,
-            allow_process=token.may_use_process,
-        )
-        if spec.container.mounts:
-            _check_mounts(spec.container.mounts, store.list_workers())
-        job = store.create_job(spec, models.utcnow())
-        poke("schedule", job.id)
-        bottle.response.status = 201
-        bottle.response.set_header("Location", f"/api/v1/jobs/{job.id}")
-        return job.to_dict()
-
-    @app.get("/api/v1/jobs/<job_id:int>")
-    @endpoints.endpoint(store)
-    def get_job(job_id: int) -> dict[str, Any]:
-        job = store.get_job(job_id)
-        shown = job.to_dict()
-        if job.status is models.Status.QUEUED and live is not None:
-            shown["queue_reason"] = live.queue_reason(job.id)
-        return shown
-
-    @app.get("/api/v1/jobs")
-    @endpoints.endpoint(store)
-    def list_jobs() -> dict[str, Any]:
-        raw_status = bottle.request.query.get("status")
-        status = models.parse_status(raw_status) if raw_status else None
-        limit = params.int_param("limit", 50, 1, 1000) or 50
-        before = params.int_param("before", None, 1, params.MAX_ID)
-        jobs = store.list_jobs(status, limit + 1, before)
-        more = len(jobs) > limit
-        jobs = jobs[:limit]
-        return {"jobs": [job.to_dict() for job in jobs], "next": jobs[-1].id if more else None}
-
-    @app.post("/api/v1/jobs/<job_id:int>/cancel")
-    @endpoints.endpoint(store)
-    def cancel_job(job_id: int) -> dict[str, Any]:
-        _check_owner(endpoints.current_token(), store.get_job(job_id))
-        job = store.cancel_job(job_id, models.utcnow())
-        if job.status is models.Status.RUNNING:
-            poke("cancel", job.id)
-        changes.notify(job.id)
-        if job.status.terminal:
-            changes.forget(job.id)
-        return job.to_dict()
-
-    @app.get("/api/v1/jobs/<job_id:int>/logs")
-    @endpoints.endpoint(store)
-    def job_logs(job_id: int) -> Any:
-        since = params.int_param("since", 0, 0, params.MAX_ID) or 0
-        limit = params.int_param("limit", None, 1, PAGE_LINES)
-        follow = params.flag("follow")
-        if limit is not None and follow:
-            raise errors.BadInput("limit and follow do not go together", "limit")
-        fmt = bottle.request.query.get("format", "text")
-        if fmt not in ("text", "ndjson"):
-            raise errors.BadInput("format must be text or ndjson", "format")
-        store.get_job(job_id)  # 404 before any streaming starts
-        ndjson = fmt == "ndjson"
-        bottle.response.content_type = (
-            "application/x-ndjson" if ndjson else "text/plain; charset=utf-8"
-        )
-        bottle.response.set_header("Cache-Control", "no-store")
-        bottle.response.set_header("X-Accel-Buffering", "no")
-        gone = bottle.request.environ.get("waitress.client_disconnected", lambda: False)
-        revoked = _Revoked(store, bottle.request.environ.get("HTTP_AUTHORIZATION"))
-
-        def disconnected() -> bool:
-            return stopping.is_set() or gone() or revoked()
-
-        render = _ndjson if ndjson else _text
-        if limit is not None:  # one page: at most `limit` lines after `since`
-            return render(store.read_log_rows(job_id, since, limit, PAGE_BYTES))
-        if not follow:
-            return _pages(store, job_id, since, render)
-        followers.take()  # before the stream starts: a refusal is still a 503
-        return followers.releasing(
-            _follow(store, changes, job_id, since, render, ndjson, disconnected)
-        )
-
-    @app.get("/api/v1/workers")
-    @endpoints.endpoint(store)
-    def list_workers() -> dict[str, Any]:
-        running: dict[str, list[int]] = {}
-        for job in store.running_jobs():
-            running.setdefault(job.worker or "", []).append(job.id)
-        shown = []
-        for worker in store.list_workers():
-            quarantine = ""
-            if live is not None and worker.connected:
-                heard = live.last_heard(worker.name)
-                if heard is not None:
-                    worker = dataclasses.replace(worker, last_seen=heard)
-                usage = live.gpu_usage(worker.name)
-                quarantine = live.quarantine(worker.name)
-            else:
-                usage = None
-            # Why it gets no jobs now, if it does not (see Broker._unconfirmed).
-            item = {**worker.to_dict(running.get(worker.name, []), usage)}
-            item["quarantined"] = quarantine or None
-            shown.append(item)
-        return {"workers": shown}
-
-    @app.post("/api/v1/workers/<name>/revoke")
-    @endpoints.endpoint(store, admin=True)
-    def revoke_worker(name: str) -> dict[str, Any]:
-        try:
-            revoked = keys.revoke(state_dir, name)
-        except errors.ConfigError as exc:
-            raise errors.BadInput(str(exc), "name") from None
-        if not revoked:
-            raise errors.NotFound(f"worker {name!r} is not on the allow list")
-        return {"name": name, "revoked": True}
-
-    @app.get("/api/v1/tokens")
-    @endpoints.endpoint(store, admin=True)
-    def list_tokens() -> dict[str, Any]:
-        return {
-            "tokens": [
-                {
-                    "name": t.name,
-                    "role": t.role,
-                    "allow_process": t.allow_process,
-                    "created_at": models.format_time(t.created_at),
-                }
-                for t in store.list_tokens()
-            ]
-        }
-
-    @app.post("/api/v1/tokens")
-    @endpoints.endpoint(store, admin=True)
-    def create_token() -> dict[str, Any]:
-        body = params.json_body(max_body_bytes)
-        if not isinstance(body, dict):
-            raise errors.BadInput("the body must be a JSON object")
-        for key in body:
-            if key not in ("name", "role", "allow_process"):
-                raise errors.BadInput(f"unknown field {key!r}", key)
-        name, role = body.get("name"), body.get("role", "submit")
-        allow_process = body.get("allow_process", False)
-        if not isinstance(name, str):
-            raise errors.BadInput("name is required and must be a string", "name")
-        if not isinstance(role, str):
-            raise errors.BadInput("role must be a string", "role")
-        if not isinstance(allow_process, bool):
-            raise errors.BadInput("allow_process must be true or false", "allow_process")
-        value = tokens.create(store, name, role, allow_process)
-        bottle.response.status = 201
-        return {"name": name, "role": role, "allow_process": allow_process, "token": value}
-
-    @app.delete("/api/v1/tokens/<name>")
-    @endpoints.endpoint(store, admin=True)
-    def revoke_token(name: str) -> dict[str, Any]:
-        if not store.revoke_token(name):
-            raise errors.NotFound(f"no token named {name!r}")
-        return {"name": name, "revoked": True}
-
-    return app
-
-
-def _text(lines: list[models.LogRow]) -> str:
-    return "".join([f"{line}\n" for _, _, _, line in lines])
-
-
-def _ndjson(lines: list[models.LogRow]) -> str:
-    # As json.dumps(line.to_dict()) would write it, four times faster: only the line's text
-    # needs escaping (seq is an integer; ts and stream are ASCII the worker wrote), by the
-    # json module's own C escaper (what JSONEncoder(ensure_ascii=False) calls for a str).
-    text = json.encoder.encode_basestring
-    return "".join(
-        [
-            f'{{"seq": {seq}, "ts": "{ts}", "stream": "{stream}", "line": {text(line)}}}\n'
-            for seq, ts, stream, line in lines
-        ]
+    ctx = context.Context(
+        store=store,
+        changes=changes,
+        poke=poke,
+        sealer=sealer,
+        state_dir=state_dir,
+        max_body_bytes=max_body_bytes,
+        stopping=stopping,
+        live=live,
+        max_followers=max_followers,
     )
-
-
-def _pages(
-    store: Store, job_id: int, since: int, render: Callable[[list[models.LogRow]], str]
-) -> Iterator[str]:
-    """Every stored line after `since`, read and sent a page at a time."""
-    while lines := store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES):
-        since = lines[-1][0]
-        yield render(lines)
-
-
-class _Revoked:
-    """Whether the token of a follow stream has been revoked since the stream began: asked
-    at most every TOKEN_CHECK_S, so that a stream ends soon after its token does (the store
-    takes a revoke by another process into account within a second: sql.TOKEN_CACHE_S)."""
-
-    def __init__(self, store: Store, header: str | None) -> None:
-        self.store = store
-        self.header = header
-        self.checked = time.monotonic()
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now - self.checked < TOKEN_CHECK_S:
-            return False
-        self.checked = now
-        try:
-            tokens.check(self.store, self.header)
-        except errors.Unauthorized:
-            log.info("a log stream ended: its token was revoked")
-            return True
-        return False
-
-
-class Followers:
-    """How many follow streams are open, and a limit on it (see make_app)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open = 0
-        self._lock = threading.Lock()
-
-    def take(self) -> None:
-        with self._lock:
-            if self.open >= self.limit:
-                raise errors.Busy(
-                    f"{self.open} log followers are connected, as many as this coordinator"
-                    " serves (each holds an HTTP thread; --http-threads sets how many there"
-                    " are): retry later"
-                )
-            self.open += 1
-
-    def releasing(self, stream: Iterator[str]) -> Iterator[str]:
-        """The stream, giving its place back when it ends or is closed (Bottle starts a
-        generator at once, to send the headers, so this `finally` always runs)."""
-        try:
-            yield from stream
-        finally:
-            with self._lock:
-                self.open -= 1
-
-
-def _follow(
-    store: Store,
-    changes: Changes,
-    job_id: int,
-    since: int,
-    render: Callable[[list[models.LogRow]], str],
-    keepalive: bool,
-    disconnected: Callable[[], bool],
-) -> Iterator[str]:
-    """Stored lines, then new ones as they are stored, until the job ends or the client goes.
-
-    NDJSON streams start with, and every KEEPALIVE_S of silence send, an empty line: Bottle sends
-    no headers before the first non-empty chunk, and the client uses them to tell a quiet job
-    from a dead connection.
-    """
-    if keepalive:
-        yield "\n"
-    last_sent = time.monotonic()
-    try:
-        while not disconnected():
-            seen = changes.version(job_id)
-            lines = store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES)
-            if lines:
-                since = lines[-1][0]
-                last_sent = time.monotonic()
-                yield render(lines)
-                continue
-            if store.get_job(job_id).status.terminal:
-                # Lines stored between our read and the status check come before the end.
-                tail = store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES)
-                if not tail:
-                    return
-                since = tail[-1][0]
-                yield render(tail)
-                continue
-            changes.wait(job_id, seen, WAKE_S)
-            if keepalive and time.monotonic() - last_sent > KEEPALIVE_S:
-                last_sent = time.monotonic()
-                yield "\n"
-    except errors.GpuboxError as exc:
-        # Headers are gone already: end the stream; the client resumes with ?since=.
-        log.warning("log stream of job %d ended early: %s", job_id, exc)
+    # In the order the routes were always added: Bottle tries the routes of one method in the
+    # order they were added.
+    for routes in (health, jobs, logs, admin):
+        routes.add_routes(app, ctx)
+    return app

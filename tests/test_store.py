@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gpubox import errors, models
+from gpubox import errors, models, validate
 from gpubox.store import base, open_store, sql
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,7 +41,7 @@ def store(db_url: str) -> Iterator[base.Store]:
 def make_spec(sealed: str | None = None, **overrides: Any) -> models.JobSpec:
     """A valid JobSpec; keyword arguments replace top-level submission fields; `sealed` stands
     for the sealed credentials the coordinator would add."""
-    spec = models.parse_spec({"name": "job", "docker": {"image": "busybox"}, **overrides})
+    spec = validate.parse_spec({"name": "job", "docker": {"image": "busybox"}, **overrides})
     return dataclasses.replace(spec, sealed=sealed)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import bottle
 
-from gpubox import __version__, errors, keys, models
+from gpubox import __version__, errors, keys, models, validate
 from gpubox.coordinator import sealing, tokens
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
@@ -256,7 +256,7 @@ def make_app(
     def create_job() -> dict[str, Any]:
         token = _token()
         spec = dataclasses.replace(
-            sealer.seal(models.parse_spec(json_body())),
+            sealer.seal(validate.parse_spec(json_body())),
             submitter=token.name,
             allow_process=token.may_use_process,
         )
@@ -281,7 +281,7 @@ def make_app(
     @endpoint()
     def list_jobs() -> dict[str, Any]:
         raw_status = bottle.request.query.get("status")
-        status = models.parse_status(raw_status) if raw_status else None
+        status = validate.parse_status(raw_status) if raw_status else None
         limit = _int_param("limit", 50, 1, 1000) or 50
         before = _int_param("before", None, 1, MAX_ID)
         jobs = store.list_jobs(status, limit + 1, before)

@@ -6,8 +6,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import operator
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
+
+from gpubox import fields
+from gpubox.fields import BIGINT, FLAG, INT, JSON, KEY, REAL, TEXT, Field, Kind
 
 MIN_SECRET = 4  # shorter secrets cannot be masked in output without mangling it
 GB = 10**9  # gpu_memory_gb counts in GB as GPU makers do: an "80 GB" card has 81,559 MiB
@@ -252,45 +256,82 @@ class Job:
         return round((self.finished_at - self.executed_at).total_seconds(), 3)
 
     def to_dict(self) -> dict[str, Any]:
-        """The job as the HTTP API shows it. Write-only fields (docker.auth) are left out."""
-        spec = self.spec
-        return {
-            "id": self.id,
-            "name": spec.name,
-            "description": spec.description,
-            "priority": spec.priority,
-            "docker": {
-                "image": spec.image,
-                "command": spec.command,
-                "env": dict(spec.env),
-                **spec.container.to_dict(),
-            },
-            "gpus": spec.gpus,
-            "gpu_model": spec.gpu_model,
-            "gpu_memory_gb": spec.gpu_memory_gb,
-            "labels": dict(spec.labels),
-            "timeout": spec.timeout,
-            "max_retries": spec.max_retries,
-            "metadata": spec.metadata,
-            "submitter": spec.submitter,
-            "allow_process": spec.allow_process,
-            "status": self.status.value,
-            "queue_reason": None,  # GET /jobs/<id> says why a QUEUED job waits
-            "cancel_requested": self.cancel_requested,
-            "result": {
-                "executed_at": format_time(self.executed_at),
-                "finished_at": format_time(self.finished_at),
-                "gpus": list(self.gpu_ids),
-                "duration": self.duration,
-                "exit_code": self.exit_code,
-                "error": self.error,
-            },
-            "worker": self.worker,
-            "attempts": self.attempts,
-            "log_lines": self.log_seq,
-            "created_at": format_time(self.created_at),
-            "updated_at": format_time(self.updated_at),
-        }
+        """The job as the HTTP API shows it (JOB_FIELDS says what, and where). Write-only
+        fields (docker.auth, docker.secrets) are not among them."""
+        return fields.api_dict(_JOB_API, self)
+
+
+_STATUS = {status.value: status for status in Status}
+_value = operator.attrgetter("value")
+STATUS = Kind("text", dump=_value, load=_STATUS.__getitem__, show=_value)
+TIME = Kind("text", dump=format_time, load=parse_time, show=format_time)  # RFC 3339
+CONTAINER = Kind(  # ContainerOptions as a JSON object; the API merges it into docker
+    "text",
+    dump=lambda options: fields.dump_json(options.to_dict()),
+    load=lambda text: ContainerOptions.from_dict(fields.load_json(text)),
+    show=ContainerOptions.to_dict,
+)
+# Every field of a job, declared once. From this table come the store's jobs table (each
+# backend's CREATE TABLE, and an ALTER TABLE for each field added by a later schema version:
+# its `since`), its insert and its row reader, Job.to_dict (the fields with an `api` key, in
+# this order) and the job a worker receives (the fields with a `wire` key; protocol.wire_job
+# adds the credentials and first_seq). A column is NOT NULL unless it says null=True.
+# A new field: its attribute in JobSpec or Job, a line here whose `since` is a new schema
+# version, and its check in validate.parse_spec.
+# fmt: off
+JOB_FIELDS: tuple[Field, ...] = (
+    Field("id", KEY, "id", api="id", wire="id"),
+    Field("name", TEXT, "spec.name", api="name", wire="name"),
+    Field("description", TEXT, "spec.description", api="description"),
+    Field("priority", INT, "spec.priority", api="priority"),
+    Field("image", TEXT, "spec.image", api="docker.image", wire="image"),
+    Field("command", JSON, "spec.command", api="docker.command", wire="command", null=True),
+    Field("env", JSON, "spec.env", api="docker.env", wire="env"),
+    Field("container", CONTAINER, "spec.container", api="docker.*", wire="container",
+          default="'{}'", since=2),
+    Field("gpus", INT, "spec.gpus", api="gpus"),
+    Field("gpu_model", TEXT, "spec.gpu_model", api="gpu_model", null=True, since=2),
+    Field("gpu_memory_gb", REAL, "spec.gpu_memory_gb", api="gpu_memory_gb", null=True, since=2),
+    Field("labels", JSON, "spec.labels", api="labels"),
+    Field("timeout", REAL, "spec.timeout", api="timeout", wire="timeout", null=True),
+    Field("max_retries", INT, "spec.max_retries", api="max_retries"),
+    Field("metadata", JSON, "spec.metadata", api="metadata"),
+    Field("submitter", TEXT, "spec.submitter", api="submitter", wire="submitter", null=True,
+          since=4),
+    Field("allow_process", FLAG, "spec.allow_process", api="allow_process", default="0",
+          since=4),
+    Field("status", STATUS, "status", api="status"),
+    # no column: GET /jobs/<id> fills it in, saying why a QUEUED job waits
+    Field("queue_reason", TEXT, None, api="queue_reason", column=False),
+    Field("cancel_requested", FLAG, "cancel_requested", api="cancel_requested", default="0"),
+    Field("executed_at", TIME, "executed_at", api="result.executed_at", null=True),
+    Field("finished_at", TIME, "finished_at", api="result.finished_at", null=True),
+    Field("gpu_ids", JSON, "gpu_ids", api="result.gpus", wire="gpus", default="'[]'"),
+    Field("duration", REAL, "duration", api="result.duration", column=False),
+    Field("exit_code", INT, "exit_code", api="result.exit_code", null=True),
+    Field("error", TEXT, "error", api="result.error", null=True),
+    Field("worker", TEXT, "worker", api="worker", null=True),
+    Field("attempts", INT, "attempts", api="attempts", wire="attempt", default="0"),
+    Field("log_seq", BIGINT, "log_seq", api="log_lines", default="0"),
+    Field("created_at", TIME, "created_at", api="created_at"),
+    Field("updated_at", TIME, "updated_at", api="updated_at"),
+    # The store's alone: auth and secrets sealed (erased when the job ends); the job's needs
+    # as one text (Needs.shape: the scheduler reads the queue by it); the bytes of its stored
+    # log and where its head ends (the max_log_bytes cap).
+    Field("sealed", TEXT, "spec.sealed", null=True),
+    Field("shape", TEXT, "spec.needs.shape", computed=True, null=True, since=3),
+    Field("log_bytes", BIGINT, None, default="0", since=5),
+    Field("log_cut", BIGINT, None, default="0", since=5),
+)
+# fmt: on
+_JOB_API = fields.api_plan(JOB_FIELDS)
+WIRE_FIELDS = tuple(field for field in JOB_FIELDS if field.wire is not None)
+
+
+def wire_values(job: Job) -> dict[str, Any]:
+    """The fields of a job that its worker receives in JOB, by their keys there: those of
+    JOB_FIELDS with a `wire` key."""
+    return fields.wire_dict(WIRE_FIELDS, job)
 
 
 # A stored line as the store reads it: (seq, ts, stream, line), as LogLine without its names

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gpubox import errors, models, protocol
+from gpubox import errors, models, protocol, validate
 
 T = TypeVar("T")
 
@@ -227,7 +227,7 @@ def parse_shm_size(value: str) -> int:
     if not value.strip():
         return half_the_memory()
     try:
-        size = models.parse_size(value, "max_shm_size", 1024**2, 1024**5)
+        size = validate.parse_size(value, "max_shm_size", 1024**2, 1024**5)
     except errors.BadInput:
         size = None
     if size is None:

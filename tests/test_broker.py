@@ -22,7 +22,7 @@ import pytest
 import zmq
 import zmq.utils.monitor
 
-from gpubox import keys, models, protocol
+from gpubox import keys, models, protocol, validate
 from gpubox.coordinator import sealing
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
@@ -370,7 +370,7 @@ class Link:
     def create(self, **fields: Any) -> models.Job:
         """A QUEUED job in the store, its credentials sealed as the API would; keyword
         arguments are submission fields."""
-        spec = models.parse_spec({"name": "job", "docker": {"image": "busybox"}, **fields})
+        spec = validate.parse_spec({"name": "job", "docker": {"image": "busybox"}, **fields})
         return self.store.create_job(self.sealer.seal(spec), models.utcnow())
 
     def status(self, job_id: int) -> Status:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import zmq.auth
 
-from gpubox import errors, keys, models
+from gpubox import errors, keys, models, validate
 from gpubox.client import ApiError, Client
 from gpubox.coordinator import tokens
 from gpubox.worker import process, process_user
@@ -77,7 +77,7 @@ def test_a_job_stored_before_submitters_were_recorded_is_cancelled_by_admins_onl
     cluster = make_cluster(workers=0)
     store = cluster.coordinator.store
     old = store.create_job(
-        models.parse_spec({"name": "old", "docker": {"image": IMAGE}}), models.utcnow()
+        validate.parse_spec({"name": "old", "docker": {"image": IMAGE}}), models.utcnow()
     )
     assert old.spec.submitter is None
     someone = token_client(cluster, "someone")

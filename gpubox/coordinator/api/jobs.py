@@ -7,7 +7,7 @@ from typing import Any
 
 import bottle
 
-from gpubox import errors, models
+from gpubox import errors, models, validate
 from gpubox.coordinator.api import context, endpoints, params
 
 
@@ -21,7 +21,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     def create_job() -> dict[str, Any]:
         token = endpoints.current_token()
         spec = dataclasses.replace(
-            sealer.seal(models.parse_spec(params.json_body(max_body_bytes))),
+            sealer.seal(validate.parse_spec(params.json_body(max_body_bytes))),
             submitter=token.name,
             allow_process=token.may_use_process,
         )
@@ -46,7 +46,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     @endpoints.endpoint(store)
     def list_jobs() -> dict[str, Any]:
         raw_status = bottle.request.query.get("status")
-        status = models.parse_status(raw_status) if raw_status else None
+        status = validate.parse_status(raw_status) if raw_status else None
         limit = params.int_param("limit", 50, 1, 1000) or 50
         before = params.int_param("before", None, 1, params.MAX_ID)
         jobs = store.list_jobs(status, limit + 1, before)

@@ -100,7 +100,7 @@ def _pages(
 class _Revoked:
     """Whether the token of a follow stream has been revoked since the stream began: asked
     at most every TOKEN_CHECK_S, so that a stream ends soon after its token does (the store
-    takes a revoke by another process into account within a second: sql.TOKEN_CACHE_S)."""
+    takes a revoke by another process into account within a second: store.tokens.TOKEN_CACHE_S)."""
 
     def __init__(self, store: Store, header: str | None) -> None:
         self.store = store

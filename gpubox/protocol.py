@@ -583,21 +583,12 @@ def split_line(text: str, limit: int = MAX_LINE) -> list[str]:
 
 
 def wire_job(job: models.Job, credentials: dict[str, Any]) -> WireJob:
-    """The job as a worker receives it in JOB: what it needs to run this attempt, with its
-    unsealed credentials ({"auth": …, "secrets": …})."""
-    spec = job.spec
+    """The job as a worker receives it in JOB: the fields of models.JOB_FIELDS that have a
+    wire key (models.wire_values), its unsealed credentials ({"auth": …, "secrets": …}) and
+    the seq its first line takes. A wire key WireJob does not declare fails here, loudly."""
     return WireJob(
         secrets=dict(credentials.get("secrets") or {}),
-        id=job.id,
-        attempt=job.attempts,
-        name=spec.name,
-        image=spec.image,
-        command=spec.command,
-        env=dict(spec.env),
         auth=credentials.get("auth"),
-        gpus=list(job.gpu_ids),
-        timeout=spec.timeout,
         first_seq=job.log_seq + 1,
-        container=spec.container.to_dict(),
-        submitter=spec.submitter,
+        **models.wire_values(job),
     )

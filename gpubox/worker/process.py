@@ -38,7 +38,7 @@ from typing import IO, Any
 
 from gpubox import models, protocol
 from gpubox.logfmt import fields
-from gpubox.worker.lines import Emit, LineBuffer, emit_done, send_lines
+from gpubox.worker.lines import Emit, LineBuffer, Masker, emit_done, secret_values, send_lines
 from gpubox.worker.process_output import Output
 from gpubox.worker.process_user import JobUser, job_user
 from gpubox.worker.scratch import Scratch
@@ -206,7 +206,7 @@ class ProcessRuntime:
         """Read both pipes in this thread until they close and the process has exited,
         sending lines in batches, and stop the process on cancel, timeout or detach."""
         assert proc.stdout is not None and proc.stderr is not None
-        output = Output(job, proc.stdout, proc.stderr)
+        output = Output(Masker(secret_values(job)), proc.stdout, proc.stderr)
         deadline = time.monotonic() + job.timeout if job.timeout else None
         exited_at: float | None = None
         stopped_for: str | None = None

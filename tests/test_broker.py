@@ -52,6 +52,20 @@ def lines(first: int, count: int) -> list[list[str]]:
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Received:
+    """A message from the coordinator as a test looks at it: its type and its map."""
+
+    type: str
+    body: dict[str, Any]
+
+
+def received(frames: list[bytes]) -> Received:
+    """Decode (and so check) a coordinator's message, kept as its map for assertions."""
+    msg = protocol.decode_from_coordinator(frames)
+    return Received(msg.TYPE, msg.to_body())
+
+
 def dealer(
     context: zmq.Context,
     endpoint: str,
@@ -105,7 +119,7 @@ class FakeWorker:
         self.max_jobs = max_jobs
         self.session = uuid.uuid4().hex
         self.keepalive = True
-        self.inbox: list[protocol.Message] = []
+        self.inbox: list[Received] = []
         self._last_sent = time.monotonic()
 
     def close(self) -> None:
@@ -117,7 +131,9 @@ class FakeWorker:
     # --- sending ------------------------------------------------------------------------------
 
     def send(self, msg_type: str, **fields: Any) -> None:
-        self.sock.send_multipart(protocol.encode(msg_type, {"session": self.session, **fields}))
+        self.sock.send_multipart(
+            protocol.encode_body(msg_type, {"session": self.session, **fields})
+        )
         self._last_sent = time.monotonic()
 
     def send_hello(self, running: list[dict[str, int]] | None = None, name: str = "") -> None:
@@ -132,7 +148,7 @@ class FakeWorker:
             running=running or [],
         )
 
-    def hello(self, running: list[dict[str, int]] | None = None) -> protocol.Message:
+    def hello(self, running: list[dict[str, int]] | None = None) -> Received:
         self.send_hello(running)
         return self.expect("WELCOME")
 
@@ -179,12 +195,12 @@ class FakeWorker:
             self.send("HEARTBEAT")
         if not self.sock.poll(max(1, int(wait_s * 1000)), zmq.POLLIN):
             return
-        msg = protocol.decode_from_coordinator(self.sock.recv_multipart())
+        msg = received(self.sock.recv_multipart())
         if msg.type == "HEARTBEAT" and msg.body["known"]:
             return
         self.inbox.append(msg)
 
-    def expect(self, msg_type: str, timeout_s: float = 3.0) -> protocol.Message:
+    def expect(self, msg_type: str, timeout_s: float = 3.0) -> Received:
         """The first message of this type, waiting up to timeout_s for it."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -229,7 +245,7 @@ class FakeWorker:
             if self.keepalive and time.monotonic() - self._last_sent >= HEARTBEAT_S:
                 self.send("HEARTBEAT")
             if self.sock.poll(max(1, int(min(remaining, 0.05) * 1000)), zmq.POLLIN):
-                got.append(protocol.decode_from_coordinator(self.sock.recv_multipart()))
+                got.append(received(self.sock.recv_multipart()))
         assert not got, f"{self.name}: expected silence, got {[(m.type, m.body) for m in got]}"
 
     def handshake(self, timeout_s: float = 3.0) -> int:
@@ -527,18 +543,18 @@ def test_malformed_messages_from_an_authenticated_worker_are_dropped(link: Link)
         [protocol.VERSION, b"HELLO", b"\xc1"],
         [protocol.VERSION, b"WELCOME", msgpack.packb({"coordinator": "c"})],
         [protocol.VERSION, "HÉLLO".encode(), msgpack.packb(hello)],
-        [*protocol.encode("HELLO", hello), b"fourth frame"],
+        [*protocol.encode_body("HELLO", hello), b"fourth frame"],
     ]
     for frames in bad:
         junk.send_multipart(frames)
         dropped += 1
     # Well-formed, but from a session the broker never welcomed: not stored, asked to HELLO.
     log = {"session": "nobody", "job_id": job.id, "attempt": 1, "seq": 1, "lines": lines(1, 2)}
-    junk.send_multipart(protocol.encode("LOG", log))
+    junk.send_multipart(protocol.encode_body("LOG", log))
     refused = []  # a malformed HELLO is answered with why (REFUSED), so its worker logs it
     while True:
         assert junk.poll(3000), "no answer to a LOG from an unknown session"
-        answer = protocol.decode_from_coordinator(junk.recv_multipart())
+        answer = received(junk.recv_multipart())
         if answer.type != "REFUSED":
             break
         refused.append(answer.body["reason"])
@@ -599,9 +615,9 @@ def test_welcome_and_worker_record(link: Link) -> None:
     assert record.max_jobs == 3
     # The broker's own heartbeats come every heartbeat_interval_s.
     worker.keepalive = False
-    worker.sock.send_multipart(protocol.encode("HEARTBEAT", {"session": worker.session}))
+    worker.sock.send_multipart(protocol.encode_body("HEARTBEAT", {"session": worker.session}))
     assert worker.sock.poll(2000)
-    msg = protocol.decode_from_coordinator(worker.sock.recv_multipart())
+    msg = received(worker.sock.recv_multipart())
     assert msg.type == "HEARTBEAT" and msg.body["known"] is True
 
 

@@ -1,7 +1,8 @@
 """A job's fields are declared once (models.JOB_FIELDS): every field there reaches both stores'
 schema, survives an insert and a read, shows in the API where it says, and reaches the worker
-when it has a wire key. A field added to that table alone reaches the store (a new schema
-version that upgrades an older store), the API and the wire."""
+when it has a wire key. A field added to that table reaches the store (a new schema version
+that upgrades an older store) and the API with no other change, and the wire once
+protocol.WireJob declares it too."""
 
 from __future__ import annotations
 
@@ -190,36 +191,42 @@ def test_every_field_with_an_api_key_is_in_the_api() -> None:
 
 def test_the_wire_fields_are_those_of_the_job_a_worker_receives() -> None:
     assert {f.wire for f in models.JOB_FIELDS if f.wire} == WIRE_KEYS
-    wire = protocol.wire_job(JOB, {"secrets": {}, "auth": None})
+    wire = protocol.wire_job(JOB, {"secrets": {}, "auth": None}).to_body()
     assert models.wire_values(JOB).items() <= wire.items()
 
 
 # --- a field added in one place ------------------------------------------------------------
 
 # What a developer writes to add an optional text field `team` that clients set and workers
-# see (besides its check in validate.parse_spec): its attribute, and one line of JOB_FIELDS
-# with the next schema version.
+# see (besides its check in validate.parse_spec): its attribute, one line of JOB_FIELDS with
+# the next schema version, and, since workers see it, its field in protocol.WireJob (the
+# worker link's contract is written out there on purpose).
 TEAM_ATTRIBUTE = "    team: str | None = None\n"
 TEAM_FIELD = (
     f'    Field("team", TEXT, "spec.team", api="team", wire="team", null=True,'
     f" since={columns.LATEST + 1}),\n"
 )
 
+TEAM_WIRE = "    team: str | None = wire(_opt(_is_str), omit=True)\n"
+
 # Run with the edited package: upgrade the store, read the job stored before, store one
 # with a team, and say what each part sees.
 CHECK_TEAM = """
 import dataclasses, json, sys
-from gpubox import models
+from gpubox import models, protocol
 from gpubox.store import open_store
 assert models.__file__.startswith(sys.argv[3]), models.__file__
 store = open_store(sys.argv[1])
 old = store.get_job(int(sys.argv[2]))
 spec = dataclasses.replace(old.spec, name="new", team="blue")
 job = store.get_job(store.create_job(spec, models.utcnow()).id)
+wire = protocol.wire_job(job, {"secrets": {}, "auth": None})
+sent = protocol.encode(protocol.Job(coordinator="c", job=wire))
+received = protocol.decode_from_coordinator(sent).job
 print(json.dumps({
     "version": store.schema_version(),
     "old": [old.spec.team, old.to_dict()["team"]],
-    "new": [job.spec.team, job.to_dict()["team"], models.wire_values(job)["team"]],
+    "new": [job.spec.team, job.to_dict()["team"], received.team],
     "listed": [listed.spec.team for listed in store.list_jobs()],
 }))
 store.close()
@@ -227,7 +234,8 @@ store.close()
 
 
 def with_team(tmp_path: Path) -> Path:
-    """A copy of the gpubox package with the field `team` added to models.py alone."""
+    """A copy of the gpubox package with the field `team` added to models.py (and, for the
+    worker, to protocol.WireJob)."""
     package = Path(gpubox.__file__).parent
     root = tmp_path / "edited"
     shutil.copytree(package, root / "gpubox", ignore=shutil.ignore_patterns("__pycache__"))
@@ -239,10 +247,15 @@ def with_team(tmp_path: Path) -> Path:
     field_at = text.index('    Field("status", STATUS')
     text = text[:field_at] + TEAM_FIELD + text[field_at:]
     models_py.write_text(text)
+    protocol_py = root / "gpubox" / "protocol.py"
+    text = protocol_py.read_text()
+    submitter_at = text.index("    submitter: str | None = wire(", text.index("class WireJob("))
+    text = text[:submitter_at] + TEAM_WIRE + text[submitter_at:]
+    protocol_py.write_text(text)
     return root
 
 
-def test_a_field_added_in_models_alone_reaches_the_store_the_api_and_the_wire(
+def test_a_field_added_to_models_and_wirejob_reaches_the_store_the_api_and_the_wire(
     db_url: str, tmp_path: Path
 ) -> None:
     store = open_store(db_url)  # the store as this gpubox leaves it, with one job in it

@@ -481,7 +481,7 @@ def test_the_agent_says_why_it_cannot_connect(
         assert record.name == "gpubox.worker.agent"
         assert not agent.connected.is_set()
         if case == "another worker's key":  # through the handshake: only its HELLOs heard
-            types = {protocol.decode_from_worker(frames[1:]).type for _, frames in link.handled}
+            types = {protocol.decode_from_worker(frames[1:]).TYPE for _, frames in link.handled}
             assert types <= {"HELLO", "HEARTBEAT"} and "HELLO" in types
         else:
             assert link.handled == []

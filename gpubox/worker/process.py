@@ -36,9 +36,9 @@ import threading
 import time
 from typing import IO, Any
 
-from gpubox import models
+from gpubox import models, protocol
 from gpubox.logfmt import fields
-from gpubox.worker.lines import Emit, LineBuffer, emit_done, send_lines
+from gpubox.worker.lines import Emit, LineBuffer, Masker, emit_done, secret_values, send_lines
 from gpubox.worker.process_output import Output
 from gpubox.worker.process_user import JobUser, job_user
 from gpubox.worker.scratch import Scratch
@@ -125,7 +125,7 @@ class ProcessRuntime:
 
     def run(
         self,
-        job: dict[str, Any],
+        job: protocol.WireJob,
         emit: Emit,
         cancel: threading.Event,
         detach: threading.Event | None = None,
@@ -136,13 +136,13 @@ class ProcessRuntime:
         `detach` set (the worker is stopping) the process is stopped and nothing more is
         emitted: the coordinator hands the job out again or fails it, as for a lost worker."""
         detach = detach or threading.Event()
-        buffer = LineBuffer(job["first_seq"])
+        buffer = LineBuffer(job.first_seq)
         executed_at: str | None = None
-        options = models.ContainerOptions.from_dict(job.get("container"))
+        options = models.ContainerOptions.from_dict(job.container)
         refused = options.needs_docker()
         workdir = options.workdir
         scratch = None
-        if not job.get("command"):
+        if not job.command:
             outcome: dict[str, Any] | None = {
                 "status": "ERROR",
                 "error": "the process runtime runs docker.command, and this job has none",
@@ -167,7 +167,7 @@ class ProcessRuntime:
                         "extra_groups": self.user.groups,
                     }
                 proc = subprocess.Popen(
-                    job["command"],
+                    job.command,
                     cwd=workdir,
                     env=environment(job, self.marker(), self.user),
                     **switch,
@@ -196,7 +196,7 @@ class ProcessRuntime:
 
     def _watch(
         self,
-        job: dict[str, Any],
+        job: protocol.WireJob,
         proc: subprocess.Popen[bytes],
         buffer: LineBuffer,
         emit: Emit,
@@ -206,8 +206,8 @@ class ProcessRuntime:
         """Read both pipes in this thread until they close and the process has exited,
         sending lines in batches, and stop the process on cancel, timeout or detach."""
         assert proc.stdout is not None and proc.stderr is not None
-        output = Output(job, proc.stdout, proc.stderr)
-        deadline = time.monotonic() + job["timeout"] if job.get("timeout") else None
+        output = Output(Masker(secret_values(job)), proc.stdout, proc.stderr)
+        deadline = time.monotonic() + job.timeout if job.timeout else None
         exited_at: float | None = None
         stopped_for: str | None = None
         try:
@@ -262,12 +262,12 @@ class ProcessRuntime:
             except subprocess.TimeoutExpired:
                 continue
 
-    def _flush(self, job: dict[str, Any], buffer: LineBuffer, emit: Emit, wait_s: float) -> None:
-        send_lines(buffer, emit, self.tee, self._tee_lock, f"job={job['id']} process", wait_s)
+    def _flush(self, job: protocol.WireJob, buffer: LineBuffer, emit: Emit, wait_s: float) -> None:
+        send_lines(buffer, emit, self.tee, self._tee_lock, f"job={job.id} process", wait_s)
 
 
 def environment(
-    job: dict[str, Any], marker: str = "", user: JobUser | None = None
+    job: protocol.WireJob, marker: str = "", user: JobUser | None = None
 ) -> dict[str, str]:
     """The job's environment: a few of the worker's variables (HOME, USER and LOGNAME those
     of `user` when the worker switches to it), the job's, its GPUs, its id, and the marker by
@@ -275,11 +275,11 @@ def environment(
     env = {name: os.environ[name] for name in PASSED_ON if name in os.environ}
     if user is not None and user.switch:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
-    env.update(job.get("env") or {})
-    env.update(job.get("secrets") or {})
-    env["GPUBOX_JOB_ID"] = str(job["id"])
+    env.update(job.env or {})
+    env.update(job.secrets or {})
+    env["GPUBOX_JOB_ID"] = str(job.id)
     env[OWNER_VARIABLE] = marker
-    gpus = ",".join(job.get("gpus") or [])
+    gpus = ",".join(job.gpus or [])
     env["NVIDIA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = gpus
     if gpus:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"

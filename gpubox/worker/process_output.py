@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import select
 import time
-from typing import IO, Any
+from typing import IO
 
 from gpubox import protocol
-from gpubox.worker.lines import BATCH_LINES, GATHER_S, Masker, line_text, secret_values
+from gpubox.worker.lines import BATCH_LINES, GATHER_S, Masker, line_text
 
 READ_BYTES = 256 * 1024
 
@@ -26,8 +26,8 @@ class Output:
     as they arrive, masked, and due to be sent GATHER_S after the first one waiting, or at
     once when a batch is full."""
 
-    def __init__(self, job: dict[str, Any], stdout: IO[bytes], stderr: IO[bytes]) -> None:
-        self._mask = Masker(secret_values(job))
+    def __init__(self, mask: Masker, stdout: IO[bytes], stderr: IO[bytes]) -> None:
+        self._mask = mask
         self._pipes = {pipe.fileno(): pipe for pipe in (stdout, stderr)}
         self._names = {stdout.fileno(): "stdout", stderr.fileno(): "stderr"}
         self._partial = {fd: b"" for fd in self._pipes}

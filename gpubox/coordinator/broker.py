@@ -20,6 +20,7 @@ import zmq
 from gpubox import errors, keys, models, protocol, supervise
 from gpubox.coordinator import admission, metrics, reports, scheduler, sealing
 from gpubox.coordinator.events import Changes
+from gpubox.coordinator.lifecycle import Lifecycle
 from gpubox.coordinator.peers import Link, Peer
 from gpubox.coordinator.planner import Planner
 from gpubox.logfmt import fields
@@ -107,6 +108,7 @@ class Broker:
         # A READY, DONE or new job asks for a round; one round serves them all (see step).
         self._schedule_due = False
         self.planner = Planner(store)
+        self.lifecycle = Lifecycle(store, changes, self.log_limits, on_end=self._forget)
         self.counters = metrics.BrokerCounters()
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
         self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
@@ -340,7 +342,7 @@ class Broker:
         for job in self.store.running_jobs(worker=name):
             item = held.pop(job.id, None)
             if item is None or item.attempt != job.attempts:
-                self._release(job, f"worker {name} came back without it")
+                self.lifecycle.release(job, f"worker {name} came back without it")
                 if item is not None:
                     held[job.id] = item  # a stale attempt: stopped below
                 continue
@@ -466,7 +468,7 @@ class Broker:
                             job=job_id, attempt=attempt, worker=peer.name, status=report.status
                         ),
                     )
-                    self._ended(job_id)
+                    self.lifecycle.ended(job_id)
                 self._schedule_due = True
 
     def _on_heartbeat(self, peer: Peer, msg: protocol.WorkerHeartbeat, now: float) -> None:
@@ -614,7 +616,7 @@ class Broker:
         try:
             wire = protocol.wire_job(job, self.sealer.credentials(job))
         except errors.GpuboxError as exc:
-            self._fail(job, str(exc))
+            self.lifecycle.fail(job, str(exc))
             return False
         marks = protocol.resume_fields(resume) if resume is not None else {}
         if not self._send(peer, protocol.Job(coordinator=self.coordinator_id, job=wire, **marks)):
@@ -645,7 +647,7 @@ class Broker:
         connected = {peer.name for peer in self.peers.values()}
         for job in self.store.running_jobs():
             if job.worker not in connected:
-                self._release(job, f"worker lost: {job.worker} did not reconnect")
+                self.lifecycle.release(job, f"worker lost: {job.worker} did not reconnect")
 
     def _unconfirmed(self, peer: Peer, job_id: int, attempt: int, now: float) -> None:
         """A worker was sent a job, with its secrets, and never confirmed it: it gets no more
@@ -667,32 +669,7 @@ class Broker:
                 QUARANTINE_S,
                 extra=fields(job=job_id, worker=peer.name),
             )
-        job = self.store.get_job(job_id)
-        if job.status is not models.Status.RUNNING or job.attempts != attempt:
-            return
-        at = models.utcnow()
-        marker = (
-            f"[gpubox: worker {peer.name} was sent this job (attempt {attempt}, with its secrets"
-            f" and registry credentials) and did not confirm it within {self.liveness_s:g} s;"
-            " the job is queued again]"
-        )
-        stamp = f"{at:%Y-%m-%dT%H:%M:%S}.{at.microsecond:06d}000Z"
-        self.store.append_logs(
-            job_id,
-            attempt,
-            job.log_seq + 1,
-            [(stamp, models.GPUBOX_STREAM, marker)],
-            self.max_log_lines,
-            keep_bytes=self.max_log_bytes,
-        )
-        if self.store.unclaim_job(job_id, attempt, at):
-            log.warning(
-                "job %d: %s never confirmed it; queued again",
-                job_id,
-                peer.name,
-                extra=fields(job=job_id, worker=peer.name),
-            )
-            self.changes.notify(job_id)
+        self.lifecycle.requeue_unconfirmed(peer.name, job_id, attempt, self.liveness_s)
 
     def stalled(self) -> str:
         """Why the broker is not serving ("" while its loop turns): its thread ended, or its
@@ -716,48 +693,10 @@ class Broker:
         log.warning("%s", reason, extra=fields(worker=peer.name))
         self.store.save_worker(peer.info(connected=False))
         for job in self.store.running_jobs(worker=peer.name):
-            self._release(job, reason)
+            self.lifecycle.release(job, reason)
 
-    def _fail(self, job: models.Job, reason: str) -> None:
-        """End a claimed job that cannot be sent at all."""
-        log.error("job %d: %s", job.id, reason, extra=fields(job=job.id))
-        now = models.utcnow()
-        self.store.finish_job(
-            job.id, job.attempts, models.Status.ERROR, None, reason, None, now, job.log_seq
-        )
-        self._ended(job.id)
-
-    def _release(self, job: models.Job, reason: str) -> None:
-        if job.executed_at is None:
-            # Its container never started: nothing ran, so no attempt is spent on it.
-            if self.store.unclaim_job(job.id, job.attempts, models.utcnow()):
-                log.warning(
-                    "job %d: %s before it started; queued again",
-                    job.id,
-                    reason,
-                    extra=fields(job=job.id, worker=job.worker),
-                )
-                self.changes.notify(job.id)
-            return
-        released = self.store.release_job(job.id, job.attempts, reason, models.utcnow())
-        if released is not None:
-            log.warning(
-                "job %d: %s; now %s",
-                job.id,
-                reason,
-                released.status.value,
-                extra=fields(job=job.id, worker=job.worker, status=released.status.value),
-            )
-            if released.status.terminal:
-                self._ended(job.id)
-            else:
-                self.changes.notify(job.id)
-
-    def _ended(self, job_id: int) -> None:
-        """Wake the job's followers for the last time and drop its change counter, which
-        would otherwise be kept for every job ever run."""
-        self.changes.notify(job_id)
-        self.changes.forget(job_id)
+    def _forget(self, job_id: int) -> None:
+        """Drop what the broker kept about a job that ended (Lifecycle's on_end)."""
         self._stored.pop(job_id, None)
         self._sent_at.pop(job_id, None)
 

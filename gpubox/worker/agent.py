@@ -29,10 +29,11 @@ from typing import Any, Protocol
 import zmq
 import zmq.utils.monitor
 
-from gpubox import __version__, errors, keys, models, protocol, supervise
+from gpubox import __version__, keys, models, protocol, supervise
 from gpubox.config import WorkerConfig
 from gpubox.logfmt import fields, printable
 from gpubox.worker import runners
+from gpubox.worker.link import CoordinatorLink
 from gpubox.worker.runners import Runners
 from gpubox.worker.spill import Spill
 
@@ -41,12 +42,6 @@ log = logging.getLogger(__name__)
 MAX_UNACKED_BYTES = 64 * 1024 * 1024  # the in-memory window's other bound
 LINE_OVERHEAD = 48  # bytes a held line costs besides its text (timestamp, stream, list)
 _STREAM = operator.itemgetter(1)
-
-HANDSHAKE_FAILURES = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
 
 
 class Runtime(Protocol):
@@ -111,14 +106,14 @@ class Agent:
         self.usage = usage
         self.name = keys.check_name(config.name or socket.gethostname())
         key_file = config.key_file or keys.worker_secret_file(config.state_dir, self.name)
-        self.public_key, self.secret_key = keys.load_secret(key_file)
-        self.server_key = keys.load_public(
+        keypair = keys.load_secret(key_file)
+        server_key = keys.load_public(
             config.coordinator_key or str(keys.coordinator_files(config.state_dir)[0])
         )
         self.runtime = runtime
         # What this worker's jobs are marked with, so a restart finds its own and never those
         # of another gpubox on this host under the same worker name: the coordinator's key.
-        runtime.owner = keys.fingerprint(self.server_key)
+        runtime.owner = keys.fingerprint(server_key)
         self.gpus = gpus
         self.labels = config.label_map
         self.context = context or zmq.Context.instance()
@@ -137,9 +132,9 @@ class Agent:
         self.events.bind(self.events_address)
         self.runners = Runners(self.context, self.events_address)
         self.spill = Spill(Path(config.state_dir) / "spill" / self.name, config.spill_max_bytes)
-        self.dealer: zmq.Socket | None = None
-        self.monitor: zmq.Socket = None  # type: ignore[assignment]
-        self._handshake_warned = False
+        self.link = CoordinatorLink(
+            self.context, config.coordinator, self.name, keypair, server_key
+        )
         self._refused = ""  # the coordinator's reason for refusing our HELLO, logged once
         self._hello_at = 0.0  # when the last HELLO went out (time.monotonic)
         # Ticked at every turn of run()'s loop; the process ends if it stops turning.
@@ -192,10 +187,10 @@ class Agent:
                     break
                 events = dict(poller.poll(100))
                 now = time.monotonic()
-                if self.dealer in events:
-                    self._drain_dealer(now)
-                if self.monitor in events:
-                    self._drain_monitor()
+                if self.link.dealer in events:
+                    self._drain_link(now)
+                if self.link.monitor in events:
+                    self.link.check_handshakes()
                 if self.events in events:
                     self._drain_events(now)
                 self.step(now, poller)
@@ -227,57 +222,9 @@ class Agent:
                 self._ready()  # slots 0: no more work
 
     def _connect(self, now: float, poller: zmq.Poller | None) -> None:
-        self._close_dealer(poller)
-        self.dealer = self.context.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.LINGER, 0)
-        self.dealer.curve_secretkey = self.secret_key
-        self.dealer.curve_publickey = self.public_key
-        self.dealer.curve_serverkey = self.server_key
-        self.dealer.setsockopt(zmq.RECONNECT_IVL, 200)
-        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-        # A refused key or a wrong server key only shows as a failed handshake: watch for it.
-        self.monitor = self.dealer.get_monitor_socket(HANDSHAKE_FAILURES)
-        self._handshake_warned = False
-        self.dealer.connect(self.config.coordinator)
-        if poller is not None:
-            poller.register(self.dealer, zmq.POLLIN)
-            poller.register(self.monitor, zmq.POLLIN)
+        self.link.connect(poller)
         self.last_heard = now
         self._hello()
-
-    def _close_dealer(self, poller: zmq.Poller | None) -> None:
-        if self.dealer is None:
-            return
-        if poller is not None:
-            poller.unregister(self.dealer)
-            poller.unregister(self.monitor)
-        self.dealer.disable_monitor()
-        self.monitor.close(linger=0)
-        self.dealer.close(linger=0)
-        self.dealer = None
-
-    def _drain_monitor(self) -> None:
-        while True:
-            try:
-                event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if self._handshake_warned:
-                continue
-            self._handshake_warned = True
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                log.error(
-                    "the coordinator refused this worker's key: is %s on its allow list"
-                    " (gpubox keys worker %s on the coordinator's box)?",
-                    self.name,
-                    self.name,
-                )
-            else:
-                log.error(
-                    "the CURVE handshake with %s failed: is coordinator_key the coordinator's"
-                    " public key (its keys/coordinator.key)?",
-                    self.config.coordinator,
-                )
 
     def _hello(self) -> None:
         self.session = uuid.uuid4().hex
@@ -301,18 +248,8 @@ class Agent:
             )
         )
 
-    def _drain_dealer(self, now: float) -> None:
-        assert self.dealer is not None
-        while True:
-            try:
-                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = protocol.decode_from_coordinator(frames)
-            except errors.ProtocolError as exc:
-                log.warning("dropped a malformed message from the coordinator: %s", exc)
-                continue
+    def _drain_link(self, now: float) -> None:
+        for msg in self.link.received():
             self.last_heard = now
             handler = self._handlers.get(type(msg))
             if handler is None:  # a type protocol knows and this worker does not handle
@@ -594,13 +531,7 @@ class Agent:
                 self._send_done(job, now)
 
     def _send(self, msg: protocol.FromWorker) -> bool:
-        if self.dealer is None:
-            return False
-        try:
-            self.dealer.send_multipart(protocol.encode(msg), zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False  # the link is congested or down; the resend timer tries again
+        return self.link.send(msg)
 
     # --- stopping -----------------------------------------------------------------------------
 
@@ -621,6 +552,6 @@ class Agent:
         for job in running:
             job.ended.wait(timeout=2)
         self.runners.stop()
-        self._close_dealer(None)
+        self.link.close(None)
         self.events.close(linger=0)
         self.spill.close()

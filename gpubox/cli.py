@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import click
 
@@ -225,52 +225,6 @@ class Signals:
             raise click.ClickException(f"{supervise.why(dead)}: gpubox cannot go on without it")
 
 
-def _start_worker(config: cfg.WorkerConfig) -> tuple[Any, threading.Thread]:
-    from gpubox.worker import gpu
-    from gpubox.worker.agent import Agent
-    from gpubox.worker.docker_runtime import DockerRuntime
-    from gpubox.worker.lines import OutputCopy
-    from gpubox.worker.policy import ContainerPolicy
-
-    source = gpu.source_for(config.fake_gpus, config.name or _hostname())
-    offers = config.gpus != "none"  # else NVML is not even asked (nor warned about)
-    gpus = gpu.select(source.list(), config.gpus) if offers else []
-    runtime: Any
-    copy = OutputCopy(sys.stderr, config.journal_bytes_per_job)
-    if config.runtime == "process":
-        from gpubox.worker.process import ProcessRuntime
-
-        # (an OutputCopy is written as a text stream is: write and flush)
-        runtime = ProcessRuntime(
-            config.name or _hostname(),
-            config.stop_grace_s,
-            tee=cast(IO[str], copy),
-            process_user=config.process_user,
-        )
-    else:
-        try:
-            runtime = DockerRuntime(
-                config.name or _hostname(),
-                config.stop_grace_s,
-                tee=copy,
-                mounts=config.mount_map,
-                log_max_bytes=config.container_log_max_bytes,
-                log_max_files=config.container_log_files,
-                # Fake GPUs get the environment but no device request: Docker would refuse it.
-                gpu_devices=not config.fake_gpus,
-                log_files=config.log_source == "auto",
-                policy=ContainerPolicy.from_config(config),
-            )
-        except errors.ConfigError:
-            raise
-        except Exception as exc:
-            raise errors.GpuboxError(f"cannot reach the Docker engine: {exc}") from exc
-    agent = Agent(config, runtime, gpus, usage=source.usage if offers else None)
-    thread = supervise.Essential("gpubox-agent", agent.run, agent.loop)
-    thread.start()
-    return agent, thread
-
-
 def _hostname() -> str:
     import socket
 
@@ -316,11 +270,13 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
     jobs' processes are stopped, and each job is queued again while it has retries left (else
     it ends ERROR). With --drain it first waits for running jobs to end.
     """
+    from gpubox.worker import wiring
+
     setup_logging()
     config = cfg.load(cfg.WorkerConfig, flags, cfg.read_file(config_path))
     cfg.private_state_dir(config.state_dir)
     signals = Signals()
-    agent, thread = _start_worker(config)
+    agent, thread = wiring.start_worker(config)
     systemd.notify("READY=1", f"STATUS=working for {config.coordinator}")
     dead = signals.wait([thread])
     systemd.notify("STOPPING=1")
@@ -348,6 +304,7 @@ def up(config_path: str | None, **flags: Any) -> None:
     """
     from gpubox import keys
     from gpubox.coordinator.server import Coordinator
+    from gpubox.worker import wiring
 
     setup_logging()
     file_data = cfg.read_file(config_path)
@@ -369,7 +326,7 @@ def up(config_path: str | None, **flags: Any) -> None:
     server.start()
     link = server.link_endpoint.replace("0.0.0.0", "127.0.0.1")
     try:
-        agent, thread = _start_worker(dataclasses.replace(worker_config, coordinator=link))
+        agent, thread = wiring.start_worker(dataclasses.replace(worker_config, coordinator=link))
     except BaseException:
         server.stop()
         raise

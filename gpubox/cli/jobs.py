@@ -20,7 +20,7 @@ from gpubox import errors
 from gpubox.cli import failures, options, tables
 from gpubox.client import Client, local_token
 
-QUEUED_NOTE_S = 5.0  # a followed job queued this long is said to be, with why
+QUEUED_NOTE_S = 5.0  # tail says why a job is still queued after this many seconds
 
 
 def make_client(config_path: str | None, flags: dict[str, Any]) -> Client:

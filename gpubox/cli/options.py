@@ -45,6 +45,7 @@ def config_options(
 
 
 def config_file_option(fn: F) -> F:
+    """The --config flag: the TOML config file, also named by GPUBOX_CONFIG."""
     return click.option(
         "--config",
         "config_path",

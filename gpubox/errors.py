@@ -1,8 +1,8 @@
 """The one error hierarchy of gpubox; each class's docstring is its default message.
 
 Every error gpubox raises on purpose is a GpuboxError. The HTTP status of each error is chosen
-by the API (STATUS in gpubox/coordinator/api.py), not here; `code` is the machine-readable name
-that the API puts in its JSON error body."""
+by the API (STATUS in gpubox/coordinator/api/http_errors.py), not here; `code` is the
+machine-readable name that the API puts in its JSON error body."""
 
 from __future__ import annotations
 

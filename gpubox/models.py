@@ -1,34 +1,19 @@
-"""Job records, statuses and the validation of what clients submit. Pure: no I/O."""
+"""Job records and statuses, and the other records the coordinator keeps. Pure: no I/O.
+The checks of what clients submit are in validate."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
 import json
-import re
-import shlex
+import operator
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from gpubox import errors
+from gpubox import fields
+from gpubox.fields import BIGINT, FLAG, INT, JSON, KEY, REAL, TEXT, Field, Kind
 
-MAX_NAME = 200
-MAX_DESCRIPTION = 4000
-MAX_IMAGE = 512
-MAX_GPUS = 64
-MAX_INT = 2**31 - 1
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Environment variables a job may not set. gpubox sets CUDA_VISIBLE_DEVICES (process
-# runtime) and NVIDIA_VISIBLE_DEVICES to the job's GPUs; the other NVIDIA_* variables steer
-# the NVIDIA container runtime (NVIDIA_DRIVER_CAPABILITIES, NVIDIA_MIG_CONFIG_DEVICES give a
-# container more of the driver than its GPUs); GPUBOX_* are gpubox's own (the process runtime
-# finds its jobs' processes by one).
-RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES"})
-RESERVED_ENV_PREFIXES = ("NVIDIA_", "GPUBOX_")
-MOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
-SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
-SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+MIN_SECRET = 4  # shorter secrets cannot be masked in output without mangling it
 GB = 10**9  # gpu_memory_gb counts in GB as GPU makers do: an "80 GB" card has 81,559 MiB
 
 
@@ -271,45 +256,82 @@ class Job:
         return round((self.finished_at - self.executed_at).total_seconds(), 3)
 
     def to_dict(self) -> dict[str, Any]:
-        """The job as the HTTP API shows it. Write-only fields (docker.auth) are left out."""
-        spec = self.spec
-        return {
-            "id": self.id,
-            "name": spec.name,
-            "description": spec.description,
-            "priority": spec.priority,
-            "docker": {
-                "image": spec.image,
-                "command": spec.command,
-                "env": dict(spec.env),
-                **spec.container.to_dict(),
-            },
-            "gpus": spec.gpus,
-            "gpu_model": spec.gpu_model,
-            "gpu_memory_gb": spec.gpu_memory_gb,
-            "labels": dict(spec.labels),
-            "timeout": spec.timeout,
-            "max_retries": spec.max_retries,
-            "metadata": spec.metadata,
-            "submitter": spec.submitter,
-            "allow_process": spec.allow_process,
-            "status": self.status.value,
-            "queue_reason": None,  # GET /jobs/<id> says why a QUEUED job waits
-            "cancel_requested": self.cancel_requested,
-            "result": {
-                "executed_at": format_time(self.executed_at),
-                "finished_at": format_time(self.finished_at),
-                "gpus": list(self.gpu_ids),
-                "duration": self.duration,
-                "exit_code": self.exit_code,
-                "error": self.error,
-            },
-            "worker": self.worker,
-            "attempts": self.attempts,
-            "log_lines": self.log_seq,
-            "created_at": format_time(self.created_at),
-            "updated_at": format_time(self.updated_at),
-        }
+        """The job as the HTTP API shows it (JOB_FIELDS says what, and where). Write-only
+        fields (docker.auth, docker.secrets) are not among them."""
+        return fields.api_dict(_JOB_API, self)
+
+
+_STATUS = {status.value: status for status in Status}
+_value = operator.attrgetter("value")
+STATUS = Kind("text", dump=_value, load=_STATUS.__getitem__, show=_value)
+TIME = Kind("text", dump=format_time, load=parse_time, show=format_time)  # RFC 3339
+CONTAINER = Kind(  # ContainerOptions as a JSON object; the API merges it into docker
+    "text",
+    dump=lambda options: fields.dump_json(options.to_dict()),
+    load=lambda text: ContainerOptions.from_dict(fields.load_json(text)),
+    show=ContainerOptions.to_dict,
+)
+# Every field of a job, declared once. From this table come the store's jobs table (each
+# backend's CREATE TABLE, and an ALTER TABLE for each field added by a later schema version:
+# its `since`), its insert and its row reader, Job.to_dict (the fields with an `api` key, in
+# this order) and the job a worker receives (the fields with a `wire` key; protocol.wire_job
+# adds the credentials and first_seq). A column is NOT NULL unless it says null=True.
+# A new field: its attribute in JobSpec or Job, a line here whose `since` is a new schema
+# version, and its check in validate.parse_spec.
+# fmt: off
+JOB_FIELDS: tuple[Field, ...] = (
+    Field("id", KEY, "id", api="id", wire="id"),
+    Field("name", TEXT, "spec.name", api="name", wire="name"),
+    Field("description", TEXT, "spec.description", api="description"),
+    Field("priority", INT, "spec.priority", api="priority"),
+    Field("image", TEXT, "spec.image", api="docker.image", wire="image"),
+    Field("command", JSON, "spec.command", api="docker.command", wire="command", null=True),
+    Field("env", JSON, "spec.env", api="docker.env", wire="env"),
+    Field("container", CONTAINER, "spec.container", api="docker.*", wire="container",
+          default="'{}'", since=2),
+    Field("gpus", INT, "spec.gpus", api="gpus"),
+    Field("gpu_model", TEXT, "spec.gpu_model", api="gpu_model", null=True, since=2),
+    Field("gpu_memory_gb", REAL, "spec.gpu_memory_gb", api="gpu_memory_gb", null=True, since=2),
+    Field("labels", JSON, "spec.labels", api="labels"),
+    Field("timeout", REAL, "spec.timeout", api="timeout", wire="timeout", null=True),
+    Field("max_retries", INT, "spec.max_retries", api="max_retries"),
+    Field("metadata", JSON, "spec.metadata", api="metadata"),
+    Field("submitter", TEXT, "spec.submitter", api="submitter", wire="submitter", null=True,
+          since=4),
+    Field("allow_process", FLAG, "spec.allow_process", api="allow_process", default="0",
+          since=4),
+    Field("status", STATUS, "status", api="status"),
+    # no column: GET /jobs/<id> fills it in, saying why a QUEUED job waits
+    Field("queue_reason", TEXT, None, api="queue_reason", column=False),
+    Field("cancel_requested", FLAG, "cancel_requested", api="cancel_requested", default="0"),
+    Field("executed_at", TIME, "executed_at", api="result.executed_at", null=True),
+    Field("finished_at", TIME, "finished_at", api="result.finished_at", null=True),
+    Field("gpu_ids", JSON, "gpu_ids", api="result.gpus", wire="gpus", default="'[]'"),
+    Field("duration", REAL, "duration", api="result.duration", column=False),
+    Field("exit_code", INT, "exit_code", api="result.exit_code", null=True),
+    Field("error", TEXT, "error", api="result.error", null=True),
+    Field("worker", TEXT, "worker", api="worker", null=True),
+    Field("attempts", INT, "attempts", api="attempts", wire="attempt", default="0"),
+    Field("log_seq", BIGINT, "log_seq", api="log_lines", default="0"),
+    Field("created_at", TIME, "created_at", api="created_at"),
+    Field("updated_at", TIME, "updated_at", api="updated_at"),
+    # The store's alone: auth and secrets sealed (erased when the job ends); the job's needs
+    # as one text (Needs.shape: the scheduler reads the queue by it); the bytes of its stored
+    # log and where its head ends (the max_log_bytes cap).
+    Field("sealed", TEXT, "spec.sealed", null=True),
+    Field("shape", TEXT, "spec.needs.shape", computed=True, null=True, since=3),
+    Field("log_bytes", BIGINT, None, default="0", since=5),
+    Field("log_cut", BIGINT, None, default="0", since=5),
+)
+# fmt: on
+_JOB_API = fields.api_plan(JOB_FIELDS)
+WIRE_FIELDS = tuple(field for field in JOB_FIELDS if field.wire is not None)
+
+
+def wire_values(job: Job) -> dict[str, Any]:
+    """The fields of a job that its worker receives in JOB, by their keys there: those of
+    JOB_FIELDS with a `wire` key."""
+    return fields.wire_dict(WIRE_FIELDS, job)
 
 
 # A stored line as the store reads it: (seq, ts, stream, line), as LogLine without its names
@@ -339,270 +361,6 @@ class LogLine(NamedTuple):
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "ts": self.ts, "stream": self.stream, "line": self.line}
-
-
-# --- validation of client input -------------------------------------------------------------
-
-JOB_FIELDS = {
-    "name",
-    "description",
-    "priority",
-    "docker",
-    "gpus",
-    "gpu_model",
-    "gpu_memory_gb",
-    "labels",
-    "timeout",
-    "max_retries",
-    "metadata",
-}
-DOCKER_FIELDS = {
-    "image",
-    "command",
-    "env",
-    "auth",
-    "secrets",
-    "shm_size",
-    "workdir",
-    "user",
-    "memory",
-    "mounts",
-}
-MIN_SECRET = 4  # shorter values cannot be masked in output without mangling it
-AUTH_FIELDS = {"registry", "username", "password"}
-
-
-def _int(value: Any, field: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise errors.BadInput(f"{field} must be an integer", field)
-    if not low <= value <= high:
-        raise errors.BadInput(f"{field} must be between {low} and {high}", field)
-    return value
-
-
-def _str(value: Any, field: str, limit: int, required: bool = False) -> str:
-    if not isinstance(value, str):
-        raise errors.BadInput(f"{field} must be a string", field)
-    if required and not value.strip():
-        raise errors.BadInput(f"{field} must not be empty", field)
-    if len(value) > limit:
-        raise errors.BadInput(f"{field} must be at most {limit} characters", field)
-    return value
-
-
-def _str_map(value: Any, field: str, env_names: bool = False) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise errors.BadInput(f"{field} must be an object of strings", field)
-    for key, item in value.items():
-        if not isinstance(item, str):
-            raise errors.BadInput(f"{field}.{key} must be a string", f"{field}.{key}")
-        if env_names and not ENV_NAME.match(key):
-            raise errors.BadInput(f"{field}: {key!r} is not a valid variable name", field)
-        if not key or len(key) > 256:
-            raise errors.BadInput(f"{field} keys must be 1 to 256 characters", field)
-    return dict(value)
-
-
-def _check_text(value: Any, field: str, nul_ok: bool = False) -> None:
-    """Every string in a submitted value (keys too) must be text that UTF-8, the store and the
-    worker link can hold: JSON's \\ud800 escapes let a lone surrogate through (a shell
-    argument that is not UTF-8 arrives as one), and PostgreSQL text, a command line and an
-    environment cannot hold NUL (metadata, stored as JSON, can: `nul_ok`). Without this such a
-    job failed at its insert (a 500) or, in a command, at every dispatch, never to run."""
-    pending = [(value, field)]
-    while pending:  # not recursive: metadata may nest as deep as JSON allows
-        item, where = pending.pop()
-        if isinstance(item, dict):
-            for key, inner in item.items():
-                _check_string(key, f"a key in {where}", where, nul_ok)
-                pending.append((inner, f"{where}.{key}"))
-        elif isinstance(item, list):
-            pending.extend((inner, f"{where}[{index}]") for index, inner in enumerate(item))
-        elif isinstance(item, str):
-            _check_string(item, where, where, nul_ok)
-
-
-def _check_string(text: str, what: str, field: str, nul_ok: bool) -> None:
-    if not nul_ok and "\x00" in text:
-        raise errors.BadInput(f"{what} must not contain NUL characters", field)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise errors.BadInput(
-            f"{what} is not valid Unicode text (it holds a lone surrogate, such as \\ud800,"
-            " which is what a shell argument that is not UTF-8 becomes)",
-            field,
-        ) from None
-
-
-def _unknown(data: dict[str, Any], allowed: set[str], prefix: str) -> None:
-    for key in data:
-        if key not in allowed:
-            field = f"{prefix}{key}"
-            raise errors.BadInput(f"unknown field {field!r}", field)
-
-
-def parse_command(value: Any, field: str = "docker.command") -> list[str] | None:
-    """Exec-form command: a list of strings as given, or a string split like a shell would."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            parts = shlex.split(value)
-        except ValueError as exc:
-            raise errors.BadInput(f"{field} cannot be split: {exc}", field) from exc
-        return parts or None
-    if isinstance(value, list) and all(isinstance(part, str) for part in value):
-        return list(value) or None
-    raise errors.BadInput(f"{field} must be a list of strings or a string", field)
-
-
-def parse_size(value: Any, field: str, low: int, high: int) -> int | None:
-    """Bytes from an integer or a string like "8g", "512m", "16GiB" (units of 1024)."""
-    if value is None:
-        return None
-    if isinstance(value, str) and (match := SIZE.match(value.strip())):
-        number = float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
-    elif isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    else:
-        raise errors.BadInput(f'{field} must be bytes, or a size like "8g" or "512m"', field)
-    if not low <= number <= high:
-        raise errors.BadInput(f"{field} must be between {low} and {high} bytes", field)
-    return int(number)
-
-
-def parse_container(docker: dict[str, Any]) -> ContainerOptions:
-    """The container options of a submission's docker object."""
-    workdir = docker.get("workdir")
-    if workdir is not None:
-        workdir = _str(workdir, "docker.workdir", 4096, required=True)
-        if not workdir.startswith("/"):
-            raise errors.BadInput("docker.workdir must be an absolute path", "docker.workdir")
-    user = docker.get("user")
-    if user is not None and (not isinstance(user, str) or not USER.match(user)):
-        raise errors.BadInput(
-            "docker.user must be a user name or id, optionally :group (like 1000:1000)",
-            "docker.user",
-        )
-    mounts = docker.get("mounts") or []
-    if not isinstance(mounts, list) or not all(isinstance(m, str) for m in mounts):
-        raise errors.BadInput("docker.mounts must be a list of mount names", "docker.mounts")
-    for name in mounts:
-        if not MOUNT_NAME.match(name):
-            raise errors.BadInput(f"docker.mounts: {name!r} is not a mount name", "docker.mounts")
-    if len(set(mounts)) != len(mounts):
-        raise errors.BadInput("docker.mounts names a mount twice", "docker.mounts")
-    return ContainerOptions(
-        shm_size=parse_size(docker.get("shm_size"), "docker.shm_size", 1024**2, 1024**4),
-        workdir=workdir,
-        user=user,
-        memory=parse_size(docker.get("memory"), "docker.memory", 6 * 1024**2, 64 * 1024**4),
-        mounts=list(mounts),
-    )
-
-
-def parse_spec(data: Any) -> JobSpec:
-    """Validate a submission (decoded JSON) into a JobSpec, or raise BadInput naming the field."""
-    if not isinstance(data, dict):
-        raise errors.BadInput("the body must be a JSON object")
-    for key, value in data.items():
-        _check_string(key, "a field name", "", nul_ok=False)
-        _check_text(value, key, nul_ok=key == "metadata")
-    _unknown(data, JOB_FIELDS, "")
-    if "name" not in data:
-        raise errors.BadInput("name is required", "name")
-    name = _str(data["name"], "name", MAX_NAME, required=True)
-    docker = data.get("docker")
-    if not isinstance(docker, dict):
-        raise errors.BadInput("docker must be an object with at least an image", "docker")
-    _unknown(docker, DOCKER_FIELDS, "docker.")
-    if "image" not in docker:
-        raise errors.BadInput("docker.image is required", "docker.image")
-    image = _str(docker["image"], "docker.image", MAX_IMAGE, required=True)
-    auth = docker.get("auth")
-    if auth is not None:
-        if not isinstance(auth, dict):
-            raise errors.BadInput("docker.auth must be an object", "docker.auth")
-        _unknown(auth, AUTH_FIELDS, "docker.auth.")
-        auth = _str_map(auth, "docker.auth")
-        for key in ("username", "password"):
-            if key not in auth:
-                raise errors.BadInput(f"docker.auth.{key} is required", f"docker.auth.{key}")
-    env = _str_map(docker.get("env"), "docker.env", env_names=True)
-    secrets = _str_map(docker.get("secrets"), "docker.secrets", env_names=True)
-    for field, values in (("docker.env", env), ("docker.secrets", secrets)):
-        for key in values:
-            if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIXES):
-                raise errors.BadInput(
-                    f"{field}: {key} is gpubox's to set: a job sets no NVIDIA_* or GPUBOX_*"
-                    " variable, nor CUDA_VISIBLE_DEVICES (ask for GPUs with gpus)",
-                    field,
-                )
-    for key, value in secrets.items():
-        if key in env:
-            raise errors.BadInput(
-                f"{key} is both in docker.env and docker.secrets", "docker.secrets"
-            )
-        if len(value) < MIN_SECRET:
-            raise errors.BadInput(
-                f"docker.secrets.{key} must be at least {MIN_SECRET} characters",
-                f"docker.secrets.{key}",
-            )
-    timeout = data.get("timeout")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise errors.BadInput("timeout must be a number of seconds or null", "timeout")
-        if not 0 < timeout <= 366 * 86400:
-            raise errors.BadInput("timeout must be positive and at most a year", "timeout")
-    metadata = data.get("metadata")
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict):
-        raise errors.BadInput("metadata must be a JSON object", "metadata")
-    gpus = _int(data.get("gpus", 0), "gpus", 0, MAX_GPUS)
-    gpu_model = data.get("gpu_model")
-    if gpu_model is not None:
-        gpu_model = _str(gpu_model, "gpu_model", MAX_NAME, required=True).strip()
-    gpu_memory_gb = data.get("gpu_memory_gb")
-    if gpu_memory_gb is not None and (
-        isinstance(gpu_memory_gb, bool)
-        or not isinstance(gpu_memory_gb, int | float)
-        or not 0 < gpu_memory_gb <= 4096
-    ):
-        raise errors.BadInput("gpu_memory_gb must be a number of GB above 0", "gpu_memory_gb")
-    for field in ("gpu_model", "gpu_memory_gb"):
-        if data.get(field) is not None and gpus == 0:
-            raise errors.BadInput(f"{field} needs gpus of 1 or more", field)
-    return JobSpec(
-        name=name,
-        image=image,
-        command=parse_command(docker.get("command")),
-        env=env,
-        auth=auth,
-        secrets=secrets,
-        description=_str(data.get("description", ""), "description", MAX_DESCRIPTION),
-        priority=_int(data.get("priority", 0), "priority", -MAX_INT, MAX_INT),
-        gpus=gpus,
-        labels=_str_map(data.get("labels"), "labels"),
-        timeout=timeout,
-        max_retries=_int(data.get("max_retries", 0), "max_retries", 0, 100),
-        metadata=metadata,
-        gpu_model=gpu_model,
-        gpu_memory_gb=gpu_memory_gb,
-        container=parse_container(docker),
-    )
-
-
-def parse_status(value: str) -> Status:
-    """A status name from a query string, case-insensitive."""
-    try:
-        return Status(value.upper())
-    except ValueError:
-        names = ", ".join(s.value for s in Status)
-        raise errors.BadInput(f"status must be one of {names}", "status") from None
 
 
 @dataclasses.dataclass(frozen=True)

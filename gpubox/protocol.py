@@ -52,8 +52,10 @@ coordinator -> worker
 A worker whose HEARTBEAT is answered with another `coordinator` id than its WELCOME's knows
 the coordinator restarted, and says HELLO again.
 
-`decode` checks the version, the type and every field's type, and raises ProtocolError on
-anything else; the receiver logs and drops such a message (a HELLO: answered with REFUSED).
+Each body is a frozen record below (Hello, Ready, ..., and WireJob for the job in JOB):
+`encode` takes one, and `decode` returns one after checking the version, the type and every
+field's type, and raises ProtocolError on anything else; the receiver logs and drops such a
+message (a HELLO: answered with REFUSED).
 What a worker says of itself is bounded too (see the MAX_* figures below): at most
 MAX_WORKER_GPUS GPUs, MAX_LABELS labels, MAX_MOUNTS mounts, max_jobs and slots of 0 to
 MAX_JOBS, MAX_RUNNING jobs held, names, labels and other texts of MAX_TEXT characters, ids and
@@ -63,8 +65,8 @@ sequence numbers of 0 to MAX_ID, exit codes that fit 32 bits.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Self, TypeVar
 
 import msgpack
 
@@ -219,128 +221,311 @@ def _is_usage(value: Any) -> bool:
     )
 
 
-def _is_running(value: Any) -> bool:
-    return isinstance(value, dict) and _ID(value.get("job_id")) and _ID(value.get("attempt"))
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
 
 
-def _is_wire_job(value: Any) -> bool:
-    if not isinstance(value, dict):
-        return False
-    return all(check(value.get(key)) for key, check in _WIRE_JOB.items())
+def _is_dict(value: Any) -> bool:
+    return isinstance(value, dict)
 
 
-_WIRE_JOB: dict[str, Check] = {
-    "id": _is_int,
-    "attempt": _is_int,
-    "name": _is_str,
-    "image": _is_str,
-    "command": _opt(_list_of(_is_str)),
-    "env": _is_str_map,
-    "auth": _opt(_is_str_map),
-    "secrets": _is_str_map,
-    "gpus": _list_of(_is_str),
-    "timeout": _opt(_is_number),
-    "first_seq": _is_int,
-    "container": _opt(lambda v: isinstance(v, dict)),
-}
-
-FROM_WORKER: dict[str, dict[str, Check]] = {
-    "HELLO": {
-        "name": _text(),
-        "version": _text(),
-        "session": _SESSION,
-        "gpus": _bounded_list(_is_gpu, MAX_WORKER_GPUS),
-        "labels": _is_labels,
-        "max_jobs": _int_in(0, MAX_JOBS),
-        "running": _bounded_list(_is_running, MAX_RUNNING),
-        "mounts": _opt(_bounded_list(_text(), MAX_MOUNTS)),
-        "runtime": _opt(_text()),
-    },
-    "READY": {
-        "session": _SESSION,
-        "free_gpus": _bounded_list(_text(), MAX_WORKER_GPUS),
-        "slots": _int_in(0, MAX_JOBS),
-        "running": _bounded_list(_ID, MAX_RUNNING),
-    },
-    "STARTED": {
-        "session": _SESSION,
-        "job_id": _ID,
-        "attempt": _ID,
-        "container": _text(),
-        "executed_at": _is_time,
-    },
-    "LOG": {
-        "session": _SESSION,
-        "job_id": _ID,
-        "attempt": _ID,
-        "seq": _ID,
-        "lines": _is_lines,
-        "last": _opt(_ID),
-        "notes": _opt(_list_of(_is_int)),
-    },
-    "DONE": {
-        "session": _SESSION,
-        "job_id": _ID,
-        "attempt": _ID,
-        "status": lambda v: v in ("FINISHED", "ERROR", "CANCELLED"),
-        "exit_code": _opt(_int_in(-MAX_EXIT - 1, MAX_EXIT)),
-        "error": _opt(_text(MAX_ERROR)),
-        "executed_at": _opt(_is_time),
-        "finished_at": _is_time,
-        "last_seq": _ID,
-    },
-    "HEARTBEAT": {"session": _SESSION, "usage": _opt(_bounded_list(_is_usage, MAX_WORKER_GPUS))},
-}
-
-FROM_COORDINATOR: dict[str, dict[str, Check]] = {
-    "WELCOME": {
-        "coordinator": _is_str,
-        "heartbeat_interval_s": _is_number,
-        "liveness_s": _is_number,
-    },
-    "JOB": {
-        "coordinator": _is_str,
-        "job": _is_wire_job,
-        "resume": _opt(_is_str_map),
-        "resume_stored": _opt(_is_count_map),
-    },
-    "ACK": {
-        "job_id": _is_int,
-        "attempt": _is_int,
-        "seq": _is_int,
-        "done": lambda v: isinstance(v, bool),
-    },
-    "CANCEL": {"job_id": _is_int, "attempt": _is_int},
-    "HEARTBEAT": {"coordinator": _is_str, "known": lambda v: isinstance(v, bool)},
-    "REFUSED": {"coordinator": _is_str, "reason": _is_str},
-}
+# --- records ----------------------------------------------------------------------------------
+#
+# Each message, and each map inside one that has fields of its own, is a frozen dataclass
+# below. A field says how it is checked on arrival with `wire(check)`; `omit=True` marks an
+# optional field that is left out of the map when it is None (what older peers expect).
+# The dataclass's field order is the order of the keys on the wire.
 
 
 @dataclasses.dataclass(frozen=True)
-class Message:
-    """One decoded message: its type and its validated body."""
+class WireField:
+    """How one field of a record travels: its key, its check, whether it is left out when
+    None, and the record type of its value when it is a map (or a list of maps) itself."""
 
-    type: str
-    body: dict[str, Any]
+    name: str
+    check: Check
+    omit: bool
+    part: type[Record] | None  # a map with fields of its own (a Record), or a list of them
+    many: bool
 
 
-def encode(msg_type: str, body: dict[str, Any]) -> list[bytes]:
+def wire(
+    check: Check = _is_dict,
+    *,
+    omit: bool = False,
+    part: type[Record] | None = None,
+    many: bool = False,
+) -> Any:
+    """A record's field, whose value `check` tests as it arrives. A `part` (a map, or with
+    `many` a list of maps, with fields of their own) is checked by `check` as a whole, then
+    field by field. With `omit`, the field is optional and left out of the map when None."""
+    metadata = {"wire": (check, omit, part, many)}
+    if omit:
+        return dataclasses.field(default=None, metadata=metadata)
+    return dataclasses.field(metadata=metadata)
+
+
+class Record:
+    """A msgpack map with known fields: a message body, or a part of one (the job in JOB)."""
+
+    __slots__ = ()
+    _fields: ClassVar[tuple[WireField, ...]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._fields = ()  # filled in by wire_fields, once the dataclass exists
+
+    @classmethod
+    def wire_fields(cls) -> tuple[WireField, ...]:
+        """The record's fields as the wire has them, in order."""
+        if not cls._fields:
+            cls._fields = tuple(
+                WireField(f.name, *f.metadata["wire"])
+                for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            )
+        return cls._fields
+
+    @classmethod
+    def from_body(cls, body: Any, where: str) -> Self:
+        """The record a received map holds; ProtocolError if a field is missing or wrong.
+        Keys it does not know are ignored (a newer peer's additions)."""
+        if not isinstance(body, dict):
+            raise errors.ProtocolError(f"{where} is not a map")
+        values: dict[str, Any] = {}
+        for field in cls.wire_fields():
+            value = body.get(field.name)
+            if not field.check(value):
+                raise errors.ProtocolError(f"{where}.{field.name} is missing or has the wrong type")
+            if field.part is not None and value is not None:
+                inner = f"{where}.{field.name}"
+                if field.many:
+                    value = [field.part.from_body(item, inner) for item in value]
+                else:
+                    value = field.part.from_body(value, inner)
+            values[field.name] = value
+        return cls(**values)
+
+    def to_body(self) -> dict[str, Any]:
+        """The map this record is on the wire."""
+        body: dict[str, Any] = {}
+        for field in self.wire_fields():
+            value = getattr(self, field.name)
+            if value is None:
+                if not field.omit:
+                    body[field.name] = None
+            elif field.part is not None:
+                body[field.name] = (
+                    [item.to_body() for item in value] if field.many else value.to_body()
+                )
+            else:
+                body[field.name] = value
+        return body
+
+
+class Message(Record):
+    """A whole message: a record with the type it travels under."""
+
+    __slots__ = ()
+    TYPE: ClassVar[str]
+
+
+# --- parts ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Running(Record):
+    """A job a worker holds, as its HELLO lists it."""
+
+    job_id: int = wire(_ID)
+    attempt: int = wire(_ID)
+    # Found as a container at start, not held in memory (answered with JOB + resume).
+    recovered: bool | None = wire(_opt(_is_bool), omit=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WireJob(Record):
+    """The job as a worker receives it in JOB: what it needs to run this attempt.
+    `secrets` and `auth` are write-only: mask, never log."""
+
+    secrets: dict[str, str] = wire(_is_str_map)
+    id: int = wire(_is_int)
+    attempt: int = wire(_is_int)
+    name: str = wire(_is_str)
+    image: str = wire(_is_str)
+    command: list[str] | None = wire(_opt(_list_of(_is_str)))
+    env: dict[str, str] = wire(_is_str_map)
+    auth: dict[str, str] | None = wire(_opt(_is_str_map))
+    gpus: list[str] = wire(_list_of(_is_str))  # the GPU uuids it gets
+    timeout: float | None = wire(_opt(_is_number))
+    first_seq: int = wire(_is_int)
+    # {shm_size, workdir, user, memory, mounts}: models.ContainerOptions.to_dict()
+    container: dict[str, Any] | None = wire(_opt(_is_dict))
+    # The name of the token that submitted it (None: not recorded).
+    submitter: str | None = wire(_opt(_is_str))
+
+
+# --- worker -> coordinator --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hello(Message):
+    TYPE: ClassVar[str] = "HELLO"
+    name: str = wire(_text())
+    version: str = wire(_text())
+    session: str = wire(_SESSION)
+    gpus: list[dict[str, Any]] = wire(_bounded_list(_is_gpu, MAX_WORKER_GPUS))
+    labels: dict[str, str] = wire(_is_labels)
+    max_jobs: int = wire(_int_in(0, MAX_JOBS))
+    mounts: list[str] | None = wire(_opt(_bounded_list(_text(), MAX_MOUNTS)), omit=True)
+    runtime: str | None = wire(_opt(_text()), omit=True)  # None: "docker"
+    running: list[Running] = wire(
+        lambda v: isinstance(v, list) and len(v) <= MAX_RUNNING, part=Running, many=True
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Ready(Message):
+    TYPE: ClassVar[str] = "READY"
+    session: str = wire(_SESSION)
+    free_gpus: list[str] = wire(_bounded_list(_text(), MAX_WORKER_GPUS))
+    slots: int = wire(_int_in(0, MAX_JOBS))
+    running: list[int] = wire(_bounded_list(_ID, MAX_RUNNING))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Started(Message):
+    TYPE: ClassVar[str] = "STARTED"
+    session: str = wire(_SESSION)
+    job_id: int = wire(_ID)
+    attempt: int = wire(_ID)
+    container: str = wire(_text())
+    executed_at: str = wire(_is_time)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Log(Message):
+    TYPE: ClassVar[str] = "LOG"
+    session: str = wire(_SESSION)
+    job_id: int = wire(_ID)
+    attempt: int = wire(_ID)
+    seq: int = wire(_ID)
+    lines: list[list[str]] = wire(_is_lines)
+    last: int | None = wire(_opt(_ID), omit=True)
+    notes: list[int] | None = wire(_opt(_list_of(_is_int)), omit=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Done(Message):
+    TYPE: ClassVar[str] = "DONE"
+    session: str = wire(_SESSION)
+    job_id: int = wire(_ID)
+    attempt: int = wire(_ID)
+    status: str = wire(lambda v: v in ("FINISHED", "ERROR", "CANCELLED"))
+    exit_code: int | None = wire(_opt(_int_in(-MAX_EXIT - 1, MAX_EXIT)))
+    error: str | None = wire(_opt(_text(MAX_ERROR)))
+    executed_at: str | None = wire(_opt(_is_time))
+    finished_at: str = wire(_is_time)
+    last_seq: int = wire(_ID)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerHeartbeat(Message):
+    TYPE: ClassVar[str] = "HEARTBEAT"
+    session: str = wire(_SESSION)
+    # NVML's now: [{uuid, memory_used_mb, utilization}]
+    usage: list[dict[str, Any]] | None = wire(
+        _opt(_bounded_list(_is_usage, MAX_WORKER_GPUS)), omit=True
+    )
+
+
+# --- coordinator -> worker --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Welcome(Message):
+    TYPE: ClassVar[str] = "WELCOME"
+    coordinator: str = wire(_is_str)
+    heartbeat_interval_s: float = wire(_is_number)
+    liveness_s: float = wire(_is_number)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Job(Message):
+    TYPE: ClassVar[str] = "JOB"
+    coordinator: str = wire(_is_str)
+    job: WireJob = wire(part=WireJob)
+    # A re-attach: {stream: last stored timestamp}, and {stream: how many lines with that
+    # timestamp are stored}.
+    resume: dict[str, str] | None = wire(_opt(_is_str_map), omit=True)
+    resume_stored: dict[str, int] | None = wire(_opt(_is_count_map), omit=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Ack(Message):
+    TYPE: ClassVar[str] = "ACK"
+    job_id: int = wire(_is_int)
+    attempt: int = wire(_is_int)
+    seq: int = wire(_is_int)  # the last stored line
+    done: bool = wire(_is_bool)  # DONE was applied
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Cancel(Message):
+    TYPE: ClassVar[str] = "CANCEL"
+    job_id: int = wire(_is_int)
+    attempt: int = wire(_is_int)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CoordinatorHeartbeat(Message):
+    TYPE: ClassVar[str] = "HEARTBEAT"
+    coordinator: str = wire(_is_str)
+    known: bool = wire(_is_bool)  # False: the session is unknown, say HELLO
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Refused(Message):
+    TYPE: ClassVar[str] = "REFUSED"
+    coordinator: str = wire(_is_str)
+    reason: str = wire(_is_str)
+
+
+FromWorker = Hello | Ready | Started | Log | Done | WorkerHeartbeat
+FromCoordinator = Welcome | Job | Ack | Cancel | CoordinatorHeartbeat | Refused
+FROM_WORKER: dict[str, type[FromWorker]] = {
+    cls.TYPE: cls for cls in (Hello, Ready, Started, Log, Done, WorkerHeartbeat)
+}
+FROM_COORDINATOR: dict[str, type[FromCoordinator]] = {
+    cls.TYPE: cls for cls in (Welcome, Job, Ack, Cancel, CoordinatorHeartbeat, Refused)
+}
+
+
+def encode(msg: Message) -> list[bytes]:
     """The frames of one message."""
+    return encode_body(msg.TYPE, msg.to_body())
+
+
+def encode_body(msg_type: str, body: dict[str, Any]) -> list[bytes]:
+    """The frames of a message given as a raw map: for tests and tools that must also send
+    what no record allows (a malformed body, an unknown type)."""
     data = msgpack.packb(body, use_bin_type=True)
     if len(data) > MAX_BODY:
         raise errors.ProtocolError(f"{msg_type} body of {len(data)} bytes exceeds {MAX_BODY}")
     return [VERSION, msg_type.encode("ascii"), data]
 
 
-def _decode(frames: Sequence[bytes], schemas: dict[str, dict[str, Check]]) -> Message:
+_M = TypeVar("_M", bound=Message)
+
+
+def _decode(frames: Sequence[bytes], kinds: Mapping[str, type[_M]]) -> _M:
     if len(frames) != 3:
         raise errors.ProtocolError(f"expected 3 frames, got {len(frames)}")
     version, raw_type, data = frames
     if version != VERSION:
         raise errors.ProtocolError(f"unknown protocol version {bytes(version)[:16]!r}")
     msg_type = bytes(raw_type).decode("ascii", "replace")
-    schema = schemas.get(msg_type)
-    if schema is None:
+    kind = kinds.get(msg_type)
+    if kind is None:
         raise errors.ProtocolError(f"unknown message type {msg_type[:32]!r}")
     if len(data) > MAX_BODY:
         raise errors.ProtocolError(f"{msg_type} body exceeds {MAX_BODY} bytes")
@@ -350,18 +535,15 @@ def _decode(frames: Sequence[bytes], schemas: dict[str, dict[str, Check]]) -> Me
         raise errors.ProtocolError(f"{msg_type} body is not msgpack: {exc}") from exc
     if not isinstance(body, dict):
         raise errors.ProtocolError(f"{msg_type} body is not a map")
-    for key, check in schema.items():
-        if not check(body.get(key)):
-            raise errors.ProtocolError(f"{msg_type}.{key} is missing or has the wrong type")
-    return Message(msg_type, body)
+    return kind.from_body(body, msg_type)
 
 
-def decode_from_worker(frames: Sequence[bytes]) -> Message:
+def decode_from_worker(frames: Sequence[bytes]) -> FromWorker:
     """Decode a message a worker sent (without the routing id)."""
     return _decode(frames, FROM_WORKER)
 
 
-def decode_from_coordinator(frames: Sequence[bytes]) -> Message:
+def decode_from_coordinator(frames: Sequence[bytes]) -> FromCoordinator:
     """Decode a message the coordinator sent."""
     return _decode(frames, FROM_COORDINATOR)
 
@@ -374,14 +556,13 @@ def resume_fields(marks: models.LogMarks) -> dict[str, Any]:
     }
 
 
-def resume_marks(body: dict[str, Any]) -> models.LogMarks | None:
-    """The log marks a JOB body carries (None: not a re-attach); a count an older
-    coordinator did not send is -1 (unknown)."""
-    resume = body.get("resume")
-    if resume is None:
+def resume_marks(msg: Job) -> models.LogMarks | None:
+    """The log marks a JOB carries (None: not a re-attach); a count an older coordinator did
+    not send is -1 (unknown)."""
+    if msg.resume is None:
         return None
-    stored = body.get("resume_stored") or {}
-    return {stream: (ts, stored.get(stream, -1)) for stream, ts in resume.items()}
+    stored = msg.resume_stored or {}
+    return {stream: (ts, stored.get(stream, -1)) for stream, ts in msg.resume.items()}
 
 
 def split_line(text: str, limit: int = MAX_LINE) -> list[str]:
@@ -401,22 +582,13 @@ def split_line(text: str, limit: int = MAX_LINE) -> list[str]:
     return pieces
 
 
-def wire_job(job: models.Job, credentials: dict[str, Any]) -> dict[str, Any]:
-    """The job as a worker receives it in JOB: what it needs to run this attempt, with its
-    unsealed credentials ({"auth": …, "secrets": …}). _WIRE_JOB checks it on arrival."""
-    spec = job.spec
-    return {
-        "secrets": dict(credentials.get("secrets") or {}),
-        "id": job.id,
-        "attempt": job.attempts,
-        "name": spec.name,
-        "image": spec.image,
-        "command": spec.command,
-        "env": dict(spec.env),
-        "auth": credentials.get("auth"),
-        "gpus": list(job.gpu_ids),
-        "timeout": spec.timeout,
-        "first_seq": job.log_seq + 1,
-        "container": spec.container.to_dict(),
-        "submitter": spec.submitter,
-    }
+def wire_job(job: models.Job, credentials: dict[str, Any]) -> WireJob:
+    """The job as a worker receives it in JOB: the fields of models.JOB_FIELDS that have a
+    wire key (models.wire_values), its unsealed credentials ({"auth": …, "secrets": …}) and
+    the seq its first line takes. A wire key WireJob does not declare fails here, loudly."""
+    return WireJob(
+        secrets=dict(credentials.get("secrets") or {}),
+        auth=credentials.get("auth"),
+        first_seq=job.log_seq + 1,
+        **models.wire_values(job),
+    )

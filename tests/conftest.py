@@ -29,11 +29,8 @@ from gpubox import config as cfg
 from gpubox import keys
 from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
-from gpubox.worker import gpu
+from gpubox.worker import gpu, wiring
 from gpubox.worker.agent import Agent
-from gpubox.worker.docker_runtime import DockerRuntime
-from gpubox.worker.policy import ContainerPolicy
-from gpubox.worker.process import ProcessRuntime
 
 IMAGE = os.environ.get("GPUBOX_TEST_IMAGE", "gpubox-busybox:latest")
 TERMINAL = ("FINISHED", "ERROR", "CANCELLED")
@@ -214,31 +211,14 @@ class Cluster:
         }
         config = cfg.WorkerConfig(**fields)
         config.validate()
-        source = gpu.FakeGpus(config.fake_gpus, config.name)
-        runtime: Any
-        if config.runtime == "process":
-            runtime = ProcessRuntime(
-                config.name,
-                config.stop_grace_s,
-                tee=io.StringIO(),
-                process_user=config.process_user,
-            )
-        else:
-            runtime = DockerRuntime(
-                config.name,
-                config.stop_grace_s,
-                self.docker_client,
-                tee=io.StringIO(),
-                mounts=config.mount_map,
-                gpu_devices=False,  # fake GPUs: Docker here has no NVIDIA runtime
-                log_files=config.log_source == "auto",
-                log_max_bytes=config.container_log_max_bytes,
-                log_max_files=config.container_log_files,
-                policy=ContainerPolicy.from_config(config),
-            )
-        agent = Agent(config, runtime, source.list(), context=self.context, usage=source.usage)
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
+        agent, thread = wiring.start_worker(
+            config,
+            source=gpu.FakeGpus(config.fake_gpus, config.name),
+            tee=io.StringIO(),
+            docker_client=self.docker_client if config.runtime == "docker" else None,
+            gpu_devices=False,  # fake GPUs: Docker here has no NVIDIA runtime
+            context=self.context,
+        )
         self.agents.append((agent, thread))
         wait_until(agent.connected.is_set, 10, "the worker to connect")
         return agent

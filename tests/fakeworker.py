@@ -2,11 +2,12 @@
 or a socket without CURVE) that sends and expects gpubox.protocol messages on the test's cue.
 
 The one place in the tests that encodes and decodes the worker protocol for a worker
-(`FakeWorker.send` and `FakeWorker.receive`); tests that need frames no worker would send
-(junk, a bad version) write them to `FakeWorker.sock` themselves."""
+(`FakeWorker.send` and `received`, which `FakeWorker.receive` uses); tests that need frames no
+worker would send (junk, a bad version) write them to `FakeWorker.sock` themselves."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -36,6 +37,20 @@ def lines(first: int, count: int) -> list[list[str]]:
         [TS, "stdout" if i % 2 else "stderr", f"line {i} \u2603"]
         for i in range(first, first + count)
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Received:
+    """A message from the coordinator as a test looks at it: its type and its map."""
+
+    type: str
+    body: dict[str, Any]
+
+
+def received(frames: list[bytes]) -> Received:
+    """Decode (and so check) a coordinator's message, kept as its map for assertions."""
+    msg = protocol.decode_from_coordinator(frames)
+    return Received(msg.TYPE, msg.to_body())
 
 
 def dealer(
@@ -91,7 +106,7 @@ class FakeWorker:
         self.max_jobs = max_jobs
         self.session = uuid.uuid4().hex
         self.keepalive = True
-        self.inbox: list[protocol.Message] = []
+        self.inbox: list[Received] = []
         self._last_sent = time.monotonic()
 
     def close(self) -> None:
@@ -103,7 +118,9 @@ class FakeWorker:
     # --- sending ------------------------------------------------------------------------------
 
     def send(self, msg_type: str, **fields: Any) -> None:
-        self.sock.send_multipart(protocol.encode(msg_type, {"session": self.session, **fields}))
+        self.sock.send_multipart(
+            protocol.encode_body(msg_type, {"session": self.session, **fields})
+        )
         self._last_sent = time.monotonic()
 
     def send_hello(self, running: list[dict[str, int]] | None = None, name: str = "") -> None:
@@ -118,7 +135,7 @@ class FakeWorker:
             running=running or [],
         )
 
-    def hello(self, running: list[dict[str, int]] | None = None) -> protocol.Message:
+    def hello(self, running: list[dict[str, int]] | None = None) -> Received:
         self.send_hello(running)
         return self.expect("WELCOME")
 
@@ -159,12 +176,12 @@ class FakeWorker:
 
     # --- receiving ----------------------------------------------------------------------------
 
-    def receive(self, timeout_s: float = 3.0) -> protocol.Message | None:
+    def receive(self, timeout_s: float = 3.0) -> Received | None:
         """The next message as it comes (nothing kept back, no heartbeat sent meanwhile), or
         None if none arrives within timeout_s."""
         if not self.sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLIN):
             return None
-        return protocol.decode_from_coordinator(self.sock.recv_multipart())
+        return received(self.sock.recv_multipart())
 
     def _pump(self, wait_s: float) -> None:
         """Receive what arrives within wait_s (at most one message) into the inbox."""
@@ -175,7 +192,7 @@ class FakeWorker:
             return
         self.inbox.append(msg)
 
-    def expect(self, msg_type: str, timeout_s: float = 3.0) -> protocol.Message:
+    def expect(self, msg_type: str, timeout_s: float = 3.0) -> Received:
         """The first message of this type, waiting up to timeout_s for it."""
         deadline = time.monotonic() + timeout_s
         while True:

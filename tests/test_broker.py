@@ -22,7 +22,7 @@ import pytest
 import zmq
 import zmq.utils.monitor
 
-from gpubox import keys, models, protocol
+from gpubox import keys, models, protocol, validate
 from gpubox.coordinator import sealing
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
@@ -155,7 +155,7 @@ class Link:
     def create(self, **fields: Any) -> models.Job:
         """A QUEUED job in the store, its credentials sealed as the API would; keyword
         arguments are submission fields."""
-        spec = models.parse_spec({"name": "job", "docker": {"image": "busybox"}, **fields})
+        spec = validate.parse_spec({"name": "job", "docker": {"image": "busybox"}, **fields})
         return self.store.create_job(self.sealer.seal(spec), models.utcnow())
 
     def status(self, job_id: int) -> Status:
@@ -329,7 +329,7 @@ def test_malformed_messages_from_an_authenticated_worker_are_dropped(link: Link)
         [protocol.VERSION, b"HELLO", b"\xc1"],
         [protocol.VERSION, b"WELCOME", msgpack.packb({"coordinator": "c"})],
         [protocol.VERSION, "HÉLLO".encode(), msgpack.packb(hello)],
-        [*protocol.encode("HELLO", hello), b"fourth frame"],
+        [*protocol.encode_body("HELLO", hello), b"fourth frame"],
     ]
     for frames in bad:
         junk.send_multipart(frames)

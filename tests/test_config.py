@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -403,9 +404,9 @@ def test_default_db_of_a_relative_state_dir_is_inside_it(
 
 
 def test_default_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(cfg.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert cfg.default_state_dir() == "/var/lib/gpubox"
-    monkeypatch.setattr(cfg.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert cfg.default_state_dir() == str(tmp_path / ".local" / "state" / "gpubox")
     for cls in CLASSES:

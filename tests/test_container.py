@@ -20,6 +20,7 @@ from typing import Any
 import docker
 import pytest
 
+from gpubox import protocol
 from gpubox.client import ApiError
 from gpubox.config import Mount
 from gpubox.worker.docker_runtime import LABEL, WORKER_LABEL, DockerRuntime, JobRefused
@@ -40,22 +41,25 @@ def has_nvidia_runtime(client: docker.DockerClient) -> bool:
     return "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook") is not None
 
 
-def wire_job(gpus: list[str], command: list[str] | None = None, **container: Any) -> dict:
+def wire_job(
+    gpus: list[str], command: list[str] | None = None, **container: Any
+) -> protocol.WireJob:
     """A job as a worker receives it (protocol.wire_job), with an id no other test uses."""
-    return {
-        "id": 1_000_000 + uuid.uuid4().int % 1_000_000_000,
-        "attempt": 1,
-        "name": "container-test",
-        "image": IMAGE,
-        "command": command or ["true"],
-        "env": {"FROM_ENV": "yes"},
-        "secrets": {},
-        "auth": None,
-        "gpus": gpus,
-        "timeout": None,
-        "first_seq": 1,
-        "container": {"mounts": [], **container},
-    }
+    return protocol.WireJob(
+        id=1_000_000 + uuid.uuid4().int % 1_000_000_000,
+        attempt=1,
+        name="container-test",
+        image=IMAGE,
+        command=command or ["true"],
+        env={"FROM_ENV": "yes"},
+        secrets={},
+        auth=None,
+        gpus=gpus,
+        timeout=None,
+        first_seq=1,
+        container={"mounts": [], **container},
+        submitter=None,
+    )
 
 
 @pytest.fixture()
@@ -98,7 +102,7 @@ def test_two_gpu_job_container_carries_its_uuids_in_device_request_and_env(
         assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
         assert env["FROM_ENV"] == "yes"
         labels = container.labels
-        assert labels[LABEL] == str(job["id"])
+        assert labels[LABEL] == str(job.id)
         assert labels[f"{LABEL}.attempt"] == "1"
         assert labels[f"{LABEL}.gpus"] == "GPU-aaaa,GPU-bbbb"
         assert labels[WORKER_LABEL] == worker_name
@@ -237,7 +241,7 @@ def test_gpu_job_on_an_engine_without_the_nvidia_runtime_fails_saying_what_to_in
     assert done["last_seq"] == 0
     left = docker_client.containers.list(
         all=True,
-        filters={"label": [f"{LABEL}={job['id']}", f"{WORKER_LABEL}={worker_name}"]},
+        filters={"label": [f"{LABEL}={job.id}", f"{WORKER_LABEL}={worker_name}"]},
     )
     assert left == []
 

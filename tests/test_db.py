@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gpubox import config as cfg
-from gpubox import errors, keys, models
+from gpubox import errors, keys, models, validate
 from gpubox.client import ApiError, Client
 from gpubox.coordinator import tokens
 from gpubox.coordinator.server import Coordinator
@@ -56,7 +56,7 @@ def fill(url: str, jobs: int, lines_per_job: int) -> str:
     try:
         now = models.utcnow()
         for index in range(jobs):
-            spec = models.parse_spec(
+            spec = validate.parse_spec(
                 {
                     "name": f"job-{index}",
                     "priority": index % 7,
@@ -223,7 +223,7 @@ def test_db_copy_refuses_a_non_empty_destination_unless_replace(tmp_path: Path, 
         assert copied["logs"] == 9 and copied["jobs"] == 6
         assert (
             dst.create_job(
-                models.parse_spec({"name": "n", "docker": {"image": "b"}}), models.utcnow()
+                validate.parse_spec({"name": "n", "docker": {"image": "b"}}), models.utcnow()
             ).id
             == 7
         )

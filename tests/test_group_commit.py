@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from gpubox import errors, models
+from gpubox import errors, models, validate
 from gpubox.store.sqlite import SqliteStore
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-SPEC = models.parse_spec({"name": "job", "docker": {"image": "busybox"}})
+SPEC = validate.parse_spec({"name": "job", "docker": {"image": "busybox"}})
 
 
 @pytest.fixture()
@@ -65,7 +65,7 @@ class Writers:
 def create(store: SqliteStore, name: str) -> Callable[[], Any]:
     def write() -> Any:
         job = store.create_job(
-            models.parse_spec({"name": name, "docker": {"image": "x"}}), models.utcnow()
+            validate.parse_spec({"name": name, "docker": {"image": "x"}}), models.utcnow()
         )
         # Returned: it must already be on disk for everyone.
         assert name in names_on_disk(store.path)

@@ -31,7 +31,7 @@ import docker
 import pytest
 
 from gpubox import config as cfg
-from gpubox import errors, logfmt
+from gpubox import errors, logfmt, protocol
 from gpubox.client import ApiError
 from gpubox.worker import policy
 from gpubox.worker.docker_runtime import LABEL, WORKER_LABEL, DockerRuntime
@@ -121,22 +121,23 @@ def leave_root_shell(cluster: Cluster, folder: Path) -> tuple[int, bool, list[st
     return euid, opened, lines
 
 
-def wire_job(command: list[str], **container: Any) -> dict[str, Any]:
+def wire_job(command: list[str], **container: Any) -> protocol.WireJob:
     """A job as a worker receives it, with an id no other test uses."""
-    return {
-        "id": 1_000_000 + uuid.uuid4().int % 1_000_000_000,
-        "attempt": 1,
-        "name": "hardening-test",
-        "image": IMAGE,
-        "command": command,
-        "env": {},
-        "secrets": {},
-        "auth": None,
-        "gpus": [],
-        "timeout": None,
-        "first_seq": 1,
-        "container": {"mounts": [], **container},
-    }
+    return protocol.WireJob(
+        id=1_000_000 + uuid.uuid4().int % 1_000_000_000,
+        attempt=1,
+        name="hardening-test",
+        image=IMAGE,
+        command=command,
+        env={},
+        secrets={},
+        auth=None,
+        gpus=[],
+        timeout=None,
+        first_seq=1,
+        container={"mounts": [], **container},
+        submitter=None,
+    )
 
 
 @pytest.fixture()

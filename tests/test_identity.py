@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import zmq.auth
 
-from gpubox import errors, keys, models
+from gpubox import errors, keys, models, validate
 from gpubox.client import ApiError, Client
 from gpubox.coordinator import tokens
-from gpubox.worker import process
+from gpubox.worker import process, process_user
 from tests.conftest import IMAGE, Cluster, wait_until
 from tests.test_broker import FakeWorker, Link, serve
 
@@ -77,7 +77,7 @@ def test_a_job_stored_before_submitters_were_recorded_is_cancelled_by_admins_onl
     cluster = make_cluster(workers=0)
     store = cluster.coordinator.store
     old = store.create_job(
-        models.parse_spec({"name": "old", "docker": {"image": IMAGE}}), models.utcnow()
+        validate.parse_spec({"name": "old", "docker": {"image": IMAGE}}), models.utcnow()
     )
     assert old.spec.submitter is None
     someone = token_client(cluster, "someone")
@@ -146,7 +146,7 @@ def test_a_worker_that_cannot_switch_users_runs_jobs_only_as_itself(
     nobody = pwd.getpwnam("nobody")
     me = 4242 if nobody.pw_uid != 4242 else 4243
     monkeypatch.setattr(os, "geteuid", lambda: me)
-    monkeypatch.setattr(process, "_can_switch_users", lambda: False)
+    monkeypatch.setattr(process_user, "_can_switch_users", lambda: False)
     own = process.job_user("")
     assert (own.uid, own.switch) == (me, False)
     with pytest.raises(errors.ConfigError) as refused:

@@ -159,7 +159,10 @@ def test_install_lays_out_every_file_and_a_second_run_changes_nothing(
     assert (root / "usr/local/lib/gpubox/gpubox").read_bytes() == single_file.read_bytes()
     # unpacked once, readable by every user: no one's command unpacks it into their home
     unpacked = list((root / "usr/local/lib/gpubox/unpacked").glob("gpubox_*/site-packages"))
-    assert len(unpacked) == 1 and (unpacked[0] / "gpubox" / "cli.py").stat().st_mode & 0o004
+    assert (
+        len(unpacked) == 1
+        and (unpacked[0] / "gpubox" / "cli" / "__init__.py").stat().st_mode & 0o004
+    )
     assert "SHIV_ROOT=/usr/local/lib/gpubox/unpacked" in (root / "usr/local/bin/gpubox").read_text()
     assert re.search(r"^gpubox:x:\d+:\d+:", (root / "etc/passwd").read_text(), re.MULTILINE)
     assert (root / "var/lib/gpubox").stat().st_mode & 0o777 == 0o700

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from gpubox import protocol
-from gpubox.worker.lines import BATCH_LINES, GATHER_S
+from gpubox.worker.lines import BATCH_LINES, GATHER_S, Masker
 from gpubox.worker.process import Output
 
 
@@ -21,9 +21,7 @@ def pipes() -> Iterator[tuple[int, int, Output]]:
     """An Output on two fresh pipes; yields (stdout write end, stderr write end, output)."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    output = Output(
-        {"secrets": {"TOKEN": "hunter2"}}, os.fdopen(out_r, "rb"), os.fdopen(err_r, "rb")
-    )
+    output = Output(Masker(["hunter2"]), os.fdopen(out_r, "rb"), os.fdopen(err_r, "rb"))
     try:
         yield out_w, err_w, output
     finally:

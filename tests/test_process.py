@@ -10,9 +10,11 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gpubox import protocol
 from gpubox.worker.process import ProcessRuntime, Scratch, environment
 from tests.conftest import IMAGE, Cluster, wait_until
 
@@ -24,6 +26,26 @@ def cluster(make_cluster) -> Cluster:  # type: ignore[no-untyped-def]
     made: Cluster = make_cluster(workers=0)
     made.add_worker(runtime="process", fake_gpus="2", stop_grace_s=1.0)
     return made
+
+
+def wire_job(job_id: int, **fields: Any) -> protocol.WireJob:
+    """A job as a worker receives it, for the runtime alone."""
+    values: dict[str, Any] = dict(
+        id=job_id,
+        attempt=1,
+        name="t",
+        image="-",
+        command=None,
+        env={},
+        secrets={},
+        auth=None,
+        gpus=[],
+        timeout=None,
+        first_seq=1,
+        container=None,
+        submitter=None,
+    )
+    return protocol.WireJob(**{**values, **fields})
 
 
 def run(cluster: Cluster, command: list[str], **fields: object) -> tuple[dict, list[dict]]:
@@ -186,8 +208,7 @@ def test_the_runtime_itself_refuses_what_it_cannot_do(
     command: list[str] | None, docker: dict, error: str
 ) -> None:
     # should a job reach it anyway (a coordinator that does not know runtimes)
-    spec = {"id": 1, "attempt": 1, "first_seq": 1, "env": {}, "secrets": {}, "gpus": []}
-    spec.update(command=command, container=docker)
+    spec = wire_job(1, command=command, container=docker)
     events: list[tuple[str, dict]] = []
     ProcessRuntime("w", tee=io.StringIO()).run(
         spec, lambda *event: events.append(event), threading.Event()
@@ -243,7 +264,7 @@ def test_a_restarted_worker_stops_what_its_killed_run_left_behind(tmp_path: Path
     def left_behind(owner: str, job_id: int) -> tuple[subprocess.Popen[bytes], int]:
         runtime = ProcessRuntime("w1", tee=io.StringIO())
         runtime.owner = owner
-        spec = {"id": job_id, "attempt": 1, "env": {}, "secrets": {}, "gpus": []}
+        spec = wire_job(job_id)
         child_pid = tmp_path / f"child-{job_id}"
         proc = subprocess.Popen(
             ["sh", "-c", f"sleep 300 & echo $! > {child_pid}; wait"],

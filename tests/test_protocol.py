@@ -8,8 +8,10 @@ would crash on anything else.
 from __future__ import annotations
 
 import copy
+import json
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -38,6 +40,8 @@ WIRE_JOB = {
     "gpus": [GPU["uuid"]],
     "timeout": 30.5,
     "first_seq": 1,
+    "container": {"shm_size": None, "workdir": None, "user": None, "memory": None, "mounts": []},
+    "submitter": "ci",
 }
 
 WORKER_BODIES: dict[str, dict[str, Any]] = {
@@ -136,6 +140,11 @@ def assert_rejected(direction: str, frames: list[bytes]) -> errors.ProtocolError
 # --- round trips ------------------------------------------------------------------------------
 
 
+def decoded(direction: str, frames: list[bytes]) -> dict[str, Any]:
+    """The map of a message as its record holds it once decoded."""
+    return DECODERS[direction](frames).to_body()
+
+
 def test_every_message_type_has_a_valid_body_here() -> None:
     """A new message type must get a round-trip body in this file."""
     assert set(WORKER_BODIES) == set(protocol.FROM_WORKER)
@@ -149,36 +158,41 @@ def test_every_message_type_has_a_valid_body_here() -> None:
 )
 def test_round_trip(direction: str, msg_type: str) -> None:
     body = body_of(direction, msg_type)
-    frames = protocol.encode(msg_type, body)
+    kinds = protocol.FROM_WORKER if direction == "worker" else protocol.FROM_COORDINATOR
+    record = kinds[msg_type].from_body(body, msg_type)
+    frames = protocol.encode(record)
     assert len(frames) == 3
     assert frames[0] == protocol.VERSION
     assert frames[1] == msg_type.encode("ascii")
     assert all(isinstance(frame, bytes) for frame in frames)
+    assert msgpack.unpackb(frames[2]) == body
     msg = DECODERS[direction](frames)
-    assert msg == protocol.Message(msg_type, body)
+    assert type(msg) is kinds[msg_type] and msg == record
+    assert msg.to_body() == body
 
 
 @pytest.mark.parametrize(("direction", "msg_type", "changes"), VARIANTS)
 def test_round_trip_variants(direction: str, msg_type: str, changes: dict[str, Any]) -> None:
     body = body_of(direction, msg_type, **changes)
-    assert DECODERS[direction](protocol.encode(msg_type, body)).body == body
+    assert decoded(direction, protocol.encode_body(msg_type, body)) == body
 
 
 def test_extra_keys_are_tolerated() -> None:
-    """A newer peer may add fields; the documented ones are still checked."""
+    """A newer peer may add fields; the documented ones are still checked, the others
+    passed over."""
     body = body_of("worker", "HEARTBEAT", extra={"nested": [1, 2]})
-    assert protocol.decode_from_worker(protocol.encode("HEARTBEAT", body)).body == body
+    assert decoded("worker", protocol.encode_body("HEARTBEAT", body)) == {"session": "s-1"}
 
 
 def test_decode_accepts_what_recv_multipart_returns() -> None:
     """A DEALER's recv_multipart gives a list; the broker passes a slice of one."""
-    frames = [b"routing-id", *protocol.encode("HEARTBEAT", {"session": "s"})]
-    assert protocol.decode_from_worker(frames[1:]).type == "HEARTBEAT"
+    frames = [b"routing-id", *protocol.encode(protocol.WorkerHeartbeat(session="s"))]
+    assert protocol.decode_from_worker(frames[1:]) == protocol.WorkerHeartbeat(session="s")
 
 
 # --- malformed messages ------------------------------------------------------------------------
 
-GOOD_HEARTBEAT = protocol.encode("HEARTBEAT", {"session": "s-1"})
+GOOD_HEARTBEAT = protocol.encode(protocol.WorkerHeartbeat(session="s-1"))
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 4, 5])
@@ -252,24 +266,24 @@ def test_bin_keys_do_not_count_as_field_names() -> None:
 # Every key whose check refuses None is required (a missing key reads as None; the optional
 # ones, like DONE.exit_code, may be absent or null).
 MISSING = [
-    (direction, msg_type, key)
-    for direction, schemas in (
+    (direction, msg_type, field.name)
+    for direction, kinds in (
         ("worker", protocol.FROM_WORKER),
         ("coordinator", protocol.FROM_COORDINATOR),
     )
-    for msg_type, schema in schemas.items()
-    for key, check in schema.items()
-    if not check(None)
+    for msg_type, kind in kinds.items()
+    for field in kind.wire_fields()
+    if not field.check(None)
 ]
 
 
 def test_the_optional_fields_are_the_documented_ones() -> None:
     optional = {
-        f"{t}.{k}"
-        for schemas in (protocol.FROM_WORKER, protocol.FROM_COORDINATOR)
-        for t, schema in schemas.items()
-        for k, check in schema.items()
-        if check(None)
+        f"{t}.{field.name}"
+        for kinds in (protocol.FROM_WORKER, protocol.FROM_COORDINATOR)
+        for t, kind in kinds.items()
+        for field in kind.wire_fields()
+        if field.check(None)
     }
     assert optional == {
         "DONE.exit_code",
@@ -293,7 +307,9 @@ def test_missing_required_key(direction: str, msg_type: str, key: str) -> None:
     assert f"{msg_type}.{key}" in str(error)
 
 
-@pytest.mark.parametrize("key", [k for k, check in protocol._WIRE_JOB.items() if not check(None)])
+@pytest.mark.parametrize(
+    "key", [f.name for f in protocol.WireJob.wire_fields() if not f.check(None)]
+)
 def test_job_missing_required_key(key: str) -> None:
     job = dict(WIRE_JOB)
     del job[key]
@@ -466,13 +482,13 @@ def test_wrong_direction_is_an_unknown_type() -> None:
     """What the coordinator sends is no valid worker message, and the other way round."""
     for msg_type, body in COORDINATOR_BODIES.items():
         if msg_type != "HEARTBEAT":
-            assert_rejected("worker", protocol.encode(msg_type, body))
+            assert_rejected("worker", protocol.encode_body(msg_type, body))
     for msg_type, body in WORKER_BODIES.items():
         if msg_type != "HEARTBEAT":
-            assert_rejected("coordinator", protocol.encode(msg_type, body))
+            assert_rejected("coordinator", protocol.encode_body(msg_type, body))
     # HEARTBEAT exists both ways, with different bodies.
-    assert_rejected("worker", protocol.encode("HEARTBEAT", COORDINATOR_BODIES["HEARTBEAT"]))
-    assert_rejected("coordinator", protocol.encode("HEARTBEAT", WORKER_BODIES["HEARTBEAT"]))
+    assert_rejected("worker", protocol.encode_body("HEARTBEAT", COORDINATOR_BODIES["HEARTBEAT"]))
+    assert_rejected("coordinator", protocol.encode_body("HEARTBEAT", WORKER_BODIES["HEARTBEAT"]))
 
 
 # --- size limits -------------------------------------------------------------------------------
@@ -486,9 +502,9 @@ def test_body_of_exactly_max_body_passes() -> None:
     # which is passed over. {"session": "s", "x": pad} packs as fixmap(2) + "session"(8) +
     # "s"(2) + "x"(2) + str32 header(5) + pad.
     body = {"session": "s", "x": "p" * (protocol.MAX_BODY - 18)}
-    frames = protocol.encode("HEARTBEAT", body)
+    frames = protocol.encode_body("HEARTBEAT", body)
     assert len(frames[2]) == protocol.MAX_BODY
-    assert protocol.decode_from_worker(frames).body == body
+    assert protocol.decode_from_worker(frames) == protocol.WorkerHeartbeat(session="s")
 
 
 def test_decode_refuses_a_body_over_max_body() -> None:
@@ -502,9 +518,9 @@ def test_decode_refuses_a_body_over_max_body() -> None:
 
 def test_encode_refuses_a_body_over_max_body() -> None:
     lines = [[TS, "stdout", "x" * protocol.MAX_LINE]] * (protocol.MAX_BODY // protocol.MAX_LINE)
-    body = {"session": "s", "job_id": 1, "attempt": 1, "seq": 1, "lines": lines}
+    batch = protocol.Log(session="s", job_id=1, attempt=1, seq=1, lines=lines)
     with pytest.raises(errors.ProtocolError) as info:
-        protocol.encode("LOG", body)
+        protocol.encode(batch)
     assert "LOG" in str(info.value)
 
 
@@ -542,9 +558,10 @@ def test_split_line_150k_fits_a_log_message() -> None:
     pieces = protocol.split_line(text)
     assert len(pieces) == 3
     lines = [[TS, "stdout", piece] for piece in pieces]
-    body = {"session": "s", "job_id": 1, "attempt": 1, "seq": 1, "lines": lines}
-    decoded = protocol.decode_from_worker(protocol.encode("LOG", body))
-    assert "".join(line[2] for line in decoded.body["lines"]) == text
+    batch = protocol.Log(session="s", job_id=1, attempt=1, seq=1, lines=lines)
+    got = protocol.decode_from_worker(protocol.encode(batch))
+    assert isinstance(got, protocol.Log)
+    assert "".join(line[2] for line in got.lines) == text
 
 
 # --- fuzz --------------------------------------------------------------------------------------
@@ -559,14 +576,15 @@ def _decode_only_raises_protocol_error(frames: list[bytes]) -> None:
         except Exception as exc:  # the point of the test: report the frames that did it
             pytest.fail(f"decode ({direction}) raised {exc!r} for {frames!r:.300}")
         assert isinstance(msg, protocol.Message)
-        assert isinstance(msg.body, dict)
+        assert isinstance(msg.to_body(), dict)
 
 
 def test_fuzz_random_frames() -> None:
     rng = random.Random(20240501)
     types = [t.encode() for t in (*protocol.FROM_WORKER, *protocol.FROM_COORDINATOR)]
     valid = [
-        protocol.encode(t, b)[2] for t, b in (*WORKER_BODIES.items(), *COORDINATOR_BODIES.items())
+        protocol.encode_body(t, b)[2]
+        for t, b in (*WORKER_BODIES.items(), *COORDINATOR_BODIES.items())
     ]
     for _ in range(2000):
         frames = [rng.randbytes(rng.randint(0, 40)) for _ in range(rng.choice([0, 1, 2, 3, 3, 4]))]
@@ -636,9 +654,42 @@ def test_fuzz_field_values() -> None:
 
 def test_resume_marks_round_trip_and_an_older_coordinators_count_is_unknown() -> None:
     marks = {"stdout": ("2026-01-01T00:00:00.000000001Z", 2), "stderr": ("2026-01-01T00:00:00Z", 1)}
-    body = {"coordinator": "c-1", "job": WIRE_JOB, **protocol.resume_fields(marks)}
-    decoded = protocol.decode_from_coordinator(protocol.encode("JOB", body))
-    assert protocol.resume_marks(decoded.body) == marks
-    older = {"coordinator": "c-1", "job": WIRE_JOB, "resume": {"stdout": marks["stdout"][0]}}
+
+    def job(**fields: Any) -> protocol.Job:
+        body = {"coordinator": "c-1", "job": WIRE_JOB, **fields}
+        msg = protocol.decode_from_coordinator(protocol.encode_body("JOB", body))
+        assert isinstance(msg, protocol.Job)
+        return msg
+
+    assert protocol.resume_marks(job(**protocol.resume_fields(marks))) == marks
+    older = job(resume={"stdout": marks["stdout"][0]})
     assert protocol.resume_marks(older) == {"stdout": (marks["stdout"][0], -1)}
-    assert protocol.resume_marks({"coordinator": "c-1", "job": WIRE_JOB}) is None
+    assert protocol.resume_marks(job()) is None
+
+
+# --- compatibility with the wire as it was ------------------------------------------------------
+
+RECORDED = Path(__file__).parent / "data" / "wire-frames-e318193.jsonl"
+
+
+def test_frames_recorded_from_earlier_code_decode_and_encode_as_the_same_maps() -> None:
+    """Frames that gpubox's broker and agent sent at commit e318193, before messages were
+    records (each line: the sending module, the type, the body in hex; recorded by wrapping
+    protocol.encode while tests/test_recovery.py, test_broker.py, test_identity.py,
+    test_log_bounds.py, test_process.py and test_spill.py ran). Today's code decodes every
+    one, and encodes what it decoded as the same map: a peer running the earlier code reads
+    today's messages as it read its own."""
+    seen = set()
+    for line in RECORDED.read_text().splitlines():
+        sender, msg_type, body = json.loads(line)
+        frames = [protocol.VERSION, msg_type.encode(), bytes.fromhex(body)]
+        direction = "worker" if sender == "gpubox.worker.agent" else "coordinator"
+        msg = DECODERS[direction](frames)
+        assert msg_type == msg.TYPE
+        again = protocol.encode(msg)
+        assert again[:2] == frames[:2]
+        assert msgpack.unpackb(again[2]) == msgpack.unpackb(frames[2]), line
+        seen.add((direction, msg_type))
+    assert seen == {("worker", t) for t in protocol.FROM_WORKER} | {
+        ("coordinator", t) for t in protocol.FROM_COORDINATOR
+    }

@@ -9,7 +9,7 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gpubox import models
+from gpubox import models, validate
 from gpubox.coordinator import scheduler
 from gpubox.coordinator.scheduler import Plan, WorkerView
 
@@ -31,7 +31,7 @@ def make_job(
     docker: dict[str, Any] = {"image": "busybox"}
     if mounts is not None:
         docker["mounts"] = mounts
-    spec = models.parse_spec({"name": f"job-{job_id}", "docker": docker, **fields})
+    spec = validate.parse_spec({"name": f"job-{job_id}", "docker": docker, **fields})
     spec = dataclasses.replace(spec, allow_process=allow_process)
     created = T0 + timedelta(seconds=job_id)
     return models.Job(

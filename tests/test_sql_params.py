@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gpubox import models
+from gpubox import models, validate
 from gpubox.store import open_store, sql
 from gpubox.store.postgres import pg_sql
 
@@ -43,7 +43,7 @@ def test_pg_sql_keeps_quoted_text(shared: str, psycopg_text: str) -> None:
 
 def test_like_literal_with_question_mark_and_percent(store: sql.SqlStore) -> None:
     for name in ("what?", "what?%", "whatnot", "what"):
-        store.create_job(models.parse_spec({"name": name, "docker": {"image": "busybox"}}), T0)
+        store.create_job(validate.parse_spec({"name": name, "docker": {"image": "busybox"}}), T0)
     with store._read() as cur:
         cur.execute("SELECT name FROM jobs WHERE name LIKE 'what?%' AND id > ? ORDER BY id", (0,))
         names = [row["name"] for row in cur.fetchall()]
@@ -58,7 +58,7 @@ def test_literals_without_parameters(store: sql.SqlStore) -> None:
 
 
 def test_literals_in_a_write(store: sql.SqlStore) -> None:
-    job = store.create_job(models.parse_spec({"name": "j", "docker": {"image": "busybox"}}), T0)
+    job = store.create_job(validate.parse_spec({"name": "j", "docker": {"image": "busybox"}}), T0)
     with store._write() as cur:
         cur.execute("UPDATE jobs SET description = '?% done' || ? WHERE id = ?", ("!", job.id))
     with store._read() as cur:

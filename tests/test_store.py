@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from gpubox import errors, models
-from gpubox.store import base, open_store, sql
+from gpubox import errors, models, validate
+from gpubox.store import base, open_store, tokens
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,7 +41,7 @@ def store(db_url: str) -> Iterator[base.Store]:
 def make_spec(sealed: str | None = None, **overrides: Any) -> models.JobSpec:
     """A valid JobSpec; keyword arguments replace top-level submission fields; `sealed` stands
     for the sealed credentials the coordinator would add."""
-    spec = models.parse_spec({"name": "job", "docker": {"image": "busybox"}, **overrides})
+    spec = validate.parse_spec({"name": "job", "docker": {"image": "busybox"}, **overrides})
     return dataclasses.replace(spec, sealed=sealed)
 
 
@@ -798,7 +798,7 @@ def test_a_read_of_log_rows_stops_at_max_bytes(store: base.Store) -> None:
     assert row_seqs(store.read_log_rows(job.id, 0, 2, max_bytes=10_000)) == [1, 2]
     assert row_seqs(store.read_log_rows(job.id, 0, 100, max_bytes=10_000)) == [1, 2, 3, 4, 5]
     assert store.read_log_rows(job.id, 5, 100, max_bytes=10) == []
-    # more rows than one fetch holds (sql.FETCH_ROWS)
+    # more rows than one fetch holds (logs.FETCH_ROWS)
     many = [("2024-05-01T12:00:01.000000Z", "stdout", "x" * 10) for _ in range(100)]
     store.append_logs(job.id, 1, 6, many)
     assert row_seqs(store.read_log_rows(job.id, 5, 1000, max_bytes=505)) == list(range(6, 57))
@@ -1135,7 +1135,7 @@ def test_a_token_revoked_by_another_process_ends_within_the_cache_time(
 ) -> None:
     """Tokens found are trusted for TOKEN_CACHE_S without reading the database again; a
     revoke through another store (`gpubox token revoke` is another process) shows after."""
-    monkeypatch.setattr(sql, "TOKEN_CACHE_S", 30.0)
+    monkeypatch.setattr(tokens, "TOKEN_CACHE_S", 30.0)
     token = make_token("ci")
     store.add_token(token)
     assert store.find_token(token.digest) == token
@@ -1145,7 +1145,7 @@ def test_a_token_revoked_by_another_process_ends_within_the_cache_time(
     finally:
         other.close()
     assert store.find_token(token.digest) == token  # still trusted: found just now
-    monkeypatch.setattr(sql, "TOKEN_CACHE_S", 0.0)
+    monkeypatch.setattr(tokens, "TOKEN_CACHE_S", 0.0)
     assert store.find_token(token.digest) is None  # past the cache time: read, and gone
 
 

@@ -7,20 +7,22 @@ lost. Other threads reach it only through `poke`, which sends on an inproc socke
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import zmq
 
 from gpubox import errors, keys, models, protocol, supervise
-from gpubox.coordinator import metrics, scheduler, sealing
+from gpubox.coordinator import admission, metrics, reports, scheduler, sealing
 from gpubox.coordinator.events import Changes
+from gpubox.coordinator.lifecycle import Lifecycle
+from gpubox.coordinator.peers import Link, Peer
+from gpubox.coordinator.planner import Planner
 from gpubox.logfmt import fields
 from gpubox.store import Store
 from gpubox.store.base import Finish
@@ -29,62 +31,10 @@ log = logging.getLogger(__name__)
 
 SCHEDULE_EVERY_S = 1.0
 STORE_BACKOFF_MAX_S = 5.0
-FAILED = object()  # a report that could not be stored
 MAX_BURST_LINES = 50_000  # log lines stored in one transaction, at most (about 0.5 s)
 FLAP_HELLOS, FLAP_WINDOW_S = 4, 30.0  # this many HELLOs of one name within the window: warn
 QUARANTINE_S = 300.0  # no jobs for a worker that was sent one and never confirmed it
 HANDSHAKE_MS = 5000  # how long a connection to the worker link may go without a CURVE handshake
-
-
-@dataclasses.dataclass
-class Peer:
-    """A connected worker, as the broker sees it."""
-
-    name: str
-    routing_id: bytes
-    session: str
-    key: str
-    version: str
-    gpus: list[dict[str, Any]]
-    labels: dict[str, str]
-    max_jobs: int
-    last_seen: float
-    mounts: list[str] = dataclasses.field(default_factory=list)
-    runtime: str = "docker"
-    usage: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # uuid → NVML now
-    ready: bool = False
-    free_gpus: list[str] = dataclasses.field(default_factory=list)
-    slots: int = 0
-    known: set[int] = dataclasses.field(default_factory=set)  # job ids the worker said it holds
-    assigned: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # job id → GPU uuids
-    # Jobs sent whose receipt the worker has not confirmed yet: job id → (attempt, sent at).
-    unconfirmed: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
-    # Why this session gets no more jobs ("" while it may): it was sent a job and never
-    # confirmed it. A new HELLO (a new session) starts clean.
-    quarantined: str = ""  # why it gets no jobs, until quarantined_until (time.monotonic)
-    quarantined_until: float = 0.0
-
-    def capacity(self) -> tuple[list[str], int]:
-        """Free GPUs and job slots, counting jobs sent since the worker's last READY."""
-        pending = [job_id for job_id in self.assigned if job_id not in self.known]
-        taken = {uuid for job_id in pending for uuid in self.assigned[job_id]}
-        return [g for g in self.free_gpus if g not in taken], self.slots - len(pending)
-
-    def heard_at(self) -> datetime:
-        """When this worker was last heard from, as a wall-clock time."""
-        return models.utcnow() - timedelta(seconds=time.monotonic() - self.last_seen)
-
-    def info(self, connected: bool) -> models.WorkerInfo:
-        return models.WorkerInfo(
-            name=self.name,
-            version=self.version,
-            gpus=self.gpus,
-            labels=self.labels,
-            max_jobs=self.max_jobs,
-            connected=connected,
-            last_seen=self.heard_at(),  # a lost worker's: not when it was declared lost
-            mounts=self.mounts,
-        )
 
 
 class Broker:
@@ -114,6 +64,7 @@ class Broker:
         self.liveness_s = liveness_s
         self.max_log_lines = max_log_lines
         self.max_log_bytes = max_log_bytes
+        self.log_limits = reports.LogLimits(max_log_lines, max_log_bytes)
         self.context = context or zmq.Context()
         self.coordinator_id = uuid.uuid4().hex
         # ZAP must run on this context before the ROUTER binds, or CURVE lets any key in.
@@ -156,33 +107,29 @@ class Broker:
         self._next_schedule = 0.0
         # A READY, DONE or new job asks for a round; one round serves them all (see step).
         self._schedule_due = False
-        # Why queued jobs wait, as of the last scheduling round (read by HTTP threads): by job
-        # for the jobs it planned one by one, by shape for the others.
-        self.reasons: dict[int, str] = {}
-        self.shape_reasons: dict[str, str] = {}
-        self._needs: dict[str, models.Needs] = {}  # queued shapes read back, by shape
-        self._matches = scheduler.Matches()  # which workers can run each shape
+        self.planner = Planner(store)
+        self.lifecycle = Lifecycle(store, changes, self.log_limits, on_end=self._forget)
         self.counters = metrics.BrokerCounters()
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
         self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
         self._stored: dict[int, int] = {}  # job id → last stored seq, to count new lines
-        self._queued: dict[int, models.Job] = {}  # queued jobs read last round, by id
-        # STARTED, LOG and DONE of this burst, not stored yet: (type, sender, body).
-        self._reports: list[tuple[str, Peer, dict[str, Any]]] = []
+        # STARTED, LOG and DONE of this burst, not stored yet, with their senders.
+        self._reports: list[tuple[Peer, reports.Report]] = []
         self._report_lines = 0  # log lines among them
         self.dropped_messages = 0
         self._store_backoff_s = 0.0
         self._store_paused_until = 0.0
         # Ticked at every turn of run()'s loop: /healthz and the process watch it.
         self.loop = supervise.Loop(stall_s=3 * heartbeat_interval_s)
-        # What each message from a connected worker is handled by (HELLO, which makes the
-        # connection, is handled before a session exists).
-        self._handlers: dict[str, Callable[[Peer, dict[str, Any], float], None]] = {
-            "READY": self._on_ready,
-            "STARTED": self._on_started,
-            "LOG": self._on_log,
-            "DONE": self._on_done,
-            "HEARTBEAT": self._on_heartbeat,
+        # What each message from a worker is handled by: HELLO with the link it came on
+        # (it starts a session), the others with the session's Peer.
+        self._handlers: dict[type[protocol.FromWorker], Callable[[Any, Any, float], None]] = {
+            protocol.Hello: self._on_hello,
+            protocol.Ready: self._on_ready,
+            protocol.Started: self._on_started,
+            protocol.Log: self._on_log,
+            protocol.Done: self._on_done,
+            protocol.WorkerHeartbeat: self._on_heartbeat,
         }
 
     # --- called from other threads ------------------------------------------------------------
@@ -250,7 +197,8 @@ class Broker:
                             break
                         # The key CURVE authenticated this very message with.
                         key = frames[-1].get("User-Id") if frames else None
-                        self.handle(
+                        self._guard(
+                            self.handle,
                             [f.bytes for f in frames],
                             time.monotonic(),
                             key if isinstance(key, str) else None,
@@ -286,8 +234,9 @@ class Broker:
         """Timers: heartbeats out, silent workers lost, orphaned jobs released, scheduling."""
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.heartbeat_interval_s
+            beat = protocol.CoordinatorHeartbeat(coordinator=self.coordinator_id, known=True)
             for peer in list(self.peers.values()):
-                self._send(peer, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": True})
+                self._send(peer, beat)
         if now < self._store_paused_until:
             return
         if now >= self._next_expiry:
@@ -325,130 +274,101 @@ class Broker:
             return
         routing_id, rest = frames[0], frames[1:]
         name = self.allow.name_for(key, refresh=not self._allow_fresh) if key else None
-        if name is None:
+        if key is None or name is None:
             # Not (or no longer) on the allow list: whatever it says, it gets nothing.
             self.dropped_messages += 1
             self._guard(self._store_reports)  # what came before, first
             for peer in [p for p in self.peers.values() if p.routing_id == routing_id]:
                 self._guard(self._lose, peer, f"worker {peer.name}: its key was revoked")
             return
+        link = Link(routing_id, key, name)
         try:
             msg = protocol.decode_from_worker(rest)
         except errors.ProtocolError as exc:
             self.dropped_messages += 1
             log.warning("dropped a malformed message from worker %s: %s", name, exc)
             if len(rest) > 1 and rest[1] == b"HELLO":  # say why, so its own log shows it
-                reason = f"its HELLO is malformed or claims too much: {exc}"
-                self._send_raw(
-                    routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
-                )
+                self._refuse(link, f"its HELLO is malformed or claims too much: {exc}")
             return
-        body = msg.body
-        if msg.type != "HEARTBEAT" and now < self._store_paused_until:
+        if not isinstance(msg, protocol.WorkerHeartbeat) and now < self._store_paused_until:
             return  # unacknowledged: the worker sends it again
-        if msg.type == "HELLO":
-            self._guard(self._store_reports)  # what it sent before goes first
-            if body["name"] != name:
-                self.dropped_messages += 1
-                claimed = body["name"][:64]
-                log.warning(
-                    "refused HELLO: the key of worker %s claimed the name %r", name, claimed
-                )
-                reason = (
-                    f"it calls itself {claimed!r}, but its key is worker {name}'s: start it as"
-                    f" {name} (--name {name}), or give it a key of its own (gpubox keys worker"
-                    " NAME on the coordinator's box)"
-                )
-                self._send_raw(
-                    routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
-                )
-                return
-            claims = self.allow.claims_for(name)
-            mounts = body.get("mounts") or []
-            if claims and (excess := claims.excess(body["labels"], body["gpus"], mounts)):
-                # Misconfigured, or a key trying to look like the best place for jobs (and
-                # their secrets) it was never meant to get.
-                self.dropped_messages += 1
-                log.error(
-                    "refused HELLO of worker %s: it claims %s",
-                    name,
-                    excess,
-                    extra=fields(worker=name),
-                )
-                reason = (
-                    f"it claims {excess}: start it with no more than that, or enrol it again"
-                    " with what it has (gpubox keys worker NAME --labels … --gpus N"
-                    " --gpu-model X --mounts … on the coordinator's box)"
-                )
-                self._send_raw(
-                    routing_id, "REFUSED", {"coordinator": self.coordinator_id, "reason": reason}
-                )
-                return
-            self._guard(self._on_hello, routing_id, key, body, now)
+        handler = self._handlers.get(type(msg))
+        if handler is None:  # a type protocol knows and this broker does not handle: drop it
+            self.dropped_messages += 1
+            log.warning("dropped a %s message from worker %s: no handler", msg.TYPE, name)
             return
-        known = self.peers.get(body["session"])
+        if isinstance(msg, protocol.Hello):
+            self._guard(handler, link, msg, now)
+            return
+        known = self.peers.get(msg.session)
         if known is None or known.routing_id != routing_id or known.name != name:
             # An unknown session (we restarted, or declared it lost): ask it to say HELLO again.
             self._send_raw(
-                routing_id, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": False}
+                routing_id,
+                protocol.CoordinatorHeartbeat(coordinator=self.coordinator_id, known=False),
             )
             return
         known.last_seen = now
-        handler = self._handlers.get(msg.type)
-        if handler is None:  # a type protocol knows and this broker does not handle: drop it
-            self.dropped_messages += 1
-            log.warning("dropped a %s message from worker %s: no handler", msg.type, name)
-            return
-        self._guard(handler, known, body, now)
+        self._guard(handler, known, msg, now)
 
-    def _on_hello(self, routing_id: bytes, key: str, body: dict[str, Any], now: float) -> None:
-        name = body["name"]
+    def _refuse(self, link: Link, reason: str) -> None:
+        self._send_raw(
+            link.routing_id, protocol.Refused(coordinator=self.coordinator_id, reason=reason)
+        )
+
+    def _on_hello(self, link: Link, msg: protocol.Hello, now: float) -> None:
+        self._guard(self._store_reports)  # what it sent before goes first
+        reason = admission.refusal(link, msg, self.allow)
+        if reason:
+            self.dropped_messages += 1
+            self._refuse(link, reason)
+            return
+        name = msg.name
         for old in [p for p in self.peers.values() if p.name == name]:
             del self.peers[old.session]
         self._note_hello(name, now)
         peer = Peer(
             name=name,
-            routing_id=routing_id,
-            session=body["session"],
-            key=key,
-            version=body["version"],
-            gpus=[protocol.gpu_record(gpu) for gpu in body["gpus"]],
-            labels=body["labels"],
-            max_jobs=body["max_jobs"],
+            routing_id=link.routing_id,
+            session=msg.session,
+            key=link.key,
+            version=msg.version,
+            gpus=[protocol.gpu_record(gpu) for gpu in msg.gpus],
+            labels=msg.labels,
+            max_jobs=msg.max_jobs,
             last_seen=now,
-            mounts=list(body.get("mounts") or []),
-            runtime=body.get("runtime") or "docker",
+            mounts=list(msg.mounts or []),
+            runtime=msg.runtime or "docker",
         )
         self.peers[peer.session] = peer
         # Stored before WELCOME: once connected, its mounts count at submit.
         self.store.save_worker(peer.info(connected=True))
         self._send(
             peer,
-            "WELCOME",
-            {
-                "coordinator": self.coordinator_id,
-                "heartbeat_interval_s": self.heartbeat_interval_s,
-                "liveness_s": self.liveness_s,
-            },
+            protocol.Welcome(
+                coordinator=self.coordinator_id,
+                heartbeat_interval_s=self.heartbeat_interval_s,
+                liveness_s=self.liveness_s,
+            ),
         )
-        held = {item["job_id"]: item for item in body["running"]}
+        held = {item.job_id: item for item in msg.running}
         for job in self.store.running_jobs(worker=name):
             item = held.pop(job.id, None)
-            if item is None or item["attempt"] != job.attempts:
-                self._release(job, f"worker {name} came back without it")
+            if item is None or item.attempt != job.attempts:
+                self.lifecycle.release(job, f"worker {name} came back without it")
                 if item is not None:
                     held[job.id] = item  # a stale attempt: stopped below
                 continue
             peer.assigned[job.id] = list(job.gpu_ids)
-            if item.get("recovered"):
+            if item.recovered:
                 # The worker restarted and found the container: send the job again, with how
                 # far its log is stored, so it re-attaches without a gap or a repeat.
                 self._send_job(peer, job, resume=self.store.log_marks(job.id))
             if job.cancel_requested:
-                self._send(peer, "CANCEL", {"job_id": job.id, "attempt": job.attempts})
+                self._cancel(peer, job.id, job.attempts)
         for job_id, item in held.items():
             # Held by the worker but not its to run (ended, lost, or another attempt): stop it.
-            self._send(peer, "CANCEL", {"job_id": job_id, "attempt": item["attempt"]})
+            self._cancel(peer, job_id, item.attempt)
         # The loop above took the worker's own jobs out of `held`: what is left are the stale
         # ones it was just told to stop.
         stale = f"; {len(held)} stale told to stop" if held else ""
@@ -477,11 +397,11 @@ class Broker:
                 extra=fields(worker=name),
             )
 
-    def _on_ready(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+    def _on_ready(self, peer: Peer, msg: protocol.Ready, now: float) -> None:
         peer.ready = True
-        peer.free_gpus = list(body["free_gpus"])
-        peer.slots = min(body["slots"], peer.max_jobs)
-        peer.known = set(body["running"])
+        peer.free_gpus = list(msg.free_gpus)
+        peer.slots = min(msg.slots, peer.max_jobs)
+        peer.known = set(msg.running)
         for job_id in peer.known:
             peer.unconfirmed.pop(job_id, None)
         self._schedule_due = True
@@ -495,129 +415,78 @@ class Broker:
         self.dropped_messages += 1
         return True
 
-    # STARTED, LOG and DONE are stored together: those of one burst of messages in one
-    # transaction (one commit, one fsync, for many), and acted on (acknowledged, followers
-    # woken) only once it committed. A report that fails alone is not acted on; if the commit
-    # fails, none is. Unacknowledged, the workers send them again.
+    # STARTED, LOG and DONE are stored together, a burst at a time (see coordinator.reports).
 
-    def _on_started(self, peer: Peer, body: dict[str, Any], now: float) -> None:
-        if self._foreign(peer, body["job_id"]):
-            self._send(peer, "CANCEL", {"job_id": body["job_id"], "attempt": body["attempt"]})
+    def _on_started(self, peer: Peer, msg: protocol.Started, now: float) -> None:
+        if self._foreign(peer, msg.job_id):
+            self._cancel(peer, msg.job_id, msg.attempt)
             return
-        self._reports.append(("STARTED", peer, body))
+        self._reports.append((peer, msg))
 
-    def _on_log(self, peer: Peer, body: dict[str, Any], now: float) -> None:
-        job_id, attempt = body["job_id"], body["attempt"]
-        if self._foreign(peer, job_id):
+    def _on_log(self, peer: Peer, msg: protocol.Log, now: float) -> None:
+        if self._foreign(peer, msg.job_id):
             # Acknowledged as if stale, so an honest worker with a lost job stops resending.
-            end = max(body["seq"] + len(body["lines"]) - 1, body.get("last") or 0)
-            self._send(
-                peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": end, "done": False}
-            )
-            self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
+            end = max(msg.seq + len(msg.lines) - 1, msg.last or 0)
+            self._ack(peer, msg.job_id, msg.attempt, end, done=False)
+            self._cancel(peer, msg.job_id, msg.attempt)
             return
-        self._reports.append(("LOG", peer, body))
-        self._report_lines += len(body["lines"])
+        self._reports.append((peer, msg))
+        self._report_lines += len(msg.lines)
 
-    def _on_done(self, peer: Peer, body: dict[str, Any], now: float) -> None:
-        job_id, attempt = body["job_id"], body["attempt"]
-        if self._foreign(peer, job_id):
+    def _on_done(self, peer: Peer, msg: protocol.Done, now: float) -> None:
+        if self._foreign(peer, msg.job_id):
             # A repeated DONE after ours was applied, or a forgery: acknowledge, change nothing.
-            done = {"job_id": job_id, "attempt": attempt, "seq": body["last_seq"], "done": True}
-            self._send(peer, "ACK", done)
+            self._ack(peer, msg.job_id, msg.attempt, msg.last_seq, done=True)
             return
-        self._reports.append(("DONE", peer, body))
+        self._reports.append((peer, msg))
 
     def _store_reports(self) -> None:
         """Store the reports of this burst in one transaction, then act on each."""
         pending, self._reports, self._report_lines = self._reports, [], 0
         if not pending:
             return
-        outcomes: list[Any] = []
-        with self.store.batch():
-            for kind, _, body in pending:
-                try:
-                    outcomes.append(self._store_report(kind, body))
-                except errors.StoreUnavailable:
-                    raise
-                except Exception:  # this report only: the others still count
-                    log.exception("broker: could not store a %s of job %s", kind, body["job_id"])
-                    outcomes.append(FAILED)
-        for (kind, peer, body), outcome in zip(pending, outcomes, strict=True):
-            if outcome is not FAILED:
-                self._guard(self._stored_report, kind, peer, body, outcome)  # each on its own
+        for peer, stored in reports.store_burst(self.store, pending, self.log_limits):
+            self._guard(self._stored_report, peer, stored)  # each on its own
 
-    def _store_report(self, kind: str, body: dict[str, Any]) -> Any:
-        job_id, attempt = body["job_id"], body["attempt"]
-        if kind == "STARTED":
-            executed_at = models.parse_time(body["executed_at"]) or models.utcnow()
-            return self.store.mark_started(job_id, attempt, executed_at)
-        if kind == "LOG":
-            lines = [tuple(line) for line in body["lines"]]
-            for index in _worker_notes(body):
-                ts, _, text = lines[index]
-                lines[index] = (ts, models.GPUBOX_STREAM, text)
-            return self.store.append_logs(
-                job_id,
-                attempt,
-                body["seq"],
-                lines,
-                self.max_log_lines,
-                body.get("last"),
-                self.max_log_bytes,
-            )
-        return self.store.finish_job(
-            job_id,
-            attempt,
-            models.Status(body["status"]),
-            body["exit_code"],
-            body["error"],
-            models.parse_time(body["executed_at"]),
-            models.parse_time(body["finished_at"]) or models.utcnow(),
-            body["last_seq"],
-        )
-
-    def _stored_report(self, kind: str, peer: Peer, body: dict[str, Any], outcome: Any) -> None:
-        job_id, attempt = body["job_id"], body["attempt"]
-        if kind == "STARTED":
-            if outcome:
+    def _stored_report(self, peer: Peer, stored: reports.Stored) -> None:
+        """Act on a report once it is stored: acknowledge it, wake the job's followers."""
+        match stored:
+            case reports.StartStored(report, applied):
+                if applied:
+                    self.changes.notify(report.job_id)
+                    sent = self._sent_at.pop(report.job_id, None)
+                    if sent is not None and sent[0] == report.attempt:
+                        self.counters.dispatch.observe(time.monotonic() - sent[1])
+            case reports.LogStored(report, seq):
+                job_id = report.job_id
+                self._ack(peer, job_id, report.attempt, seq, done=False)
+                self.counters.log_lines += max(0, seq - self._stored.get(job_id, report.seq - 1))
+                self._stored[job_id] = seq
                 self.changes.notify(job_id)
-                sent = self._sent_at.pop(job_id, None)
-                if sent is not None and sent[0] == attempt:
-                    self.counters.dispatch.observe(time.monotonic() - sent[1])
-        elif kind == "LOG":
-            self._send(
-                peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": outcome, "done": False}
-            )
-            self.counters.log_lines += max(0, outcome - self._stored.get(job_id, body["seq"] - 1))
-            self._stored[job_id] = outcome
-            self.changes.notify(job_id)
-        elif outcome is Finish.MISSING_LINES:
-            # Tell the worker which lines we have; it resends the rest, then DONE again.
-            stored = self.store.get_job(job_id).log_seq
-            self._send(
-                peer, "ACK", {"job_id": job_id, "attempt": attempt, "seq": stored, "done": False}
-            )
-        else:
-            peer.assigned.pop(job_id, None)
-            done = {"job_id": job_id, "attempt": attempt, "seq": body["last_seq"], "done": True}
-            self._send(peer, "ACK", done)
-            if outcome is Finish.APPLIED:
-                log.info(
-                    "job %d ended %s on %s",
-                    job_id,
-                    body["status"],
-                    peer.name,
-                    extra=fields(
-                        job=job_id, attempt=attempt, worker=peer.name, status=body["status"]
-                    ),
-                )
-                self._ended(job_id)
-            self._schedule_due = True
+            case reports.DoneStored(report, Finish.MISSING_LINES):
+                # Tell the worker which lines we have; it resends the rest, then DONE again.
+                stored_seq = self.store.get_job(report.job_id).log_seq
+                self._ack(peer, report.job_id, report.attempt, stored_seq, done=False)
+            case reports.DoneStored(report, finish):
+                job_id, attempt = report.job_id, report.attempt
+                peer.assigned.pop(job_id, None)
+                self._ack(peer, job_id, attempt, report.last_seq, done=True)
+                if finish is Finish.APPLIED:
+                    log.info(
+                        "job %d ended %s on %s",
+                        job_id,
+                        report.status,
+                        peer.name,
+                        extra=fields(
+                            job=job_id, attempt=attempt, worker=peer.name, status=report.status
+                        ),
+                    )
+                    self.lifecycle.ended(job_id)
+                self._schedule_due = True
 
-    def _on_heartbeat(self, peer: Peer, body: dict[str, Any], now: float) -> None:
+    def _on_heartbeat(self, peer: Peer, msg: protocol.WorkerHeartbeat, now: float) -> None:
         offered = {gpu["uuid"] for gpu in peer.gpus}
-        for item in body.get("usage") or []:
+        for item in msg.usage or []:
             if item["uuid"] not in offered:
                 continue  # kept only for the GPUs it offers: the map stays bounded
             peer.usage[item["uuid"]] = {
@@ -626,7 +495,7 @@ class Broker:
             }
         # Answered at once: a worker's liveness is its own setting, which the coordinator's
         # own interval need not fit.
-        self._send(peer, "HEARTBEAT", {"coordinator": self.coordinator_id, "known": True})
+        self._send(peer, protocol.CoordinatorHeartbeat(coordinator=self.coordinator_id, known=True))
 
     # --- pokes from other threads -------------------------------------------------------------
 
@@ -638,7 +507,7 @@ class Broker:
             job = self.store.get_job(job_id)
             for peer in self.peers.values():
                 if peer.name == job.worker and job.status is models.Status.RUNNING:
-                    self._send(peer, "CANCEL", {"job_id": job.id, "attempt": job.attempts})
+                    self._cancel(peer, job.id, job.attempts)
 
     # --- scheduling and expiry ----------------------------------------------------------------
 
@@ -682,7 +551,7 @@ class Broker:
         slots = sum(max(0, view.slots) for view in views)
         if not timer and not slots:
             return
-        plan = self.plan(views)
+        plan = self.planner.plan(views)
         with self.store.batch():  # one commit for the round's claims
             claimed = [
                 self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())
@@ -698,24 +567,6 @@ class Broker:
             # job claimed and unsent, expiry queues it again.
             peer.unconfirmed[job.id] = (job.attempts, time.monotonic())
             self._guard(self._dispatch, peer, job)
-
-    def plan(self, views: list[scheduler.WorkerView]) -> scheduler.Plan:
-        """Plan the whole queue on these workers, reading only the jobs the plan needs
-        (scheduler.plan_shapes), and keep why each job waits. Claims nothing."""
-        # What a job asks for never changes: the shapes and jobs read are kept for the next
-        # round, which reads only those it did not have.
-        shapes = self.store.queued_shapes()
-        self._needs = {s: self._needs.get(s) or models.Needs.from_shape(s) for s in shapes}
-        known, self._queued = self._queued, {}
-
-        def read(shape: str, count: int) -> list[models.Job]:
-            jobs = self.store.queued_jobs(count, known, shape)
-            self._queued.update((job.id, job) for job in jobs)
-            return jobs
-
-        plan = scheduler.plan_shapes(self._needs, read, views, self._matches)
-        self.reasons, self.shape_reasons = plan.reasons, plan.shape_reasons
-        return plan
 
     def _dispatch(self, peer: Peer, job: models.Job) -> None:
         """Send a claimed job to its worker, or put it back."""
@@ -737,10 +588,7 @@ class Broker:
 
     def queue_reason(self, job_id: int) -> str:
         """Why a QUEUED job waits, as of the last scheduling round. Any thread."""
-        why = self.reasons.get(job_id)
-        if why is None:
-            why = self.shape_reasons.get(self.store.get_job(job_id).spec.needs.shape)
-        return why or "waiting to be scheduled (submitted since the last scheduling round)"
+        return self.planner.queue_reason(job_id)
 
     def metrics_page(self) -> str:
         """GET /metrics. Any thread."""
@@ -781,12 +629,10 @@ class Broker:
         try:
             wire = protocol.wire_job(job, self.sealer.credentials(job))
         except errors.GpuboxError as exc:
-            self._fail(job, str(exc))
+            self.lifecycle.fail(job, str(exc))
             return False
-        body: dict[str, Any] = {"coordinator": self.coordinator_id, "job": wire}
-        if resume is not None:
-            body.update(protocol.resume_fields(resume))
-        if not self._send(peer, "JOB", body):
+        marks = protocol.resume_fields(resume) if resume is not None else {}
+        if not self._send(peer, protocol.Job(coordinator=self.coordinator_id, job=wire, **marks)):
             return False
         peer.assigned[job.id] = list(job.gpu_ids)
         if resume is None:
@@ -805,7 +651,7 @@ class Broker:
                     # counting an attempt, and stop it should it arrive after all.
                     del peer.unconfirmed[job_id]
                     peer.assigned.pop(job_id, None)
-                    self._send(peer, "CANCEL", {"job_id": job_id, "attempt": attempt})
+                    self._cancel(peer, job_id, attempt)
                     self._unconfirmed(peer, job_id, attempt, now)
             if now - peer.last_seen > self.liveness_s:
                 self._lose(peer, f"worker lost: no word from {peer.name} for {self.liveness_s:g} s")
@@ -814,7 +660,7 @@ class Broker:
         connected = {peer.name for peer in self.peers.values()}
         for job in self.store.running_jobs():
             if job.worker not in connected:
-                self._release(job, f"worker lost: {job.worker} did not reconnect")
+                self.lifecycle.release(job, f"worker lost: {job.worker} did not reconnect")
 
     def _unconfirmed(self, peer: Peer, job_id: int, attempt: int, now: float) -> None:
         """A worker was sent a job, with its secrets, and never confirmed it: it gets no more
@@ -836,32 +682,7 @@ class Broker:
                 QUARANTINE_S,
                 extra=fields(job=job_id, worker=peer.name),
             )
-        job = self.store.get_job(job_id)
-        if job.status is not models.Status.RUNNING or job.attempts != attempt:
-            return
-        at = models.utcnow()
-        marker = (
-            f"[gpubox: worker {peer.name} was sent this job (attempt {attempt}, with its secrets"
-            f" and registry credentials) and did not confirm it within {self.liveness_s:g} s;"
-            " the job is queued again]"
-        )
-        stamp = f"{at:%Y-%m-%dT%H:%M:%S}.{at.microsecond:06d}000Z"
-        self.store.append_logs(
-            job_id,
-            attempt,
-            job.log_seq + 1,
-            [(stamp, models.GPUBOX_STREAM, marker)],
-            self.max_log_lines,
-            keep_bytes=self.max_log_bytes,
-        )
-        if self.store.unclaim_job(job_id, attempt, at):
-            log.warning(
-                "job %d: %s never confirmed it; queued again",
-                job_id,
-                peer.name,
-                extra=fields(job=job_id, worker=peer.name),
-            )
-            self.changes.notify(job_id)
+        self.lifecycle.requeue_unconfirmed(peer.name, job_id, attempt, self.liveness_s)
 
     def stalled(self) -> str:
         """Why the broker is not serving ("" while its loop turns): its thread ended, or its
@@ -885,76 +706,32 @@ class Broker:
         log.warning("%s", reason, extra=fields(worker=peer.name))
         self.store.save_worker(peer.info(connected=False))
         for job in self.store.running_jobs(worker=peer.name):
-            self._release(job, reason)
+            self.lifecycle.release(job, reason)
 
-    def _fail(self, job: models.Job, reason: str) -> None:
-        """End a claimed job that cannot be sent at all."""
-        log.error("job %d: %s", job.id, reason, extra=fields(job=job.id))
-        now = models.utcnow()
-        self.store.finish_job(
-            job.id, job.attempts, models.Status.ERROR, None, reason, None, now, job.log_seq
-        )
-        self._ended(job.id)
-
-    def _release(self, job: models.Job, reason: str) -> None:
-        if job.executed_at is None:
-            # Its container never started: nothing ran, so no attempt is spent on it.
-            if self.store.unclaim_job(job.id, job.attempts, models.utcnow()):
-                log.warning(
-                    "job %d: %s before it started; queued again",
-                    job.id,
-                    reason,
-                    extra=fields(job=job.id, worker=job.worker),
-                )
-                self.changes.notify(job.id)
-            return
-        released = self.store.release_job(job.id, job.attempts, reason, models.utcnow())
-        if released is not None:
-            log.warning(
-                "job %d: %s; now %s",
-                job.id,
-                reason,
-                released.status.value,
-                extra=fields(job=job.id, worker=job.worker, status=released.status.value),
-            )
-            if released.status.terminal:
-                self._ended(job.id)
-            else:
-                self.changes.notify(job.id)
-
-    def _ended(self, job_id: int) -> None:
-        """Wake the job's followers for the last time and drop its change counter, which
-        would otherwise be kept for every job ever run."""
-        self.changes.notify(job_id)
-        self.changes.forget(job_id)
+    def _forget(self, job_id: int) -> None:
+        """Drop what the broker kept about a job that ended (Lifecycle's on_end)."""
         self._stored.pop(job_id, None)
         self._sent_at.pop(job_id, None)
 
     # --- sending ------------------------------------------------------------------------------
 
-    def _send(self, peer: Peer, msg_type: str, body: dict[str, Any]) -> bool:
-        ok = self._send_raw(peer.routing_id, msg_type, body)
+    def _ack(self, peer: Peer, job_id: int, attempt: int, seq: int, done: bool) -> None:
+        self._send(peer, protocol.Ack(job_id=job_id, attempt=attempt, seq=seq, done=done))
+
+    def _cancel(self, peer: Peer, job_id: int, attempt: int) -> None:
+        self._send(peer, protocol.Cancel(job_id=job_id, attempt=attempt))
+
+    def _send(self, peer: Peer, msg: protocol.FromCoordinator) -> bool:
+        ok = self._send_raw(peer.routing_id, msg)
         if not ok and peer.session in self.peers:
             # The connection is gone; its jobs stay until the worker returns or liveness ends.
             peer.ready = False
         return ok
 
-    def _send_raw(self, routing_id: bytes, msg_type: str, body: dict[str, Any]) -> bool:
+    def _send_raw(self, routing_id: bytes, msg: protocol.FromCoordinator) -> bool:
         try:
-            self.router.send_multipart([routing_id, *protocol.encode(msg_type, body)], zmq.NOBLOCK)
+            self.router.send_multipart([routing_id, *protocol.encode(msg)], zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer congested)
-            log.debug("could not send %s: %s", msg_type, exc)
+            log.debug("could not send %s: %s", msg.TYPE, exc)
             return False
-
-
-def _worker_notes(body: dict[str, Any]) -> list[int]:
-    """The indices of a LOG batch's lines that are the worker's own, not the job's: those it
-    names in `notes`, or, from a worker that sends no notes, the last line of a batch that
-    covers more sequence numbers than it has lines (its marker for lines it dropped)."""
-    count = len(body["lines"])
-    notes = body.get("notes")
-    if notes is None:
-        last = body.get("last")
-        notes = [count - 1] if last is not None and count and last > body["seq"] + count - 1 else []
-    return [index for index in notes if 0 <= index < count]

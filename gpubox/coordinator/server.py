@@ -160,7 +160,8 @@ class Coordinator:
 
     def reload(self) -> None:
         """SIGHUP (systemctl reload): read the worker allow list again at once. Tokens need
-        nothing: one revoked in the store is refused within a second (sql.TOKEN_CACHE_S)."""
+        nothing: one revoked in the store is refused within a second
+        (store.tokens.TOKEN_CACHE_S)."""
         if self.broker is not None:
             count = self.broker.allow.reload()
             log.info("reloaded: %d worker key(s) on the allow list", count)

@@ -220,8 +220,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def find_token(self, digest: str) -> models.Token | None:
         """The token with this SHA-256 hex digest, if any. A token found may be taken on
-        trust for a second (sql.TOKEN_CACHE_S): a revoke through this store ends it at once,
-        one through another process within that second."""
+        trust for a second (tokens.TOKEN_CACHE_S): a revoke through this store ends it at
+        once, one through another process within that second."""
 
     @abc.abstractmethod
     def revoke_token(self, name: str) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from gpubox import errors
-from gpubox.store import sql
+from gpubox.store import columns, sql
 
 log = logging.getLogger(__name__)
 
@@ -23,37 +23,20 @@ MAX_GROUP_WRITES = 64
 # Log rows per INSERT: 500 parameters, within every SQLite's limit (999 before 3.32).
 ROWS_PER_INSERT = 100
 
-# One script per schema version; statements separated by ";" at the end of a line.
-MIGRATIONS = (
+# The SQL type of each of fields.COLUMN_TYPES.
+TYPES = {
+    "key": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "text": "TEXT",
+    "int": "INTEGER",
+    "bigint": "INTEGER",
+    "real": "REAL",
+}
+
+# What each schema version does besides the jobs table's columns (models.JOB_FIELDS says which
+# version added which column); statements separated by ";" at the end of a line.
+OTHERS = (
     """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
-CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    description TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    image TEXT NOT NULL,
-    command TEXT,
-    env TEXT NOT NULL,
-    sealed TEXT,
-    gpus INTEGER NOT NULL,
-    labels TEXT NOT NULL,
-    timeout REAL,
-    max_retries INTEGER NOT NULL,
-    metadata TEXT NOT NULL,
-    status TEXT NOT NULL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    worker TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    executed_at TEXT,
-    finished_at TEXT,
-    exit_code INTEGER,
-    error TEXT,
-    gpu_ids TEXT NOT NULL DEFAULT '[]',
-    log_seq INTEGER NOT NULL DEFAULT 0,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
 CREATE INDEX jobs_queue ON jobs (priority DESC, id) WHERE status = 'QUEUED';
 CREATE INDEX jobs_worker ON jobs (worker, status);
 CREATE TABLE job_labels (
@@ -82,35 +65,28 @@ CREATE TABLE tokens (
     created_at TEXT NOT NULL
 );
 """,
-    # 2: which GPUs a job wants, and its container options (JSON)
-    """
-ALTER TABLE jobs ADD COLUMN gpu_model TEXT;
-ALTER TABLE jobs ADD COLUMN gpu_memory_gb REAL;
-ALTER TABLE jobs ADD COLUMN container TEXT NOT NULL DEFAULT '{}';
-""",
+    # 2: which GPUs a job wants, and its container options (jobs' columns only)
+    "",
     # 3: each job's needs as one text (models.Needs.shape), so that the scheduler reads the
     # queue shape by shape; SqlStore.upgrade fills it in for the jobs not ended yet
     """
-ALTER TABLE jobs ADD COLUMN shape TEXT;
 CREATE INDEX jobs_shape ON jobs (shape, priority DESC, id) WHERE status = 'QUEUED';
 """,
     # 4: who submitted a job (its token's name; NULL for older jobs), and whether a token,
     # and each job it submitted, may use process-runtime workers (older ones: no)
     """
-ALTER TABLE jobs ADD COLUMN submitter TEXT;
-ALTER TABLE jobs ADD COLUMN allow_process INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tokens ADD COLUMN allow_process INTEGER NOT NULL DEFAULT 0;
 """,
     # 5: the bytes of a job's stored log, and where its head ends once lines are dropped
     # (the max_log_bytes cap); counted for jobs still running
     """
-ALTER TABLE jobs ADD COLUMN log_bytes INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE jobs ADD COLUMN log_cut INTEGER NOT NULL DEFAULT 0;
 UPDATE jobs SET log_bytes = (
     SELECT COALESCE(SUM(LENGTH(CAST(line AS BLOB))), 0) FROM logs WHERE logs.job_id = jobs.id
 ) WHERE status = 'RUNNING';
 """,
 )
+# One script per schema version: MIGRATIONS[0] makes version 1, and so on.
+MIGRATIONS = columns.migrations(TYPES, OTHERS)
 
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:

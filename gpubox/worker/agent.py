@@ -29,10 +29,11 @@ from typing import Any, Protocol
 import zmq
 import zmq.utils.monitor
 
-from gpubox import __version__, errors, keys, models, protocol, supervise
+from gpubox import __version__, keys, models, protocol, supervise
 from gpubox.config import WorkerConfig
 from gpubox.logfmt import fields, printable
 from gpubox.worker import runners
+from gpubox.worker.link import CoordinatorLink
 from gpubox.worker.runners import Runners
 from gpubox.worker.spill import Spill
 
@@ -41,12 +42,6 @@ log = logging.getLogger(__name__)
 MAX_UNACKED_BYTES = 64 * 1024 * 1024  # the in-memory window's other bound
 LINE_OVERHEAD = 48  # bytes a held line costs besides its text (timestamp, stream, list)
 _STREAM = operator.itemgetter(1)
-
-HANDSHAKE_FAILURES = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
 
 
 class Runtime(Protocol):
@@ -58,7 +53,7 @@ class Runtime(Protocol):
 
     def run(
         self,
-        job: dict[str, Any],
+        job: protocol.WireJob,
         emit: Any,
         cancel: threading.Event,
         detach: threading.Event | None = None,
@@ -88,7 +83,7 @@ class LocalJob:
     running: bool = True
     # first seq → (lines, last seq covered, sent at): sent, not yet acknowledged
     unacked: dict[int, tuple[list[list[str]], int, float]] = dataclasses.field(default_factory=dict)
-    done: dict[str, Any] | None = None
+    done: protocol.Done | None = None  # its DONE, once the runner ended it (session: "")
     done_sent_at: float = 0.0
     # A container found at start, not yet re-attached (the coordinator sends JOB + resume).
     found: Any = None
@@ -111,14 +106,14 @@ class Agent:
         self.usage = usage
         self.name = keys.check_name(config.name or socket.gethostname())
         key_file = config.key_file or keys.worker_secret_file(config.state_dir, self.name)
-        self.public_key, self.secret_key = keys.load_secret(key_file)
-        self.server_key = keys.load_public(
+        keypair = keys.load_secret(key_file)
+        server_key = keys.load_public(
             config.coordinator_key or str(keys.coordinator_files(config.state_dir)[0])
         )
         self.runtime = runtime
         # What this worker's jobs are marked with, so a restart finds its own and never those
         # of another gpubox on this host under the same worker name: the coordinator's key.
-        runtime.owner = keys.fingerprint(self.server_key)
+        runtime.owner = keys.fingerprint(server_key)
         self.gpus = gpus
         self.labels = config.label_map
         self.context = context or zmq.Context.instance()
@@ -137,21 +132,21 @@ class Agent:
         self.events.bind(self.events_address)
         self.runners = Runners(self.context, self.events_address)
         self.spill = Spill(Path(config.state_dir) / "spill" / self.name, config.spill_max_bytes)
-        self.dealer: zmq.Socket | None = None
-        self.monitor: zmq.Socket = None  # type: ignore[assignment]
-        self._handshake_warned = False
+        self.link = CoordinatorLink(
+            self.context, config.coordinator, self.name, keypair, server_key
+        )
         self._refused = ""  # the coordinator's reason for refusing our HELLO, logged once
         self._hello_at = 0.0  # when the last HELLO went out (time.monotonic)
         # Ticked at every turn of run()'s loop; the process ends if it stops turning.
         self.loop = supervise.Loop(stall_s=3 * config.heartbeat_interval_s)
         # What each message from the coordinator is handled by.
-        self._handlers: dict[str, Callable[[dict[str, Any], float], None]] = {
-            "WELCOME": self._on_welcome,
-            "REFUSED": self._on_refused,
-            "HEARTBEAT": self._on_heartbeat,
-            "JOB": self._on_job,
-            "ACK": self._on_ack,
-            "CANCEL": self._on_cancel,
+        self._handlers: dict[type[protocol.FromCoordinator], Callable[[Any, float], None]] = {
+            protocol.Welcome: self._on_welcome,
+            protocol.Refused: self._on_refused,
+            protocol.CoordinatorHeartbeat: self._on_heartbeat,
+            protocol.Job: self._on_job,
+            protocol.Ack: self._on_ack,
+            protocol.Cancel: self._on_cancel,
         }
         self.session = ""
         self.coordinator_id = ""
@@ -192,10 +187,10 @@ class Agent:
                     break
                 events = dict(poller.poll(100))
                 now = time.monotonic()
-                if self.dealer in events:
-                    self._drain_dealer(now)
-                if self.monitor in events:
-                    self._drain_monitor()
+                if self.link.dealer in events:
+                    self._drain_link(now)
+                if self.link.monitor in events:
+                    self.link.check_handshakes()
                 if self.events in events:
                     self._drain_events(now)
                 self.step(now, poller)
@@ -214,11 +209,11 @@ class Agent:
             return
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
-            body: dict[str, Any] = {"session": self.session}
+            usage = None
             if self.usage is not None:
                 offered = {gpu.uuid for gpu in self.gpus}
-                body["usage"] = [item for item in self.usage() if item["uuid"] in offered]
-            self._send("HEARTBEAT", body)
+                usage = [item for item in self.usage() if item["uuid"] in offered]
+            self._send(protocol.WorkerHeartbeat(session=self.session, usage=usage))
         if self.welcomed:
             self._resend(now, older_than=self.config.resend_s)
             self._refill(now)
@@ -227,57 +222,9 @@ class Agent:
                 self._ready()  # slots 0: no more work
 
     def _connect(self, now: float, poller: zmq.Poller | None) -> None:
-        self._close_dealer(poller)
-        self.dealer = self.context.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.LINGER, 0)
-        self.dealer.curve_secretkey = self.secret_key
-        self.dealer.curve_publickey = self.public_key
-        self.dealer.curve_serverkey = self.server_key
-        self.dealer.setsockopt(zmq.RECONNECT_IVL, 200)
-        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-        # A refused key or a wrong server key only shows as a failed handshake: watch for it.
-        self.monitor = self.dealer.get_monitor_socket(HANDSHAKE_FAILURES)
-        self._handshake_warned = False
-        self.dealer.connect(self.config.coordinator)
-        if poller is not None:
-            poller.register(self.dealer, zmq.POLLIN)
-            poller.register(self.monitor, zmq.POLLIN)
+        self.link.connect(poller)
         self.last_heard = now
         self._hello()
-
-    def _close_dealer(self, poller: zmq.Poller | None) -> None:
-        if self.dealer is None:
-            return
-        if poller is not None:
-            poller.unregister(self.dealer)
-            poller.unregister(self.monitor)
-        self.dealer.disable_monitor()
-        self.monitor.close(linger=0)
-        self.dealer.close(linger=0)
-        self.dealer = None
-
-    def _drain_monitor(self) -> None:
-        while True:
-            try:
-                event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if self._handshake_warned:
-                continue
-            self._handshake_warned = True
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                log.error(
-                    "the coordinator refused this worker's key: is %s on its allow list"
-                    " (gpubox keys worker %s on the coordinator's box)?",
-                    self.name,
-                    self.name,
-                )
-            else:
-                log.error(
-                    "the CURVE handshake with %s failed: is coordinator_key the coordinator's"
-                    " public key (its keys/coordinator.key)?",
-                    self.config.coordinator,
-                )
 
     def _hello(self) -> None:
         self.session = uuid.uuid4().hex
@@ -285,50 +232,39 @@ class Agent:
         self._hello_at = time.monotonic()
         self.connected.clear()
         self._send(
-            "HELLO",
-            {
-                "name": self.name,
-                "version": __version__,
-                "session": self.session,
-                "gpus": [gpu.to_dict() for gpu in self.gpus],
-                "labels": self.labels,
-                "max_jobs": self.config.max_jobs,
-                "mounts": sorted(self.config.mount_map),
-                "runtime": self.config.runtime,
-                "running": [
-                    {"job_id": j.id, "attempt": j.attempt, "recovered": j.found is not None}
+            protocol.Hello(
+                name=self.name,
+                version=__version__,
+                session=self.session,
+                gpus=[gpu.to_dict() for gpu in self.gpus],
+                labels=self.labels,
+                max_jobs=self.config.max_jobs,
+                mounts=sorted(self.config.mount_map),
+                runtime=self.config.runtime,
+                running=[
+                    protocol.Running(job_id=j.id, attempt=j.attempt, recovered=j.found is not None)
                     for j in self.jobs.values()
                 ],
-            },
+            )
         )
 
-    def _drain_dealer(self, now: float) -> None:
-        assert self.dealer is not None
-        while True:
-            try:
-                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = protocol.decode_from_coordinator(frames)
-            except errors.ProtocolError as exc:
-                log.warning("dropped a malformed message from the coordinator: %s", exc)
-                continue
+    def _drain_link(self, now: float) -> None:
+        for msg in self.link.received():
             self.last_heard = now
-            handler = self._handlers.get(msg.type)
+            handler = self._handlers.get(type(msg))
             if handler is None:  # a type protocol knows and this worker does not handle
-                log.warning("dropped a %s message from the coordinator: no handler", msg.type)
+                log.warning("dropped a %s message from the coordinator: no handler", msg.TYPE)
                 continue
             try:
-                handler(msg.body, now)
+                handler(msg, now)
             except Exception:
                 # One message gone wrong must not end the agent, and with it every job here.
-                log.exception("the %s message from the coordinator failed", msg.type)
+                log.exception("the %s message from the coordinator failed", msg.TYPE)
 
     # --- messages from the coordinator --------------------------------------------------------
 
-    def _on_welcome(self, body: dict[str, Any], now: float) -> None:
-        self.coordinator_id = body["coordinator"]
+    def _on_welcome(self, msg: protocol.Welcome, now: float) -> None:
+        self.coordinator_id = msg.coordinator
         self.welcomed = True
         self._refused = ""
         self.connected.set()
@@ -336,37 +272,37 @@ class Agent:
         self._resend(now, older_than=0.0)
         self._ready()
 
-    def _on_refused(self, body: dict[str, Any], now: float) -> None:
-        if body["reason"] != self._refused:
-            self._refused = body["reason"]
-            log.error("the coordinator refused this worker: %s", body["reason"][:300])
+    def _on_refused(self, msg: protocol.Refused, now: float) -> None:
+        if msg.reason != self._refused:
+            self._refused = msg.reason
+            log.error("the coordinator refused this worker: %s", msg.reason[:300])
 
-    def _on_heartbeat(self, body: dict[str, Any], now: float) -> None:
-        if not body["known"] and not self.welcomed and now - self._hello_at < self.config.resend_s:
+    def _on_heartbeat(self, msg: protocol.CoordinatorHeartbeat, now: float) -> None:
+        if not msg.known and not self.welcomed and now - self._hello_at < self.config.resend_s:
             # A HELLO is on its way. This answers a message sent before it (batches queued
             # while the coordinator was away all get one): another HELLO would start yet
             # another session, and the next such answer another, a HELLO per queued message.
             return
-        if not body["known"] or (self.welcomed and body["coordinator"] != self.coordinator_id):
+        if not msg.known or (self.welcomed and msg.coordinator != self.coordinator_id):
             if not self._refused:  # else it is known why, and said once
                 log.info("the coordinator does not know this session (it restarted?): HELLO again")
             self._hello()
 
-    def _on_job(self, body: dict[str, Any], now: float) -> None:
-        spec = body["job"]
-        job = self.jobs.get(spec["id"])
-        marks = protocol.resume_marks(body)  # a re-attach: where its stored output ends
+    def _on_job(self, msg: protocol.Job, now: float) -> None:
+        spec = msg.job
+        job = self.jobs.get(spec.id)
+        marks = protocol.resume_marks(msg)  # a re-attach: where its stored output ends
         found = None
         if self.draining and job is None:
             # Not confirmed in READY: the coordinator queues it again for another worker.
-            log.info("job %d: not taken, this worker is draining", spec["id"])
+            log.info("job %d: not taken, this worker is draining", spec.id)
             return
         if job is not None:
-            if job.found is None or job.attempt != spec["attempt"] or marks is None:
+            if job.found is None or job.attempt != spec.attempt or marks is None:
                 return  # a duplicate delivery
             found, job.found = job.found, None
         else:
-            job = LocalJob(spec["id"], spec["attempt"], list(spec["gpus"]), threading.Event())
+            job = LocalJob(spec.id, spec.attempt, list(spec.gpus), threading.Event())
             self.jobs[job.id] = job
         run = functools.partial(self._run_job, spec, job.cancel, job.ended, found, marks)
         self.runners.start(f"job-{job.id}", run)  # first: the log line can wait, the job not
@@ -375,18 +311,18 @@ class Agent:
             job.id,
             job.attempt,
             "re-attached" if found else "received",
-            printable(spec["image"]),
+            printable(spec.image),
             extra=fields(job=job.id, attempt=job.attempt, gpus=",".join(job.gpus) or "-"),
         )
         self._ready()
 
-    def _on_ack(self, body: dict[str, Any], now: float) -> None:
-        job = self.jobs.get(body["job_id"])
-        if job is None or job.attempt != body["attempt"]:
+    def _on_ack(self, msg: protocol.Ack, now: float) -> None:
+        job = self.jobs.get(msg.job_id)
+        if job is None or job.attempt != msg.attempt:
             return
-        for seq in [s for s, (_, last, _) in job.unacked.items() if last <= body["seq"]]:
+        for seq in [s for s, (_, last, _) in job.unacked.items() if last <= msg.seq]:
             self._release(job.unacked.pop(seq)[0])
-        if body["done"]:
+        if msg.done:
             self._forget(job)
             # Now its exited container may go (kept until here for a restart to find).
             self.runtime.forget(job.id)
@@ -396,9 +332,9 @@ class Agent:
             self._resend(now, older_than=0.0, only=job)
         self._refill(now)
 
-    def _on_cancel(self, body: dict[str, Any], now: float) -> None:
-        job = self.jobs.get(body["job_id"])
-        if job is None or job.attempt != body["attempt"]:
+    def _on_cancel(self, msg: protocol.Cancel, now: float) -> None:
+        job = self.jobs.get(msg.job_id)
+        if job is None or job.attempt != msg.attempt:
             return
         if job.found is not None:
             # A container found at start that is no longer ours to run: stop it, forget it.
@@ -462,7 +398,7 @@ class Agent:
 
     def _run_job(
         self,
-        spec: dict[str, Any],
+        spec: protocol.WireJob,
         cancel: threading.Event,
         ended: threading.Event,
         found: Any,
@@ -472,7 +408,7 @@ class Agent:
         def emit(kind: str, body: dict[str, Any]) -> None:
             # Blocks while the agent is behind (back-pressure on the container's output),
             # gives up once the agent has stopped.
-            self._handed.append((spec["id"], kind, body))
+            self._handed.append((spec.id, kind, body))
             while True:
                 try:
                     push.send(b"")
@@ -484,7 +420,7 @@ class Agent:
         try:
             self.runtime.run(spec, emit, cancel, self._detach, found, resume)
         except Exception as exc:  # a runtime bug must still end the job
-            log.exception("job %d: the runtime failed", spec["id"], extra=fields(job=spec["id"]))
+            log.exception("job %d: the runtime failed", spec.id, extra=fields(job=spec.id))
             emit(
                 "done",
                 {
@@ -511,8 +447,9 @@ class Agent:
                 continue
             if kind == "started":
                 self._send(
-                    "STARTED",
-                    {"session": self.session, "job_id": job.id, "attempt": job.attempt, **body},
+                    protocol.Started(
+                        session=self.session, job_id=job.id, attempt=job.attempt, **body
+                    )
                 )
             elif kind == "lines":
                 seq, lines = body["seq"], body["lines"]
@@ -527,7 +464,7 @@ class Agent:
                         [last for _, last, _ in job.unacked.values()]
                         + [self.spill.last_seq(job.id) or 0]
                     )
-                job.done = {"session": "", "job_id": job.id, "attempt": job.attempt, **body}
+                job.done = protocol.Done(session="", job_id=job.id, attempt=job.attempt, **body)
                 self._send_done(job, now)
                 self._ready()
 
@@ -546,43 +483,43 @@ class Agent:
         running = sum(1 for job in self.jobs.values() if job.running)
         free = [gpu.uuid for gpu in self.gpus if gpu.uuid not in busy]
         self._send(
-            "READY",
-            {
-                "session": self.session,
-                "free_gpus": [] if self.draining else free,
-                "slots": 0 if self.draining else max(0, self.config.max_jobs - running),
-                "running": list(self.jobs),
-            },
+            protocol.Ready(
+                session=self.session,
+                free_gpus=[] if self.draining else free,
+                slots=0 if self.draining else max(0, self.config.max_jobs - running),
+                running=list(self.jobs),
+            )
         )
 
     def _send_log(self, job: LocalJob, seq: int, now: float) -> None:
         if not self.welcomed:
             return
         lines, last, _ = job.unacked[seq]
-        body = {
-            "session": self.session,
-            "job_id": job.id,
-            "attempt": job.attempt,
-            "seq": seq,
-            "lines": lines,
-        }
-        if last != seq + len(lines) - 1:
-            body["last"] = last
+        sent, notes = lines, None
         if models.GPUBOX_STREAM in map(_STREAM, lines):
             # The worker's own lines (markers) travel as stderr, named in `notes`: a
             # coordinator that knows no gpubox stream still takes the batch.
-            body["notes"] = [i for i, line in enumerate(lines) if line[1] == models.GPUBOX_STREAM]
-            body["lines"] = [
+            notes = [i for i, line in enumerate(lines) if line[1] == models.GPUBOX_STREAM]
+            sent = [
                 [line[0], "stderr", line[2]] if line[1] == models.GPUBOX_STREAM else line
                 for line in lines
             ]
-        if self._send("LOG", body):
+        msg = protocol.Log(
+            session=self.session,
+            job_id=job.id,
+            attempt=job.attempt,
+            seq=seq,
+            lines=sent,
+            last=last if last != seq + len(lines) - 1 else None,
+            notes=notes,
+        )
+        if self._send(msg):
             job.unacked[seq] = (lines, last, now)
 
     def _send_done(self, job: LocalJob, now: float) -> None:
         if not self.welcomed or job.done is None or job.id in self.spill:
             return
-        if self._send("DONE", {**job.done, "session": self.session}):
+        if self._send(dataclasses.replace(job.done, session=self.session)):
             job.done_sent_at = now
 
     def _resend(self, now: float, older_than: float, only: LocalJob | None = None) -> None:
@@ -593,14 +530,8 @@ class Agent:
             if job.done is not None and now - job.done_sent_at >= older_than:
                 self._send_done(job, now)
 
-    def _send(self, msg_type: str, body: dict[str, Any]) -> bool:
-        if self.dealer is None:
-            return False
-        try:
-            self.dealer.send_multipart(protocol.encode(msg_type, body), zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False  # the link is congested or down; the resend timer tries again
+    def _send(self, msg: protocol.FromWorker) -> bool:
+        return self.link.send(msg)
 
     # --- stopping -----------------------------------------------------------------------------
 
@@ -621,6 +552,6 @@ class Agent:
         for job in running:
             job.ended.wait(timeout=2)
         self.runners.stop()
-        self._close_dealer(None)
+        self.link.close(None)
         self.events.close(linger=0)
         self.spill.close()

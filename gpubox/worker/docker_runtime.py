@@ -19,7 +19,7 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from gpubox import errors, logfmt, models
+from gpubox import errors, logfmt, models, protocol
 from gpubox.config import Mount, check_mount_folders
 from gpubox.worker.dockerlogs import DockerLogs
 from gpubox.worker.lines import (
@@ -113,7 +113,7 @@ class DockerRuntime:
 
     def run(
         self,
-        job: dict[str, Any],
+        job: protocol.WireJob,
         emit: Emit,
         cancel: threading.Event,
         detach: threading.Event | None = None,
@@ -126,7 +126,7 @@ class DockerRuntime:
         start, and each stream resumes where `resume` says its stored output ends."""
         detach = detach or threading.Event()
         executed_at: str | None = None
-        buffer = LineBuffer(job["first_seq"])
+        buffer = LineBuffer(job.first_seq)
         outcome: dict[str, Any] | None
         try:
             if container is not None:
@@ -165,7 +165,7 @@ class DockerRuntime:
             # acknowledges DONE (forget): a worker killed before that finds it at its next
             # start and reports the exit code and the last lines from it.
             with self._ended_lock:
-                self._ended[job["id"]] = container
+                self._ended[job.id] = container
         self._flush(job, buffer, emit, container, wait_s=0)
         emit_done(emit, outcome, executed_at, buffer)
 
@@ -207,26 +207,26 @@ class DockerRuntime:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             log.warning("could not remove container %s: %s", container.short_id, exc)
 
-    def _create(self, job: dict[str, Any], cancel: threading.Event) -> Any:
+    def _create(self, job: protocol.WireJob, cancel: threading.Event) -> Any:
         """The job's container, created; its image is pulled first only when the engine says
         it has none (as `docker run` does: one API call fewer per job than asking before each
         create). None when cancelled during the pull; JobRefused when the pull fails."""
         spec = self.container_spec(job)
         try:
-            return self.client.containers.create(job["image"], **spec)
+            return self.client.containers.create(job.image, **spec)
         except docker.errors.ImageNotFound:
             pass
         # Checked before the pull, not before the create: an image the engine has already
         # needs no request to any registry.
-        refused = self.policy.registry_refusal(job["image"])
+        refused = self.policy.registry_refusal(job.image)
         if refused is not None:
-            raise JobRefused(f"could not pull image {job['image']!r}: {refused}")
-        pull_error = self._pull(job["image"], job.get("auth"))
+            raise JobRefused(f"could not pull image {job.image!r}: {refused}")
+        pull_error = self._pull(job.image, job.auth)
         if pull_error is not None:
-            raise JobRefused(f"could not pull image {job['image']!r}: {pull_error}")
+            raise JobRefused(f"could not pull image {job.image!r}: {pull_error}")
         if cancel.is_set():
             return None
-        return self.client.containers.create(job["image"], **spec)
+        return self.client.containers.create(job.image, **spec)
 
     def _pull(self, image: str, auth: dict[str, str] | None) -> str | None:
         """Pull the image; None on success, else why not, in a few fixed words."""
@@ -253,22 +253,22 @@ class DockerRuntime:
             )
             return pull_failure(explanation)
 
-    def container_spec(self, job: dict[str, Any]) -> dict[str, Any]:
+    def container_spec(self, job: protocol.WireJob) -> dict[str, Any]:
         """The keyword arguments of containers.create for a JOB: command, environment,
         labels to find it again, its GPUs (device request + NVIDIA_VISIBLE_DEVICES, with
         CUDA_DEVICE_ORDER=PCI_BUS_ID so indices inside match nvidia-smi outside), and its
         container options, with this worker's limits (policy). Raises JobRefused for a mount
         this worker does not declare, or /dev/shm over its max_shm_size."""
-        options = models.ContainerOptions.from_dict(job.get("container"))
+        options = models.ContainerOptions.from_dict(job.container)
         kwargs: dict[str, Any] = {
-            "command": job.get("command"),
-            "environment": {**(job.get("env") or {}), **(job.get("secrets") or {})},
+            "command": job.command,
+            "environment": {**(job.env or {}), **(job.secrets or {})},
             "init": True,
             "detach": True,
             "labels": {
-                LABEL: str(job["id"]),
-                f"{LABEL}.attempt": str(job["attempt"]),
-                f"{LABEL}.gpus": ",".join(job["gpus"]),
+                LABEL: str(job.id),
+                f"{LABEL}.attempt": str(job.attempt),
+                f"{LABEL}.gpus": ",".join(job.gpus),
                 WORKER_LABEL: self.worker_name,
                 OWNER_LABEL: self.owner,
             },
@@ -280,14 +280,14 @@ class DockerRuntime:
                 type="json-file",
                 config={"max-size": str(self.log_max_bytes), "max-file": str(self.log_max_files)},
             )
-        if job["gpus"] and self.gpu_devices:
+        if job.gpus and self.gpu_devices:
             kwargs["device_requests"] = [
-                docker.types.DeviceRequest(device_ids=list(job["gpus"]), capabilities=[["gpu"]])
+                docker.types.DeviceRequest(device_ids=list(job.gpus), capabilities=[["gpu"]])
             ]
         # Last, over the job's and the image's: a job sees its own GPUs and no other (on an
         # engine whose default runtime is nvidia, "void" keeps a GPU-less job from all).
-        kwargs["environment"]["NVIDIA_VISIBLE_DEVICES"] = ",".join(job["gpus"]) or "void"
-        if job["gpus"]:
+        kwargs["environment"]["NVIDIA_VISIBLE_DEVICES"] = ",".join(job.gpus) or "void"
+        if job.gpus:
             kwargs["environment"]["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         try:
             kwargs.update(self.policy.create_options(options.shm_size))
@@ -319,7 +319,7 @@ class DockerRuntime:
 
     def _watch(
         self,
-        job: dict[str, Any],
+        job: protocol.WireJob,
         container: Any,
         buffer: LineBuffer,
         emit: Emit,
@@ -345,11 +345,11 @@ class DockerRuntime:
             logs.container_exited()
             buffer.wake()
 
-        threading.Thread(target=wait, daemon=True, name=f"wait-{job['id']}").start()
+        threading.Thread(target=wait, daemon=True, name=f"wait-{job.id}").start()
         deadline = None
-        if job.get("timeout"):
+        if job.timeout:
             ran_s = (models.utcnow() - models.parse_time(started_at(container))).total_seconds()  # type: ignore[operator]
-            deadline = time.monotonic() + job["timeout"] - max(0.0, ran_s)
+            deadline = time.monotonic() + job.timeout - max(0.0, ran_s)
         stopped_for: str | None = None
         while not exited.is_set():
             if detach.is_set():
@@ -413,11 +413,11 @@ class DockerRuntime:
             log.warning("stopping container %s failed: %s", container.short_id, exc)
 
     def _flush(
-        self, job: dict[str, Any], buffer: LineBuffer, emit: Emit, container: Any, wait_s: float
+        self, job: protocol.WireJob, buffer: LineBuffer, emit: Emit, container: Any, wait_s: float
     ) -> None:
         short = container.short_id if container is not None else "-"
         send_lines(
-            buffer, emit, self.tee, self._tee_lock, f"job={job['id']} container={short}", wait_s
+            buffer, emit, self.tee, self._tee_lock, f"job={job.id} container={short}", wait_s
         )
 
 

@@ -73,11 +73,11 @@ def line_text(data: bytes, mask: Masker) -> str:
     return mask(text) if mask.values else text
 
 
-def secret_values(job: dict[str, Any]) -> list[str]:
+def secret_values(job: protocol.WireJob) -> list[str]:
     """What must never show in a job's stored output: its secrets and its registry password."""
-    values = list((job.get("secrets") or {}).values())
-    if job.get("auth") and job["auth"].get("password"):
-        values.append(job["auth"]["password"])
+    values = list((job.secrets or {}).values())
+    if job.auth and job.auth.get("password"):
+        values.append(job.auth["password"])
     return values
 
 

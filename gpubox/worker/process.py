@@ -26,123 +26,39 @@ process that still carries its marker (a job's children too, unless they dropped
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import dataclasses
 import logging
 import os
-import pwd
-import select
-import shutil
 import signal
-import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import IO, Any
 
-from gpubox import errors, models, protocol
+from gpubox import models, protocol
 from gpubox.logfmt import fields
-from gpubox.worker.lines import (
-    BATCH_LINES,
-    GATHER_S,
-    Emit,
-    LineBuffer,
-    Masker,
-    emit_done,
-    line_text,
-    secret_values,
-    send_lines,
-)
+from gpubox.worker.lines import Emit, LineBuffer, Masker, emit_done, secret_values, send_lines
+from gpubox.worker.process_output import Output
+from gpubox.worker.process_user import JobUser, job_user
+from gpubox.worker.scratch import Scratch
+
+# What tests and other modules import from here, whichever module holds it.
+__all__ = [
+    "JobUser",
+    "Output",
+    "ProcessRuntime",
+    "Scratch",
+    "environment",
+    "job_user",
+]
 
 FLUSH_S = 0.1
-READ_BYTES = 256 * 1024
 READ_AFTER_EXIT_S = 2.0
 log = logging.getLogger(__name__)
 
 PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 OWNER_VARIABLE = "GPUBOX_WORKER_RUN"  # coordinator:worker, in every job process's environment
-CAP_SETGID, CAP_SETUID = 6, 7  # the capabilities a process needs to change its groups and user
-
-
-@dataclasses.dataclass(frozen=True)
-class JobUser:
-    """The user a process worker runs its jobs as."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: list[int]  # its supplementary groups (the worker's own are not passed on)
-    home: str
-    switch: bool  # True: the worker runs as another user (root) and switches to this one
-
-
-def _can_switch_users() -> bool:
-    """Whether this process may change its user and groups (CAP_SETUID and CAP_SETGID):
-    root usually may; root under a unit without capabilities, and other users, may not."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("CapEff:"):
-                    caps = int(line.split()[1], 16)
-                    return bool(caps >> CAP_SETUID & 1 and caps >> CAP_SETGID & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.geteuid() == 0
-
-
-def job_user(setting: str = "") -> JobUser:
-    """The user jobs run as, from the worker's process_user setting: a user name or id, or ""
-    for the default ("nobody" when the worker runs as root, else the worker's own user).
-    errors.ConfigError for root, for an unknown user, and for a user this worker cannot
-    switch to (only root can: a worker running as gpubox under its systemd unit, without
-    capabilities, runs jobs as gpubox)."""
-    me = os.geteuid()
-    if not setting:
-        setting = "nobody" if me == 0 else str(me)
-    try:
-        entry = pwd.getpwuid(int(setting)) if setting.isdigit() else pwd.getpwnam(setting)
-    except KeyError:
-        if setting != str(me):
-            raise errors.ConfigError(f"process_user: no user {setting!r} on this host") from None
-        entry = None  # the worker's own uid has no name here (a container): run as it
-    if entry is None:
-        name, uid, gid, home = setting, me, os.getegid(), os.environ.get("HOME", "/")
-    else:
-        name, uid, gid, home = entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir
-    if uid == 0:
-        raise errors.ConfigError(
-            f"process_user: {name} is root (uid 0); the process runtime never runs jobs as"
-            " root: name an unprivileged user (the default is nobody when the worker runs"
-            " as root)"
-        )
-    if uid == me:
-        return JobUser(name, uid, gid, [], home, switch=False)
-    if not _can_switch_users():
-        own = _user_name(me)
-        raise errors.ConfigError(
-            f"process_user: this worker runs as {own} and cannot run jobs as {name} (that"
-            f" needs root with CAP_SETUID and CAP_SETGID): leave process_user unset to run"
-            f" them as {own}, or run the worker as root"
-        )
-    groups = os.getgrouplist(name, gid) if entry is not None else [gid]
-    return JobUser(name, uid, gid, groups, home, switch=True)
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def timestamp() -> str:
-    """Now, as Docker writes log timestamps (nine fraction digits)."""
-    ns = time.time_ns()
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000))
-    return f"{whole}.{ns % 1_000_000_000:09d}Z"
 
 
 class ProcessRuntime:
@@ -209,7 +125,7 @@ class ProcessRuntime:
 
     def run(
         self,
-        job: dict[str, Any],
+        job: protocol.WireJob,
         emit: Emit,
         cancel: threading.Event,
         detach: threading.Event | None = None,
@@ -220,13 +136,13 @@ class ProcessRuntime:
         `detach` set (the worker is stopping) the process is stopped and nothing more is
         emitted: the coordinator hands the job out again or fails it, as for a lost worker."""
         detach = detach or threading.Event()
-        buffer = LineBuffer(job["first_seq"])
+        buffer = LineBuffer(job.first_seq)
         executed_at: str | None = None
-        options = models.ContainerOptions.from_dict(job.get("container"))
+        options = models.ContainerOptions.from_dict(job.container)
         refused = options.needs_docker()
         workdir = options.workdir
         scratch = None
-        if not job.get("command"):
+        if not job.command:
             outcome: dict[str, Any] | None = {
                 "status": "ERROR",
                 "error": "the process runtime runs docker.command, and this job has none",
@@ -251,7 +167,7 @@ class ProcessRuntime:
                         "extra_groups": self.user.groups,
                     }
                 proc = subprocess.Popen(
-                    job["command"],
+                    job.command,
                     cwd=workdir,
                     env=environment(job, self.marker(), self.user),
                     **switch,
@@ -280,7 +196,7 @@ class ProcessRuntime:
 
     def _watch(
         self,
-        job: dict[str, Any],
+        job: protocol.WireJob,
         proc: subprocess.Popen[bytes],
         buffer: LineBuffer,
         emit: Emit,
@@ -290,8 +206,8 @@ class ProcessRuntime:
         """Read both pipes in this thread until they close and the process has exited,
         sending lines in batches, and stop the process on cancel, timeout or detach."""
         assert proc.stdout is not None and proc.stderr is not None
-        output = Output(job, proc.stdout, proc.stderr)
-        deadline = time.monotonic() + job["timeout"] if job.get("timeout") else None
+        output = Output(Masker(secret_values(job)), proc.stdout, proc.stderr)
+        deadline = time.monotonic() + job.timeout if job.timeout else None
         exited_at: float | None = None
         stopped_for: str | None = None
         try:
@@ -346,63 +262,12 @@ class ProcessRuntime:
             except subprocess.TimeoutExpired:
                 continue
 
-    def _flush(self, job: dict[str, Any], buffer: LineBuffer, emit: Emit, wait_s: float) -> None:
-        send_lines(buffer, emit, self.tee, self._tee_lock, f"job={job['id']} process", wait_s)
-
-
-class Scratch:
-    """Empty folders for jobs without docker.workdir, each kept for a next job once it is
-    found empty again (making and removing a folder costs ~0.15 ms of CPU per job on ext4,
-    looking into one ~0.01 ms). They live in one folder of the temporary directory, removed
-    when the worker exits, and belong to the user jobs run as (uid, gid)."""
-
-    def __init__(self, uid: int | None = None, gid: int | None = None) -> None:
-        self._lock = threading.Lock()
-        self._root: str | None = None
-        self._free: list[str] = []
-        self.uid = os.getuid() if uid is None else uid
-        self.gid = os.getgid() if gid is None else gid
-
-    def take(self) -> str:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-            if self._root is None:
-                self._root = tempfile.mkdtemp(prefix="gpubox-scratch-")
-                atexit.register(shutil.rmtree, self._root, True)
-                # Jobs of another user than the worker's must get through to their folder,
-                # but not list the others.
-                os.chmod(self._root, 0o711)
-            root = self._root
-        path = tempfile.mkdtemp(prefix="job-", dir=root)
-        if self.uid != os.getuid():
-            os.chown(path, self.uid, self.gid)
-        return path
-
-    def give_back(self, path: str) -> None:
-        """Keep `path` for the next job if it is as take() made it: an empty folder of ours
-        that only we may enter (mkdtemp's mode); else remove it."""
-        try:
-            info = os.lstat(path)
-            with os.scandir(path) as entries:
-                reusable = next(entries, None) is None
-        except OSError:
-            reusable = False
-        else:
-            reusable = reusable and (
-                stat.S_ISDIR(info.st_mode)
-                and stat.S_IMODE(info.st_mode) == 0o700
-                and info.st_uid == self.uid
-            )
-        if not reusable:
-            shutil.rmtree(path, ignore_errors=True)
-            return
-        with self._lock:
-            self._free.append(path)
+    def _flush(self, job: protocol.WireJob, buffer: LineBuffer, emit: Emit, wait_s: float) -> None:
+        send_lines(buffer, emit, self.tee, self._tee_lock, f"job={job.id} process", wait_s)
 
 
 def environment(
-    job: dict[str, Any], marker: str = "", user: JobUser | None = None
+    job: protocol.WireJob, marker: str = "", user: JobUser | None = None
 ) -> dict[str, str]:
     """The job's environment: a few of the worker's variables (HOME, USER and LOGNAME those
     of `user` when the worker switches to it), the job's, its GPUs, its id, and the marker by
@@ -410,93 +275,12 @@ def environment(
     env = {name: os.environ[name] for name in PASSED_ON if name in os.environ}
     if user is not None and user.switch:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
-    env.update(job.get("env") or {})
-    env.update(job.get("secrets") or {})
-    env["GPUBOX_JOB_ID"] = str(job["id"])
+    env.update(job.env or {})
+    env.update(job.secrets or {})
+    env["GPUBOX_JOB_ID"] = str(job.id)
     env[OWNER_VARIABLE] = marker
-    gpus = ",".join(job.get("gpus") or [])
+    gpus = ",".join(job.gpus or [])
     env["NVIDIA_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = gpus
     if gpus:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     return env
-
-
-class Output:
-    """A job's stdout and stderr, read as they come (no thread per pipe): lines timestamped
-    as they arrive, masked, and due to be sent GATHER_S after the first one waiting, or at
-    once when a batch is full."""
-
-    def __init__(self, job: dict[str, Any], stdout: IO[bytes], stderr: IO[bytes]) -> None:
-        self._mask = Masker(secret_values(job))
-        self._pipes = {pipe.fileno(): pipe for pipe in (stdout, stderr)}
-        self._names = {stdout.fileno(): "stdout", stderr.fileno(): "stderr"}
-        self._partial = {fd: b"" for fd in self._pipes}
-        self._poll = select.poll()
-        for fd in self._pipes:
-            self._poll.register(fd, select.POLLIN)
-        self._held = 0
-        self.due: float | None = None  # when the lines held must go out
-
-    @property
-    def closed(self) -> bool:
-        return not self._pipes
-
-    def read(self, wait_s: float) -> list[tuple[str, str, str]]:
-        """Wait up to wait_s for output, then the complete lines that came."""
-        if not self._pipes:
-            return []
-        lines: list[tuple[str, str, str]] = []
-        for fd, _ in self._poll.poll(max(0, int(wait_s * 1000))):
-            data = os.read(fd, READ_BYTES)
-            if not data:  # closed: what was left without a newline is a line too
-                self._poll.unregister(fd)
-                self._pipes.pop(fd).close()
-                data = self._partial.pop(fd)
-                pieces = [data] if data else []
-            else:
-                pieces = (self._partial[fd] + data).split(b"\n")
-                self._partial[fd] = rest = pieces.pop()
-                while len(rest) > protocol.MAX_LINE:  # no newline in sight: send a piece
-                    cut = _char_start(rest, protocol.MAX_LINE)
-                    pieces.append(rest[:cut])
-                    self._partial[fd] = rest = rest[cut:]
-            if pieces:
-                ts, name = timestamp(), self._names[fd]
-                lines += [(ts, name, line_text(piece, self._mask)) for piece in pieces]
-        if lines:
-            if self.due is None:
-                self.due = time.monotonic() + GATHER_S
-            self._held += len(lines)
-            if self._held >= BATCH_LINES:
-                self.due = 0.0
-        return lines
-
-    def flush_due(self, now: float) -> bool:
-        """Whether the lines held should go out now (and then they count as gone)."""
-        if self.due is None or now < self.due:
-            return False
-        self.due, self._held = None, 0
-        return True
-
-    def rest(self) -> list[tuple[str, str, str]]:
-        """What is left without a newline in pipes given up on while still open."""
-        ts = timestamp()
-        return [
-            (ts, self._names[fd], line_text(data, self._mask))
-            for fd, data in self._partial.items()
-            if data
-        ]
-
-    def close(self) -> None:
-        for pipe in self._pipes.values():
-            pipe.close()
-        self._pipes.clear()
-
-
-def _char_start(data: bytes, limit: int) -> int:
-    """Where to cut `data` (longer than `limit`) so that the first piece holds at most `limit`
-    bytes and no UTF-8 character is cut in two."""
-    at = limit
-    while at > 0 and data[at] & 0xC0 == 0x80:
-        at -= 1
-    return at or limit

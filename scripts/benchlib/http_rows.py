@@ -18,7 +18,7 @@ from typing import Any
 
 from benchlib.common import Context, Row, cluster, connect, free_port, ms, percentile
 from benchlib.worker_rows import context_switches, process_times
-from gpubox import models
+from gpubox import models, validate
 from gpubox.coordinator.api import PAGE_LINES
 from gpubox.store import Store, open_store
 
@@ -227,7 +227,7 @@ def big_store(ctx: Context, jobs: int, lines: int) -> Iterator[tuple[str, int]]:
     try:
         store = open_store(url)
         try:
-            log_job = store.create_job(models.parse_spec(SUBMIT_BODY), models.utcnow()).id
+            log_job = store.create_job(validate.parse_spec(SUBMIT_BODY), models.utcnow()).id
             started = time.monotonic()
             fill(store, log_job, jobs, lines)
             _say(f"store filled in {time.monotonic() - started:.1f} s")

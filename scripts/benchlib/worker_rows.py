@@ -324,18 +324,18 @@ def simulate(made: Cluster, count: int, stop: threading.Event, ready: Callable[[
             )
             sock.connect(made.link)
             session = uuid.uuid4().hex
-            hello = {
-                "name": name,
-                "version": __version__,
-                "session": session,
-                "gpus": [],
-                "labels": {},
-                "max_jobs": 0,
-                "running": [],
-            }
-            sock.send_multipart(protocol.encode("HELLO", hello))
-            ready_body = {"session": session, "free_gpus": [], "slots": 0, "running": []}
-            sock.send_multipart(protocol.encode("READY", ready_body))
+            hello = protocol.Hello(
+                name=name,
+                version=__version__,
+                session=session,
+                gpus=[],
+                labels={},
+                max_jobs=0,
+                running=[],
+            )
+            sock.send_multipart(protocol.encode(hello))
+            ready_msg = protocol.Ready(session=session, free_gpus=[], slots=0, running=[])
+            sock.send_multipart(protocol.encode(ready_msg))
             sockets.append((sock, session))
         ready()
         next_beat = time.monotonic()
@@ -344,7 +344,7 @@ def simulate(made: Cluster, count: int, stop: threading.Event, ready: Callable[[
                 while sock.poll(0):
                     sock.recv_multipart()  # WELCOME, HEARTBEAT: nothing to do
                 if time.monotonic() >= next_beat:
-                    sock.send_multipart(protocol.encode("HEARTBEAT", {"session": session}))
+                    sock.send_multipart(protocol.encode(protocol.WorkerHeartbeat(session=session)))
             if time.monotonic() >= next_beat:
                 next_beat += 2.0
             stop.wait(0.05)

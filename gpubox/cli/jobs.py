@@ -1,0 +1,319 @@
+"""The client commands: submit a job, show, list, follow and cancel jobs, list workers.
+
+Each talks to the coordinator over HTTP (gpubox.client) with the token it finds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shlex
+import sys
+import threading
+from typing import Any, NoReturn
+
+import click
+
+from gpubox import config as cfg
+from gpubox import errors
+from gpubox.cli import failures, options, tables
+from gpubox.client import Client, local_token
+
+QUEUED_NOTE_S = 5.0  # tail says why a job is still queued after this many seconds
+
+
+def make_client(config_path: str | None, flags: dict[str, Any]) -> Client:
+    """A client for the coordinator the client settings name (taking them out of `flags`),
+    with their token or else the local token file's."""
+    keys = ("url", "token", "state_dir")
+    config = cfg.load(
+        cfg.ClientConfig, {k: flags.pop(k, None) for k in keys}, cfg.read_file(config_path)
+    )
+    token = config.token or local_token(config.state_dir)
+    if not token:
+        raise errors.GpuboxError(
+            f"no API token: set GPUBOX_TOKEN or --token (no local token file in"
+            f" {config.state_dir}; `gpubox up` and `gpubox coordinator` write one there)"
+        )
+    return Client(config.url, token)
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint=what)
+        if key in result and result[key] != val:
+            raise click.BadParameter(
+                f"{key} is given twice, as {result[key]!r} and {val!r}", param_hint=what
+            )
+        result[key] = val
+    return result
+
+
+def _finite(value: float | None, what: str) -> float | None:
+    """click's FloatRange lets NaN through (every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", param_hint=what)
+    return value
+
+
+def _follow(client: Client, job_id: int, since: int = 0) -> NoReturn:
+    """Print a job's output until it ends and exit with its code; Ctrl-C stops following
+    only (exit 130), and says so: the job is not cancelled. A job still queued after
+    QUEUED_NOTE_S is said to be, with why (a follow that prints nothing says nothing)."""
+
+    def note_if_queued() -> None:
+        with contextlib.suppress(Exception):  # only a note: the follow itself reports errors
+            job = client.job(job_id)
+            if job["status"] == "QUEUED":
+                why = job.get("queue_reason") or "waiting to be scheduled"
+                click.echo(f"gpubox: job {job_id} is still queued: {why}", err=True)
+
+    timer = threading.Timer(QUEUED_NOTE_S, note_if_queued)
+    timer.daemon = True
+    timer.start()
+    try:
+        code = client.tail(job_id, since)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\ngpubox: stopped following job {job_id}, which is not cancelled"
+            f" (gpubox cancel {job_id} stops it)",
+            err=True,
+        )
+        sys.exit(130)
+    finally:
+        timer.cancel()
+    sys.exit(code)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--name", help="job name [default: the command, or the image]")
+@click.option("--description", default="", help="free text shown with the job")
+@click.option(
+    "--gpus", type=click.IntRange(0), default=0, show_default=True, help="GPUs the job needs"
+)
+@click.option(
+    "--env", "-e", "env", multiple=True, metavar="K=V", help="environment variable (repeatable)"
+)
+@click.option(
+    "--label",
+    "-l",
+    "labels",
+    multiple=True,
+    metavar="K=V",
+    help="run only on workers with this label (repeatable)",
+)
+@click.option("--gpu-model", help="only GPUs whose NVML name contains this, like A100")
+@click.option(
+    "--gpu-memory-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    help="only GPUs with at least this much memory (GB)",
+)
+@click.option("--shm-size", metavar="SIZE", help="size of /dev/shm, like 8g (Docker's is 64m)")
+@click.option("--memory", metavar="SIZE", help="the container's memory limit, like 32g")
+@click.option("--workdir", metavar="PATH", help="working folder inside the container")
+@click.option("--user", metavar="USER[:GROUP]", help="user to run as inside the container")
+@click.option(
+    "--mount",
+    "mounts",
+    multiple=True,
+    metavar="NAME",
+    help="a host folder the worker declares by this name (repeatable)",
+)
+@click.option("--priority", type=int, default=0, show_default=True, help="higher runs first")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True, max=366 * 86400),
+    callback=lambda _ctx, _param, value: _finite(value, "--timeout"),
+    help="seconds before the job is stopped (ERROR 'timeout')",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, 100),
+    default=0,
+    show_default=True,
+    help="requeues if its worker is lost",
+)
+@click.option("--metadata", help="JSON object stored and returned untouched")
+@click.option(
+    "--follow", "-f", is_flag=True, help="print the job's output live; exit with the job's code"
+)
+@click.option("--json", "as_json", is_flag=True, help="print the created job as JSON")
+@options.client_options
+@failures.friendly
+def submit(
+    image: str,
+    command: tuple[str, ...],
+    name: str | None,
+    description: str,
+    gpus: int,
+    env: tuple[str, ...],
+    labels: tuple[str, ...],
+    gpu_model: str | None,
+    gpu_memory_gb: float | None,
+    shm_size: str | None,
+    memory: str | None,
+    workdir: str | None,
+    user: str | None,
+    mounts: tuple[str, ...],
+    priority: int,
+    timeout: float | None,
+    max_retries: int,
+    metadata: str | None,
+    follow: bool,
+    as_json: bool,
+    config_path: str | None,
+    **flags: Any,
+) -> None:
+    """Queue IMAGE [COMMAND…] as a job and print its id (with --follow: print its output
+    instead, the id going to stderr, and exit with the job's code).
+
+    \b
+    Examples:
+      gpubox submit busybox echo hello
+      gpubox submit --gpus 2 -e EPOCHS=3 --follow my/trainer:1.2 python train.py
+      gpubox submit --gpus 8 --gpu-model H100 --shm-size 16g --mount datasets my/trainer
+      id=$(gpubox submit my/image) && gpubox tail "$id"
+    Options go before IMAGE; everything after IMAGE is the command.
+    """
+    client = make_client(config_path, flags)
+    spec: dict[str, Any] = {
+        "name": name or (shlex.join(command) if command else image)[:200],
+        "description": description,
+        "docker": {"image": image, "env": _pairs(env, "--env")},
+        "gpus": gpus,
+        "labels": _pairs(labels, "--label"),
+        "priority": priority,
+        "timeout": timeout,
+        "max_retries": max_retries,
+    }
+    if command:
+        spec["docker"]["command"] = list(command)
+    for key, value in (("gpu_model", gpu_model), ("gpu_memory_gb", gpu_memory_gb)):
+        if value is not None:
+            spec[key] = value
+    options = {"shm_size": shm_size, "memory": memory, "workdir": workdir, "user": user}
+    spec["docker"].update({key: value for key, value in options.items() if value is not None})
+    if mounts:
+        spec["docker"]["mounts"] = list(mounts)
+    if metadata:
+        try:
+            spec["metadata"] = json.loads(metadata)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from None
+    job = client.submit(spec)
+    if as_json:
+        _print_json(job)
+    elif not follow:  # when following, stdout is the job's output alone
+        click.echo(job["id"])
+    if follow:
+        click.echo(f"job {job['id']} queued; following its output", err=True)
+        _follow(client, job["id"])
+
+
+@click.command()
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="print the whole job as JSON")
+@options.client_options
+@failures.friendly
+def show(job_id: int, as_json: bool, config_path: str | None, **flags: Any) -> None:
+    """Show one job: status, result, where it ran."""
+    job = make_client(config_path, flags).job(job_id)
+    _print_json(job) if as_json else click.echo(tables.summary(job))
+
+
+@click.command(name="ls")
+@click.option(
+    "--status",
+    type=click.Choice(
+        ["QUEUED", "RUNNING", "FINISHED", "ERROR", "CANCELLED"], case_sensitive=False
+    ),
+)
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--before", type=int, help="only jobs with a smaller id (for paging)")
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON answer")
+@options.client_options
+@failures.friendly
+def ls(
+    status: str | None,
+    limit: int,
+    before: int | None,
+    as_json: bool,
+    config_path: str | None,
+    **flags: Any,
+) -> None:
+    """List jobs, newest first."""
+    page = make_client(config_path, flags).jobs(status, limit, before)
+    if as_json:
+        _print_json(page)
+        return
+    for line in tables.jobs(page["jobs"]):
+        click.echo(line)
+    if page["next"]:
+        click.echo(f"(more: gpubox ls --before {page['next']})", err=True)
+
+
+@click.command()
+@click.argument("job_id", type=int)
+@click.option(
+    "--since", type=click.IntRange(0), default=0, help="only lines after this sequence number"
+)
+@options.client_options
+@failures.friendly
+def logs(job_id: int, since: int, config_path: str | None, **flags: Any) -> None:
+    """Print the lines a job has logged so far (stderr lines, and gpubox's own, to stderr)."""
+    for record in make_client(config_path, flags).logs(job_id, since):
+        # color=True: the line as the job printed it, escape sequences too, also into a file
+        click.echo(record["line"], err=record["stream"] != "stdout", color=True)
+
+
+@click.command()
+@click.argument("job_id", type=int)
+@click.option("--since", type=click.IntRange(0), default=0, help="start after this sequence number")
+@options.client_options
+@failures.friendly
+def tail(job_id: int, since: int, config_path: str | None, **flags: Any) -> None:
+    """Follow a job's output live until it ends; exit with its code.
+
+    Exit status: 0 FINISHED, the container's code on a non-zero exit, 1 for other errors,
+    130 cancelled. A dropped connection is resumed without a gap or a repeated line.
+    """
+    _follow(make_client(config_path, flags), job_id, since)
+
+
+@click.command()
+@click.argument("job_id", type=int)
+@options.client_options
+@failures.friendly
+def cancel(job_id: int, config_path: str | None, **flags: Any) -> None:
+    """Cancel a job: a queued one at once, a running one is stopped by its worker."""
+    job = make_client(config_path, flags).cancel(job_id)
+    state = (
+        "cancelled"
+        if job["status"] == "CANCELLED"
+        else "stopping (SIGTERM, then SIGKILL after the grace period)"
+    )
+    click.echo(f"job {job_id}: {state}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON answer")
+@options.client_options
+@failures.friendly
+def workers(as_json: bool, config_path: str | None, **flags: Any) -> None:
+    """List connected and recently lost workers."""
+    answer = make_client(config_path, flags).workers()
+    if as_json:
+        _print_json(answer)
+        return
+    for line in tables.workers(answer["workers"]):
+        click.echo(line)

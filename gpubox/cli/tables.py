@@ -1,0 +1,142 @@
+"""How jobs, workers and GPUs are shown on a terminal: tables and a job's summary."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from gpubox import models
+
+
+def printable(text: str) -> str:
+    """A value for one line of a table: control characters (a newline, an escape sequence
+    that would drive the terminal) shown as escapes, as Python writes them."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def needs(job: dict[str, Any]) -> str:
+    """What the job asks of a worker and of its run, beyond GPUs: what a queue reason such as
+    'no connected worker has the labels …' is checked against."""
+    docker = job["docker"]
+    parts = [f"label {printable(k)}={printable(v)}" for k, v in sorted(job["labels"].items())]
+    if job.get("gpu_model"):
+        parts.append(f"GPU model {printable(job['gpu_model'])}")
+    if job.get("gpu_memory_gb"):
+        parts.append(f"{job['gpu_memory_gb']:g} GB per GPU")
+    parts += [f"mount {printable(name)}" for name in docker.get("mounts") or []]
+    for key in ("memory", "shm_size"):
+        if docker.get(key):
+            size = docker[key]
+            parts.append(
+                f"{key} {size / 1024**3:g} GiB"
+                if size >= 1024**3
+                else f"{key} {size / 1024**2:g} MiB"
+            )
+    for key in ("user", "workdir"):
+        if docker.get(key):
+            parts.append(f"{key} {printable(docker[key])}")
+    if job.get("timeout"):
+        parts.append(f"timeout {job['timeout']:g} s")
+    if job.get("max_retries"):
+        parts.append(f"{job['max_retries']} retries")
+    return ", ".join(parts) or "-"
+
+
+def summary(job: dict[str, Any]) -> str:
+    """`gpubox show`: one line per field of the job, its name right-aligned."""
+    result = job["result"]
+    command = job["docker"]["command"]
+    rows = [
+        ("id", job["id"]),
+        ("name", job["name"]),
+        (
+            "status",
+            job["status"]
+            + (
+                " (cancel requested)"
+                if job.get("cancel_requested") and job["status"] == "RUNNING"
+                else ""
+            ),
+        ),
+        ("image", job["docker"]["image"]),
+        ("command", shlex.join(command) if command else "(image default)"),
+        (
+            "gpus",
+            job["gpus"] if not result["gpus"] else f"{job['gpus']}: {', '.join(result['gpus'])}",
+        ),
+        ("priority", job["priority"]),
+        ("submitter", printable(job.get("submitter") or "-")),
+        ("needs", needs(job)),
+        ("worker", job["worker"] or "-"),
+        ("attempts", job["attempts"]),
+        ("created", job["created_at"]),
+        ("started", result["executed_at"] or "-"),
+        ("finished", result["finished_at"] or "-"),
+        ("duration", f"{result['duration']} s" if result["duration"] is not None else "-"),
+        ("exit code", result["exit_code"] if result["exit_code"] is not None else "-"),
+        ("error", result["error"] or "-"),
+        ("log lines", job.get("log_lines", 0)),
+    ]
+    if job.get("queue_reason"):
+        rows.insert(3, ("waiting", job["queue_reason"]))
+    # Every value escaped: image, command, error and the reason come from the submitter or
+    # the registry, and an escape sequence in them would drive the terminal.
+    return "\n".join(f"{key:>10}  {printable(str(value))}" for key, value in rows)
+
+
+def jobs(found: list[dict[str, Any]]) -> list[str]:
+    """`gpubox ls`: a header line and one line per job, as the API gives them."""
+    lines = [
+        f"{'ID':>6}  {'STATUS':<9}  {'PRI':>4}  {'GPUS':>4}  {'WORKER':<16}  {'SUBMITTER':<12}"
+        "  NAME"
+    ]
+    for job in found:
+        submitter = printable(job.get("submitter") or "-")[:12]
+        lines.append(
+            f"{job['id']:>6}  {job['status']:<9}  {job['priority']:>4}  {job['gpus']:>4}  "
+            f"{(job['worker'] or '-')[:16]:<16}  {submitter:<12}  {printable(job['name'])}"
+        )
+    return lines
+
+
+def workers(found: list[dict[str, Any]]) -> list[str]:
+    """`gpubox workers`: a header line and one line per worker, as the API gives them."""
+    lines = [f"{'NAME':<20}  {'STATE':<12}  {'GPUS':>4}  {'JOBS':<12}  LAST HEARTBEAT"]
+    for w in found:
+        state = "connected" if w["connected"] else "lost"
+        if w.get("quarantined"):
+            state = "quarantined"  # sent a job it never confirmed: gets no more this session
+        running = ",".join(map(str, w["running_jobs"])) or "-"
+        lines.append(
+            f"{w['name'][:20]:<20}  {state:<12}  {len(w['gpus']):>4}  {running:<12}  "
+            f"{w['last_heartbeat']}"
+        )
+    return lines
+
+
+def gpus(found: list[models.Gpu], usage: list[dict[str, Any]]) -> list[str]:
+    """`gpubox gpus`: a header line and one line per GPU with its memory in use and
+    utilization now (`usage`, by UUID), each column as wide as its widest cell."""
+    now_by_uuid = {item["uuid"]: item for item in usage}
+    rows = [("INDEX", "UUID", "NAME", "MEMORY", "PCI BUS ID", "USED", "UTIL")]
+    for item in found:
+        now = now_by_uuid.get(item.uuid, {})
+        used, util = now.get("memory_used_mb"), now.get("utilization")
+        rows.append(
+            (
+                str(item.index),
+                item.uuid,
+                item.name,
+                f"{item.memory_mb} MiB",
+                item.pci_bus_id or "-",
+                "-" if used is None else f"{used} MiB",
+                "-" if util is None else f"{util} %",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]

@@ -1,0 +1,296 @@
+"""The settings of each process: one frozen dataclass per role, each setting declared once
+with `setting(...)` (its default, environment variable, help text and flag), and `validate()`
+checking the values together."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from gpubox import errors, models, protocol
+from gpubox.config.values import (
+    Mount,
+    check_link,
+    parse_address,
+    parse_capabilities,
+    parse_fake_gpus,
+    parse_labels,
+    parse_mounts,
+    parse_registries,
+    parse_shm_size,
+)
+
+
+def setting(default: Any, env: str, help: str, flag: str | None = None, many: bool = False) -> Any:
+    """Declare a setting: its default, environment variable, help text and flag (if any).
+    `many`: a comma-separated list, whose flag may be given more than once (joined)."""
+    metadata = {"env": env, "help": help, "flag": flag, "many": many}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinatorConfig:
+    """Settings of `gpubox coordinator` (and the coordinator half of `gpubox up`)."""
+
+    state_dir: str = setting(
+        "", "GPUBOX_STATE_DIR", "state folder: SQLite file, keys, local token", "--state-dir"
+    )
+    db: str = setting("", "GPUBOX_DB", "store: sqlite:///FILE or postgresql://…", "--db")
+    http: str = setting("127.0.0.1:8470", "GPUBOX_HTTP", "HTTP listen address HOST:PORT", "--http")
+    bind: str = setting(
+        "tcp://0.0.0.0:8471", "GPUBOX_BIND", "worker link address (ZeroMQ)", "--bind"
+    )
+    http_threads: int = setting(
+        64, "GPUBOX_HTTP_THREADS", "HTTP threads; each log follower holds one", "--http-threads"
+    )
+    max_body_bytes: int = setting(
+        1_048_576, "GPUBOX_MAX_BODY_BYTES", "largest request body accepted"
+    )
+    heartbeat_interval_s: float = setting(
+        2.0, "GPUBOX_HEARTBEAT_INTERVAL", "seconds between heartbeats"
+    )
+    liveness_s: float = setting(
+        10.0, "GPUBOX_LIVENESS", "seconds of silence after which a worker is lost"
+    )
+    max_log_lines: int = setting(
+        1_000_000,
+        "GPUBOX_MAX_LOG_LINES",
+        "lines kept per job: the first half and the latest, a marker line between",
+    )
+    max_log_bytes: int = setting(
+        256 * 1024 * 1024,
+        "GPUBOX_MAX_LOG_BYTES",
+        "bytes of output kept per job: the first half and the latest, a marker line between",
+    )
+
+    def validate(self) -> None:
+        parse_address(self.http, "http")
+        check_link(self.bind, "bind")
+        _positive(
+            self,
+            "http_threads",
+            "max_body_bytes",
+            "heartbeat_interval_s",
+            "liveness_s",
+            "max_log_lines",
+            "max_log_bytes",
+        )
+        if self.max_log_lines < 10:
+            raise errors.ConfigError("max_log_lines: must be at least 10")
+        if self.max_log_bytes < 1024 * 1024:
+            raise errors.ConfigError("max_log_bytes: must be at least 1048576 (1 MiB)")
+        if self.liveness_s <= self.heartbeat_interval_s:
+            raise errors.ConfigError("liveness_s: must be longer than heartbeat_interval_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """Settings of `gpubox worker` (and the worker half of `gpubox up`)."""
+
+    state_dir: str = setting("", "GPUBOX_STATE_DIR", "state folder", "--state-dir")
+    coordinator: str = setting(
+        "tcp://127.0.0.1:8471",
+        "GPUBOX_COORDINATOR",
+        "coordinator's worker link address",
+        "--coordinator",
+    )
+    name: str = setting("", "GPUBOX_WORKER_NAME", "worker name (default: the host name)", "--name")
+    gpus: str = setting(
+        "all", "GPUBOX_GPUS", "GPUs to offer: all, none, or indices like 0,2", "--gpus"
+    )
+    max_jobs: int = setting(
+        4, "GPUBOX_MAX_JOBS", "jobs run at once (GPUs limit GPU jobs further)", "--max-jobs"
+    )
+    runtime: str = setting(
+        "docker",
+        "GPUBOX_RUNTIME",
+        "docker, or process: run commands directly on this host (no isolation; no image)",
+        "--runtime",
+    )
+    process_user: str = setting(
+        "",
+        "GPUBOX_PROCESS_USER",
+        "the process runtime: the user (name or id) jobs run as; never root. Default: nobody"
+        " when the worker runs as root, else the worker's own user (the only one a worker"
+        " that is not root can run them as)",
+        "--process-user",
+    )
+    log_source: str = setting(
+        "auto",
+        "GPUBOX_LOG_SOURCE",
+        "where the docker runtime reads job output: auto (the json-file log on disk where it"
+        " can, much cheaper for dockerd; else the engine's API), or api",
+        "--log-source",
+    )
+    labels: str = setting(
+        "", "GPUBOX_LABELS", "labels this worker offers, KEY=VALUE,…", "--label", many=True
+    )
+    stop_grace_s: float = setting(
+        10.0, "GPUBOX_STOP_GRACE", "seconds between SIGTERM and SIGKILL when stopping a job"
+    )
+    heartbeat_interval_s: float = setting(
+        2.0, "GPUBOX_HEARTBEAT_INTERVAL", "seconds between heartbeats"
+    )
+    liveness_s: float = setting(
+        10.0, "GPUBOX_LIVENESS", "seconds of coordinator silence before reconnecting"
+    )
+    resend_s: float = setting(
+        3.0, "GPUBOX_RESEND", "seconds before an unacknowledged LOG or DONE is sent again"
+    )
+    max_unacked_lines: int = setting(
+        50_000,
+        "GPUBOX_MAX_UNACKED_LINES",
+        "log lines a worker holds in memory for the coordinator; past it, they spill to disk",
+    )
+    spill_max_bytes: int = setting(
+        1024**3,
+        "GPUBOX_SPILL_MAX_BYTES",
+        "bytes of log backlog a worker keeps on disk (<state-dir>/spill); past it, the oldest"
+        " are dropped and one marker line says how many",
+    )
+    container_log_max_bytes: int = setting(
+        64 * 1024 * 1024,
+        "GPUBOX_CONTAINER_LOG_MAX_BYTES",
+        "bytes of a job's output Docker keeps in each file of the container's json-file log"
+        " (max-size); 0: the engine's own log settings, unbounded by default",
+    )
+    container_log_files: int = setting(
+        2,
+        "GPUBOX_CONTAINER_LOG_FILES",
+        "files of the container's json-file log Docker keeps (max-file): at most"
+        " container_log_max_bytes x this on disk per job",
+    )
+    journal_bytes_per_job: int = setting(
+        16 * 1024 * 1024,
+        "GPUBOX_JOURNAL_BYTES_PER_JOB",
+        "bytes of each job's output the worker also copies to its own log (stderr: the journal"
+        " under systemd); past it, one line says the rest is not copied (0: copy none)",
+    )
+    key_file: str = setting(
+        "",
+        "GPUBOX_KEY_FILE",
+        "this worker's CURVE secret key file (default <state-dir>/keys/workers/NAME.key_secret)",
+        "--key-file",
+    )
+    coordinator_key: str = setting(
+        "",
+        "GPUBOX_COORDINATOR_KEY",
+        "the coordinator's public key: a .key file or its 40-character Z85 text"
+        " (default <state-dir>/keys/coordinator.key)",
+        "--coordinator-key",
+    )
+    mounts: str = setting(
+        "",
+        "GPUBOX_MOUNTS",
+        "host folders jobs may mount by name: NAME=HOST_PATH[:CONTAINER_PATH][:ro|rw],…"
+        " (default /mnt/NAME, read-only)",
+        "--mount",
+        many=True,
+    )
+    pids_limit: int = setting(
+        4096,
+        "GPUBOX_PIDS_LIMIT",
+        "processes and threads a job's container may have at once (0: no limit)",
+    )
+    max_shm_size: str = setting(
+        "",
+        "GPUBOX_MAX_SHM_SIZE",
+        'largest docker.shm_size a job may ask for, like "16g" (default: half of this'
+        " host's memory); a job asking for more ends ERROR",
+    )
+    cap_drop: str = setting(
+        "MKNOD",
+        "GPUBOX_CAP_DROP",
+        "capabilities taken from every job's container, comma-separated (MKNOD: no device files)",
+    )
+    registries: str = setting(
+        "public",
+        "GPUBOX_REGISTRIES",
+        "registries images may be pulled from: public (any whose host is not a loopback,"
+        " private or link-local address; Docker Hub's included), * (any), or names and"
+        " patterns like nvcr.io,*.corp.example,10.1.2.3:5000, comma-separated",
+    )
+    fake_gpus: str = setting(
+        "",
+        "GPUBOX_FAKE_GPUS",
+        "testing only: offer fake GPUs instead of NVML's: N, or [N*]NAME:MEMORY_MB,…",
+    )
+
+    def validate(self) -> None:
+        check_link(self.coordinator, "coordinator")
+        _positive(
+            self,
+            "max_jobs",
+            "heartbeat_interval_s",
+            "liveness_s",
+            "resend_s",
+            "max_unacked_lines",
+            "spill_max_bytes",
+        )
+        if self.stop_grace_s < 0:
+            raise errors.ConfigError("stop_grace_s: must not be negative")
+        if self.pids_limit < 0:
+            raise errors.ConfigError("pids_limit: must not be negative (0: no limit)")
+        parse_shm_size(self.max_shm_size)
+        parse_capabilities(self.cap_drop)
+        parse_registries(self.registries)
+        if self.journal_bytes_per_job < 0:
+            raise errors.ConfigError("journal_bytes_per_job: must not be negative")
+        if self.container_log_max_bytes and self.container_log_max_bytes < 64 * 1024:
+            raise errors.ConfigError(
+                "container_log_max_bytes: must be 0 or at least 65536 (a line is up to 64 KiB)"
+            )
+        if self.container_log_files < 1:
+            raise errors.ConfigError("container_log_files: must be at least 1")
+        if self.gpus not in ("all", "none") and not re.fullmatch(r"\d+(,\d+)*", self.gpus):
+            raise errors.ConfigError(f"gpus: {self.gpus!r} is not all, none or indices like 0,2")
+        if self.max_jobs > protocol.MAX_JOBS:
+            raise errors.ConfigError(f"max_jobs: must be at most {protocol.MAX_JOBS}")
+        labels = parse_labels(self.labels)
+        if len(labels) > protocol.MAX_LABELS:
+            raise errors.ConfigError(f"labels: at most {protocol.MAX_LABELS} labels")
+        for key, value in labels.items():
+            if max(len(key), len(value)) > protocol.MAX_TEXT:
+                raise errors.ConfigError(
+                    f"labels: {key[:40]!r}: keys and values of at most {protocol.MAX_TEXT}"
+                    " characters"
+                )
+        parse_fake_gpus(self.fake_gpus)
+        if len(parse_mounts(self.mounts)) > protocol.MAX_MOUNTS:
+            raise errors.ConfigError(f"mounts: at most {protocol.MAX_MOUNTS} mounts")
+        if self.runtime not in models.RUNTIMES:
+            raise errors.ConfigError(f"runtime: {self.runtime!r} is not docker or process")
+        if self.log_source not in ("auto", "api"):
+            raise errors.ConfigError(f"log_source: {self.log_source!r} is not auto or api")
+        if self.runtime == "process" and self.mounts:
+            raise errors.ConfigError("mounts: the process runtime has no containers to mount in")
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return parse_labels(self.labels)
+
+    @property
+    def mount_map(self) -> dict[str, Mount]:
+        return parse_mounts(self.mounts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """Settings of the client commands (submit, show, ls, logs, tail, cancel, workers)."""
+
+    url: str = setting("http://127.0.0.1:8470", "GPUBOX_URL", "coordinator URL", "--url")
+    token: str = setting("", "GPUBOX_TOKEN", "API token (default: the local token file)", "--token")
+    state_dir: str = setting(
+        "", "GPUBOX_STATE_DIR", "state folder holding the local token", "--state-dir"
+    )
+
+    def validate(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise errors.ConfigError(f"url: {self.url!r} must start with http:// or https://")
+
+
+def _positive(config: Any, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise errors.ConfigError(f"{name}: must be positive")

@@ -1,0 +1,90 @@
+"""The HTTP API (v1) as a Bottle app: JSON in and out, bearer tokens, one error model.
+
+make_app builds the app from the package's modules, each with one job:
+
+- context.py: what the routes work with (the store, the broker's LiveView, the settings);
+- endpoints.py: the wrapper around every route (token check, errors answered as JSON);
+- params.py: reading a request's JSON body and query parameters;
+- http_errors.py: the HTTP status of each gpubox error (STATUS) and the error body;
+- health.py, jobs.py, logs.py, admin.py: the routes, by what they are about.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import bottle
+
+from gpubox.coordinator import sealing
+from gpubox.coordinator.api import admin, context, health, http_errors, jobs, logs
+from gpubox.coordinator.api.context import LiveView
+from gpubox.coordinator.api.endpoints import TOKEN_KEY
+from gpubox.coordinator.api.http_errors import STATUS, status_for
+from gpubox.coordinator.api.logs import (
+    KEEPALIVE_S,
+    PAGE_BYTES,
+    PAGE_LINES,
+    TOKEN_CHECK_S,
+    WAKE_S,
+    Followers,
+    _ndjson,
+)
+from gpubox.coordinator.api.params import MAX_ID
+from gpubox.coordinator.events import Changes
+from gpubox.store import Store
+
+# What other modules, tests and scripts import from here, whichever module of the package holds
+# it (tests/test_api.py reads _ndjson; scripts/benchlib reads PAGE_LINES).
+__all__ = [
+    "KEEPALIVE_S",
+    "MAX_ID",
+    "PAGE_BYTES",
+    "PAGE_LINES",
+    "STATUS",
+    "TOKEN_CHECK_S",
+    "TOKEN_KEY",
+    "WAKE_S",
+    "Followers",
+    "LiveView",
+    "_ndjson",
+    "make_app",
+    "status_for",
+]
+
+
+def make_app(
+    store: Store,
+    changes: Changes,
+    poke: Callable[[str, int], None],
+    sealer: sealing.Sealer,
+    state_dir: str,
+    max_body_bytes: int = 1_048_576,
+    stopping: threading.Event | None = None,
+    live: LiveView | None = None,
+    max_followers: int = 1_000_000,
+) -> bottle.Bottle:
+    """The WSGI app. `poke` tells the broker about new jobs and cancels; `sealer` encrypts
+    credentials before they are stored; `state_dir` holds the worker allow list; `stopping`
+    ends follow streams when the server shuts down; `live` is what only the broker knows
+    (why a job waits, GPU usage now); `max_followers` caps the follow streams open at once,
+    each of which holds an HTTP thread, so that threads stay for every other request."""
+    app = bottle.Bottle()
+    stopping = stopping or threading.Event()
+    app.default_error_handler = http_errors.default_error  # type: ignore[method-assign]
+    ctx = context.Context(
+        store=store,
+        changes=changes,
+        poke=poke,
+        sealer=sealer,
+        state_dir=state_dir,
+        max_body_bytes=max_body_bytes,
+        stopping=stopping,
+        live=live,
+        max_followers=max_followers,
+    )
+    # In the order the routes were always added: Bottle tries the routes of one method in the
+    # order they were added.
+    for routes in (health, jobs, logs, admin):
+        routes.add_routes(app, ctx)
+    return app

@@ -1,0 +1,47 @@
+"""What the API's routes work with: the store, the broker, and the settings the app was made
+with (see make_app, which builds one Context and hands it to each group of routes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from gpubox.coordinator import sealing
+from gpubox.coordinator.events import Changes
+from gpubox.store import Store
+
+
+class LiveView(Protocol):
+    """What the broker knows that the store does not (coordinator.broker.Broker)."""
+
+    def queue_reason(self, job_id: int) -> str: ...
+
+    def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]: ...
+
+    def metrics_page(self) -> str: ...
+
+    def last_heard(self, worker: str) -> datetime | None: ...
+
+    def quarantine(self, worker: str) -> str: ...
+
+    def stalled(self) -> str: ...
+
+    def last_turn_s(self) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """The parts and settings of one app (make_app's arguments say what each one is)."""
+
+    store: Store
+    changes: Changes
+    poke: Callable[[str, int], None]
+    sealer: sealing.Sealer
+    state_dir: str
+    max_body_bytes: int
+    stopping: threading.Event
+    live: LiveView | None
+    max_followers: int

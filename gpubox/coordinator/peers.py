@@ -1,0 +1,71 @@
+"""The workers the broker is connected to, as it sees them."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from gpubox import models
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """Who sent a message: its connection (the ROUTER's routing id) and the worker whose
+    CURVE key it was authenticated with."""
+
+    routing_id: bytes
+    key: str
+    name: str
+
+
+@dataclasses.dataclass
+class Peer:
+    """A connected worker: one session, from its HELLO until it is lost or says HELLO again."""
+
+    name: str
+    routing_id: bytes
+    session: str
+    key: str
+    version: str
+    gpus: list[dict[str, Any]]
+    labels: dict[str, str]
+    max_jobs: int
+    last_seen: float
+    mounts: list[str] = dataclasses.field(default_factory=list)
+    runtime: str = "docker"
+    usage: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # uuid → NVML now
+    ready: bool = False
+    free_gpus: list[str] = dataclasses.field(default_factory=list)
+    slots: int = 0
+    known: set[int] = dataclasses.field(default_factory=set)  # job ids the worker said it holds
+    assigned: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # job id → GPU uuids
+    # Jobs sent whose receipt the worker has not confirmed yet: job id → (attempt, sent at).
+    unconfirmed: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
+    # Why this session gets no more jobs ("" while it may): it was sent a job and never
+    # confirmed it. A new HELLO (a new session) starts clean.
+    quarantined: str = ""  # why it gets no jobs, until quarantined_until (time.monotonic)
+    quarantined_until: float = 0.0
+
+    def capacity(self) -> tuple[list[str], int]:
+        """Free GPUs and job slots, counting jobs sent since the worker's last READY."""
+        pending = [job_id for job_id in self.assigned if job_id not in self.known]
+        taken = {uuid for job_id in pending for uuid in self.assigned[job_id]}
+        return [g for g in self.free_gpus if g not in taken], self.slots - len(pending)
+
+    def heard_at(self) -> datetime:
+        """When this worker was last heard from, as a wall-clock time."""
+        return models.utcnow() - timedelta(seconds=time.monotonic() - self.last_seen)
+
+    def info(self, connected: bool) -> models.WorkerInfo:
+        return models.WorkerInfo(
+            name=self.name,
+            version=self.version,
+            gpus=self.gpus,
+            labels=self.labels,
+            max_jobs=self.max_jobs,
+            connected=connected,
+            last_seen=self.heard_at(),  # a lost worker's: not when it was declared lost
+            mounts=self.mounts,
+        )

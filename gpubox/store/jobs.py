@@ -1,0 +1,266 @@
+"""The jobs in SQL: submit, read, the queue, claims, and every change of a job's status
+(store.base.Store says what each operation means)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from gpubox import errors, fields, models
+from gpubox.store import backend, base, columns
+
+_time = models.format_time
+
+
+def label_pair(key: str, value: str) -> str:
+    """A label as one indexed text: key and value joined by the ASCII unit separator."""
+    return f"{key}\x1f{value}"
+
+
+class JobStore(backend.Backend):
+    """The store's operations on jobs."""
+
+    def create_job(self, spec: models.JobSpec, now: datetime) -> models.Job:
+        # The job as get_job would read it back, without reading it; the insert takes its
+        # columns by name from JOB_FIELDS, so no value can land in another column.
+        job = columns.new_job(spec, now)
+        with self._write() as cur:
+            job_id = self._insert_job(cur, columns.insert_row(job))
+            if spec.labels:
+                cur.executemany(
+                    "INSERT INTO job_labels (job_id, pair) VALUES (?, ?)",
+                    [(job_id, label_pair(k, v)) for k, v in spec.labels.items()],
+                )
+        return dataclasses.replace(job, id=job_id)
+
+    def _get(self, cur: Any, job_id: int, lock: bool = False) -> models.Job:
+        cur.execute("SELECT * FROM jobs WHERE id = ?" + (self.row_lock if lock else ""), (job_id,))
+        row = cur.fetchone()
+        if row is None:
+            raise errors.JobNotFound(job_id)
+        return columns.job_from_row(row)
+
+    def get_job(self, job_id: int) -> models.Job:
+        with self._read() as cur:
+            return self._get(cur, job_id)
+
+    def list_jobs(
+        self, status: models.Status | None = None, limit: int = 50, before: int | None = None
+    ) -> list[models.Job]:
+        where: list[str] = []
+        params: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status.value)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        with self._read() as cur:
+            cur.execute(sql, params)
+            return [columns.job_from_row(row) for row in cur.fetchall()]
+
+    def jobs_by_status(self) -> dict[str, int]:
+        counts = {status.value: 0 for status in models.Status}
+        with self._read() as cur:
+            cur.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+            counts.update({row["status"]: int(row["n"]) for row in cur.fetchall()})
+        return counts
+
+    def oldest_queued(self) -> datetime | None:
+        with self._read() as cur:
+            cur.execute("SELECT MIN(created_at) AS t FROM jobs WHERE status = 'QUEUED'")
+            return models.parse_time(cur.fetchone()["t"])
+
+    def queued_jobs(
+        self,
+        limit: int = 500,
+        known: Mapping[int, models.Job] | None = None,
+        shape: str | None = None,
+    ) -> list[models.Job]:
+        where = "status = 'QUEUED'" + ("" if shape is None else " AND shape = ?")
+        queue = f"FROM jobs WHERE {where} ORDER BY priority DESC, id LIMIT ?"
+        params = (limit,) if shape is None else (shape, limit)
+        with self._read() as cur:
+            if not known:
+                cur.execute(f"SELECT * {queue}", params)
+                return [columns.job_from_row(row) for row in cur.fetchall()]
+            cur.execute(f"SELECT id {queue}", params)
+            ids = [row["id"] for row in cur.fetchall()]
+            found = {job_id: known[job_id] for job_id in ids if job_id in known}
+            missing = [job_id for job_id in ids if job_id not in found]
+            for start in range(0, len(missing), 500):  # within any backend's parameter limit
+                chunk = missing[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                cur.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", chunk)
+                found.update((row["id"], columns.job_from_row(row)) for row in cur.fetchall())
+            return [found[job_id] for job_id in ids if job_id in found]
+
+    def queued_shapes(self) -> list[str]:
+        # Each step finds the next shape in the index (jobs_shape) after the one before: one
+        # lookup per shape instead of a scan of every queued job. Measured with SQLite on
+        # 100,000 queued jobs: 2 ms for 1,000 shapes, 150 ms when every job has its own.
+        with self._read() as cur:
+            cur.execute(
+                "WITH RECURSIVE shapes (shape) AS ("
+                " SELECT MIN(shape) FROM jobs WHERE status = 'QUEUED'"
+                " UNION ALL SELECT (SELECT MIN(shape) FROM jobs"
+                " WHERE status = 'QUEUED' AND shape > shapes.shape)"
+                " FROM shapes WHERE shapes.shape IS NOT NULL)"
+                " SELECT shape FROM shapes WHERE shape IS NOT NULL"
+            )
+            return [row["shape"] for row in cur.fetchall()]
+
+    def claim_job(
+        self, job_id: int, worker: str, gpu_ids: Sequence[str], now: datetime
+    ) -> models.Job | None:
+        with self._write() as cur:
+            if gpu_ids:
+                # A GPU belongs to at most one running job: refuse one still held.
+                cur.execute(
+                    "SELECT gpu_ids FROM jobs WHERE worker = ? AND status = 'RUNNING'", (worker,)
+                )
+                held = {uuid for row in cur.fetchall() for uuid in fields.load_json(row["gpu_ids"])}
+                if held & set(gpu_ids):
+                    return None
+            cur.execute(
+                "UPDATE jobs SET status = 'RUNNING', worker = ?, attempts = attempts + 1,"
+                " gpu_ids = ?, executed_at = NULL, updated_at = ?"
+                " WHERE id = ? AND status = 'QUEUED'",
+                (worker, fields.dump_json(list(gpu_ids)), _time(now), job_id),
+            )
+            if cur.rowcount != 1:
+                return None
+            return self._get(cur, job_id)
+
+    def unclaim_job(self, job_id: int, attempt: int, now: datetime) -> bool:
+        with self._write() as cur:
+            # A cancel that came in meanwhile applies as it would have to a queued job.
+            cur.execute(
+                "UPDATE jobs SET status = CASE WHEN cancel_requested = 1 THEN 'CANCELLED'"
+                " ELSE 'QUEUED' END, worker = NULL, gpu_ids = '[]', attempts = attempts - 1,"
+                " finished_at = CASE WHEN cancel_requested = 1 THEN ? END, updated_at = ?"
+                " WHERE id = ? AND attempts = ? AND status = 'RUNNING'",
+                (_time(now), _time(now), job_id, attempt),
+            )
+            return bool(cur.rowcount == 1)
+
+    def mark_started(self, job_id: int, attempt: int, executed_at: datetime) -> bool:
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE jobs SET executed_at = ?, updated_at = ?"
+                " WHERE id = ? AND attempts = ? AND status = 'RUNNING'",
+                (_time(executed_at), _time(models.utcnow()), job_id, attempt),
+            )
+            return bool(cur.rowcount == 1)
+
+    def finish_job(
+        self,
+        job_id: int,
+        attempt: int,
+        status: models.Status,
+        exit_code: int | None,
+        error: str | None,
+        executed_at: datetime | None,
+        finished_at: datetime,
+        last_seq: int,
+    ) -> base.Finish:
+        if not status.terminal:
+            raise errors.WrongState(f"{status.value} is not a final status")
+        with self._write() as cur:
+            cur.execute(
+                "SELECT status, attempts, log_seq FROM jobs WHERE id = ?" + self.row_lock,
+                (job_id,),
+            )
+            row = cur.fetchone()
+            if row is None or row["status"] != "RUNNING" or row["attempts"] != attempt:
+                return base.Finish.IGNORED
+            if row["log_seq"] < last_seq:
+                return base.Finish.MISSING_LINES
+            cur.execute(
+                "UPDATE jobs SET status = ?, exit_code = ?, error = ?,"
+                " executed_at = COALESCE(executed_at, ?), finished_at = ?, updated_at = ?,"
+                " sealed = NULL WHERE id = ?",
+                (
+                    status.value,
+                    exit_code,
+                    error,
+                    _time(executed_at),
+                    _time(finished_at),
+                    _time(models.utcnow()),
+                    job_id,
+                ),
+            )
+            return base.Finish.APPLIED
+
+    def cancel_job(self, job_id: int, now: datetime) -> models.Job:
+        with self._write() as cur:
+            job = self._get(cur, job_id, lock=True)
+            if not models.can_move(job.status, models.Status.CANCELLED):
+                raise errors.WrongState(
+                    f"job {job_id} is already {job.status.value} and cannot be cancelled"
+                )
+            if job.status is models.Status.QUEUED:
+                cur.execute(
+                    "UPDATE jobs SET status = 'CANCELLED', finished_at = ?, updated_at = ?,"
+                    " sealed = NULL, error = 'cancelled while queued' WHERE id = ?",
+                    (_time(now), _time(now), job_id),
+                )
+            else:  # RUNNING: the worker stops it and reports CANCELLED
+                cur.execute(
+                    "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                    (_time(now), job_id),
+                )
+            return self._get(cur, job_id)
+
+    def release_job(
+        self, job_id: int, attempt: int, error: str, now: datetime
+    ) -> models.Job | None:
+        with self._write() as cur:
+            job = self._get(cur, job_id, lock=True)
+            if job.status is not models.Status.RUNNING or job.attempts != attempt:
+                return None
+            if job.cancel_requested:
+                cur.execute(
+                    "UPDATE jobs SET status = 'CANCELLED', finished_at = ?, updated_at = ?,"
+                    " sealed = NULL, error = ? WHERE id = ?",
+                    (_time(now), _time(now), f"cancelled; {error}", job_id),
+                )
+            elif job.attempts <= job.spec.max_retries:
+                # One line in its log says where this attempt's output ends and why: the next
+                # attempt's lines follow it.
+                seq = job.log_seq + 1
+                marker = (
+                    f"[gpubox: attempt {attempt} ended: {error}; the job is queued again"
+                    f" (retry {attempt} of {job.spec.max_retries})]"
+                )
+                stamp = f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond:06d}000Z"
+                self._insert_logs(cur, [(job_id, seq, stamp, models.GPUBOX_STREAM, marker)])
+                cur.execute(
+                    "UPDATE jobs SET status = 'QUEUED', worker = NULL, gpu_ids = '[]',"
+                    " executed_at = NULL, updated_at = ?, log_seq = ?,"
+                    " log_bytes = log_bytes + ? WHERE id = ?",
+                    (_time(now), seq, len(backend.utf8(marker)), job_id),
+                )
+            else:
+                cur.execute(
+                    "UPDATE jobs SET status = 'ERROR', error = ?, finished_at = ?,"
+                    " updated_at = ?, sealed = NULL WHERE id = ?",
+                    (error, _time(now), _time(now), job_id),
+                )
+            return self._get(cur, job_id)
+
+    def running_jobs(self, worker: str | None = None) -> list[models.Job]:
+        sql, params = "SELECT * FROM jobs WHERE status = 'RUNNING'", []
+        if worker is not None:
+            sql += " AND worker = ?"
+            params.append(worker)
+        with self._read() as cur:
+            cur.execute(sql + " ORDER BY id", params)
+            return [columns.job_from_row(row) for row in cur.fetchall()]

@@ -1,5 +1,10 @@
 """Fixtures that start the real parts: a coordinator (Waitress + ZeroMQ + SQLite) on free
-loopback ports, and workers running real Docker containers from the local busybox image."""
+loopback ports, and workers running real Docker containers from the local busybox image.
+
+Two layers: `-m "not docker"` runs without a Docker engine. A test reaches Docker only through
+the `docker_client` fixture (directly, through `image`, or through a cluster's Docker worker),
+and only a test marked `docker` may: any other fails with a message saying so, and sees a
+DOCKER_HOST that leads nowhere (for the programs it starts), so the markers stay true."""
 
 from __future__ import annotations
 
@@ -75,10 +80,41 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+# Where a test not marked docker finds "the Docker engine": a socket that does not exist.
+NO_DOCKER_HOST = "unix:///nonexistent/test-not-marked-docker.sock"
+
+
+def refuse_docker(node: pytest.Item, what: str = "the Docker engine") -> None:
+    """Fail the test `node` unless it is marked docker: the not-docker layer must pass where
+    there is no engine."""
+    if node.get_closest_marker("docker") is None:
+        pytest.fail(
+            f"{node.nodeid} uses {what} but is not marked docker: add @pytest.mark.docker "
+            '(`pytest -m "not docker"` must pass without an engine)',
+            pytrace=False,
+        )
+
+
+@pytest.fixture(autouse=True)
+def _docker_only_where_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """In a test not marked docker, docker.from_env fails the test, and DOCKER_HOST (which the
+    programs it starts inherit) leads nowhere."""
+    if request.node.get_closest_marker("docker") is not None:
+        return
+
+    def from_env(*args: Any, **kwargs: Any) -> docker.DockerClient:
+        refuse_docker(request.node, "docker.from_env")
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(docker, "from_env", from_env)
+    monkeypatch.setenv("DOCKER_HOST", NO_DOCKER_HOST)
+
+
 @pytest.fixture(scope="session")
-def docker_client() -> Iterator[docker.DockerClient]:
+def docker_engine() -> Iterator[docker.DockerClient]:
+    """The one client of the test run; tests ask for it through `docker_client`."""
     try:
-        client = docker.from_env()
+        client = docker.DockerClient.from_env()
         client.ping()
         client.images.get(IMAGE)
     except docker.errors.ImageNotFound:
@@ -90,20 +126,35 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 
 @pytest.fixture()
+def docker_client(request: pytest.FixtureRequest) -> docker.DockerClient:
+    """The Docker engine; only for tests marked docker."""
+    refuse_docker(request.node)
+    return request.getfixturevalue("docker_engine")  # type: ignore[no-any-return]
+
+
+@pytest.fixture()
 def image(docker_client: docker.DockerClient) -> str:
     return IMAGE
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "") -> Any:
-    """Poll until predicate() is truthy; its value. Fails the test after timeout_s."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout_s: float = 30.0,
+    what: str | Callable[[], str] = "",
+    every_s: float = 0.02,
+) -> Any:
+    """Poll until predicate() is truthy; its value. Fails the test after timeout_s, saying
+    `what` it waited for (a callable: asked then, to tell what it last saw). The tests' one
+    polling helper."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what or predicate}")
-        time.sleep(0.02)
+            said = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout_s} s waiting for {said or predicate}")
+        time.sleep(every_s)
 
 
 def remove_containers(client: docker.DockerClient, workers: set[str]) -> None:
@@ -127,8 +178,19 @@ class Cluster:
     url: str
     token: str
     context: zmq.Context
-    docker_client: docker.DockerClient
+    # How to reach the Docker engine, asked only once a Docker worker (or the test) needs it;
+    # None for a cluster that never may.
+    get_docker: Callable[[], docker.DockerClient] | None = None
     agents: list[tuple[Agent, threading.Thread]] = dataclasses.field(default_factory=list)
+    _docker_client: docker.DockerClient | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def docker_client(self) -> docker.DockerClient:
+        if self._docker_client is None:
+            if self.get_docker is None:
+                pytest.fail("this cluster has no Docker engine", pytrace=False)
+            self._docker_client = self.get_docker()
+        return self._docker_client
 
     def add_worker(self, **settings: Any) -> Agent:
         """Start a worker on this coordinator; settings override WorkerConfig fields."""
@@ -188,14 +250,17 @@ class Cluster:
         for _, thread in self.agents:
             thread.join(timeout=30)
         self.coordinator.stop()
-        remove_containers(self.docker_client, {agent.name for agent, _ in self.agents})
+        if self._docker_client is not None:
+            remove_containers(self._docker_client, {agent.name for agent, _ in self.agents})
 
 
 @pytest.fixture()
 def make_cluster(
-    tmp_path: Path, docker_client: docker.DockerClient, db_url: str
+    request: pytest.FixtureRequest, tmp_path: Path, db_url: str
 ) -> Iterator[Callable[..., Cluster]]:
-    """A factory: make_cluster(workers=1, **coordinator_settings) → a started Cluster."""
+    """A factory: make_cluster(workers=1, **coordinator_settings) → a started Cluster. Its
+    workers run Docker containers (the test must be marked docker) unless worker_settings say
+    runtime="process"; make_cluster(workers=0) needs no Docker."""
     clusters: list[Cluster] = []
     context = zmq.Context()
 
@@ -225,7 +290,7 @@ def make_cluster(
             coordinator.http_url,
             token,
             context,
-            docker_client,
+            lambda: request.getfixturevalue("docker_client"),
         )
         clusters.append(cluster)
         for _ in range(workers):

@@ -17,7 +17,6 @@ from datetime import datetime
 from http.client import HTTPConnection, HTTPMessage
 from typing import Any, NamedTuple
 
-import docker
 import pytest
 import zmq
 
@@ -175,9 +174,7 @@ def bare(make_cluster: Callable[..., Cluster]) -> Cluster:
 
 
 @pytest.fixture(scope="module")
-def api(
-    tmp_path_factory: pytest.TempPathFactory, docker_client: docker.DockerClient
-) -> Iterator[Cluster]:
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One coordinator without workers for the whole module, set up like conftest's clusters.
 
     Stopping a coordinator can take up to a second (Waitress's poll timeout), so tests whose
@@ -199,7 +196,7 @@ def api(
     coordinator.start()
     token = (state / "token").read_text().strip()
     url = coordinator.http_url
-    cluster = Cluster(coordinator, Client(url, token), url, token, context, docker_client)
+    cluster = Cluster(coordinator, Client(url, token), url, token, context)
     try:
         yield cluster
     finally:
@@ -787,7 +784,15 @@ def _check_worker(worker: dict[str, Any], name: str, labels: dict[str, str], gpu
     assert seen is not None and abs((models.utcnow() - seen).total_seconds()) < 30
 
 
-def test_workers_lists_the_connected_worker(cluster: Cluster):
+@pytest.fixture()
+def with_worker(make_cluster: Callable[..., Cluster]) -> Cluster:
+    """A coordinator with one worker of the process runtime (what /workers says needs no
+    Docker)."""
+    return make_cluster(workers=1, worker_settings={"runtime": "process"})
+
+
+def test_workers_lists_the_connected_worker(with_worker: Cluster):
+    cluster = with_worker
     response = request(cluster, "GET", "/api/v1/workers")
     assert response.status == 200, response.raw
     workers = response.body["workers"]
@@ -796,7 +801,9 @@ def test_workers_lists_the_connected_worker(cluster: Cluster):
     assert workers[0]["quarantined"] is None  # it confirms the jobs it is sent
 
 
-def test_a_connected_workers_last_heartbeat_moves(cluster: Cluster):
+def test_a_connected_workers_last_heartbeat_moves(with_worker: Cluster):
+    cluster = with_worker
+
     def heard() -> datetime:
         (worker,) = request(cluster, "GET", "/api/v1/workers").body["workers"]
         seen = models.parse_time(worker["last_heartbeat"])
@@ -809,7 +816,8 @@ def test_a_connected_workers_last_heartbeat_moves(cluster: Cluster):
 
 def test_workers_shows_labels_and_gpus(make_cluster: Callable[..., Cluster]):
     cluster = make_cluster(
-        workers=1, worker_settings={"labels": "pool=ci,zone=a", "fake_gpus": "2"}
+        workers=1,
+        worker_settings={"runtime": "process", "labels": "pool=ci,zone=a", "fake_gpus": "2"},
     )
     response = request(cluster, "GET", "/api/v1/workers")
     assert response.status == 200, response.raw

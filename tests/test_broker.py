@@ -1,7 +1,7 @@
 """The broker (gpubox.coordinator.broker) against fake workers: real ZeroMQ with CURVE on
 loopback, keys made in tmp_path, a real SQLite store in tmp_path, no Docker. Each test plays the
-worker itself with a raw DEALER socket speaking gpubox.protocol, so it controls every message
-and its timing."""
+worker itself with a FakeWorker (tests/fakeworker.py), so it controls every message and its
+timing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,234 +28,19 @@ from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store, open_store
 from tests.conftest import wait_until
+from tests.fakeworker import (
+    HANDSHAKE_FAILURES,
+    HEARTBEAT_S,
+    TS_END,
+    FakeWorker,
+    Keypair,
+    lines,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
-HEARTBEAT_S = 0.2
 LIVENESS_S = 1.0
-TS = "2024-05-01T12:00:00.123456789Z"
-TS_END = "2024-05-01T12:00:09.000000000Z"
 Status = models.Status
-Keypair = tuple[bytes, bytes]  # (public, secret), Z85
-HANDSHAKE_FAILURES = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
-
-
-def lines(first: int, count: int) -> list[list[str]]:
-    """`count` log lines numbered from `first`, alternating stdout and stderr."""
-    return [
-        [TS, "stdout" if i % 2 else "stderr", f"line {i} \u2603"]
-        for i in range(first, first + count)
-    ]
-
-
-@dataclasses.dataclass(frozen=True)
-class Received:
-    """A message from the coordinator as a test looks at it: its type and its map."""
-
-    type: str
-    body: dict[str, Any]
-
-
-def received(frames: list[bytes]) -> Received:
-    """Decode (and so check) a coordinator's message, kept as its map for assertions."""
-    msg = protocol.decode_from_coordinator(frames)
-    return Received(msg.TYPE, msg.to_body())
-
-
-def dealer(
-    context: zmq.Context,
-    endpoint: str,
-    keypair: Keypair | None,
-    server_key: bytes | None,
-    monitor: bool = False,
-) -> tuple[zmq.Socket, zmq.Socket | None]:
-    """A connected DEALER: a CURVE client with `keypair` trusting `server_key`, or (keypair
-    None) one without CURVE; with `monitor`, also a socket reporting its handshake events."""
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keypair is not None:
-        sock.curve_publickey, sock.curve_secretkey = keypair
-        assert server_key is not None
-        sock.curve_serverkey = server_key
-    events = (
-        sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILURES)
-        if monitor
-        else None
-    )
-    sock.connect(endpoint)
-    return sock, events
-
-
-class FakeWorker:
-    """A worker as the broker sees it: a DEALER that speaks the protocol on the test's cue.
-
-    It is a CURVE client with `keypair` (None: no CURVE at all) trusting `server_key`. While
-    waiting for a message it sends its own HEARTBEAT every HEARTBEAT_S (unless `keepalive` is
-    off), so the broker does not declare it lost during a test. Messages it was not waiting for
-    are kept, in order, for a later expect(); the coordinator's routine heartbeats (known=True)
-    are dropped. With `monitor`, `events` reports the socket's handshakes.
-    """
-
-    def __init__(
-        self,
-        context: zmq.Context,
-        endpoint: str,
-        name: str,
-        keypair: Keypair | None,
-        server_key: bytes | None,
-        labels: dict[str, str] | None = None,
-        gpus: list[str] | None = None,
-        max_jobs: int = 1,
-        monitor: bool = False,
-    ) -> None:
-        self.sock, self.events = dealer(context, endpoint, keypair, server_key, monitor)
-        self.name = name
-        self.labels = labels or {}
-        self.gpus = gpus or []
-        self.max_jobs = max_jobs
-        self.session = uuid.uuid4().hex
-        self.keepalive = True
-        self.inbox: list[Received] = []
-        self._last_sent = time.monotonic()
-
-    def close(self) -> None:
-        if self.events is not None:
-            self.sock.disable_monitor()
-            self.events.close(linger=0)
-        self.sock.close(linger=0)
-
-    # --- sending ------------------------------------------------------------------------------
-
-    def send(self, msg_type: str, **fields: Any) -> None:
-        self.sock.send_multipart(
-            protocol.encode_body(msg_type, {"session": self.session, **fields})
-        )
-        self._last_sent = time.monotonic()
-
-    def send_hello(self, running: list[dict[str, int]] | None = None, name: str = "") -> None:
-        gpus = [{"uuid": u, "name": "Fake GPU", "memory_mb": 1024} for u in self.gpus]
-        self.send(
-            "HELLO",
-            name=name or self.name,
-            version="test",
-            gpus=gpus,
-            labels=self.labels,
-            max_jobs=self.max_jobs,
-            running=running or [],
-        )
-
-    def hello(self, running: list[dict[str, int]] | None = None) -> Received:
-        self.send_hello(running)
-        return self.expect("WELCOME")
-
-    def ready(self, slots: int = 1, running: list[int] | None = None) -> None:
-        self.send("READY", free_gpus=list(self.gpus), slots=slots, running=running or [])
-
-    def started(self, job: dict[str, Any]) -> None:
-        self.send(
-            "STARTED",
-            job_id=job["id"],
-            attempt=job["attempt"],
-            container=f"container-{job['id']}",
-            executed_at=TS,
-        )
-
-    def log(self, job: dict[str, Any], seq: int, batch: list[list[str]]) -> None:
-        self.send("LOG", job_id=job["id"], attempt=job["attempt"], seq=seq, lines=batch)
-
-    def done(
-        self,
-        job: dict[str, Any],
-        last_seq: int,
-        status: str = "FINISHED",
-        exit_code: int | None = 0,
-        error: str | None = None,
-    ) -> None:
-        self.send(
-            "DONE",
-            job_id=job["id"],
-            attempt=job["attempt"],
-            status=status,
-            exit_code=exit_code,
-            error=error,
-            executed_at=TS,
-            finished_at=TS_END,
-            last_seq=last_seq,
-        )
-
-    # --- receiving ----------------------------------------------------------------------------
-
-    def _pump(self, wait_s: float) -> None:
-        """Receive what arrives within wait_s (at most one message) into the inbox."""
-        if self.keepalive and time.monotonic() - self._last_sent >= HEARTBEAT_S:
-            self.send("HEARTBEAT")
-        if not self.sock.poll(max(1, int(wait_s * 1000)), zmq.POLLIN):
-            return
-        msg = received(self.sock.recv_multipart())
-        if msg.type == "HEARTBEAT" and msg.body["known"]:
-            return
-        self.inbox.append(msg)
-
-    def expect(self, msg_type: str, timeout_s: float = 3.0) -> Received:
-        """The first message of this type, waiting up to timeout_s for it."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for i, msg in enumerate(self.inbox):
-                if msg.type == msg_type:
-                    return self.inbox.pop(i)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                got = [(m.type, m.body) for m in self.inbox]
-                pytest.fail(f"{self.name}: no {msg_type} within {timeout_s} s; got {got}")
-            self._pump(min(remaining, 0.05))
-
-    def quiet(self, msg_type: str, for_s: float) -> None:
-        """Assert that no message of this type arrives within for_s."""
-        deadline = time.monotonic() + for_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            self._pump(min(remaining, 0.05))
-        unexpected = [m.body for m in self.inbox if m.type == msg_type]
-        assert not unexpected, f"{self.name}: unexpected {msg_type}: {unexpected}"
-
-    def wait_for(self, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        """wait_until(), staying alive (heartbeats) and collecting messages meanwhile."""
-
-        def pumped() -> Any:
-            self._pump(0.01)
-            return predicate()
-
-        return wait_until(pumped, timeout_s, what)
-
-    def job(self, timeout_s: float = 3.0) -> dict[str, Any]:
-        """The next JOB's wire job."""
-        return self.expect("JOB", timeout_s).body["job"]  # type: ignore[no-any-return]
-
-    def ack(self, timeout_s: float = 3.0) -> dict[str, Any]:
-        return self.expect("ACK", timeout_s).body
-
-    def silent(self, for_s: float) -> None:
-        """Assert that nothing at all arrives within for_s, not even a heartbeat."""
-        got = list(self.inbox)
-        deadline = time.monotonic() + for_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            if self.keepalive and time.monotonic() - self._last_sent >= HEARTBEAT_S:
-                self.send("HEARTBEAT")
-            if self.sock.poll(max(1, int(min(remaining, 0.05) * 1000)), zmq.POLLIN):
-                got.append(received(self.sock.recv_multipart()))
-        assert not got, f"{self.name}: expected silence, got {[(m.type, m.body) for m in got]}"
-
-    def handshake(self, timeout_s: float = 3.0) -> int:
-        """The first handshake event of a worker made with `monitor`: one of
-        zmq.EVENT_HANDSHAKE_SUCCEEDED and HANDSHAKE_FAILURES."""
-        assert self.events is not None, "made without monitor=True"
-        if not self.events.poll(int(timeout_s * 1000), zmq.POLLIN):
-            pytest.fail(f"{self.name}: no handshake event within {timeout_s} s")
-        event = zmq.utils.monitor.recv_monitor_message(self.events)
-        return int(event["event"])
 
 
 @dataclasses.dataclass
@@ -510,7 +295,8 @@ def test_malformed_messages_from_an_authenticated_worker_are_dropped(link: Link)
     serving."""
     job = link.create()
     rng = random.Random(4242)
-    junk = link.worker("junk").sock
+    fake = link.worker("junk")
+    junk = fake.sock  # frames no worker would send go out raw
     dropped = 0
 
     # Random frames, 1 to 5 of them, random bytes (never starting with the version).
@@ -549,12 +335,11 @@ def test_malformed_messages_from_an_authenticated_worker_are_dropped(link: Link)
         junk.send_multipart(frames)
         dropped += 1
     # Well-formed, but from a session the broker never welcomed: not stored, asked to HELLO.
-    log = {"session": "nobody", "job_id": job.id, "attempt": 1, "seq": 1, "lines": lines(1, 2)}
-    junk.send_multipart(protocol.encode_body("LOG", log))
+    fake.send("LOG", session="nobody", job_id=job.id, attempt=1, seq=1, lines=lines(1, 2))
     refused = []  # a malformed HELLO is answered with why (REFUSED), so its worker logs it
     while True:
-        assert junk.poll(3000), "no answer to a LOG from an unknown session"
-        answer = received(junk.recv_multipart())
+        answer = fake.receive(3)
+        assert answer is not None, "no answer to a LOG from an unknown session"
         if answer.type != "REFUSED":
             break
         refused.append(answer.body["reason"])
@@ -615,10 +400,9 @@ def test_welcome_and_worker_record(link: Link) -> None:
     assert record.max_jobs == 3
     # The broker's own heartbeats come every heartbeat_interval_s.
     worker.keepalive = False
-    worker.sock.send_multipart(protocol.encode_body("HEARTBEAT", {"session": worker.session}))
-    assert worker.sock.poll(2000)
-    msg = received(worker.sock.recv_multipart())
-    assert msg.type == "HEARTBEAT" and msg.body["known"] is True
+    worker.send("HEARTBEAT")
+    msg = worker.receive(2)
+    assert msg is not None and msg.type == "HEARTBEAT" and msg.body["known"] is True
 
 
 # --- the life of a job -------------------------------------------------------------------------

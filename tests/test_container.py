@@ -26,7 +26,7 @@ from gpubox.config import Mount
 from gpubox.worker.docker_runtime import LABEL, WORKER_LABEL, DockerRuntime, JobRefused
 from tests.conftest import IMAGE, Cluster, wait_until
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 # Generous: another suite may be running containers on the same small machine.
 WAIT_S = 120
@@ -80,6 +80,7 @@ def env_of(container: Any) -> dict[str, str]:
 # --- the container spec, on the real engine -------------------------------------------------
 
 
+@pytest.mark.docker
 def test_two_gpu_job_container_carries_its_uuids_in_device_request_and_env(
     docker_client: docker.DockerClient, worker_name: str
 ):
@@ -114,6 +115,7 @@ def test_two_gpu_job_container_carries_its_uuids_in_device_request_and_env(
         container.remove(force=True)
 
 
+@pytest.mark.docker
 def test_without_gpu_devices_the_container_gets_the_environment_only(
     docker_client: docker.DockerClient, worker_name: str
 ):
@@ -132,6 +134,7 @@ def test_without_gpu_devices_the_container_gets_the_environment_only(
         container.remove(force=True)
 
 
+@pytest.mark.docker
 def test_job_without_gpus_gets_no_device_request_and_sees_no_gpu(
     docker_client: docker.DockerClient, worker_name: str
 ):
@@ -150,6 +153,7 @@ def test_job_without_gpus_gets_no_device_request_and_sees_no_gpu(
         container.remove(force=True)
 
 
+@pytest.mark.docker
 def test_container_options_reach_the_engine(
     docker_client: docker.DockerClient, worker_name: str, tmp_path: Path, nosuid_dir: Path
 ):
@@ -188,6 +192,7 @@ def test_container_options_reach_the_engine(
         container.remove(force=True)
 
 
+@pytest.mark.docker
 def test_undeclared_mount_is_refused_before_any_container_exists(
     docker_client: docker.DockerClient, worker_name: str, tmp_path: Path
 ):
@@ -214,6 +219,7 @@ def test_undeclared_mount_is_refused_before_any_container_exists(
 # --- starting a GPU container ---------------------------------------------------------------
 
 
+@pytest.mark.docker
 def test_gpu_job_on_an_engine_without_the_nvidia_runtime_fails_saying_what_to_install(
     docker_client: docker.DockerClient, worker_name: str
 ):
@@ -240,6 +246,7 @@ def test_gpu_job_on_an_engine_without_the_nvidia_runtime_fails_saying_what_to_in
     assert left == []
 
 
+@pytest.mark.docker
 def test_gpu_container_sees_exactly_its_gpus_where_the_engine_has_the_nvidia_runtime(
     docker_client: docker.DockerClient, worker_name: str
 ):
@@ -264,6 +271,7 @@ def test_gpu_container_sees_exactly_its_gpus_where_the_engine_has_the_nvidia_run
 # --- end to end: mounts ---------------------------------------------------------------------
 
 
+@pytest.mark.docker
 def test_mounts_end_to_end(make_cluster: Callable[..., Cluster], tmp_path: Path, nosuid_dir: Path):
     data = tmp_path / "data"
     data.mkdir()
@@ -329,6 +337,7 @@ def run_lines(cluster: Cluster, command: str, **docker_fields: Any) -> list[str]
     return lines
 
 
+@pytest.mark.docker
 def test_shm_size_sets_the_size_of_dev_shm(cluster: Cluster):
     script = "df -k /dev/shm | tail -n 1"
     sized = run_lines(cluster, script, shm_size="256m")
@@ -337,6 +346,7 @@ def test_shm_size_sets_the_size_of_dev_shm(cluster: Cluster):
     assert int(default[-1].split()[1]) == 64 * 1024, default  # Docker's default
 
 
+@pytest.mark.docker
 def test_workdir_user_and_memory_limit_apply_inside_the_container(cluster: Cluster):
     script = (
         "pwd; id -u; id -g;"
@@ -402,6 +412,7 @@ def test_bad_container_and_gpu_options_are_400_naming_the_field(
     assert cluster.client.jobs()["jobs"] == []
 
 
+@pytest.mark.docker
 def test_valid_container_and_gpu_options_come_back_in_the_job(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from gpubox.worker.dockerlogs import DockerLogs, Entry, parse_frames
 from gpubox.worker.lines import ts_ns
+from tests.conftest import wait_until
 
 SCRIPT = "echo one; echo two >&2; echo three; printf 'no newline' >&2"
 
@@ -62,6 +62,7 @@ STREAMS = ("stdout", "stderr")
 EXPECTED = {"stdout": [b"one\n", b"three\n"], "stderr": [b"two\n", b"no newline"]}
 
 
+@pytest.mark.docker
 def test_both_streams_in_one_read_tagged_and_in_order(
     docker_client: docker.DockerClient, exited: str
 ) -> None:
@@ -72,6 +73,7 @@ def test_both_streams_in_one_read_tagged_and_in_order(
     assert read(logs, follow=True) == entries  # an exited container's follow ends
 
 
+@pytest.mark.docker
 def test_the_sdk_session_path_reads_the_same(
     docker_client: docker.DockerClient, exited: str
 ) -> None:
@@ -82,6 +84,7 @@ def test_the_sdk_session_path_reads_the_same(
     assert read(logs, follow=True) == local
 
 
+@pytest.mark.docker
 def test_since_skips_what_came_before(docker_client: docker.DockerClient, image: str) -> None:
     container = docker_client.containers.run(
         image, ["sh", "-c", "echo early; sleep 1.2; echo late"], detach=True
@@ -97,6 +100,7 @@ def test_since_skips_what_came_before(docker_client: docker.DockerClient, image:
 
 
 @pytest.mark.parametrize("local", [True, False])
+@pytest.mark.docker
 def test_a_missing_container_is_docker_not_found(
     docker_client: docker.DockerClient, local: bool
 ) -> None:
@@ -108,6 +112,7 @@ def test_a_missing_container_is_docker_not_found(
 
 
 @pytest.mark.parametrize("local", [True, False])
+@pytest.mark.docker
 def test_close_ends_a_quiet_follow(
     docker_client: docker.DockerClient, image: str, local: bool
 ) -> None:
@@ -119,9 +124,7 @@ def test_close_ends_a_quiet_follow(
         got: list[bytes] = []
         thread = threading.Thread(target=lambda: got.extend(d for _, _, d in entries(logs, True)))
         thread.start()
-        deadline = time.monotonic() + 10
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: got, 10, "the follow's first line")
         logs.close()
         thread.join(5)
         assert not thread.is_alive(), "close() did not end the follow"
@@ -160,15 +163,19 @@ class FakeEngine:
     ],
 )
 def test_a_bad_answer_from_the_engine_is_a_docker_error(
-    docker_client: docker.DockerClient, tmp_path: Path, answer: bytes, error: str
+    tmp_path: Path, answer: bytes, error: str
 ) -> None:
-    engine = FakeEngine(str(tmp_path / "docker.sock"), answer)
+    sock = str(tmp_path / "docker.sock")
+    engine = FakeEngine(sock, answer)
+    # A client of the fake engine alone (a version given, it asks the engine nothing).
+    api = docker.APIClient(base_url=f"unix://{sock}", version="1.41")
     try:
-        logs = DockerLogs(docker_client.api, "abc")
-        logs.socket_path = str(tmp_path / "docker.sock")
+        logs = DockerLogs(api, "abc")
+        assert logs.socket_path == sock
         with pytest.raises(docker.errors.APIError, match=error):
             read(logs, follow=False)
     finally:
+        api.close()
         engine.server.close()
 
 

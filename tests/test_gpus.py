@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from gpubox.client import ApiError
 from gpubox.worker import gpu
 from tests.conftest import IMAGE, Cluster, wait_until
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 60.0  # another suite may share this machine's two cores and its Docker engine
 A100 = "NVIDIA A100-SXM4-80GB:81920"
@@ -75,17 +74,21 @@ def started(cluster: Cluster, job_id: int) -> dict[str, Any]:
 
 def queued_with(cluster: Cluster, job_id: int, reason: str) -> dict[str, Any]:
     """The job once it is QUEUED with exactly this queue_reason (the last one seen on failure)."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        job = cluster.client.job(job_id)
-        if job["status"] == "QUEUED" and job["queue_reason"] == reason:
-            return job
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"job {job_id}: wanted QUEUED because {reason!r}; it is {job['status']}"
-                f" because {job['queue_reason']!r}"
-            )
-        time.sleep(0.05)
+    seen: dict[str, Any] = {}
+
+    def queued() -> dict[str, Any] | None:
+        seen.update(cluster.client.job(job_id))
+        return seen if seen["status"] == "QUEUED" and seen["queue_reason"] == reason else None
+
+    return wait_until(  # type: ignore[no-any-return]
+        queued,
+        TIMEOUT_S,
+        lambda: (
+            f"job {job_id} to be QUEUED because {reason!r}; it is {seen.get('status')}"
+            f" because {seen.get('queue_reason')!r}"
+        ),
+        every_s=0.05,
+    )
 
 
 def printed(cluster: Cluster, job_id: int) -> list[str]:
@@ -99,6 +102,7 @@ def not_enough(free: int, needs: int, worker: str) -> str:
     )
 
 
+@pytest.mark.docker
 def test_one_gpu_jobs_share_a_worker_one_gpu_each_and_the_next_waits_for_one(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ):
@@ -132,6 +136,7 @@ def test_one_gpu_jobs_share_a_worker_one_gpu_each_and_the_next_waits_for_one(
         assert cluster.wait(job_id)["status"] == "FINISHED"
 
 
+@pytest.mark.docker
 def test_a_big_job_is_not_overtaken_forever_by_smaller_lower_priority_jobs(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ):
@@ -187,6 +192,7 @@ def test_a_big_job_is_not_overtaken_forever_by_smaller_lower_priority_jobs(
         assert len(done["result"]["gpus"]) == 1
 
 
+@pytest.mark.docker
 def test_gpu_model_and_memory_route_jobs_to_the_workers_that_have_them(
     make_cluster: Callable[..., Cluster],
 ):
@@ -246,6 +252,7 @@ def test_gpu_model_and_memory_route_jobs_to_the_workers_that_have_them(
         assert caught.value.message == f"{field} needs gpus of 1 or more"
 
 
+@pytest.mark.docker
 def test_workers_endpoint_shows_each_gpu_with_its_usage_and_the_mounts(
     make_cluster: Callable[..., Cluster], tmp_path: Path, nosuid_dir: Path
 ):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 
 from gpubox import errors, models, validate
 from gpubox.store.sqlite import SqliteStore
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,10 +47,8 @@ class Writers:
         ]
         for thread in self.threads:
             thread.start()
-        deadline = time.monotonic() + 10
-        while store._queued < len(writes):  # all of them wait for the write lock
-            assert time.monotonic() < deadline, "the writers never queued"
-            time.sleep(0.001)
+        # all of them wait for the write lock
+        wait_until(lambda: store._queued >= len(writes), 10, "the writers to queue", 0.001)
 
     def _run(self, write: Callable[[], Any], index: int) -> None:
         try:

@@ -38,7 +38,7 @@ from gpubox.worker.docker_runtime import LABEL, WORKER_LABEL, DockerRuntime
 from gpubox.worker.policy import ContainerPolicy
 from tests.conftest import IMAGE, Cluster, wait_until
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 WAIT_S = 120
 MiB = 1024**2
@@ -155,6 +155,7 @@ def worker_name(docker_client: docker.DockerClient) -> Iterator[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.docker
 def test_writable_mount_where_setuid_works_is_refused_at_worker_start(
     make_cluster: Callable[..., Cluster], open_dir: Path
 ):
@@ -216,6 +217,7 @@ def test_the_worker_command_refuses_such_a_mount_in_one_line(tmp_path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.docker
 def test_a_job_cannot_leave_a_working_setuid_program_or_device_in_a_writable_mount(
     make_cluster: Callable[..., Cluster], nosuid_dir: Path
 ):
@@ -233,6 +235,7 @@ def test_a_job_cannot_leave_a_working_setuid_program_or_device_in_a_writable_mou
 # --- finding 7: containers without limits -----------------------------------------------------
 
 
+@pytest.mark.docker
 def test_job_containers_get_no_new_privileges_a_pids_limit_and_no_mknod(
     docker_client: docker.DockerClient, worker_name: str
 ):
@@ -251,6 +254,7 @@ def test_job_containers_get_no_new_privileges_a_pids_limit_and_no_mknod(
 
 
 @pytest.mark.slow
+@pytest.mark.docker
 def test_a_fork_bomb_stops_at_the_pids_limit_and_privileges_stay_as_they_were(
     make_cluster: Callable[..., Cluster],
 ):
@@ -274,6 +278,7 @@ def test_a_fork_bomb_stops_at_the_pids_limit_and_privileges_stay_as_they_were(
 
 
 @pytest.mark.slow
+@pytest.mark.docker
 def test_shm_size_over_the_workers_cap_ends_the_job_with_a_clear_error(
     make_cluster: Callable[..., Cluster],
 ):
@@ -376,6 +381,7 @@ def recorder() -> Iterator[Recorder]:
 
 
 @pytest.mark.slow
+@pytest.mark.docker
 def test_an_image_from_a_loopback_registry_is_refused_before_any_request(
     make_cluster: Callable[..., Cluster], recorder: Recorder
 ):
@@ -393,6 +399,7 @@ def test_an_image_from_a_loopback_registry_is_refused_before_any_request(
 
 
 @pytest.mark.slow
+@pytest.mark.docker
 def test_a_pull_from_an_allowed_registry_never_echoes_what_it_answered(
     make_cluster: Callable[..., Cluster], recorder: Recorder
 ):
@@ -517,6 +524,7 @@ def test_reserved_environment_names_are_refused_at_submit(
 
 
 @pytest.mark.slow
+@pytest.mark.docker
 def test_anonymous_volumes_go_with_the_job_container(
     make_cluster: Callable[..., Cluster], docker_client: docker.DockerClient
 ):
@@ -551,6 +559,7 @@ def test_anonymous_volumes_go_with_the_job_container(
 
 
 @pytest.mark.slow
+@pytest.mark.docker
 def test_a_job_cannot_write_lines_into_the_workers_log(
     make_cluster: Callable[..., Cluster], caplog: pytest.LogCaptureFixture
 ):

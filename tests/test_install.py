@@ -8,13 +8,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import IMAGE
+from tests.conftest import IMAGE, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SINGLE_FILE = ROOT / "dist" / "gpubox"
@@ -84,11 +83,13 @@ def test_the_single_file_runs_a_real_job_where_no_gpubox_is_installed(
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 120
-        while "gpubox is up" not in (tmp_path / "up.log").read_text():
-            assert up.poll() is None, (tmp_path / "up.log").read_text()
-            assert time.monotonic() < deadline, "gpubox up did not start"
-            time.sleep(0.2)
+
+        def is_up() -> bool:
+            said = (tmp_path / "up.log").read_text()
+            assert up.poll() is None, said
+            return "gpubox is up" in said
+
+        wait_until(is_up, 120, "gpubox up to start", every_s=0.2)
         job = subprocess.run(
             [*run, "submit", "--follow", IMAGE, "echo", "from the single file"],
             env=env,

@@ -21,6 +21,7 @@ from gpubox.worker import docker_runtime, lines, logreader
 from gpubox.worker.dockerlogs import DockerLogs
 from gpubox.worker.lines import normalize_ts
 from gpubox.worker.logfile import JsonLogFile, usable_log_file
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,6 +47,7 @@ def container(docker_client: docker.DockerClient, image: str) -> Iterator[Any]:
     made.remove(force=True)
 
 
+@pytest.mark.docker
 def test_a_follow_gives_what_the_api_gives_and_ends_after_the_exit(
     container: Any, docker_client: docker.DockerClient
 ) -> None:
@@ -167,6 +169,7 @@ def test_the_api_is_used_for(tmp_path: Path, log_config: dict, root: str | None,
 
 
 @pytest.mark.parametrize("source", ["auto", "api"])
+@pytest.mark.docker
 def test_a_job_stores_the_same_output_read_from_the_file_or_the_api(
     make_cluster: Any, image: str, source: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -275,10 +278,7 @@ def test_the_job_log_says_where_rotated_lines_may_be_missing(tmp_path: Path) -> 
     buffer = lines.LineBuffer(1, max_bytes=1000)
     reader = logreader.LogReader(logs, buffer, lines.Masker([]))
     reader.thread.start()
-    deadline = time.monotonic() + 10
-    while not buffer.waiting:
-        assert time.monotonic() < deadline, "the reader never waited for room"
-        time.sleep(0.01)
+    wait_until(lambda: buffer.waiting, 10, "the reader to wait for room", every_s=0.01)
     for first in range(30_000, 33_000, 1000):
         rotate(path, files=2)
         with open(path, "ab") as fh:

@@ -239,6 +239,7 @@ def test_a_last_line_without_newline_and_a_child_left_behind(cluster: Cluster) -
     ]
 
 
+@pytest.mark.docker
 def test_a_mixed_pool_sends_docker_only_jobs_to_docker_workers(make_cluster) -> None:  # type: ignore[no-untyped-def]
     made: Cluster = make_cluster(workers=0)
     made.add_worker(name="a-proc", runtime="process")  # first by name: preferred on a tie

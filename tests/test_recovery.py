@@ -23,7 +23,7 @@ import zmq
 from gpubox import keys, protocol
 from gpubox.client import Client
 from tests.conftest import IMAGE, Cluster, remove_containers, wait_until
-from tests.test_broker import FakeWorker
+from tests.fakeworker import FakeWorker
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

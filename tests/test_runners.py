@@ -4,13 +4,13 @@ when none is idle, each sending on its own socket, all gone after stop()."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 import zmq
 
 from gpubox.worker.runners import Runners
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -40,10 +40,12 @@ def report(tag: str, release: threading.Event | None = None):  # type: ignore[no
 
 def until_idle(runners: Runners, count: int) -> None:
     """Wait until `count` runner threads are idle (they count themselves so after their work)."""
-    deadline = time.monotonic() + 10
-    while runners._idle != count:
-        assert time.monotonic() < deadline, f"{runners._idle} idle, not {count}"
-        time.sleep(0.001)
+    wait_until(
+        lambda: runners._idle == count,
+        10,
+        lambda: f"{count} idle runners ({runners._idle} are)",
+        every_s=0.001,
+    )
 
 
 def test_a_runner_is_reused_once_idle_and_a_second_starts_only_when_needed(link) -> None:  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ import pytest
 from gpubox import errors
 from gpubox.client import ApiError, Client
 from gpubox.coordinator import tokens
-from tests.conftest import PG_URL, Cluster
+from tests.conftest import IMAGE, PG_URL, Cluster
 
 SECRET = "sk-live-0123456789"  # 18 characters
 PASSWORD = "hunter2-registry-pw"
@@ -83,9 +83,9 @@ def test_the_container_gets_its_secret_values(cluster: Cluster, image: str):
     assert [r["line"] for r in cluster.lines(job["id"])] == ["ok"]
 
 
-def test_sealed_credentials_are_erased_when_the_job_ends(make_cluster, image: str):
+def test_sealed_credentials_are_erased_when_the_job_ends(make_cluster):
     cluster = make_cluster(workers=0)
-    job = cluster.submit(image, ["true"], docker={"secrets": {"API_KEY": SECRET}})
+    job = cluster.submit(IMAGE, ["true"], docker={"secrets": {"API_KEY": SECRET}})
     store = cluster.coordinator.store
     assert store is not None
     sealed = store.get_job(job["id"]).spec.sealed
@@ -103,10 +103,10 @@ def test_sealed_credentials_are_erased_when_the_job_ends(make_cluster, image: st
         ({"SAME": "long enough"}, "docker.secrets"),
     ],
 )
-def test_bad_secrets_are_refused(make_cluster, image: str, secrets: dict[str, Any], field: str):
+def test_bad_secrets_are_refused(make_cluster, secrets: dict[str, Any], field: str):
     cluster = make_cluster(workers=0)
     with pytest.raises(ApiError) as refused:
-        cluster.submit(image, ["true"], docker={"secrets": secrets, "env": {"SAME": "x"}})
+        cluster.submit(IMAGE, ["true"], docker={"secrets": secrets, "env": {"SAME": "x"}})
     assert refused.value.status == 400 and refused.value.field == field
 
 
@@ -139,10 +139,10 @@ def test_bad_secrets_are_refused(make_cluster, image: str, secrets: dict[str, An
         "ports",
     ],
 )
-def test_no_container_option_reaches_the_host(make_cluster, image: str, field: str):
+def test_no_container_option_reaches_the_host(make_cluster, field: str):
     cluster = make_cluster(workers=0)
-    for where, value in (("docker", {"image": image, field: True}), ("top", None)):
-        spec: dict[str, Any] = {"name": "x", "docker": {"image": image}}
+    for where, value in (("docker", {"image": IMAGE, field: True}), ("top", None)):
+        spec: dict[str, Any] = {"name": "x", "docker": {"image": IMAGE}}
         if where == "docker":
             spec["docker"] = value
             expected = f"docker.{field}"
@@ -168,13 +168,13 @@ def request(cluster: Cluster, method: str, path: str, token: str, body: Any = No
     return response.status, answer
 
 
-def test_token_roles_submit_and_admin(make_cluster, image: str):
+def test_token_roles_submit_and_admin(make_cluster):
     cluster = make_cluster(workers=0)
     store = cluster.coordinator.store
     assert store is not None
     submit = tokens.create(store, "ci", "submit")
     # submit tokens create, read, cancel and tail jobs
-    job = Client(cluster.url, submit).submit({"name": "n", "docker": {"image": image}})
+    job = Client(cluster.url, submit).submit({"name": "n", "docker": {"image": IMAGE}})
     assert request(cluster, "GET", f"/api/v1/jobs/{job['id']}", submit)[0] == 200
     assert request(cluster, "GET", f"/api/v1/jobs/{job['id']}/logs", submit)[0] == 200
     assert request(cluster, "POST", f"/api/v1/jobs/{job['id']}/cancel", submit)[0] == 200
@@ -218,11 +218,11 @@ def test_token_roles_submit_and_admin(make_cluster, image: str):
     assert request(cluster, "DELETE", "/api/v1/tokens/ci%20bot%40eu-1", admin)[0] == 200
 
 
-def test_worker_key_revoked_over_http(make_cluster, image: str):
-    cluster = make_cluster()
+def test_worker_key_revoked_over_http(make_cluster):
+    cluster = make_cluster(worker_settings={"runtime": "process"})
     status, answer = request(cluster, "POST", "/api/v1/workers/worker-1/revoke", cluster.token)
     assert status == 200 and answer == {"name": "worker-1", "revoked": True}
-    job = cluster.submit(image, ["true"])
+    job = cluster.submit(IMAGE, ["true"])
     from tests.conftest import wait_until
 
     wait_until(

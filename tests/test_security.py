@@ -22,16 +22,8 @@ from gpubox import config as cfg
 from gpubox import errors, keys, models, protocol
 from gpubox.worker.agent import Agent
 from tests.conftest import wait_until
-from tests.test_broker import (
-    HANDSHAKE_FAILURES,
-    HEARTBEAT_S,
-    TS,
-    Keypair,
-    Link,
-    lines,
-    serve,
-    zmtp3_greeting,
-)
+from tests.fakeworker import HANDSHAKE_FAILURES, HEARTBEAT_S, TS, Keypair, lines
+from tests.test_broker import Link, serve, zmtp3_greeting
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -27,7 +27,7 @@ def healthz(cluster: Cluster) -> tuple[int, dict[str, Any]]:
 
 
 def test_every_message_type_has_exactly_one_handler(make_cluster: Callable[..., Cluster]):
-    cluster = make_cluster(workers=1)
+    cluster = make_cluster(workers=1, worker_settings={"runtime": "process"})
     broker = cluster.coordinator.broker
     assert broker is not None
     # One entry per message class, and every class protocol decodes has one.
@@ -106,7 +106,7 @@ def test_a_message_type_without_a_handler_is_dropped_not_fatal(
 ):
     # A type that protocol accepts but the broker has no handler for (as when one is added
     # to protocol.FROM_WORKER alone): dropped and counted, and the broker serves on.
-    cluster = make_cluster(workers=1)
+    cluster = make_cluster(workers=1, worker_settings={"runtime": "process"})
     broker = cluster.coordinator.broker
     assert broker is not None
     monkeypatch.delitem(broker._handlers, protocol.WorkerHeartbeat)

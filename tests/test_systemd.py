@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import IMAGE
+from tests.conftest import IMAGE, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ("gpubox-coordinator.service", "gpubox-worker.service")
@@ -104,13 +104,12 @@ class Box:
         if docker:
             flags += ["-v", f"{DOCKER_SOCKET}:{DOCKER_SOCKET}"]
         run("docker", "run", "-d", "--name", name, *flags, image, "/sbin/init")
-        deadline = time.monotonic() + 60
-        while True:
+
+        def system_state() -> str | None:
             state = self.sh("systemctl is-system-running", check=False).stdout.strip()
-            if state in ("running", "degraded"):
-                break
-            assert time.monotonic() < deadline, f"{name}: systemd did not come up ({state})"
-            time.sleep(0.3)
+            return state if state in ("running", "degraded") else None
+
+        state = wait_until(system_state, 60, f"systemd to come up on {name}", every_s=0.3)
         assert state == "running", self.sh("systemctl --failed --no-pager").stdout
         if docker:  # Docker is installed on this box: its group owns the socket
             gid = os.stat(DOCKER_SOCKET).st_gid
@@ -205,20 +204,22 @@ class Api:
         return int(job["id"])
 
     def wait(self, job_id: int, timeout: float = 90) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
+        def ended() -> dict[str, Any] | None:
             with contextlib.suppress(OSError):  # the coordinator may be restarting
                 job: dict[str, Any] = self.call("GET", f"/api/v1/jobs/{job_id}")
                 if job["status"] in ("FINISHED", "ERROR", "CANCELLED"):
                     return job
-            assert time.monotonic() < deadline, f"job {job_id} did not end"
-            time.sleep(0.2)
+            return None
+
+        return wait_until(ended, timeout, f"job {job_id} to end", every_s=0.2)  # type: ignore[no-any-return]
 
     def wait_running(self, job_id: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.call("GET", f"/api/v1/jobs/{job_id}")["status"] != "RUNNING":
-            assert time.monotonic() < deadline, f"job {job_id} did not start"
-            time.sleep(0.1)
+        wait_until(
+            lambda: self.call("GET", f"/api/v1/jobs/{job_id}")["status"] == "RUNNING",
+            timeout,
+            f"job {job_id} to start",
+            every_s=0.1,
+        )
 
     def logs(self, job_id: int) -> str:
         return bytes(self.call("GET", f"/api/v1/jobs/{job_id}/logs")).decode()
@@ -409,12 +410,14 @@ def test_reload_rereads_the_allow_list_without_a_restart(box_a: tuple[Box, Api, 
     pid = box.main_pid(UNITS[0])
     box.sh("systemctl reload gpubox-coordinator")
     assert box.main_pid(UNITS[0]) == pid and box.active(UNITS[0]) == "active"
-    deadline = time.monotonic() + 10  # the journal may take a moment to show the line
-    while "on the allow list" not in (
-        said := box.sh("journalctl -u gpubox-coordinator --no-pager -o cat -q -n 20").stdout
-    ):
-        assert time.monotonic() < deadline, said
-        time.sleep(0.2)
+    said = ""
+
+    def journal_says() -> bool:  # the journal may take a moment to show the line
+        nonlocal said
+        said = box.sh("journalctl -u gpubox-coordinator --no-pager -o cat -q -n 20").stdout
+        return "on the allow list" in said
+
+    wait_until(journal_says, 10, lambda: f"the journal to say so; it says {said!r}", 0.2)
     assert api.wait(api.submit("echo after reload"))["status"] == "FINISHED"
     box.assert_no_errors("reload")
 

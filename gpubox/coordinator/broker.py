@@ -156,6 +156,19 @@ class Broker:
 
     def stop(self) -> None:
         self._stop.set()
+        # Wake its poll, so it ends now rather than at the poll's timeout (never blocking: a
+        # broker that ended already has no inbox to take it).
+        try:
+            waker = self.context.socket(zmq.PUSH)
+        except zmq.ZMQError:
+            return  # the context is gone: so is the broker
+        try:
+            waker.connect(self.inbox_address)
+            waker.send_multipart([b"stop", b"0"], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        finally:
+            waker.close(linger=0)
 
     # --- the loop -----------------------------------------------------------------------------
 

@@ -184,6 +184,8 @@ class Coordinator:
             if not self.threads:
                 wasyncore.close_all(server._map)  # bound, but its loop never ran to close it
         self._http_done.set()
+        if server is not None and self.threads:
+            server.pull_trigger()  # its loop sees _http_done now, not at its next poll timeout
         if self.broker is not None:
             self.broker.stop()
         for thread in self.threads:

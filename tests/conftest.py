@@ -14,7 +14,6 @@ import io
 import os
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ import pytest
 import zmq
 
 from gpubox import config as cfg
-from gpubox import keys
+from gpubox import keys, supervise
 from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
 from gpubox.worker import gpu, wiring
@@ -181,7 +180,7 @@ class Cluster:
     # How to reach the Docker engine, asked only once a Docker worker (or the test) needs it;
     # None for a cluster that never may.
     get_docker: Callable[[], docker.DockerClient] | None = None
-    agents: list[tuple[Agent, threading.Thread]] = dataclasses.field(default_factory=list)
+    agents: list[tuple[Agent, supervise.Essential]] = dataclasses.field(default_factory=list)
     _docker_client: docker.DockerClient | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -250,6 +249,12 @@ class Cluster:
         for _, thread in self.agents:
             thread.join(timeout=30)
         self.coordinator.stop()
+        # An agent thread that failed is logged, not raised: say so here, or a test could
+        # pass on a worker that died along the way.
+        failed = [
+            f"{a.name}: {t.reason}" for a, t in self.agents if t.reason not in ("", "it returned")
+        ]
+        assert not failed, f"agent threads failed: {failed}"
         if self._docker_client is not None:
             remove_containers(self._docker_client, {agent.name for agent, _ in self.agents})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import threading
@@ -185,7 +186,10 @@ class Coordinator:
                 wasyncore.close_all(server._map)  # bound, but its loop never ran to close it
         self._http_done.set()
         if server is not None and self.threads:
-            server.pull_trigger()  # its loop sees _http_done now, not at its next poll timeout
+            # Its loop sees _http_done now, not at its next poll timeout. A loop that already
+            # ended has closed the trigger: nothing to wake.
+            with contextlib.suppress(OSError):
+                server.pull_trigger()
         if self.broker is not None:
             self.broker.stop()
         for thread in self.threads:

@@ -106,40 +106,57 @@ def stored(fields: Sequence[Field]) -> tuple[Field, ...]:
     return tuple(field for field in fields if field.column)
 
 
-# What api_dict does, key by key: (key, get, show, plan of the object under this key or None).
-ApiPlan = list[tuple[str, Convert, Convert | None, "ApiPlan | None"]]
+def build(name: str, expression: str, names: dict[str, Any]) -> Callable[[Any], Any]:
+    """A function of one argument, `record`, that returns `expression`, written out once
+    from a field table (as dataclasses writes __init__): every job listed or read goes
+    through these, and a loop over the table per job cost a third more than the code written
+    by hand. `names` are the functions the expression calls. Its text is kept as `.source`,
+    to read what the table made."""
+    source = f"def {name}(record):\n    return {expression}\n"
+    scope = dict(names)
+    exec(compile(source, f"<gpubox.fields: {name}>", "exec"), scope)  # noqa: S102
+    function: Callable[[Any], Any] = scope[name]
+    function.source = source  # type: ignore[attr-defined]
+    return function
 
 
-def api_plan(fields: Sequence[Field]) -> ApiPlan:
-    """What api_dict does for each field with an `api` key, in the order of `fields`; worked
-    out once per record type, since every job shown goes through it."""
-    plan: ApiPlan = []
-    groups: dict[str, ApiPlan] = {}
+def _value(field: Field, names: dict[str, Any], shown: bool = True) -> str:
+    """The expression that reads a field from `record` (shown as the API shows it)."""
+    if field.path is None:
+        return "None"
+    read = f"record.{field.path}"
+    if not shown or field.kind.show is None:
+        return read
+    show = f"show_{len(names)}"
+    names[show] = field.kind.show
+    return f"{show}({read})"
+
+
+def api_builder(fields: Sequence[Field]) -> Callable[[Any], dict[str, Any]]:
+    """The function that shows a record as the API does: the fields with an `api` key, in
+    the order of `fields`; "group.key" puts a field in an object under "group" (which sits
+    where its first field is), and "group.*" merges a field's own keys into it."""
+    names: dict[str, Any] = {}
+    top: dict[str, Any] = {}  # key → expression, or (for a group) its own dict of them
     for field in fields:
         if field.api is None:
             continue
         group, _, key = field.api.rpartition(".")
-        if not group:
-            plan.append((key, field.get, field.kind.show, None))
-            continue
-        if group not in groups:  # the object sits where its first field is
-            groups[group] = []
-            plan.append((group, field.get, None, groups[group]))
-        groups[group].append((key, field.get, field.kind.show, None))
-    return plan
+        where = top.setdefault(group, {}) if group else top
+        where[f"*{len(names)}" if key == "*" else key] = _value(field, names)
 
+    def literal(items: dict[str, Any]) -> str:
+        parts = []
+        for key, value in items.items():
+            if isinstance(value, dict):
+                parts.append(f"{key!r}: {literal(value)}")
+            elif key.startswith("*"):
+                parts.append(f"**{value}")
+            else:
+                parts.append(f"{key!r}: {value}")
+        return "{" + ", ".join(parts) + "}"
 
-def api_dict(plan: ApiPlan, record: Any) -> dict[str, Any]:
-    """A record as the API shows it (see api_plan)."""
-    out: dict[str, Any] = {}
-    for key, get, show, inner in plan:
-        if inner is not None:
-            out[key] = api_dict(inner, record)
-        elif key == "*":  # a value whose keys join the object's own
-            out.update(get(record) if show is None else show(get(record)))
-        else:
-            out[key] = get(record) if show is None else show(get(record))
-    return out
+    return build("api_dict", literal(top), names)
 
 
 def wire_dict(fields: Sequence[Field], record: Any) -> dict[str, Any]:

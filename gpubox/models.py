@@ -258,7 +258,7 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         """The job as the HTTP API shows it (JOB_FIELDS says what, and where). Write-only
         fields (docker.auth, docker.secrets) are not among them."""
-        return fields.api_dict(_JOB_API, self)
+        return _job_api(self)
 
 
 _STATUS = {status.value: status for status in Status}
@@ -324,7 +324,7 @@ JOB_FIELDS: tuple[Field, ...] = (
     Field("log_cut", BIGINT, None, default="0", since=5),
 )
 # fmt: on
-_JOB_API = fields.api_plan(JOB_FIELDS)
+_job_api = fields.api_builder(JOB_FIELDS)
 WIRE_FIELDS = tuple(field for field in JOB_FIELDS if field.wire is not None)
 
 

@@ -5,7 +5,7 @@ names a job's column: a field added to JOB_FIELDS reaches all of it."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -85,15 +85,24 @@ def as_stored(spec: models.JobSpec) -> models.JobSpec:
     return dataclasses.replace(spec, auth=None, secrets={}, **reals)
 
 
-def job_from_row(row: Mapping[str, Any]) -> models.Job:
-    """A Job from a `jobs` row (a mapping of column name to value)."""
-    spec = models.JobSpec(
-        **{attr: row[name] if load is None else load(row[name]) for attr, name, load in _SPEC_READ}
-    )
-    return models.Job(
-        spec=spec,
-        **{attr: row[name] if load is None else load(row[name]) for attr, name, load in _JOB_READ},
-    )
+def _reader() -> Callable[[Any], Any]:
+    """job_from_row, written out once from JOB_FIELDS (see fields.build)."""
+    names: dict[str, Any] = {"Job": models.Job, "JobSpec": models.JobSpec}
+
+    def argument(attr: str, column: str, load: Callable[[Any], Any] | None) -> str:
+        read = f"record[{column!r}]"
+        if load is None:
+            return f"{attr}={read}"
+        names[f"load_{len(names)}"] = load
+        return f"{attr}=load_{len(names) - 1}({read})"
+
+    spec = ", ".join(argument(*item) for item in _SPEC_READ)
+    job = ", ".join(argument(*item) for item in _JOB_READ)
+    return fields.build("job_from_row", f"Job(spec=JobSpec({spec}), {job})", names)
+
+
+# A Job from a `jobs` row (a mapping of column name to value).
+job_from_row: Callable[[Mapping[str, Any]], models.Job] = _reader()
 
 
 def new_job(spec: models.JobSpec, now: datetime) -> models.Job:

@@ -25,7 +25,7 @@ import pytest
 import zmq
 
 from gpubox import config as cfg
-from gpubox import keys, supervise
+from gpubox import keys, protocol, supervise
 from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
 from gpubox.worker import gpu, wiring
@@ -134,6 +134,27 @@ def docker_client(request: pytest.FixtureRequest) -> docker.DockerClient:
 @pytest.fixture()
 def image(docker_client: docker.DockerClient) -> str:
     return IMAGE
+
+
+def wire_job(**fields: Any) -> protocol.WireJob:
+    """A job as a worker receives it in JOB, for a runtime driven by a test alone: an id no
+    other test uses, no GPUs, no secrets; `fields` set any of WireJob's fields."""
+    values: dict[str, Any] = {
+        "id": 1_000_000 + uuid.uuid4().int % 1_000_000_000,
+        "attempt": 1,
+        "name": "test",
+        "image": IMAGE,
+        "command": ["true"],
+        "env": {},
+        "secrets": {},
+        "auth": None,
+        "gpus": [],
+        "timeout": None,
+        "first_seq": 1,
+        "container": {"mounts": []},
+        "submitter": None,
+    }
+    return protocol.WireJob(**{**values, **fields})
 
 
 def wait_until(

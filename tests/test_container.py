@@ -25,6 +25,7 @@ from gpubox.client import ApiError
 from gpubox.config import Mount
 from gpubox.worker.docker_runtime import LABEL, WORKER_LABEL, DockerRuntime, JobRefused
 from tests.conftest import IMAGE, Cluster, wait_until
+from tests.conftest import wire_job as make_wire_job
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,20 +46,12 @@ def wire_job(
     gpus: list[str], command: list[str] | None = None, **container: Any
 ) -> protocol.WireJob:
     """A job as a worker receives it (protocol.wire_job), with an id no other test uses."""
-    return protocol.WireJob(
-        id=1_000_000 + uuid.uuid4().int % 1_000_000_000,
-        attempt=1,
+    return make_wire_job(
         name="container-test",
-        image=IMAGE,
         command=command or ["true"],
         env={"FROM_ENV": "yes"},
-        secrets={},
-        auth=None,
         gpus=gpus,
-        timeout=None,
-        first_seq=1,
         container={"mounts": [], **container},
-        submitter=None,
     )
 
 

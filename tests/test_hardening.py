@@ -37,6 +37,7 @@ from gpubox.worker import policy
 from gpubox.worker.docker_runtime import LABEL, WORKER_LABEL, DockerRuntime
 from gpubox.worker.policy import ContainerPolicy
 from tests.conftest import IMAGE, Cluster, wait_until
+from tests.conftest import wire_job as make_wire_job
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -123,20 +124,8 @@ def leave_root_shell(cluster: Cluster, folder: Path) -> tuple[int, bool, list[st
 
 def wire_job(command: list[str], **container: Any) -> protocol.WireJob:
     """A job as a worker receives it, with an id no other test uses."""
-    return protocol.WireJob(
-        id=1_000_000 + uuid.uuid4().int % 1_000_000_000,
-        attempt=1,
-        name="hardening-test",
-        image=IMAGE,
-        command=command,
-        env={},
-        secrets={},
-        auth=None,
-        gpus=[],
-        timeout=None,
-        first_seq=1,
-        container={"mounts": [], **container},
-        submitter=None,
+    return make_wire_job(
+        name="hardening-test", command=command, container={"mounts": [], **container}
     )
 
 

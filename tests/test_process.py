@@ -17,6 +17,7 @@ import pytest
 from gpubox import protocol
 from gpubox.worker.process import ProcessRuntime, Scratch, environment
 from tests.conftest import IMAGE, Cluster, wait_until
+from tests.conftest import wire_job as make_wire_job
 
 NO_IMAGE = "ignored-by-the-process-runtime"
 
@@ -30,22 +31,9 @@ def cluster(make_cluster) -> Cluster:  # type: ignore[no-untyped-def]
 
 def wire_job(job_id: int, **fields: Any) -> protocol.WireJob:
     """A job as a worker receives it, for the runtime alone."""
-    values: dict[str, Any] = dict(
-        id=job_id,
-        attempt=1,
-        name="t",
-        image="-",
-        command=None,
-        env={},
-        secrets={},
-        auth=None,
-        gpus=[],
-        timeout=None,
-        first_seq=1,
-        container=None,
-        submitter=None,
+    return make_wire_job(
+        **{"id": job_id, "image": "-", "command": None, "container": None, **fields}
     )
-    return protocol.WireJob(**{**values, **fields})
 
 
 def run(cluster: Cluster, command: list[str], **fields: object) -> tuple[dict, list[dict]]:

@@ -248,6 +248,11 @@ class Job:
     gpu_ids: list[str] = dataclasses.field(default_factory=list)
     log_seq: int = 0
     cancel_requested: bool = False
+    # The image the attempt's container was created from, as the engine names it: its ID
+    # (sha256:…) and, where the engine has one, its repo digest (name@sha256:…). None: not
+    # started yet, or the process runtime, which runs no image.
+    image_id: str | None = None
+    image_digest: str | None = None
 
     @property
     def duration(self) -> float | None:
@@ -310,6 +315,8 @@ JOB_FIELDS: tuple[Field, ...] = (
     Field("duration", REAL, "duration", api="result.duration", column=False),
     Field("exit_code", INT, "exit_code", api="result.exit_code", null=True),
     Field("error", TEXT, "error", api="result.error", null=True),
+    Field("image_id", TEXT, "image_id", api="result.image_id", null=True, since=6),
+    Field("image_digest", TEXT, "image_digest", api="result.image_digest", null=True, since=6),
     Field("worker", TEXT, "worker", api="worker", null=True),
     Field("attempts", INT, "attempts", api="attempts", wire="attempt", default="0"),
     Field("log_seq", BIGINT, "log_seq", api="log_lines", default="0"),

@@ -20,7 +20,10 @@ worker -> coordinator
                 it can run (models.JobSpec.runs_on)
     READY      {session, free_gpus: [uuid], slots, running: [job_id]}   running: every job
                 it holds; this confirms receipt of a JOB (unconfirmed ones are queued again)
-    STARTED    {session, job_id, attempt, container, executed_at}
+    STARTED    {session, job_id, attempt, container, executed_at, image_id?, image_digest?}
+                image_id: the ID of the image the container was created from (sha256:…);
+                image_digest: its repo digest (name@sha256:…) where the engine has one;
+                neither from the process runtime; an older coordinator ignores both
     LOG        {session, job_id, attempt, seq, lines: [[ts, stream, line]], last?, notes?}
                 seq: first line's; last: the last seq the batch covers when more than its
                 lines (a marker line standing for lines the worker dropped: its spill went past
@@ -93,6 +96,7 @@ MAX_ERROR = 65536  # the error text of a DONE
 MAX_ID = 2**63 - 1  # job ids, attempts and sequence numbers: what both stores hold
 MAX_EXIT = 2**31 - 1  # an exit code, either sign
 MAX_MEMORY_MB = 2**40
+MAX_IMAGE = 4096  # an image ID or repo digest
 
 
 def _is_int(value: Any) -> bool:
@@ -400,6 +404,8 @@ class Started(Message):
     attempt: int = wire(_ID)
     container: str = wire(_text())
     executed_at: str = wire(_is_time)
+    image_id: str | None = wire(_opt(_text(MAX_IMAGE)), omit=True)
+    image_digest: str | None = wire(_opt(_text(MAX_IMAGE)), omit=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -20,10 +20,16 @@ from typing import Any
 import docker
 import pytest
 
-from gpubox import protocol
+from gpubox import protocol, validate
 from gpubox.client import ApiError
 from gpubox.config import Mount
-from gpubox.worker.docker_runtime import LABEL, WORKER_LABEL, DockerRuntime, JobRefused
+from gpubox.worker.docker_runtime import (
+    LABEL,
+    WORKER_LABEL,
+    DockerRuntime,
+    JobRefused,
+    repo_digest,
+)
 from tests.conftest import IMAGE, Cluster, wait_until
 from tests.conftest import wire_job as make_wire_job
 
@@ -449,3 +455,28 @@ def test_valid_container_and_gpu_options_come_back_in_the_job(
     assert plain["docker"]["memory"] is None and plain["docker"]["mounts"] == []
     assert plain["docker"]["workdir"] is None and plain["docker"]["user"] is None
     assert plain["gpu_model"] is None and plain["gpu_memory_gb"] is None
+
+
+@pytest.mark.parametrize(
+    ("requested", "expected"),
+    [
+        ("registry.example.com:5000/team/train:1", "registry.example.com:5000/team/train@sha256:b"),
+        ("registry.example.com:5000/team/train", "registry.example.com:5000/team/train@sha256:b"),
+        ("mirror.example.com/train@sha256:c", "mirror.example.com/train@sha256:c"),
+        ("elsewhere/other:2", "docker.io/library/train@sha256:a"),  # none of its own: the first
+    ],
+)
+def test_the_repo_digest_is_the_named_repositorys(requested: str, expected: str) -> None:
+    digests = [
+        "docker.io/library/train@sha256:a",
+        "registry.example.com:5000/team/train@sha256:b",
+        "mirror.example.com/train@sha256:c",
+    ]
+    assert repo_digest(digests, requested) == expected
+    assert repo_digest([], requested) is None
+
+
+def test_a_job_may_name_its_image_by_digest() -> None:
+    image = "registry.example.com:5000/team/train@sha256:" + "a" * 64
+    spec = validate.parse_spec({"name": "by-digest", "docker": {"image": image}})
+    assert spec.image == image

@@ -65,12 +65,15 @@ JOB = models.Job(
     gpu_ids=["GPU-1", "GPU-2"],
     log_seq=41,
     cancel_requested=True,
+    image_id="sha256:the-id",
+    image_digest="the-image@sha256:the-digest",
 )
 PLAIN = models.Job(
     1, models.JobSpec(name="", image=""), models.Status.QUEUED, T0 - timedelta(days=1), T0
 )
 
-# The job as the API showed it before JOB_FIELDS, byte for byte (key order included).
+# The job as the API showed it before JOB_FIELDS, byte for byte (key order included), with
+# the fields added since (result.image_id and result.image_digest, schema 6).
 API_JSON = (
     '{"id": 42, "name": "the-name", "description": "the-description", "priority": 7,'
     ' "docker": {"image": "the-image", "command": ["the", "command"], "env": {"THE_ENV": "1"},'
@@ -81,7 +84,8 @@ API_JSON = (
     ' "status": "RUNNING", "queue_reason": null, "cancel_requested": true,'
     ' "result": {"executed_at": "2024-05-01T12:00:02.123456Z",'
     ' "finished_at": "2024-05-01T12:00:05.373456Z", "gpus": ["GPU-1", "GPU-2"],'
-    ' "duration": 3.25, "exit_code": 3, "error": "the-error"}, "worker": "the-worker",'
+    ' "duration": 3.25, "exit_code": 3, "error": "the-error", "image_id": "sha256:the-id",'
+    ' "image_digest": "the-image@sha256:the-digest"}, "worker": "the-worker",'
     ' "attempts": 2, "log_lines": 41, "created_at": "2024-05-01T12:00:00.123456Z",'
     ' "updated_at": "2024-05-01T12:00:01.123456Z"}'
 )

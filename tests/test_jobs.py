@@ -31,6 +31,20 @@ def test_stdout_and_stderr_lines_stored_in_order_and_job_finishes(cluster: Clust
     assert all(r["ts"].endswith("Z") for r in lines)
 
 
+def test_a_docker_job_records_the_image_it_ran(cluster: Cluster, image: str, docker_client):
+    job = cluster.submit(image, ["true"])
+    done = cluster.wait(job["id"])
+    assert done["status"] == "FINISHED"
+    # The ID the engine gives the image now; this image was imported here, never pulled from
+    # a registry, so it has no repo digest.
+    engine = docker_client.images.get(image)
+    assert done["result"]["image_id"] == engine.id and engine.id.startswith("sha256:")
+    assert engine.attrs.get("RepoDigests") in ([], None)
+    assert done["result"]["image_digest"] is None
+    shown = cluster.client.job(job["id"])["result"]
+    assert (shown["image_id"], shown["image_digest"]) == (engine.id, None)
+
+
 def test_non_zero_exit_is_error_with_exit_code(cluster: Cluster, image: str):
     job = cluster.submit(image, ["sh", "-c", "echo bye; exit 3"])
     done = cluster.wait(job["id"])

@@ -55,6 +55,8 @@ def test_output_exit_code_and_order(cluster: Cluster) -> None:
         ("stdout", "three"),
     ]
     assert done["worker"] == "worker-1" and done["result"]["duration"] is not None
+    # No image runs here, so none is recorded.
+    assert done["result"]["image_id"] is None and done["result"]["image_digest"] is None
     failed, _ = run(cluster, ["sh", "-c", "exit 3"])
     assert failed["status"] == "ERROR" and failed["result"]["exit_code"] == 3
     assert failed["result"]["error"] == "exit code 3"

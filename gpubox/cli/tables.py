@@ -61,6 +61,8 @@ def summary(job: dict[str, Any]) -> str:
             ),
         ),
         ("image", job["docker"]["image"]),
+        ("image id", result.get("image_id") or "-"),
+        ("digest", result.get("image_digest") or "-"),
         ("command", shlex.join(command) if command else "(image default)"),
         (
             "gpus",

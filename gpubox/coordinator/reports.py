@@ -80,7 +80,9 @@ def store_report(store: Store, report: Report, limits: LogLimits) -> Stored:
     match report:
         case protocol.Started():
             executed_at = models.parse_time(report.executed_at) or models.utcnow()
-            applied = store.mark_started(report.job_id, report.attempt, executed_at)
+            applied = store.mark_started(
+                report.job_id, report.attempt, executed_at, report.image_id, report.image_digest
+            )
             return StartStored(report, applied)
         case protocol.Log():
             lines = [(line[0], line[1], line[2]) for line in report.lines]

@@ -113,8 +113,16 @@ class Store(abc.ABC):
         that attempt is not RUNNING."""
 
     @abc.abstractmethod
-    def mark_started(self, job_id: int, attempt: int, executed_at: datetime) -> bool:
-        """Record that this attempt's container started. False (no change) for a stale attempt."""
+    def mark_started(
+        self,
+        job_id: int,
+        attempt: int,
+        executed_at: datetime,
+        image_id: str | None = None,
+        image_digest: str | None = None,
+    ) -> bool:
+        """Record that this attempt's container started, from which image (its ID and repo
+        digest, where known). False (no change) for a stale attempt."""
 
     @abc.abstractmethod
     def finish_job(

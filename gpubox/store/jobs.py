@@ -151,12 +151,26 @@ class JobStore(backend.Backend):
             )
             return bool(cur.rowcount == 1)
 
-    def mark_started(self, job_id: int, attempt: int, executed_at: datetime) -> bool:
+    def mark_started(
+        self,
+        job_id: int,
+        attempt: int,
+        executed_at: datetime,
+        image_id: str | None = None,
+        image_digest: str | None = None,
+    ) -> bool:
         with self._write() as cur:
             cur.execute(
-                "UPDATE jobs SET executed_at = ?, updated_at = ?"
+                "UPDATE jobs SET executed_at = ?, updated_at = ?, image_id = ?, image_digest = ?"
                 " WHERE id = ? AND attempts = ? AND status = 'RUNNING'",
-                (_time(executed_at), _time(models.utcnow()), job_id, attempt),
+                (
+                    _time(executed_at),
+                    _time(models.utcnow()),
+                    image_id,
+                    image_digest,
+                    job_id,
+                    attempt,
+                ),
             )
             return bool(cur.rowcount == 1)
 

@@ -60,6 +60,18 @@ def refusal(exc: docker.errors.APIError) -> str:
     return f"docker refused the container: {text}"
 
 
+def repo_digest(digests: list[str], requested: str) -> str | None:
+    """Of an image's repo digests (name@sha256:…), the one of the repository the job named
+    (its image without tag or digest), else the first; None when it has none."""
+    name = requested.partition("@")[0]
+    if ":" in name.rpartition("/")[2]:  # a tag, not a registry's port
+        name = name.rpartition(":")[0]
+    for digest in digests:
+        if digest.partition("@")[0] == name:
+            return digest
+    return digests[0] if digests else None
+
+
 def started_at(container: Any) -> str:
     """When a container started, as gpubox writes times."""
     container.reload()
@@ -110,6 +122,7 @@ class DockerRuntime:
         self.log_max_bytes = log_max_bytes
         self.log_max_files = log_max_files
         self._docker_root: str | None = None
+        self._digests: dict[str, list[str]] = {}  # image ID → its repo digests (_image_of)
 
     def run(
         self,
@@ -139,6 +152,7 @@ class DockerRuntime:
                         {
                             "container": container.id,
                             "executed_at": models.format_time(models.utcnow()),
+                            **self._image_of(container, job.image),
                         },
                     )
                 executed_at = started_at(container)
@@ -148,7 +162,8 @@ class DockerRuntime:
             else:
                 container.start()
                 executed_at = models.format_time(models.utcnow())
-                emit("started", {"container": container.id, "executed_at": executed_at})
+                image = self._image_of(container, job.image)
+                emit("started", {"container": container.id, "executed_at": executed_at, **image})
                 outcome = self._watch(job, container, buffer, emit, cancel, detach, {})
         except JobRefused as exc:
             outcome = {"status": "ERROR", "error": str(exc)}
@@ -396,6 +411,25 @@ class DockerRuntime:
             message = (result.get("Error") or {}).get("Message", "unknown")
             return {"status": "ERROR", "error": f"lost track of the container: {message}"}
         return {"status": "ERROR", "exit_code": code, "error": f"exit code {code}"}
+
+    def _image_of(self, container: Any, requested: str) -> dict[str, str | None]:
+        """STARTED's image_id and image_digest: the ID of the image the container was created
+        from, and that image's repo digest where the engine has one (an image pulled from a
+        registry has; one built or imported on this host has none). The digest is asked of
+        the engine once per image ID."""
+        image_id = container.attrs.get("Image") or None
+        if image_id is None:
+            return {"image_id": None, "image_digest": None}
+        if image_id not in self._digests:
+            try:
+                found = self.client.api.inspect_image(image_id).get("RepoDigests") or []
+            except (docker.errors.DockerException, requests.exceptions.RequestException):
+                return {"image_id": image_id, "image_digest": None}  # asked again next time
+            self._digests[image_id] = found
+        return {
+            "image_id": image_id,
+            "image_digest": repo_digest(self._digests[image_id], requested),
+        }
 
     def _root_dir(self) -> str | None:
         """The local engine's DockerRootDir (asked once), where it keeps container logs."""

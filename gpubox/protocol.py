@@ -68,12 +68,28 @@ sequence numbers of 0 to MAX_ID, exit codes that fit 32 bits.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Self, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
 from gpubox import errors, models
+from gpubox.records import (
+    Record,
+    bounded_list,
+    int_in,
+    is_bool,
+    is_count_map,
+    is_dict,
+    is_int,
+    is_number,
+    is_str,
+    is_str_map,
+    list_of,
+    opt,
+    text,
+    wire,
+)
 
 VERSION = b"GPBX1"
 MAX_BODY = 32 * 1024 * 1024
@@ -81,7 +97,6 @@ MAX_LINE = 64 * 1024
 STREAMS = ("stdout", "stderr")
 _STREAM_SET = frozenset(STREAMS)
 
-Check = Callable[[Any], bool]
 
 # Bounds on what a worker says of itself, far above any real box: without them one worker's
 # HELLO with 100,000 GPUs and 20,000 labels made GET /workers answer 28 MB, and a READY
@@ -99,28 +114,6 @@ MAX_MEMORY_MB = 2**40
 MAX_IMAGE = 4096  # an image ID or repo digest
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _opt(check: Check) -> Check:
-    return lambda value: value is None or check(value)
-
-
-def _int_in(low: int, high: int) -> Check:
-    return lambda value: _is_int(value) and low <= value <= high
-
-
-def _text(limit: int = MAX_TEXT) -> Check:
-    return lambda value: isinstance(value, str) and len(value) <= limit
-
-
-def _bounded_list(check: Check, limit: int) -> Check:
-    return lambda value: (
-        isinstance(value, list) and len(value) <= limit and all(check(item) for item in value)
-    )
-
-
 def _is_labels(value: Any) -> bool:
     return (
         isinstance(value, dict)
@@ -132,35 +125,11 @@ def _is_labels(value: Any) -> bool:
     )
 
 
-def _list_of(check: Check) -> Check:
-    return lambda value: isinstance(value, list) and all(check(item) for item in value)
-
-
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str)
-
-
 def _is_time(value: Any) -> bool:
     try:
         return isinstance(value, str) and models.parse_time(value) is not None
     except ValueError:
         return False
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_str_map(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    )
-
-
-def _is_count_map(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, str) and _is_int(v) and v >= 0 for k, v in value.items()
-    )
 
 
 # A line's timestamp, with every digit written 0: RFC 3339 in UTC, up to nine fraction digits.
@@ -194,19 +163,19 @@ def _is_lines(value: Any) -> bool:
         return False
 
 
-_ID = _int_in(0, MAX_ID)
-_SESSION = _text()
+_ID = int_in(0, MAX_ID)
+_SESSION = text(MAX_TEXT)
 GPU_FIELDS = ("uuid", "name", "memory_mb", "index", "pci_bus_id")  # what a GPU is kept with
 
 
 def _is_gpu(value: Any) -> bool:
     return (
         isinstance(value, dict)
-        and _text()(value.get("uuid"))
-        and _text()(value.get("name"))
-        and _int_in(0, MAX_MEMORY_MB)(value.get("memory_mb"))
-        and _opt(_int_in(0, MAX_ID))(value.get("index"))
-        and _opt(_text())(value.get("pci_bus_id"))
+        and text(MAX_TEXT)(value.get("uuid"))
+        and text(MAX_TEXT)(value.get("name"))
+        and int_in(0, MAX_MEMORY_MB)(value.get("memory_mb"))
+        and opt(int_in(0, MAX_ID))(value.get("index"))
+        and opt(text(MAX_TEXT))(value.get("pci_bus_id"))
     )
 
 
@@ -219,18 +188,10 @@ def gpu_record(gpu: dict[str, Any]) -> dict[str, Any]:
 def _is_usage(value: Any) -> bool:
     return (
         isinstance(value, dict)
-        and _text()(value.get("uuid"))
-        and _opt(_int_in(0, MAX_MEMORY_MB))(value.get("memory_used_mb"))
-        and _opt(_int_in(0, 100))(value.get("utilization"))
+        and text(MAX_TEXT)(value.get("uuid"))
+        and opt(int_in(0, MAX_MEMORY_MB))(value.get("memory_used_mb"))
+        and opt(int_in(0, 100))(value.get("utilization"))
     )
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
-def _is_dict(value: Any) -> bool:
-    return isinstance(value, dict)
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -239,91 +200,6 @@ def _is_dict(value: Any) -> bool:
 # below. A field says how it is checked on arrival with `wire(check)`; `omit=True` marks an
 # optional field that is left out of the map when it is None (what older peers expect).
 # The dataclass's field order is the order of the keys on the wire.
-
-
-@dataclasses.dataclass(frozen=True)
-class WireField:
-    """How one field of a record travels: its key, its check, whether it is left out when
-    None, and the record type of its value when it is a map (or a list of maps) itself."""
-
-    name: str
-    check: Check
-    omit: bool
-    part: type[Record] | None  # a map with fields of its own (a Record), or a list of them
-    many: bool
-
-
-def wire(
-    check: Check = _is_dict,
-    *,
-    omit: bool = False,
-    part: type[Record] | None = None,
-    many: bool = False,
-) -> Any:
-    """A record's field, whose value `check` tests as it arrives. A `part` (a map, or with
-    `many` a list of maps, with fields of their own) is checked by `check` as a whole, then
-    field by field. With `omit`, the field is optional and left out of the map when None."""
-    metadata = {"wire": (check, omit, part, many)}
-    if omit:
-        return dataclasses.field(default=None, metadata=metadata)
-    return dataclasses.field(metadata=metadata)
-
-
-class Record:
-    """A msgpack map with known fields: a message body, or a part of one (the job in JOB)."""
-
-    __slots__ = ()
-    _fields: ClassVar[tuple[WireField, ...]]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._fields = ()  # filled in by wire_fields, once the dataclass exists
-
-    @classmethod
-    def wire_fields(cls) -> tuple[WireField, ...]:
-        """The record's fields as the wire has them, in order."""
-        if not cls._fields:
-            cls._fields = tuple(
-                WireField(f.name, *f.metadata["wire"])
-                for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-            )
-        return cls._fields
-
-    @classmethod
-    def from_body(cls, body: Any, where: str) -> Self:
-        """The record a received map holds; ProtocolError if a field is missing or wrong.
-        Keys it does not know are ignored (a newer peer's additions)."""
-        if not isinstance(body, dict):
-            raise errors.ProtocolError(f"{where} is not a map")
-        values: dict[str, Any] = {}
-        for field in cls.wire_fields():
-            value = body.get(field.name)
-            if not field.check(value):
-                raise errors.ProtocolError(f"{where}.{field.name} is missing or has the wrong type")
-            if field.part is not None and value is not None:
-                inner = f"{where}.{field.name}"
-                if field.many:
-                    value = [field.part.from_body(item, inner) for item in value]
-                else:
-                    value = field.part.from_body(value, inner)
-            values[field.name] = value
-        return cls(**values)
-
-    def to_body(self) -> dict[str, Any]:
-        """The map this record is on the wire."""
-        body: dict[str, Any] = {}
-        for field in self.wire_fields():
-            value = getattr(self, field.name)
-            if value is None:
-                if not field.omit:
-                    body[field.name] = None
-            elif field.part is not None:
-                body[field.name] = (
-                    [item.to_body() for item in value] if field.many else value.to_body()
-                )
-            else:
-                body[field.name] = value
-        return body
 
 
 class Message(Record):
@@ -343,7 +219,7 @@ class Running(Record):
     job_id: int = wire(_ID)
     attempt: int = wire(_ID)
     # Found as a container at start, not held in memory (answered with JOB + resume).
-    recovered: bool | None = wire(_opt(_is_bool), omit=True)
+    recovered: bool | None = wire(opt(is_bool), omit=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -351,21 +227,21 @@ class WireJob(Record):
     """The job as a worker receives it in JOB: what it needs to run this attempt.
     `secrets` and `auth` are write-only: mask, never log."""
 
-    secrets: dict[str, str] = wire(_is_str_map)
-    id: int = wire(_is_int)
-    attempt: int = wire(_is_int)
-    name: str = wire(_is_str)
-    image: str = wire(_is_str)
-    command: list[str] | None = wire(_opt(_list_of(_is_str)))
-    env: dict[str, str] = wire(_is_str_map)
-    auth: dict[str, str] | None = wire(_opt(_is_str_map))
-    gpus: list[str] = wire(_list_of(_is_str))  # the GPU uuids it gets
-    timeout: float | None = wire(_opt(_is_number))
-    first_seq: int = wire(_is_int)
+    secrets: dict[str, str] = wire(is_str_map)
+    id: int = wire(is_int)
+    attempt: int = wire(is_int)
+    name: str = wire(is_str)
+    image: str = wire(is_str)
+    command: list[str] | None = wire(opt(list_of(is_str)))
+    env: dict[str, str] = wire(is_str_map)
+    auth: dict[str, str] | None = wire(opt(is_str_map))
+    gpus: list[str] = wire(list_of(is_str))  # the GPU uuids it gets
+    timeout: float | None = wire(opt(is_number))
+    first_seq: int = wire(is_int)
     # {shm_size, workdir, user, memory, mounts}: models.ContainerOptions.to_dict()
-    container: dict[str, Any] | None = wire(_opt(_is_dict))
+    container: dict[str, Any] | None = wire(opt(is_dict))
     # The name of the token that submitted it (None: not recorded).
-    submitter: str | None = wire(_opt(_is_str))
+    submitter: str | None = wire(opt(is_str))
 
 
 # --- worker -> coordinator --------------------------------------------------------------------
@@ -374,14 +250,14 @@ class WireJob(Record):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Hello(Message):
     TYPE: ClassVar[str] = "HELLO"
-    name: str = wire(_text())
-    version: str = wire(_text())
+    name: str = wire(text(MAX_TEXT))
+    version: str = wire(text(MAX_TEXT))
     session: str = wire(_SESSION)
-    gpus: list[dict[str, Any]] = wire(_bounded_list(_is_gpu, MAX_WORKER_GPUS))
+    gpus: list[dict[str, Any]] = wire(bounded_list(_is_gpu, MAX_WORKER_GPUS))
     labels: dict[str, str] = wire(_is_labels)
-    max_jobs: int = wire(_int_in(0, MAX_JOBS))
-    mounts: list[str] | None = wire(_opt(_bounded_list(_text(), MAX_MOUNTS)), omit=True)
-    runtime: str | None = wire(_opt(_text()), omit=True)  # None: "docker"
+    max_jobs: int = wire(int_in(0, MAX_JOBS))
+    mounts: list[str] | None = wire(opt(bounded_list(text(MAX_TEXT), MAX_MOUNTS)), omit=True)
+    runtime: str | None = wire(opt(text(MAX_TEXT)), omit=True)  # None: "docker"
     running: list[Running] = wire(
         lambda v: isinstance(v, list) and len(v) <= MAX_RUNNING, part=Running, many=True
     )
@@ -391,9 +267,9 @@ class Hello(Message):
 class Ready(Message):
     TYPE: ClassVar[str] = "READY"
     session: str = wire(_SESSION)
-    free_gpus: list[str] = wire(_bounded_list(_text(), MAX_WORKER_GPUS))
-    slots: int = wire(_int_in(0, MAX_JOBS))
-    running: list[int] = wire(_bounded_list(_ID, MAX_RUNNING))
+    free_gpus: list[str] = wire(bounded_list(text(MAX_TEXT), MAX_WORKER_GPUS))
+    slots: int = wire(int_in(0, MAX_JOBS))
+    running: list[int] = wire(bounded_list(_ID, MAX_RUNNING))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -402,10 +278,10 @@ class Started(Message):
     session: str = wire(_SESSION)
     job_id: int = wire(_ID)
     attempt: int = wire(_ID)
-    container: str = wire(_text())
+    container: str = wire(text(MAX_TEXT))
     executed_at: str = wire(_is_time)
-    image_id: str | None = wire(_opt(_text(MAX_IMAGE)), omit=True)
-    image_digest: str | None = wire(_opt(_text(MAX_IMAGE)), omit=True)
+    image_id: str | None = wire(opt(text(MAX_IMAGE)), omit=True)
+    image_digest: str | None = wire(opt(text(MAX_IMAGE)), omit=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -416,8 +292,8 @@ class Log(Message):
     attempt: int = wire(_ID)
     seq: int = wire(_ID)
     lines: list[list[str]] = wire(_is_lines)
-    last: int | None = wire(_opt(_ID), omit=True)
-    notes: list[int] | None = wire(_opt(_list_of(_is_int)), omit=True)
+    last: int | None = wire(opt(_ID), omit=True)
+    notes: list[int] | None = wire(opt(list_of(is_int)), omit=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -427,9 +303,9 @@ class Done(Message):
     job_id: int = wire(_ID)
     attempt: int = wire(_ID)
     status: str = wire(lambda v: v in ("FINISHED", "ERROR", "CANCELLED"))
-    exit_code: int | None = wire(_opt(_int_in(-MAX_EXIT - 1, MAX_EXIT)))
-    error: str | None = wire(_opt(_text(MAX_ERROR)))
-    executed_at: str | None = wire(_opt(_is_time))
+    exit_code: int | None = wire(opt(int_in(-MAX_EXIT - 1, MAX_EXIT)))
+    error: str | None = wire(opt(text(MAX_ERROR)))
+    executed_at: str | None = wire(opt(_is_time))
     finished_at: str = wire(_is_time)
     last_seq: int = wire(_ID)
 
@@ -440,7 +316,7 @@ class WorkerHeartbeat(Message):
     session: str = wire(_SESSION)
     # NVML's now: [{uuid, memory_used_mb, utilization}]
     usage: list[dict[str, Any]] | None = wire(
-        _opt(_bounded_list(_is_usage, MAX_WORKER_GPUS)), omit=True
+        opt(bounded_list(_is_usage, MAX_WORKER_GPUS)), omit=True
     )
 
 
@@ -450,50 +326,50 @@ class WorkerHeartbeat(Message):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Welcome(Message):
     TYPE: ClassVar[str] = "WELCOME"
-    coordinator: str = wire(_is_str)
-    heartbeat_interval_s: float = wire(_is_number)
-    liveness_s: float = wire(_is_number)
+    coordinator: str = wire(is_str)
+    heartbeat_interval_s: float = wire(is_number)
+    liveness_s: float = wire(is_number)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Job(Message):
     TYPE: ClassVar[str] = "JOB"
-    coordinator: str = wire(_is_str)
+    coordinator: str = wire(is_str)
     job: WireJob = wire(part=WireJob)
     # A re-attach: {stream: last stored timestamp}, and {stream: how many lines with that
     # timestamp are stored}.
-    resume: dict[str, str] | None = wire(_opt(_is_str_map), omit=True)
-    resume_stored: dict[str, int] | None = wire(_opt(_is_count_map), omit=True)
+    resume: dict[str, str] | None = wire(opt(is_str_map), omit=True)
+    resume_stored: dict[str, int] | None = wire(opt(is_count_map), omit=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Ack(Message):
     TYPE: ClassVar[str] = "ACK"
-    job_id: int = wire(_is_int)
-    attempt: int = wire(_is_int)
-    seq: int = wire(_is_int)  # the last stored line
-    done: bool = wire(_is_bool)  # DONE was applied
+    job_id: int = wire(is_int)
+    attempt: int = wire(is_int)
+    seq: int = wire(is_int)  # the last stored line
+    done: bool = wire(is_bool)  # DONE was applied
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Cancel(Message):
     TYPE: ClassVar[str] = "CANCEL"
-    job_id: int = wire(_is_int)
-    attempt: int = wire(_is_int)
+    job_id: int = wire(is_int)
+    attempt: int = wire(is_int)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CoordinatorHeartbeat(Message):
     TYPE: ClassVar[str] = "HEARTBEAT"
-    coordinator: str = wire(_is_str)
-    known: bool = wire(_is_bool)  # False: the session is unknown, say HELLO
+    coordinator: str = wire(is_str)
+    known: bool = wire(is_bool)  # False: the session is unknown, say HELLO
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Refused(Message):
     TYPE: ClassVar[str] = "REFUSED"
-    coordinator: str = wire(_is_str)
-    reason: str = wire(_is_str)
+    coordinator: str = wire(is_str)
+    reason: str = wire(is_str)
 
 
 FromWorker = Hello | Ready | Started | Log | Done | WorkerHeartbeat

@@ -28,6 +28,7 @@ from gpubox import config as cfg
 from gpubox import keys, protocol, supervise
 from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
+from gpubox.store import open_store, sql
 from gpubox.worker import gpu, wiring
 from gpubox.worker.agent import Agent
 
@@ -77,6 +78,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     separator = "&" if "?" in PG_URL else "?"
     yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
     admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture()
+def store(db_url: str) -> Iterator[sql.SqlStore]:
+    """An empty store of each backend (see db_url), closed after the test."""
+    opened = open_store(db_url)
+    assert isinstance(opened, sql.SqlStore)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 # Where a test not marked docker finds "the Docker engine": a socket that does not exist.

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -108,17 +107,6 @@ WIRE_KEYS = {
 READ_BACK = [f for f in columns.COLUMNS if f.path and not f.computed and f.kind is not fields.KEY]
 
 
-@pytest.fixture()
-def store(db_url: str) -> Iterator[sql.SqlStore]:
-    """An empty SQL store of each backend (see conftest.db_url), closed after the test."""
-    opened = open_store(db_url)
-    assert isinstance(opened, sql.SqlStore)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
 def column_names(store: sql.SqlStore) -> set[str]:
     with store._read() as cur:
         cur.execute("SELECT * FROM jobs LIMIT 0")
@@ -211,7 +199,7 @@ TEAM_FIELD = (
     f" since={columns.LATEST + 1}),\n"
 )
 
-TEAM_WIRE = "    team: str | None = wire(_opt(_is_str), omit=True)\n"
+TEAM_WIRE = "    team: str | None = wire(opt(is_str), omit=True)\n"
 
 # Run with the edited package: upgrade the store, read the job stored before, store one
 # with a team, and say what each part sees.

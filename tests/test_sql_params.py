@@ -3,29 +3,17 @@ a quoted name is text, never a placeholder, on SQLite and on PostgreSQL alike.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 
 from gpubox import models, validate
-from gpubox.store import open_store, sql
+from gpubox.store import sql
 from gpubox.store.postgres import pg_sql
 
 pytestmark = pytest.mark.timeout(60)
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture()
-def store(db_url: str) -> Iterator[sql.SqlStore]:
-    """An empty SQL store of each backend (see conftest.db_url), closed after the test."""
-    opened = open_store(db_url)
-    assert isinstance(opened, sql.SqlStore)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,16 +25,6 @@ SEALED = "gAAAAA-opaque-sealed-credentials"  # what the coordinator seals; the s
 def at(seconds: float) -> datetime:
     """A time `seconds` after T0."""
     return T0 + timedelta(seconds=seconds)
-
-
-@pytest.fixture()
-def store(db_url: str) -> Iterator[base.Store]:
-    """An empty store of each backend (see conftest.db_url), closed after the test."""
-    opened = open_store(db_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def make_spec(sealed: str | None = None, **overrides: Any) -> models.JobSpec:

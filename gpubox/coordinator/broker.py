@@ -62,8 +62,6 @@ class Broker:
         self.sealer = sealer
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness_s = liveness_s
-        self.max_log_lines = max_log_lines
-        self.max_log_bytes = max_log_bytes
         self.log_limits = reports.LogLimits(max_log_lines, max_log_bytes)
         self.context = context or zmq.Context()
         self.coordinator_id = uuid.uuid4().hex

@@ -32,19 +32,34 @@ worker -> coordinator
                 (models.GPUBOX_STREAM); an older coordinator ignores it
     DONE       {session, job_id, attempt, status, exit_code, error, executed_at, finished_at,
                 last_seq}                                                     the full record
-    HEARTBEAT  {session, usage?: [{uuid, memory_used_mb, utilization}]}   usage: NVML's now
+    TELEMETRY  {session, job_id, attempt, seq, points: [[gpu, start, end, samples, util_mean,
+                util_max, memory_max_mb, memory_total_mb, power_mean_w, temperature_max_c]],
+                last?}  a running job's GPU readings, folded into points (gpubox.telemetry);
+                seq numbers a job attempt's TELEMETRY messages from 0; last: the last seq it
+                covers when it stands for several (merged while the coordinator was away).
+                Sent only to a coordinator whose WELCOME says telemetry: true
+    HEARTBEAT  {session, usage?: [{uuid, memory_used_mb, utilization, power_w?,
+                temperature_c?}]}   usage: NVML's now
 
 coordinator -> worker
-    WELCOME    {coordinator, heartbeat_interval_s, liveness_s}
+    WELCOME    {coordinator, heartbeat_interval_s, liveness_s, telemetry?}   telemetry: true
+                when it takes TELEMETRY
     JOB        {coordinator, job: {id, attempt, name, image, command, env, secrets, auth, gpus,
-                timeout, first_seq, container?, submitter?}, resume?, resume_stored?}  secrets
+                timeout, first_seq, container?, submitter?, idle_timeout?, idle_threshold?},
+                resume?, resume_stored?, resume_points?}  secrets
                 and auth are write-only: mask, never log; gpus: the GPU uuids it gets;
                 submitter: the name of the token that submitted it (null: not recorded); container:
                 {shm_size, workdir, user, memory, mounts}; resume {stream: last stored
                 timestamp}: re-attach to the running container; resume_stored {stream: how
                 many lines with that timestamp are stored} (pieces of a long line: the rest
-                are sent; without it, every entry with that timestamp counts as stored)
-    ACK        {job_id, attempt, seq, done}     seq: last stored line; done: DONE was applied
+                are sent; without it, every entry with that timestamp counts as stored);
+                idle_timeout, idle_threshold: stop the job (ERROR) once all its GPUs stayed
+                under idle_threshold % for idle_timeout seconds (absent: never);
+                resume_points: the last TELEMETRY seq stored for this attempt (a re-attach
+                numbers its next TELEMETRY from one more)
+    ACK        {job_id, attempt, seq, done, points?}   seq: last stored line (-1: says
+                nothing of lines); done: DONE was applied; points: the last TELEMETRY seq
+                stored (a worker waits for its job's points to be stored before its DONE)
     CANCEL     {job_id, attempt}
     HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO)
     REFUSED    {coordinator, reason}   a HELLO not taken, and why (the key is another
@@ -112,6 +127,7 @@ MAX_ID = 2**63 - 1  # job ids, attempts and sequence numbers: what both stores h
 MAX_EXIT = 2**31 - 1  # an exit code, either sign
 MAX_MEMORY_MB = 2**40
 MAX_IMAGE = 4096  # an image ID or repo digest
+MAX_POINTS = 4096  # the points of one TELEMETRY message
 
 
 def _is_labels(value: Any) -> bool:
@@ -191,6 +207,44 @@ def _is_usage(value: Any) -> bool:
         and text(MAX_TEXT)(value.get("uuid"))
         and opt(int_in(0, MAX_MEMORY_MB))(value.get("memory_used_mb"))
         and opt(int_in(0, 100))(value.get("utilization"))
+        and opt(_reading(0, MAX_WATTS))(value.get("power_w"))
+        and opt(_reading(-300, 300))(value.get("temperature_c"))
+    )
+
+
+MAX_WATTS = 100_000.0
+
+
+def _reading(low: float, high: float) -> Any:
+    """A number from low to high, an int or a float (never a bool, NaN or infinity)."""
+
+    def check(value: Any) -> bool:
+        return type(value) in (int, float) and low <= value <= high
+
+    return check
+
+
+_PERCENT = _reading(0, 100)
+_SECONDS = _reading(0, 2**40)
+_MB = int_in(0, MAX_MEMORY_MB)
+
+
+def _is_point(value: Any) -> bool:
+    """A TELEMETRY point: a list in telemetry.POINT_FIELDS order."""
+    return (
+        type(value) is list
+        and len(value) == 10
+        and text(MAX_TEXT)(value[0])
+        and _SECONDS(value[1])
+        and _SECONDS(value[2])
+        and value[1] <= value[2]
+        and int_in(0, MAX_ID)(value[3])
+        and _PERCENT(value[4])
+        and _PERCENT(value[5])
+        and _MB(value[6])
+        and _MB(value[7])
+        and opt(_reading(0, MAX_WATTS))(value[8])
+        and opt(_reading(-300, 300))(value[9])
     )
 
 
@@ -242,6 +296,10 @@ class WireJob(Record):
     container: dict[str, Any] | None = wire(opt(is_dict))
     # The name of the token that submitted it (None: not recorded).
     submitter: str | None = wire(opt(is_str))
+    # The idle-GPU policy: stop the job once all its GPUs stayed under idle_threshold % for
+    # idle_timeout seconds. Absent (an older coordinator, or no policy): never.
+    idle_timeout: float | None = wire(opt(is_number), omit=True)
+    idle_threshold: float | None = wire(opt(is_number), omit=True)
 
 
 # --- worker -> coordinator --------------------------------------------------------------------
@@ -311,6 +369,17 @@ class Done(Message):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Telemetry(Message):
+    TYPE: ClassVar[str] = "TELEMETRY"
+    session: str = wire(_SESSION)
+    job_id: int = wire(_ID)
+    attempt: int = wire(_ID)
+    seq: int = wire(_ID)
+    points: list[list[Any]] = wire(bounded_list(_is_point, MAX_POINTS))
+    last: int | None = wire(opt(_ID), omit=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class WorkerHeartbeat(Message):
     TYPE: ClassVar[str] = "HEARTBEAT"
     session: str = wire(_SESSION)
@@ -329,6 +398,7 @@ class Welcome(Message):
     coordinator: str = wire(is_str)
     heartbeat_interval_s: float = wire(is_number)
     liveness_s: float = wire(is_number)
+    telemetry: bool | None = wire(opt(is_bool), omit=True)  # True: it takes TELEMETRY
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -340,6 +410,7 @@ class Job(Message):
     # timestamp are stored}.
     resume: dict[str, str] | None = wire(opt(is_str_map), omit=True)
     resume_stored: dict[str, int] | None = wire(opt(is_count_map), omit=True)
+    resume_points: int | None = wire(opt(is_int), omit=True)  # the last TELEMETRY seq stored
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -347,8 +418,9 @@ class Ack(Message):
     TYPE: ClassVar[str] = "ACK"
     job_id: int = wire(is_int)
     attempt: int = wire(is_int)
-    seq: int = wire(is_int)  # the last stored line
+    seq: int = wire(is_int)  # the last stored line (-1: says nothing of lines)
     done: bool = wire(is_bool)  # DONE was applied
+    points: int | None = wire(opt(is_int), omit=True)  # the last TELEMETRY seq stored
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -372,10 +444,10 @@ class Refused(Message):
     reason: str = wire(is_str)
 
 
-FromWorker = Hello | Ready | Started | Log | Done | WorkerHeartbeat
+FromWorker = Hello | Ready | Started | Log | Done | Telemetry | WorkerHeartbeat
 FromCoordinator = Welcome | Job | Ack | Cancel | CoordinatorHeartbeat | Refused
 FROM_WORKER: dict[str, type[FromWorker]] = {
-    cls.TYPE: cls for cls in (Hello, Ready, Started, Log, Done, WorkerHeartbeat)
+    cls.TYPE: cls for cls in (Hello, Ready, Started, Log, Done, Telemetry, WorkerHeartbeat)
 }
 FROM_COORDINATOR: dict[str, type[FromCoordinator]] = {
     cls.TYPE: cls for cls in (Welcome, Job, Ack, Cancel, CoordinatorHeartbeat, Refused)
@@ -464,13 +536,21 @@ def split_line(text: str, limit: int = MAX_LINE) -> list[str]:
     return pieces
 
 
-def wire_job(job: models.Job, credentials: dict[str, Any]) -> WireJob:
+def wire_job(
+    job: models.Job,
+    credentials: dict[str, Any],
+    idle_timeout: float | None = None,
+    idle_threshold: float | None = None,
+) -> WireJob:
     """The job as a worker receives it in JOB: the fields of models.JOB_FIELDS that have a
-    wire key (models.wire_values), its unsealed credentials ({"auth": …, "secrets": …}) and
-    the seq its first line takes. A wire key WireJob does not declare fails here, loudly."""
+    wire key (models.wire_values), its unsealed credentials ({"auth": …, "secrets": …}), the
+    seq its first line takes, and the idle-GPU policy the coordinator gives it (None: none).
+    A wire key WireJob does not declare fails here, loudly."""
     return WireJob(
         secrets=dict(credentials.get("secrets") or {}),
         auth=credentials.get("auth"),
         first_seq=job.log_seq + 1,
+        idle_timeout=idle_timeout,
+        idle_threshold=idle_threshold,
         **models.wire_values(job),
     )

@@ -44,6 +44,10 @@ WIRE_JOB = {
     "submitter": "ci",
 }
 
+# A TELEMETRY point: gpu, start, end, samples, util_mean, util_max, memory_max_mb,
+# memory_total_mb, power_mean_w, temperature_max_c (gpubox.telemetry.POINT_FIELDS).
+POINT = ["GPU-a", 1.7e9, 1.7e9 + 10.5, 10, 55.5, 100, 20000, 81920, 250.25, 71]
+
 WORKER_BODIES: dict[str, dict[str, Any]] = {
     "HELLO": {
         "name": "box-1",
@@ -80,6 +84,13 @@ WORKER_BODIES: dict[str, dict[str, Any]] = {
         "finished_at": TS2,
         "last_seq": 3,
     },
+    "TELEMETRY": {
+        "session": "s-1",
+        "job_id": 7,
+        "attempt": 1,
+        "seq": 0,
+        "points": [POINT, ["GPU-b", 1.0e9, 1.0e9 + 10, 10, 0, 0.0, 0, 81920, None, None]],
+    },
     "HEARTBEAT": {"session": "s-1"},
 }
 
@@ -114,6 +125,16 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
         {"resume": {"stdout": "2026-01-01T00:00:00.000000000Z"}, "resume_stored": {"stdout": 2}},
     ),
     ("coordinator", "ACK", {"done": False, "seq": 0}),
+    ("coordinator", "ACK", {"done": False, "seq": -1, "points": 12}),
+    ("coordinator", "WELCOME", {"telemetry": True}),
+    ("coordinator", "JOB", {"job": {**WIRE_JOB, "idle_timeout": 1800, "idle_threshold": 5}}),
+    ("coordinator", "JOB", {"resume": {"stdout": "2026-01-01T00:00:00Z"}, "resume_points": 4}),
+    ("worker", "TELEMETRY", {"points": [], "last": 9}),
+    (
+        "worker",
+        "HEARTBEAT",
+        {"usage": [{"uuid": "GPU-a", "utilization": 5, "power_w": 61.5, "temperature_c": 40}]},
+    ),
     ("coordinator", "HEARTBEAT", {"known": False}),
 ]
 
@@ -298,6 +319,10 @@ def test_the_optional_fields_are_the_documented_ones() -> None:
         "JOB.resume_stored",
         "LOG.last",
         "STARTED.image_id",
+        "TELEMETRY.last",
+        "ACK.points",
+        "WELCOME.telemetry",
+        "JOB.resume_points",
         "STARTED.image_digest",
         "LOG.notes",
         "HELLO.mounts",
@@ -468,6 +493,23 @@ WRONG_TYPES: list[tuple[str, str, str, Any]] = [
     # CANCEL
     ("coordinator", "CANCEL", "attempt", True),
     ("coordinator", "CANCEL", "job_id", None),
+    # TELEMETRY: a point is a list of ten readings in their ranges
+    ("worker", "TELEMETRY", "points", [POINT[:9]]),
+    ("worker", "TELEMETRY", "points", [{"gpu": "GPU-a"}]),
+    ("worker", "TELEMETRY", "points", [[None, *POINT[1:]]]),
+    ("worker", "TELEMETRY", "points", [[*POINT[:2], POINT[1] - 1, *POINT[3:]]]),  # ends first
+    ("worker", "TELEMETRY", "points", [[*POINT[:4], 101, *POINT[5:]]]),  # over 100 %
+    ("worker", "TELEMETRY", "points", [[*POINT[:4], float("nan"), *POINT[5:]]]),
+    ("worker", "TELEMETRY", "points", [[*POINT[:5], True, *POINT[6:]]]),
+    ("worker", "TELEMETRY", "points", [[*POINT[:6], -1, *POINT[7:]]]),
+    ("worker", "TELEMETRY", "points", [[*POINT[:8], float("inf"), POINT[9]]]),
+    ("worker", "TELEMETRY", "points", [POINT] * (protocol.MAX_POINTS + 1)),
+    ("worker", "TELEMETRY", "seq", -1),
+    ("worker", "TELEMETRY", "last", "9"),
+    ("worker", "HEARTBEAT", "usage", [{"uuid": "GPU-a", "power_w": "61"}]),
+    ("worker", "HEARTBEAT", "usage", [{"uuid": "GPU-a", "temperature_c": 1e9}]),
+    ("coordinator", "ACK", "points", "3"),
+    ("coordinator", "WELCOME", "telemetry", 1),
     # HEARTBEAT
     ("coordinator", "HEARTBEAT", "known", 1),
     ("coordinator", "HEARTBEAT", "known", 0),
@@ -700,6 +742,7 @@ def test_frames_recorded_from_earlier_code_decode_and_encode_as_the_same_maps() 
         assert again[:2] == frames[:2]
         assert msgpack.unpackb(again[2]) == msgpack.unpackb(frames[2]), line
         seen.add((direction, msg_type))
-    assert seen == {("worker", t) for t in protocol.FROM_WORKER} | {
+    # Every type the earlier code sent; TELEMETRY came after it.
+    assert seen == {("worker", t) for t in protocol.FROM_WORKER if t != "TELEMETRY"} | {
         ("coordinator", t) for t in protocol.FROM_COORDINATOR
     }

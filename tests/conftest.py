@@ -245,7 +245,7 @@ class Cluster:
         config.validate()
         agent, thread = wiring.start_worker(
             config,
-            source=gpu.FakeGpus(config.fake_gpus, config.name),
+            source=gpu.FakeGpus(config.fake_gpus, config.name, config.state_dir),
             tee=io.StringIO(),
             docker_client=self.docker_client if config.runtime == "docker" else None,
             gpu_devices=False,  # fake GPUs: Docker here has no NVIDIA runtime

@@ -196,7 +196,7 @@ def gpus(choice: str | None) -> None:
 
     logfmt.setup()
     config = cfg.load(cfg.WorkerConfig, {"gpus": choice})
-    source = gpu.source_for(config.fake_gpus, config.name or socket.gethostname())
+    source = gpu.source_for(config.fake_gpus, config.name or socket.gethostname(), config.state_dir)
     found = gpu.select(source.list(), config.gpus)
     if not found:
         click.echo("no GPUs offered (jobs with gpus: 0 still run)", err=True)

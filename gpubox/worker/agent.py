@@ -1,14 +1,15 @@
 """The worker's link to the coordinator: the one thread that owns the DEALER socket.
 
 It says HELLO, asks for work (READY), starts a runner thread per JOB, forwards what runners
-report (STARTED, LOG, DONE) and keeps every LOG batch and DONE until the coordinator
-acknowledges it, resending after a reconnect or a quiet spell. Runner threads reach this
-thread only through an inproc PUSH socket each.
+report (STARTED, LOG, DONE) and what the GPU sampler measures (TELEMETRY), and keeps every LOG
+batch, TELEMETRY batch and DONE until the coordinator acknowledges it, resending after a
+reconnect or a quiet spell. Runner threads reach this thread only through an inproc PUSH
+socket each; the sampler (worker.sampler) through a queue this loop empties at every turn.
 
 Unacknowledged batches are held in memory up to max_unacked_lines (or MAX_UNACKED_BYTES);
 later ones wait in the spill (worker.spill: files in <state>/spill/<name>/, bounded on disk)
 and move into the window, oldest first, as acknowledgements free room. A job's DONE goes out
-once its spill is empty.
+once its spill is empty and its points are stored.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from gpubox.config import WorkerConfig
 from gpubox.logfmt import fields, printable
 from gpubox.worker import runners
 from gpubox.worker.link import CoordinatorLink
+from gpubox.worker.points import PointWindow
 from gpubox.worker.runners import Runners
+from gpubox.worker.sampler import Sampler
 from gpubox.worker.spill import Spill
+from gpubox.worker.stopping import JobStop
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ class LocalJob:
     id: int
     attempt: int
     gpus: list[str]
-    cancel: threading.Event
+    cancel: JobStop  # set to stop it: a cancel, or the idle-GPU policy
     # Set when its runner is done with it (and at first: nothing runs it yet).
     ended: threading.Event = dataclasses.field(default_factory=threading.Event)
     running: bool = True
@@ -87,6 +91,8 @@ class LocalJob:
     done_sent_at: float = 0.0
     # A container found at start, not yet re-attached (the coordinator sends JOB + resume).
     found: Any = None
+    points: PointWindow = dataclasses.field(default_factory=PointWindow)  # TELEMETRY unacked
+    spec: protocol.WireJob | None = None  # as JOB gave it
 
 
 class Agent:
@@ -121,7 +127,7 @@ class Agent:
         # Before any socket exists: a failure here leaves nothing open.
         for job_id, attempt, uuids, container in runtime.recover():
             log.info("found the container of job %d (attempt %d): re-attaching", job_id, attempt)
-            self.jobs[job_id] = LocalJob(job_id, attempt, uuids, threading.Event(), found=container)
+            self.jobs[job_id] = LocalJob(job_id, attempt, uuids, JobStop(), found=container)
         self.events_address = f"inproc://gpubox-worker-{uuid.uuid4().hex}"
         # Runner threads hand their events over in this deque (no copy, no pickling) and
         # send one empty message per event on `events`, which wakes the loop and bounds how
@@ -135,6 +141,14 @@ class Agent:
         self.link = CoordinatorLink(
             self.context, config.coordinator, self.name, keypair, server_key
         )
+        # The GPU sampler: points of each job's GPUs, and the idle-GPU policy.
+        self.sampler = Sampler(
+            usage or (lambda: []),
+            {gpu.uuid: gpu.memory_mb for gpu in gpus},
+            config.telemetry_interval_s,
+            config.telemetry_point_s,
+        )
+        self.telemetry = False  # the coordinator takes TELEMETRY (its WELCOME says so)
         self._refused = ""  # the coordinator's reason for refusing our HELLO, logged once
         self._hello_at = 0.0  # when the last HELLO went out (time.monotonic)
         # Ticked at every turn of run()'s loop; the process ends if it stops turning.
@@ -180,6 +194,7 @@ class Agent:
         poller = zmq.Poller()
         poller.register(self.events, zmq.POLLIN)
         self._connect(time.monotonic(), poller)
+        threading.Thread(target=self._sample, daemon=True, name="gpubox-sampler").start()
         try:
             while not self._stop.is_set():
                 self.loop.tick()
@@ -214,6 +229,8 @@ class Agent:
                 offered = {gpu.uuid for gpu in self.gpus}
                 usage = [item for item in self.usage() if item["uuid"] in offered]
             self._send(protocol.WorkerHeartbeat(session=self.session, usage=usage))
+        for job_id, attempt, points in self.sampler.take():
+            self._add_points(job_id, attempt, points, now)
         if self.welcomed:
             self._resend(now, older_than=self.config.resend_s)
             self._refill(now)
@@ -266,6 +283,10 @@ class Agent:
     def _on_welcome(self, msg: protocol.Welcome, now: float) -> None:
         self.coordinator_id = msg.coordinator
         self.welcomed = True
+        self.telemetry = bool(msg.telemetry)
+        if not self.telemetry:  # an older coordinator: points have nowhere to go
+            for job in self.jobs.values():
+                job.points.drop()
         self._refused = ""
         self.connected.set()
         log.info("connected to the coordinator at %s as %s", self.config.coordinator, self.name)
@@ -301,8 +322,13 @@ class Agent:
             if job.found is None or job.attempt != spec.attempt or marks is None:
                 return  # a duplicate delivery
             found, job.found = job.found, None
+            # Its points go on from the last batch the coordinator stored; its container
+            # runs: sampling starts now (a new container starts it at STARTED).
+            job.points = PointWindow(1 + (-1 if msg.resume_points is None else msg.resume_points))
+            job.spec = spec
+            self._track(job)
         else:
-            job = LocalJob(spec.id, spec.attempt, list(spec.gpus), threading.Event())
+            job = LocalJob(spec.id, spec.attempt, list(spec.gpus), JobStop(), spec=spec)
             self.jobs[job.id] = job
         run = functools.partial(self._run_job, spec, job.cancel, job.ended, found, marks)
         self.runners.start(f"job-{job.id}", run)  # first: the log line can wait, the job not
@@ -322,6 +348,10 @@ class Agent:
             return
         for seq in [s for s, (_, last, _) in job.unacked.items() if last <= msg.seq]:
             self._release(job.unacked.pop(seq)[0])
+        if msg.points is not None:
+            job.points.ack(msg.points)
+            if job.done is not None and not job.points:
+                self._send_done(job, now)  # it was waiting for its points to be stored
         if msg.done:
             self._forget(job)
             # Now its exited container may go (kept until here for a restart to find).
@@ -352,6 +382,7 @@ class Agent:
 
     def _forget(self, job: LocalJob) -> None:
         del self.jobs[job.id]
+        self.sampler.finish(job.id)
         for lines, _, _ in job.unacked.values():
             self._release(lines)
         self.spill.discard(job.id)
@@ -446,6 +477,7 @@ class Agent:
             if job is None:
                 continue
             if kind == "started":
+                self._track(job)
                 self._send(
                     protocol.Started(
                         session=self.session, job_id=job.id, attempt=job.attempt, **body
@@ -459,6 +491,9 @@ class Agent:
                     self._hold(job, seq, lines, seq + len(lines) - 1, now)
             elif kind == "done":
                 job.running = False
+                last = self.sampler.finish(job.id)
+                if last is not None:
+                    self._add_points(job.id, last[0], last[1], now)
                 if body["last_seq"] < 0:  # the runtime crashed: claim no lines it never sent
                     body["last_seq"] = max(
                         [last for _, last, _ in job.unacked.values()]
@@ -517,8 +552,8 @@ class Agent:
             job.unacked[seq] = (lines, last, now)
 
     def _send_done(self, job: LocalJob, now: float) -> None:
-        if not self.welcomed or job.done is None or job.id in self.spill:
-            return
+        if not self.welcomed or job.done is None or job.id in self.spill or job.points:
+            return  # (its DONE goes once its lines are out and its points stored)
         if self._send(dataclasses.replace(job.done, session=self.session)):
             job.done_sent_at = now
 
@@ -527,11 +562,48 @@ class Agent:
             for seq in sorted(job.unacked):
                 if now - job.unacked[seq][2] >= older_than:
                     self._send_log(job, seq, now)
+            for batch in job.points.due(now, older_than):
+                if self._send(batch.message(self.session, job.id, job.attempt)):
+                    batch.sent_at = now
             if job.done is not None and now - job.done_sent_at >= older_than:
                 self._send_done(job, now)
 
     def _send(self, msg: protocol.FromWorker) -> bool:
         return self.link.send(msg)
+
+    # --- GPU telemetry ------------------------------------------------------------------------
+
+    def _sample(self) -> None:
+        """The sampler's thread. Not essential: should it fail, jobs run on unmeasured."""
+        try:
+            self.sampler.run()
+        except Exception:
+            log.exception("the GPU sampler failed: no more GPU telemetry nor idle stops")
+
+    def _track(self, job: LocalJob) -> None:
+        """Sample the job's GPUs from now on, under its idle-GPU policy."""
+        spec = job.spec
+        self.sampler.track(
+            job.id,
+            job.attempt,
+            job.gpus,
+            job.cancel,
+            spec.idle_timeout if spec is not None else None,
+            spec.idle_threshold if spec is not None and spec.idle_threshold is not None else 5.0,
+        )
+
+    def _add_points(self, job_id: int, attempt: int, points: list[Any], now: float) -> None:
+        """Hold a job's new points for the coordinator and send them (when it takes them)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.attempt != attempt or (self.welcomed and not self.telemetry):
+            return
+        batch = job.points.add(points)
+        if (
+            batch is not None
+            and self.welcomed
+            and self._send(batch.message(self.session, job.id, job.attempt))
+        ):
+            batch.sent_at = now
 
     # --- stopping -----------------------------------------------------------------------------
 
@@ -551,6 +623,7 @@ class Agent:
             )
         for job in running:
             job.ended.wait(timeout=2)
+        self.sampler.stop()
         self.runners.stop()
         self.link.close(None)
         self.events.close(linger=0)

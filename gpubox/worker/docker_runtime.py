@@ -21,6 +21,7 @@ import requests.exceptions
 
 from gpubox import errors, logfmt, models, protocol
 from gpubox.config import Mount, check_mount_folders
+from gpubox.worker import stopping
 from gpubox.worker.dockerlogs import DockerLogs
 from gpubox.worker.lines import (
     FLUSH_S,
@@ -140,6 +141,7 @@ class DockerRuntime:
         detach = detach or threading.Event()
         executed_at: str | None = None
         buffer = LineBuffer(job.first_seq)
+        stopping.attach(cancel, buffer)  # the worker's notes (an idle warning) go in its log
         outcome: dict[str, Any] | None
         try:
             if container is not None:
@@ -402,7 +404,7 @@ class DockerRuntime:
             raise failed[0]  # as if it had run here: the agent reports the job failed
         code = result.get("StatusCode")
         if stopped_for == "cancel":
-            return {"status": "CANCELLED", "exit_code": code, "error": "cancelled"}
+            return stopping.outcome(cancel, code)
         if stopped_for == "timeout":
             return {"status": "ERROR", "exit_code": code, "error": "timeout"}
         if code == 0:

@@ -38,6 +38,7 @@ from typing import IO, Any
 
 from gpubox import models, protocol
 from gpubox.logfmt import fields
+from gpubox.worker import stopping
 from gpubox.worker.lines import Emit, LineBuffer, Masker, emit_done, secret_values, send_lines
 from gpubox.worker.process_output import Output
 from gpubox.worker.process_user import JobUser, job_user
@@ -137,6 +138,7 @@ class ProcessRuntime:
         emitted: the coordinator hands the job out again or fails it, as for a lost worker."""
         detach = detach or threading.Event()
         buffer = LineBuffer(job.first_seq)
+        stopping.attach(cancel, buffer)  # the worker's notes (an idle warning) go in its log
         executed_at: str | None = None
         options = models.ContainerOptions.from_dict(job.container)
         refused = options.needs_docker()
@@ -242,7 +244,7 @@ class ProcessRuntime:
         buffer.add_many(output.rest())
         code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         if stopped_for == "cancel":
-            return {"status": "CANCELLED", "exit_code": code, "error": "cancelled"}
+            return stopping.outcome(cancel, code)
         if stopped_for == "timeout":
             return {"status": "ERROR", "exit_code": code, "error": "timeout"}
         if code == 0:

@@ -85,7 +85,9 @@ def start_worker(
     runtime is made, so a bad `gpus` setting is reported before a missing Docker engine.
     """
     if source is None:
-        source = gpu.source_for(config.fake_gpus, config.name or socket.gethostname())
+        source = gpu.source_for(
+            config.fake_gpus, config.name or socket.gethostname(), config.state_dir
+        )
     offers = config.gpus != "none"  # else NVML is not even asked (nor warned about)
     gpus = gpu.select(source.list(), config.gpus) if offers else []
     runtime = make_runtime(config, tee=tee, docker_client=docker_client, gpu_devices=gpu_devices)

@@ -114,6 +114,10 @@ class Client:
     ) -> dict[str, Any]:
         return self.call("GET", "/api/v1/jobs", status=status, limit=limit, before=before)  # type: ignore[no-any-return]
 
+    def telemetry(self, job_id: int, since: float | None = None) -> dict[str, Any]:
+        """The job's GPU telemetry points (those ending after `since`, Unix seconds)."""
+        return self.call("GET", f"/api/v1/jobs/{job_id}/telemetry", since=since)  # type: ignore[no-any-return]
+
     def cancel(self, job_id: int) -> dict[str, Any]:
         return self.call("POST", f"/api/v1/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
 

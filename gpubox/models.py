@@ -90,6 +90,9 @@ class JobSpec:
     gpus: int = 0
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     timeout: float | None = None
+    # Seconds its GPUs may all stay idle before it is stopped (the idle-GPU policy); 0:
+    # never; None: the coordinator's idle_timeout.
+    idle_timeout: float | None = None
     max_retries: int = 0
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     # auth and secrets, encrypted by the coordinator (coordinator.sealing); erased at the end.
@@ -253,6 +256,9 @@ class Job:
     # started yet, or the process runtime, which runs no image.
     image_id: str | None = None
     image_digest: str | None = None
+    # What its GPUs did, summed up when it ended (gpubox.telemetry.summarize); None: it held
+    # no GPUs, or has not ended.
+    telemetry: dict[str, Any] | None = None
 
     @property
     def duration(self) -> float | None:
@@ -299,6 +305,7 @@ JOB_FIELDS: tuple[Field, ...] = (
     Field("gpu_memory_gb", REAL, "spec.gpu_memory_gb", api="gpu_memory_gb", null=True, since=2),
     Field("labels", JSON, "spec.labels", api="labels"),
     Field("timeout", REAL, "spec.timeout", api="timeout", wire="timeout", null=True),
+    Field("idle_timeout", REAL, "spec.idle_timeout", api="idle_timeout", null=True, since=7),
     Field("max_retries", INT, "spec.max_retries", api="max_retries"),
     Field("metadata", JSON, "spec.metadata", api="metadata"),
     Field("submitter", TEXT, "spec.submitter", api="submitter", wire="submitter", null=True,
@@ -317,6 +324,7 @@ JOB_FIELDS: tuple[Field, ...] = (
     Field("error", TEXT, "error", api="result.error", null=True),
     Field("image_id", TEXT, "image_id", api="result.image_id", null=True, since=6),
     Field("image_digest", TEXT, "image_digest", api="result.image_digest", null=True, since=6),
+    Field("telemetry", JSON, "telemetry", api="result.telemetry", null=True, since=7),
     Field("worker", TEXT, "worker", api="worker", null=True),
     Field("attempts", INT, "attempts", api="attempts", wire="attempt", default="0"),
     Field("log_seq", BIGINT, "log_seq", api="log_lines", default="0"),

@@ -40,6 +40,7 @@ JOB_KEYS = {
     "gpu_memory_gb",
     "labels",
     "timeout",
+    "idle_timeout",
     "max_retries",
     "metadata",
 }
@@ -243,6 +244,17 @@ def parse_spec(data: Any) -> models.JobSpec:
             raise errors.BadInput("timeout must be a number of seconds or null", "timeout")
         if not 0 < timeout <= 366 * 86400:
             raise errors.BadInput("timeout must be positive and at most a year", "timeout")
+    idle_timeout = data.get("idle_timeout")
+    if idle_timeout is not None and (
+        isinstance(idle_timeout, bool)
+        or not isinstance(idle_timeout, int | float)
+        or not 0 <= idle_timeout <= 366 * 86400
+    ):
+        raise errors.BadInput(
+            "idle_timeout must be a number of seconds from 0 (never) to a year, or null (the"
+            " coordinator's)",
+            "idle_timeout",
+        )
     metadata = data.get("metadata")
     if metadata is None:
         metadata = {}
@@ -274,6 +286,7 @@ def parse_spec(data: Any) -> models.JobSpec:
         gpus=gpus,
         labels=_str_map(data.get("labels"), "labels"),
         timeout=timeout,
+        idle_timeout=idle_timeout,
         max_retries=_int(data.get("max_retries", 0), "max_retries", 0, 100),
         metadata=metadata,
         gpu_model=gpu_model,

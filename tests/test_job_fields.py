@@ -38,6 +38,7 @@ SPEC = models.JobSpec(
     gpus=2,
     labels={"the": "label"},
     timeout=30.5,
+    idle_timeout=600.0,
     max_retries=3,
     metadata={"the": ["metadata"]},
     sealed="the-sealed",
@@ -66,25 +67,28 @@ JOB = models.Job(
     cancel_requested=True,
     image_id="sha256:the-id",
     image_digest="the-image@sha256:the-digest",
+    telemetry={"gpu_seconds": 6.5, "gpus": {"GPU-1": {"gpu_seconds": 3.25}}},
 )
 PLAIN = models.Job(
     1, models.JobSpec(name="", image=""), models.Status.QUEUED, T0 - timedelta(days=1), T0
 )
 
 # The job as the API showed it before JOB_FIELDS, byte for byte (key order included), with
-# the fields added since (result.image_id and result.image_digest, schema 6).
+# the fields added since (result.image_id and result.image_digest, schema 6; idle_timeout
+# and result.telemetry, schema 7).
 API_JSON = (
     '{"id": 42, "name": "the-name", "description": "the-description", "priority": 7,'
     ' "docker": {"image": "the-image", "command": ["the", "command"], "env": {"THE_ENV": "1"},'
     ' "shm_size": 1048576, "workdir": "/w", "user": "1000", "memory": 1073741824,'
     ' "mounts": ["data"]}, "gpus": 2, "gpu_model": "the-model", "gpu_memory_gb": 12.5,'
-    ' "labels": {"the": "label"}, "timeout": 30.5, "max_retries": 3,'
+    ' "labels": {"the": "label"}, "timeout": 30.5, "idle_timeout": 600.0, "max_retries": 3,'
     ' "metadata": {"the": ["metadata"]}, "submitter": "the-submitter", "allow_process": true,'
     ' "status": "RUNNING", "queue_reason": null, "cancel_requested": true,'
     ' "result": {"executed_at": "2024-05-01T12:00:02.123456Z",'
     ' "finished_at": "2024-05-01T12:00:05.373456Z", "gpus": ["GPU-1", "GPU-2"],'
     ' "duration": 3.25, "exit_code": 3, "error": "the-error", "image_id": "sha256:the-id",'
-    ' "image_digest": "the-image@sha256:the-digest"}, "worker": "the-worker",'
+    ' "image_digest": "the-image@sha256:the-digest", "telemetry": {"gpu_seconds": 6.5,'
+    ' "gpus": {"GPU-1": {"gpu_seconds": 3.25}}}}, "worker": "the-worker",'
     ' "attempts": 2, "log_lines": 41, "created_at": "2024-05-01T12:00:00.123456Z",'
     ' "updated_at": "2024-05-01T12:00:01.123456Z"}'
 )

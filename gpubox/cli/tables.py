@@ -41,7 +41,31 @@ def needs(job: dict[str, Any]) -> str:
         parts.append(f"timeout {job['timeout']:g} s")
     if job.get("max_retries"):
         parts.append(f"{job['max_retries']} retries")
+    if job.get("idle_timeout") is not None:
+        parts.append(
+            f"idle_timeout {job['idle_timeout']:g} s" if job["idle_timeout"] else "never idle"
+        )
     return ", ".join(parts) or "-"
+
+
+def gpu_use(usage: dict[str, Any]) -> str:
+    """A telemetry summary (the job's, or one GPU's) in one line."""
+    energy = usage.get("energy_wh")
+    return (
+        f"utilization mean {usage['util_mean']:g} %, max {usage['util_max']:g} %;"
+        f" peak {usage['memory_max_mb']} MiB ({usage['memory_max_pct']:g} % of the card);"
+        f" {usage['gpu_seconds']:g} GPU-s" + (f"; {energy:g} Wh" if energy is not None else "")
+    )
+
+
+def telemetry_rows(summary: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """`gpubox show`'s lines for what the job did with its GPUs: the job's, then each GPU's."""
+    if not summary:
+        return []
+    rows = [("GPU use", gpu_use(summary))]
+    if len(summary.get("gpus", {})) > 1:
+        rows += [("", f"{gpu}: {gpu_use(usage)}") for gpu, usage in summary["gpus"].items()]
+    return rows
 
 
 def summary(job: dict[str, Any]) -> str:
@@ -80,6 +104,7 @@ def summary(job: dict[str, Any]) -> str:
         ("exit code", result["exit_code"] if result["exit_code"] is not None else "-"),
         ("error", result["error"] or "-"),
         ("log lines", job.get("log_lines", 0)),
+        *telemetry_rows(result.get("telemetry")),
     ]
     if job.get("queue_reason"):
         rows.insert(3, ("waiting", job["queue_reason"]))

@@ -63,6 +63,23 @@ class CoordinatorConfig:
         "GPUBOX_MAX_LOG_BYTES",
         "bytes of output kept per job: the first half and the latest, a marker line between",
     )
+    telemetry_max_points: int = setting(
+        2000,
+        "GPUBOX_TELEMETRY_MAX_POINTS",
+        "GPU telemetry points kept per job and GPU; past it, the older half is merged two by"
+        " two, so a long job keeps its whole curve, coarser where older",
+    )
+    idle_timeout: float = setting(
+        0.0,
+        "GPUBOX_IDLE_TIMEOUT",
+        "seconds a job's GPUs may all stay under idle_threshold before it is stopped (an"
+        " ERROR), for jobs that set no idle_timeout of their own; 0: never",
+    )
+    idle_threshold: float = setting(
+        5.0,
+        "GPUBOX_IDLE_THRESHOLD",
+        "GPU utilization (%) under which a GPU counts as idle for the idle-GPU policy",
+    )
 
     def validate(self) -> None:
         parse_address(self.http, "http")
@@ -82,6 +99,12 @@ class CoordinatorConfig:
             raise errors.ConfigError("max_log_bytes: must be at least 1048576 (1 MiB)")
         if self.liveness_s <= self.heartbeat_interval_s:
             raise errors.ConfigError("liveness_s: must be longer than heartbeat_interval_s")
+        if self.telemetry_max_points < 10:
+            raise errors.ConfigError("telemetry_max_points: must be at least 10")
+        if self.idle_timeout < 0:
+            raise errors.ConfigError("idle_timeout: must not be negative (0: never)")
+        if not 0 < self.idle_threshold <= 100:
+            raise errors.ConfigError("idle_threshold: must be a percentage above 0, at most 100")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +160,15 @@ class WorkerConfig:
     )
     resend_s: float = setting(
         3.0, "GPUBOX_RESEND", "seconds before an unacknowledged LOG or DONE is sent again"
+    )
+    telemetry_interval_s: float = setting(
+        1.0, "GPUBOX_TELEMETRY_INTERVAL", "seconds between readings of a running job's GPUs"
+    )
+    telemetry_point_s: float = setting(
+        10.0,
+        "GPUBOX_TELEMETRY_POINT",
+        "seconds of readings folded into one telemetry point (mean and max utilization, max"
+        " memory, mean power) sent to the coordinator",
     )
     max_unacked_lines: int = setting(
         50_000,
@@ -225,11 +257,17 @@ class WorkerConfig:
             "heartbeat_interval_s",
             "liveness_s",
             "resend_s",
+            "telemetry_interval_s",
+            "telemetry_point_s",
             "max_unacked_lines",
             "spill_max_bytes",
         )
         if self.stop_grace_s < 0:
             raise errors.ConfigError("stop_grace_s: must not be negative")
+        if self.telemetry_point_s < self.telemetry_interval_s:
+            raise errors.ConfigError(
+                "telemetry_point_s: must be at least telemetry_interval_s (a point folds readings)"
+            )
         if self.pids_limit < 0:
             raise errors.ConfigError("pids_limit: must not be negative (0: no limit)")
         parse_shm_size(self.max_shm_size)

@@ -53,16 +53,23 @@ class Broker:
         context: zmq.Context[Any] | None = None,
         max_log_lines: int | None = None,
         max_log_bytes: int | None = None,
+        telemetry_max_points: int = 2000,
+        idle_timeout: float = 0.0,
+        idle_threshold: float = 5.0,
     ) -> None:
         """`server_keys` is the coordinator's (public, secret) Z85 CURVE keypair; `allow` the
-        worker keys it accepts. The context must not carry another ZAP authenticator."""
+        worker keys it accepts. The context must not carry another ZAP authenticator.
+        `idle_timeout` and `idle_threshold`: the idle-GPU policy of jobs that set no
+        idle_timeout of their own (0: none)."""
         self.store = store
         self.changes = changes
         self.allow = allow
         self.sealer = sealer
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness_s = liveness_s
-        self.log_limits = reports.LogLimits(max_log_lines, max_log_bytes)
+        self.log_limits = reports.LogLimits(max_log_lines, max_log_bytes, telemetry_max_points)
+        self.idle_timeout = idle_timeout
+        self.idle_threshold = idle_threshold
         self.context = context or zmq.Context()
         self.coordinator_id = uuid.uuid4().hex
         # ZAP must run on this context before the ROUTER binds, or CURVE lets any key in.
@@ -126,6 +133,7 @@ class Broker:
             protocol.Ready: self._on_ready,
             protocol.Started: self._on_started,
             protocol.Log: self._on_log,
+            protocol.Telemetry: self._on_telemetry,
             protocol.Done: self._on_done,
             protocol.WorkerHeartbeat: self._on_heartbeat,
         }
@@ -347,6 +355,7 @@ class Broker:
                 coordinator=self.coordinator_id,
                 heartbeat_interval_s=self.heartbeat_interval_s,
                 liveness_s=self.liveness_s,
+                telemetry=True,
             ),
         )
         held = {item.job_id: item for item in msg.running}
@@ -431,6 +440,22 @@ class Broker:
         self._reports.append((peer, msg))
         self._report_lines += len(msg.lines)
 
+    def _on_telemetry(self, peer: Peer, msg: protocol.Telemetry, now: float) -> None:
+        if self._foreign(peer, msg.job_id):
+            # Acknowledged whole, so an honest worker with a lost job holds it no more.
+            self._send(
+                peer,
+                protocol.Ack(
+                    job_id=msg.job_id,
+                    attempt=msg.attempt,
+                    seq=-1,
+                    done=False,
+                    points=max(msg.seq, msg.last or 0),
+                ),
+            )
+            return
+        self._reports.append((peer, msg))
+
     def _on_done(self, peer: Peer, msg: protocol.Done, now: float) -> None:
         if self._foreign(peer, msg.job_id):
             # A repeated DONE after ours was applied, or a forgery: acknowledge, change nothing.
@@ -461,6 +486,14 @@ class Broker:
                 self.counters.log_lines += max(0, seq - self._stored.get(job_id, report.seq - 1))
                 self._stored[job_id] = seq
                 self.changes.notify(job_id)
+            case reports.PointsStored(report, seq):
+                self._send(
+                    peer,
+                    protocol.Ack(
+                        job_id=report.job_id, attempt=report.attempt, seq=-1, done=False, points=seq
+                    ),
+                )
+                self.changes.notify(report.job_id)
             case reports.DoneStored(report, Finish.MISSING_LINES):
                 # Tell the worker which lines we have; it resends the rest, then DONE again.
                 stored_seq = self.store.get_job(report.job_id).log_seq
@@ -490,6 +523,8 @@ class Broker:
             peer.usage[item["uuid"]] = {
                 "memory_used_mb": item.get("memory_used_mb"),
                 "utilization": item.get("utilization"),
+                "power_w": item.get("power_w"),
+                "temperature_c": item.get("temperature_c"),
             }
         # Answered at once: a worker's liveness is its own setting, which the coordinator's
         # own interval need not fit.
@@ -596,6 +631,7 @@ class Broker:
             for peer in list(self.peers.values())
             for uuid, now in list(peer.usage.items())
         ]
+        holders = {uuid: job.id for job in self.store.running_jobs() for uuid in job.gpu_ids}
         oldest = self.store.oldest_queued()
         return metrics.render(
             self.store.jobs_by_status(),
@@ -606,10 +642,12 @@ class Broker:
             gpus_free=free,
             dropped_messages=self.dropped_messages,
             gpu_usage=usage,
+            gpu_jobs=holders,
         )
 
     def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]:
-        """NVML's memory used and utilization per GPU uuid at worker's last heartbeat."""
+        """NVML's memory used, utilization, power and temperature per GPU uuid at worker's
+        last heartbeat."""
         for peer in list(self.peers.values()):
             if peer.name == worker:
                 return dict(peer.usage)
@@ -625,11 +663,14 @@ class Broker:
     def _send_job(self, peer: Peer, job: models.Job, resume: models.LogMarks | None = None) -> bool:
         """Send JOB (its credentials unsealed); the worker must confirm receipt in time."""
         try:
-            wire = protocol.wire_job(job, self.sealer.credentials(job))
+            wire = protocol.wire_job(job, self.sealer.credentials(job), *self._idle_policy(job))
         except errors.GpuboxError as exc:
             self.lifecycle.fail(job, str(exc))
             return False
-        marks = protocol.resume_fields(resume) if resume is not None else {}
+        marks: dict[str, Any] = {}
+        if resume is not None:  # a re-attach: where its log and its points go on from
+            marks = protocol.resume_fields(resume)
+            marks["resume_points"] = self.store.points_seq(job.id, job.attempts)
         if not self._send(peer, protocol.Job(coordinator=self.coordinator_id, job=wire, **marks)):
             return False
         peer.assigned[job.id] = list(job.gpu_ids)
@@ -712,6 +753,16 @@ class Broker:
         self._sent_at.pop(job_id, None)
 
     # --- sending ------------------------------------------------------------------------------
+
+    def _idle_policy(self, job: models.Job) -> tuple[float | None, float | None]:
+        """The job's idle_timeout (its own, else this coordinator's; None: none) and
+        idle_threshold. Jobs without GPUs have none: they are never stopped for idling."""
+        timeout = job.spec.idle_timeout
+        if timeout is None:
+            timeout = self.idle_timeout
+        if not timeout or not job.spec.gpus:
+            return None, None
+        return timeout, self.idle_threshold
 
     def _ack(self, peer: Peer, job_id: int, attempt: int, seq: int, done: bool) -> None:
         self._send(peer, protocol.Ack(job_id=job_id, attempt=attempt, seq=seq, done=done))

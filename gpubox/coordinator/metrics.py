@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 # Seconds from JOB sent to STARTED received: a container start is ~0.1-1 s, a pull far more.
@@ -68,9 +68,11 @@ def render(
     gpus_free: int,
     dropped_messages: int,
     gpu_usage: Sequence[tuple[str, str, dict[str, Any]]] = (),
+    gpu_jobs: Mapping[str, int] | None = None,
 ) -> str:
-    """The whole /metrics page. `gpu_usage`: (worker, uuid, NVML's memory_used_mb and
-    utilization at its last heartbeat) for each GPU of a connected worker."""
+    """The whole /metrics page. `gpu_usage`: (worker, uuid, NVML's memory_used_mb,
+    utilization and power_w at its last heartbeat) for each GPU of a connected worker;
+    `gpu_jobs`: the id of the job holding each busy GPU, by uuid."""
     lines = [
         *metric(
             "gpubox_jobs",
@@ -135,22 +137,32 @@ def render(
             "gpubox_gpu_memory_used_bytes",
             "gauge",
             "GPU memory in use, as NVML said at the worker's last heartbeat.",
-            (
-                f'gpubox_gpu_memory_used_bytes{{worker="{w}",uuid="{u}"}} '
-                f"{int(now['memory_used_mb']) * 2**20}"
-                for w, u, now in gpu_usage
-                if now.get("memory_used_mb") is not None
+            _gpu_samples(
+                "gpubox_gpu_memory_used_bytes",
+                gpu_usage,
+                gpu_jobs,
+                "memory_used_mb",
+                lambda mb: f"{int(mb) * 2**20}",
             ),
         ),
         *metric(
             "gpubox_gpu_utilization_ratio",
             "gauge",
             "GPU utilization (0-1), as NVML said at the worker's last heartbeat.",
-            (
-                f'gpubox_gpu_utilization_ratio{{worker="{w}",uuid="{u}"}} '
-                f"{int(now['utilization']) / 100:g}"
-                for w, u, now in gpu_usage
-                if now.get("utilization") is not None
+            _gpu_samples(
+                "gpubox_gpu_utilization_ratio",
+                gpu_usage,
+                gpu_jobs,
+                "utilization",
+                lambda pct: f"{int(pct) / 100:g}",
+            ),
+        ),
+        *metric(
+            "gpubox_gpu_power_watts",
+            "gauge",
+            "GPU power draw, as NVML said at the worker's last heartbeat.",
+            _gpu_samples(
+                "gpubox_gpu_power_watts", gpu_usage, gpu_jobs, "power_w", lambda w: f"{w:g}"
             ),
         ),
         *metric(
@@ -161,3 +173,27 @@ def render(
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def label(value: str) -> str:
+    """A label value as the text format writes it: backslash, quote and newline escaped
+    (a GPU's uuid is what its worker says it is)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _gpu_samples(
+    name: str,
+    gpu_usage: Sequence[tuple[str, str, dict[str, Any]]],
+    gpu_jobs: Mapping[str, int] | None,
+    reading: str,
+    value: Callable[[Any], str],
+) -> list[str]:
+    """One sample per GPU that has the reading, labelled with its worker, its uuid and the
+    job holding it ("" when none does)."""
+    jobs = gpu_jobs or {}
+    return [
+        f'{name}{{worker="{label(w)}",uuid="{label(u)}",job="{jobs.get(u, "")}"}} '
+        + value(now[reading])
+        for w, u, now in gpu_usage
+        if now.get(reading) is not None
+    ]

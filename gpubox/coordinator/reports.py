@@ -1,4 +1,5 @@
-"""What workers report of their jobs (STARTED, LOG, DONE), stored a burst at a time.
+"""What workers report of their jobs (STARTED, LOG, TELEMETRY, DONE), stored a burst at a
+time.
 
 The broker collects the reports of one burst of messages, stores them in one transaction
 (one commit, one fsync, for many) and acts on each (acknowledges it, wakes followers) only
@@ -11,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from gpubox import errors, models, protocol
+from gpubox import errors, models, protocol, telemetry
 from gpubox.coordinator.peers import Peer
 from gpubox.store import Store
 from gpubox.store.base import Finish
 
 log = logging.getLogger(__name__)
 
-Report = protocol.Started | protocol.Log | protocol.Done
+Report = protocol.Started | protocol.Log | protocol.Telemetry | protocol.Done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,14 @@ class LogStored:
 
 
 @dataclasses.dataclass(frozen=True)
+class PointsStored:
+    """A TELEMETRY batch stored; `stored_seq` is the last batch stored, what the ACK says."""
+
+    report: protocol.Telemetry
+    stored_seq: int
+
+
+@dataclasses.dataclass(frozen=True)
 class DoneStored:
     """A DONE handed to the store, and what became of it (applied, a repeat, or refused
     because lines before it are missing)."""
@@ -46,15 +55,17 @@ class DoneStored:
     finish: Finish
 
 
-Stored = StartStored | LogStored | DoneStored
+Stored = StartStored | LogStored | PointsStored | DoneStored
 
 
 @dataclasses.dataclass(frozen=True)
 class LogLimits:
-    """How much of each job's log the store keeps (None: no bound)."""
+    """How much of each job's log the store keeps (None: no bound), and how many telemetry
+    points per GPU before the older ones are merged."""
 
     max_lines: int | None = None
     max_bytes: int | None = None
+    max_points: int = 2000
 
 
 def store_burst(
@@ -99,6 +110,13 @@ def store_report(store: Store, report: Report, limits: LogLimits) -> Stored:
                 limits.max_bytes,
             )
             return LogStored(report, seq)
+        case protocol.Telemetry():
+            points = [telemetry.Point.from_row(row) for row in report.points]
+            last = report.seq if report.last is None else max(report.seq, report.last)
+            seq = store.add_points(
+                report.job_id, report.attempt, report.seq, last, points, limits.max_points
+            )
+            return PointsStored(report, seq)
         case protocol.Done():
             finish = store.finish_job(
                 report.job_id,

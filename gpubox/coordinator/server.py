@@ -103,6 +103,9 @@ class Coordinator:
             context=self.context,
             max_log_lines=self.config.max_log_lines,
             max_log_bytes=self.config.max_log_bytes,
+            telemetry_max_points=self.config.telemetry_max_points,
+            idle_timeout=self.config.idle_timeout,
+            idle_threshold=self.config.idle_threshold,
         )
         app = api.make_app(
             self.store,

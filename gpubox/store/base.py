@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from gpubox import models
+from gpubox import models, telemetry
 
 # A log line as it arrives from a worker: (timestamp, stream, text).
 RawLine = tuple[str, str, str]
@@ -27,6 +27,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "jobs": ("id",),
     "job_labels": ("job_id", "pair"),
     "logs": ("job_id", "seq"),
+    "telemetry": ("job_id", "attempt", "gpu", "t_start"),
     "workers": ("name",),
     "tokens": ("name",),
 }
@@ -210,6 +211,36 @@ class Store(abc.ABC):
         they compare as text."""
 
     # --- workers ------------------------------------------------------------------------------
+
+    # --- GPU telemetry (gpubox.telemetry) ------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_points(
+        self,
+        job_id: int,
+        attempt: int,
+        seq: int,
+        last: int,
+        points: Sequence[telemetry.Point],
+        max_points: int = 2000,
+    ) -> int:
+        """Store a TELEMETRY batch of the running attempt `attempt`, covering sequence
+        numbers seq..last, exactly once: only if it comes right after the last one stored
+        (seq <= stored + 1 < last + 1). Past `max_points` points of a GPU for the attempt,
+        the older half of them is merged two by two. Returns the last seq now stored, which
+        the worker is acknowledged with; for a job or attempt no longer running, `last`
+        (nothing stored: the worker need not hold it)."""
+
+    @abc.abstractmethod
+    def points_seq(self, job_id: int, attempt: int) -> int:
+        """The last TELEMETRY seq stored for the attempt; -1 when none."""
+
+    @abc.abstractmethod
+    def read_points(
+        self, job_id: int, since: float | None = None, limit: int = 10_000
+    ) -> list[tuple[int, telemetry.Point]]:
+        """A job's points as (attempt, point), by attempt then start, at most `limit`: those
+        ending after `since` (Unix seconds) when given."""
 
     @abc.abstractmethod
     def save_worker(self, worker: models.WorkerInfo) -> None:

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from gpubox import errors, fields, models
-from gpubox.store import backend, base, columns
+from gpubox.store import backend, base, columns, telemetry
 
 _time = models.format_time
 
@@ -200,7 +200,7 @@ class JobStore(backend.Backend):
             cur.execute(
                 "UPDATE jobs SET status = ?, exit_code = ?, error = ?,"
                 " executed_at = COALESCE(executed_at, ?), finished_at = ?, updated_at = ?,"
-                " sealed = NULL WHERE id = ?",
+                " sealed = NULL, telemetry = ? WHERE id = ?",
                 (
                     status.value,
                     exit_code,
@@ -208,6 +208,7 @@ class JobStore(backend.Backend):
                     _time(executed_at),
                     _time(finished_at),
                     _time(models.utcnow()),
+                    telemetry.summary_json(cur, job_id, attempt),
                     job_id,
                 ),
             )
@@ -243,8 +244,14 @@ class JobStore(backend.Backend):
             if job.cancel_requested:
                 cur.execute(
                     "UPDATE jobs SET status = 'CANCELLED', finished_at = ?, updated_at = ?,"
-                    " sealed = NULL, error = ? WHERE id = ?",
-                    (_time(now), _time(now), f"cancelled; {error}", job_id),
+                    " sealed = NULL, error = ?, telemetry = ? WHERE id = ?",
+                    (
+                        _time(now),
+                        _time(now),
+                        f"cancelled; {error}",
+                        telemetry.summary_json(cur, job_id, attempt),
+                        job_id,
+                    ),
                 )
             elif job.attempts <= job.spec.max_retries:
                 # One line in its log says where this attempt's output ends and why: the next
@@ -265,8 +272,14 @@ class JobStore(backend.Backend):
             else:
                 cur.execute(
                     "UPDATE jobs SET status = 'ERROR', error = ?, finished_at = ?,"
-                    " updated_at = ?, sealed = NULL WHERE id = ?",
-                    (error, _time(now), _time(now), job_id),
+                    " updated_at = ?, sealed = NULL, telemetry = ? WHERE id = ?",
+                    (
+                        error,
+                        _time(now),
+                        _time(now),
+                        telemetry.summary_json(cur, job_id, attempt),
+                        job_id,
+                    ),
                 )
             return self._get(cur, job_id)
 

@@ -85,6 +85,29 @@ UPDATE jobs SET log_bytes = (
     SELECT COALESCE(SUM(OCTET_LENGTH(line)), 0) FROM logs WHERE logs.job_id = jobs.id
 ) WHERE status = 'RUNNING';
 """,
+    # 6: the image a job ran (jobs' columns only)
+    "",
+    # 7: jobs' GPU telemetry, points of one GPU each (gpubox.telemetry), and per job its
+    # idle_timeout and the summary of its points (jobs' columns)
+    """
+CREATE TABLE telemetry (
+    job_id BIGINT NOT NULL,
+    attempt BIGINT NOT NULL,
+    gpu TEXT NOT NULL,
+    t_start DOUBLE PRECISION NOT NULL,
+    t_end DOUBLE PRECISION NOT NULL,
+    seq BIGINT NOT NULL,
+    samples BIGINT NOT NULL,
+    util_mean DOUBLE PRECISION NOT NULL,
+    util_max DOUBLE PRECISION NOT NULL,
+    memory_max_mb BIGINT NOT NULL,
+    memory_total_mb BIGINT NOT NULL,
+    power_mean_w DOUBLE PRECISION,
+    temperature_max_c DOUBLE PRECISION,
+    PRIMARY KEY (job_id, attempt, gpu, t_start)
+);
+CREATE INDEX telemetry_seq ON telemetry (job_id, attempt, seq);
+""",
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.
 MIGRATIONS = columns.migrations(TYPES, OTHERS)

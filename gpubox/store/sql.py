@@ -4,15 +4,20 @@ A backend supplies connections and transactions (`_write`, `_read`), its DDL for
 a job's column (the jobs table comes from models.JOB_FIELDS: columns.migrations), and the few
 statements that differ (backend.Backend lists them). The SQL is the same text on both (no
 RETURNING, `?` placeholders, rewritten by a backend that needs another style), one module per
-part: jobs, logs, workers, tokens, schema.
+part: jobs, logs, telemetry, workers, tokens, schema.
 """
 
 from __future__ import annotations
 
-from gpubox.store import jobs, logs, schema, tokens, workers
+from gpubox.store import jobs, logs, schema, telemetry, tokens, workers
 
 
 class SqlStore(
-    jobs.JobStore, logs.LogStore, workers.WorkerStore, tokens.TokenStore, schema.SchemaStore
+    jobs.JobStore,
+    logs.LogStore,
+    telemetry.TelemetryStore,
+    workers.WorkerStore,
+    tokens.TokenStore,
+    schema.SchemaStore,
 ):
     """Every store operation written once in SQL; backends provide connections."""

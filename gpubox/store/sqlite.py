@@ -84,6 +84,29 @@ UPDATE jobs SET log_bytes = (
     SELECT COALESCE(SUM(LENGTH(CAST(line AS BLOB))), 0) FROM logs WHERE logs.job_id = jobs.id
 ) WHERE status = 'RUNNING';
 """,
+    # 6: the image a job ran (jobs' columns only)
+    "",
+    # 7: jobs' GPU telemetry, points of one GPU each (gpubox.telemetry), and per job its
+    # idle_timeout and the summary of its points (jobs' columns)
+    """
+CREATE TABLE telemetry (
+    job_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    gpu TEXT NOT NULL,
+    t_start REAL NOT NULL,
+    t_end REAL NOT NULL,
+    seq INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    util_mean REAL NOT NULL,
+    util_max REAL NOT NULL,
+    memory_max_mb INTEGER NOT NULL,
+    memory_total_mb INTEGER NOT NULL,
+    power_mean_w REAL,
+    temperature_max_c REAL,
+    PRIMARY KEY (job_id, attempt, gpu, t_start)
+) WITHOUT ROWID;
+CREATE INDEX telemetry_seq ON telemetry (job_id, attempt, seq);
+""",
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.
 MIGRATIONS = columns.migrations(TYPES, OTHERS)

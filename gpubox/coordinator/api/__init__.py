@@ -17,7 +17,7 @@ from collections.abc import Callable
 import bottle
 
 from gpubox.coordinator import sealing
-from gpubox.coordinator.api import admin, context, health, http_errors, jobs, logs
+from gpubox.coordinator.api import admin, context, health, http_errors, jobs, logs, telemetry
 from gpubox.coordinator.api.context import LiveView
 from gpubox.coordinator.api.endpoints import TOKEN_KEY
 from gpubox.coordinator.api.http_errors import STATUS, status_for
@@ -85,6 +85,6 @@ def make_app(
     )
     # In the order the routes were always added: Bottle tries the routes of one method in the
     # order they were added.
-    for routes in (health, jobs, logs, admin):
+    for routes in (health, jobs, logs, telemetry, admin):
         routes.add_routes(app, ctx)
     return app

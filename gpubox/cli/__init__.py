@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 from gpubox import __version__, revision
-from gpubox.cli import jobs, key_admin, roles, store_admin
+from gpubox.cli import jobs, key_admin, roles, store_admin, top
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -54,6 +54,7 @@ for _command in (
     jobs.tail,
     jobs.cancel,
     jobs.workers,
+    top.top,
     store_admin.token,
     store_admin.db,
     key_admin.keys_group,

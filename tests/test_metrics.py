@@ -83,9 +83,14 @@ def test_metrics_follow_jobs_workers_gpus_and_lines(make_cluster) -> None:  # ty
     assert 0 < busy < (time.monotonic() - scraped) / 2
     cpu = page["gpubox_broker_cpu_seconds_total"]
     assert 0 < cpu <= page["gpubox_broker_busy_seconds_total"] + 0.01
-    first_gpu = '{worker="metrics-w",uuid="GPU-fake-metrics-w-0000"}'
-    assert page[f"gpubox_gpu_utilization_ratio{first_gpu}"] == 0  # fake GPUs: idle
-    assert page[f"gpubox_gpu_memory_used_bytes{first_gpu}"] == 0
+    # Each GPU's gauges name the job holding it ("" for none): the holder's one GPU.
+    held = cluster.client.job(holder["id"])["result"]["gpus"][0]
+    for index in range(4):
+        uuid = f"GPU-fake-metrics-w-{index:04d}"
+        job = holder["id"] if uuid == held else ""
+        labels = f'{{worker="metrics-w",uuid="{uuid}",job="{job}"}}'
+        assert page[f"gpubox_gpu_utilization_ratio{labels}"] == 0  # made-up GPUs: idle
+        assert page[f"gpubox_gpu_memory_used_bytes{labels}"] == 0
     cluster.client.cancel(holder["id"])
     cluster.client.cancel(queued["id"])
     cluster.wait(holder["id"])

@@ -5,6 +5,7 @@ The jobs run on the process runtime: no Docker needed."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.request
@@ -14,10 +15,14 @@ from typing import Any
 import pytest
 
 from gpubox import keys, models
-from gpubox.client import Client
+from gpubox.client import ApiError, Client
 from gpubox.worker.gpu import write_fake_readings
 from tests.conftest import Cluster, wait_until
 from tests.test_recovery import FAST, Process, free_port, ok
+
+# The store's side is proven on both stores by the summary, the merge and the kill -9 tests
+# (and tests/test_telemetry_parts.py): the others run on SQLite only, to keep the suite short.
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 # Fast sampling: a reading every 0.1 s, a point every 0.5 s.
 FAST_TELEMETRY = {
@@ -101,6 +106,7 @@ def cluster_show(cluster: Cluster, job_id: int) -> str:
     return result.output
 
 
+@SQLITE_ONLY
 def test_points_arrive_while_the_job_runs_within_2_s_of_their_end(make_cluster) -> None:
     cluster: Cluster = make_cluster(workers=0)
     cluster.add_worker(**FAST_TELEMETRY)
@@ -142,6 +148,7 @@ def test_past_the_bound_points_are_merged_and_still_span_the_whole_run(make_clus
     assert summary["gpu_seconds"] == pytest.approx(held, rel=0.05)
 
 
+@SQLITE_ONLY
 def test_an_idle_job_is_stopped_with_a_warning_first_and_a_busy_one_is_not(
     make_cluster,
 ) -> None:
@@ -167,6 +174,7 @@ def test_an_idle_job_is_stopped_with_a_warning_first_and_a_busy_one_is_not(
         assert cluster.wait(job["id"])["status"] == "FINISHED"
 
 
+@SQLITE_ONLY
 def test_metrics_show_each_gpu_with_its_readings_and_the_job_holding_it(make_cluster) -> None:
     cluster: Cluster = make_cluster(workers=0)
     cluster.add_worker(**FAST_TELEMETRY)
@@ -241,3 +249,27 @@ def test_a_coordinator_killed_mid_job_loses_no_point(db_url: str, tmp_path: Path
         for process in (worker, coordinator):
             if process is not None:
                 process.stop()
+
+
+@SQLITE_ONLY
+def test_submit_takes_an_idle_timeout_and_show_prints_it(make_cluster) -> None:
+    from click.testing import CliRunner
+
+    from gpubox.cli import main
+
+    cluster: Cluster = make_cluster(workers=0)
+    flags = ["--url", cluster.url, "--token", cluster.token]
+    runner = CliRunner()
+    made = runner.invoke(main, ["submit", "--idle-timeout", "1800", "--json", *flags, "img"])
+    assert made.exit_code == 0, made.output
+    job = json.loads(made.output)
+    assert job["idle_timeout"] == 1800
+    assert "idle_timeout 1800 s" in cluster_show(cluster, job["id"])
+    never = runner.invoke(main, ["submit", "--idle-timeout", "0", "--json", *flags, "img"])
+    assert json.loads(never.output)["idle_timeout"] == 0
+    assert "never idle" in cluster_show(cluster, json.loads(never.output)["id"])
+    bad = runner.invoke(main, ["submit", "--idle-timeout", "-1", *flags, "img"])
+    assert bad.exit_code == 2 and "--idle-timeout" in bad.output
+    with pytest.raises(ApiError) as refused:
+        cluster.client.submit({"name": "x", "docker": {"image": "i"}, "idle_timeout": "long"})
+    assert refused.value.status == 400 and "idle_timeout" in str(refused.value)

@@ -137,6 +137,13 @@ def _print_json(data: Any) -> None:
     help="seconds before the job is stopped (ERROR 'timeout')",
 )
 @click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0, max=366 * 86400),
+    callback=lambda _ctx, _param, value: _finite(value, "--idle-timeout"),
+    help="seconds its GPUs may all stay idle (under the coordinator's idle_threshold, 5 %)"
+    " before it is stopped (ERROR 'idle: …'); 0: never; default: the coordinator's",
+)
+@click.option(
     "--max-retries",
     type=click.IntRange(0, 100),
     default=0,
@@ -167,6 +174,7 @@ def submit(
     mounts: tuple[str, ...],
     priority: int,
     timeout: float | None,
+    idle_timeout: float | None,
     max_retries: int,
     metadata: str | None,
     follow: bool,
@@ -196,6 +204,8 @@ def submit(
         "timeout": timeout,
         "max_retries": max_retries,
     }
+    if idle_timeout is not None:
+        spec["idle_timeout"] = idle_timeout
     if command:
         spec["docker"]["command"] = list(command)
     for key, value in (("gpu_model", gpu_model), ("gpu_memory_gb", gpu_memory_gb)):

@@ -337,6 +337,9 @@ JOB_FIELDS: tuple[Field, ...] = (
     Field("shape", TEXT, "spec.needs.shape", computed=True, null=True, since=3),
     Field("log_bytes", BIGINT, None, default="0", since=5),
     Field("log_cut", BIGINT, None, default="0", since=5),
+    # The last TELEMETRY batch stored for the running attempt (-1: none), so that each is
+    # stored once (store.telemetry).
+    Field("points_seq", BIGINT, None, default="-1", since=7),
 )
 # fmt: on
 _job_api = fields.api_builder(JOB_FIELDS)

@@ -86,8 +86,9 @@ UPDATE jobs SET log_bytes = (
 """,
     # 6: the image a job ran (jobs' columns only)
     "",
-    # 7: jobs' GPU telemetry, points of one GPU each (gpubox.telemetry), and per job its
-    # idle_timeout and the summary of its points (jobs' columns)
+    # 7: jobs' GPU telemetry, points of one GPU each (gpubox.telemetry; seq: the TELEMETRY
+    # batch that brought it), and per job its idle_timeout, the summary of its points and
+    # the last batch stored (jobs' columns)
     """
 CREATE TABLE telemetry (
     job_id INTEGER NOT NULL,
@@ -105,7 +106,6 @@ CREATE TABLE telemetry (
     temperature_max_c REAL,
     PRIMARY KEY (job_id, attempt, gpu, t_start)
 ) WITHOUT ROWID;
-CREATE INDEX telemetry_seq ON telemetry (job_id, attempt, seq);
 """,
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpubox import telemetry
-from gpubox.fields import dump_json
+from gpubox.fields import dump_json, load_json
 from gpubox.store import backend
 from gpubox.telemetry import Point
 
@@ -64,25 +64,24 @@ class TelemetryStore(backend.Backend):
         points: Sequence[Point],
         max_points: int,
     ) -> int:
-        cur.execute("SELECT status, attempts FROM jobs WHERE id = ?" + self.row_lock, (job_id,))
+        cur.execute(
+            "SELECT status, attempts, gpu_ids, points_seq FROM jobs WHERE id = ?" + self.row_lock,
+            (job_id,),
+        )
         row = cur.fetchone()
         if row is None or row["attempts"] != attempt or row["status"] != "RUNNING":
             return last  # no longer this attempt's: taken, so the worker holds it no more
-        stored = self._points_seq(cur, job_id, attempt)
+        stored = int(row["points_seq"])
         if last <= stored or seq > stored + 1:
             return stored  # a batch stored already, or one after a gap the worker fills first
+        # Only the GPUs the job holds: a worker cannot make up series of its own.
+        held = set(load_json(row["gpu_ids"]))
+        points = [point for point in points if point.gpu in held]
         cur.executemany(_INSERT, [(job_id, attempt, last, *point.to_row()) for point in points])
+        cur.execute("UPDATE jobs SET points_seq = ? WHERE id = ?", (last, job_id))
         for gpu in {point.gpu for point in points}:
             self._bound(cur, job_id, attempt, gpu, max_points)
         return last
-
-    def _points_seq(self, cur: Any, job_id: int, attempt: int) -> int:
-        cur.execute(
-            "SELECT MAX(seq) AS seq FROM telemetry WHERE job_id = ? AND attempt = ?",
-            (job_id, attempt),
-        )
-        found = cur.fetchone()["seq"]
-        return -1 if found is None else int(found)
 
     def _bound(self, cur: Any, job_id: int, attempt: int, gpu: str, max_points: int) -> None:
         """Past max_points points for this GPU, merge the older half two by two."""
@@ -105,7 +104,9 @@ class TelemetryStore(backend.Backend):
 
     def points_seq(self, job_id: int, attempt: int) -> int:
         with self._read() as cur:
-            return self._points_seq(cur, job_id, attempt)
+            cur.execute("SELECT attempts, points_seq FROM jobs WHERE id = ?", (job_id,))
+            row = cur.fetchone()
+        return int(row["points_seq"]) if row and row["attempts"] == attempt else -1
 
     def read_points(
         self, job_id: int, since: float | None = None, limit: int = 10_000

@@ -17,8 +17,10 @@ import pytest
 from gpubox import keys, models
 from gpubox.client import ApiError, Client
 from gpubox.worker.gpu import write_fake_readings
-from tests.conftest import Cluster, wait_until
-from tests.test_recovery import FAST, Process, free_port, ok
+from tests.conftest import IMAGE, Cluster, wait_until
+from tests.test_recovery import FAST, Process, free_port, ok, processes, worker_env
+
+__all__ = ["processes"]  # a fixture, shared with test_recovery
 
 # The store's side is proven on both stores by the summary, the merge and the kill -9 tests
 # (and tests/test_telemetry_parts.py): the others run on SQLite only, to keep the suite short.
@@ -273,3 +275,60 @@ def test_submit_takes_an_idle_timeout_and_show_prints_it(make_cluster) -> None:
     with pytest.raises(ApiError) as refused:
         cluster.client.submit({"name": "x", "docker": {"image": "i"}, "idle_timeout": "long"})
     assert refused.value.status == 400 and "idle_timeout" in str(refused.value)
+
+
+# --- with Docker: the runtime most jobs run on ------------------------------------------------
+
+
+@pytest.mark.docker
+@SQLITE_ONLY
+def test_an_idle_container_is_stopped_as_an_error(make_cluster) -> None:
+    cluster: Cluster = make_cluster(workers=0)
+    cluster.add_worker(**{**FAST_TELEMETRY, "runtime": "docker"})
+    write_fake_readings(state_of(cluster), {"*": {"utilization": 1}})
+    job = cluster.submit(IMAGE, ["sleep", "60"], gpus=1, idle_timeout=2)
+    done = cluster.wait(job["id"], timeout_s=30)
+    assert done["status"] == "ERROR", done
+    assert done["result"]["error"] == "idle: its GPUs stayed under 5 % for 2 s"
+    assert done["result"]["exit_code"] in (137, 143)  # SIGTERM, or SIGKILL after the grace
+    notes = [r["line"] for r in cluster.lines(job["id"]) if r["stream"] == models.GPUBOX_STREAM]
+    assert [n.split(":")[1].strip() for n in notes] == ["warning", "stopped"], notes
+    assert done["result"]["telemetry"]["util_max"] == 1
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@SQLITE_ONLY
+def test_a_restarted_worker_goes_on_with_the_points_of_a_job_it_reattaches_to(
+    make_cluster, processes, tmp_path
+) -> None:
+    """The coordinator tells a re-attaching worker the last batch it stored: the points the
+    worker makes after its restart are stored, not taken for repeats of the first ones."""
+    cluster: Cluster = make_cluster(workers=0)
+    state = state_of(cluster)
+    env = {
+        **worker_env(state, "proc-w1", cluster.coordinator.link_endpoint),
+        "GPUBOX_FAKE_GPUS": "1",
+        "GPUBOX_TELEMETRY_INTERVAL": "0.1",
+        "GPUBOX_TELEMETRY_POINT": "0.3",
+    }
+    worker = Process(["worker"], env, tmp_path / "worker.log")
+    processes.append(worker)
+    write_fake_readings(state, {"*": BUSY})
+    job = cluster.submit(IMAGE, ["sleep", "10"], gpus=1)
+    # Ten batches stored (3 s of points): a worker that numbered its batches from 0 again
+    # would see its next ten taken for repeats, and 3 s of its curve dropped.
+    wait_until(lambda: len(cluster.client.telemetry(job["id"])["points"]) >= 10, 30, "points")
+    worker.kill9()
+    restarted_at = time.time()
+    worker.start()
+    done = cluster.wait(job["id"], timeout_s=60)
+    assert done["status"] == "FINISHED" and done["attempts"] == 1, done
+    points = cluster.client.telemetry(job["id"])["points"]
+    after = assert_contiguous([p for p in points if p["start"] >= restarted_at], points[0]["gpu"])
+    # Sampled again from the re-attach on (a start of the worker, its HELLO, the JOB that
+    # re-attaches), and each batch stored.
+    assert after[0]["start"] - restarted_at < 2.5, (restarted_at, after[0])
+    assert max(p["end"] for p in points) == pytest.approx(
+        models.parse_time(done["result"]["finished_at"]).timestamp(), abs=1.5
+    )

@@ -80,6 +80,19 @@ def _top(a: float | None, b: float | None) -> float | None:
     return max(a, b)
 
 
+def _power(a: Point, b: Point) -> float | None:
+    """The mean power of two points together: their energy over their seconds. A side without
+    a reading adds no energy, as summarize counts it, so the energy of the two stays the same
+    (taking the other side's mean for both would count it again over the missing seconds)."""
+    known = [p for p in (a, b) if p.power_mean_w is not None]
+    if not known:
+        return None
+    seconds = a.seconds + b.seconds
+    if not seconds:
+        return sum(p.power_mean_w or 0.0 for p in known) / len(known)
+    return sum((p.power_mean_w or 0.0) * p.seconds for p in known) / seconds
+
+
 def merge(a: Point, b: Point) -> Point:
     """Two points of one GPU as one covering both: means weighted by samples, maxima kept.
     Power is weighted by seconds, so that the energy of the two stays the same."""
@@ -92,7 +105,7 @@ def merge(a: Point, b: Point) -> Point:
         util_max=max(a.util_max, b.util_max),
         memory_max_mb=max(a.memory_max_mb, b.memory_max_mb),
         memory_total_mb=max(a.memory_total_mb, b.memory_total_mb),
-        power_mean_w=_weighted(a.power_mean_w, a.seconds, b.power_mean_w, b.seconds),
+        power_mean_w=_power(a, b),
         temperature_max_c=_top(a.temperature_max_c, b.temperature_max_c),
     )
 

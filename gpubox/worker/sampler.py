@@ -217,8 +217,8 @@ class Sampler:
 
     def _idle(self, job: Tracked, mono: float) -> None:
         """The idle-GPU policy for one job, after a sample."""
-        if job.idle_timeout is None or job.stopped or job.stop is None:
-            return
+        if job.idle_timeout is None or job.stopped or job.stop is None or job.stop.is_set():
+            return  # (a job being cancelled gets no idle warning nor idle stop in its log)
         idle_for = mono - job.busy_at
         if idle_for < 1e-9:
             job.warned = False

@@ -686,7 +686,7 @@ def test_the_telemetry_route_pages_by_since_and_refuses_bad_input(make_cluster) 
     # Points in the coordinator's own store, as the broker stores them.
     store = cluster.coordinator.store
     assert store is not None
-    claimed = store.claim_job(job["id"], "elsewhere", [], datetime.now(UTC))
+    claimed = store.claim_job(job["id"], "elsewhere", ["GPU-a", "GPU-b"], datetime.now(UTC))
     assert claimed is not None
     for seq in range(3):
         store.add_points(job["id"], claimed.attempts, seq, seq, batch_points(100 + seq))
@@ -744,3 +744,18 @@ def test_a_worker_on_a_coordinator_without_telemetry_sends_done_without_waiting(
     assert cluster.client.telemetry(job["id"])["points"] == []
     assert done["result"].get("telemetry") is None
     wait_until(lambda: job["id"] not in agent.jobs, 5, "the worker to forget the job")
+
+
+def test_points_of_gpus_the_job_does_not_hold_are_dropped_and_the_batch_still_counts(
+    store,
+) -> None:
+    """A worker cannot make up series of its own; a batch left with no point is still the
+    last one stored, so the next one is no gap (the worker's DONE waits on its ack)."""
+    job = running_job(store)  # holds GPU-a and GPU-b
+    made_up = [point(0, 1, "GPU-zz"), point(0, 1, "GPU-a")]
+    assert store.add_points(job.id, job.attempts, 0, 0, made_up) == 0
+    assert [p.gpu for p in stored(store, job.id)] == ["GPU-a"]
+    assert store.add_points(job.id, job.attempts, 1, 1, [point(1, 2, "GPU-zz")]) == 1
+    assert store.points_seq(job.id, job.attempts) == 1
+    assert store.add_points(job.id, job.attempts, 2, 2, batch_points(2)) == 2
+    assert len(stored(store, job.id)) == 3

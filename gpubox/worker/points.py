@@ -1,9 +1,9 @@
 """A job's GPU points on their way to the coordinator: numbered in TELEMETRY batches, held
 until acknowledged, resent like LOG batches.
 
-While the coordinator is away a job's batches pile up; past MAX_HELD the older ones not yet
-sent are merged two by two (gpubox.telemetry.coarsen), each merged batch covering the
-sequence numbers of both (`last`). So a worker holds a bounded number of points per job
+While the coordinator is away a job's batches pile up; past MAX_HELD the older of those made
+since the last one sent are merged two by two (gpubox.telemetry.coarsen), each merged batch
+covering the sequence numbers of both (`last`). So a worker holds a bounded number of points per job
 however long the coordinator is gone, and the curve it sends later still spans the whole
 time, coarser where it is older.
 """
@@ -67,10 +67,13 @@ class PointWindow:
         self.next_seq += 1
         self.held.append(batch)
         if len(self.held) > self.max_held:
-            sent = [b for b in self.held if b.sent_at]
-            unsent = [b for b in self.held if not b.sent_at]
-            keep = max(2, self.max_held - len(sent))
-            self.held = sent + telemetry.coarsen(unsent, keep, merge_batches)
+            # Only the batches after the last one sent, which follow each other: one sent
+            # may be stored already, and a merged batch must never cover it.
+            tail = len(self.held)
+            while tail > 0 and not self.held[tail - 1].sent_at:
+                tail -= 1
+            keep = max(2, self.max_held - tail)
+            self.held[tail:] = telemetry.coarsen(self.held[tail:], keep, merge_batches)
         return batch
 
     def ack(self, last: int) -> None:

@@ -340,6 +340,9 @@ JOB_FIELDS: tuple[Field, ...] = (
     # The last TELEMETRY batch stored for the running attempt (-1: none), so that each is
     # stored once (store.telemetry).
     Field("points_seq", BIGINT, None, default="-1", since=7),
+    # At least as many as the most points one GPU of the running attempt has: the store
+    # counts them only once this passes the bound (telemetry_max_points).
+    Field("points_kept", BIGINT, None, default="0", since=7),
 )
 # fmt: on
 _job_api = fields.api_builder(JOB_FIELDS)

@@ -131,7 +131,8 @@ class JobStore(backend.Backend):
                     return None
             cur.execute(
                 "UPDATE jobs SET status = 'RUNNING', worker = ?, attempts = attempts + 1,"
-                " gpu_ids = ?, executed_at = NULL, updated_at = ?, points_seq = -1"
+                " gpu_ids = ?, executed_at = NULL, updated_at = ?, points_seq = -1,"
+                " points_kept = 0"
                 " WHERE id = ? AND status = 'QUEUED'",
                 (worker, fields.dump_json(list(gpu_ids)), _time(now), job_id),
             )

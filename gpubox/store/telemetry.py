@@ -4,6 +4,7 @@ what each operation means)."""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,7 +66,8 @@ class TelemetryStore(backend.Backend):
         max_points: int,
     ) -> int:
         cur.execute(
-            "SELECT status, attempts, gpu_ids, points_seq FROM jobs WHERE id = ?" + self.row_lock,
+            "SELECT status, attempts, gpu_ids, points_seq, points_kept FROM jobs WHERE id = ?"
+            + self.row_lock,
             (job_id,),
         )
         row = cur.fetchone()
@@ -78,18 +80,37 @@ class TelemetryStore(backend.Backend):
         held = set(load_json(row["gpu_ids"]))
         points = [point for point in points if point.gpu in held]
         cur.executemany(_INSERT, [(job_id, attempt, last, *point.to_row()) for point in points])
-        cur.execute("UPDATE jobs SET points_seq = ? WHERE id = ?", (last, job_id))
-        for gpu in {point.gpu for point in points}:
-            self._bound(cur, job_id, attempt, gpu, max_points)
+        # points_kept: the most points any one GPU of the attempt has, or more (no count
+        # needed until it passes the bound; a batch adds at most its most of one GPU).
+        per_gpu = collections.Counter(point.gpu for point in points)
+        kept = int(row["points_kept"]) + max(per_gpu.values(), default=0)
+        if kept > max_points:
+            kept = self._bound(cur, job_id, attempt, max_points)
+        cur.execute(
+            "UPDATE jobs SET points_seq = ?, points_kept = ? WHERE id = ?", (last, kept, job_id)
+        )
         return last
 
-    def _bound(self, cur: Any, job_id: int, attempt: int, gpu: str, max_points: int) -> None:
-        """Past max_points points for this GPU, merge the older half two by two."""
+    def _bound(self, cur: Any, job_id: int, attempt: int, max_points: int) -> int:
+        """Merge the older half of each of the attempt's series past max_points; returns the
+        most points a GPU has now."""
+        cur.execute(
+            "SELECT gpu, COUNT(*) AS n FROM telemetry WHERE job_id = ? AND attempt = ?"
+            " GROUP BY gpu",
+            (job_id, attempt),
+        )
+        most = 0
+        for found in cur.fetchall():
+            count = int(found["n"])
+            if count > max_points:
+                count -= self._merge(cur, job_id, attempt, found["gpu"])
+            most = max(most, count)
+        return most
+
+    def _merge(self, cur: Any, job_id: int, attempt: int, gpu: str) -> int:
+        """Merge the older half of a GPU's points two by two; returns how many fewer it has."""
         where = "WHERE job_id = ? AND attempt = ? AND gpu = ?"
         key = (job_id, attempt, gpu)
-        cur.execute(f"SELECT COUNT(*) AS n FROM telemetry {where}", key)
-        if cur.fetchone()["n"] <= max_points:
-            return
         cur.execute(f"SELECT seq, {_COLUMNS} FROM telemetry {where} ORDER BY t_start", key)
         rows = cur.fetchall()
         older = (len(rows) // 2) & ~1  # an even count: merged two by two
@@ -101,6 +122,7 @@ class TelemetryStore(backend.Backend):
             f"DELETE FROM telemetry {where} AND t_start <= ?", (*key, rows[older - 1]["t_start"])
         )
         cur.executemany(_INSERT, [(job_id, attempt, s, *p.to_row()) for s, p in merged])
+        return len(merged)
 
     def points_seq(self, job_id: int, attempt: int) -> int:
         with self._read() as cur:

@@ -22,6 +22,9 @@ ROWS = (
     "Docker overhead",
     "log throughput",
     "tail latency",
+    "worker telemetry CPU",
+    "worker telemetry, agent side",
+    "telemetry store cost per point, SQLite",
 )
 
 

@@ -189,14 +189,17 @@ def wait_until(
         time.sleep(every_s)
 
 
-def remove_containers(client: docker.DockerClient, workers: set[str]) -> None:
-    """Remove the job containers these workers left running (a plain stop leaves them).
+def remove_containers(client: docker.DockerClient, workers: set[str], owner: str = "") -> None:
+    """Remove the job containers these workers left running (a plain stop leaves them); with
+    `owner` (a coordinator's key fingerprint) only those of that coordinator's jobs, so that
+    tests running at once, whose workers have the same names, keep each their own.
     (The low-level list: `containers.list` inspects each container after listing them, and
     fails when one is removed in between, as a worker does once its DONE is acknowledged.)"""
     for name in workers:
-        for container in client.api.containers(
-            all=True, filters={"label": f"io.gpubox.worker={name}"}
-        ):
+        labels = [f"io.gpubox.worker={name}"]
+        if owner:
+            labels.append(f"io.gpubox.coordinator={owner}")
+        for container in client.api.containers(all=True, filters={"label": labels}):
             with contextlib.suppress(docker.errors.NotFound):
                 client.api.remove_container(container["Id"], force=True)
 
@@ -289,7 +292,13 @@ class Cluster:
         ]
         assert not failed, f"agent threads failed: {failed}"
         if self._docker_client is not None:
-            remove_containers(self._docker_client, {agent.name for agent, _ in self.agents})
+            owners = {agent.runtime.owner for agent, _ in self.agents}
+            for owner in owners:
+                remove_containers(
+                    self._docker_client,
+                    {agent.name for agent, _ in self.agents if agent.runtime.owner == owner},
+                    owner,
+                )
 
 
 @pytest.fixture()

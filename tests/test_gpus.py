@@ -272,6 +272,8 @@ def test_workers_endpoint_shows_each_gpu_with_its_usage_and_the_mounts(
             "pci_bus_id": "00000000:01:00.0",
             "memory_used_mb": 0,
             "utilization": 0,
+            "power_w": None,  # made-up GPUs read none without a readings file
+            "temperature_c": None,
         },
         {
             "uuid": "GPU-fake-box-0001",
@@ -281,9 +283,11 @@ def test_workers_endpoint_shows_each_gpu_with_its_usage_and_the_mounts(
             "pci_bus_id": "00000000:02:00.0",
             "memory_used_mb": 0,
             "utilization": 0,
+            "power_w": None,  # made-up GPUs read none without a readings file
+            "temperature_c": None,
         },
     ]
-    # Usage (memory_used_mb, utilization) comes with the worker's heartbeats.
+    # Usage (memory used, utilization, power, temperature) comes with the worker's heartbeats.
     (worker,) = wait_until(
         lambda: (
             (answer := cluster.client.workers()["workers"])

@@ -201,7 +201,6 @@ def test_metrics_show_each_gpu_with_its_readings_and_the_job_holding_it(make_clu
     cluster.wait(job["id"])
 
 
-@pytest.mark.slow
 def test_a_coordinator_killed_mid_job_loses_no_point(db_url: str, tmp_path: Path) -> None:
     """kill -9 of the coordinator while a job's points flow: the worker holds what was not
     acknowledged and sends it again, and the stored curve has no gap."""

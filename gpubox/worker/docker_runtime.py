@@ -191,10 +191,16 @@ class DockerRuntime:
         container) for each, running or exited."""
         found = []
         label = f"{WORKER_LABEL}={self.worker_name}"
-        for container in self.client.containers.list(all=True, filters={"label": label}):
-            labels = container.labels
-            if labels.get(OWNER_LABEL, self.owner) != self.owner:
+        # The low-level list, then each container on its own: one removed in between (by
+        # another gpubox on this engine) is skipped, where containers.list would fail whole.
+        for listed in self.client.api.containers(all=True, filters={"label": label}):
+            if (listed.get("Labels") or {}).get(OWNER_LABEL, self.owner) != self.owner:
                 continue  # another gpubox's worker of the same name on this engine
+            try:
+                container = self.client.containers.get(listed["Id"])
+            except docker.errors.NotFound:
+                continue
+            labels = container.labels
             try:
                 job_id, attempt = int(labels[LABEL]), int(labels[f"{LABEL}.attempt"])
             except (KeyError, ValueError):

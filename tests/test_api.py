@@ -587,7 +587,7 @@ def test_unknown_job_id_is_404_everywhere(api: Cluster, job_id: int):
 
 
 @pytest.mark.parametrize(
-    "path", [f"{JOBS}/abc", f"{JOBS}/-1", f"{JOBS}/1.5", "/api/v1/nope", "/api/v2/jobs", "/"]
+    "path", [f"{JOBS}/abc", f"{JOBS}/-1", f"{JOBS}/1.5", "/api/v1/nope", "/api/v2/jobs", "/api"]
 )
 def test_unknown_path_is_404_json(api: Cluster, path: str):
     assert_error(request(api, "GET", path), 404, "not_found")

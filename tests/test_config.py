@@ -477,7 +477,7 @@ def test_every_setting_is_declared_fully(cls: Any) -> None:
         assert isinstance(help_text, str) and help_text.strip(), f"{f.name}: no help text"
         flag = f.metadata.get("flag")
         assert flag is None or (isinstance(flag, str) and flag.startswith("--")), f.name
-        assert f.type in ("str", "int", "float"), f"{f.name}: type {f.type!r}"
+        assert f.type in ("str", "int", "float", "bool"), f"{f.name}: type {f.type!r}"
         assert f.default is not dataclasses.MISSING, f"{f.name}: no default"
         envs.append(env)
     assert len(envs) == len(set(envs)), "two settings share an environment name"
@@ -580,6 +580,8 @@ def example_keys(text: str) -> tuple[set[str], dict[str, list[str]]]:
 def toml_value(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return repr(value)
 
 
@@ -602,3 +604,16 @@ def test_every_example_file_loads_as_it_is(cls: Any) -> None:
     config = load(cls, file_data=cfg.read_file(str(EXAMPLES / EXAMPLE_FILES[cls])))
     if hasattr(config, "validate"):
         config.validate()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("0", False), ("false", False), ("no", False), ("1", True), ("on", True)]
+)
+def test_a_yes_no_setting_reads_the_usual_words(raw: str, expected: bool) -> None:
+    config = load(cfg.CoordinatorConfig, environ={"GPUBOX_DASHBOARD": raw})
+    assert config.dashboard is expected
+
+
+def test_a_yes_no_setting_refuses_other_words() -> None:
+    with pytest.raises(errors.ConfigError, match="dashboard: 'maybe' is not true or false"):
+        load(cfg.CoordinatorConfig, environ={"GPUBOX_DASHBOARD": "maybe"})

@@ -24,7 +24,7 @@ def config_options(
             flag = field.metadata.get("flag")
             if not flag or (only is not None and field.name not in only):
                 continue
-            kind = {"str": str, "int": int, "float": float}[str(field.type)]
+            kind = {"str": str, "int": int, "float": float, "bool": bool}[str(field.type)]
             default = (defaults or {}).get(field.name, field.default)
             help_text = f"{field.metadata['help']} [env {field.metadata['env']}"
             help_text += f"; default {default}]" if default not in ("", None) else "]"
@@ -37,6 +37,9 @@ def config_options(
                     callback=lambda _ctx, _param, values: ",".join(values) or None,
                     help=help_text + " (repeatable)",
                 )(fn)
+                continue
+            if kind is bool:  # a pair of flags, --x/--no-x
+                fn = click.option(flag, field.name, default=None, help=help_text)(fn)
                 continue
             fn = click.option(flag, field.name, type=kind, default=None, help=help_text)(fn)
         return fn

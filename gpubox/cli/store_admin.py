@@ -52,7 +52,14 @@ def _owned_store(store: Any) -> Any:
 
 @token.command("create")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["submit", "admin"]), default="submit", show_default=True)
+@click.option(
+    "--role",
+    type=click.Choice(["view", "submit", "admin"]),
+    default="submit",
+    show_default=True,
+    help="view: reads only (the API's GETs and the dashboard, for viewers and wall displays);"
+    " submit: also submits and cancels its own jobs; admin: everything",
+)
 @click.option(
     "--allow-process",
     is_flag=True,

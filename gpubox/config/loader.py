@@ -23,6 +23,15 @@ def _convert(value: Any, kind: type, name: str) -> Any:
         if isinstance(value, Mapping):  # labels or mounts as a TOML table
             return ",".join(f"{k}={v}" for k, v in value.items())
         return str(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise errors.ConfigError(f"{name}: {value!r} is not true or false")
     try:
         if kind is int:
             if isinstance(value, (bool, float)):
@@ -98,7 +107,7 @@ def load(
     top = {k: v for k, v in file_data.items() if k not in SECTIONS.values()}
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        kind = {"str": str, "int": int, "float": float}[str(field.type)]
+        kind = {"str": str, "int": int, "float": float, "bool": bool}[str(field.type)]
         raw: Any = flags.get(field.name)
         if raw is None:
             raw = environ.get(field.metadata["env"])

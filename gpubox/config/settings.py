@@ -63,6 +63,12 @@ class CoordinatorConfig:
         "GPUBOX_MAX_LOG_BYTES",
         "bytes of output kept per job: the first half and the latest, a marker line between",
     )
+    dashboard: bool = setting(
+        True,
+        "GPUBOX_DASHBOARD",
+        "serve the web dashboard at / on the HTTP port (--no-dashboard: the API alone)",
+        "--dashboard/--no-dashboard",
+    )
     telemetry_max_points: int = setting(
         2000,
         "GPUBOX_TELEMETRY_MAX_POINTS",

@@ -15,7 +15,7 @@ from gpubox.store import Store
 
 log = logging.getLogger(__name__)
 
-ROLES = ("submit", "admin")
+ROLES = ("view", "submit", "admin")  # view: reads only (the API's GETs, the dashboard)
 LOCAL_NAME = "local"
 
 

@@ -63,12 +63,14 @@ def make_app(
     stopping: threading.Event | None = None,
     live: LiveView | None = None,
     max_followers: int = 1_000_000,
+    dashboard: bool = True,
 ) -> bottle.Bottle:
     """The WSGI app. `poke` tells the broker about new jobs and cancels; `sealer` encrypts
     credentials before they are stored; `state_dir` holds the worker allow list; `stopping`
     ends follow streams when the server shuts down; `live` is what only the broker knows
     (why a job waits, GPU usage now); `max_followers` caps the follow streams open at once,
-    each of which holds an HTTP thread, so that threads stay for every other request."""
+    each of which holds an HTTP thread, so that threads stay for every other request;
+    `dashboard`: serve the web dashboard at / (coordinator.web)."""
     app = bottle.Bottle()
     stopping = stopping or threading.Event()
     app.default_error_handler = http_errors.default_error  # type: ignore[method-assign]
@@ -87,4 +89,8 @@ def make_app(
     # order they were added.
     for routes in (health, jobs, logs, telemetry, admin):
         routes.add_routes(app, ctx)
+    if dashboard:
+        from gpubox.coordinator import web
+
+        web.add_routes(app, ctx, web.Sessions(store))
     return app

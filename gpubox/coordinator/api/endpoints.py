@@ -18,6 +18,7 @@ from gpubox.store import Store
 log = logging.getLogger(__name__)
 
 TOKEN_KEY = "gpubox.token"  # where a request's checked token waits for its handler
+SESSION_TOKEN_KEY = "gpubox.session_token"  # web.guard.SESSION_TOKEN_KEY: a session's token
 
 
 def current_token() -> models.Token:
@@ -37,12 +38,18 @@ def endpoint(
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 if auth:
-                    # The raw WSGI value (latin-1): Bottle's get_header re-decodes it as
-                    # UTF-8 and fails on other bytes.
-                    token = tokens.check(store, bottle.request.environ.get("HTTP_AUTHORIZATION"))
+                    environ = bottle.request.environ
+                    # A dashboard session's token, for reads (web.guard); else the raw WSGI
+                    # value (latin-1): Bottle's get_header re-decodes it as UTF-8 and fails
+                    # on other bytes.
+                    token = environ.get(SESSION_TOKEN_KEY) or tokens.check(
+                        store, environ.get("HTTP_AUTHORIZATION")
+                    )
                     if admin and token.role != "admin":
                         raise errors.Forbidden("this needs an admin token")
-                    bottle.request.environ[TOKEN_KEY] = token
+                    if token.role == "view" and bottle.request.method not in ("GET", "HEAD"):
+                        raise errors.Forbidden("a view token may only read")
+                    environ[TOKEN_KEY] = token
                 job_id = kwargs.get("job_id")
                 if job_id is not None and not 0 < job_id <= params.MAX_ID:
                     raise errors.JobNotFound(job_id)

@@ -13,7 +13,7 @@ from gpubox.coordinator.api import context, endpoints, params
 
 def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     """Add POST and GET /api/v1/jobs, GET /api/v1/jobs/<id> and its /cancel to `app`."""
-    store, changes, poke, sealer, live = ctx.store, ctx.changes, ctx.poke, ctx.sealer, ctx.live
+    store, poke, sealer, live = ctx.store, ctx.poke, ctx.sealer, ctx.live
     max_body_bytes = ctx.max_body_bytes
 
     @app.post("/api/v1/jobs")
@@ -57,14 +57,31 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     @app.post("/api/v1/jobs/<job_id:int>/cancel")
     @endpoints.endpoint(store)
     def cancel_job(job_id: int) -> dict[str, Any]:
-        _check_owner(endpoints.current_token(), store.get_job(job_id))
-        job = store.cancel_job(job_id, models.utcnow())
-        if job.status is models.Status.RUNNING:
-            poke("cancel", job.id)
-        changes.notify(job.id)
-        if job.status.terminal:
-            changes.forget(job.id)
-        return job.to_dict()
+        return cancel(ctx, endpoints.current_token(), job_id).to_dict()
+
+
+def cancel(ctx: context.Context, token: models.Token, job_id: int) -> models.Job:
+    """Cancel a job on behalf of `token` (the API's route and the dashboard's button): at
+    once while QUEUED, through its worker while RUNNING."""
+    _check_owner(token, ctx.store.get_job(job_id))
+    job = ctx.store.cancel_job(job_id, models.utcnow())
+    if job.status is models.Status.RUNNING:
+        ctx.poke("cancel", job.id)
+    ctx.changes.notify(job.id)
+    if job.status.terminal:
+        ctx.changes.forget(job.id)
+    return job
+
+
+def may_cancel(token: models.Token, job: models.Job) -> bool:
+    """Whether `token` may cancel `job` now (what the dashboard offers)."""
+    if job.status.terminal or token.role == "view":
+        return False
+    try:
+        _check_owner(token, job)
+    except errors.NotYourJob:
+        return False
+    return True
 
 
 def _check_owner(token: models.Token, job: models.Job) -> None:

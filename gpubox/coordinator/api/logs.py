@@ -14,7 +14,6 @@ from typing import Any
 import bottle
 
 from gpubox import errors, models
-from gpubox.coordinator import tokens
 from gpubox.coordinator.api import context, endpoints, params
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
@@ -55,7 +54,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
         bottle.response.set_header("Cache-Control", "no-store")
         bottle.response.set_header("X-Accel-Buffering", "no")
         gone = bottle.request.environ.get("waitress.client_disconnected", lambda: False)
-        revoked = _Revoked(store, bottle.request.environ.get("HTTP_AUTHORIZATION"))
+        revoked = _Revoked(store, endpoints.current_token())
 
         def disconnected() -> bool:
             return stopping.is_set() or gone() or revoked()
@@ -102,9 +101,11 @@ class _Revoked:
     at most every TOKEN_CHECK_S, so that a stream ends soon after its token does (the store
     takes a revoke by another process into account within a second: store.tokens.TOKEN_CACHE_S)."""
 
-    def __init__(self, store: Store, header: str | None) -> None:
+    def __init__(self, store: Store, token: models.Token) -> None:
+        """`token`: the one the request was made with (a bearer token, or a dashboard
+        session's)."""
         self.store = store
-        self.header = header
+        self.token = token
         self.checked = time.monotonic()
 
     def __call__(self) -> bool:
@@ -112,9 +113,7 @@ class _Revoked:
         if now - self.checked < TOKEN_CHECK_S:
             return False
         self.checked = now
-        try:
-            tokens.check(self.store, self.header)
-        except errors.Unauthorized:
+        if self.store.find_token(self.token.digest) is None:
             log.info("a log stream ended: its token was revoked")
             return True
         return False

@@ -44,8 +44,9 @@ def add_routes(app: bottle.Bottle, ctx: context.Context, sessions: Sessions) -> 
 
     @app.get("/static/<path:path>")
     def static(path: str) -> Any:
-        guard.secure_headers()
-        answer = bottle.static_file(path, root=STATIC)
+        answer = bottle.static_file(path, root=STATIC)  # (a response of its own: headers here)
+        for name, value in guard.HEADERS.items():
+            answer.set_header(name, value)
         answer.set_header("Cache-Control", "max-age=300")
         return answer
 

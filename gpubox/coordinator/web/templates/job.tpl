@@ -10,6 +10,15 @@
 % if reason:
 <p class="waiting">Waiting: {{reason}}</p>
 % end
+<h2>Log</h2>
+<p class="log-tools">
+  <a href="/api/v1/jobs/{{j.id}}/logs" download="job-{{j.id}}.log">Download the whole log</a>
+  <span id="log-state" role="status"></span>
+</p>
+<button id="log-earlier" type="button" hidden>Load earlier lines</button>
+<div id="log" class="log" data-job="{{j.id}}" data-last="{{j.log_seq}}" data-running="{{1 if job.live else 0}}" tabindex="0" role="log" aria-live="off" aria-label="log of job {{j.id}}"></div>
+<h2>GPU telemetry</h2>
+<div id="charts" class="charts" data-job="{{j.id}}" data-running="{{1 if job.live else 0}}"></div>
 <div class="columns">
 <section>
 <h2>Details</h2>
@@ -48,12 +57,3 @@
 % end
 </section>
 </div>
-<h2>GPU telemetry</h2>
-<div id="charts" class="charts" data-job="{{j.id}}" data-running="{{1 if job.live else 0}}"></div>
-<h2>Log</h2>
-<p class="log-tools">
-  <a href="/api/v1/jobs/{{j.id}}/logs" download="job-{{j.id}}.log">Download the whole log</a>
-  <span id="log-state" role="status"></span>
-</p>
-<button id="log-earlier" type="button" hidden>Load earlier lines</button>
-<div id="log" class="log" data-job="{{j.id}}" data-last="{{j.log_seq}}" data-running="{{1 if job.live else 0}}" tabindex="0" role="log" aria-label="log of job {{j.id}}"></div>

@@ -5,6 +5,7 @@
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="htmx-config" content='{"includeIndicatorStyles": false, "allowEval": false, "allowScriptTags": false}'>
 <title>{{title}} · gpubox</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="/static/app.css">
 % if get('charts', False):
 <link rel="stylesheet" href="/static/vendor/uPlot.min.css">

@@ -40,7 +40,8 @@ def add_routes(app: bottle.Bottle, ctx: context.Context, sessions: Sessions) -> 
     """Add the dashboard's routes to `app` (at /, beside the API under /api/v1)."""
     store, live = ctx.store, ctx.live
     guard.install_api_sessions(app, sessions)
-    bottle.TEMPLATE_PATH.insert(0, TEMPLATES)  # for the error page's lookup by name
+    if TEMPLATES not in bottle.TEMPLATE_PATH:  # for the error page's lookup by name
+        bottle.TEMPLATE_PATH.insert(0, TEMPLATES)
 
     @app.get("/static/<path:path>")
     def static(path: str) -> Any:

@@ -31,7 +31,7 @@ def sampler_rows(ctx: Context) -> list[Row]:
     """A real Sampler thread over 8 made-up GPUs, each held by a job of 1 GPU and reading 97 %,
     at the default 1 s interval, for a measured window; its CPU three ways (its own busy_s,
     the thread's CPU clock, the whole process), and the agent's CPU per point taken."""
-    window_s = ctx.size(30, 4)
+    window_s = ctx.size(30, 2)
     point_s = 10.0 if not ctx.quick else 1.0
     state = ctx.tmp / "fake-gpus"
     state.mkdir(exist_ok=True)
@@ -44,7 +44,8 @@ def sampler_rows(ctx: Context) -> list[Row]:
     thread = threading.Thread(target=sampler.run, name="sampler", daemon=True)
     thread.start()
     clock = time.pthread_getcpuclockid(thread.ident or 0)
-    time.sleep(1.5)  # the first samples (and the first read of the readings file) settle
+    # The first samples (and the first read of the readings file) settle.
+    time.sleep(ctx.size(1.5, 1.1))
     busy, samples = sampler.busy_s, sampler.samples
     thread_cpu, process_cpu = time.clock_gettime(clock), time.process_time()
     started = time.monotonic()

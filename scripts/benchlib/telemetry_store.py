@@ -66,12 +66,12 @@ def store_rows(ctx: Context) -> list[Row]:
 
 def _store_row(ctx: Context, name: str, url: str, bare: Callable[[str, int], float]) -> Row:
     """One backend's row; `bare` measures the reference on the same database afterwards."""
-    bound, small = ctx.size(2000, 200), 100
+    bound, small = ctx.size(2000, 120), 100
     batches = bound + bound // 4
     store = open_store(url)
     try:
         below, past = _add_points(store, batches, bound, split=bound)
-        often, _ = _add_points(store, ctx.size(1000, 250), small, split=batches)
+        often, _ = _add_points(store, ctx.size(1000, 150), small, split=batches)
         bursts = ctx.size(1000, 100)
         burst = _store_burst(store, bursts)
     finally:

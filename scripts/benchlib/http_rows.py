@@ -201,38 +201,35 @@ def bigstore(ctx: Context) -> list[Row]:
             "logs": log_page_times(count, made.url, headers, log_job, lines // 2),
         }
         session = {"Cookie": sign_in(made.url, made.token)}
-        pages = {
-            "queue": timed(count, made.url, session, "GET", "/"),
-            "job": timed(count, made.url, session, "GET", f"/jobs/{log_job}"),
-        }
+        timings["queue"] = timed(count, made.url, session, "GET", "/")
+        timings["job"] = timed(count, made.url, session, "GET", f"/jobs/{log_job}")
     size = f"{jobs:,} jobs, a {lines:,}-line log"
-    page_figures = {
-        "queue": "big store: the dashboard's queue page (GET /, signed in), server time p50",
-        "job": "big store: the dashboard's page of the job with the long log, server time p50",
-    }
-    page_rows = [
-        Row(
-            figure,
-            f"{ms(percentile(pages[key], 50))} (p95 {ms(percentile(pages[key], 95))})",
-            target="≤ 50 ms",
-            met=percentile(pages[key], 50) <= 0.050,
-        )
-        for key, figure in page_figures.items()
-    ]
+    # Each figure with its target, in seconds (the API's 20 ms, the dashboard's pages 50 ms).
     figures = {
-        "submit": f"big store ({size}): POST /api/v1/jobs p50",
-        "list": "big store: GET /api/v1/jobs?limit=50 p50",
-        "logs": f"big store: GET …/logs, one page ({PAGE_LINES:,} lines, ndjson) mid-log p50",
+        "submit": (f"big store ({size}): POST /api/v1/jobs p50", 0.020),
+        "list": ("big store: GET /api/v1/jobs?limit=50 p50", 0.020),
+        "logs": (
+            f"big store: GET …/logs, one page ({PAGE_LINES:,} lines, ndjson) mid-log p50",
+            0.020,
+        ),
+        "queue": (
+            "big store: the dashboard's queue page (GET /, signed in), server time p50",
+            0.050,
+        ),
+        "job": (
+            "big store: the dashboard's page of the job with the long log, server time p50",
+            0.050,
+        ),
     }
     return [
         Row(
             figure,
             f"{ms(percentile(timings[key], 50))} (p95 {ms(percentile(timings[key], 95))})",
-            target="≤ 20 ms",
-            met=percentile(timings[key], 50) <= 0.020,
+            target=f"≤ {target * 1000:.0f} ms",
+            met=percentile(timings[key], 50) <= target,
         )
-        for key, figure in figures.items()
-    ] + page_rows
+        for key, (figure, target) in figures.items()
+    ]
 
 
 def sign_in(url: str, token: str) -> str:

@@ -45,7 +45,7 @@ def sampler_rows(ctx: Context) -> list[Row]:
     thread.start()
     clock = time.pthread_getcpuclockid(thread.ident or 0)
     # The first samples (and the first read of the readings file) settle.
-    time.sleep(ctx.size(1.5, 1.1))
+    time.sleep(1.1 if ctx.quick else 1.5)
     busy, samples = sampler.busy_s, sampler.samples
     thread_cpu, process_cpu = time.clock_gettime(clock), time.process_time()
     started = time.monotonic()

@@ -81,8 +81,14 @@ def up(tmp_path: Path, docker_client) -> Iterator[dict[str, str]]:
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str]):
+def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str], tmp_path: Path):
     env = up
+    # It says where its dashboard is, and how to sign in.
+    said = (tmp_path / "up.log").read_text()
+    token_file = Path(env["GPUBOX_STATE_DIR"]) / "token"
+    assert f"dashboard: {env['GPUBOX_URL']}/ (sign in with the token in {token_file})" in said
+    with urllib.request.urlopen(f"{env['GPUBOX_URL']}/login", timeout=5) as answer:
+        assert answer.status == 200 and b"API token" in answer.read()
     result = run(
         "submit",
         "--follow",

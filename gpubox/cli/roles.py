@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -116,7 +117,9 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
 @click.command()
 @options.config_file_option
 @options.config_options(
-    cfg.CoordinatorConfig, only=("state_dir", "db", "http", "bind"), defaults=UP_DEFAULTS
+    cfg.CoordinatorConfig,
+    only=("state_dir", "db", "http", "bind", "dashboard"),
+    defaults=UP_DEFAULTS,
 )
 @options.config_options(cfg.WorkerConfig, only=("name", "gpus", "max_jobs", "mounts"))
 @failures.friendly
@@ -160,6 +163,11 @@ def up(config_path: str | None, **flags: Any) -> None:
         "gpubox submit --follow IMAGE CMD…",
         err=True,
     )
+    if config.dashboard:
+        token_file = Path(config.state_dir) / "token"
+        click.echo(
+            f"dashboard: {server.http_url}/ (sign in with the token in {token_file})", err=True
+        )
     systemd.notify("READY=1", f"STATUS=serving HTTP on {server.http_url}")
     dead = signals.wait([*server.threads, thread], reload=server.reload)
     systemd.notify("STOPPING=1")

@@ -29,6 +29,7 @@ ROWS = (
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.docker
 @pytest.mark.timeout(300)
 def test_the_quick_benchmark_prints_every_row() -> None:

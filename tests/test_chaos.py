@@ -11,7 +11,7 @@ from tests import test_recovery
 from tests.conftest import IMAGE, Cluster, wait_until
 from tests.test_recovery import Process, worker_env
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(360)]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(360)]
 
 JOBS = 200
 processes = test_recovery.processes  # the fixture that stops worker processes afterwards

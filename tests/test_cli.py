@@ -81,6 +81,7 @@ def up(tmp_path: Path, docker_client) -> Iterator[dict[str, str]]:
 
 @pytest.mark.docker
 @pytest.mark.slow
+@pytest.mark.serial
 def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str], tmp_path: Path):
     env = up
     # It says where its dashboard is, and how to sign in.

@@ -131,6 +131,7 @@ def answers(client: Client, job_ids: list[int]) -> list[Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_store_url_in_an_error_shows_no_password() -> None:
     assert (
         redacted("postgresql://gpubox:hunter2@db:5432/q?sslmode=require")
@@ -418,6 +419,7 @@ def job_status(client: Client, job_id: int) -> str | None:
 
 @pytest.mark.docker
 @pytest.mark.slow
+@pytest.mark.serial
 def test_postgresql_restart_while_a_job_runs_loses_no_line(make_cluster, image: str):
     cluster: Cluster = make_cluster()
     script = "for i in $(seq 1 80); do echo line-$i; sleep 0.05; done"
@@ -433,6 +435,7 @@ def test_postgresql_restart_while_a_job_runs_loses_no_line(make_cluster, image: 
 
 @pytest.mark.docker
 @pytest.mark.slow
+@pytest.mark.serial
 def test_database_down_gives_503_then_the_queue_recovers_by_itself(make_cluster, image: str):
     cluster: Cluster = make_cluster()
     pg_ctl("stop")

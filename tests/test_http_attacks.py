@@ -25,7 +25,7 @@ GPUBOX = [sys.executable, "-m", "gpubox"]
 # systemd starts services with this soft limit on open files (its hard limit is far higher).
 SYSTEMD_SOFT_LIMIT = 1024
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 def free_port() -> int:

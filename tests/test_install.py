@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SINGLE_FILE = ROOT / "dist" / "gpubox"
 UNITS = ("gpubox-coordinator.service", "gpubox-worker.service")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")

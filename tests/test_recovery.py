@@ -25,7 +25,7 @@ from gpubox.client import Client
 from tests.conftest import IMAGE, Cluster, remove_containers, wait_until
 from tests.fakeworker import FakeWorker
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.serial]
 
 GPUBOX = [sys.executable, "-m", "gpubox"]
 # The worker's spill is the same whatever the store: these run on SQLite only (the store's

@@ -101,6 +101,7 @@ def messages(sock: socket.socket, until: bytes) -> list[bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_the_coordinator_says_ready_once_serving_reloads_on_sighup_and_says_stopping(
     tmp_path: Path,
 ) -> None:

@@ -85,6 +85,7 @@ def test_a_stuck_broker_makes_healthz_503_until_it_turns_again(
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_dead_broker_thread_ends_the_process_with_its_reason(tmp_path: Path):
     trigger = tmp_path / "fail-now"
     prelude = f"""

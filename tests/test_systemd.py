@@ -32,7 +32,7 @@ from tests.conftest import IMAGE, wait_until
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ("gpubox-coordinator.service", "gpubox-worker.service")
 
-pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.systemd]
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.docker, pytest.mark.systemd]
 
 # systemd as PID 1 in a container. --privileged fails on this kind of VM (its bounding set
 # lacks CAP_SYS_RESOURCE, so runc cannot apply "all"): every other capability is added by

@@ -297,6 +297,7 @@ def test_an_idle_container_is_stopped_as_an_error(make_cluster) -> None:
 
 @pytest.mark.docker
 @pytest.mark.slow
+@pytest.mark.serial
 @SQLITE_ONLY
 def test_a_restarted_worker_goes_on_with_the_points_of_a_job_it_reattaches_to(
     make_cluster, processes, tmp_path

@@ -75,6 +75,8 @@ def page(
             if found is None:
                 if fragment or bottle.request.method != "GET":
                     bottle.response.status = 401
+                    # A page refreshing itself (htmx) goes to the sign-in page, not blank.
+                    bottle.response.set_header("HX-Redirect", "/login")
                     return "signed out: sign in again"
                 target = quote(bottle.request.fullpath, safe="/")
                 bottle.redirect(f"/login?next={target}", 303)

@@ -8,7 +8,6 @@ DOCKER_HOST that leads nowhere (for the programs it starts), so the markers stay
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import os
@@ -200,8 +199,13 @@ def remove_containers(client: docker.DockerClient, workers: set[str], owner: str
         if owner:
             labels.append(f"io.gpubox.coordinator={owner}")
         for container in client.api.containers(all=True, filters={"label": labels}):
-            with contextlib.suppress(docker.errors.NotFound):
+            try:
                 client.api.remove_container(container["Id"], force=True)
+            except docker.errors.NotFound:
+                pass  # gone meanwhile
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: its worker is removing it right now
+                    raise
 
 
 @dataclasses.dataclass

@@ -445,10 +445,14 @@ def test_valid_container_and_gpu_options_come_back_in_the_job(
     for shown in (job, cluster.client.job(job["id"])):
         assert {k: shown["docker"][k] for k in expected_docker} == expected_docker
         assert (shown["gpus"], shown["gpu_model"], shown["gpu_memory_gb"]) == (1, "A100", 40)
-    # The worker has no GPUs: the job waits, and says why.
-    shown = cluster.client.job(job["id"])
+    # The worker has no GPUs: the job waits, and says why (once a scheduling round has
+    # looked at it: under load the first may come after this line).
+    shown = wait_until(
+        lambda: "A100" in ((j := cluster.client.job(job["id"]))["queue_reason"] or "") and j,
+        10,
+        "the scheduler's reason",
+    )
     assert shown["status"] == "QUEUED"
-    assert "A100" in (shown["queue_reason"] or "")
 
     plain = cluster.submit(IMAGE, ["true"], docker={"shm_size": 2 * MiB})
     assert plain["docker"]["shm_size"] == 2 * MiB

@@ -343,6 +343,7 @@ def test_a_job_printing_past_max_log_bytes_keeps_a_head_a_marker_and_its_tail(
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # the worker must read faster than Docker rotates: no other load beside
 @pytest.mark.docker
 def test_docker_keeps_a_bounded_log_of_a_job_and_the_worker_reads_it_across_rotations(
     make_cluster: Any, image: str, docker_client: Any, monkeypatch: pytest.MonkeyPatch

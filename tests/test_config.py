@@ -617,3 +617,23 @@ def test_a_yes_no_setting_reads_the_usual_words(raw: str, expected: bool) -> Non
 def test_a_yes_no_setting_refuses_other_words() -> None:
     with pytest.raises(errors.ConfigError, match="dashboard: 'maybe' is not true or false"):
         load(cfg.CoordinatorConfig, environ={"GPUBOX_DASHBOARD": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("cls", "environ", "said"),
+    [
+        (cfg.CoordinatorConfig, {"GPUBOX_IDLE_TIMEOUT": "-1"}, "idle_timeout: must not be"),
+        (cfg.CoordinatorConfig, {"GPUBOX_IDLE_THRESHOLD": "0"}, "idle_threshold: must be"),
+        (cfg.CoordinatorConfig, {"GPUBOX_IDLE_THRESHOLD": "101"}, "idle_threshold: must be"),
+        (cfg.CoordinatorConfig, {"GPUBOX_TELEMETRY_MAX_POINTS": "9"}, "at least 10"),
+        (cfg.WorkerConfig, {"GPUBOX_TELEMETRY_INTERVAL": "0"}, "telemetry_interval_s: must be"),
+        (
+            cfg.WorkerConfig,
+            {"GPUBOX_TELEMETRY_INTERVAL": "5", "GPUBOX_TELEMETRY_POINT": "2"},
+            "telemetry_point_s: must be at least telemetry_interval_s",
+        ),
+    ],
+)
+def test_telemetry_and_idle_settings_are_checked(cls: Any, environ: dict, said: str) -> None:
+    with pytest.raises(errors.ConfigError, match=said):
+        load(cls, environ=environ)

@@ -443,16 +443,7 @@ class Broker:
     def _on_telemetry(self, peer: Peer, msg: protocol.Telemetry, now: float) -> None:
         if self._foreign(peer, msg.job_id):
             # Acknowledged whole, so an honest worker with a lost job holds it no more.
-            self._send(
-                peer,
-                protocol.Ack(
-                    job_id=msg.job_id,
-                    attempt=msg.attempt,
-                    seq=-1,
-                    done=False,
-                    points=max(msg.seq, msg.last or 0),
-                ),
-            )
+            self._ack_points(peer, msg.job_id, msg.attempt, max(msg.seq, msg.last or 0))
             return
         self._reports.append((peer, msg))
 
@@ -487,12 +478,7 @@ class Broker:
                 self._stored[job_id] = seq
                 self.changes.notify(job_id)
             case reports.PointsStored(report, seq):
-                self._send(
-                    peer,
-                    protocol.Ack(
-                        job_id=report.job_id, attempt=report.attempt, seq=-1, done=False, points=seq
-                    ),
-                )
+                self._ack_points(peer, report.job_id, report.attempt, seq)
                 self.changes.notify(report.job_id)
             case reports.DoneStored(report, Finish.MISSING_LINES):
                 # Tell the worker which lines we have; it resends the rest, then DONE again.
@@ -766,6 +752,12 @@ class Broker:
 
     def _ack(self, peer: Peer, job_id: int, attempt: int, seq: int, done: bool) -> None:
         self._send(peer, protocol.Ack(job_id=job_id, attempt=attempt, seq=seq, done=done))
+
+    def _ack_points(self, peer: Peer, job_id: int, attempt: int, stored: int) -> None:
+        """ACK of TELEMETRY: `stored` is the last batch stored (seq -1: nothing of lines)."""
+        self._send(
+            peer, protocol.Ack(job_id=job_id, attempt=attempt, seq=-1, done=False, points=stored)
+        )
 
     def _cancel(self, peer: Peer, job_id: int, attempt: int) -> None:
         self._send(peer, protocol.Cancel(job_id=job_id, attempt=attempt))

@@ -57,8 +57,10 @@ class _Fold:
             self.power_sum += power
             self.power_samples += 1
         temperature = reading.get("temperature_c")
-        if temperature is not None:
-            self.temperature_max_c = max(self.temperature_max_c or temperature, temperature)
+        if temperature is not None and (
+            self.temperature_max_c is None or temperature > self.temperature_max_c
+        ):
+            self.temperature_max_c = temperature
 
     def point(self, gpu: str, end: float, memory_total_mb: int) -> Point:
         return Point(

@@ -18,7 +18,8 @@ from gpubox.store import Store
 log = logging.getLogger(__name__)
 
 TOKEN_KEY = "gpubox.token"  # where a request's checked token waits for its handler
-SESSION_TOKEN_KEY = "gpubox.session_token"  # web.guard.SESSION_TOKEN_KEY: a session's token
+# Where a dashboard session's token waits when it makes an API read (web.guard sets it).
+SESSION_TOKEN_KEY = "gpubox.session_token"
 
 
 def current_token() -> models.Token:

@@ -13,14 +13,13 @@ from urllib.parse import quote
 import bottle
 
 from gpubox import errors, models
+from gpubox.coordinator.api import http_errors
+from gpubox.coordinator.api.endpoints import SESSION_TOKEN_KEY
 from gpubox.coordinator.web.sessions import COOKIE, Session, Sessions, csrf_ok
 
 log = logging.getLogger(__name__)
 
 SESSION_KEY = "gpubox.session"  # where a request's session and token wait for its handler
-# The API's routes take a session in place of a bearer token for reads (the dashboard's
-# scripts read logs and telemetry); endpoints.endpoint looks here.
-SESSION_TOKEN_KEY = "gpubox.session_token"
 
 # No script or style but the coordinator's own files, nothing from another origin, no
 # framing: a job name or a log line that got into the page as markup could still do nothing.
@@ -93,8 +92,6 @@ def page(
             try:
                 return fn(*args, **kwargs)
             except errors.GpuboxError as exc:
-                from gpubox.coordinator.api import http_errors
-
                 bottle.response.status = http_errors.status_for(exc)
                 return error_page(bottle.response.status_code, exc.message)
 

@@ -25,7 +25,10 @@ from gpubox.client import Client
 from tests.conftest import IMAGE, Cluster, remove_containers, wait_until
 from tests.fakeworker import FakeWorker
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.serial]
+# These run beside other Docker tests (each finds its containers by its own coordinator's
+# fingerprint as well as by job id, since job ids repeat across clusters), except those that
+# time a link cut against the liveness window: they are marked serial one by one.
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 GPUBOX = [sys.executable, "-m", "gpubox"]
 # The worker's spill is the same whatever the store: these run on SQLite only (the store's
@@ -79,6 +82,16 @@ class Process:
                 self.proc.wait(5)
 
 
+def owner_of(state_dir: str) -> str:
+    """The fingerprint a worker of the coordinator in `state_dir` labels its containers with."""
+    return keys.fingerprint(keys.load_public(str(keys.coordinator_files(state_dir)[0])))
+
+
+def job_labels(state_dir: str, job_id: int) -> dict[str, list[str]]:
+    """A Docker filter for the containers of job `job_id` of the coordinator in `state_dir`."""
+    return {"label": [f"io.gpubox.job={job_id}", f"io.gpubox.coordinator={owner_of(state_dir)}"]}
+
+
 def worker_env(cluster_or_state: str, name: str, link: str) -> dict[str, str]:
     secret = keys.add_worker(cluster_or_state, name)
     return {
@@ -97,7 +110,8 @@ def processes(docker_client) -> Iterator[list[Process]]:
     yield started
     for process in started:
         process.stop()
-    remove_containers(docker_client, {"proc-w1", "proc-w2", "proc-w3"})
+    for state in {p.env["GPUBOX_STATE_DIR"] for p in started if p.args[0] == "worker"}:
+        remove_containers(docker_client, {"proc-w1"}, owner_of(state))
 
 
 def start_worker(cluster: Cluster, processes: list[Process], tmp_path: Path) -> Process:
@@ -132,20 +146,14 @@ def test_worker_killed_and_restarted_reattaches_and_loses_no_line(
     wait_until(lambda: len(cluster.lines(job["id"])) >= 10, 30, "ten lines stored")
     worker.kill9()
     # the container runs on without its worker
-    containers = docker_client.containers.list(filters={"label": f"io.gpubox.job={job['id']}"})
-    assert len(containers) == 1
+    labels = job_labels(cluster.coordinator.config.state_dir, job["id"])
+    assert len(docker_client.containers.list(filters=labels)) == 1
     worker.start()
     done = cluster.wait(job["id"], timeout_s=60)
     assert done["status"] == "FINISHED" and done["attempts"] == 1
     assert_every_line_once(cluster, job["id"], 80)
     wait_until(
-        lambda: (
-            not docker_client.api.containers(
-                all=True, filters={"label": f"io.gpubox.job={job['id']}"}
-            )
-        ),
-        10,
-        "the container gone",
+        lambda: not docker_client.api.containers(all=True, filters=labels), 10, "the container gone"
     )
 
 
@@ -195,7 +203,7 @@ def test_a_worker_killed_before_its_done_arrived_reports_the_exit_after_a_restar
     processes.append(worker)
     job = cluster.submit(IMAGE, ["sh", "-c", "echo first; sleep 2; echo last; exit 5"])
     wait_until(lambda: cluster.lines(job["id"]), 30, "the first line stored")
-    label = {"label": [f"io.gpubox.job={job['id']}", "io.gpubox.worker=proc-w1"]}
+    label = job_labels(state, job["id"])
     cut = threading.Thread(target=proxy.pause, args=(8.0,))
     cut.start()
     wait_until(
@@ -455,6 +463,7 @@ def test_per_job_log_cap_keeps_head_and_tail_with_a_marker(make_cluster):
     assert [r["line"] for r in lines[51:]] == [str(i) for i in range(952, 1001)]
 
 
+@pytest.mark.serial  # a 1 s cut must stay under the 3 s liveness window: no load beside it
 def test_link_cut_shorter_than_liveness_changes_nothing_longer_ends_the_attempt(
     make_cluster, docker_client
 ):
@@ -478,12 +487,9 @@ def test_link_cut_shorter_than_liveness_changes_nothing_longer_ends_the_attempt(
         lost = cluster.wait(long["id"], timeout_s=10)
         assert lost["status"] == "ERROR" and "worker lost" in lost["result"]["error"]
         # back on the link, the worker is told the attempt is no longer its own: it stops it
+        labels = job_labels(cluster.coordinator.config.state_dir, long["id"])
         wait_until(
-            lambda: (
-                not docker_client.api.containers(
-                    all=True, filters={"label": f"io.gpubox.job={long['id']}"}
-                )
-            ),
+            lambda: not docker_client.api.containers(all=True, filters=labels),
             30,
             "the container gone",
         )

@@ -124,7 +124,10 @@ def test_a_job_page_and_its_cancel_by_role(dash) -> None:
     job = cluster.submit("img", ["true"], name="to-cancel")
     status, _, page = admin.get(f"/jobs/{job['id']}")
     assert status == 200
-    assert f'data-job="{job["id"]}"' in page and 'id="log"' in page and 'id="charts"' in page
+    assert f'data-job="{job["id"]}"' in page and 'id="log"' in page
+    assert 'id="charts"' not in page and "asked for no GPU" in page  # nothing to chart
+    with_gpu = cluster.submit("img", ["true"], name="with a GPU", gpus=1)
+    assert 'id="charts"' in admin.get(f"/jobs/{with_gpu['id']}")[2]
     assert f'action="/jobs/{job["id"]}/cancel"' in page
     # A view token reads the page but is offered no cancel, and one it forges is refused.
     viewer = Browser(cluster.url)

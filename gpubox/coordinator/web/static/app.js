@@ -358,6 +358,20 @@ class LogView {
     }
     this.flush();
     this.setState(`job ended: ${status}`);
+    showStatus(status);
+  }
+}
+
+// The status badge in the page's heading, once the job has ended; the notes that were true
+// only while it ran (a cancel asked for, why it waits) and its Cancel button go.
+function showStatus(status) {
+  const badge = document.querySelector("h1 .status");
+  if (badge && ENDED.has(status)) {
+    badge.textContent = status;
+    badge.className = `status status-${status}`;
+  }
+  for (const gone of document.querySelectorAll(".while-live")) {
+    gone.remove();
   }
 }
 

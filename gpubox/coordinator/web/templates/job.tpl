@@ -1,14 +1,16 @@
 % rebase('layout', title='Job ' + str(job.job.id), user=user, csrf=csrf, charts=True)
 % j = job.job
 <h1>Job {{j.id}} <span class="name">{{j.spec.name}}</span> <span class="status status-{{j.status.value}}">{{j.status.value}}</span></h1>
-% if may_cancel:
-<form method="post" action="/jobs/{{j.id}}/cancel" class="inline" data-confirm="Cancel job {{j.id}}?">
+% if j.cancel_requested and job.live:
+<p class="waiting while-live">Cancel requested: the job is being stopped.</p>
+% elif may_cancel:
+<form method="post" action="/jobs/{{j.id}}/cancel" class="inline while-live" data-confirm="Cancel job {{j.id}}?">
   <input type="hidden" name="csrf" value="{{csrf}}">
   <button type="submit" class="danger">Cancel</button>
 </form>
 % end
 % if reason:
-<p class="waiting">Waiting: {{reason}}</p>
+<p class="waiting while-live">Waiting: {{reason}}</p>
 % end
 <h2>Log</h2>
 <p class="log-tools">
@@ -18,7 +20,11 @@
 <button id="log-earlier" type="button" hidden>Load earlier lines</button>
 <div id="log" class="log" data-job="{{j.id}}" data-last="{{j.log_seq}}" data-running="{{1 if job.live else 0}}" tabindex="0" role="log" aria-live="off" aria-label="log of job {{j.id}}"></div>
 <h2>GPU telemetry</h2>
+% if j.spec.gpus:
 <div id="charts" class="charts" data-job="{{j.id}}" data-running="{{1 if job.live else 0}}"></div>
+% else:
+<p class="empty">None: the job asked for no GPU.</p>
+% end
 <div class="columns">
 <section>
 <h2>Details</h2>

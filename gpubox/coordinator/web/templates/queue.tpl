@@ -13,6 +13,6 @@
   <label>Name <input name="name" value="{{filters.name}}"></label>
   <button type="submit">Filter</button>
 </form>
-<div id="queue" hx-get="/ui/queue?{{query}}" hx-trigger="every 2s" hx-swap="innerHTML">
+<div id="queue" hx-get="/ui/queue?{{query}}" hx-trigger="every 1s" hx-swap="innerHTML">
 % include('queue_rows', queue=queue)
 </div>

@@ -25,6 +25,8 @@ ROWS = (
     "worker telemetry CPU",
     "worker telemetry, agent side",
     "telemetry store cost per point, SQLite",
+    "dashboard: the page of a job with a",
+    "dashboard: a printed line reaches",
 )
 
 

@@ -165,6 +165,37 @@ def test_signed_in_the_queue_shows_a_submitted_job_within_2_s_without_a_reload(
     assert browser.console_errors() == []
 
 
+def test_a_long_log_opens_at_its_newest_lines_and_loads_earlier_ones_on_demand(
+    make_cluster, page
+) -> None:
+    cluster: Cluster = make_cluster(workers=1, worker_settings=WORKER)
+    job = cluster.submit("-", "seq 1 2500", name="long")
+    assert cluster.wait(job["id"])["log_lines"] == 2500
+    browser = page(cluster)
+    chromium.sign_in(browser.driver, cluster.url, cluster.token)
+    browser.open(f"/jobs/{job['id']}")
+    chromium.wait(lambda: browser.log_lines(), 10, "the log")
+    assert browser.log_lines() == [(i, str(i)) for i in range(1501, 2501)]
+    # Opened at its end, scrolled to the bottom.
+    assert browser.run(
+        "const l = document.getElementById('log');"
+        " return l.scrollHeight - l.scrollTop - l.clientHeight < 4"
+    )
+    for first in (501, 1):
+        browser.driver.find_element("id", "log-earlier").click()
+        chromium.wait(lambda f=first: browser.log_lines()[0][0] == f, 10, f"lines from {first}")
+    assert browser.log_lines() == [(i, str(i)) for i in range(1, 2501)]
+    assert not browser.driver.find_element("id", "log-earlier").is_displayed()
+    link = browser.driver.find_element("link text", "Download the whole log")
+    assert link.get_attribute("href").endswith(f"/api/v1/jobs/{job['id']}/logs")
+    whole = browser.driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        " fetch(arguments[0]).then(r => r.text()).then(done, e => done(String(e)));",
+        link.get_attribute("href"),
+    )
+    assert whole.splitlines() == [str(i) for i in range(1, 2501)]  # as text, with the cookie
+
+
 def test_a_live_log_shows_each_printed_line_within_1_s_and_stays_whole_across_a_cut(
     make_cluster, page
 ) -> None:

@@ -230,6 +230,9 @@ BAD = [
     (cfg.CoordinatorConfig, {"liveness_s": 2.0, "heartbeat_interval_s": 2.0}, {}, "liveness_s"),
     (cfg.CoordinatorConfig, {"liveness_s": 1.0, "heartbeat_interval_s": 2.0}, {}, "liveness_s"),
     (cfg.CoordinatorConfig, {}, {"GPUBOX_LIVENESS": "1"}, "liveness_s"),
+    (cfg.CoordinatorConfig, {"public_url": "gpubox.example"}, {}, "public_url"),
+    (cfg.CoordinatorConfig, {}, {"GPUBOX_PUBLIC_URL": "https://x.example/gpubox"}, "public_url"),
+    (cfg.CoordinatorConfig, {"public_url": "ftp://x.example"}, {}, "public_url"),
     (cfg.ClientConfig, {"url": "127.0.0.1:8470"}, {}, "url"),
     (cfg.ClientConfig, {}, {"GPUBOX_URL": "ftp://x"}, "url"),
 ]

@@ -91,6 +91,7 @@ def test_signing_in_turns_a_token_into_a_strict_http_only_session(make_cluster) 
     assert status == 303 and headers["Location"].endswith("/")  # never another site
     cookie = headers["Set-Cookie"]
     assert "gpubox_session=" in cookie and "HttpOnly" in cookie
+    assert "Secure" not in cookie  # plain HTTP, and no https public_url
     assert "samesite=strict" in cookie.lower() and "Path=/" in cookie
     status, headers, page = browser.get("/")
     assert status == 200 and "Queue" in page
@@ -100,6 +101,35 @@ def test_signing_in_turns_a_token_into_a_strict_http_only_session(make_cluster) 
     # Signing out ends the session.
     assert browser.post("/logout", {"csrf": browser.csrf()})[0] == 303
     assert browser.get("/")[0] == 303
+
+
+def test_behind_a_tls_proxy_the_public_url_is_an_origin_and_the_cookie_is_secure(
+    make_cluster,
+) -> None:
+    # The proxy speaks plain HTTP to the coordinator; people use https://gpubox.example.
+    cluster: Cluster = make_cluster(workers=0, public_url="https://gpubox.example/")
+    browser = Browser(cluster.url)
+    fields = {"token": cluster.token, "next": "/"}
+    status, headers, _ = browser.post("/login", fields, origin="https://gpubox.example")
+    assert status == 303 and "Secure" in headers["Set-Cookie"]
+    assert browser.post("/login", fields, origin="https://evil.example")[0] == 403
+    assert browser.post("/login", fields, origin="http://gpubox.example")[0] == 403
+    # Reached directly (an SSH tunnel), the dashboard's own origin still works.
+    assert browser.post("/login", fields)[0] == 303
+    # A form of a signed-in page, sent from the public origin. (The cookie is Secure, which
+    # Python's cookie jar keeps from plain HTTP, as browsers do except on loopback: sent here
+    # by hand.)
+    session = headers["Set-Cookie"].split(";")[0]
+    request = urllib.request.Request(cluster.url + "/", headers={"Cookie": session})
+    page = urllib.request.urlopen(request, timeout=10).read().decode()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf is not None
+    form = urllib.parse.urlencode({"csrf": csrf.group(1)}).encode()
+    for origin, status in (("https://evil.example", 403), ("https://gpubox.example", 303)):
+        sent = urllib.request.Request(
+            cluster.url + "/logout", form, {"Cookie": session, "Origin": origin}
+        )
+        assert browser._open(sent)[0] == status, origin
 
 
 def test_the_queue_lists_jobs_in_start_order_with_why_they_wait_as_text(dash) -> None:

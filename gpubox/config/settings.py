@@ -12,6 +12,7 @@ from gpubox import errors, models, protocol
 from gpubox.config.values import (
     Mount,
     check_link,
+    check_public_url,
     parse_address,
     parse_capabilities,
     parse_fake_gpus,
@@ -69,6 +70,14 @@ class CoordinatorConfig:
         "serve the web dashboard at / on the HTTP port (--no-dashboard: the API alone)",
         "--dashboard/--no-dashboard",
     )
+    public_url: str = setting(
+        "",
+        "GPUBOX_PUBLIC_URL",
+        "the address people open the dashboard at when a proxy stands in front of the HTTP"
+        " port (https://gpubox.example.com): its forms are accepted from there, and with"
+        " https its session cookie is marked Secure",
+        "--public-url",
+    )
     telemetry_max_points: int = setting(
         2000,
         "GPUBOX_TELEMETRY_MAX_POINTS",
@@ -105,6 +114,7 @@ class CoordinatorConfig:
             raise errors.ConfigError("max_log_bytes: must be at least 1048576 (1 MiB)")
         if self.liveness_s <= self.heartbeat_interval_s:
             raise errors.ConfigError("liveness_s: must be longer than heartbeat_interval_s")
+        check_public_url(self.public_url)
         if self.telemetry_max_points < 10:
             raise errors.ConfigError("telemetry_max_points: must be at least 10")
         if self.idle_timeout < 0:

@@ -145,6 +145,16 @@ def parse_registries(value: str) -> tuple[str, ...]:
     return entries
 
 
+def check_public_url(value: str) -> None:
+    """ConfigError unless `value` is empty or an origin: http(s)://HOST[:PORT], no path (the
+    dashboard is served at the root of its host)."""
+    if value and not re.fullmatch(r"https?://[^\s/?#@]+/?", value):
+        raise errors.ConfigError(
+            f"public_url: {value!r} is not http(s)://HOST[:PORT] (no path: the dashboard is"
+            " served at /)"
+        )
+
+
 def check_link(value: str, name: str) -> None:
     """ConfigError unless `value` is a ZeroMQ address gpubox can bind or connect to."""
     if not re.fullmatch(r"(tcp://[^\s]+:(\d+|\*)|ipc://\S+|inproc://\S+)", value):

@@ -64,13 +64,15 @@ def make_app(
     live: LiveView | None = None,
     max_followers: int = 1_000_000,
     dashboard: bool = True,
+    public_url: str = "",
 ) -> bottle.Bottle:
     """The WSGI app. `poke` tells the broker about new jobs and cancels; `sealer` encrypts
     credentials before they are stored; `state_dir` holds the worker allow list; `stopping`
     ends follow streams when the server shuts down; `live` is what only the broker knows
     (why a job waits, GPU usage now); `max_followers` caps the follow streams open at once,
     each of which holds an HTTP thread, so that threads stay for every other request;
-    `dashboard`: serve the web dashboard at / (coordinator.web)."""
+    `dashboard`: serve the web dashboard at / (coordinator.web); `public_url`: where people
+    open it when a proxy stands in front (web.Sessions)."""
     app = bottle.Bottle()
     stopping = stopping or threading.Event()
     app.default_error_handler = http_errors.default_error  # type: ignore[method-assign]
@@ -92,5 +94,5 @@ def make_app(
     if dashboard:
         from gpubox.coordinator import web
 
-        web.add_routes(app, ctx, web.Sessions(store))
+        web.add_routes(app, ctx, web.Sessions(store, public_url=public_url))
     return app

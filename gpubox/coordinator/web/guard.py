@@ -49,14 +49,19 @@ def current() -> tuple[Session, models.Token]:
     return found
 
 
-def same_origin() -> bool:
+def same_origin(public_origin: str = "") -> bool:
     """Whether a state-changing request comes from a page of this coordinator: its Origin
-    (or, without one, its Referer) names this host. Browsers send Origin with every POST."""
+    (or, without one, its Referer) names this host as the request reached it, or
+    `public_origin` (the address in front of a proxy). Browsers send Origin with every POST."""
     origin = bottle.request.get_header("Origin") or bottle.request.get_header("Referer")
     if not origin:
         return False
     own = f"{bottle.request.urlparts.scheme}://{bottle.request.urlparts.netloc}"
-    return origin == own or origin.startswith(own + "/")
+    return any(
+        origin == allowed or origin.startswith(allowed + "/")
+        for allowed in (own, public_origin)
+        if allowed
+    )
 
 
 def page(
@@ -83,8 +88,9 @@ def page(
             if ROLES.get(token.role, -1) < ROLES[role]:
                 bottle.response.status = 403
                 return error_page(403, f"this needs a {role} token")
+            sent_csrf = bottle.request.forms.get("csrf")
             if bottle.request.method == "POST" and not (
-                same_origin() and csrf_ok(session, bottle.request.forms.get("csrf"))
+                same_origin(sessions.public_origin) and csrf_ok(session, sent_csrf)
             ):
                 bottle.response.status = 403
                 return error_page(403, "refused: the form did not come from this dashboard")

@@ -60,7 +60,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context, sessions: Sessions) -> 
     def login() -> str:
         guard.secure_headers()
         target = _local(bottle.request.forms.get("next"))
-        if not guard.same_origin():
+        if not guard.same_origin(sessions.public_origin):
             bottle.response.status = 403
             return render("login", next=target, failed="refused: not from this dashboard")
         try:
@@ -74,7 +74,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context, sessions: Sessions) -> 
             path="/",
             httponly=True,
             samesite="strict",
-            secure=bottle.request.urlparts.scheme == "https",
+            secure=sessions.secure_cookie or bottle.request.urlparts.scheme == "https",
             max_age=SESSION_S,
         )
         bottle.redirect(target, 303)

@@ -35,9 +35,15 @@ class Session:
 class Sessions:
     """The open sessions of one coordinator. Any thread."""
 
-    def __init__(self, store: Store, lifetime_s: float = SESSION_S) -> None:
+    def __init__(self, store: Store, lifetime_s: float = SESSION_S, public_url: str = "") -> None:
+        """`public_url`: the address people open the dashboard at when a proxy (TLS, most
+        often) stands in front of the coordinator: sign-in and forms are accepted from that
+        origin as well as from the one the request names, and an https one marks the session
+        cookie Secure even though the proxy speaks plain HTTP to the coordinator."""
         self.store = store
         self.lifetime_s = lifetime_s
+        self.public_origin = public_url.rstrip("/")
+        self.secure_cookie = self.public_origin.startswith("https://")
         self._open: dict[str, Session] = {}
         self._lock = threading.Lock()
 

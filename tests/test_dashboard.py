@@ -149,6 +149,20 @@ def test_the_queue_lists_jobs_in_start_order_with_why_they_wait_as_text(dash) ->
     assert 'hx-get="/ui/queue?' in browser.get("/?name=urg")[2]
 
 
+def test_a_long_queue_says_how_much_of_it_is_listed_and_searched(dash, monkeypatch) -> None:
+    from gpubox.coordinator.web import pages
+
+    monkeypatch.setattr(pages, "QUEUE_ROWS", 2)
+    cluster, browser = dash
+    for name in ("first", "second", "third"):
+        cluster.submit("img", ["true"], name=name)
+    page = browser.get("/ui/queue")[2]
+    assert "The first 2 of 3 queued jobs are listed." in page and "third" not in page
+    page = browser.get("/ui/queue?name=third")[2]
+    assert "No queued job matches the filters." in page
+    assert "The first 2 of 3 queued jobs are searched." in page
+
+
 def test_a_job_page_and_its_cancel_by_role(dash) -> None:
     cluster, admin = dash
     job = cluster.submit("img", ["true"], name="to-cancel")

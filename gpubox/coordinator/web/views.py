@@ -85,6 +85,8 @@ class Queue:
     queued: list[QueueRow]
     counts: dict[str, int]
     queued_total: int  # every queued job, also those past the rows listed
+    queued_read: int  # the queued jobs read (the first in start order), which filters look at
+    filtered: bool  # whether filters kept only some of them
 
 
 def _row(job: models.Job, now: datetime, position: int | None = None, reason: str = "") -> QueueRow:
@@ -121,6 +123,8 @@ def queue(
         ],
         counts=counts,
         queued_total=counts.get("QUEUED", 0),
+        queued_read=len(queued),
+        filtered=filters != QueueFilters(),
     )
 
 

@@ -26,9 +26,9 @@
 % end
   </tbody>
 </table></div>
-%   if queue.queued_total > len(queue.queued):
-<p class="more">The first jobs of {{queue.queued_total}} queued are listed.</p>
-%   end
 % else:
-<p class="empty">No job is queued.</p>
+<p class="empty">{{'No queued job matches the filters.' if queue.filtered and queue.queued_total else 'No job is queued.'}}</p>
+% end
+% if queue.queued_total > queue.queued_read:
+<p class="more">The first {{queue.queued_read}} of {{queue.queued_total}} queued jobs are {{'searched' if queue.filtered else 'listed'}}.</p>
 % end

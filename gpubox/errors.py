@@ -68,6 +68,12 @@ class WrongState(GpuboxError):
     code = "wrong_state"
 
 
+class IdempotencyConflict(GpuboxError):
+    """This Idempotency-Key was used for another request."""
+
+    code = "idempotency_conflict"
+
+
 class TooLarge(GpuboxError):
     """The request body is too large."""
 

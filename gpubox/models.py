@@ -7,7 +7,7 @@ import dataclasses
 import enum
 import json
 import operator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from gpubox import fields
@@ -93,6 +93,9 @@ class JobSpec:
     # Seconds its GPUs may all stay idle before it is stopped (the idle-GPU policy); 0:
     # never; None: the coordinator's idle_timeout.
     idle_timeout: float | None = None
+    # Seconds it may stay QUEUED before it ends ERROR ("queue timeout: <why it waited>");
+    # None: never. The coordinator fills in its queue_timeout setting when a job names none.
+    queue_timeout: float | None = None
     max_retries: int = 0
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     # auth and secrets, encrypted by the coordinator (coordinator.sealing); erased at the end.
@@ -261,6 +264,13 @@ class Job:
     telemetry: dict[str, Any] | None = None
 
     @property
+    def queue_deadline(self) -> datetime | None:
+        """When it ends ERROR if it is still QUEUED then (its queue_timeout), or None."""
+        if self.spec.queue_timeout is None:
+            return None
+        return self.created_at + timedelta(seconds=self.spec.queue_timeout)
+
+    @property
     def duration(self) -> float | None:
         if self.executed_at is None or self.finished_at is None:
             return None
@@ -306,6 +316,7 @@ JOB_FIELDS: tuple[Field, ...] = (
     Field("labels", JSON, "spec.labels", api="labels"),
     Field("timeout", REAL, "spec.timeout", api="timeout", wire="timeout", null=True),
     Field("idle_timeout", REAL, "spec.idle_timeout", api="idle_timeout", null=True, since=7),
+    Field("queue_timeout", REAL, "spec.queue_timeout", api="queue_timeout", null=True, since=8),
     Field("max_retries", INT, "spec.max_retries", api="max_retries"),
     Field("metadata", JSON, "spec.metadata", api="metadata"),
     Field("submitter", TEXT, "spec.submitter", api="submitter", wire="submitter", null=True,
@@ -343,6 +354,9 @@ JOB_FIELDS: tuple[Field, ...] = (
     # At least as many as the most points one GPU of the running attempt has: the store
     # counts them only once this passes the bound (telemetry_max_points).
     Field("points_kept", BIGINT, None, default="0", since=7),
+    # When a job still QUEUED ends for its queue_timeout (Job.queue_deadline): indexed, so
+    # the broker finds those due without reading the queue.
+    Field("queue_deadline", TIME, "queue_deadline", computed=True, null=True, since=8),
 )
 # fmt: on
 _job_api = fields.api_builder(JOB_FIELDS)

@@ -41,6 +41,7 @@ JOB_KEYS = {
     "labels",
     "timeout",
     "idle_timeout",
+    "queue_timeout",
     "max_retries",
     "metadata",
 }
@@ -255,6 +256,17 @@ def parse_spec(data: Any) -> models.JobSpec:
             " coordinator's)",
             "idle_timeout",
         )
+    queue_timeout = data.get("queue_timeout")
+    if queue_timeout is not None and (
+        isinstance(queue_timeout, bool)
+        or not isinstance(queue_timeout, int | float)
+        or not 0 < queue_timeout <= 366 * 86400
+    ):
+        raise errors.BadInput(
+            "queue_timeout must be a number of seconds above 0, at most a year, or null (the"
+            " coordinator's)",
+            "queue_timeout",
+        )
     metadata = data.get("metadata")
     if metadata is None:
         metadata = {}
@@ -287,6 +299,7 @@ def parse_spec(data: Any) -> models.JobSpec:
         labels=_str_map(data.get("labels"), "labels"),
         timeout=timeout,
         idle_timeout=idle_timeout,
+        queue_timeout=queue_timeout,
         max_retries=_int(data.get("max_retries", 0), "max_retries", 0, 100),
         metadata=metadata,
         gpu_model=gpu_model,

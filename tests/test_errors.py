@@ -27,6 +27,7 @@ EXPECTED_STATUS: dict[type[errors.GpuboxError], int] = {
     errors.JobNotFound: 404,
     errors.WrongState: 409,
     errors.TooLarge: 413,
+    errors.IdempotencyConflict: 422,
     errors.StoreUnavailable: 503,
     errors.Busy: 503,
     # These are faults of gpubox or its store, never of the request: a 500 on purpose.

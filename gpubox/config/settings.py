@@ -90,6 +90,12 @@ class CoordinatorConfig:
         "seconds a job's GPUs may all stay under idle_threshold before it is stopped (an"
         " ERROR), for jobs that set no idle_timeout of their own; 0: never",
     )
+    queue_timeout: float = setting(
+        0.0,
+        "GPUBOX_QUEUE_TIMEOUT",
+        'seconds a job may stay queued before it ends ERROR ("queue timeout: <why it'
+        ' waited>"), for jobs that set no queue_timeout of their own; 0: never',
+    )
     idle_threshold: float = setting(
         5.0,
         "GPUBOX_IDLE_THRESHOLD",
@@ -117,6 +123,8 @@ class CoordinatorConfig:
         check_public_url(self.public_url)
         if self.telemetry_max_points < 10:
             raise errors.ConfigError("telemetry_max_points: must be at least 10")
+        if self.queue_timeout < 0:
+            raise errors.ConfigError("queue_timeout: must not be negative (0: never)")
         if self.idle_timeout < 0:
             raise errors.ConfigError("idle_timeout: must not be negative (0: never)")
         if not 0 < self.idle_threshold <= 100:

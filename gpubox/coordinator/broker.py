@@ -248,6 +248,7 @@ class Broker:
         if now >= self._next_expiry:
             self._next_expiry = now + min(1.0, self.heartbeat_interval_s)
             self._guard(self._expire, now)
+            self._guard(self.lifecycle.end_overdue, self.queue_reason)
         if now >= self._next_schedule:
             self._guard(self._schedule, now, True)
         elif self._schedule_due:

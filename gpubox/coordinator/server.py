@@ -121,6 +121,7 @@ class Coordinator:
             max_followers=max(1, self.config.http_threads - max(2, self.config.http_threads // 8)),
             dashboard=self.config.dashboard,
             public_url=self.config.public_url,
+            queue_timeout=self.config.queue_timeout,
         )
         host, port = config_mod.parse_address(self.config.http, "http")
         connections = max(100, min(MAX_HTTP_CONNECTIONS, raise_fd_limit() - RESERVED_FDS))

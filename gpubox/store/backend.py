@@ -33,6 +33,11 @@ class Backend(base.Store):
     # (columns.migrations writes them).
     MIGRATIONS: Sequence[str] = ()
 
+    def json_text(self, column: str, key: str) -> tuple[str, str]:
+        """SQL for the value of top-level `key` in the JSON text `column`, as text (a string
+        as it is, a number as written), and the parameter that SQL takes."""
+        return f"CAST(json_extract({column}, ?) AS TEXT)", f'$."{key}"'
+
     @abc.abstractmethod
     def _write(self) -> contextlib.AbstractContextManager[Any]:
         """A write transaction that takes the write lock at once; yields a cursor."""

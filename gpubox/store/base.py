@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from gpubox import models, telemetry
+from gpubox.jobfilter import JobFilter
 
 # A log line as it arrives from a worker: (timestamp, stream, text).
 RawLine = tuple[str, str, str]
@@ -26,6 +27,7 @@ RawLine = tuple[str, str, str]
 TABLES: dict[str, tuple[str, ...]] = {
     "jobs": ("id",),
     "job_labels": ("job_id", "pair"),
+    "idempotency": ("token", "key"),
     "logs": ("job_id", "seq"),
     "telemetry": ("job_id", "attempt", "gpu", "t_start"),
     "workers": ("name",),
@@ -59,10 +61,32 @@ class Store(abc.ABC):
         """The job with this id; errors.JobNotFound if there is none."""
 
     @abc.abstractmethod
+    def create_job_once(
+        self, spec: models.JobSpec, now: datetime, token: str, key: str, digest: str
+    ) -> tuple[models.Job, bool]:
+        """create_job, once per idempotency `key` of `token` within IDEMPOTENCY_S (24 h):
+        (the new job, True); again with the same key and request `digest`, (the job made the
+        first time, False); with the same key and another digest, errors.IdempotencyConflict.
+        Two requests with one key at once make one job."""
+
+    @abc.abstractmethod
+    def overdue_queued(self, now: datetime, limit: int = 100) -> list[models.Job]:
+        """QUEUED jobs whose queue_deadline has passed at `now`, the earliest first."""
+
+    @abc.abstractmethod
+    def fail_queued(self, job_id: int, error: str, now: datetime) -> bool:
+        """End a job that is still QUEUED as ERROR with `error`; False if it no longer is."""
+
+    @abc.abstractmethod
     def list_jobs(
-        self, status: models.Status | None = None, limit: int = 50, before: int | None = None
+        self,
+        status: models.Status | None = None,
+        limit: int = 50,
+        before: int | None = None,
+        where: JobFilter | None = None,
     ) -> list[models.Job]:
-        """Up to `limit` jobs, newest (highest id) first, only ids below `before` when given."""
+        """Up to `limit` jobs, newest (highest id) first, only ids below `before` when given,
+        only those `where` keeps (and of `status`) when given."""
 
     @abc.abstractmethod
     def jobs_by_status(self) -> dict[str, int]:

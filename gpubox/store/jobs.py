@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from gpubox import errors, fields, models
+from gpubox.jobfilter import JobFilter
 from gpubox.store import backend, base, columns, telemetry
 
 _time = models.format_time
+
+
+IDEMPOTENCY_S = 24 * 3600  # how long POST /api/v1/jobs remembers an Idempotency-Key
+
+
+class _Raced(Exception):
+    """Another transaction stored the same idempotency key between our look and our insert."""
 
 
 def label_pair(key: str, value: str) -> str:
@@ -23,17 +31,54 @@ class JobStore(backend.Backend):
     """The store's operations on jobs."""
 
     def create_job(self, spec: models.JobSpec, now: datetime) -> models.Job:
+        with self._write() as cur:
+            return self._create(cur, spec, now)
+
+    def _create(self, cur: Any, spec: models.JobSpec, now: datetime) -> models.Job:
         # The job as get_job would read it back, without reading it; the insert takes its
         # columns by name from JOB_FIELDS, so no value can land in another column.
         job = columns.new_job(spec, now)
-        with self._write() as cur:
-            job_id = self._insert_job(cur, columns.insert_row(job))
-            if spec.labels:
-                cur.executemany(
-                    "INSERT INTO job_labels (job_id, pair) VALUES (?, ?)",
-                    [(job_id, label_pair(k, v)) for k, v in spec.labels.items()],
-                )
+        job_id = self._insert_job(cur, columns.insert_row(job))
+        if spec.labels:
+            cur.executemany(
+                "INSERT INTO job_labels (job_id, pair) VALUES (?, ?)",
+                [(job_id, label_pair(k, v)) for k, v in spec.labels.items()],
+            )
         return dataclasses.replace(job, id=job_id)
+
+    def create_job_once(
+        self, spec: models.JobSpec, now: datetime, token: str, key: str, digest: str
+    ) -> tuple[models.Job, bool]:
+        cutoff = models.format_time(now - timedelta(seconds=IDEMPOTENCY_S))
+        for _ in range(3):
+            try:
+                with self._write() as cur:
+                    cur.execute(
+                        "SELECT digest, job_id, created_at FROM idempotency"
+                        " WHERE token = ? AND key = ?",
+                        (token, key),
+                    )
+                    found = cur.fetchone()
+                    if found is not None and found["created_at"] > cutoff:
+                        if found["digest"] != digest:
+                            raise errors.IdempotencyConflict(
+                                f"the Idempotency-Key {key!r} was used for another request"
+                                " (another body) in the last 24 hours: use a new key"
+                            )
+                        return self._get(cur, int(found["job_id"])), False
+                    cur.execute("DELETE FROM idempotency WHERE created_at <= ?", (cutoff,))
+                    job = self._create(cur, spec, now)
+                    cur.execute(
+                        "INSERT INTO idempotency (token, key, digest, job_id, created_at)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (token, key) DO NOTHING",
+                        (token, key, digest, job.id, models.format_time(now)),
+                    )
+                    if cur.rowcount != 1:
+                        raise _Raced  # another request with this key committed first
+                    return job, True
+            except _Raced:
+                continue  # undone: look again, and find the job the other request made
+        raise errors.StoreError(f"the Idempotency-Key {key!r} kept racing with other requests")
 
     def _get(self, cur: Any, job_id: int, lock: bool = False) -> models.Job:
         cur.execute("SELECT * FROM jobs WHERE id = ?" + (self.row_lock if lock else ""), (job_id,))
@@ -47,24 +92,76 @@ class JobStore(backend.Backend):
             return self._get(cur, job_id)
 
     def list_jobs(
-        self, status: models.Status | None = None, limit: int = 50, before: int | None = None
+        self,
+        status: models.Status | None = None,
+        limit: int = 50,
+        before: int | None = None,
+        where: JobFilter | None = None,
     ) -> list[models.Job]:
-        where: list[str] = []
-        params: list[Any] = []
+        conditions, params = self._filter_sql(where or JobFilter())
         if status is not None:
-            where.append("status = ?")
+            conditions.append("status = ?")
             params.append(status.value)
         if before is not None:
-            where.append("id < ?")
+            conditions.append("id < ?")
             params.append(before)
         sql = "SELECT * FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        if conditions:
+            sql += " WHERE " + " AND ".join(conditions)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
         with self._read() as cur:
             cur.execute(sql, params)
             return [columns.job_from_row(row) for row in cur.fetchall()]
+
+    def overdue_queued(self, now: datetime, limit: int = 100) -> list[models.Job]:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT * FROM jobs WHERE status = 'QUEUED' AND queue_deadline IS NOT NULL"
+                " AND queue_deadline < ? ORDER BY queue_deadline LIMIT ?",
+                (_time(now), limit),
+            )
+            return [columns.job_from_row(row) for row in cur.fetchall()]
+
+    def fail_queued(self, job_id: int, error: str, now: datetime) -> bool:
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE jobs SET status = 'ERROR', finished_at = ?, updated_at = ?,"
+                " sealed = NULL, error = ? WHERE id = ? AND status = 'QUEUED'",
+                (_time(now), _time(now), error, job_id),
+            )
+            return bool(cur.rowcount == 1)
+
+    def _filter_sql(self, where: JobFilter) -> tuple[list[str], list[Any]]:
+        """SQL conditions (joined by AND) and their parameters for `where`."""
+        conditions: list[str] = []
+        params: list[Any] = []
+        if where.statuses:
+            conditions.append(f"status IN ({', '.join('?' for _ in where.statuses)})")
+            params += [s.value for s in where.statuses]
+        if where.name:
+            # substr, not LIKE: a prefix taken as it is (LIKE's % and _ would be patterns,
+            # and SQLite's LIKE ignores case where PostgreSQL's does not).
+            conditions.append("substr(name, 1, ?) = ?")
+            params += [len(where.name), where.name]
+        if where.submitter:
+            conditions.append("submitter = ?")
+            params.append(where.submitter)
+        for key, value in where.labels:
+            conditions.append("id IN (SELECT job_id FROM job_labels WHERE pair = ?)")
+            params.append(label_pair(key, value))
+        for key, value in where.metadata:
+            expression, path = self.json_text("metadata", key)
+            conditions.append(f"{expression} = ?")
+            params += [path, value]
+        for column, when, op in (
+            ("created_at", where.created_after, ">"),
+            ("created_at", where.created_before, "<"),
+        ):
+            if when is not None:
+                conditions.append(f"{column} {op} ?")
+                params.append(models.format_time(when))
+        return conditions, params
 
     def jobs_by_status(self) -> dict[str, int]:
         counts = {status.value: 0 for status in models.Status}

@@ -111,6 +111,21 @@ CREATE TABLE telemetry (
 );
 CREATE INDEX jobs_status ON jobs (status);
 """,
+    # 8: idempotency keys of POST /api/v1/jobs (kept 24 h: store.jobs.IDEMPOTENCY_S), an
+    # index for the label filter of GET /api/v1/jobs, and jobs' queue_timeout (its column)
+    """
+CREATE TABLE idempotency (
+    token TEXT NOT NULL,
+    key TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    job_id BIGINT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (token, key)
+);
+CREATE INDEX idempotency_created ON idempotency (created_at);
+CREATE INDEX job_labels_pair ON job_labels (pair);
+CREATE INDEX jobs_queue_deadline ON jobs (queue_deadline) WHERE status = 'QUEUED';
+""",
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.
 MIGRATIONS = columns.migrations(TYPES, OTHERS)
@@ -231,6 +246,9 @@ class PostgresStore(sql.SqlStore):
     MIGRATIONS = MIGRATIONS
     row_lock = " FOR UPDATE"
     octet_length = "OCTET_LENGTH(line)"
+
+    def json_text(self, column: str, key: str) -> tuple[str, str]:
+        return f"({column}::jsonb ->> ?)", key
 
     def __init__(self, url: str, upgrade: bool = True, max_connections: int = 16) -> None:
         super().__init__()

@@ -110,6 +110,21 @@ CREATE TABLE telemetry (
 ) WITHOUT ROWID;
 CREATE INDEX jobs_status ON jobs (status);
 """,
+    # 8: idempotency keys of POST /api/v1/jobs (kept 24 h: store.jobs.IDEMPOTENCY_S), an
+    # index for the label filter of GET /api/v1/jobs, and jobs' queue_timeout (its column)
+    """
+CREATE TABLE idempotency (
+    token TEXT NOT NULL,
+    key TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (token, key)
+);
+CREATE INDEX idempotency_created ON idempotency (created_at);
+CREATE INDEX job_labels_pair ON job_labels (pair);
+CREATE INDEX jobs_queue_deadline ON jobs (queue_deadline) WHERE status = 'QUEUED';
+""",
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.
 MIGRATIONS = columns.migrations(TYPES, OTHERS)

@@ -20,6 +20,7 @@ from gpubox.coordinator import sealing
 from gpubox.coordinator.api import admin, context, health, http_errors, jobs, logs, telemetry
 from gpubox.coordinator.api.context import LiveView
 from gpubox.coordinator.api.endpoints import TOKEN_KEY
+from gpubox.coordinator.api.held import HeldThreads
 from gpubox.coordinator.api.http_errors import STATUS, status_for
 from gpubox.coordinator.api.logs import (
     KEEPALIVE_S,
@@ -27,7 +28,6 @@ from gpubox.coordinator.api.logs import (
     PAGE_LINES,
     TOKEN_CHECK_S,
     WAKE_S,
-    Followers,
     _ndjson,
 )
 from gpubox.coordinator.api.params import MAX_ID
@@ -45,7 +45,6 @@ __all__ = [
     "TOKEN_CHECK_S",
     "TOKEN_KEY",
     "WAKE_S",
-    "Followers",
     "LiveView",
     "_ndjson",
     "make_app",
@@ -65,14 +64,17 @@ def make_app(
     max_followers: int = 1_000_000,
     dashboard: bool = True,
     public_url: str = "",
+    queue_timeout: float = 0.0,
 ) -> bottle.Bottle:
     """The WSGI app. `poke` tells the broker about new jobs and cancels; `sealer` encrypts
     credentials before they are stored; `state_dir` holds the worker allow list; `stopping`
     ends follow streams when the server shuts down; `live` is what only the broker knows
-    (why a job waits, GPU usage now); `max_followers` caps the follow streams open at once,
-    each of which holds an HTTP thread, so that threads stay for every other request;
+    (why a job waits, GPU usage now); `max_followers` caps the follow streams and long polls
+    open at once, each of which holds an HTTP thread, so that threads stay for every other
+    request;
     `dashboard`: serve the web dashboard at / (coordinator.web); `public_url`: where people
-    open it when a proxy stands in front (web.Sessions)."""
+    open it when a proxy stands in front (web.Sessions); `queue_timeout`: the seconds a job
+    that names none may stay queued (0: never)."""
     app = bottle.Bottle()
     stopping = stopping or threading.Event()
     app.default_error_handler = http_errors.default_error  # type: ignore[method-assign]
@@ -85,7 +87,8 @@ def make_app(
         max_body_bytes=max_body_bytes,
         stopping=stopping,
         live=live,
-        max_followers=max_followers,
+        held=HeldThreads(max_followers),
+        queue_timeout=queue_timeout,
     )
     # In the order the routes were always added: Bottle tries the routes of one method in the
     # order they were added.

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from gpubox.coordinator import sealing
+from gpubox.coordinator.api.held import HeldThreads
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
 
@@ -44,4 +45,5 @@ class Context:
     max_body_bytes: int
     stopping: threading.Event
     live: LiveView | None
-    max_followers: int
+    held: HeldThreads  # the threads follow streams and long polls hold
+    queue_timeout: float  # for a job that names none (0: never)

@@ -29,9 +29,10 @@ def current_token() -> models.Token:
 
 
 def endpoint(
-    store: Store, auth: bool = True, admin: bool = False
+    store: Store, auth: bool = True, admin: bool = False, query: tuple[str, ...] = ()
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Wrap a route: check the token against `store` (and its role, for `admin` routes), turn
+    """Wrap a route: check the token against `store` (and its role, for `admin` routes), refuse
+    a query parameter not in `query` (a misspelt filter must not act on every job), turn
     gpubox errors into JSON error responses."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,6 +52,7 @@ def endpoint(
                     if token.role == "view" and bottle.request.method not in ("GET", "HEAD"):
                         raise errors.Forbidden("a view token may only read")
                     environ[TOKEN_KEY] = token
+                params.only(query)
                 job_id = kwargs.get("job_id")
                 if job_id is not None and not 0 < job_id <= params.MAX_ID:
                     raise errors.JobNotFound(job_id)

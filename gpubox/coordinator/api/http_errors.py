@@ -20,6 +20,7 @@ STATUS: dict[type[errors.GpuboxError], int] = {
     errors.NotFound: 404,  # JobNotFound too
     errors.WrongState: 409,
     errors.TooLarge: 413,
+    errors.IdempotencyConflict: 422,
     errors.StoreUnavailable: 503,  # a StoreError, but the client may try again
     errors.Busy: 503,
 }

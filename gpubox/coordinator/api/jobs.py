@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import time
 from typing import Any
 
 import bottle
 
-from gpubox import errors, models, validate
+from gpubox import errors, jobfilter, models, validate
 from gpubox.coordinator.api import context, endpoints, params
+
+MAX_WAIT_S = 60.0  # the longest ?wait= a GET of a job holds its thread for
+RETRY_AFTER_S = 5  # when no thread is free for a long poll: when to ask again
+WAKE_S = 1.0  # a long poll looks at the job at least this often, whatever wakes it
 
 
 def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
@@ -16,48 +23,101 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     store, poke, sealer, live = ctx.store, ctx.poke, ctx.sealer, ctx.live
     max_body_bytes = ctx.max_body_bytes
 
+    def shown(job: models.Job) -> dict[str, Any]:
+        """The job as the API shows it, with why it waits when it is QUEUED."""
+        answer = job.to_dict()
+        if job.status is models.Status.QUEUED and live is not None:
+            answer["queue_reason"] = live.queue_reason(job.id)
+        return answer
+
     @app.post("/api/v1/jobs")
     @endpoints.endpoint(store)
     def create_job() -> dict[str, Any]:
         token = endpoints.current_token()
+        key = _idempotency_key()
+        body = params.json_body(max_body_bytes)
         spec = dataclasses.replace(
-            sealer.seal(validate.parse_spec(params.json_body(max_body_bytes))),
+            sealer.seal(validate.parse_spec(body)),
             submitter=token.name,
             allow_process=token.may_use_process,
         )
         if spec.container.mounts:
             _check_mounts(spec.container.mounts, store.list_workers())
-        job = store.create_job(spec, models.utcnow())
-        poke("schedule", job.id)
-        bottle.response.status = 201
+        if spec.queue_timeout is None and ctx.queue_timeout > 0:
+            spec = dataclasses.replace(spec, queue_timeout=ctx.queue_timeout)
+        if key is None:
+            job, created = store.create_job(spec, models.utcnow()), True
+        else:
+            # The same request is the same JSON, whatever its spacing or key order.
+            canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+            digest = hashlib.sha256(canonical.encode()).hexdigest()
+            job, created = store.create_job_once(spec, models.utcnow(), token.name, key, digest)
         bottle.response.set_header("Location", f"/api/v1/jobs/{job.id}")
-        return job.to_dict()
+        if created:
+            poke("schedule", job.id)
+            bottle.response.status = 201
+        else:
+            bottle.response.set_header("Idempotent-Replayed", "true")
+        return shown(job)
 
     @app.get("/api/v1/jobs/<job_id:int>")
-    @endpoints.endpoint(store)
+    @endpoints.endpoint(store, query=("wait",))
     def get_job(job_id: int) -> dict[str, Any]:
+        wait = params.float_param("wait", 0.0, 0.0, MAX_WAIT_S)
         job = store.get_job(job_id)
-        shown = job.to_dict()
-        if job.status is models.Status.QUEUED and live is not None:
-            shown["queue_reason"] = live.queue_reason(job.id)
-        return shown
+        if wait and not job.status.terminal:
+            job = _wait(ctx, job, wait)
+        return shown(job)
 
     @app.get("/api/v1/jobs")
-    @endpoints.endpoint(store)
+    @endpoints.endpoint(store, query=("limit", "before", *jobfilter.QUERY))
     def list_jobs() -> dict[str, Any]:
-        raw_status = bottle.request.query.get("status")
-        status = validate.parse_status(raw_status) if raw_status else None
+        where = jobfilter.JobFilter.from_query(bottle.request.query.decode().allitems())
         limit = params.int_param("limit", 50, 1, 1000) or 50
         before = params.int_param("before", None, 1, params.MAX_ID)
-        jobs = store.list_jobs(status, limit + 1, before)
+        jobs = store.list_jobs(None, limit + 1, before, where)
         more = len(jobs) > limit
         jobs = jobs[:limit]
-        return {"jobs": [job.to_dict() for job in jobs], "next": jobs[-1].id if more else None}
+        return {"jobs": [shown(job) for job in jobs], "next": jobs[-1].id if more else None}
 
     @app.post("/api/v1/jobs/<job_id:int>/cancel")
     @endpoints.endpoint(store)
     def cancel_job(job_id: int) -> dict[str, Any]:
         return cancel(ctx, endpoints.current_token(), job_id).to_dict()
+
+
+def _idempotency_key() -> str | None:
+    """The request's Idempotency-Key header: 1-255 printable ASCII characters, or None."""
+    raw = bottle.request.environ.get("HTTP_IDEMPOTENCY_KEY")
+    if raw is None:
+        return None
+    if not 0 < len(raw) <= 255 or not all(" " <= c <= "~" for c in raw):
+        raise errors.BadInput(
+            "Idempotency-Key must be 1-255 printable ASCII characters", "Idempotency-Key"
+        )
+    return str(raw)
+
+
+def _wait(ctx: context.Context, job: models.Job, wait_s: float) -> models.Job:
+    """The job once it has ended, or as it is after `wait_s` (a long poll). With no thread
+    free for a long poll (held.HeldThreads), the job as it is now, and a Retry-After header
+    saying when to ask again."""
+    if not ctx.held.take_wait():
+        bottle.response.set_header("Retry-After", str(RETRY_AFTER_S))
+        return job
+    try:
+        deadline = time.monotonic() + wait_s
+        while not job.status.terminal and not ctx.stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            seen = ctx.changes.version(job.id)
+            job = ctx.store.get_job(job.id)
+            if not job.status.terminal:
+                ctx.changes.wait(job.id, seen, min(left, WAKE_S))
+        return job
+    finally:
+        ctx.held.release_wait()
 
 
 def cancel(ctx: context.Context, token: models.Token, job_id: int) -> models.Job:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import json.encoder
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import bottle
+from waitress.channel import ClientDisconnected
 
 from gpubox import errors, models
 from gpubox.coordinator.api import context, endpoints, params
@@ -32,11 +32,10 @@ TOKEN_CHECK_S = 1.0  # how often a follow stream checks that its token still hol
 
 def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     """Add GET /api/v1/jobs/<id>/logs to `app`."""
-    store, changes, stopping = ctx.store, ctx.changes, ctx.stopping
-    followers = Followers(ctx.max_followers)
+    store, changes, stopping, held = ctx.store, ctx.changes, ctx.stopping, ctx.held
 
     @app.get("/api/v1/jobs/<job_id:int>/logs")
-    @endpoints.endpoint(store)
+    @endpoints.endpoint(store, query=("since", "limit", "follow", "format"))
     def job_logs(job_id: int) -> Any:
         since = params.int_param("since", 0, 0, params.MAX_ID) or 0
         limit = params.int_param("limit", None, 1, PAGE_LINES)
@@ -56,18 +55,21 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
         gone = bottle.request.environ.get("waitress.client_disconnected", lambda: False)
         revoked = _Revoked(store, endpoints.current_token())
 
-        def disconnected() -> bool:
-            return stopping.is_set() or gone() or revoked()
+        def interrupted() -> str:
+            """Why the stream must stop before the job's end, or "" while it may go on."""
+            if gone():
+                return "the client went away"
+            if stopping.is_set():
+                return "the coordinator is stopping"
+            return "its token was revoked" if revoked() else ""
 
         render = _ndjson if ndjson else _text
         if limit is not None:  # one page: at most `limit` lines after `since`
             return render(store.read_log_rows(job_id, since, limit, PAGE_BYTES))
         if not follow:
             return _pages(store, job_id, since, render)
-        followers.take()  # before the stream starts: a refusal is still a 503
-        return followers.releasing(
-            _follow(store, changes, job_id, since, render, ndjson, disconnected)
-        )
+        held.take_follow()  # before the stream starts: a refusal is still a 503
+        return held.releasing(_follow(store, changes, job_id, since, render, ndjson, interrupted))
 
 
 def _text(lines: list[models.LogRow]) -> str:
@@ -119,54 +121,33 @@ class _Revoked:
         return False
 
 
-class Followers:
-    """How many follow streams are open, and a limit on it (see make_app)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open = 0
-        self._lock = threading.Lock()
-
-    def take(self) -> None:
-        with self._lock:
-            if self.open >= self.limit:
-                raise errors.Busy(
-                    f"{self.open} log followers are connected, as many as this coordinator"
-                    " serves (each holds an HTTP thread; --http-threads sets how many there"
-                    " are): retry later"
-                )
-            self.open += 1
-
-    def releasing(self, stream: Iterator[str]) -> Iterator[str]:
-        """The stream, giving its place back when it ends or is closed (Bottle starts a
-        generator at once, to send the headers, so this `finally` always runs)."""
-        try:
-            yield from stream
-        finally:
-            with self._lock:
-                self.open -= 1
-
-
 def _follow(
     store: Store,
     changes: Changes,
     job_id: int,
     since: int,
     render: Callable[[list[models.LogRow]], str],
-    keepalive: bool,
-    disconnected: Callable[[], bool],
+    ndjson: bool,
+    interrupted: Callable[[], str],
 ) -> Iterator[str]:
-    """Stored lines, then new ones as they are stored, until the job ends or the client goes.
+    """Stored lines, then new ones as they are stored, until the job ends or the stream must
+    stop (see `interrupted`).
+
+    Only the job's end ends the response as HTTP means it (its last chunk): an NDJSON stream
+    then sends one last record, `{"end": true, "id": …, "status": …, "exit_code": …,
+    "error": …}`. Any other reason (the coordinator stopping, the token revoked, the store
+    failing) aborts it, so that the client sees an error and resumes with ?since=, never a
+    clean end while the job runs on.
 
     NDJSON streams start with, and every KEEPALIVE_S of silence send, an empty line: Bottle sends
     no headers before the first non-empty chunk, and the client uses them to tell a quiet job
     from a dead connection.
     """
-    if keepalive:
+    if ndjson:
         yield "\n"
     last_sent = time.monotonic()
     try:
-        while not disconnected():
+        while not (why := interrupted()):
             seen = changes.version(job_id)
             lines = store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES)
             if lines:
@@ -174,18 +155,36 @@ def _follow(
                 last_sent = time.monotonic()
                 yield render(lines)
                 continue
-            if store.get_job(job_id).status.terminal:
+            job = store.get_job(job_id)
+            if job.status.terminal:
                 # Lines stored between our read and the status check come before the end.
                 tail = store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES)
                 if not tail:
+                    if ndjson:
+                        yield end_record(job)
                     return
                 since = tail[-1][0]
                 yield render(tail)
                 continue
             changes.wait(job_id, seen, WAKE_S)
-            if keepalive and time.monotonic() - last_sent > KEEPALIVE_S:
+            if ndjson and time.monotonic() - last_sent > KEEPALIVE_S:
                 last_sent = time.monotonic()
                 yield "\n"
     except errors.GpuboxError as exc:
-        # Headers are gone already: end the stream; the client resumes with ?since=.
-        log.warning("log stream of job %d ended early: %s", job_id, exc)
+        why = f"the store failed: {exc}"
+    log.info("log stream of job %d cut before the job's end: %s", job_id, why)
+    # Waitress closes the connection without the response's last chunk: the client sees a
+    # transfer cut short (curl exits 18), not an end. (It logs this exception at info level.)
+    raise ClientDisconnected(f"log stream of job {job_id} cut: {why}")
+
+
+def end_record(job: models.Job) -> str:
+    """The last record of an NDJSON follow stream: how the job ended."""
+    record = {
+        "end": True,
+        "id": job.id,
+        "status": job.status.value,
+        "exit_code": job.exit_code,
+        "error": job.error,
+    }
+    return json.dumps(record) + "\n"

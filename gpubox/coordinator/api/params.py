@@ -36,6 +36,16 @@ def json_body(max_body_bytes: int) -> Any:
         raise errors.BadInput("the body is nested too deeply") from None
 
 
+def only(allowed: tuple[str, ...]) -> None:
+    """errors.BadInput naming the first query parameter that is not one of `allowed` (a name
+    ending in "." allows every parameter that starts with it, like metadata.KEY)."""
+    prefixes = tuple(a for a in allowed if a.endswith("."))
+    for name in bottle.request.query:
+        if name not in allowed and not (prefixes and name.startswith(prefixes)):
+            takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+            raise errors.BadInput(f"unknown query parameter {name!r}: {takes}", name)
+
+
 def int_param(name: str, default: int | None, low: int, high: int) -> int | None:
     """The query parameter `name` as an integer from `low` to `high`, or `default` if absent."""
     raw = bottle.request.query.get(name)
@@ -47,6 +57,20 @@ def int_param(name: str, default: int | None, low: int, high: int) -> int | None
         raise errors.BadInput(f"{name} must be an integer", name) from None
     if not low <= value <= high:
         raise errors.BadInput(f"{name} must be between {low} and {high}", name)
+    return value
+
+
+def float_param(name: str, default: float, low: float, high: float) -> float:
+    """The query parameter `name` as a number from `low` to `high`, or `default` if absent."""
+    raw = bottle.request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise errors.BadInput(f"{name} must be a number", name) from None
+    if not low <= value <= high:  # NaN fails this too
+        raise errors.BadInput(f"{name} must be between {low:g} and {high:g}", name)
     return value
 
 

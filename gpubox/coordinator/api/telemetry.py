@@ -19,7 +19,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     store = ctx.store
 
     @app.get("/api/v1/jobs/<job_id:int>/telemetry")
-    @endpoints.endpoint(store)
+    @endpoints.endpoint(store, query=("since",))
     def job_telemetry(job_id: int) -> dict[str, Any]:
         since = _since(bottle.request.query.get("since"))
         job = store.get_job(job_id)  # 404 for a job that does not exist

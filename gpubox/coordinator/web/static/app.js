@@ -120,6 +120,7 @@ class LogView {
     this.queue = []; // lines received from the stream, not yet in the page
     this.flushTimer = 0;
     this.opened = false; // whether the current follow stream got an answer
+    this.ended = ""; // the job's end status, from the stream's end record
   }
 
   async start() {
@@ -234,8 +235,14 @@ class LogView {
     for (;;) {
       this.opened = false;
       try {
-        if ((await this.stream()) && (await this.checkEnded())) {
-          return;
+        if (await this.stream()) {
+          if (this.ended) {
+            await this.finish(this.ended);
+            return;
+          }
+          if (await this.checkEnded()) {
+            return; // an older coordinator, whose streams have no end record
+          }
         }
       } catch (error) {
         if (isPermanent(error)) {
@@ -291,10 +298,13 @@ class LogView {
     }
   }
 
-  // Queues the lines not seen yet; a line whose seq is not past the last one was seen.
+  // Queues the lines not seen yet; a line whose seq is not past the last one was seen. The
+  // stream's last record, {"end": true, "status": …}, says how the job ended.
   receive(lines) {
     for (const line of lines) {
-      if (line.seq > this.last) {
+      if (line.end === true) {
+        this.ended = line.status;
+      } else if (line.seq > this.last) {
         this.queue.push(line);
         this.last = line.seq;
       }

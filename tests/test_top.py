@@ -203,18 +203,18 @@ def test_iterations_print_that_many_refreshes(cluster: Cluster) -> None:
         assert set(rows(refresh)) == {("worker-1", "0"), ("worker-1", "1")}
 
 
-def test_an_unreachable_coordinator_is_one_line_and_status_1() -> None:
+def test_an_unreachable_coordinator_is_one_line_and_status_69() -> None:
     result = run_top("http://127.0.0.1:1", "any-token", "--once")
-    assert result.exit_code == 1
+    assert result.exit_code == 69
     assert result.stdout == ""
     [line] = result.stderr.splitlines()
     assert line.startswith("Error: cannot reach the coordinator at http://127.0.0.1:1")
 
 
-def test_a_bad_token_is_one_line_and_status_1(make_cluster: Callable[..., Cluster]) -> None:
+def test_a_bad_token_is_one_line_and_status_77(make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster(workers=0)
     result = run_top(cluster.url, "not-a-token", "--once")
-    assert result.exit_code == 1
+    assert result.exit_code == 77
     [line] = result.stderr.splitlines()
     assert line.startswith("Error: ") and line.endswith("[HTTP 401]")
 

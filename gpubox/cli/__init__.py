@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 from gpubox import __version__, revision
-from gpubox.cli import jobs, key_admin, roles, store_admin, top
+from gpubox.cli import following, jobs, key_admin, roles, store_admin, top
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -52,6 +52,7 @@ for _command in (
     jobs.ls,
     jobs.logs,
     jobs.tail,
+    following.wait,
     jobs.cancel,
     jobs.workers,
     top.top,

@@ -1,4 +1,4 @@
-"""How a command reports a failure: one `Error: …` line and its exit status."""
+"""How a command reports a failure: one `Error: …` line and its exit status (gpubox.exits)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from gpubox import errors
+from gpubox import errors, exits
 from gpubox.cli.options import F
 from gpubox.client import ApiError, OutputClosed
 
@@ -22,7 +22,15 @@ from gpubox.client import ApiError, OutputClosed
 class SettingError(click.ClickException):
     """A bad setting: `Error: …` on one line (no usage block), exit status 2."""
 
-    exit_code = 2
+    exit_code = exits.USAGE
+
+
+class Failed(click.ClickException):
+    """`Error: …` on one line, and the exit status that says which failure it was."""
+
+    def __init__(self, message: str, exit_code: int = exits.FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # Errors writing stdout or stderr: the output is gone, not the command's own failure.
@@ -30,8 +38,9 @@ UNWRITABLE = {errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
 def friendly(fn: F) -> F:
-    """Turn gpubox errors, and errors reading or writing a file, into `Error: …` and exit
-    status 1 (2 for bad settings)."""
+    """Turn gpubox errors, and errors reading or writing a file, into `Error: …` and the exit
+    status gpubox.exits gives each (2 for bad settings, 69 for a coordinator out of reach, …;
+    1 for what it names no code for)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -41,11 +50,12 @@ def friendly(fn: F) -> F:
             raise SettingError(str(exc)) from None
         except ApiError as exc:
             where = f" ({exc.field})" if exc.field and exc.field not in exc.message else ""
-            raise click.ClickException(f"{exc.message}{where} [HTTP {exc.status}]") from None
+            message = f"{exc.message}{where} [HTTP {exc.status}]"
+            raise Failed(message, exc.exit_code) from None
         except OutputClosed as exc:  # a GpuboxError, but it needs its own handling
             _output_failed(exc)
         except errors.GpuboxError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise Failed(str(exc), getattr(exc, "exit_code", exits.FAILED)) from None
         except OSError as exc:
             if exc.filename is None:
                 _output_failed(exc)

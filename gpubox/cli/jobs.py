@@ -5,22 +5,18 @@ Each talks to the coordinator over HTTP (gpubox.client) with the token it finds.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import os
 import shlex
-import sys
-import threading
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from gpubox import config as cfg
 from gpubox import errors
-from gpubox.cli import failures, options, tables
+from gpubox.cli import failures, following, options, tables
 from gpubox.client import Client, local_token
-
-QUEUED_NOTE_S = 5.0  # tail says why a job is still queued after this many seconds
 
 
 def make_client(config_path: str | None, flags: dict[str, Any]) -> Client:
@@ -58,35 +54,6 @@ def _finite(value: float | None, what: str) -> float | None:
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a number of seconds", param_hint=what)
     return value
-
-
-def _follow(client: Client, job_id: int, since: int = 0) -> NoReturn:
-    """Print a job's output until it ends and exit with its code; Ctrl-C stops following
-    only (exit 130), and says so: the job is not cancelled. A job still queued after
-    QUEUED_NOTE_S is said to be, with why (a follow that prints nothing says nothing)."""
-
-    def note_if_queued() -> None:
-        with contextlib.suppress(Exception):  # only a note: the follow itself reports errors
-            job = client.job(job_id)
-            if job["status"] == "QUEUED":
-                why = job.get("queue_reason") or "waiting to be scheduled"
-                click.echo(f"gpubox: job {job_id} is still queued: {why}", err=True)
-
-    timer = threading.Timer(QUEUED_NOTE_S, note_if_queued)
-    timer.daemon = True
-    timer.start()
-    try:
-        code = client.tail(job_id, since)
-    except KeyboardInterrupt:
-        click.echo(
-            f"\ngpubox: stopped following job {job_id}, which is not cancelled"
-            f" (gpubox cancel {job_id} stops it)",
-            err=True,
-        )
-        sys.exit(130)
-    finally:
-        timer.cancel()
-    sys.exit(code)
 
 
 def _print_json(data: Any) -> None:
@@ -150,11 +117,38 @@ def _print_json(data: Any) -> None:
     show_default=True,
     help="requeues if its worker is lost",
 )
+@click.option(
+    "--queue-timeout",
+    type=click.FloatRange(min=0, min_open=True, max=366 * 86400),
+    callback=lambda _ctx, _param, value: _finite(value, "--queue-timeout"),
+    help="seconds it may wait in the queue before it ends ERROR ('queue timeout: <why it"
+    " waited>'); default: the coordinator's",
+)
+@click.option(
+    "--secret",
+    "secrets",
+    multiple=True,
+    metavar="NAME[=VALUE]",
+    help="a secret environment variable, masked in the log (repeatable); NAME alone takes"
+    " the value of the variable NAME here, so it is never on a command line",
+)
 @click.option("--metadata", help="JSON object stored and returned untouched")
 @click.option(
     "--follow", "-f", is_flag=True, help="print the job's output live; exit with the job's code"
 )
-@click.option("--json", "as_json", is_flag=True, help="print the created job as JSON")
+@click.option(
+    "--cancel-on-exit/--no-cancel-on-exit",
+    default=True,
+    show_default=True,
+    help="with --follow: " + following.CANCEL_ON_EXIT_HELP,
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="print the created job as JSON (with --follow: the ended job, on stdout, and the"
+    " job's output on stderr)",
+)
 @options.client_options
 @failures.friendly
 def submit(
@@ -176,8 +170,11 @@ def submit(
     timeout: float | None,
     idle_timeout: float | None,
     max_retries: int,
+    queue_timeout: float | None,
+    secrets: tuple[str, ...],
     metadata: str | None,
     follow: bool,
+    cancel_on_exit: bool,
     as_json: bool,
     config_path: str | None,
     **flags: Any,
@@ -191,8 +188,14 @@ def submit(
       gpubox submit --gpus 2 -e EPOCHS=3 --follow my/trainer:1.2 python train.py
       gpubox submit --gpus 8 --gpu-model H100 --shm-size 16g --mount datasets my/trainer
       id=$(gpubox submit my/image) && gpubox tail "$id"
-    Options go before IMAGE; everything after IMAGE is the command.
+      HF_TOKEN=… gpubox submit --secret HF_TOKEN my/trainer -- python train.py --epochs 3
+    Options go before IMAGE; everything after IMAGE (or after a -- that follows it) is the
+    command. With --follow, stopping this command (SIGTERM, SIGHUP, or SIGINT outside a
+    terminal) cancels the job; exit codes are in README's table (the job's own, or 69
+    coordinator unreachable, 124 timeout, 125 not run, 130 cancelled, …).
     """
+    if command[:1] == ("--",):
+        command = command[1:]  # `submit IMAGE -- cmd args`, as kubectl and others take it
     client = make_client(config_path, flags)
     spec: dict[str, Any] = {
         "name": name or (shlex.join(command) if command else image)[:200],
@@ -206,6 +209,10 @@ def submit(
     }
     if idle_timeout is not None:
         spec["idle_timeout"] = idle_timeout
+    if queue_timeout is not None:
+        spec["queue_timeout"] = queue_timeout
+    if secrets:
+        spec["docker"]["secrets"] = _secrets(secrets)
     if command:
         spec["docker"]["command"] = list(command)
     for key, value in (("gpu_model", gpu_model), ("gpu_memory_gb", gpu_memory_gb)):
@@ -221,13 +228,29 @@ def submit(
         except json.JSONDecodeError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from None
     job = client.submit(spec)
+    if follow:  # stdout is the job's output alone (with --json: the ended job alone)
+        click.echo(f"job {job['id']} queued; following its output", err=True)
+        following.follow(client, job["id"], cancel_on_exit=cancel_on_exit, as_json=as_json)
     if as_json:
         _print_json(job)
-    elif not follow:  # when following, stdout is the job's output alone
+    else:
         click.echo(job["id"])
-    if follow:
-        click.echo(f"job {job['id']} queued; following its output", err=True)
-        _follow(client, job["id"])
+
+
+def _secrets(values: tuple[str, ...]) -> dict[str, str]:
+    """--secret NAME=VALUE, or NAME: the value of the environment variable NAME."""
+    found: dict[str, str] = {}
+    for value in values:
+        name, sep, secret = value.partition("=")
+        if not sep:
+            if name not in os.environ:
+                raise click.BadParameter(
+                    f"{name} is not set in this environment (give NAME=VALUE, or export it)",
+                    param_hint="--secret",
+                )
+            secret = os.environ[name]
+        found[name] = secret
+    return found
 
 
 @click.command()
@@ -244,32 +267,86 @@ def show(job_id: int, as_json: bool, config_path: str | None, **flags: Any) -> N
 @click.command(name="ls")
 @click.option(
     "--status",
+    "statuses",
+    multiple=True,
     type=click.Choice(
         ["QUEUED", "RUNNING", "FINISHED", "ERROR", "CANCELLED"], case_sensitive=False
     ),
+    help="only jobs in this status (repeatable: any of them)",
 )
+@click.option("--name", help="only jobs whose name starts with this")
+@click.option("--submitter", help="only jobs submitted with the token of this name")
+@click.option(
+    "--label", "-l", "labels", multiple=True, metavar="K=V", help="only jobs with this label"
+)
+@click.option(
+    "--metadata",
+    "metadata",
+    multiple=True,
+    metavar="K=V",
+    help="only jobs whose metadata has this top-level key with this value (repeatable)",
+)
+@click.option("--created-after", metavar="TIME", help="RFC 3339 (2026-12-06T10:00:00Z)")
+@click.option("--created-before", metavar="TIME", help="RFC 3339")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--before", type=int, help="only jobs with a smaller id (for paging)")
 @click.option("--json", "as_json", is_flag=True, help="print the API's JSON answer")
 @options.client_options
 @failures.friendly
 def ls(
-    status: str | None,
+    statuses: tuple[str, ...],
+    name: str | None,
+    submitter: str | None,
+    labels: tuple[str, ...],
+    metadata: tuple[str, ...],
+    created_after: str | None,
+    created_before: str | None,
     limit: int,
     before: int | None,
     as_json: bool,
     config_path: str | None,
     **flags: Any,
 ) -> None:
-    """List jobs, newest first."""
-    page = make_client(config_path, flags).jobs(status, limit, before)
+    """List jobs, newest first; every filter given must match.
+
+    
+    Examples:
+      gpubox ls --status error --status cancelled
+      gpubox ls --metadata pipeline=p42 --json | jq '.jobs[].id'
+      gpubox ls --name train- --created-after 2026-12-06T00:00:00Z
+    """
+    statuses = tuple(s.upper() for s in statuses)
+    page = make_client(config_path, flags).jobs(
+        statuses,
+        limit,
+        before,
+        name=name,
+        submitter=submitter,
+        labels=_pairs(labels, "--label"),
+        metadata=_pairs(metadata, "--metadata"),
+        created_after=created_after,
+        created_before=created_before,
+    )
     if as_json:
         _print_json(page)
         return
     for line in tables.jobs(page["jobs"]):
         click.echo(line)
     if page["next"]:
-        click.echo(f"(more: gpubox ls --before {page['next']})", err=True)
+        again = ["gpubox", "ls"]
+        again += [f for s in statuses for f in ("--status", s)]
+        for flag, value in (
+            ("--name", name),
+            ("--submitter", submitter),
+            ("--created-after", created_after),
+            ("--created-before", created_before),
+        ):
+            again += [flag, value] if value else []
+        again += [f for pair in labels for f in ("--label", pair)]
+        again += [f for pair in metadata for f in ("--metadata", pair)]
+        again += ["--limit", str(limit)] if limit != 20 else []
+        again += ["--before", str(page["next"])]
+        click.echo(f"(more: {shlex.join(again)})", err=True)
 
 
 @click.command()
@@ -289,15 +366,21 @@ def logs(job_id: int, since: int, config_path: str | None, **flags: Any) -> None
 @click.command()
 @click.argument("job_id", type=int)
 @click.option("--since", type=click.IntRange(0), default=0, help="start after this sequence number")
+@click.option("--cancel-on-exit", is_flag=True, help=following.CANCEL_ON_EXIT_HELP)
 @options.client_options
 @failures.friendly
-def tail(job_id: int, since: int, config_path: str | None, **flags: Any) -> None:
+def tail(
+    job_id: int, since: int, cancel_on_exit: bool, config_path: str | None, **flags: Any
+) -> None:
     """Follow a job's output live until it ends; exit with its code.
 
-    Exit status: 0 FINISHED, the container's code on a non-zero exit, 1 for other errors,
-    130 cancelled. A dropped connection is resumed without a gap or a repeated line.
+    Exit status: 0 FINISHED, the job's own code on a non-zero exit, 124 its timeout, 125 it
+    ended ERROR without running (an image that cannot be pulled, …), 130 cancelled, 70 its
+    worker was lost, 69 the coordinator cannot be reached, 75 gave up (README has the whole
+    table). A dropped connection is resumed without a gap or a repeated line; a coordinator
+    with no stream free is read a page at a time instead.
     """
-    _follow(make_client(config_path, flags), job_id, since)
+    following.follow(make_client(config_path, flags), job_id, since, cancel_on_exit)
 
 
 @click.command()

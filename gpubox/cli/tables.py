@@ -116,16 +116,33 @@ def summary(job: dict[str, Any]) -> str:
 def jobs(found: list[dict[str, Any]]) -> list[str]:
     """`gpubox ls`: a header line and one line per job, as the API gives them."""
     lines = [
-        f"{'ID':>6}  {'STATUS':<9}  {'PRI':>4}  {'GPUS':>4}  {'WORKER':<16}  {'SUBMITTER':<12}"
-        "  NAME"
+        f"{'ID':>6}  {'STATUS':<9}  {'EXIT':>4}  {'CREATED':<19}  {'DURATION':>8}  {'GPUS':>4}  "
+        f"{'WORKER':<16}  {'SUBMITTER':<12}  NAME"
     ]
     for job in found:
         submitter = printable(job.get("submitter") or "-")[:12]
+        result = job.get("result") or {}
+        code = result.get("exit_code")
+        duration = result.get("duration")
+        created = str(job.get("created_at") or "-")[:19].replace("T", " ")
         lines.append(
-            f"{job['id']:>6}  {job['status']:<9}  {job['priority']:>4}  {job['gpus']:>4}  "
+            f"{job['id']:>6}  {job['status']:<9}  {'-' if code is None else code:>4}  "
+            f"{created:<19}  {_seconds(duration):>8}  {job['gpus']:>4}  "
             f"{(job['worker'] or '-')[:16]:<16}  {submitter:<12}  {printable(job['name'])}"
         )
     return lines
+
+
+def _seconds(value: float | None) -> str:
+    """A duration the way a person reads it: 42.1s, 12m03s, 5h07m."""
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.1f}s"
+    minutes, seconds = divmod(int(value), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def workers(found: list[dict[str, Any]]) -> list[str]:

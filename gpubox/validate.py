@@ -192,6 +192,54 @@ def parse_container(docker: dict[str, Any]) -> models.ContainerOptions:
     )
 
 
+# An image reference as Docker reads it (the grammar of distribution/reference):
+# [DOMAIN/]PATH[:TAG][@DIGEST]. The first part is a domain only when it has a "." or a ":"
+# or is "localhost"; the path's parts are lowercase.
+_PATH_PART = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_DOMAIN = re.compile(
+    r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*(?::[0-9]+)?"
+)
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_DIGEST = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}")
+NO_IMAGE = "-"  # for the process runtime, which runs no image
+
+
+def check_image(image: str) -> str:
+    """`image` if Docker would take it as an image reference (or it is "-", no image: for
+    process-runtime workers), else errors.BadInput saying what is wrong, so that a job a
+    worker could never pull fails at submission, not on the worker."""
+    if image == NO_IMAGE:
+        return image
+    rest, _, digest = image.partition("@")
+    if digest and not _DIGEST.fullmatch(digest):
+        raise _bad_image(image, f"its digest {digest!r} is not ALGORITHM:HEX")
+    name, tag = rest, ""
+    colon = rest.rfind(":")
+    if colon > rest.rfind("/"):  # a ":" after the last "/" starts the tag
+        name, tag = rest[:colon], rest[colon + 1 :]
+        if not _TAG.fullmatch(tag):
+            raise _bad_image(image, f"its tag {tag!r} is not letters, digits, _ . - (128 at most)")
+    parts = name.split("/")
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        if not _DOMAIN.fullmatch(parts[0]):
+            raise _bad_image(image, f"{parts[0]!r} is not a registry host[:port]")
+        parts = parts[1:]
+    for part in parts:
+        if not _PATH_PART.fullmatch(part):
+            raise _bad_image(
+                image, f"{part!r} is not lowercase letters and digits joined by . _ __ or -"
+            )
+    return image
+
+
+def _bad_image(image: str, why: str) -> errors.BadInput:
+    return errors.BadInput(
+        f"docker.image {image!r} is not an image reference Docker would take: {why}",
+        "docker.image",
+    )
+
+
 def parse_spec(data: Any) -> models.JobSpec:
     """Validate a submission (decoded JSON) into a JobSpec, or raise BadInput naming the field."""
     if not isinstance(data, dict):
@@ -209,7 +257,7 @@ def parse_spec(data: Any) -> models.JobSpec:
     _unknown(docker, DOCKER_KEYS, "docker.")
     if "image" not in docker:
         raise errors.BadInput("docker.image is required", "docker.image")
-    image = _str(docker["image"], "docker.image", MAX_IMAGE, required=True)
+    image = check_image(_str(docker["image"], "docker.image", MAX_IMAGE, required=True))
     auth = docker.get("auth")
     if auth is not None:
         if not isinstance(auth, dict):

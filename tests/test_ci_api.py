@@ -216,6 +216,37 @@ def test_the_list_filters_by_status_name_submitter_label_metadata_and_time(
         assert answer.status == 400 and answer.body["error"]["field"] == field, bad
 
 
+# --- image references ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["UPPER/Bad Image", "Busybox", "my/Trainer:1", "x:", "x@sha256:zz", "/x", "a//b", "x:a b"],
+)
+def test_an_image_docker_would_refuse_is_refused_at_submission(
+    make_cluster: Callable[..., Cluster], image: str
+) -> None:
+    cluster = make_cluster(workers=0)
+    answer = request(cluster, "POST", JOBS, {"name": "x", "docker": {"image": image}})
+    assert answer.status == 400 and answer.body["error"]["field"] == "docker.image"
+    assert "not an image reference Docker would take" in answer.body["error"]["message"]
+
+
+def test_image_references_docker_takes_are_accepted(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(workers=0)
+    for image in (
+        "busybox",
+        "gpubox-busybox:latest",
+        "nvcr.io/nvidia/pytorch:24.01-py3",
+        "localhost:5000/team/trainer:v1.2",
+        "ghcr.io/org/img@sha256:" + "a" * 64,
+        "my_org/tool__x:1",
+        "-",  # no image: for process-runtime workers
+    ):
+        answer = request(cluster, "POST", JOBS, {"name": "x", "docker": {"image": image}})
+        assert answer.status == 201, (image, answer.body)
+
+
 # --- queue timeout --------------------------------------------------------------------------
 
 

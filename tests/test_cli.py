@@ -467,3 +467,17 @@ def test_version_inside_another_repository_does_not_claim_its_revision(tmp_path:
         cwd=str(tmp_path),
     )
     assert shown.stdout.strip() == "gpubox 0.1.0 (unknown)"
+
+
+@pytest.mark.parametrize("script", ["demo", "test", "setup-host"])
+def test_the_scripts_help_installs_and_starts_nothing(script: str) -> None:
+    root = Path(__file__).resolve().parent.parent
+    shown = subprocess.run(
+        [str(root / "scripts" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"usage: scripts/{script}" in shown.stdout and shown.stderr == ""

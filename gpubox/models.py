@@ -96,6 +96,10 @@ class JobSpec:
     # Seconds it may stay QUEUED before it ends ERROR ("queue timeout: <why it waited>");
     # None: never. The coordinator fills in its queue_timeout setting when a job names none.
     queue_timeout: float | None = None
+    # Where to tell of its start or end: [{"url": …, "events": ["start", "end"]}]; each
+    # one's signing secret (write-only, like `secrets`) is sealed into `webhooks_sealed`.
+    webhooks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    webhooks_sealed: str | None = None
     max_retries: int = 0
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     # auth and secrets, encrypted by the coordinator (coordinator.sealing); erased at the end.
@@ -264,6 +268,16 @@ class Job:
     telemetry: dict[str, Any] | None = None
 
     @property
+    def hooks_due(self) -> int:
+        """The webhook events still to deliver when the job is first stored: bit 1 its
+        start, bit 2 its end (see coordinator.webhooks); 0 without webhooks."""
+        due = 0
+        for hook in self.spec.webhooks:
+            for event in hook.get("events", ()):
+                due |= 1 if event == "start" else 2
+        return due
+
+    @property
     def queue_deadline(self) -> datetime | None:
         """When it ends ERROR if it is still QUEUED then (its queue_timeout), or None."""
         if self.spec.queue_timeout is None:
@@ -317,6 +331,7 @@ JOB_FIELDS: tuple[Field, ...] = (
     Field("timeout", REAL, "spec.timeout", api="timeout", wire="timeout", null=True),
     Field("idle_timeout", REAL, "spec.idle_timeout", api="idle_timeout", null=True, since=7),
     Field("queue_timeout", REAL, "spec.queue_timeout", api="queue_timeout", null=True, since=8),
+    Field("webhooks", JSON, "spec.webhooks", api="webhooks", default="'[]'", since=9),
     Field("max_retries", INT, "spec.max_retries", api="max_retries"),
     Field("metadata", JSON, "spec.metadata", api="metadata"),
     Field("submitter", TEXT, "spec.submitter", api="submitter", wire="submitter", null=True,
@@ -357,6 +372,11 @@ JOB_FIELDS: tuple[Field, ...] = (
     # When a job still QUEUED ends for its queue_timeout (Job.queue_deadline): indexed, so
     # the broker finds those due without reading the queue.
     Field("queue_deadline", TIME, "queue_deadline", computed=True, null=True, since=8),
+    # Webhooks: their signing secrets, sealed (kept past the job's end, unlike `sealed`:
+    # deliveries go on after it), and the events not yet turned into deliveries (bits:
+    # coordinator.webhooks.START, END).
+    Field("webhooks_sealed", TEXT, "spec.webhooks_sealed", null=True, since=9),
+    Field("hooks_due", INT, "hooks_due", computed=True, default="0", since=9),
 )
 # fmt: on
 _job_api = fields.api_builder(JOB_FIELDS)
@@ -465,3 +485,39 @@ class Token:
     def may_use_process(self) -> bool:
         """Whether this token's jobs may run on process-runtime workers."""
         return self.allow_process or self.role == "admin"
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookDelivery:
+    """One event of a job (its start or end) to deliver to one webhook URL, with what its
+    attempts so far gave (coordinator.webhooks)."""
+
+    job_id: int
+    url: str
+    event: str  # "job.started" or "job.ended"
+    delivery: str  # a UUID, the same in every attempt: the receiver's duplicate check
+    payload: str  # the JSON body, as sent
+    secret: str | None  # the HMAC key, sealed; None once delivered or given up
+    next_at: datetime  # when the next attempt is due
+    created_at: datetime
+    state: str = "pending"  # pending, delivered, or failed (given up)
+    attempts: int = 0
+    last_status: int | None = None  # the HTTP status of the last attempt
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    id: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """As GET /api/v1/jobs/<id>/webhooks shows it (neither secret nor payload)."""
+        return {
+            "url": self.url,
+            "event": self.event,
+            "delivery": self.delivery,
+            "state": self.state,
+            "attempts": self.attempts,
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+            "next_at": format_time(self.next_at) if self.state == "pending" else None,
+            "created_at": format_time(self.created_at),
+            "delivered_at": format_time(self.delivered_at),
+        }

@@ -42,6 +42,7 @@ JOB_KEYS = {
     "timeout",
     "idle_timeout",
     "queue_timeout",
+    "webhooks",
     "max_retries",
     "metadata",
 }
@@ -240,6 +241,45 @@ def _bad_image(image: str, why: str) -> errors.BadInput:
     )
 
 
+MAX_WEBHOOKS = 5
+WEBHOOK_EVENTS = ("start", "end")
+
+
+def parse_webhooks(value: Any) -> list[dict[str, Any]]:
+    """A job's webhooks: up to MAX_WEBHOOKS of {"url": http(s)://…, "secret": 16-200
+    characters (the HMAC key the receiver checks each delivery with), "events": a list of
+    "start" and "end", by default ["end"]}. Whether the coordinator may call a URL is its
+    own setting (webhook_allow), checked by the API."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_WEBHOOKS:
+        raise errors.BadInput(f"webhooks must be a list of at most {MAX_WEBHOOKS}", "webhooks")
+    hooks = []
+    for index, hook in enumerate(value):
+        where = f"webhooks[{index}]"
+        if not isinstance(hook, dict):
+            raise errors.BadInput(f"{where} must be an object with url and secret", where)
+        _unknown(hook, {"url", "secret", "events"}, f"{where}.")
+        url = _str(hook.get("url"), f"{where}.url", 2000, required=True)
+        if not re.fullmatch(r"https?://[^\s/?#@]+(/\S*)?", url):
+            raise errors.BadInput(f"{where}.url must be an http:// or https:// URL", f"{where}.url")
+        secret = _str(hook.get("secret"), f"{where}.secret", 200, required=True)
+        if len(secret) < 16:
+            raise errors.BadInput(
+                f"{where}.secret must be 16 characters or more", f"{where}.secret"
+            )
+        events = hook.get("events", ["end"])
+        if (
+            not isinstance(events, list)
+            or not events
+            or any(e not in WEBHOOK_EVENTS for e in events)
+            or len(set(events)) != len(events)
+        ):
+            raise errors.BadInput(f"{where}.events must list start and/or end", f"{where}.events")
+        hooks.append({"url": url, "secret": secret, "events": events})
+    return hooks
+
+
 def parse_spec(data: Any) -> models.JobSpec:
     """Validate a submission (decoded JSON) into a JobSpec, or raise BadInput naming the field."""
     if not isinstance(data, dict):
@@ -315,6 +355,7 @@ def parse_spec(data: Any) -> models.JobSpec:
             " coordinator's)",
             "queue_timeout",
         )
+    webhooks = parse_webhooks(data.get("webhooks"))
     metadata = data.get("metadata")
     if metadata is None:
         metadata = {}
@@ -348,6 +389,7 @@ def parse_spec(data: Any) -> models.JobSpec:
         timeout=timeout,
         idle_timeout=idle_timeout,
         queue_timeout=queue_timeout,
+        webhooks=webhooks,
         max_retries=_int(data.get("max_retries", 0), "max_retries", 0, 100),
         metadata=metadata,
         gpu_model=gpu_model,

@@ -40,6 +40,8 @@ SPEC = models.JobSpec(
     timeout=30.5,
     idle_timeout=600.0,
     queue_timeout=900.0,
+    webhooks=[{"url": "https://the.example/hook", "events": ["end"]}],
+    webhooks_sealed="the-sealed-webhook-secrets",
     max_retries=3,
     metadata={"the": ["metadata"]},
     sealed="the-sealed",
@@ -76,14 +78,15 @@ PLAIN = models.Job(
 
 # The job as the API showed it before JOB_FIELDS, byte for byte (key order included), with
 # the fields added since (result.image_id and result.image_digest, schema 6; idle_timeout
-# and result.telemetry, schema 7; queue_timeout, schema 8).
+# and result.telemetry, schema 7; queue_timeout, schema 8; webhooks, schema 9).
 API_JSON = (
     '{"id": 42, "name": "the-name", "description": "the-description", "priority": 7,'
     ' "docker": {"image": "the-image", "command": ["the", "command"], "env": {"THE_ENV": "1"},'
     ' "shm_size": 1048576, "workdir": "/w", "user": "1000", "memory": 1073741824,'
     ' "mounts": ["data"]}, "gpus": 2, "gpu_model": "the-model", "gpu_memory_gb": 12.5,'
     ' "labels": {"the": "label"}, "timeout": 30.5, "idle_timeout": 600.0,'
-    ' "queue_timeout": 900.0, "max_retries": 3,'
+    ' "queue_timeout": 900.0,'
+    ' "webhooks": [{"url": "https://the.example/hook", "events": ["end"]}], "max_retries": 3,'
     ' "metadata": {"the": ["metadata"]}, "submitter": "the-submitter", "allow_process": true,'
     ' "status": "RUNNING", "queue_reason": null, "cancel_requested": true,'
     ' "result": {"executed_at": "2024-05-01T12:00:02.123456Z",'

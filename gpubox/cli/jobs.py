@@ -132,6 +132,21 @@ def _print_json(data: Any) -> None:
     help="a secret environment variable, masked in the log (repeatable); NAME alone takes"
     " the value of the variable NAME here, so it is never on a command line",
 )
+@click.option(
+    "--webhook",
+    "webhooks",
+    multiple=True,
+    metavar="URL",
+    help="POST the job's end to this URL, signed (HMAC-SHA256) with the secret in"
+    " GPUBOX_WEBHOOK_SECRET; the coordinator must allow the URL (webhook_allow) (repeatable)",
+)
+@click.option(
+    "--webhook-events",
+    type=click.Choice(["end", "start,end"]),
+    default="end",
+    show_default=True,
+    help="which events the webhooks get",
+)
 @click.option("--metadata", help="JSON object stored and returned untouched")
 @click.option(
     "--follow", "-f", is_flag=True, help="print the job's output live; exit with the job's code"
@@ -172,6 +187,8 @@ def submit(
     max_retries: int,
     queue_timeout: float | None,
     secrets: tuple[str, ...],
+    webhooks: tuple[str, ...],
+    webhook_events: str,
     metadata: str | None,
     follow: bool,
     cancel_on_exit: bool,
@@ -213,6 +230,15 @@ def submit(
         spec["queue_timeout"] = queue_timeout
     if secrets:
         spec["docker"]["secrets"] = _secrets(secrets)
+    if webhooks:
+        secret = os.environ.get("GPUBOX_WEBHOOK_SECRET", "")
+        if not secret:
+            raise click.BadParameter(
+                "set GPUBOX_WEBHOOK_SECRET to the secret the receiver checks signatures with",
+                param_hint="--webhook",
+            )
+        events = webhook_events.split(",")
+        spec["webhooks"] = [{"url": u, "secret": secret, "events": events} for u in webhooks]
     if command:
         spec["docker"]["command"] = list(command)
     for key, value in (("gpu_model", gpu_model), ("gpu_memory_gb", gpu_memory_gb)):
@@ -259,9 +285,17 @@ def _secrets(values: tuple[str, ...]) -> dict[str, str]:
 @options.client_options
 @failures.friendly
 def show(job_id: int, as_json: bool, config_path: str | None, **flags: Any) -> None:
-    """Show one job: status, result, where it ran."""
-    job = make_client(config_path, flags).job(job_id)
-    _print_json(job) if as_json else click.echo(tables.summary(job))
+    """Show one job: status, result, where it ran, and its webhooks' deliveries."""
+    client = make_client(config_path, flags)
+    job = client.job(job_id)
+    if as_json:
+        _print_json(job)
+        return
+    click.echo(tables.summary(job))
+    if job.get("webhooks"):
+        sent = client.call("GET", f"/api/v1/jobs/{job_id}/webhooks")["deliveries"]
+        for line in tables.deliveries(sent):
+            click.echo(line)
 
 
 @click.command(name="ls")

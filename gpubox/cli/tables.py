@@ -145,6 +145,18 @@ def _seconds(value: float | None) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def deliveries(found: list[dict[str, Any]]) -> list[str]:
+    """`gpubox show`: one line per webhook delivery: event, URL, state, attempts, last answer."""
+    lines = ["webhooks:"] if found else ["webhooks:     none delivered yet"]
+    for d in found:
+        answer = d.get("last_error") or (f"HTTP {d['last_status']}" if d["last_status"] else "-")
+        lines.append(
+            f"  {d['event']:<12} {printable(d['url'])}  {d['state']}, {d['attempts']}"
+            f" attempt(s), last: {answer}"
+        )
+    return lines
+
+
 def workers(found: list[dict[str, Any]]) -> list[str]:
     """`gpubox workers`: a header line and one line per worker, as the API gives them."""
     lines = [f"{'NAME':<20}  {'STATE':<12}  {'GPUS':>4}  {'JOBS':<12}  LAST HEARTBEAT"]

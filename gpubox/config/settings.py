@@ -78,6 +78,22 @@ class CoordinatorConfig:
         " https its session cookie is marked Secure",
         "--public-url",
     )
+    webhook_allow: str = setting(
+        "",
+        "GPUBOX_WEBHOOK_ALLOW",
+        "URL prefixes a job's webhooks may call, like https://ci.example.com/hooks/ (none:"
+        " jobs may name no webhook, so no token holder makes the coordinator call an"
+        " internal address)",
+        "--webhook-allow",
+        many=True,
+    )
+    webhooks: str = setting(
+        "",
+        "GPUBOX_WEBHOOKS",
+        "webhook URLs told of every job's end, signed with the key in <state_dir>/webhook.secret",
+        "--webhook",
+        many=True,
+    )
     telemetry_max_points: int = setting(
         2000,
         "GPUBOX_TELEMETRY_MAX_POINTS",
@@ -121,6 +137,10 @@ class CoordinatorConfig:
         if self.liveness_s <= self.heartbeat_interval_s:
             raise errors.ConfigError("liveness_s: must be longer than heartbeat_interval_s")
         check_public_url(self.public_url)
+        for name in ("webhook_allow", "webhooks"):
+            for url in filter(None, getattr(self, name).split(",")):
+                if not re.fullmatch(r"https?://[^\s/?#@]+(/\S*)?", url.strip()):
+                    raise errors.ConfigError(f"{name}: {url!r} is not an http(s):// URL")
         if self.telemetry_max_points < 10:
             raise errors.ConfigError("telemetry_max_points: must be at least 10")
         if self.queue_timeout < 0:

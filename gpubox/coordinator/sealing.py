@@ -36,13 +36,38 @@ class Sealer:
             raise errors.ConfigError(f"cannot read the secrets key {path}: {exc}") from exc
 
     def seal(self, spec: models.JobSpec) -> models.JobSpec:
-        """The spec with auth and secrets moved, encrypted, into `sealed`."""
+        """The spec with auth and secrets moved, encrypted, into `sealed`, and its webhooks'
+        secrets into `webhooks_sealed`."""
+        if any("secret" in hook for hook in spec.webhooks):
+            secrets = [hook.get("secret", "") for hook in spec.webhooks]
+            spec = dataclasses.replace(
+                spec,
+                webhooks=[{k: v for k, v in h.items() if k != "secret"} for h in spec.webhooks],
+                webhooks_sealed=self.seal_text(json.dumps(secrets)),
+            )
         if spec.auth is None and not spec.secrets:
             return spec
         plain = json.dumps({"auth": spec.auth, "secrets": spec.secrets}).encode()
         return dataclasses.replace(
             spec, auth=None, secrets={}, sealed=self._fernet.encrypt(plain).decode("ascii")
         )
+
+    def seal_text(self, text: str) -> str:
+        return self._fernet.encrypt(text.encode()).decode("ascii")
+
+    def unseal_text(self, sealed: str) -> str:
+        try:
+            return self._fernet.decrypt(sealed.encode("ascii")).decode()
+        except (InvalidToken, ValueError) as exc:
+            raise errors.GpuboxError(
+                f"a sealed value cannot be unsealed: was {KEY_FILE} in the state folder replaced?"
+            ) from exc
+
+    def webhook_secrets(self, job: models.Job) -> list[str]:
+        """The signing secret of each of the job's webhooks, in their order."""
+        if not job.spec.webhooks_sealed:
+            return ["" for _ in job.spec.webhooks]
+        return list(json.loads(self.unseal_text(job.spec.webhooks_sealed)))
 
     def credentials(self, job: models.Job) -> dict[str, Any]:
         """{"auth": …, "secrets": …} of a job, or {} when it has none."""

@@ -14,7 +14,7 @@ from waitress import wasyncore
 
 from gpubox import config as config_mod
 from gpubox import errors, keys, supervise
-from gpubox.coordinator import api, sealing, tokens
+from gpubox.coordinator import api, sealing, tokens, webhooks
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store, open_store
@@ -57,6 +57,7 @@ class Coordinator:
         self.broker: Broker | None = None
         self.http_server: Any = None
         self.threads: list[supervise.Essential] = []
+        self.webhooks: webhooks.Dispatcher | None = None
         self._stopping = threading.Event()
         self._http_done = threading.Event()
         self._http_loop = supervise.Loop(stall_s=3 * config.heartbeat_interval_s)
@@ -89,6 +90,9 @@ class Coordinator:
             )
         server_keys = keys.load_secret(secret)
         sealer = sealing.Sealer(self.config.state_dir)
+        hooks = webhooks.Settings.load(
+            self.config.webhook_allow, self.config.webhooks, self.config.state_dir
+        )
         self.store = open_store(self.config.db)
         changes = Changes()
         self.broker = Broker(
@@ -122,6 +126,7 @@ class Coordinator:
             dashboard=self.config.dashboard,
             public_url=self.config.public_url,
             queue_timeout=self.config.queue_timeout,
+            webhook_settings=hooks,
         )
         host, port = config_mod.parse_address(self.config.http, "http")
         connections = max(100, min(MAX_HTTP_CONNECTIONS, raise_fd_limit() - RESERVED_FDS))
@@ -161,6 +166,15 @@ class Coordinator:
             supervise.Essential("gpubox-broker", self.broker.run, self.broker.loop),
             supervise.Essential("gpubox-http", self._serve_http, self._http_loop),
         ]
+        if hooks.active:
+            # Its loop turns at least every webhooks.IDLE_S, and between two deliveries,
+            # each of which may take webhooks.TIMEOUT_S.
+            self.webhooks = webhooks.Dispatcher(
+                self.store, sealer, self._stopping, supervise.Loop(stall_s=60.0)
+            )
+            self.threads.append(
+                supervise.Essential("gpubox-webhooks", self.webhooks.run, self.webhooks.loop)
+            )
         for thread in self.threads:
             thread.start()
         log.info("coordinator serving HTTP on %s, workers on %s", self.http_url, self.link_endpoint)
@@ -185,6 +199,8 @@ class Coordinator:
     def stop(self) -> None:
         """Finish requests in flight (follow streams end), close listeners, join threads."""
         self._stopping.set()
+        if self.webhooks is not None:
+            self.webhooks.wake.set()
         server = self.http_server
         if server is not None:
             server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)

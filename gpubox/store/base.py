@@ -28,6 +28,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "jobs": ("id",),
     "job_labels": ("job_id", "pair"),
     "idempotency": ("token", "key"),
+    "webhook_deliveries": ("id",),
     "logs": ("job_id", "seq"),
     "telemetry": ("job_id", "attempt", "gpu", "t_start"),
     "workers": ("name",),
@@ -76,6 +77,50 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def fail_queued(self, job_id: int, error: str, now: datetime) -> bool:
         """End a job that is still QUEUED as ERROR with `error`; False if it no longer is."""
+
+    # --- webhooks -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def webhook_events_due(self, limit: int = 100) -> list[tuple[models.Job, int]]:
+        """Jobs with webhook events still to turn into deliveries (jobs.hooks_due > 0) that
+        have started or ended, each with those events (bits: 1 start, 2 end)."""
+
+    @abc.abstractmethod
+    def add_deliveries(
+        self,
+        job_id: int,
+        was_due: int,
+        still_due: int,
+        deliveries: Sequence[models.WebhookDelivery],
+    ) -> bool:
+        """Store these deliveries and set the job's events due from `was_due` to
+        `still_due`, in one transaction; False (nothing stored) when they were no longer
+        `was_due` (another dispatcher took them)."""
+
+    @abc.abstractmethod
+    def due_deliveries(self, now: datetime, limit: int = 50) -> list[models.WebhookDelivery]:
+        """Pending deliveries whose next attempt is due at `now`, the most overdue first."""
+
+    @abc.abstractmethod
+    def next_delivery_at(self) -> datetime | None:
+        """When the next pending delivery is due, or None when none is pending."""
+
+    @abc.abstractmethod
+    def record_attempt(
+        self,
+        delivery_id: int,
+        state: str,
+        status: int | None,
+        error: str | None,
+        next_at: datetime,
+        now: datetime,
+    ) -> None:
+        """What one attempt gave: the delivery's new state (pending, delivered, failed), the
+        HTTP status or error, and when it is next due; a done delivery's secret is erased."""
+
+    @abc.abstractmethod
+    def job_deliveries(self, job_id: int) -> list[models.WebhookDelivery]:
+        """Every delivery of a job, oldest first."""
 
     @abc.abstractmethod
     def list_jobs(

@@ -125,6 +125,30 @@ CREATE INDEX idempotency_created ON idempotency (created_at);
 CREATE INDEX job_labels_pair ON job_labels (pair);
 CREATE INDEX jobs_queue_deadline ON jobs (queue_deadline) WHERE status = 'QUEUED';
 """,
+    # 9: webhooks: each delivery of a job's start or end to a URL, with its attempts (the
+    # signing secret sealed, erased once it is delivered or given up), and per job the events
+    # still to be turned into deliveries (jobs.hooks_due; its columns)
+    """
+CREATE TABLE webhook_deliveries (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    event TEXT NOT NULL,
+    delivery TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    secret TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    next_at TEXT NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    delivered_at TEXT
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_at) WHERE state = 'pending';
+CREATE INDEX webhook_deliveries_job ON webhook_deliveries (job_id);
+CREATE INDEX jobs_hooks_due ON jobs (id) WHERE hooks_due > 0;
+""",
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.
 MIGRATIONS = columns.migrations(TYPES, OTHERS)

@@ -16,8 +16,17 @@ from collections.abc import Callable
 
 import bottle
 
-from gpubox.coordinator import sealing
-from gpubox.coordinator.api import admin, context, health, http_errors, jobs, logs, telemetry
+from gpubox.coordinator import sealing, webhooks
+from gpubox.coordinator.api import (
+    admin,
+    context,
+    deliveries,
+    health,
+    http_errors,
+    jobs,
+    logs,
+    telemetry,
+)
 from gpubox.coordinator.api.context import LiveView
 from gpubox.coordinator.api.endpoints import TOKEN_KEY
 from gpubox.coordinator.api.held import HeldThreads
@@ -65,6 +74,7 @@ def make_app(
     dashboard: bool = True,
     public_url: str = "",
     queue_timeout: float = 0.0,
+    webhook_settings: webhooks.Settings | None = None,
 ) -> bottle.Bottle:
     """The WSGI app. `poke` tells the broker about new jobs and cancels; `sealer` encrypts
     credentials before they are stored; `state_dir` holds the worker allow list; `stopping`
@@ -74,7 +84,8 @@ def make_app(
     request;
     `dashboard`: serve the web dashboard at / (coordinator.web); `public_url`: where people
     open it when a proxy stands in front (web.Sessions); `queue_timeout`: the seconds a job
-    that names none may stay queued (0: never)."""
+    that names none may stay queued (0: never); `webhook_settings`: which URLs jobs'
+    webhooks may call (none: webhooks off) and the coordinator's own."""
     app = bottle.Bottle()
     stopping = stopping or threading.Event()
     app.default_error_handler = http_errors.default_error  # type: ignore[method-assign]
@@ -89,10 +100,11 @@ def make_app(
         live=live,
         held=HeldThreads(max_followers),
         queue_timeout=queue_timeout,
+        webhooks=webhook_settings or webhooks.Settings(),
     )
     # In the order the routes were always added: Bottle tries the routes of one method in the
     # order they were added.
-    for routes in (health, jobs, logs, telemetry, admin):
+    for routes in (health, jobs, logs, telemetry, admin, deliveries):
         routes.add_routes(app, ctx)
     if dashboard:
         from gpubox.coordinator import web

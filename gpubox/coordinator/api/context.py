@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from gpubox.coordinator import sealing
+from gpubox.coordinator import sealing, webhooks
 from gpubox.coordinator.api.held import HeldThreads
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store
@@ -47,3 +47,4 @@ class Context:
     live: LiveView | None
     held: HeldThreads  # the threads follow streams and long polls hold
     queue_timeout: float  # for a job that names none (0: never)
+    webhooks: webhooks.Settings  # which URLs jobs' webhooks may call; the coordinator's own

@@ -37,7 +37,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
         key = _idempotency_key()
         body = params.json_body(max_body_bytes)
         spec = dataclasses.replace(
-            sealer.seal(validate.parse_spec(body)),
+            sealer.seal(ctx.webhooks.add_to(validate.parse_spec(body))),
             submitter=token.name,
             allow_process=token.may_use_process,
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gpubox import keys
+from gpubox import exits, keys
 from gpubox.store import open_store
 from tests.conftest import IMAGE, remove_containers, wait_until
 
@@ -481,3 +481,10 @@ def test_the_scripts_help_installs_and_starts_nothing(script: str) -> None:
     )
     assert shown.returncode == 0, shown.stderr
     assert f"usage: scripts/{script}" in shown.stdout and shown.stderr == ""
+
+
+def test_readme_gives_the_exit_code_table_as_gpubox_exits_has_it() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for code in exits.TABLE:
+        row = f"| {code.code} | {code.meaning} | {'yes' if code.retry else 'no'} |"
+        assert row in readme, row

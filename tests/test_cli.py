@@ -118,7 +118,10 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str], tmp_path: Path
     listed = run("ls", env=env)
     assert "cli job" in listed.stdout and job_id in listed.stdout
     assert "SUBMITTER" in listed.stdout.splitlines()[0]
-    assert [line.split()[5] for line in listed.stdout.splitlines()[1:]] == ["local"]
+    header, *rows = listed.stdout.splitlines()
+    column = header.split().index("SUBMITTER")
+    # (CREATED takes two words: a date and a time)
+    assert [line.split()[column + 1] for line in rows] == ["local"]
 
     tailed = run("tail", job_id, env=env)
     assert tailed.returncode == 4 and tailed.stdout == "hello cli\n"

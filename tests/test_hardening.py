@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
-import logging
 import os
 import platform
 import re
@@ -547,20 +546,16 @@ def test_anonymous_volumes_go_with_the_job_container(
         docker_client.images.remove(tag, force=True)
 
 
-@pytest.mark.slow
-@pytest.mark.docker
-def test_a_job_cannot_write_lines_into_the_workers_log(
-    make_cluster: Callable[..., Cluster], caplog: pytest.LogCaptureFixture
-):
-    caplog.set_level(logging.INFO, logger="gpubox.worker")
+def test_a_job_cannot_write_lines_into_the_workers_log(make_cluster: Callable[..., Cluster]):
+    # An image with a newline and an escape sequence once reached the worker, which logs the
+    # image it pulls (escaped: logfmt.printable, below). It is no image reference Docker
+    # takes, so the API now refuses it before any worker sees it.
     cluster = make_cluster(workers=0)
-    start_worker(cluster)
     forged = "2026-12-06T00:00:00.000Z ERROR gpubox.worker.agent: forged"
-    job = cluster.submit(f"{IMAGE}\n{forged}\x1b[2J", ["true"])
-    assert cluster.wait(job["id"], timeout_s=WAIT_S)["status"] == "ERROR"
-    messages = [record.getMessage() for record in caplog.records]
-    assert not any("\n" in m or "\x1b" in m for m in messages), messages
-    assert any(f"received: {IMAGE}\\n{forged}\\x1b[2J" in m for m in messages), messages
+    with pytest.raises(ApiError) as refused:
+        cluster.submit(f"{IMAGE}\n{forged}\x1b[2J", ["true"])
+    assert refused.value.status == 400 and refused.value.field == "docker.image"
+    assert cluster.client.jobs()["jobs"] == []
 
 
 def test_printable_escapes_control_characters_only():

@@ -240,7 +240,9 @@ def follow_delays(box: Cluster, job_id: int) -> list[float]:
         for raw in stream:
             if raw.strip():  # empty lines are keep-alives
                 received = time.time_ns()
-                delays.append((received - ts_ns(json.loads(raw)["ts"])) / 1e9)
+                record = json.loads(raw)
+                if not record.get("end"):  # the stream's last record: how the job ended
+                    delays.append((received - ts_ns(record["ts"])) / 1e9)
     return delays
 
 

@@ -261,3 +261,19 @@ def test_tail_past_the_coordinators_stream_limit_reads_pages_instead(
         assert done.stdout.splitlines() == [f"line-{i}" for i in range(1, 7)]
     finally:
         hog.close()
+
+
+def test_a_retried_step_with_its_idempotency_key_gets_its_job_back(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(workers=0)
+    args = ["submit", "--idempotency-key", "p42-train", "--metadata", "pipeline=p42"]
+    args += ["--metadata", '{"attempt": 1, "pipeline": "overridden"}', "img", "true"]
+    first, again = run(cluster, *args), run(cluster, *args)
+    assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+    assert first.stdout == again.stdout  # the same job id
+    job = cluster.client.job(int(first.stdout))
+    assert job["metadata"] == {"pipeline": "overridden", "attempt": 1}
+    listed = run(cluster, "ls", "-q", "--metadata", "attempt=1")
+    assert listed.stdout.split() == [first.stdout.strip()]
+    assert run(cluster, "submit", "--metadata", "[1]", "img").returncode == exits.USAGE

@@ -23,8 +23,9 @@ from gpubox.client import Client, exit_code_for
 QUEUED_NOTE_S = 5.0  # tail says why a job is still queued after this many seconds
 CANCEL_ON_EXIT_HELP = (
     "cancel the job(s) when this command is stopped: SIGTERM or SIGHUP (a CI runner stopping"
-    " the step), and SIGINT when stdin is not a terminal (GitHub Actions sends it first);"
-    " Ctrl-C at a terminal stops only the command"
+    " the step), and SIGINT when stdin is not a terminal (GitHub Actions sends it first, to"
+    " the step's shell alone: run gpubox with `exec` there); Ctrl-C at a terminal stops only"
+    " the command"
 )
 
 

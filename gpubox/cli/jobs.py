@@ -147,7 +147,20 @@ def _print_json(data: Any) -> None:
     show_default=True,
     help="which events the webhooks get",
 )
-@click.option("--metadata", help="JSON object stored and returned untouched")
+@click.option(
+    "--metadata",
+    "metadata",
+    multiple=True,
+    metavar="K=V|JSON",
+    help="stored and returned untouched: a KEY=VALUE pair, or a JSON object merged in (repeatable)",
+)
+@click.option(
+    "--idempotency-key",
+    metavar="KEY",
+    help="the same KEY within 24 h gives the job made the first time instead of a new one:"
+    ' a retried CI step ("$CI_PIPELINE_ID-$CI_JOB_ID") follows its job again [default: a'
+    " new key per command]",
+)
 @click.option(
     "--follow", "-f", is_flag=True, help="print the job's output live; exit with the job's code"
 )
@@ -189,7 +202,8 @@ def submit(
     secrets: tuple[str, ...],
     webhooks: tuple[str, ...],
     webhook_events: str,
-    metadata: str | None,
+    metadata: tuple[str, ...],
+    idempotency_key: str | None,
     follow: bool,
     cancel_on_exit: bool,
     as_json: bool,
@@ -249,11 +263,8 @@ def submit(
     if mounts:
         spec["docker"]["mounts"] = list(mounts)
     if metadata:
-        try:
-            spec["metadata"] = json.loads(metadata)
-        except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from None
-    job = client.submit(spec)
+        spec["metadata"] = _metadata(metadata)
+    job = client.submit(spec, idempotency_key=idempotency_key)
     if follow:  # stdout is the job's output alone (with --json: the ended job alone)
         click.echo(f"job {job['id']} queued; following its output", err=True)
         following.follow(client, job["id"], cancel_on_exit=cancel_on_exit, as_json=as_json)
@@ -261,6 +272,23 @@ def submit(
         _print_json(job)
     else:
         click.echo(job["id"])
+
+
+def _metadata(values: tuple[str, ...]) -> dict[str, Any]:
+    """--metadata values: JSON objects merged in order, and KEY=VALUE pairs (text values)."""
+    found: dict[str, Any] = {}
+    for value in values:
+        if value.lstrip().startswith("{"):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from None
+            if not isinstance(parsed, dict):
+                raise click.BadParameter("not a JSON object", param_hint="--metadata")
+            found.update(parsed)
+        else:
+            found.update(_pairs((value,), "--metadata"))
+    return found
 
 
 def _secrets(values: tuple[str, ...]) -> dict[str, str]:
@@ -324,6 +352,7 @@ def show(job_id: int, as_json: bool, config_path: str | None, **flags: Any) -> N
 @click.option("--created-before", metavar="TIME", help="RFC 3339")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--before", type=int, help="only jobs with a smaller id (for paging)")
+@click.option("--quiet", "-q", is_flag=True, help="print the jobs' ids alone, one a line")
 @click.option("--json", "as_json", is_flag=True, help="print the API's JSON answer")
 @options.client_options
 @failures.friendly
@@ -337,6 +366,7 @@ def ls(
     created_before: str | None,
     limit: int,
     before: int | None,
+    quiet: bool,
     as_json: bool,
     config_path: str | None,
     **flags: Any,
@@ -348,6 +378,7 @@ def ls(
       gpubox ls --status error --status cancelled
       gpubox ls --metadata pipeline=p42 --json | jq '.jobs[].id'
       gpubox ls --name train- --created-after 2026-12-06T00:00:00Z
+      gpubox ls -q --status running --metadata pipeline=p42 | xargs -r -n1 gpubox cancel
     """
     statuses = tuple(s.upper() for s in statuses)
     page = make_client(config_path, flags).jobs(
@@ -364,8 +395,12 @@ def ls(
     if as_json:
         _print_json(page)
         return
-    for line in tables.jobs(page["jobs"]):
-        click.echo(line)
+    if quiet:
+        for job in page["jobs"]:
+            click.echo(job["id"])
+    else:
+        for line in tables.jobs(page["jobs"]):
+            click.echo(line)
     if page["next"]:
         again = ["gpubox", "ls"]
         again += [f for s in statuses for f in ("--status", s)]
@@ -379,6 +414,7 @@ def ls(
         again += [f for pair in labels for f in ("--label", pair)]
         again += [f for pair in metadata for f in ("--metadata", pair)]
         again += ["--limit", str(limit)] if limit != 20 else []
+        again += ["-q"] if quiet else []
         again += ["--before", str(page["next"])]
         click.echo(f"(more: {shlex.join(again)})", err=True)
 

@@ -15,6 +15,7 @@ from gpubox import errors, models
 METADATA = "metadata."  # the prefix of a query parameter that filters on a metadata key
 KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 QUERY = ("status", "name", "submitter", "label", "created_after", "created_before", METADATA)
+MAX_TEXT = 200  # the longest name or submitter a filter takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +102,8 @@ def _pair(value: str, name: str) -> tuple[str, str]:
 
 
 def _text(value: str, name: str) -> str:
-    if len(value) > 200 or "\x00" in value:
-        raise errors.BadInput(f"{name} is at most 200 characters, without NUL", name)
+    if len(value) > MAX_TEXT or "\x00" in value:
+        raise errors.BadInput(f"{name} is at most {MAX_TEXT} characters, without NUL", name)
     return value
 
 

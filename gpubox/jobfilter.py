@@ -54,7 +54,7 @@ class JobFilter:
                     raise errors.BadInput(
                         f"{name}: a metadata key is 1-64 letters, digits, _ or -", name
                     )
-                metadata.append((key, value))
+                metadata.append((key, _no_nul(value, name)))
             elif name in ("name", "submitter"):
                 fields[name] = _text(value, name)
             elif name in ("created_after", "created_before"):
@@ -95,10 +95,17 @@ def _status(value: str) -> models.Status:
 
 
 def _pair(value: str, name: str) -> tuple[str, str]:
-    key, sep, val = value.partition("=")
+    key, sep, val = _no_nul(value, name).partition("=")
     if not sep or not key:
         raise errors.BadInput(f"{name} {value!r} is not KEY=VALUE", name)
     return key, val
+
+
+def _no_nul(value: str, name: str) -> str:
+    """`value`, unless it holds NUL, which PostgreSQL text cannot (its query failed: a 500)."""
+    if "\x00" in value:
+        raise errors.BadInput(f"{name} must not contain NUL characters", name)
+    return value
 
 
 def _text(value: str, name: str) -> str:

@@ -209,11 +209,25 @@ def test_the_list_filters_by_status_name_submitter_label_metadata_and_time(
     for bad, field in (
         ("status=DONE", "status"),
         ("label=novalue", "label"),
+        # NUL, which PostgreSQL text cannot hold: its query failed, a 500
+        ("label=zone%3Da%00", "label"),
+        ("label=zo%00ne%3Da", "label"),
+        ("metadata.pipeline=p%0042", "metadata.pipeline"),
         ("created_after=yesterday", "created_after"),
         ("created_after=2026-12-06T10:00:00", "created_after"),
     ):
         answer = request(cluster, "GET", f"{JOBS}?{bad}")
         assert answer.status == 400 and answer.body["error"]["field"] == field, bad
+
+
+def test_a_token_name_with_nul_is_not_found_not_a_500(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # No token name holds NUL, and PostgreSQL text cannot: asking the store for one was a 500.
+    cluster = make_cluster(workers=0)
+    answer = request(cluster, "DELETE", "/api/v1/tokens/lo%00cal")
+    assert answer.status == 404 and answer.body["error"]["code"] == "not_found"
+    assert request(cluster, "GET", JOBS).status == 200  # the admin token "local" still holds
 
 
 # --- queue timeout --------------------------------------------------------------------------

@@ -28,7 +28,12 @@ STATUS: dict[type[errors.GpuboxError], int] = {
 
 def status_for(exc: errors.GpuboxError) -> int:
     """The HTTP status that the API answers `exc` with (see STATUS)."""
-    return next((status for cls, status in STATUS.items() if isinstance(exc, cls)), 500)
+    return status_of(type(exc))
+
+
+def status_of(kind: type[errors.GpuboxError]) -> int:
+    """The HTTP status that the API answers an error of class `kind` with (see STATUS)."""
+    return next((status for cls, status in STATUS.items() if issubclass(kind, cls)), 500)
 
 
 def error_body(code: str, message: str, field: str | None = None) -> str:

@@ -1,12 +1,15 @@
 """The API's OpenAPI 3.1 document (GET /api/v1/openapi.json): served without a token, valid,
 complete (every route of the app, every field of a job, every error code, every query
 parameter a route takes), true (every answer of every route matches it: tests/openapi_check.py,
-which tests/test_api.py's request() also runs with GPUBOX_TEST_OPENAPI=1). Real HTTP against
-a real coordinator."""
+which tests/test_api.py's request() also runs with GPUBOX_TEST_OPENAPI=1), and, fuzzed with
+schemathesis from the served document, never answered with a 500 or with anything it does not
+describe. Real HTTP against a real coordinator."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -297,3 +300,77 @@ def test_the_check_refuses_an_answer_the_document_does_not_describe():
     for case in cases:
         with pytest.raises(openapi_check.Mismatch):
             openapi_check.check(*case)
+
+
+# --- fuzzed ------------------------------------------------------------------------------------
+
+# Cases per operation and generation mode (valid data, and data the document rules out), the
+# same ones each run: about 17 s per store on 2 cores. GPUBOX_FUZZ_EXAMPLES=500 fuzzes longer;
+# GPUBOX_FUZZ_RANDOM=1 draws new cases each run.
+FUZZ_EXAMPLES = int(os.environ.get("GPUBOX_FUZZ_EXAMPLES", "60"))
+FUZZ_RANDOM = os.environ.get("GPUBOX_FUZZ_RANDOM", "") not in ("", "0")
+
+
+@dataclasses.dataclass
+class FuzzFailure:
+    operation: str
+    mode: str
+    error: str
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_fuzzed_requests_get_no_500_and_only_answers_the_document_describes(bare: Cluster):
+    import hypothesis
+    import requests
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    auth = {"Authorization": f"Bearer {bare.token}"}
+    session = requests.Session()
+    # (from_url would leave out the operation at the document's own URL)
+    schema = schemathesis.openapi.from_dict(session.get(f"{bare.url}{openapi.PATH}").json())
+    failures: list[FuzzFailure] = []
+    answered: set[str] = set()
+
+    def call(case: schemathesis.Case) -> None:
+        if case.path_parameters and case.path_parameters.get("name") == tokens.LOCAL_NAME:
+            return  # revoking the fuzz's own token would leave it nothing but 401s to see
+        response = case.call(base_url=bare.url, headers=auth, session=session, timeout=20)
+        if case.method == "POST" and case.path == "/api/v1/jobs" and response.status_code == 201:
+            # With no worker a job stays QUEUED: a long poll of it (?wait=) would hold 60 s and
+            # a follow stream never end. An ended job answers both at once.
+            session.post(f"{bare.url}{JOBS}/{response.json()['id']}/cancel", headers=auth)
+        answered.add(f"{case.method} {case.path}")
+        case.validate_response(response, checks=checks)
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in schemathesis.GenerationMode:
+            run = hypothesis.settings(
+                max_examples=FUZZ_EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=not FUZZ_RANDOM,
+                phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+                suppress_health_check=list(hypothesis.HealthCheck),
+            )(hypothesis.given(case=operation.as_strategy(generation_mode=mode))(call))
+            try:
+                run()
+            except hypothesis.errors.Unsatisfiable:
+                pass  # nothing to make invalid: an operation without parameters or body
+            except (Exception, BaseExceptionGroup) as exc:  # schemathesis' FailureGroup too
+                failures.append(FuzzFailure(operation.label, mode.value, str(exc)[:3000]))
+    assert answered == {f"{method} {path}" for method, path in operations()}
+    assert not failures, "\n\n".join(f"{f.operation} ({f.mode}): {f.error}" for f in failures)

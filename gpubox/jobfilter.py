@@ -126,4 +126,7 @@ def _time(value: str, name: str) -> datetime:
         ) from None
     if when.tzinfo is None:
         raise errors.BadInput(f"{name} {value!r} has no time zone (add Z for UTC)", name)
-    return when.astimezone(UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first UTC time Python has
+        raise errors.BadInput(f"{name} {value!r} is out of range", name) from None

@@ -215,6 +215,9 @@ def test_the_list_filters_by_status_name_submitter_label_metadata_and_time(
         ("metadata.pipeline=p%0042", "metadata.pipeline"),
         ("created_after=yesterday", "created_after"),
         ("created_after=2026-12-06T10:00:00", "created_after"),
+        # UTC before year 1 or after 9999, which Python cannot hold: it was a 500
+        ("created_before=0001-01-01T00:00:00%2B00:07", "created_before"),
+        ("created_after=9999-12-31T23:59:59-01:00", "created_after"),
     ):
         answer = request(cluster, "GET", f"{JOBS}?{bad}")
         assert answer.status == 400 and answer.body["error"]["field"] == field, bad

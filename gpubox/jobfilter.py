@@ -15,6 +15,7 @@ from gpubox import errors, models
 METADATA = "metadata."  # the prefix of a query parameter that filters on a metadata key
 KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 QUERY = ("status", "name", "submitter", "label", "created_after", "created_before", METADATA)
+MAX_TEXT = 200  # the longest name or submitter a filter takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ class JobFilter:
                     raise errors.BadInput(
                         f"{name}: a metadata key is 1-64 letters, digits, _ or -", name
                     )
-                metadata.append((key, value))
+                metadata.append((key, _no_nul(value, name)))
             elif name in ("name", "submitter"):
                 fields[name] = _text(value, name)
             elif name in ("created_after", "created_before"):
@@ -94,15 +95,22 @@ def _status(value: str) -> models.Status:
 
 
 def _pair(value: str, name: str) -> tuple[str, str]:
-    key, sep, val = value.partition("=")
+    key, sep, val = _no_nul(value, name).partition("=")
     if not sep or not key:
         raise errors.BadInput(f"{name} {value!r} is not KEY=VALUE", name)
     return key, val
 
 
+def _no_nul(value: str, name: str) -> str:
+    """`value`, unless it holds NUL, which PostgreSQL text cannot (its query failed: a 500)."""
+    if "\x00" in value:
+        raise errors.BadInput(f"{name} must not contain NUL characters", name)
+    return value
+
+
 def _text(value: str, name: str) -> str:
-    if len(value) > 200 or "\x00" in value:
-        raise errors.BadInput(f"{name} is at most 200 characters, without NUL", name)
+    if len(value) > MAX_TEXT or "\x00" in value:
+        raise errors.BadInput(f"{name} is at most {MAX_TEXT} characters, without NUL", name)
     return value
 
 
@@ -118,4 +126,7 @@ def _time(value: str, name: str) -> datetime:
         ) from None
     if when.tzinfo is None:
         raise errors.BadInput(f"{name} {value!r} has no time zone (add Z for UTC)", name)
-    return when.astimezone(UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first UTC time Python has
+        raise errors.BadInput(f"{name} {value!r} is out of range", name) from None

@@ -14,6 +14,13 @@ MAX_DESCRIPTION = 4000
 MAX_IMAGE = 512
 MAX_GPUS = 64
 MAX_INT = 2**31 - 1
+MAX_SECONDS = 366 * 86400  # the longest timeout, idle_timeout or queue_timeout: a year
+MAX_RETRIES = 100
+MAX_GPU_MEMORY_GB = 4096
+MAX_KEY = 256  # the longest key of env, secrets, labels
+MAX_PATH = 4096  # the longest docker.workdir
+SHM_SIZE = (1024**2, 1024**4)  # the bytes docker.shm_size may be, least and most
+MEMORY = (6 * 1024**2, 64 * 1024**4)  # the bytes docker.memory may be, least and most
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Environment variables a job may not set. gpubox sets CUDA_VISIBLE_DEVICES (process
 # runtime) and NVIDIA_VISIBLE_DEVICES to the job's GPUs; the other NVIDIA_* variables steer
@@ -89,8 +96,8 @@ def _str_map(value: Any, field: str, env_names: bool = False) -> dict[str, str]:
             raise errors.BadInput(f"{field}.{key} must be a string", f"{field}.{key}")
         if env_names and not ENV_NAME.match(key):
             raise errors.BadInput(f"{field}: {key!r} is not a valid variable name", field)
-        if not key or len(key) > 256:
-            raise errors.BadInput(f"{field} keys must be 1 to 256 characters", field)
+        if not key or len(key) > MAX_KEY:
+            raise errors.BadInput(f"{field} keys must be 1 to {MAX_KEY} characters", field)
     return dict(value)
 
 
@@ -167,7 +174,7 @@ def parse_container(docker: dict[str, Any]) -> models.ContainerOptions:
     """The container options of a submission's docker object."""
     workdir = docker.get("workdir")
     if workdir is not None:
-        workdir = _str(workdir, "docker.workdir", 4096, required=True)
+        workdir = _str(workdir, "docker.workdir", MAX_PATH, required=True)
         if not workdir.startswith("/"):
             raise errors.BadInput("docker.workdir must be an absolute path", "docker.workdir")
     user = docker.get("user")
@@ -185,10 +192,10 @@ def parse_container(docker: dict[str, Any]) -> models.ContainerOptions:
     if len(set(mounts)) != len(mounts):
         raise errors.BadInput("docker.mounts names a mount twice", "docker.mounts")
     return models.ContainerOptions(
-        shm_size=parse_size(docker.get("shm_size"), "docker.shm_size", 1024**2, 1024**4),
+        shm_size=parse_size(docker.get("shm_size"), "docker.shm_size", *SHM_SIZE),
         workdir=workdir,
         user=user,
-        memory=parse_size(docker.get("memory"), "docker.memory", 6 * 1024**2, 64 * 1024**4),
+        memory=parse_size(docker.get("memory"), "docker.memory", *MEMORY),
         mounts=list(mounts),
     )
 
@@ -331,13 +338,13 @@ def parse_spec(data: Any) -> models.JobSpec:
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise errors.BadInput("timeout must be a number of seconds or null", "timeout")
-        if not 0 < timeout <= 366 * 86400:
+        if not 0 < timeout <= MAX_SECONDS:
             raise errors.BadInput("timeout must be positive and at most a year", "timeout")
     idle_timeout = data.get("idle_timeout")
     if idle_timeout is not None and (
         isinstance(idle_timeout, bool)
         or not isinstance(idle_timeout, int | float)
-        or not 0 <= idle_timeout <= 366 * 86400
+        or not 0 <= idle_timeout <= MAX_SECONDS
     ):
         raise errors.BadInput(
             "idle_timeout must be a number of seconds from 0 (never) to a year, or null (the"
@@ -348,7 +355,7 @@ def parse_spec(data: Any) -> models.JobSpec:
     if queue_timeout is not None and (
         isinstance(queue_timeout, bool)
         or not isinstance(queue_timeout, int | float)
-        or not 0 < queue_timeout <= 366 * 86400
+        or not 0 < queue_timeout <= MAX_SECONDS
     ):
         raise errors.BadInput(
             "queue_timeout must be a number of seconds above 0, at most a year, or null (the"
@@ -369,7 +376,7 @@ def parse_spec(data: Any) -> models.JobSpec:
     if gpu_memory_gb is not None and (
         isinstance(gpu_memory_gb, bool)
         or not isinstance(gpu_memory_gb, int | float)
-        or not 0 < gpu_memory_gb <= 4096
+        or not 0 < gpu_memory_gb <= MAX_GPU_MEMORY_GB
     ):
         raise errors.BadInput("gpu_memory_gb must be a number of GB above 0", "gpu_memory_gb")
     for field in ("gpu_model", "gpu_memory_gb"):
@@ -390,7 +397,7 @@ def parse_spec(data: Any) -> models.JobSpec:
         idle_timeout=idle_timeout,
         queue_timeout=queue_timeout,
         webhooks=webhooks,
-        max_retries=_int(data.get("max_retries", 0), "max_retries", 0, 100),
+        max_retries=_int(data.get("max_retries", 0), "max_retries", 0, MAX_RETRIES),
         metadata=metadata,
         gpu_model=gpu_model,
         gpu_memory_gb=gpu_memory_gb,

@@ -25,6 +25,7 @@ from gpubox import keys, models
 from gpubox.client import Client
 from gpubox.coordinator import tokens
 from gpubox.coordinator.server import Coordinator
+from tests import openapi_check
 from tests.conftest import IMAGE, Cluster, wait_until
 
 JOBS = "/api/v1/jobs"
@@ -55,7 +56,9 @@ def request(
     """One HTTP request to the cluster's coordinator.
 
     `auth` is the whole Authorization value (str or raw bytes), None for no header, or the
-    default `Bearer <cluster.token>`. A dict or list body is sent as JSON.
+    default `Bearer <cluster.token>`. A dict or list body is sent as JSON. With
+    GPUBOX_TEST_OPENAPI=1, an answer that the API's OpenAPI document does not describe fails
+    the test (tests/openapi_check.py).
     """
     url = urllib.parse.urlsplit(cluster.url)
     if isinstance(body, dict | list):
@@ -86,6 +89,8 @@ def request(
         status, message = response.status, response.headers
     finally:
         conn.close()
+    if openapi_check.ENABLED:  # the answer is one the API's OpenAPI document describes
+        openapi_check.check(method, path, status, message, raw)
     try:
         parsed: Any = json.loads(raw, parse_constant=_reject_constant)
     except ValueError:

@@ -209,8 +209,15 @@ def test_the_list_filters_by_status_name_submitter_label_metadata_and_time(
     for bad, field in (
         ("status=DONE", "status"),
         ("label=novalue", "label"),
+        # NUL, which PostgreSQL text cannot hold: its query failed, a 500
+        ("label=zone%3Da%00", "label"),
+        ("label=zo%00ne%3Da", "label"),
+        ("metadata.pipeline=p%0042", "metadata.pipeline"),
         ("created_after=yesterday", "created_after"),
         ("created_after=2026-12-06T10:00:00", "created_after"),
+        # UTC before year 1 or after 9999, which Python cannot hold: it was a 500
+        ("created_before=0001-01-01T00:00:00%2B00:07", "created_before"),
+        ("created_after=9999-12-31T23:59:59-01:00", "created_after"),
     ):
         answer = request(cluster, "GET", f"{JOBS}?{bad}")
         assert answer.status == 400 and answer.body["error"]["field"] == field, bad
@@ -245,6 +252,16 @@ def test_image_references_docker_takes_are_accepted(make_cluster: Callable[..., 
     ):
         answer = request(cluster, "POST", JOBS, {"name": "x", "docker": {"image": image}})
         assert answer.status == 201, (image, answer.body)
+
+
+def test_a_token_name_with_nul_is_not_found_not_a_500(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # No token name holds NUL, and PostgreSQL text cannot: asking the store for one was a 500.
+    cluster = make_cluster(workers=0)
+    answer = request(cluster, "DELETE", "/api/v1/tokens/lo%00cal")
+    assert answer.status == 404 and answer.body["error"]["code"] == "not_found"
+    assert request(cluster, "GET", JOBS).status == 200  # the admin token "local" still holds
 
 
 # --- queue timeout --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 ROLES = ("view", "submit", "admin")  # view: reads only (the API's GETs, the dashboard)
 LOCAL_NAME = "local"
+MAX_NAME = 100  # the longest token name
 
 
 def digest(token: str | bytes) -> str:
@@ -30,9 +31,11 @@ def create(store: Store, name: str, role: str = "submit", allow_process: bool = 
     `allow_process`, its jobs may also run on process-runtime workers (on their hosts)."""
     if role not in ROLES:
         raise errors.BadInput(f"role must be one of {', '.join(ROLES)}", "role")
-    if not name or len(name) > 100 or "/" in name or not name.isprintable():
+    if not name or len(name) > MAX_NAME or "/" in name or not name.isprintable():
         # (a '/' could not be revoked over HTTP: DELETE /api/v1/tokens/NAME takes none)
-        raise errors.BadInput("token name must be 1 to 100 printable characters, no '/'", "name")
+        raise errors.BadInput(
+            f"token name must be 1 to {MAX_NAME} printable characters, no '/'", "name"
+        )
     token = "gpbx_" + secrets.token_urlsafe(32)
     store.add_token(models.Token(name, digest(token), role, models.utcnow(), allow_process))
     return token

@@ -6,7 +6,9 @@ make_app builds the app from the package's modules, each with one job:
 - endpoints.py: the wrapper around every route (token check, errors answered as JSON);
 - params.py: reading a request's JSON body and query parameters;
 - http_errors.py: the HTTP status of each gpubox error (STATUS) and the error body;
-- health.py, jobs.py, logs.py, admin.py: the routes, by what they are about.
+- health.py, jobs.py, logs.py, telemetry.py, admin.py: the routes, by what they are about;
+- openapi.py: the API's reference, an OpenAPI 3.1 document (its schemas in openapi_schemas.py,
+  its words in openapi_text.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from gpubox.coordinator.api import (
     http_errors,
     jobs,
     logs,
+    openapi,
     telemetry,
 )
 from gpubox.coordinator.api.context import LiveView
@@ -104,7 +107,7 @@ def make_app(
     )
     # In the order the routes were always added: Bottle tries the routes of one method in the
     # order they were added.
-    for routes in (health, jobs, logs, telemetry, admin, deliveries):
+    for routes in (health, jobs, logs, telemetry, admin, deliveries, openapi):
         routes.add_routes(app, ctx)
     if dashboard:
         from gpubox.coordinator import web

@@ -28,7 +28,12 @@ STATUS: dict[type[errors.GpuboxError], int] = {
 
 def status_for(exc: errors.GpuboxError) -> int:
     """The HTTP status that the API answers `exc` with (see STATUS)."""
-    return next((status for cls, status in STATUS.items() if isinstance(exc, cls)), 500)
+    return status_of(type(exc))
+
+
+def status_of(kind: type[errors.GpuboxError]) -> int:
+    """The HTTP status that the API answers an error of class `kind` with (see STATUS)."""
+    return next((status for cls, status in STATUS.items() if issubclass(kind, cls)), 500)
 
 
 def error_body(code: str, message: str, field: str | None = None) -> str:
@@ -39,10 +44,14 @@ def error_body(code: str, message: str, field: str | None = None) -> str:
     return json.dumps({"error": error})
 
 
+# The code of an error that Bottle itself raises, by its status (any other status: OTHER_CODE).
+BOTTLE_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+OTHER_CODE = "error"
+
+
 def default_error(res: bottle.HTTPError) -> str:
     """The body of an error that Bottle itself raises (no such route, wrong method, a body
     too large), in the same JSON shape as gpubox's own errors."""
     bottle.response.content_type = "application/json"
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
     message = {404: "no such endpoint", 405: "method not allowed"}.get(res.status_code)
-    return error_body(codes.get(res.status_code, "error"), message or str(res.body))
+    return error_body(BOTTLE_CODES.get(res.status_code, OTHER_CODE), message or str(res.body))

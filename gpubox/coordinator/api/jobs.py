@@ -16,6 +16,8 @@ from gpubox.coordinator.api import context, endpoints, params
 MAX_WAIT_S = 60.0  # the longest ?wait= a GET of a job holds its thread for
 RETRY_AFTER_S = 5  # when no thread is free for a long poll: when to ask again
 WAKE_S = 1.0  # a long poll looks at the job at least this often, whatever wakes it
+LIST_LIMIT = (50, 1000)  # the jobs a list gives when it names no limit, and the most it may
+MAX_IDEMPOTENCY_KEY = 255  # the longest Idempotency-Key, in printable ASCII characters
 
 
 def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
@@ -73,7 +75,8 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     @endpoints.endpoint(store, query=("limit", "before", *jobfilter.QUERY))
     def list_jobs() -> dict[str, Any]:
         where = jobfilter.JobFilter.from_query(bottle.request.query.decode().allitems())
-        limit = params.int_param("limit", 50, 1, 1000) or 50
+        default, most = LIST_LIMIT
+        limit = params.int_param("limit", default, 1, most) or default
         before = params.int_param("before", None, 1, params.MAX_ID)
         jobs = store.list_jobs(None, limit + 1, before, where)
         more = len(jobs) > limit
@@ -91,9 +94,10 @@ def _idempotency_key() -> str | None:
     raw = bottle.request.environ.get("HTTP_IDEMPOTENCY_KEY")
     if raw is None:
         return None
-    if not 0 < len(raw) <= 255 or not all(" " <= c <= "~" for c in raw):
+    if not 0 < len(raw) <= MAX_IDEMPOTENCY_KEY or not all(" " <= c <= "~" for c in raw):
         raise errors.BadInput(
-            "Idempotency-Key must be 1-255 printable ASCII characters", "Idempotency-Key"
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters",
+            "Idempotency-Key",
         )
     return str(raw)
 

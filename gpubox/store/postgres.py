@@ -272,7 +272,11 @@ class PostgresStore(sql.SqlStore):
     octet_length = "OCTET_LENGTH(line)"
 
     def json_text(self, column: str, key: str) -> tuple[str, str]:
-        return f"({column}::jsonb ->> ?)", key
+        # PostgreSQL's JSON holds no NUL: text with a \u0000 escape anywhere in it fails the
+        # cast, and with it the whole query (every metadata filter was a 500 once one job's
+        # metadata held NUL, as it may). Such an escape reads as U+FFFD here, which no filter
+        # value can hold (jobfilter refuses NUL).
+        return f"(replace({column}, '\\u0000', '\\ufffd')::jsonb ->> ?)", key
 
     def __init__(self, url: str, upgrade: bool = True, max_connections: int = 16) -> None:
         super().__init__()

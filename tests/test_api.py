@@ -56,9 +56,9 @@ def request(
     """One HTTP request to the cluster's coordinator.
 
     `auth` is the whole Authorization value (str or raw bytes), None for no header, or the
-    default `Bearer <cluster.token>`. A dict or list body is sent as JSON. With
-    GPUBOX_TEST_OPENAPI=1, an answer that the API's OpenAPI document does not describe fails
-    the test (tests/openapi_check.py).
+    default `Bearer <cluster.token>`. A dict or list body is sent as JSON. An answer that the
+    API's OpenAPI document does not describe fails the test (tests/openapi_check.py; off with
+    GPUBOX_TEST_OPENAPI=0).
     """
     url = urllib.parse.urlsplit(cluster.url)
     if isinstance(body, dict | list):

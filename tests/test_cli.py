@@ -132,7 +132,7 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str], tmp_path: Path
     assert tailed.stderr == f"oops\ngpubox: job {job_id} ERROR: exit code 4\n"  # how it ended
 
     refused = run("cancel", job_id, env=env)
-    assert refused.returncode == 1
+    assert refused.returncode == 65  # exits.INVALID: the coordinator refused it (409)
     assert "already ERROR" in refused.stderr
 
     # a name that would break the table or drive the terminal is shown escaped

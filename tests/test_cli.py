@@ -142,8 +142,11 @@ def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str], tmp_path: Path
     assert f"{odd}  " in run("ls", env=env).stdout
     assert "two\\nlines \\x1b[2J" in run("ls", env=env).stdout
     assert "two\\nlines \\x1b[2J" in run("show", odd, env=env).stdout
-    # so is every other field show prints: the image and the command come from the submitter
-    sneaky = run("submit", f"{IMAGE}\x1b]0;t\x07", "echo", "\x1b[31mred", env=env).stdout.strip()
+    # so is every other field show prints: the command comes from the submitter (an image
+    # like that is no image reference: refused at submission)
+    bad_image = run("submit", f"{IMAGE}\x1b]0;t\x07", "true", env=env)
+    assert bad_image.returncode == 65 and "docker.image" in bad_image.stderr
+    sneaky = run("submit", IMAGE, "echo", "\x1b]0;t\x07\x1b[31mred", env=env).stdout.strip()
     shown = run("show", sneaky, env=env).stdout
     assert "\x1b" not in shown and "\x07" not in shown
     assert "\\x1b]0;t\\x07" in shown and "\\x1b[31mred" in shown

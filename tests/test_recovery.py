@@ -464,6 +464,7 @@ def test_per_job_log_cap_keeps_head_and_tail_with_a_marker(make_cluster):
 
 
 @pytest.mark.serial  # a 1 s cut must stay under the 3 s liveness window: no load beside it
+@SQLITE_ONLY  # the link's behaviour; the store's side of a lost attempt is tested on both
 def test_link_cut_shorter_than_liveness_changes_nothing_longer_ends_the_attempt(
     make_cluster, docker_client
 ):

@@ -1,10 +1,11 @@
 """The `gpubox` command: the group that every command joins, and --version.
 
 The commands live in one module per kind: the services (`roles`), the client commands
-(`jobs`, with `tables` for what they print), and the administration of the store
-(`store_admin`) and of the worker link's keys (`key_admin`). Each command parses its flags,
-loads its config, calls one function, and turns gpubox errors into one clear line on stderr
-(`failures`); the flags made from the settings come from `options`.
+(`jobs`, `listing` and `following`, with `tables` for what they print), and the
+administration of the store (`store_admin`) and of the worker link's keys (`key_admin`).
+Each command parses its flags, loads its config, calls one function, and turns gpubox errors
+into one clear line on stderr (`failures`); the flags made from the settings come from
+`options`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import click
 
 from gpubox import __version__, revision
-from gpubox.cli import following, jobs, key_admin, roles, store_admin, top
+from gpubox.cli import following, jobs, key_admin, listing, roles, store_admin, top
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -49,7 +50,7 @@ for _command in (
     roles.gpus,
     jobs.submit,
     jobs.show,
-    jobs.ls,
+    listing.ls,
     jobs.logs,
     jobs.tail,
     following.wait,

@@ -74,6 +74,19 @@ class IdempotencyConflict(GpuboxError):
     code = "idempotency_conflict"
 
 
+class OverCap(GpuboxError):
+    """A cap of this token's (max_queued) refuses the request; try again later."""
+
+    code = "over_cap"
+
+    def __init__(
+        self, message: str | None = None, field: str | None = None, retry_after_s: int = 30
+    ) -> None:
+        super().__init__(message)
+        self.field = field  # the cap, as the error body names it
+        self.retry_after_s = retry_after_s
+
+
 class TooLarge(GpuboxError):
     """The request body is too large."""
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import operator
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from gpubox import fields
 from gpubox.fields import BIGINT, FLAG, INT, JSON, KEY, REAL, TEXT, Field, Kind
@@ -114,7 +115,7 @@ class JobSpec:
     submitter: str | None = None
     allow_process: bool = False
 
-    @property
+    @functools.cached_property
     def needs(self) -> Needs:
         """What of this job decides which workers and GPUs can run it."""
         return Needs(
@@ -179,10 +180,10 @@ class Needs:
             self.gpu_memory_gb and gpu.get("memory_mb", 0) * 1024**2 < self.gpu_memory_gb * GB
         )
 
-    @property
+    @functools.cached_property
     def shape(self) -> str:
         """These needs as one JSON text: equal needs give the same text, and from_shape
-        reads it back."""
+        reads it back. Worked out once per Needs (the scheduler asks often)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -341,6 +342,8 @@ JOB_FIELDS: tuple[Field, ...] = (
     Field("status", STATUS, "status", api="status"),
     # no column: GET /jobs/<id> fills it in, saying why a QUEUED job waits
     Field("queue_reason", TEXT, None, api="queue_reason", column=False),
+    # no column either: where a QUEUED job stands in the fair order (fairshare.place)
+    Field("queue_place", JSON, None, api="queue_place", column=False, null=True),
     Field("cancel_requested", FLAG, "cancel_requested", api="cancel_requested", default="0"),
     Field("executed_at", TIME, "executed_at", api="result.executed_at", null=True),
     Field("finished_at", TIME, "finished_at", api="result.finished_at", null=True),
@@ -471,6 +474,25 @@ class WorkerInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class Caps:
+    """What the jobs of one token may take at once; None is no limit. The scheduler starts
+    none of its jobs past max_gpus (GPUs its running jobs hold) or max_running (its running
+    jobs); a submit past max_queued (its queued jobs) is refused."""
+
+    max_gpus: int | None = None
+    max_running: int | None = None
+    max_queued: int | None = None
+
+    NAMES: ClassVar[tuple[str, ...]] = ("max_gpus", "max_running", "max_queued")
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {name: getattr(self, name) for name in self.NAMES}
+
+    def __bool__(self) -> bool:
+        return not (self.max_gpus is None and self.max_running is None and self.max_queued is None)
+
+
+@dataclasses.dataclass(frozen=True)
 class Token:
     """An API token as stored: its SHA-256 digest, never the token itself."""
 
@@ -480,6 +502,7 @@ class Token:
     created_at: datetime
     # Whether jobs submitted with it may run on process-runtime workers (admin tokens' may).
     allow_process: bool = False
+    caps: Caps = dataclasses.field(default_factory=lambda: Caps())
 
     @property
     def may_use_process(self) -> bool:

@@ -320,12 +320,25 @@ def test_token_commands_work_on_the_coordinators_store_and_only_there(tmp_path: 
     assert made.stdout.startswith("gpbx_") and "shown only this once" in made.stderr
     assert f"created in {db}" in made.stderr  # which store: a coordinator elsewhere would 401
     header, row = run("token", "list", env=env).stdout.splitlines()
-    assert header.split() == ["NAME", "ROLE", "PROCESS", "CREATED", "(UTC)"]
-    assert row.split()[:3] == ["ci", "submit", "-"]
-    trusted = run("token", "create", "trusted", "--allow-process", env=env)
-    assert "(submit, may use process workers)" in trusted.stderr
+    assert header.split() == [
+        *("NAME", "ROLE", "PROCESS", "MAX", "GPUS", "MAX", "RUN", "MAX", "QUEUED"),
+        *("CREATED", "(UTC)"),
+    ]
+    assert row.split()[:6] == ["ci", "submit", "-", "-", "-", "-"]
+    trusted = run("token", "create", "trusted", "--allow-process", "--max-gpus", "8", env=env)
+    assert "(submit, may use process workers; max_gpus 8)" in trusted.stderr
     listed = run("token", "list", env=env).stdout.splitlines()
-    assert listed[2].split()[:3] == ["trusted", "submit", "yes"]
+    assert listed[2].split()[:6] == ["trusted", "submit", "yes", "8", "-", "-"]
+    # caps change, and lift, by name
+    changed = run("token", "set", "trusted", "--max-queued", "500", "--max-gpus", "none", env=env)
+    assert changed.returncode == 0 and "token 'trusted': max_queued 500" in changed.stderr
+    assert run("token", "list", env=env).stdout.splitlines()[2].split()[3:6] == ["-", "-", "500"]
+    bad = run("token", "set", "trusted", "--max-gpus", "-3", env=env)
+    assert bad.returncode == 2 and "is not a whole number from 0, nor none" in bad.stderr
+    nothing = run("token", "set", "trusted", env=env)
+    assert nothing.returncode == 2 and "name a cap to change" in nothing.stderr
+    nobody = run("token", "set", "nobody", "--max-gpus", "1", env=env)
+    assert nobody.returncode != 0 and "no token named 'nobody'" in nobody.stderr
     assert run("token", "revoke", "trusted", env=env).returncode == 0
     assert run("token", "revoke", "ci", env=env).returncode == 0
     again = run("token", "revoke", "ci", env=env)

@@ -28,6 +28,7 @@ EXPECTED_STATUS: dict[type[errors.GpuboxError], int] = {
     errors.WrongState: 409,
     errors.TooLarge: 413,
     errors.IdempotencyConflict: 422,
+    errors.OverCap: 429,
     errors.StoreUnavailable: 503,
     errors.Busy: 503,
     # These are faults of gpubox or its store, never of the request: a 500 on purpose.

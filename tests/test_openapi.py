@@ -252,6 +252,12 @@ def test_answers_of_every_route_match_the_document(bare: Cluster, checked: None)
     assert send("GET", "/api/v1/tokens").status == 200
     submitter = tokens.create(bare.coordinator.store, "ci", "submit")  # type: ignore[arg-type]
     assert send("POST", f"{JOBS}/{other['id']}/cancel", auth=f"Bearer {submitter}").status == 403
+    # caps: a submit past max_queued is 429, naming the cap
+    assert send("PATCH", "/api/v1/tokens/ci", {"max_queued": 0}).body["max_queued"] == 0
+    refused = send("POST", JOBS, SPEC, auth=f"Bearer {submitter}")
+    assert (refused.status, refused.body["error"]["field"]) == (429, "max_queued")
+    assert send("PATCH", "/api/v1/tokens/ci", {"max_queued": -1}).status == 400
+    assert send("PATCH", "/api/v1/tokens/nobody", {"max_gpus": 1}).status == 404
     assert send("DELETE", "/api/v1/tokens/viewer").status == 200
     assert send("DELETE", "/api/v1/tokens/viewer").status == 404
     keys.add_worker(state, "w1")

@@ -6,12 +6,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gpubox import models, validate
-from gpubox.coordinator import scheduler
+from gpubox.coordinator import fairshare, reading, scheduler
 from gpubox.coordinator.scheduler import Plan, WorkerView
+from gpubox.store.base import QueueGroup
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 A100 = ("NVIDIA A100-SXM4-80GB", 81559)  # NVML name, memory_mb of an "80 GB" card
@@ -614,18 +616,48 @@ def test_a_reserved_worker_still_gives_out_the_gpus_its_holder_cannot_use() -> N
 # --- the whole queue, shape by shape -------------------------------------------------------
 
 
-def read_from(queue: list[models.Job], reads: list[tuple[str, int]]) -> Any:
-    """A `read` for plan_shapes over this queue (in queue order) that notes each read."""
+def read_from(queue: list[models.Job], reads: list[tuple[str, int]]) -> reading.Read:
+    """A `read` for plan_queue over this queue that notes each read (shape, count)."""
 
-    def read(shape: str, count: int) -> list[models.Job]:
+    def read(
+        shape: str, priority: int, submitters: Sequence[str | None] | None, count: int
+    ) -> list[models.Job]:
         reads.append((shape, count))
-        return [job for job in queue if job.spec.needs.shape == shape][:count]
+        jobs = [
+            job
+            for job in sorted(queue, key=lambda job: job.id)
+            if job.spec.needs.shape == shape
+            and job.spec.priority == priority
+            and (submitters is None or job.spec.submitter in submitters)
+        ]
+        return jobs[:count]
 
     return read
 
 
 def shapes_of(queue: list[models.Job]) -> dict[str, models.Needs]:
     return {job.spec.needs.shape: job.spec.needs for job in queue}
+
+
+def groups_of(queue: list[models.Job]) -> list[QueueGroup]:
+    """The queue's groups, as store.queue_groups gives them."""
+    groups: dict[tuple[str, int, str | None], list[int]] = {}
+    for job in queue:
+        key = (job.spec.needs.shape, job.spec.priority, job.spec.submitter)
+        groups.setdefault(key, []).append(job.id)
+    return [QueueGroup(*key, len(ids), min(ids)) for key, ids in groups.items()]
+
+
+def plan_queue(
+    queue: list[models.Job],
+    workers: list[WorkerView],
+    reads: list[tuple[str, int]] | None = None,
+    matches: scheduler.Matches | None = None,
+    sharing: fairshare.Snapshot | None = None,
+) -> Plan:
+    """reading.plan_queue over this queue, noting its reads in `reads`."""
+    read = read_from(queue, [] if reads is None else reads)
+    return reading.plan_queue(groups_of(queue), shapes_of(queue), read, workers, matches, sharing)
 
 
 def random_case(rng: random.Random) -> tuple[list[models.Job], list[WorkerView]]:
@@ -672,8 +704,8 @@ def test_plan_shapes_makes_the_plan_of_the_whole_queue_reading_only_part_of_it()
         whole = scheduler.plan(queue, workers)
         reads: list[tuple[str, int]] = []
         matches = scheduler.Matches()
-        result = scheduler.plan_shapes(shapes_of(queue), read_from(queue, reads), workers, matches)
-        again = scheduler.plan_shapes(shapes_of(queue), read_from(queue, []), workers, matches)
+        result = plan_queue(queue, workers, reads, matches)
+        again = plan_queue(queue, workers, None, matches)
         assert again == result, case  # the second from the matches kept from the first
         assert placed(result) == placed(whole), case
         assert result.reserved == whole.reserved, case
@@ -695,7 +727,7 @@ def test_500_jobs_no_worker_can_run_are_not_read_and_do_not_hold_back_one_that_c
     queue.append(make_job(501, gpus=1))
     reads: list[tuple[str, int]] = []
     workers = [make_worker("w1", count=2, slots=2)]
-    result = scheduler.plan_shapes(shapes_of(queue), read_from(queue, reads), workers)
+    result = plan_queue(queue, workers, reads)
     assert placed(result) == [(501, "w1", ["w1-0"])]
     assert result.reserved == {}
     assert reads == [(queue[-1].spec.needs.shape, 2 + 1 + 1)]  # slots, workers, one more
@@ -709,7 +741,7 @@ def test_the_jobs_of_a_shape_past_those_planned_share_the_last_ones_reason() -> 
     queue = [make_job(1, gpus=4)] + [make_job(i, gpus=1) for i in range(2, 100)]
     reads: list[tuple[str, int]] = []
     workers = [make_worker("w1", free=2, slots=4)]
-    result = scheduler.plan_shapes(shapes_of(queue), read_from(queue, reads), workers)
+    result = plan_queue(queue, workers, reads)
     assert placed(result) == []
     assert reads == [(queue[0].spec.needs.shape, 4 + 1 + 1), (queue[1].spec.needs.shape, 6)]
     behind = "waiting behind job 1: the GPUs of w1 are held for it"
@@ -719,15 +751,14 @@ def test_the_jobs_of_a_shape_past_those_planned_share_the_last_ones_reason() -> 
 
 def test_kept_matches_are_found_again_when_a_worker_changes() -> None:
     queue = [make_job(1, gpus=1, labels={"zone": "eu"}), make_job(2, gpus=8)]
-    shapes = shapes_of(queue)
     matches = scheduler.Matches()
-    result = scheduler.plan_shapes(shapes, read_from(queue, []), [make_worker("w1")], matches)
+    result = plan_queue(queue, [make_worker("w1")], None, matches)
     assert placed(result) == []
     eu = make_worker("w1", labels={"zone": "eu"})
-    result = scheduler.plan_shapes(shapes, read_from(queue, []), [eu], matches)
+    result = plan_queue(queue, [eu], None, matches)
     assert placed(result) == [(1, "w1", ["w1-0"])]
     bigger = make_worker("w2", count=8, free=0)
-    result = scheduler.plan_shapes(shapes, read_from(queue, []), [eu, bigger], matches)
+    result = plan_queue(queue, [eu, bigger], None, matches)
     assert result.reasons[2] == not_enough(0, 8, "w2")
-    result = scheduler.plan_shapes(shapes, read_from(queue, []), [], matches)
+    result = plan_queue(queue, [], None, matches)
     assert set(result.shape_reasons.values()) == {"no worker is connected"}

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from gpubox import config as cfg
-from gpubox import errors
+from gpubox import errors, models
 from gpubox.cli import failures, options
 
 
@@ -50,6 +50,49 @@ def _owned_store(store: Any) -> Any:
     return store
 
 
+class _Cap(click.ParamType):
+    """A cap's value: a whole number from 0, or "none" to lift it."""
+
+    name = "N|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text in ("none", "off", "-"):
+            return "none"
+        if text.isdigit():
+            return int(text)
+        self.fail(f"{value!r} is not a whole number from 0, nor none", param, ctx)
+
+
+CAP_HELP = {
+    "max_gpus": "GPUs its running jobs may hold at once",
+    "max_running": "jobs of it that may run at once",
+    "max_queued": "jobs of it that may wait queued at once: a submit past it is refused (HTTP"
+    " 429, Retry-After)",
+}
+
+
+def cap_options(fn: Any) -> Any:
+    """--max-gpus, --max-running and --max-queued."""
+    for name in reversed(models.Caps.NAMES):
+        flag = "--" + name.replace("_", "-")
+        fn = click.option(flag, name, type=_Cap(), help=CAP_HELP[name] + "; none: no cap")(fn)
+    return fn
+
+
+def _caps_given(flags: dict[str, Any]) -> dict[str, int | None]:
+    """The caps given as flags (taken out of `flags`): "none" lifts one."""
+    given = {name: flags.pop(name) for name in models.Caps.NAMES}
+    return {name: None if v == "none" else v for name, v in given.items() if v is not None}
+
+
+def _caps_text(caps: Any) -> str:
+    shown = [f"{name} {value}" for name, value in caps.to_dict().items() if value is not None]
+    return ", ".join(shown) or "no caps"
+
+
 @token.command("create")
 @click.argument("name")
 @click.option(
@@ -66,23 +109,58 @@ def _owned_store(store: Any) -> Any:
     help="its jobs may also run on process-runtime workers, which run them on their hosts"
     " (admin tokens' jobs always may)",
 )
+@cap_options
 @options.config_file_option
 @options.config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
 @failures.friendly
 def token_create(
     name: str, role: str, allow_process: bool, config_path: str | None, **flags: Any
 ) -> None:
-    """Create a token NAME and print it once, alone on stdout (only a hash is kept)."""
+    """Create a token NAME and print it once, alone on stdout (only a hash is kept).
+
+    \b
+    Caps limit what its jobs take at once (fair share orders the rest):
+      gpubox token create ci --max-gpus 8 --max-queued 500
+    """
     from gpubox.coordinator import tokens
 
+    caps = models.Caps(**_caps_given(flags))
     store, where = _open_store(config_path, flags)
     try:
-        value = tokens.create(store, name, role, allow_process)
+        value = tokens.create(store, name, role, allow_process, caps)
     finally:
         store.close()
     kind = f"{role}, may use process workers" if allow_process else role
-    click.echo(f"token {name!r} ({kind}) created in {where}; it is shown only this once", err=True)
+    click.echo(
+        f"token {name!r} ({kind}; {_caps_text(caps)}) created in {where}; it is shown only"
+        " this once",
+        err=True,
+    )
     click.echo(value)
+
+
+@token.command("set")
+@click.argument("name")
+@cap_options
+@options.config_file_option
+@options.config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
+@failures.friendly
+def token_set(name: str, config_path: str | None, **flags: Any) -> None:
+    """Change the caps of token NAME; a running coordinator applies them within a second.
+
+    \b
+      gpubox token set ci --max-gpus 16         # its running jobs hold 16 GPUs at most
+      gpubox token set ci --max-queued none     # lift a cap
+    """
+    caps = _caps_given(flags)
+    if not caps:
+        raise click.UsageError("name a cap to change: --max-gpus, --max-running or --max-queued")
+    store, _ = _open_store(config_path, flags)
+    try:
+        changed = store.set_caps(name, caps)
+    finally:
+        store.close()
+    click.echo(f"token {name!r}: {_caps_text(changed.caps)}", err=True)
 
 
 @token.command("list")
@@ -97,11 +175,18 @@ def token_list(config_path: str | None, **flags: Any) -> None:
         if not found:
             click.echo(f"no tokens in {where}", err=True)
             return
-        click.echo(f"{'NAME':<24}  {'ROLE':<7}  {'PROCESS':<7}  CREATED (UTC)")
+        click.echo(
+            f"{'NAME':<24}  {'ROLE':<7}  {'PROCESS':<7}  {'MAX GPUS':>8}  {'MAX RUN':>8}"
+            f"  {'MAX QUEUED':>10}  CREATED (UTC)"
+        )
         for item in found:
             process = "yes" if item.may_use_process else "-"
+            gpus, running, queued = (
+                "-" if value is None else str(value) for value in item.caps.to_dict().values()
+            )
             click.echo(
-                f"{item.name:<24}  {item.role:<7}  {process:<7}  {item.created_at:%Y-%m-%d %H:%M}"
+                f"{item.name:<24}  {item.role:<7}  {process:<7}  {gpus:>8}  {running:>8}"
+                f"  {queued:>10}  {item.created_at:%Y-%m-%d %H:%M}"
             )
     finally:
         store.close()

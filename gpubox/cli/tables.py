@@ -108,9 +108,34 @@ def summary(job: dict[str, Any]) -> str:
     ]
     if job.get("queue_reason"):
         rows.insert(3, ("waiting", job["queue_reason"]))
+    if job.get("queue_place"):
+        rows.insert(3, ("place", place(job["queue_place"], job.get("submitter"))))
     # Every value escaped: image, command, error and the reason come from the submitter or
     # the registry, and an escape sequence in them would drive the terminal.
     return "\n".join(f"{key:>10}  {printable(str(value))}" for key, value in rows)
+
+
+def place(where: dict[str, Any], submitter: str | None) -> str:
+    """A queued job's place in the fair order, and who is ahead of it with how much use:
+    "4 in the queue: 3 jobs of ci ahead of it (used lately: ci 41.0 GPU-hours, you 2.0)"."""
+    ahead = where.get("ahead") or []
+    if not ahead:
+        return "next in the queue"
+    count = sum(item["jobs"] for item in ahead)
+    shown = ahead[:3]
+    names = [item["submitter"] or "(not recorded)" for item in shown]
+    parts = [f"{item['jobs']} of {name}" for item, name in zip(shown, names, strict=True)]
+    if len(ahead) > len(shown):
+        parts.append(f"{sum(item['jobs'] for item in ahead[len(shown) :])} of others")
+    jobs = "job" if count == 1 else "jobs"
+    line = f"{where['place']} in the queue: {count} {jobs} ahead of it ({', '.join(parts)})"
+    if where.get("half_life_s"):
+        use = [f"{n} {item['use_gpu_hours']:.1f}" for item, n in zip(shown, names, strict=True)]
+        you = "you" if submitter is None else submitter
+        if submitter not in [item["submitter"] for item in shown]:
+            use.append(f"{you} {where['use_gpu_hours']:.1f}")
+        line += f"; GPU-hours used lately: {', '.join(use)}"
+    return line
 
 
 def jobs(found: list[dict[str, Any]]) -> list[str]:

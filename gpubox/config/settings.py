@@ -117,6 +117,13 @@ class CoordinatorConfig:
         "GPUBOX_IDLE_THRESHOLD",
         "GPU utilization (%) under which a GPU counts as idle for the idle-GPU policy",
     )
+    fair_share_half_life: float = setting(
+        86400.0,
+        "GPUBOX_FAIR_SHARE_HALF_LIFE",
+        "seconds after which a submitter's use of the GPUs counts half in fair share (within"
+        " a priority, the jobs of whoever used the GPUs least lately start first); 0: off,"
+        " jobs start in submission order",
+    )
 
     def validate(self) -> None:
         parse_address(self.http, "http")
@@ -149,6 +156,8 @@ class CoordinatorConfig:
             raise errors.ConfigError("idle_timeout: must not be negative (0: never)")
         if not 0 < self.idle_threshold <= 100:
             raise errors.ConfigError("idle_threshold: must be a percentage above 0, at most 100")
+        if self.fair_share_half_life < 0:
+            raise errors.ConfigError("fair_share_half_life: must not be negative (0: off)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,11 +56,12 @@ class Broker:
         telemetry_max_points: int = 2000,
         idle_timeout: float = 0.0,
         idle_threshold: float = 5.0,
+        fair_share_half_life: float = 86400.0,
     ) -> None:
         """`server_keys` is the coordinator's (public, secret) Z85 CURVE keypair; `allow` the
         worker keys it accepts. The context must not carry another ZAP authenticator.
         `idle_timeout` and `idle_threshold`: the idle-GPU policy of jobs that set no
-        idle_timeout of their own (0: none)."""
+        idle_timeout of their own (0: none). `fair_share_half_life`: see fairshare (0: off)."""
         self.store = store
         self.changes = changes
         self.allow = allow
@@ -112,7 +113,7 @@ class Broker:
         self._next_schedule = 0.0
         # A READY, DONE or new job asks for a round; one round serves them all (see step).
         self._schedule_due = False
-        self.planner = Planner(store)
+        self.planner = Planner(store, fair_share_half_life)
         self.lifecycle = Lifecycle(store, changes, self.log_limits, on_end=self._forget)
         self.counters = metrics.BrokerCounters()
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
@@ -523,6 +524,7 @@ class Broker:
         if kind == "schedule":
             self._schedule_poked = False
             self._schedule_due = True
+            self.planner.queue_changed()
         elif kind == "cancel":
             job = self.store.get_job(job_id)
             for peer in self.peers.values():
@@ -555,17 +557,18 @@ class Broker:
                 peer.quarantined = ""
             free, slots = peer.capacity()
             peers[peer.name] = peer
-            views.append(
-                scheduler.WorkerView(
-                    peer.name,
-                    peer.gpus,
-                    free,
-                    slots,
-                    peer.labels,
-                    frozenset(peer.mounts),
-                    peer.runtime,
-                )
+            view = scheduler.WorkerView(
+                peer.name,
+                peer.gpus,
+                free,
+                slots,
+                peer.labels,
+                frozenset(peer.mounts),
+                peer.runtime,
+                peer.offer_key,
             )
+            peer.offer_key = view.offer()
+            views.append(view)
         free_now = sum(len(view.free) for view in views)
         self.gpu_counts = (sum(len(view.gpus) for view in views) - free_now, free_now)
         slots = sum(max(0, view.slots) for view in views)
@@ -577,6 +580,7 @@ class Broker:
                 self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())
                 for a in plan.assignments
             ]
+        self.planner.claimed([job for job in claimed if job is not None])
         for assignment, job in zip(plan.assignments, claimed, strict=True):
             if job is None:
                 # Cancelled since, or a GPU the worker called free is still held by a job
@@ -609,6 +613,10 @@ class Broker:
     def queue_reason(self, job_id: int) -> str:
         """Why a QUEUED job waits, as of the last scheduling round. Any thread."""
         return self.planner.queue_reason(job_id)
+
+    def queue_place(self, job: models.Job) -> dict[str, Any]:
+        """Where a QUEUED job stands in the fair order now. Any thread."""
+        return self.planner.queue_place(job)
 
     def metrics_page(self) -> str:
         """GET /metrics. Any thread."""

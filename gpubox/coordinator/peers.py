@@ -47,6 +47,7 @@ class Peer:
     # confirmed it. A new HELLO (a new session) starts clean.
     quarantined: str = ""  # why it gets no jobs, until quarantined_until (time.monotonic)
     quarantined_until: float = 0.0
+    offer_key: tuple[Any, ...] | None = None  # scheduler.WorkerView.offer(), once known
 
     def capacity(self) -> tuple[list[str], int]:
         """Free GPUs and job slots, counting jobs sent since the worker's last READY."""

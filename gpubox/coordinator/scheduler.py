@@ -1,8 +1,11 @@
 """Which queued job goes to which worker, on which GPUs. Pure: the broker feeds it the queue
 and what each worker has free, and applies the plan through the store.
 
-The rule, in queue order (priority, then submission):
+The rule, in queue order (priority; within one priority, fair share: the jobs of the submitter
+that used the GPUs least lately first, then submission; see fairshare):
 
+0. A job whose start would take its token past a cap (max_gpus, max_running) waits, and
+   holds nothing.
 1. A job goes to a worker that has its labels and mounts, can run it (a process-runtime
    worker cannot apply Docker-only options, nor run a job without a command, and takes only
    jobs whose token may use process workers: labels alone never send a job there), a free job
@@ -21,20 +24,18 @@ The rule, in queue order (priority, then submission):
 The plan is made afresh each round from the current state, so a reservation needs no
 bookkeeping: it lasts while its job is the earliest that cannot start there.
 
-A round plans every queued job, yet reads only a few (plan_shapes): jobs with the same needs
-(models.Needs, their "shape") fare alike. A shape that no connected worker can run is
-skipped whole: its jobs hold nothing and share one reason. Of a shape that some worker can
-run, only the first jobs can start or hold a worker this round (see _window); the rest wait
-for the same reason as the last of those.
+A round plans every queued job, yet reads only a few (coordinator.reading): jobs with the
+same needs (models.Needs, their "shape") fare alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from gpubox import models
+from gpubox.coordinator import fairshare
 
 
 @dataclasses.dataclass
@@ -48,6 +49,22 @@ class WorkerView:
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     mounts: frozenset[str] = frozenset()
     runtime: str = "docker"
+    # offer(), once worked out: the broker keeps it from one round to the next, since a
+    # worker's offer does not change within its session.
+    offer_key: tuple[Any, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def offer(self) -> tuple[Any, ...]:
+        """What decides which shapes it can ever run, as a value that compares equal while
+        that stays the same (Matches compares it from one round to the next)."""
+        if self.offer_key is None:
+            self.offer_key = (
+                self.name,
+                self.runtime,
+                sorted(self.labels.items()),
+                sorted(self.mounts),
+                [sorted(gpu.items()) for gpu in self.gpus],
+            )
+        return self.offer_key
 
     def can_ever_run(self, needs: models.Needs) -> bool:
         return (
@@ -70,44 +87,11 @@ class Plan:
     assignments: list[Assignment] = dataclasses.field(default_factory=list)
     reasons: dict[int, str] = dataclasses.field(default_factory=dict)  # job id → why queued
     reserved: dict[str, int] = dataclasses.field(default_factory=dict)  # worker → job id
-    # shape → why its jobs wait, for the jobs the plan did not look at one by one.
+    capped: set[int] = dataclasses.field(default_factory=set)  # jobs held back by a cap
+    # Why the jobs the plan did not look at one by one wait: by (shape, priority,
+    # submitter) for those that their token's caps hold back, else by shape.
+    group_reasons: dict[tuple[str, int, str | None], str] = dataclasses.field(default_factory=dict)
     shape_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def plan_shapes(
-    shapes: Mapping[str, models.Needs],
-    read: Callable[[str, int], list[models.Job]],
-    workers: list[WorkerView],
-    matches: Matches | None = None,
-) -> Plan:
-    """The plan that plan() would make for the whole queue, reading only what it needs.
-
-    `shapes` are the shapes of the queued jobs with their needs; `read(shape, n)` gives the
-    first n queued jobs of a shape in queue order. Jobs that plan() would look at in vain
-    are not read: their reason is in `shape_reasons`. `matches`, kept by the caller from
-    one round to the next, saves matching every shape against every worker again."""
-    queue: list[models.Job] = []
-    last: dict[str, int] = {}  # shape → its last job read, when it has more
-    reasons: dict[str, str] = {}
-    found = (matches or Matches()).find(shapes, workers)
-    by_name = {w.name: w for w in workers}
-    for shape, needs in shapes.items():
-        match = found[shape]
-        if isinstance(match, str):
-            reasons[shape] = match
-            continue
-        count = _window(needs, [by_name[name] for name in match])
-        jobs = read(shape, count)
-        queue.extend(jobs)
-        if len(jobs) == count:
-            last[shape] = jobs[-1].id
-    queue.sort(key=lambda job: (-job.spec.priority, job.id))
-    result = plan(queue, workers)
-    for shape, job_id in last.items():
-        if job_id in result.reasons:  # always, as _window explains
-            reasons[shape] = result.reasons[job_id]
-    result.shape_reasons = reasons
-    return result
 
 
 class Matches:
@@ -124,16 +108,7 @@ class Matches:
         self, shapes: Mapping[str, models.Needs], workers: list[WorkerView]
     ) -> dict[str, tuple[str, ...] | str]:
         """For each shape, the names of the workers that can ever run it, or why none can."""
-        offer = tuple(
-            (
-                w.name,
-                w.runtime,
-                sorted(w.labels.items()),
-                sorted(w.mounts),
-                [sorted(gpu.items()) for gpu in w.gpus],
-            )
-            for w in workers
-        )
+        offer = tuple(w.offer() for w in workers)
         known = self._found if offer == self._offer else {}
         found = {}
         for shape, needs in shapes.items():
@@ -146,94 +121,141 @@ class Matches:
         return found
 
 
-def _window(needs: models.Needs, able: list[WorkerView]) -> int:
-    """How many of the first queued jobs of a shape a round must plan, given the workers
-    that can ever run it.
-
-    Through a round, free GPUs, slots and open workers only get fewer, so once a job of
-    the shape cannot start, none behind it can. Of those behind, each can at most reserve a
-    worker that no job holds yet, and only when it needs GPUs. So no more jobs of the shape
-    can start or reserve than the free slots and the workers that can run it, and the one
-    after them (and every one behind it) waits for the same reason and changes nothing."""
-    slots = sum(max(0, w.slots) for w in able)
-    return slots + (len(able) if needs.gpus else 0) + 1
+def plan(
+    queue: list[models.Job],
+    workers: list[WorkerView],
+    sharing: fairshare.Snapshot | None = None,
+) -> Plan:
+    """Assignments for the queue (in its order) on these workers, and why the rest wait.
+    `sharing` says what each submitter's running jobs hold and its token's caps: a job whose
+    start would pass a cap waits, and holds no worker."""
+    return _Round(workers, sharing or fairshare.Snapshot()).plan(queue)
 
 
-def plan(queue: list[models.Job], workers: list[WorkerView]) -> Plan:
-    """Assignments for the queue (in its order) on these workers, and why the rest wait."""
-    result = Plan()
-    free = {w.name: list(w.free) for w in workers}
-    slots = {w.name: w.slots for w in workers}
-    info = {w.name: {gpu["uuid"]: gpu for gpu in w.gpus} for w in workers}
-    holders: dict[str, models.Needs] = {}  # reserved worker → what its holder needs
-    position = {job.id: index for index, job in enumerate(queue)}
-    for job in queue:
+class _Round:
+    """One plan in the making. A round's work grows with the jobs it looks at and the
+    workers, so what stays true through the round is worked out once: through a round, free
+    GPUs and slots only get fewer and reservations only more, so once a job of a shape
+    cannot start, no later job of that shape can."""
+
+    def __init__(self, workers: list[WorkerView], sharing: fairshare.Snapshot) -> None:
+        self.workers = workers
+        self.sharing = sharing
+        self.result = Plan()
+        self.free = {w.name: list(w.free) for w in workers}
+        self.slots = {w.name: w.slots for w in workers}
+        self.info = {w.name: {gpu["uuid"]: gpu for gpu in w.gpus} for w in workers}
+        self.ordered = {
+            w.name: sorted(w.gpus, key=lambda gpu: gpu.get("index", 0)) for w in workers
+        }
+        self.holders: dict[str, models.Needs] = {}  # reserved worker → what its holder needs
+        self.held = dict(sharing.held)  # what each submitter's jobs hold, with this round's
+        self.position: dict[int, int] = {}
+        self.able: dict[str, list[WorkerView]] = {}  # shape → the workers that can run it
+        self.full: set[str] = set()  # shapes of which no more jobs can start this round
+        self.starts = 0  # assignments so far: what a ranking below was made after
+        # shape → (starts when made, its workers by most suitable GPUs free then by name,
+        # their counts, how many of the first are reserved already)
+        self.ranking: dict[str, tuple[int, list[WorkerView], dict[str, int], int]] = {}
+        self.behind: dict[str, str] = {}  # shape → its reason once every worker is reserved
+
+    def plan(self, queue: list[models.Job]) -> Plan:
+        self.position = {job.id: index for index, job in enumerate(queue)}
+        for job in queue:
+            self._place(job)
+        return self.result
+
+    def _place(self, job: models.Job) -> None:
         needs = job.spec.needs
-        able = [w for w in workers if w.can_ever_run(needs)]
+        able = self.able.get(needs.shape)
+        if able is None:
+            able = self.able[needs.shape] = [w for w in self.workers if w.can_ever_run(needs)]
         if not able:
-            result.reasons[job.id] = _no_worker(needs, workers)
-            continue
+            self.result.reasons[job.id] = _no_worker(needs, self.workers)
+            return
+        submitter = job.spec.submitter
+        held = self.held.get(submitter, fairshare.Held())
+        caps = self.sharing.caps_of(submitter)
+        if caps:
+            over = fairshare.over_cap(caps, held, needs.gpus)
+            if over:
+                self.result.reasons[job.id] = (
+                    f"held back by the caps of its token {submitter!r}, which {over}"
+                )
+                self.result.capped.add(job.id)
+                return
+        if needs.shape not in self.full and self._start(job, able):
+            self.held[submitter] = fairshare.Held(held.jobs + 1, held.gpus + needs.gpus)
+            return
+        self.full.add(needs.shape)
+        self.result.reasons[job.id] = self._wait(job, able)
+
+    def _start(self, job: models.Job, able: list[WorkerView]) -> bool:
+        """Assign the job to the best fit among `able`, if one has room for it."""
+        needs = job.spec.needs
         fits = []
         for worker in able:
-            holder = holders.get(worker.name)
-            if slots[worker.name] < (2 if holder else 1):
+            name = worker.name
+            holder = self.holders.get(name)
+            if self.slots[name] < (2 if holder else 1):
                 continue  # a reserved worker keeps a slot for its holder
-            suitable = _suitable(worker, free[worker.name], needs)
+            suitable = self._suitable(name, needs)
             if holder is not None:
                 # The GPUs its holder could use gather for it; others stay for anyone.
-                suitable = [u for u in suitable if not holder.wants_gpu(info[worker.name][u])]
+                suitable = [u for u in suitable if not holder.wants_gpu(self.info[name][u])]
             if len(suitable) >= needs.gpus:
-                memory = sum(info[worker.name][u].get("memory_mb", 0) for u in suitable)
-                fits.append((len(suitable), memory, worker.name, worker, suitable))
-        if fits:
-            *_, name, worker, suitable = min(fits, key=lambda fit: fit[:3])
-            chosen = suitable[: needs.gpus]
-            result.assignments.append(Assignment(job, name, chosen))
-            free[name] = [uuid for uuid in free[name] if uuid not in chosen]
-            slots[name] -= 1
-            continue
-        reason = _wait(job, able, free, result.reserved, position)
-        if job.id in result.reserved.values():
-            holders.update({w: needs for w, held in result.reserved.items() if held == job.id})
-        result.reasons[job.id] = reason
-    return result
+                memory = sum(self.info[name][u].get("memory_mb", 0) for u in suitable)
+                fits.append((len(suitable), memory, name, suitable))
+        if not fits:
+            return False
+        *_, name, suitable = min(fits, key=lambda fit: fit[:3])
+        chosen = suitable[: needs.gpus]
+        self.result.assignments.append(Assignment(job, name, chosen))
+        self.free[name] = [uuid for uuid in self.free[name] if uuid not in chosen]
+        self.slots[name] -= 1
+        self.starts += 1
+        return True
 
+    def _suitable(self, name: str, needs: models.Needs) -> list[str]:
+        """The free GPUs of worker `name` that suit needs, in index order."""
+        free = self.free[name]
+        return [g["uuid"] for g in self.ordered[name] if g["uuid"] in free and needs.wants_gpu(g)]
 
-def _suitable(worker: WorkerView, free: list[str], needs: models.Needs) -> list[str]:
-    """The free GPUs of worker that suit needs, in index order."""
-    return [
-        gpu["uuid"]
-        for gpu in sorted(worker.gpus, key=lambda gpu: gpu.get("index", 0))
-        if gpu["uuid"] in free and needs.wants_gpu(gpu)
-    ]
-
-
-def _wait(
-    job: models.Job,
-    able: list[WorkerView],
-    free: dict[str, list[str]],
-    reserved: dict[str, int],
-    position: dict[int, int],
-) -> str:
-    """Why a job that some worker could run waits; reserves a worker for it if it needs GPUs
-    and one is not held already (the one with most of what it needs free; then by name)."""
-    needs = job.spec.needs
-    if needs.gpus == 0:
-        return f"waiting for a free job slot (max_jobs) on {', '.join(w.name for w in able)}"
-    open_workers = [w for w in able if w.name not in reserved]
-    if not open_workers:
-        holder = min((reserved[w.name] for w in able), key=position.__getitem__)
-        held = ", ".join(w.name for w in able if reserved[w.name] == holder)
-        return f"waiting behind job {holder}: the GPUs of {held} are held for it"
-    counts = {w.name: len(_suitable(w, free[w.name], needs)) for w in open_workers}
-    worker = min(open_workers, key=lambda w: (-counts[w.name], w.name))
-    reserved[worker.name] = job.id
-    if counts[worker.name] >= needs.gpus:
-        return f"waiting for a free job slot (max_jobs) on {worker.name}"
-    return (
-        f"not enough free GPUs: {counts[worker.name]} of the {needs.gpus} it needs are free on"
-        f" {worker.name}, which holds them for this job as others end"
-    )
+    def _wait(self, job: models.Job, able: list[WorkerView]) -> str:
+        """Why a job that some worker could run waits; reserves a worker for it if it needs
+        GPUs and one is not held already (the one with most of what it needs free; then by
+        name)."""
+        needs = job.spec.needs
+        if needs.gpus == 0:
+            return f"waiting for a free job slot (max_jobs) on {', '.join(w.name for w in able)}"
+        if needs.shape in self.behind:
+            return self.behind[needs.shape]
+        reserved = self.result.reserved
+        made, ranked, counts, skipped = self.ranking.get(needs.shape, (-1, [], {}, 0))
+        if made != self.starts:
+            counts = {w.name: len(self._suitable(w.name, needs)) for w in able}
+            ranked = sorted(able, key=lambda w: (-counts[w.name], w.name))
+            skipped = 0
+        while skipped < len(ranked) and ranked[skipped].name in reserved:
+            skipped += 1
+        self.ranking[needs.shape] = (self.starts, ranked, counts, skipped)
+        if skipped == len(ranked):
+            # Every worker that could run it is held, and stays held through the round.
+            holder = min((reserved[w.name] for w in able), key=self.position.__getitem__)
+            held = ", ".join(w.name for w in able if reserved[w.name] == holder)
+            self.behind[needs.shape] = (
+                f"waiting behind job {holder}: the GPUs of {held} are held for it"
+            )
+            return self.behind[needs.shape]
+        worker = ranked[skipped]
+        reserved[worker.name] = job.id
+        self.holders[worker.name] = needs
+        if counts[worker.name] >= needs.gpus:
+            return f"waiting for a free job slot (max_jobs) on {worker.name}"
+        return (
+            f"not enough free GPUs: {counts[worker.name]} of the {needs.gpus} it needs are free"
+            f" on {worker.name}, which holds them for this job as others end"
+        )
 
 
 def _no_worker(needs: models.Needs, workers: list[WorkerView]) -> str:

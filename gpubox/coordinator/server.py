@@ -110,6 +110,7 @@ class Coordinator:
             telemetry_max_points=self.config.telemetry_max_points,
             idle_timeout=self.config.idle_timeout,
             idle_threshold=self.config.idle_threshold,
+            fair_share_half_life=self.config.fair_share_half_life,
         )
         app = api.make_app(
             self.store,

@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from gpubox import errors, models
 from gpubox.store import Store
@@ -26,9 +27,37 @@ def digest(token: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def create(store: Store, name: str, role: str = "submit", allow_process: bool = False) -> str:
+MAX_CAP = 10**9  # the highest cap a token may carry
+
+
+def caps_from(values: dict[str, Any]) -> dict[str, int | None]:
+    """The caps named in `values` (models.Caps.NAMES; others are left out), checked: each a
+    whole number from 0, or None to lift it. errors.BadInput names the one that is not."""
+    caps: dict[str, int | None] = {}
+    for name in models.Caps.NAMES:
+        if name not in values:
+            continue
+        value = values[name]
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CAP
+        ):
+            raise errors.BadInput(
+                f"{name} must be a whole number from 0 to {MAX_CAP}, or null for no cap", name
+            )
+        caps[name] = value
+    return caps
+
+
+def create(
+    store: Store,
+    name: str,
+    role: str = "submit",
+    allow_process: bool = False,
+    caps: models.Caps | None = None,
+) -> str:
     """Make a new token, store its digest under `name`, and return the token itself. With
-    `allow_process`, its jobs may also run on process-runtime workers (on their hosts)."""
+    `allow_process`, its jobs may also run on process-runtime workers (on their hosts);
+    `caps` limit what its jobs take at once."""
     if role not in ROLES:
         raise errors.BadInput(f"role must be one of {', '.join(ROLES)}", "role")
     if not name or len(name) > MAX_NAME or "/" in name or not name.isprintable():
@@ -37,7 +66,11 @@ def create(store: Store, name: str, role: str = "submit", allow_process: bool = 
             f"token name must be 1 to {MAX_NAME} printable characters, no '/'", "name"
         )
     token = "gpbx_" + secrets.token_urlsafe(32)
-    store.add_token(models.Token(name, digest(token), role, models.utcnow(), allow_process))
+    store.add_token(
+        models.Token(
+            name, digest(token), role, models.utcnow(), allow_process, caps or models.Caps()
+        )
+    )
     return token
 
 

@@ -14,13 +14,34 @@ import contextlib
 import enum
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from gpubox import models, telemetry
 from gpubox.jobfilter import JobFilter
 
 # A log line as it arrives from a worker: (timestamp, stream, text).
 RawLine = tuple[str, str, str]
+
+
+class QueueGroup(NamedTuple):
+    """The QUEUED jobs of one shape, priority and submitter: how many, and the first id."""
+
+    shape: str
+    priority: int
+    submitter: str | None
+    jobs: int
+    first: int
+
+
+class Use(NamedTuple):
+    """A job's hold on GPUs, as fair share and caps count it. Its times are the stored RFC
+    3339 texts (models.format_time): the caller parses only those it has not seen."""
+
+    id: int
+    submitter: str | None
+    gpus: int
+    executed_at: str | None
+    finished_at: str | None
 
 
 # Every table, with the columns that order its rows (its primary key), for `db copy`.
@@ -54,8 +75,12 @@ class Store(abc.ABC):
     # --- jobs ---------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def create_job(self, spec: models.JobSpec, now: datetime) -> models.Job:
-        """Insert a QUEUED job and return it with its new id (ids increase)."""
+    def create_job(
+        self, spec: models.JobSpec, now: datetime, max_queued: int | None = None
+    ) -> models.Job:
+        """Insert a QUEUED job and return it with its new id (ids increase). With
+        `max_queued`, errors.OverCap if its submitter has that many jobs queued already
+        (checked in the same transaction as the insert)."""
 
     @abc.abstractmethod
     def get_job(self, job_id: int) -> models.Job:
@@ -63,7 +88,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def create_job_once(
-        self, spec: models.JobSpec, now: datetime, token: str, key: str, digest: str
+        self,
+        spec: models.JobSpec,
+        now: datetime,
+        token: str,
+        key: str,
+        digest: str,
+        max_queued: int | None = None,
     ) -> tuple[models.Job, bool]:
         """create_job, once per idempotency `key` of `token` within IDEMPOTENCY_S (24 h):
         (the new job, True); again with the same key and request `digest`, (the job made the
@@ -159,6 +190,60 @@ class Store(abc.ABC):
         """The shapes (models.Needs.shape) of the QUEUED jobs, each once, in no set order.
         It costs an index lookup per shape, not a read per job: 100,000 queued jobs of a few
         shapes cost no more than a few jobs."""
+
+    # --- fair share and caps (store.sharing) -------------------------------------------------
+
+    @abc.abstractmethod
+    def queue_groups(self) -> list[QueueGroup]:
+        """The QUEUED jobs by shape, priority and submitter, each group once, in no set
+        order. It reads an index entry per queued job, not the jobs."""
+
+    @abc.abstractmethod
+    def queued_of(
+        self,
+        shape: str,
+        priority: int,
+        submitters: Sequence[str | None] | None,
+        limit: int,
+        known: Mapping[int, models.Job] | None = None,
+    ) -> list[models.Job]:
+        """Up to `limit` QUEUED jobs of this shape and priority, lowest id first, of these
+        submitters (None among them: the jobs with none recorded; `submitters` None: of
+        any). Those in `known` are returned as given there, not read again."""
+
+    @abc.abstractmethod
+    def last_job_id(self) -> int:
+        """The highest job id (0 when there is no job): an index lookup."""
+
+    @abc.abstractmethod
+    def queued_before(self, priority: int, job_id: int) -> dict[str | None, int]:
+        """By submitter, how many QUEUED jobs of this priority have an id below job_id."""
+
+    @abc.abstractmethod
+    def queued_count(self, submitter: str | None) -> int:
+        """How many jobs of this submitter are QUEUED."""
+
+    @abc.abstractmethod
+    def running_use(self) -> list[Use]:
+        """Every RUNNING job's use, read from an index alone."""
+
+    @abc.abstractmethod
+    def ended_use(self, ids: Sequence[int]) -> list[Use]:
+        """The use of those of these jobs that ran and have ended (finished_at and
+        executed_at set)."""
+
+    @abc.abstractmethod
+    def ended_use_since(self, since: datetime) -> list[Use]:
+        """The use of every job that ran and ended at `since` or later."""
+
+    @abc.abstractmethod
+    def set_caps(self, name: str, caps: dict[str, int | None]) -> models.Token:
+        """Change some caps of token `name` (a key of models.Caps.NAMES each; None lifts
+        it) and return the token; errors.NotFound if there is none."""
+
+    @abc.abstractmethod
+    def token_caps(self) -> dict[str, models.Caps]:
+        """The caps of every token that has any, by token name."""
 
     @abc.abstractmethod
     def batch(self) -> contextlib.AbstractContextManager[None]:

@@ -30,9 +30,31 @@ def label_pair(key: str, value: str) -> str:
 class JobStore(backend.Backend):
     """The store's operations on jobs."""
 
-    def create_job(self, spec: models.JobSpec, now: datetime) -> models.Job:
+    def create_job(
+        self, spec: models.JobSpec, now: datetime, max_queued: int | None = None
+    ) -> models.Job:
         with self._write() as cur:
+            if max_queued is not None:
+                self._check_queued(cur, spec.submitter or "", max_queued)
             return self._create(cur, spec, now)
+
+    def _check_queued(self, cur: Any, submitter: str, max_queued: int) -> None:
+        """Refuse a submit that would take `submitter` past `max_queued` queued jobs. Inside
+        the write transaction: SQLite's writers take turns, and PostgreSQL's lock the token's
+        row first, so two submits cannot both see one place left."""
+        cur.execute("SELECT name FROM tokens WHERE name = ?" + self.row_lock, (submitter,))
+        cur.execute(
+            "SELECT COUNT(*) AS n FROM jobs WHERE submitter = ? AND status = 'QUEUED'",
+            (submitter,),
+        )
+        queued = int(cur.fetchone()["n"])
+        if queued >= max_queued:
+            raise errors.OverCap(
+                f"token {submitter!r} has {queued} jobs queued, its max_queued cap: submit"
+                " again once some have started (or ask an admin to raise it: gpubox token"
+                f" set {submitter} --max-queued N)",
+                "max_queued",
+            )
 
     def _create(self, cur: Any, spec: models.JobSpec, now: datetime) -> models.Job:
         # The job as get_job would read it back, without reading it; the insert takes its
@@ -47,7 +69,13 @@ class JobStore(backend.Backend):
         return dataclasses.replace(job, id=job_id)
 
     def create_job_once(
-        self, spec: models.JobSpec, now: datetime, token: str, key: str, digest: str
+        self,
+        spec: models.JobSpec,
+        now: datetime,
+        token: str,
+        key: str,
+        digest: str,
+        max_queued: int | None = None,
     ) -> tuple[models.Job, bool]:
         cutoff = models.format_time(now - timedelta(seconds=IDEMPOTENCY_S))
         for _ in range(3):
@@ -67,6 +95,8 @@ class JobStore(backend.Backend):
                             )
                         return self._get(cur, int(found["job_id"])), False
                     cur.execute("DELETE FROM idempotency WHERE created_at <= ?", (cutoff,))
+                    if max_queued is not None:
+                        self._check_queued(cur, spec.submitter or "", max_queued)
                     job = self._create(cur, spec, now)
                     cur.execute(
                         "INSERT INTO idempotency (token, key, digest, job_id, created_at)"

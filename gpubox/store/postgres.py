@@ -150,6 +150,20 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_at) WHERE state 
 CREATE INDEX webhook_deliveries_job ON webhook_deliveries (job_id);
 CREATE INDEX jobs_hooks_due ON jobs (id) WHERE hooks_due > 0;
 """,
+    # 10: fair share and caps: each token's caps (NULL: none), the queue by shape, priority
+    # and submitter (the scheduler's fair order reads it group by group), the running jobs'
+    # submitters, GPUs and start (what each submitter holds and has used, read every round),
+    # the queued jobs of one submitter (max_queued), and the jobs by when they ended (the
+    # usage report, and the use that fair share starts from)
+    """
+ALTER TABLE tokens ADD COLUMN max_gpus BIGINT;
+ALTER TABLE tokens ADD COLUMN max_running BIGINT;
+ALTER TABLE tokens ADD COLUMN max_queued BIGINT;
+CREATE INDEX jobs_fair ON jobs (shape, priority DESC, submitter, id) WHERE status = 'QUEUED';
+CREATE INDEX jobs_running ON jobs (submitter, gpus, executed_at, id) WHERE status = 'RUNNING';
+CREATE INDEX jobs_submitter ON jobs (submitter, status);
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+""",
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.
 MIGRATIONS = columns.migrations(TYPES, OTHERS)

@@ -149,6 +149,20 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_at) WHERE state 
 CREATE INDEX webhook_deliveries_job ON webhook_deliveries (job_id);
 CREATE INDEX jobs_hooks_due ON jobs (id) WHERE hooks_due > 0;
 """,
+    # 10: fair share and caps: each token's caps (NULL: none), the queue by shape, priority
+    # and submitter (the scheduler's fair order reads it group by group), the running jobs'
+    # submitters, GPUs and start (what each submitter holds and has used, read every round),
+    # the queued jobs of one submitter (max_queued), and the jobs by when they ended (the
+    # usage report, and the use that fair share starts from)
+    """
+ALTER TABLE tokens ADD COLUMN max_gpus INTEGER;
+ALTER TABLE tokens ADD COLUMN max_running INTEGER;
+ALTER TABLE tokens ADD COLUMN max_queued INTEGER;
+CREATE INDEX jobs_fair ON jobs (shape, priority DESC, submitter, id) WHERE status = 'QUEUED';
+CREATE INDEX jobs_running ON jobs (submitter, gpus, executed_at, id) WHERE status = 'RUNNING';
+CREATE INDEX jobs_submitter ON jobs (submitter, status);
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+""",
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.
 MIGRATIONS = columns.migrations(TYPES, OTHERS)
@@ -180,6 +194,8 @@ class SqliteStore(sql.SqlStore):
     """The store in one SQLite file."""
 
     MIGRATIONS = MIGRATIONS
+    queue_index = "jobs INDEXED BY jobs_fair"
+    running_index = "jobs INDEXED BY jobs_running"
 
     def __init__(self, path: str, upgrade: bool = True) -> None:
         super().__init__()

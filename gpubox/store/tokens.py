@@ -41,17 +41,42 @@ class TokenStore(backend.Backend):
             if cur.fetchone() is not None:
                 raise errors.WrongState(f"a token named {token.name!r} exists already")
             cur.execute(
-                "INSERT INTO tokens (name, digest, role, created_at, allow_process)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO tokens (name, digest, role, created_at, allow_process, max_gpus,"
+                " max_running, max_queued) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     token.name,
                     token.digest,
                     token.role,
                     models.format_time(token.created_at),
                     int(token.allow_process),
+                    token.caps.max_gpus,
+                    token.caps.max_running,
+                    token.caps.max_queued,
                 ),
             )
         self._tokens_changed()
+
+    def set_caps(self, name: str, caps: dict[str, int | None]) -> models.Token:
+        with self._write() as cur:
+            if caps:
+                assignments = ", ".join(f"{key} = ?" for key in caps if key in models.Caps.NAMES)
+                cur.execute(
+                    f"UPDATE tokens SET {assignments} WHERE name = ?", (*caps.values(), name)
+                )
+            cur.execute("SELECT * FROM tokens WHERE name = ?", (name,))
+            row = cur.fetchone()
+        if row is None:
+            raise errors.NotFound(f"no token named {name!r}")
+        self._tokens_changed()
+        return _token(row)
+
+    def token_caps(self) -> dict[str, models.Caps]:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT name, max_gpus, max_running, max_queued FROM tokens WHERE"
+                " max_gpus IS NOT NULL OR max_running IS NOT NULL OR max_queued IS NOT NULL"
+            )
+            return {row["name"]: _caps(row) for row in cur.fetchall()}
 
     def find_token(self, digest: str) -> models.Token | None:
         """The token with this digest; one found less than TOKEN_CACHE_S ago is not read
@@ -92,4 +117,9 @@ def _token(row: dict[str, Any]) -> models.Token:
         role=row["role"],
         created_at=models.parse_time(row["created_at"]),  # type: ignore[arg-type]
         allow_process=bool(row["allow_process"]),
+        caps=_caps(row),
     )
+
+
+def _caps(row: dict[str, Any]) -> models.Caps:
+    return models.Caps(row["max_gpus"], row["max_running"], row["max_queued"])

@@ -55,17 +55,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     @app.get("/api/v1/tokens")
     @endpoints.endpoint(store, admin=True)
     def list_tokens() -> dict[str, Any]:
-        return {
-            "tokens": [
-                {
-                    "name": t.name,
-                    "role": t.role,
-                    "allow_process": t.allow_process,
-                    "created_at": models.format_time(t.created_at),
-                }
-                for t in store.list_tokens()
-            ]
-        }
+        return {"tokens": [_shown(t) for t in store.list_tokens()]}
 
     @app.post("/api/v1/tokens")
     @endpoints.endpoint(store, admin=True)
@@ -74,7 +64,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
         if not isinstance(body, dict):
             raise errors.BadInput("the body must be a JSON object")
         for key in body:
-            if key not in ("name", "role", "allow_process"):
+            if key not in ("name", "role", "allow_process", *models.Caps.NAMES):
                 raise errors.BadInput(f"unknown field {key!r}", key)
         name, role = body.get("name"), body.get("role", "submit")
         allow_process = body.get("allow_process", False)
@@ -84,9 +74,31 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
             raise errors.BadInput("role must be a string", "role")
         if not isinstance(allow_process, bool):
             raise errors.BadInput("allow_process must be true or false", "allow_process")
-        value = tokens.create(store, name, role, allow_process)
+        caps = models.Caps(**tokens.caps_from(body))
+        value = tokens.create(store, name, role, allow_process, caps)
         bottle.response.status = 201
-        return {"name": name, "role": role, "allow_process": allow_process, "token": value}
+        return {
+            "name": name,
+            "role": role,
+            "allow_process": allow_process,
+            **caps.to_dict(),
+            "token": value,
+        }
+
+    @app.patch("/api/v1/tokens/<name>")
+    @endpoints.endpoint(store, admin=True)
+    def change_token(name: str) -> dict[str, Any]:
+        body = params.json_body(max_body_bytes)
+        if not isinstance(body, dict) or not body:
+            raise errors.BadInput(
+                f"the body must be a JSON object with some of {', '.join(models.Caps.NAMES)}"
+            )
+        for key in body:
+            if key not in models.Caps.NAMES:
+                raise errors.BadInput(f"unknown field {key!r}: a token changes only its caps", key)
+        if "\x00" in name:
+            raise errors.NotFound(f"no token named {name!r}")
+        return _shown(store.set_caps(name, tokens.caps_from(body)))
 
     @app.delete("/api/v1/tokens/<name>")
     @endpoints.endpoint(store, admin=True)
@@ -95,3 +107,14 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
         if "\x00" in name or not store.revoke_token(name):
             raise errors.NotFound(f"no token named {name!r}")
         return {"name": name, "revoked": True}
+
+
+def _shown(token: models.Token) -> dict[str, Any]:
+    """A token as the API lists it (never the token itself: only its digest is kept)."""
+    return {
+        "name": token.name,
+        "role": token.role,
+        "allow_process": token.allow_process,
+        **token.caps.to_dict(),
+        "created_at": models.format_time(token.created_at),
+    }

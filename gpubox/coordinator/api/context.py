@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
+from gpubox import models
 from gpubox.coordinator import sealing, webhooks
 from gpubox.coordinator.api.held import HeldThreads
 from gpubox.coordinator.events import Changes
@@ -19,6 +20,8 @@ class LiveView(Protocol):
     """What the broker knows that the store does not (coordinator.broker.Broker)."""
 
     def queue_reason(self, job_id: int) -> str: ...
+
+    def queue_place(self, job: models.Job) -> dict[str, Any]: ...
 
     def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]: ...
 

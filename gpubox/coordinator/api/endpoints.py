@@ -63,6 +63,8 @@ def endpoint(
                 bottle.response.content_type = "application/json"
                 if status == 401:
                     bottle.response.set_header("WWW-Authenticate", 'Bearer realm="gpubox"')
+                if isinstance(exc, errors.OverCap):
+                    bottle.response.set_header("Retry-After", str(exc.retry_after_s))
                 if status >= 500:
                     log.warning("%s %s: %s", bottle.request.method, bottle.request.path, exc)
                 return http_errors.error_body(exc.code, exc.message, getattr(exc, "field", None))

@@ -21,6 +21,7 @@ STATUS: dict[type[errors.GpuboxError], int] = {
     errors.WrongState: 409,
     errors.TooLarge: 413,
     errors.IdempotencyConflict: 422,
+    errors.OverCap: 429,
     errors.StoreUnavailable: 503,  # a StoreError, but the client may try again
     errors.Busy: 503,
 }

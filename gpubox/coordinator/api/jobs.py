@@ -30,6 +30,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
         answer = job.to_dict()
         if job.status is models.Status.QUEUED and live is not None:
             answer["queue_reason"] = live.queue_reason(job.id)
+            answer["queue_place"] = live.queue_place(job)
         return answer
 
     @app.post("/api/v1/jobs")
@@ -47,13 +48,16 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
             _check_mounts(spec.container.mounts, store.list_workers())
         if spec.queue_timeout is None and ctx.queue_timeout > 0:
             spec = dataclasses.replace(spec, queue_timeout=ctx.queue_timeout)
+        cap = token.caps.max_queued
         if key is None:
-            job, created = store.create_job(spec, models.utcnow()), True
+            job, created = store.create_job(spec, models.utcnow(), cap), True
         else:
             # The same request is the same JSON, whatever its spacing or key order.
             canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
             digest = hashlib.sha256(canonical.encode()).hexdigest()
-            job, created = store.create_job_once(spec, models.utcnow(), token.name, key, digest)
+            job, created = store.create_job_once(
+                spec, models.utcnow(), token.name, key, digest, cap
+            )
         bottle.response.set_header("Location", f"/api/v1/jobs/{job.id}")
         if created:
             poke("schedule", job.id)

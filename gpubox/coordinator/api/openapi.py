@@ -60,6 +60,7 @@ def components() -> dict[str, Any]:
             "TokenList": schemas.closed({"tokens": {**listed, "items": ref("Token")}}),
             "TokenRequest": schemas.token_request(),
             "TokenMade": schemas.token_made(),
+            "TokenChange": schemas.token_change(),
             "Revoked": schemas.closed({"name": STRING, "revoked": {"const": True}}),
             "Health": schemas.closed(health, required=("status", "version")),
             "Unhealthy": schemas.closed(unhealthy),

@@ -23,6 +23,8 @@ MEANING = {
     409: "the state does not allow this",
     413: "the body is over the coordinator's limit (far over it: plain text, from the server)",
     422: "this Idempotency-Key was used for a request with another body",
+    429: "a cap of the token refuses it (`field` names the cap: max_queued): try again after"
+    " Retry-After seconds",
     503: "the store cannot be reached right now: try again",
 }
 JOB_ID = {
@@ -50,6 +52,9 @@ def error(status: int, meaning: str = "") -> dict[str, Any]:
     answer: dict[str, Any] = {"description": meaning, "content": content}
     if status == 401:
         answer["headers"] = {"WWW-Authenticate": {"schema": {"const": 'Bearer realm="gpubox"'}}}
+    if status == 429:
+        retry = {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "required": True}
+        answer["headers"] = {"Retry-After": retry}
     return answer
 
 
@@ -178,7 +183,7 @@ def jobs_paths() -> dict[str, Any]:
                 "create_job",
                 "Submit a job",
                 {201: created, 200: replayed},
-                (403, 413, 422),
+                (403, 413, 422, 429),
                 (idempotency,),
                 body=ref("JobSpec"),
             ),
@@ -317,6 +322,17 @@ def admin_paths() -> dict[str, Any]:
             ),
         },
         "/api/v1/tokens/{name}": {
+            "patch": operation(
+                "change_token",
+                "Change a token's caps (admin); the scheduler applies them within a second",
+                {
+                    200: json_answer("the token as it is now", ref("Token")),
+                    404: error(404, "no token has this name"),
+                },
+                (403, 413),
+                (token,),
+                body=ref("TokenChange"),
+            ),
             "delete": operation(
                 "revoke_token",
                 "Revoke an API token (admin)",

@@ -101,6 +101,28 @@ def attribute_hint(cls: Any, path: str) -> Any:
 # result's telemetry is a summary with a shape of its own (telemetry.summarize).
 JOB_TYPES: dict[str, Schema] = {
     "queue_reason": {"type": ["string", "null"]},
+    "queue_place": {
+        "oneOf": [
+            {"type": "null"},
+            closed(
+                {
+                    "place": {"type": "integer", "minimum": 1},
+                    "ahead": {
+                        "type": "array",
+                        "items": closed(
+                            {
+                                "submitter": {"type": ["string", "null"]},
+                                "jobs": {"type": "integer", "minimum": 1},
+                                "use_gpu_hours": {"type": "number"},
+                            }
+                        ),
+                    },
+                    "use_gpu_hours": {"type": "number"},
+                    "half_life_s": {"type": "number"},
+                }
+            ),
+        ]
+    },
     "webhooks": {
         "type": "array",
         "items": closed(
@@ -298,15 +320,36 @@ TOKEN_NAME = {
 ROLE = {"type": "string", "enum": list(tokens.ROLES)}
 
 
+CAP = {"type": ["integer", "null"], "minimum": 0, "maximum": 10**9}
+CAPS_TEXT = {
+    "max_gpus": "the most GPUs its running jobs may hold at once (null: no cap); the"
+    " scheduler starts none of its jobs past it",
+    "max_running": "the most jobs of it that may run at once (null: no cap)",
+    "max_queued": "the most jobs of it that may wait queued at once (null: no cap); a submit"
+    " past it is refused with 429 over_cap and Retry-After",
+}
+
+
+def caps() -> dict[str, Schema]:
+    """A token's caps (models.Caps), each as the API shows and takes it."""
+    return {name: {**CAP, "description": text} for name, text in CAPS_TEXT.items()}
+
+
 def token() -> Schema:
     return closed(
         {
             "name": {"type": "string"},
             "role": ROLE,
             "allow_process": {"type": "boolean"},
+            **caps(),
             "created_at": from_hint(datetime.datetime),
         }
     )
+
+
+def token_change() -> Schema:
+    """PATCH /tokens/{name}'s body: the caps to change."""
+    return {**closed(caps(), required=()), "minProperties": 1}
 
 
 def token_request() -> Schema:
@@ -320,6 +363,7 @@ def token_request() -> Schema:
                 "default": False,
                 "description": "whether its jobs may run on process-runtime workers",
             },
+            **caps(),
         },
         required=("name",),
     )
@@ -331,6 +375,7 @@ def token_made() -> Schema:
             "name": {"type": "string"},
             "role": ROLE,
             "allow_process": {"type": "boolean"},
+            **caps(),
             "token": {"type": "string", "description": "the token itself: shown only here"},
         }
     )

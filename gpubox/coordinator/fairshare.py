@@ -1,0 +1,250 @@
+"""Fair share between submitters: each one's recent use of the GPUs, and what its running
+jobs hold now (which its token's caps limit).
+
+Within one priority, the scheduler starts first the jobs of the submitter that used the GPUs
+least lately (equal use: the earlier job first). A submitter's use is its GPU-seconds,
+each counted less the longer ago it was used:
+
+    use = Σ over its jobs of  w × s × 2^(−a / H)
+
+    w  the GPUs the job holds; a job with `gpus: 0` counts as CPU_JOB_SHARE of one
+    s  the seconds its last attempt ran (from its container's start to its end; a job still
+       running: so far)
+    a  the seconds since it ended (0 while it runs)
+    H  fair_share_half_life: use from one half-life ago counts half, from two a quarter
+
+An attempt that a lost worker cut short and that was queued again is not counted. With H 0,
+fair share is off: the queue is in submission order within a priority, as before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from gpubox import models
+
+if TYPE_CHECKING:
+    from gpubox.store import Store, base
+
+CPU_JOB_SHARE = 0.1  # the part of a GPU that a job with `gpus: 0` counts as
+HORIZON_HALF_LIVES = 10  # use older than this counts less than 0.1 %: not read at start
+CAPS_EVERY_S = 1.0  # how often the tokens' caps are read again (as tokens are trusted)
+
+
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """What one submitter's running jobs hold now."""
+
+    jobs: int = 0
+    gpus: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Fair share at one moment: every submitter's use, what its jobs hold, and its caps."""
+
+    at: float = 0.0  # Unix time
+    half_life_s: float = 0.0  # 0: fair share is off (use is empty)
+    use: dict[str | None, float] = dataclasses.field(default_factory=dict)  # GPU-seconds
+    held: dict[str | None, Held] = dataclasses.field(default_factory=dict)
+    caps: dict[str, models.Caps] = dataclasses.field(default_factory=dict)
+    # Whether a job that ran is queued again since the refresh before (its worker was lost):
+    # the queue may have a group the scheduler did not list.
+    requeued: bool = False
+
+    def use_of(self, submitter: str | None) -> float:
+        return self.use.get(submitter, 0.0)
+
+    def order(self, priority: int, submitter: str | None) -> tuple[int, float]:
+        """Where jobs of this priority and submitter stand: lower goes first; the job's id
+        breaks ties."""
+        return -priority, self.use_of(submitter)
+
+    def key(self, job: models.Job) -> tuple[int, float, int]:
+        """A queued job's place in the fair order: lower goes first."""
+        return (*self.order(job.spec.priority, job.spec.submitter), job.id)
+
+    def caps_of(self, submitter: str | None) -> models.Caps:
+        return self.caps.get(submitter or "", NO_CAPS)
+
+
+NO_CAPS = models.Caps()
+
+
+def weight(gpus: int) -> float:
+    """The GPUs a job counts as for its submitter's use."""
+    return float(gpus) if gpus else CPU_JOB_SHARE
+
+
+def over_cap(caps: models.Caps, held: Held, gpus: int) -> str:
+    """Which cap a job of `gpus` GPUs would pass if it started now, in words ("" if none)."""
+    if caps.max_running is not None and held.jobs + 1 > caps.max_running:
+        return f"runs {held.jobs} jobs of its max_running {caps.max_running}"
+    if caps.max_gpus is not None and gpus and held.gpus + gpus > caps.max_gpus:
+        return f"holds {held.gpus} GPUs of its max_gpus {caps.max_gpus}"
+    return ""
+
+
+def allowance(caps: models.Caps, held: Held, gpus: int) -> int | None:
+    """How many more jobs of `gpus` GPUs the caps let start (None: no limit)."""
+    left = []
+    if caps.max_running is not None:
+        left.append(caps.max_running - held.jobs)
+    if caps.max_gpus is not None and gpus:
+        left.append((caps.max_gpus - held.gpus) // gpus)
+    return max(0, min(left)) if left else None
+
+
+def place(
+    job: models.Job,
+    groups: Iterable[base.QueueGroup],
+    tied_before: Callable[[], dict[str | None, int]],
+    sharing: Snapshot,
+) -> dict[str, Any]:
+    """Where a queued job stands in the fair order, for people: its place (1: next), the
+    jobs ahead of it by submitter with each one's use, and its own submitter's use (use in
+    GPU-hours). `tied_before()` gives, by submitter, the queued jobs of its priority with a
+    lower id: read only when some submitter ties with its own."""
+    mine = sharing.order(job.spec.priority, job.spec.submitter)
+    ahead: dict[str | None, int] = {}
+    tied: set[str | None] = set()
+    for group in groups:
+        order = sharing.order(group.priority, group.submitter)
+        if order < mine:
+            ahead[group.submitter] = ahead.get(group.submitter, 0) + group.jobs
+        elif order == mine:
+            tied.add(group.submitter)
+    if tied:
+        for submitter, count in tied_before().items():
+            if submitter in tied:
+                ahead[submitter] = ahead.get(submitter, 0) + count
+    ranked = sorted(ahead.items(), key=lambda item: (-item[1], item[0] or ""))
+    return {
+        "place": sum(ahead.values()) + 1,
+        "ahead": [
+            {"submitter": who, "jobs": count, "use_gpu_hours": _hours(sharing.use_of(who))}
+            for who, count in ranked
+        ],
+        "use_gpu_hours": _hours(sharing.use_of(job.spec.submitter)),
+        "half_life_s": sharing.half_life_s,
+    }
+
+
+def _hours(gpu_seconds: float) -> float:
+    return round(gpu_seconds / 3600, 3)
+
+
+@dataclasses.dataclass
+class _Run:
+    """A running job as the tracker keeps it between rounds."""
+
+    submitter: str | None
+    gpus: int
+    executed_at: str | None  # as stored, to see whether it changed
+    started: float | None  # executed_at as Unix time
+
+
+class Tracker:
+    """Keeps every submitter's use up to date for the broker's rounds. Each round (refresh)
+    reads the running jobs from the store, counts those gone since the last round that
+    ended, and decays the rest: the jobs that ended are read once, at start, not every round.
+    The broker's thread refreshes; any thread may read `snapshot`."""
+
+    def __init__(
+        self, store: Store, half_life_s: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.half_life_s = half_life_s
+        self.clock = clock
+        self.snapshot = Snapshot(half_life_s=half_life_s)
+        self._ended: dict[str | None, float] = {}  # use of ended jobs, as of self._as_of
+        self._as_of = 0.0
+        self._running: dict[int, _Run] = {}
+        self._loaded = False
+        self._caps: dict[str, models.Caps] = {}
+        self._caps_read = -math.inf
+        self._lock = threading.Lock()  # one refresh at a time
+
+    def refresh(self) -> Snapshot:
+        """Read what runs now and return the new snapshot (also kept in `snapshot`)."""
+        with self._lock:
+            now = self.clock()
+            rows = self.store.running_use()
+            running = {}
+            for row in rows:
+                before = self._running.get(row.id)
+                if before is not None and before.executed_at == row.executed_at:
+                    started = before.started
+                else:
+                    started = _unix(row.executed_at)
+                running[row.id] = _Run(row.submitter, row.gpus, row.executed_at, started)
+            if self.half_life_s:
+                self._decay(now)
+                if not self._loaded:
+                    self._load(now, running)
+            self._loaded = True
+            gone = [job_id for job_id in self._running if job_id not in running]
+            ended = self.store.ended_use(gone) if gone else []
+            if self.half_life_s:
+                self._add_ended(ended, now)
+            self._running = running
+            if now - self._caps_read >= CAPS_EVERY_S:
+                self._caps, self._caps_read = self.store.token_caps(), now
+            self.snapshot = self._snapshot(now, requeued=len(ended) < len(gone))
+            return self.snapshot
+
+    def claimed(self, jobs: Iterable[models.Job]) -> None:
+        """Jobs the broker just claimed: one that ends before the next refresh is still
+        counted then (its end is read like any other's)."""
+        with self._lock:
+            for job in jobs:
+                self._running.setdefault(
+                    job.id, _Run(job.spec.submitter, job.spec.gpus, None, None)
+                )
+
+    def _snapshot(self, now: float, requeued: bool) -> Snapshot:
+        use = dict(self._ended)
+        held: dict[str | None, Held] = {}
+        for run in self._running.values():
+            if self.half_life_s and run.started is not None:
+                seconds = max(0.0, now - run.started)
+                use[run.submitter] = use.get(run.submitter, 0.0) + weight(run.gpus) * seconds
+            old = held.get(run.submitter, Held())
+            held[run.submitter] = Held(old.jobs + 1, old.gpus + run.gpus)
+        return Snapshot(now, self.half_life_s, use, held, self._caps, requeued)
+
+    def _decay(self, now: float) -> None:
+        if now > self._as_of:
+            factor = 2.0 ** (-(now - self._as_of) / self.half_life_s)
+            self._ended = {who: use * factor for who, use in self._ended.items() if use > 1e-9}
+        self._as_of = max(self._as_of, now)
+
+    def _load(self, now: float, running: dict[int, _Run]) -> None:
+        """Count the jobs that ended within the horizon. A job read as running that ended
+        since is counted here, and no longer as running."""
+        since = now - HORIZON_HALF_LIVES * self.half_life_s
+        ended = self.store.ended_use_since(datetime.fromtimestamp(since, UTC))
+        for use in ended:
+            running.pop(use.id, None)
+        self._add_ended(ended, now)
+
+    def _add_ended(self, ended: Iterable[base.Use], now: float) -> None:
+        for use in ended:
+            started, finished = _unix(use.executed_at), _unix(use.finished_at)
+            if started is None or finished is None:
+                continue
+            seconds = max(0.0, finished - started)
+            age = max(0.0, now - finished)
+            value = weight(use.gpus) * seconds * 2.0 ** (-age / self.half_life_s)
+            self._ended[use.submitter] = self._ended.get(use.submitter, 0.0) + value
+
+
+def _unix(text: str | None) -> float | None:
+    when = models.parse_time(text)
+    return None if when is None else when.timestamp()

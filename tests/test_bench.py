@@ -27,6 +27,7 @@ ROWS = (
     "telemetry store cost per point, SQLite",
     "dashboard: the page of a job with a",
     "dashboard: a printed line reaches",
+    "scheduling decision, SQLite",
 )
 
 

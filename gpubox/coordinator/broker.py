@@ -638,6 +638,7 @@ class Broker:
             dropped_messages=self.dropped_messages,
             gpu_usage=usage,
             gpu_jobs=holders,
+            submitters=self.planner.submitters(),
         )
 
     def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]:
@@ -746,6 +747,7 @@ class Broker:
         """Drop what the broker kept about a job that ended (Lifecycle's on_end)."""
         self._stored.pop(job_id, None)
         self._sent_at.pop(job_id, None)
+        self.planner.ended(job_id)
 
     # --- sending ------------------------------------------------------------------------------
 

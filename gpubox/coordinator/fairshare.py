@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 CPU_JOB_SHARE = 0.1  # the part of a GPU that a job with `gpus: 0` counts as
 HORIZON_HALF_LIVES = 10  # use older than this counts less than 0.1 %: not read at start
-CAPS_EVERY_S = 1.0  # how often the tokens' caps are read again (as tokens are trusted)
+# How often a round reads the running jobs and the tokens' caps from the store (a cap
+# changed by `gpubox token set` applies within it, as a token revoked does).
+READ_EVERY_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +144,7 @@ def _hours(gpu_seconds: float) -> float:
 
 @dataclasses.dataclass
 class _Run:
-    """A running job as the tracker keeps it between rounds."""
+    """A running job as the tracker keeps it between reads."""
 
     submitter: str | None
     gpus: int
@@ -150,10 +152,33 @@ class _Run:
     started: float | None  # executed_at as Unix time
 
 
+@dataclasses.dataclass
+class _Holding:
+    """What one submitter's running jobs hold, and what their use grows by: `weight` GPUs
+    counted since, on average, `since` (use now = weight × now − weighted_start)."""
+
+    jobs: int = 0
+    gpus: int = 0
+    weight: float = 0.0  # Σ weight(gpus) of its started jobs
+    weighted_start: float = 0.0  # Σ weight(gpus) × start
+
+    def add(self, run: _Run, sign: int = 1) -> None:
+        self.jobs += sign
+        self.gpus += sign * run.gpus
+        if run.started is not None:
+            self.weight += sign * weight(run.gpus)
+            self.weighted_start += sign * weight(run.gpus) * run.started
+
+
 class Tracker:
-    """Keeps every submitter's use up to date for the broker's rounds. Each round (refresh)
-    reads the running jobs from the store, counts those gone since the last round that
-    ended, and decays the rest: the jobs that ended are read once, at start, not every round.
+    """Keeps every submitter's use and holdings up to date for the broker's rounds.
+
+    Every READ_EVERY_S, a round reads the running jobs from the store: those gone since the
+    last read that ended are counted as ended (read by id), and a job that ran and is queued
+    again says the queue changed. Between reads, the broker tells what it claimed (claimed)
+    and what ended (ended), so a cap is never passed: a job that ended by another way (a
+    lost worker's) still counts as held until the next read, which errs on the safe side.
+    The jobs that ended before the coordinator started are read once, at the first read.
     The broker's thread refreshes; any thread may read `snapshot`."""
 
     def __init__(
@@ -166,57 +191,84 @@ class Tracker:
         self._ended: dict[str | None, float] = {}  # use of ended jobs, as of self._as_of
         self._as_of = 0.0
         self._running: dict[int, _Run] = {}
+        self._holding: dict[str | None, _Holding] = {}
+        self._read_at = -math.inf
         self._loaded = False
         self._caps: dict[str, models.Caps] = {}
-        self._caps_read = -math.inf
-        self._lock = threading.Lock()  # one refresh at a time
+        self._lock = threading.Lock()  # one change at a time
 
-    def refresh(self) -> Snapshot:
-        """Read what runs now and return the new snapshot (also kept in `snapshot`)."""
+    def refresh(self, read: bool = False) -> Snapshot:
+        """The snapshot as of now (also kept in `snapshot`), reading the running jobs when
+        READ_EVERY_S have passed since the last read, or when `read` is true."""
         with self._lock:
             now = self.clock()
-            rows = self.store.running_use()
-            running = {}
-            for row in rows:
-                before = self._running.get(row.id)
-                if before is not None and before.executed_at == row.executed_at:
-                    started = before.started
-                else:
-                    started = _unix(row.executed_at)
-                running[row.id] = _Run(row.submitter, row.gpus, row.executed_at, started)
+            requeued = False
+            if read or now - self._read_at >= READ_EVERY_S:
+                requeued = self._read(now)
             if self.half_life_s:
                 self._decay(now)
-                if not self._loaded:
-                    self._load(now, running)
-            self._loaded = True
-            gone = [job_id for job_id in self._running if job_id not in running]
-            ended = self.store.ended_use(gone) if gone else []
-            if self.half_life_s:
-                self._add_ended(ended, now)
-            self._running = running
-            if now - self._caps_read >= CAPS_EVERY_S:
-                self._caps, self._caps_read = self.store.token_caps(), now
-            self.snapshot = self._snapshot(now, requeued=len(ended) < len(gone))
+            self.snapshot = self._snapshot(now, requeued)
             return self.snapshot
 
     def claimed(self, jobs: Iterable[models.Job]) -> None:
-        """Jobs the broker just claimed: one that ends before the next refresh is still
-        counted then (its end is read like any other's)."""
+        """Jobs the broker just claimed: they hold their GPUs from now on."""
         with self._lock:
             for job in jobs:
-                self._running.setdefault(
-                    job.id, _Run(job.spec.submitter, job.spec.gpus, None, None)
-                )
+                if job.id not in self._running:
+                    run = _Run(job.spec.submitter, job.spec.gpus, None, None)
+                    self._running[job.id] = run
+                    self._holding.setdefault(run.submitter, _Holding()).add(run)
+
+    def ended(self, job_id: int) -> None:
+        """A job the broker saw end: it holds nothing from now on, and the use it had
+        (to now) is counted as ended."""
+        with self._lock:
+            run = self._running.pop(job_id, None)
+            if run is None:
+                return
+            self._holding[run.submitter].add(run, -1)
+            if self.half_life_s and run.started is not None:
+                now = self.clock()
+                self._decay(now)
+                used = weight(run.gpus) * max(0.0, now - run.started)
+                self._ended[run.submitter] = self._ended.get(run.submitter, 0.0) + used
+
+    def _read(self, now: float) -> bool:
+        """Read the running jobs; whether one that ran was queued again since."""
+        self._read_at = now
+        running = {}
+        for row in self.store.running_use():
+            before = self._running.get(row.id)
+            if before is not None and before.executed_at == row.executed_at:
+                started = before.started
+            else:
+                started = _unix(row.executed_at)
+            running[row.id] = _Run(row.submitter, row.gpus, row.executed_at, started)
+        if self.half_life_s:
+            self._decay(now)
+            if not self._loaded:
+                self._load(now, running)
+        self._loaded = True
+        gone = [job_id for job_id in self._running if job_id not in running]
+        ended = self.store.ended_use(gone) if gone else []
+        if self.half_life_s:
+            self._add_ended(ended, now)
+        self._running = running
+        self._holding = {}
+        for run in running.values():
+            self._holding.setdefault(run.submitter, _Holding()).add(run)
+        self._caps = self.store.token_caps()
+        return len(ended) < len(gone)
 
     def _snapshot(self, now: float, requeued: bool) -> Snapshot:
         use = dict(self._ended)
-        held: dict[str | None, Held] = {}
-        for run in self._running.values():
-            if self.half_life_s and run.started is not None:
-                seconds = max(0.0, now - run.started)
-                use[run.submitter] = use.get(run.submitter, 0.0) + weight(run.gpus) * seconds
-            old = held.get(run.submitter, Held())
-            held[run.submitter] = Held(old.jobs + 1, old.gpus + run.gpus)
+        held = {}
+        for who, holding in self._holding.items():
+            if holding.jobs:
+                held[who] = Held(holding.jobs, holding.gpus)
+            if self.half_life_s and holding.weight:
+                running = max(0.0, holding.weight * now - holding.weighted_start)
+                use[who] = use.get(who, 0.0) + running
         return Snapshot(now, self.half_life_s, use, held, self._caps, requeued)
 
     def _decay(self, now: float) -> None:

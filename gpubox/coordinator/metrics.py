@@ -55,6 +55,17 @@ class BrokerCounters:
     cpu_s: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Submitter:
+    """One submitter's line in the metrics ("" for jobs stored before submitters were)."""
+
+    name: str
+    queued: int
+    running: int
+    gpus: int
+    use_gpu_hours: float
+
+
 def metric(name: str, kind: str, help_text: str, samples: Iterable[str]) -> list[str]:
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
 
@@ -69,10 +80,12 @@ def render(
     dropped_messages: int,
     gpu_usage: Sequence[tuple[str, str, dict[str, Any]]] = (),
     gpu_jobs: Mapping[str, int] | None = None,
+    submitters: Sequence[Submitter] = (),
 ) -> str:
     """The whole /metrics page. `gpu_usage`: (worker, uuid, NVML's memory_used_mb,
     utilization and power_w at its last heartbeat) for each GPU of a connected worker;
-    `gpu_jobs`: the id of the job holding each busy GPU, by uuid."""
+    `gpu_jobs`: the id of the job holding each busy GPU, by uuid; `submitters`: what each
+    submitter has queued, running and used (fair share)."""
     lines = [
         *metric(
             "gpubox_jobs",
@@ -163,6 +176,32 @@ def render(
             "GPU power draw, as NVML said at the worker's last heartbeat.",
             _gpu_samples(
                 "gpubox_gpu_power_watts", gpu_usage, gpu_jobs, "power_w", lambda w: f"{w:g}"
+            ),
+        ),
+        *metric(
+            "gpubox_submitter_jobs",
+            "gauge",
+            "Jobs of each submitter (API token) queued and running.",
+            (
+                f'gpubox_submitter_jobs{{submitter="{label(s.name)}",status="{status}"}} {n}'
+                for s in submitters
+                for status, n in (("QUEUED", s.queued), ("RUNNING", s.running))
+            ),
+        ),
+        *metric(
+            "gpubox_submitter_gpus",
+            "gauge",
+            "GPUs the running jobs of each submitter hold.",
+            (f'gpubox_submitter_gpus{{submitter="{label(s.name)}"}} {s.gpus}' for s in submitters),
+        ),
+        *metric(
+            "gpubox_submitter_use_gpu_hours",
+            "gauge",
+            "Each submitter's use of the GPUs lately, as fair share orders the queue by:"
+            " GPU-hours, decayed with fair_share_half_life (0 when fair share is off).",
+            (
+                f'gpubox_submitter_use_gpu_hours{{submitter="{label(s.name)}"}} {s.use_gpu_hours:g}'
+                for s in submitters
             ),
         ),
         *metric(

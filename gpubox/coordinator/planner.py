@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpubox import models
-from gpubox.coordinator import fairshare, reading, scheduler
+from gpubox.coordinator import fairshare, metrics, reading, scheduler
 from gpubox.store import Store
 from gpubox.store.base import QueueGroup
 
@@ -41,6 +41,14 @@ class Planner:
         self._groups_listed = -GROUPS_EVERY_S
         self._groups_stale = True
         self._last_id = 0
+        # The jobs each read gave since the groups were listed, and whether they were all the
+        # group had then, less those claimed since: until the next listing the queue only
+        # loses jobs (a job submitted or queued again makes a listing), so a later round
+        # reads again only a group it needs more of. A job cancelled meanwhile may be planned
+        # for up to GROUPS_EVERY_S; its claim then finds it gone.
+        Key = tuple[str, int, tuple[str | None, ...] | None]
+        self._reads: dict[Key, tuple[list[models.Job], bool]] = {}
+        self._claimed: set[int] = set()
 
     @property
     def sharing(self) -> fairshare.Snapshot:
@@ -59,6 +67,7 @@ class Planner:
         ):
             self._groups, self._groups_listed = self.store.queue_groups(), now
             self._groups_stale, self._last_id = False, last_id
+            self._reads, self._claimed = {}, set()
         groups = self._groups
         # What a job asks for never changes: the shapes and jobs read are kept for the next
         # round, which reads only those it did not have.
@@ -69,9 +78,14 @@ class Planner:
         def read(
             shape: str, priority: int, submitters: Sequence[str | None] | None, count: int
         ) -> list[models.Job]:
-            jobs = self.store.queued_of(shape, priority, submitters, count, known)
+            key = (shape, priority, None if submitters is None else tuple(submitters))
+            jobs, whole = self._reads.get(key, ([], False))
+            jobs = [job for job in jobs if job.id not in self._claimed]
+            if len(jobs) < count and not whole:
+                jobs = self.store.queued_of(shape, priority, submitters, count, known)
+                self._reads[key] = (jobs, len(jobs) < count)
             self._queued.update((job.id, job) for job in jobs)
-            return jobs
+            return jobs[:count]
 
         plan = reading.plan_queue(groups, self._needs, read, views, self._matches, sharing)
         self.reasons, self.shape_reasons = plan.reasons, plan.shape_reasons
@@ -85,6 +99,11 @@ class Planner:
     def claimed(self, jobs: Sequence[models.Job]) -> None:
         """Jobs this round claimed (see fairshare.Tracker.claimed)."""
         self.tracker.claimed(jobs)
+        self._claimed.update(job.id for job in jobs)
+
+    def ended(self, job_id: int) -> None:
+        """A job ended (see fairshare.Tracker.ended)."""
+        self.tracker.ended(job_id)
 
     def queue_place(self, job: models.Job) -> dict[str, Any]:
         """Where a QUEUED job stands in the fair order (fairshare.place). Any thread."""
@@ -94,6 +113,24 @@ class Planner:
             lambda: self.store.queued_before(job.spec.priority, job.id),
             self.sharing,
         )
+
+    def submitters(self) -> list[metrics.Submitter]:
+        """What each submitter has queued, running and used, for /metrics. Any thread."""
+        sharing = self.sharing
+        queued: dict[str | None, int] = {}
+        for group in self.store.queue_groups():
+            queued[group.submitter] = queued.get(group.submitter, 0) + group.jobs
+        names = {*queued, *sharing.held, *sharing.use}
+        return [
+            metrics.Submitter(
+                name or "",
+                queued.get(name, 0),
+                sharing.held.get(name, fairshare.Held()).jobs,
+                sharing.held.get(name, fairshare.Held()).gpus,
+                round(sharing.use_of(name) / 3600, 6),
+            )
+            for name in sorted(names, key=lambda name: name or "")
+        ]
 
     def queue_reason(self, job_id: int) -> str:
         """Why a QUEUED job waits, as of the last round. Any thread."""

@@ -62,7 +62,7 @@ def plan_queue(
         if len(jobs) == count:
             unread[shape] = jobs
     queue.sort(key=sharing.key)
-    result = scheduler.plan(queue, workers, sharing)
+    result = scheduler.plan(queue, workers, sharing, found)
     for shape, jobs in unread.items():
         # Those not read wait as the last one read that its caps did not hold back would.
         last = next((job for job in reversed(jobs) if job.id not in result.capped), None)

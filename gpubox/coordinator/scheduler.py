@@ -125,11 +125,17 @@ def plan(
     queue: list[models.Job],
     workers: list[WorkerView],
     sharing: fairshare.Snapshot | None = None,
+    matched: Mapping[str, tuple[str, ...] | str] | None = None,
 ) -> Plan:
     """Assignments for the queue (in its order) on these workers, and why the rest wait.
     `sharing` says what each submitter's running jobs hold and its token's caps: a job whose
-    start would pass a cap waits, and holds no worker."""
-    return _Round(workers, sharing or fairshare.Snapshot()).plan(queue)
+    start would pass a cap waits, and holds no worker. `matched`, when given, is what
+    Matches.find says of the queue's shapes on these workers."""
+    round_ = _Round(workers, sharing or fairshare.Snapshot())
+    by_name = {w.name: w for w in workers}
+    for shape, names in (matched or {}).items():
+        round_.able[shape] = [] if isinstance(names, str) else [by_name[n] for n in names]
+    return round_.plan(queue)
 
 
 class _Round:

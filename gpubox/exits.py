@@ -19,7 +19,7 @@ INVALID = 65  # the coordinator refused the request as invalid (HTTP 400, 409, 4
 NO_SUCH_JOB = 66  # no such job (HTTP 404)
 UNAVAILABLE = 69  # the coordinator could not be reached, or answered 5xx (its store away, busy)
 JOB_LOST = 70  # the job's worker was lost and the job had no retry left
-GAVE_UP = 75  # gpubox stopped following or waiting; the job may still run
+GAVE_UP = 75  # gpubox stopped following or waiting (the job may still run); or over a cap
 REFUSED = 77  # the token was refused (HTTP 401) or may not do this (HTTP 403)
 TIMEOUT = 124  # the job ran past its timeout (as GNU timeout exits)
 NOT_RUN = 125  # the job ended ERROR without an exit code of its own (as docker run exits)
@@ -54,7 +54,12 @@ TABLE = [
         True,
     ),
     Code(str(JOB_LOST), "the job's worker was lost and the job had no retry left", True),
-    Code(str(GAVE_UP), "gpubox gave up following or waiting; the job may still run", True),
+    Code(
+        str(GAVE_UP),
+        "gpubox gave up following or waiting; the job may still run. Or a cap of the token"
+        " refused the submit for now (HTTP 429: too many jobs queued)",
+        True,
+    ),
     Code(str(REFUSED), "the token was refused (HTTP 401) or may not do this (HTTP 403)", False),
     Code(str(TIMEOUT), "the job ran past its timeout", False),
     Code(
@@ -90,6 +95,8 @@ def for_http_status(status: int) -> int:
         return REFUSED
     if status == 404:
         return NO_SUCH_JOB
+    if status == 429:
+        return GAVE_UP  # as EX_TEMPFAIL means: another try, later, may pass
     if status >= 500:
         return UNAVAILABLE
     return INVALID

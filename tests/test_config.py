@@ -629,6 +629,11 @@ def test_a_yes_no_setting_refuses_other_words() -> None:
         (cfg.CoordinatorConfig, {"GPUBOX_IDLE_THRESHOLD": "0"}, "idle_threshold: must be"),
         (cfg.CoordinatorConfig, {"GPUBOX_IDLE_THRESHOLD": "101"}, "idle_threshold: must be"),
         (cfg.CoordinatorConfig, {"GPUBOX_TELEMETRY_MAX_POINTS": "9"}, "at least 10"),
+        (
+            cfg.CoordinatorConfig,
+            {"GPUBOX_FAIR_SHARE_HALF_LIFE": "-1"},
+            "fair_share_half_life: must not be negative",
+        ),
         (cfg.WorkerConfig, {"GPUBOX_TELEMETRY_INTERVAL": "0"}, "telemetry_interval_s: must be"),
         (
             cfg.WorkerConfig,

@@ -1,0 +1,210 @@
+"""The usage report: the store's read of the jobs that ended in a window, on both stores,
+with jobs stored through the store's own operations at known times; and the report's parts
+(the time parser, the percentiles, the weighting of utilization) without I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from gpubox import errors, models, telemetry, usage, validate
+from gpubox.store import Store
+
+# The jobs' times are seconds after BASE, a day ago (whole seconds: the windows below are
+# exact RFC 3339 texts).
+BASE = models.utcnow().replace(microsecond=0) - timedelta(days=1)
+SINCE, UNTIL = BASE, BASE + timedelta(hours=3)  # the window the tests ask for
+
+
+def at(seconds: float) -> datetime:
+    return BASE + timedelta(seconds=seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Made:
+    """A job as the tests store it: when it was submitted, started and ended (seconds after
+    BASE; None: never), how it ended (or QUEUED, RUNNING: not ended), and the utilization of
+    each of its GPUs in its one telemetry point of 100 s."""
+
+    submitter: str | None
+    labels: dict[str, str]
+    gpus: int
+    created: float
+    started: float | None
+    ended: float | None
+    status: str
+    worker: str | None = None
+    utils: tuple[float, ...] = ()
+
+
+JOBS_MADE = (
+    # alice: 2 GPUs × 3600 s and 1 GPU × 1800 s: 2.5 GPU-hours; waited 10 s and 30 s
+    Made("alice", {"team": "vision", "env": "prod"}, 2, 0, 10, 3610, "FINISHED", "w1", (40, 60)),
+    Made("alice", {"team": "vision"}, 1, 100, 130, 1930, "ERROR", "w2", (80,)),
+    # bob: a job on no GPUs (0 GPU-hours), and one cancelled while queued (never ran)
+    Made("bob", {}, 0, 200, 201, 261.5, "FINISHED", "w1"),
+    Made("bob", {"team": "nlp"}, 4, 300, None, 400, "CANCELLED"),
+    # a job stored before gpubox recorded submitters: 1 GPU × 7200.25 s
+    Made(None, {}, 1, 500, 560, 7760.25, "FINISHED", "w2"),
+    # carol: cancelled while it ran, 1 GPU × 300 s
+    Made("carol", {"env": "dev"}, 1, 600, 610, 910, "CANCELLED", "w1"),
+    # the window's edges: ended exactly at since (in), a microsecond before it and exactly at
+    # until (both out)
+    Made("dave", {}, 1, -200, -100, 0, "FINISHED", "w1"),
+    Made("dave", {}, 1, -300, -200, -0.000001, "FINISHED", "w1"),
+    Made("dave", {}, 1, 10500, 10700, 10800, "FINISHED", "w1"),
+    # not ended: never counted
+    Made("erin", {}, 1, 50, 60, None, "RUNNING", "w3"),
+    Made("erin", {}, 1, 70, None, None, "QUEUED"),
+)
+
+
+def store_job(store: Store, made: Made) -> models.Job:
+    """Store one job through the store's operations, as the coordinator would."""
+    body = {"name": "usage", "docker": {"image": "img"}, "gpus": made.gpus, "labels": made.labels}
+    spec = dataclasses.replace(validate.parse_spec(body), submitter=made.submitter)
+    job = store.create_job(spec, at(made.created))
+    if made.status == "QUEUED":
+        return job
+    assert made.ended is not None or made.status == "RUNNING"
+    if made.started is None:  # cancelled while queued
+        return store.cancel_job(job.id, at(made.ended or 0))
+    gpu_ids = [f"GPU-{job.id}-{i}" for i in range(made.gpus)]
+    assert made.worker and store.claim_job(job.id, made.worker, gpu_ids, at(made.started))
+    assert store.mark_started(job.id, 1, at(made.started))
+    start = at(made.started).timestamp()
+    points = [
+        telemetry.Point(uuid, start, start + 100, 10, util, util, 1000, 80000)
+        for uuid, util in zip(gpu_ids, made.utils, strict=False)
+    ]
+    if points:
+        assert store.add_points(job.id, 1, 0, 0, points) == 0
+    if made.status == "RUNNING":
+        return job
+    if made.status == "CANCELLED":
+        store.cancel_job(job.id, at(made.ended or 0))  # the worker is asked to stop it
+    code, error = {"FINISHED": (0, None), "ERROR": (3, "exit code 3")}.get(
+        made.status, (143, "cancelled")
+    )
+    assert made.ended is not None
+    status = models.Status(made.status)
+    finish = store.finish_job(job.id, 1, status, code, error, None, at(made.ended), 0)
+    assert finish.value == "applied"
+    return store.get_job(job.id)
+
+
+# --- the store's read, on both stores ----------------------------------------------------------
+
+
+def test_the_store_reads_the_jobs_that_ended_in_the_window_and_no_other(store: Store) -> None:
+    made = [store_job(store, job) for job in JOBS_MADE]
+    found = sorted(store.ended_jobs(SINCE, UNTIL), key=lambda job: job.created_at)
+    assert [job.status for job in found] == [
+        "FINISHED", "FINISHED", "ERROR", "FINISHED", "CANCELLED", "FINISHED", "CANCELLED",
+    ]  # fmt: skip
+    first = made[0]
+    assert found[1] == usage.EndedJob(
+        status="FINISHED",
+        gpus=2,
+        submitter="alice",
+        worker="w1",
+        labels={"team": "vision", "env": "prod"},
+        created_at=first.created_at,
+        executed_at=first.executed_at,
+        finished_at=at(3610),
+        util_mean=50.0,
+        measured_gpu_s=200.0,
+    )
+    assert found[0].finished_at == SINCE  # the edge: since is in the window
+    queued_then_cancelled = found[4]
+    assert (queued_then_cancelled.executed_at, queued_then_cancelled.worker) == (None, None)
+    assert list(store.ended_jobs(UNTIL, UNTIL + timedelta(days=1)))[0].finished_at == UNTIL
+
+
+# --- the parts, without I/O --------------------------------------------------------------------
+
+NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "when"),
+    [
+        ("7d", datetime(2026, 11, 29, 12, 0, tzinfo=UTC)),
+        ("12h", datetime(2026, 12, 6, 0, 0, tzinfo=UTC)),
+        ("30m", datetime(2026, 12, 6, 11, 30, tzinfo=UTC)),
+        ("90s", datetime(2026, 12, 6, 11, 58, 30, tzinfo=UTC)),
+        ("2w", datetime(2026, 11, 22, 12, 0, tzinfo=UTC)),
+        ("1.5h", datetime(2026, 12, 6, 10, 30, tzinfo=UTC)),
+        ("0d", NOW),
+        ("2026-12-01T10:00:00Z", datetime(2026, 12, 1, 10, 0, tzinfo=UTC)),
+        ("2026-12-01t10:00:00z", datetime(2026, 12, 1, 10, 0, tzinfo=UTC)),
+        ("2026-12-01T10:00:00.25+02:00", datetime(2026, 12, 1, 8, 0, 0, 250000, tzinfo=UTC)),
+        ("2026-12-01", datetime(2026, 12, 1, tzinfo=UTC)),
+    ],
+)
+def test_parse_when_reads_ages_times_and_dates(text: str, when: datetime) -> None:
+    assert usage.parse_when(text, "since", NOW) == when
+
+
+@pytest.mark.parametrize(
+    "text", ["", "7", "7x", "d", "7 d", "-1d", "1e3d", "2026-12-01T10:00", "2026-13-01", "now"]
+)
+def test_parse_when_refuses_anything_else_naming_the_parameter(text: str) -> None:
+    with pytest.raises(errors.BadInput) as refused:
+        usage.parse_when(text, "until", NOW)
+    assert refused.value.field == "until"
+
+
+def ended(wait_s: float, **fields: Any) -> usage.EndedJob:
+    """A job that waited `wait_s` and then ran 60 s on 1 GPU; `fields` change any of it."""
+    values: dict[str, Any] = {
+        "status": "FINISHED",
+        "gpus": 1,
+        "submitter": "s",
+        "worker": "w",
+        "labels": {},
+        "created_at": NOW,
+        "executed_at": NOW + timedelta(seconds=wait_s),
+        "finished_at": NOW + timedelta(seconds=wait_s + 60),
+        "util_mean": None,
+        "measured_gpu_s": None,
+    }
+    return usage.EndedJob(**{**values, **fields})
+
+
+def test_percentiles_are_linear_between_the_nearest_ranks() -> None:
+    made = usage.report([ended(float(s)) for s in range(20, 0, -1)], NOW, NOW, "submitter")
+    assert (made["total"]["wait_p50_s"], made["total"]["wait_p95_s"]) == (10.5, 19.05)
+    single = usage.report([ended(7.0)], NOW, NOW, "worker")["total"]
+    assert (single["wait_p50_s"], single["wait_p95_s"]) == (7.0, 7.0)
+
+
+def test_utilization_is_weighted_by_the_gpu_seconds_telemetry_measured() -> None:
+    jobs_ = [
+        ended(1, util_mean=90.0, measured_gpu_s=100.0),
+        ended(1, util_mean=10.0, measured_gpu_s=300.0),
+        ended(1),  # no telemetry: not in the mean
+    ]
+    assert usage.report(jobs_, NOW, NOW, "submitter")["total"]["util_mean"] == 30.0
+    # telemetry that measured no time at all: the plain mean
+    flat = [ended(1, util_mean=u, measured_gpu_s=0.0) for u in (20.0, 50.0)]
+    assert usage.report(flat, NOW, NOW, "submitter")["total"]["util_mean"] == 35.0
+
+
+def test_gpu_hours_use_the_durations_rounded_as_result_duration_is() -> None:
+    # 0.0005 s rounds up to 0.001 s as result.duration (round(…, 3)), on 3 GPUs: 3 ms.
+    quick = ended(0, finished_at=NOW + timedelta(microseconds=500), gpus=3)
+    job = models.Job(1, models.JobSpec("n", "i"), models.Status.FINISHED, NOW, NOW,
+                     executed_at=quick.executed_at, finished_at=quick.finished_at)  # fmt: skip
+    assert job.duration == 0.001
+    assert usage.report([quick], NOW, NOW, "submitter")["total"]["gpu_hours"] == 0.003 / 3600
+
+
+def test_groups_are_sorted_by_gpu_hours_then_by_key() -> None:
+    made = [ended(0, submitter=name, gpus=gpus) for name, gpus in (("b", 1), ("a", 1), ("c", 2))]
+    made.append(ended(0, submitter=None, gpus=0))
+    keys = [g["key"] for g in usage.report(made, NOW, NOW, "submitter")["groups"]]
+    assert keys == ["c", "a", "b", "(not recorded)"]

@@ -1,22 +1,30 @@
-"""The usage report: the store's read of the jobs that ended in a window, on both stores,
-with jobs stored through the store's own operations at known times; and the report's parts
-(the time parser, the percentiles, the weighting of utilization) without I/O."""
+"""The usage report: GET /api/v1/usage over real HTTP against a real coordinator, on both
+stores, with jobs stored through the store's own operations at known times; and the report's
+parts (the time parser, the percentiles, the weighting of utilization) without I/O."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import urllib.parse
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from gpubox import errors, models, telemetry, usage, validate
-from gpubox.store import Store
+from gpubox.coordinator import tokens
+from gpubox.store import Store, open_store
+from tests.conftest import Cluster
+from tests.test_api import DEFAULT, JOBS, assert_error, request
 
+USAGE = "/api/v1/usage"
 # The jobs' times are seconds after BASE, a day ago (whole seconds: the windows below are
 # exact RFC 3339 texts).
 BASE = models.utcnow().replace(microsecond=0) - timedelta(days=1)
 SINCE, UNTIL = BASE, BASE + timedelta(hours=3)  # the window the tests ask for
+WINDOW = {"since": models.format_time(SINCE), "until": models.format_time(UNTIL)}
 
 
 def at(seconds: float) -> datetime:
@@ -60,6 +68,8 @@ JOBS_MADE = (
     Made("erin", {}, 1, 50, 60, None, "RUNNING", "w3"),
     Made("erin", {}, 1, 70, None, None, "QUEUED"),
 )
+GPU_S = {"alice": 9000, "bob": 0, None: 7200.25, "carol": 300, "dave": 100}
+TOTAL_GPU_S = sum(GPU_S.values())  # 16,600.25
 
 
 def store_job(store: Store, made: Made) -> models.Job:
@@ -96,6 +106,45 @@ def store_job(store: Store, made: Made) -> models.Job:
     return store.get_job(job.id)
 
 
+@pytest.fixture()
+def filled(db_url: str, make_cluster: Callable[..., Cluster]) -> Cluster:
+    """A coordinator (no workers) whose store holds JOBS_MADE, on each backend."""
+    store = open_store(db_url)
+    try:
+        for made in JOBS_MADE:
+            store_job(store, made)
+    finally:
+        store.close()
+    return make_cluster(workers=0)
+
+
+def get(cluster: Cluster, auth: Any = DEFAULT, **params: str) -> Any:
+    """GET /api/v1/usage with these query parameters; `auth` as request() takes it."""
+    path = f"{USAGE}?{urllib.parse.urlencode(params)}" if params else USAGE
+    return request(cluster, "GET", path, auth=auth)
+
+
+def report(cluster: Cluster, **params: str) -> dict[str, Any]:
+    answer = get(cluster, **{**WINDOW, **params})
+    assert answer.status == 200, answer.raw[:500]
+    return answer.body  # type: ignore[no-any-return]
+
+
+def jobs(finished: int = 0, error: int = 0, cancelled: int = 0) -> dict[str, int]:
+    total = finished + error + cancelled
+    return {"FINISHED": finished, "ERROR": error, "CANCELLED": cancelled, "total": total}
+
+
+def figures(gpu_s: float, counts: dict[str, int], util: Any, p50: Any, p95: Any) -> Any:
+    return {
+        "gpu_hours": pytest.approx(gpu_s / 3600, rel=1e-12),
+        "jobs": counts,
+        "util_mean": util,
+        "wait_p50_s": p50,
+        "wait_p95_s": p95,
+    }
+
+
 # --- the store's read, on both stores ----------------------------------------------------------
 
 
@@ -122,6 +171,124 @@ def test_the_store_reads_the_jobs_that_ended_in_the_window_and_no_other(store: S
     queued_then_cancelled = found[4]
     assert (queued_then_cancelled.executed_at, queued_then_cancelled.worker) == (None, None)
     assert list(store.ended_jobs(UNTIL, UNTIL + timedelta(days=1)))[0].finished_at == UNTIL
+
+
+# --- the report over HTTP, on both stores ------------------------------------------------------
+
+
+def test_by_submitter_gives_exact_figures_per_submitter_and_in_total(filled: Cluster) -> None:
+    body = report(filled)
+    assert (body["since"], body["until"], body["by"]) == (*WINDOW.values(), "submitter")
+    groups = {group.pop("key"): group for group in body["groups"]}
+    # by GPU-hours; erin's jobs have not ended
+    assert list(groups) == ["alice", "(not recorded)", "carol", "dave", "bob"]
+    # alice's utilization: 50 % on 200 GPU-seconds, 80 % on 100: 60 %; waits 10 s and 30 s
+    assert groups["alice"] == figures(9000, jobs(1, 1), 60.0, 20.0, 29.0)
+    assert groups["(not recorded)"] == figures(7200.25, jobs(1), None, 60.0, 60.0)
+    assert groups["carol"] == figures(300, jobs(cancelled=1), None, 10.0, 10.0)
+    assert groups["dave"] == figures(100, jobs(1), None, 100.0, 100.0)
+    # bob's queued-then-cancelled job has no wait: his only wait is the 1 s of the other
+    assert groups["bob"] == figures(0, jobs(1, cancelled=1), None, 1.0, 1.0)
+    # waits of the six jobs that started: 1, 10, 10, 30, 60, 100 s
+    assert body["total"] == figures(TOTAL_GPU_S, jobs(4, 1, 2), 60.0, 20.0, 90.0)
+
+
+def test_gpu_hours_are_the_sum_of_each_jobs_duration_times_its_gpus(filled: Cluster) -> None:
+    listed = request(filled, "GET", f"{JOBS}?limit=1000").body["jobs"]
+    since, until = WINDOW["since"], WINDOW["until"]
+    ended = [
+        j
+        for j in listed
+        if j["result"]["finished_at"] and since <= j["result"]["finished_at"] < until
+    ]
+    assert len(ended) == 7
+    gpu_s = math.fsum(j["gpus"] * (j["result"]["duration"] or 0) for j in ended)
+    assert report(filled)["total"]["gpu_hours"] == pytest.approx(gpu_s / 3600, rel=1e-12)
+
+
+def test_by_label_counts_a_job_under_each_of_its_labels_and_the_total_once(
+    filled: Cluster,
+) -> None:
+    body = report(filled, by="label")
+    groups = {group["key"]: group for group in body["groups"]}
+    assert list(groups) == ["team=vision", "(no labels)", "env=prod", "env=dev", "team=nlp"]
+    assert groups["team=vision"]["jobs"] == jobs(1, 1)
+    assert groups["team=vision"]["gpu_hours"] == pytest.approx(2.5)
+    assert groups["env=prod"]["gpu_hours"] == pytest.approx(2.0)  # the same job as above
+    assert groups["env=prod"]["util_mean"] == 50.0
+    assert groups["(no labels)"]["jobs"] == jobs(3)
+    assert groups["(no labels)"]["gpu_hours"] == pytest.approx((7200.25 + 100) / 3600)
+    assert groups["team=nlp"]["jobs"] == jobs(cancelled=1)
+    # The groups add up to more than the total: the first job is in two of them.
+    assert sum(g["jobs"]["total"] for g in groups.values()) == 8
+    assert body["total"]["jobs"] == jobs(4, 1, 2)
+    assert body["total"]["gpu_hours"] == pytest.approx(TOTAL_GPU_S / 3600)
+
+
+def test_by_worker_puts_jobs_that_never_ran_in_a_group_of_their_own(filled: Cluster) -> None:
+    groups = {g["key"]: g for g in report(filled, by="worker")["groups"]}
+    assert list(groups) == ["w2", "w1", "(never ran)"]
+    assert groups["w2"]["gpu_hours"] == pytest.approx((1800 + 7200.25) / 3600)
+    assert groups["w1"]["gpu_hours"] == pytest.approx((7200 + 300 + 100) / 3600)
+    assert groups["w1"]["jobs"] == jobs(3, cancelled=1)
+    assert groups["(never ran)"] == {
+        "key": "(never ran)",
+        **figures(0, jobs(cancelled=1), None, None, None),
+    }
+
+
+def test_the_window_takes_relative_ages_and_defaults_to_the_last_seven_days(
+    filled: Cluster,
+) -> None:
+    # From 2 days ago to 12 hours ago: every job above that ended, the edge jobs too.
+    body = report(filled, since="2d", until="12h")
+    since, until = models.parse_time(body["since"]), models.parse_time(body["until"])
+    assert since and until and until - since == timedelta(days=1, hours=12)
+    assert abs(models.utcnow() - timedelta(days=2) - since) < timedelta(seconds=30)
+    assert body["total"]["jobs"] == jobs(6, 1, 2)
+    default = get(filled).body
+    since, until = models.parse_time(default["since"]), models.parse_time(default["until"])
+    assert since and until and until - since == timedelta(days=7)
+    assert default["by"] == "submitter"
+    # an empty window, and one that ends before any job did
+    empty = report(filled, since=WINDOW["since"], until=WINDOW["since"])
+    assert empty["groups"] == []
+    assert empty["total"] == figures(0, jobs(), None, None, None)
+
+
+def test_any_valid_token_may_read_it_and_none_may_not(filled: Cluster) -> None:
+    store = filled.coordinator.store
+    assert store is not None
+    viewer = tokens.create(store, "viewer", "view")
+    answer = get(filled, auth=f"Bearer {viewer}", **WINDOW)
+    assert answer.status == 200 and answer.body["total"]["jobs"]["total"] == 7
+    assert_error(get(filled, auth=None, **WINDOW), 401, "unauthorized")
+
+
+BAD = [
+    ("by=team", "by"),
+    ("by=Submitter", "by"),
+    ("since=7x", "since"),
+    ("since=12", "since"),  # a number needs its unit
+    ("since=-7d", "since"),
+    ("since=2026-12-01T00:00:00", "since"),  # no time zone
+    ("until=yesterday", "until"),
+    ("until=99999999w", "until"),  # before the first year there is
+    ("since=1d&until=2d", "since"),  # since after until
+    ("since=1d&since=2d", "since"),
+    ("since=%ff", "since"),
+    ("label=a%3Db", "label"),
+]
+
+
+def test_bad_input_is_400_naming_the_parameter(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(workers=0)
+    answers = {query: request(cluster, "GET", f"{USAGE}?{query}") for query, _ in BAD}
+    said = {query: (a.status, a.body["error"].get("field")) for query, a in answers.items()}
+    assert said == {query: (400, field) for query, field in BAD}
+    for answer in answers.values():
+        assert_error(answer, 400, "bad_input")
+    assert "is after until" in answers["since=1d&until=2d"].body["error"]["message"]
 
 
 # --- the parts, without I/O --------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """The usage report: GET /api/v1/usage over real HTTP against a real coordinator, on both
-stores, with jobs stored through the store's own operations at known times; and the report's
-parts (the time parser, the percentiles, the weighting of utilization) without I/O."""
+stores, with jobs stored through the store's own operations at known times; `gpubox usage`
+as a table and as CSV; and the report's parts (the time parser, the percentiles, the
+weighting of utilization) without I/O."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import math
 import urllib.parse
 from collections.abc import Callable
@@ -12,8 +15,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
-from gpubox import errors, models, telemetry, usage, validate
+from gpubox import cli, errors, models, telemetry, usage, validate
 from gpubox.coordinator import tokens
 from gpubox.store import Store, open_store
 from tests.conftest import Cluster
@@ -289,6 +293,91 @@ def test_bad_input_is_400_naming_the_parameter(make_cluster: Callable[..., Clust
     for answer in answers.values():
         assert_error(answer, 400, "bad_input")
     assert "is after until" in answers["since=1d&until=2d"].body["error"]["message"]
+
+
+# --- gpubox usage ------------------------------------------------------------------------------
+
+
+def run_usage(cluster: Cluster, *args: str) -> Any:
+    flags = ["--url", cluster.url, "--token", cluster.token]
+    return CliRunner().invoke(cli.main, ["usage", *flags, *args])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_cli_writes_csv_with_raw_numbers_and_a_total_row(filled: Cluster) -> None:
+    done = run_usage(
+        filled, "--since", WINDOW["since"], "--until", WINDOW["until"], "--by", "label", "--csv"
+    )
+    assert done.exit_code == 0, done.output
+    rows = list(csv.reader(io.StringIO(done.output)))
+    assert rows[0] == [
+        "label",
+        "gpu_hours",
+        "jobs",
+        "finished",
+        "error",
+        "cancelled",
+        "util_mean",
+        "wait_p50_s",
+        "wait_p95_s",
+    ]
+    assert [row[0] for row in rows[1:]] == [
+        "team=vision",
+        "(no labels)",
+        "env=prod",
+        "env=dev",
+        "team=nlp",
+        "(total)",
+    ]
+    assert rows[1] == ["team=vision", "2.5", "2", "1", "1", "0", "60.0", "20.0", "29.0"]
+    assert rows[5] == ["team=nlp", "0.0", "1", "0", "0", "1", "", "", ""]
+    assert float(rows[6][1]) == pytest.approx(TOTAL_GPU_S / 3600, rel=1e-12)
+    assert rows[6][2:] == ["7", "4", "1", "2", "60.0", "20.0", "90.0"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_cli_prints_a_table_with_a_total_line(filled: Cluster) -> None:
+    done = run_usage(filled, "--since", WINDOW["since"], "--until", WINDOW["until"])
+    assert done.exit_code == 0, done.output
+    lines = done.output.splitlines()
+    assert lines[0] == f"Jobs that ended from {WINDOW['since']} to {WINDOW['until']}:"
+    assert lines[1].split() == [
+        "SUBMITTER", "GPU-HOURS", "JOBS", "FINISHED", "ERROR", "CANCELLED", "UTIL", "%",
+        "WAIT", "P50", "WAIT", "P95",
+    ]  # fmt: skip
+    assert lines[2].split() == ["alice", "2.50", "2", "1", "1", "0", "60.0", "20.0s", "29.0s"]
+    assert lines[3].split() == [
+        "(not",
+        "recorded)",
+        "2.00",
+        "1",
+        "1",
+        "0",
+        "0",
+        "-",
+        "1m00s",
+        "1m00s",
+    ]
+    assert lines[-1].split() == ["TOTAL", "4.61", "7", "4", "1", "2", "60.0", "20.0s", "1m30s"]
+    # the columns line up: each header ends where its numbers end
+    assert len({len(line) for line in lines[1:]}) == 1
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_cli_refuses_a_bad_time_before_asking(filled: Cluster) -> None:
+    done = run_usage(filled, "--since", "7 days")
+    assert done.exit_code == 2
+    assert "Invalid value for '--since': '7 days' is not a relative age" in done.output
+    refused = run_usage(filled, "--since", "1d", "--until", "2d")  # the coordinator's 400
+    assert refused.exit_code != 0 and "is after until" in refused.output
+
+
+def test_a_csv_key_that_a_spreadsheet_would_run_as_a_formula_is_made_text() -> None:
+    from gpubox.cli import usage as usage_cli
+
+    assert usage_cli.spreadsheet_safe("=HYPERLINK(1)=x") == "'=HYPERLINK(1)=x"
+    assert usage_cli.spreadsheet_safe("@team=a") == "'@team=a"
+    assert usage_cli.spreadsheet_safe("team=vision") == "team=vision"
 
 
 # --- the parts, without I/O --------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The usage report: GET /api/v1/usage over real HTTP against a real coordinator, on both
 stores, with jobs stored through the store's own operations at known times; `gpubox usage`
-as a table and as CSV; and the report's parts (the time parser, the percentiles, the
-weighting of utilization) without I/O."""
+as a table and as CSV; the report's parts (the time parser, the percentiles, the weighting
+of utilization) without I/O; and scripts/bench-usage on a few jobs."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import csv
 import dataclasses
 import io
 import math
+import os
+import subprocess
+import sys
 import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -464,3 +468,23 @@ def test_groups_are_sorted_by_gpu_hours_then_by_key() -> None:
     made.append(ended(0, submitter=None, gpus=0))
     keys = [g["key"] for g in usage.report(made, NOW, NOW, "submitter")["groups"]]
     assert keys == ["c", "a", "b", "(not recorded)"]
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+
+
+def test_the_benchmark_runs_through_on_a_few_jobs() -> None:
+    # Its figures are printed, never asserted: it only has to keep working.
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench-usage"
+    done = subprocess.run(
+        [sys.executable, str(script), "--jobs", "300", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "GPUBOX_BENCH_PG"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("sqlite      fill: 300 ended jobs")
+    assert sum("30d, by label, index: " in line and "7 groups" in line for line in lines) == 1

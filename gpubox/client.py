@@ -231,6 +231,14 @@ class Client:
     def workers(self) -> dict[str, Any]:
         return self.call("GET", "/api/v1/workers")  # type: ignore[no-any-return]
 
+    def usage(
+        self, since: str | None = None, until: str | None = None, by: str | None = None
+    ) -> dict[str, Any]:
+        """The usage report of the jobs that ended in [since, until), grouped `by` submitter,
+        label or worker (gpubox.usage). since and until: a relative age before now (7d), an
+        RFC 3339 time or a date; None: the coordinator's defaults, 7 days ago and now."""
+        return self.call("GET", "/api/v1/usage", since=since, until=until, by=by)  # type: ignore[no-any-return]
+
     def logs(self, job_id: int, since: int = 0) -> Iterator[dict[str, Any]]:
         """The lines stored so far, as NDJSON records ({"seq", "ts", "stream", "line"})."""
         for record in self._records(job_id, since, follow=False):

@@ -237,6 +237,8 @@ def test_answers_of_every_route_match_the_document(bare: Cluster, checked: None)
     assert send("GET", f"{JOBS}/{job['id']}/webhooks").body["deliveries"] == []
     assert send("GET", f"{JOBS}/424242/webhooks").status == 404
     assert send("GET", "/api/v1/workers").status == 200
+    assert send("GET", "/api/v1/usage?since=1d&by=label").body["total"]["jobs"]["CANCELLED"] == 1
+    assert send("GET", "/api/v1/usage?by=gpu").status == 400
     assert send("GET", "/healthz", auth=None).status == 200
     assert send("GET", "/metrics").status == 200
     assert send("GET", "/metrics", auth=None).status == 401

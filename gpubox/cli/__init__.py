@@ -1,7 +1,7 @@
 """The `gpubox` command: the group that every command joins, and --version.
 
 The commands live in one module per kind: the services (`roles`), the client commands
-(`jobs`, `listing` and `following`, with `tables` for what they print), and the
+(`jobs`, `listing`, `following` and `usage`, with `tables` for what they print), and the
 administration of the store (`store_admin`) and of the worker link's keys (`key_admin`).
 Each command parses its flags, loads its config, calls one function, and turns gpubox errors
 into one clear line on stderr (`failures`); the flags made from the settings come from
@@ -13,7 +13,7 @@ from __future__ import annotations
 import click
 
 from gpubox import __version__, revision
-from gpubox.cli import following, jobs, key_admin, listing, roles, store_admin, top
+from gpubox.cli import following, jobs, key_admin, listing, roles, store_admin, top, usage
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -57,6 +57,7 @@ for _command in (
     jobs.cancel,
     jobs.workers,
     top.top,
+    usage.usage_report,
     store_admin.token,
     store_admin.db,
     key_admin.keys_group,

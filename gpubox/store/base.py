@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from gpubox import models, telemetry
+from gpubox import models, telemetry, usage
 from gpubox.jobfilter import JobFilter
 
 # A log line as it arrives from a worker: (timestamp, stream, text).
@@ -163,6 +163,13 @@ class Store(abc.ABC):
     ) -> list[models.Job]:
         """Up to `limit` jobs, newest (highest id) first, only ids below `before` when given,
         only those `where` keeps (and of `status`) when given."""
+
+    @abc.abstractmethod
+    def ended_jobs(self, since: datetime, until: datetime) -> Iterator[usage.EndedJob]:
+        """Every job that ended (FINISHED, ERROR or CANCELLED) with finished_at in
+        [since, until), in no set order, as the usage report reads it: only those columns,
+        read by a range on finished_at (which an index on it serves). The rows come as they
+        are read, holding a connection until the last one is taken or the iterator closed."""
 
     @abc.abstractmethod
     def jobs_by_status(self) -> dict[str, int]:

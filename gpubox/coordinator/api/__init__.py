@@ -6,7 +6,8 @@ make_app builds the app from the package's modules, each with one job:
 - endpoints.py: the wrapper around every route (token check, errors answered as JSON);
 - params.py: reading a request's JSON body and query parameters;
 - http_errors.py: the HTTP status of each gpubox error (STATUS) and the error body;
-- health.py, jobs.py, logs.py, telemetry.py, admin.py: the routes, by what they are about;
+- health.py, jobs.py, logs.py, telemetry.py, admin.py, usage.py: the routes, by what they
+  are about;
 - openapi.py: the API's reference, an OpenAPI 3.1 document (its schemas in openapi_schemas.py,
   its words in openapi_text.py).
 """
@@ -29,6 +30,7 @@ from gpubox.coordinator.api import (
     logs,
     openapi,
     telemetry,
+    usage,
 )
 from gpubox.coordinator.api.context import LiveView
 from gpubox.coordinator.api.endpoints import TOKEN_KEY
@@ -107,7 +109,7 @@ def make_app(
     )
     # In the order the routes were always added: Bottle tries the routes of one method in the
     # order they were added.
-    for routes in (health, jobs, logs, telemetry, admin, deliveries, openapi):
+    for routes in (health, jobs, logs, telemetry, admin, deliveries, usage, openapi):
         routes.add_routes(app, ctx)
     if dashboard:
         from gpubox.coordinator import web

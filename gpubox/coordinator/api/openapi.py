@@ -1,7 +1,8 @@
 """The API's reference as an OpenAPI 3.1 document, served at GET /api/v1/openapi.json (no
-token needed). Its routes are in openapi_paths.py, its schemas come from the code
-(openapi_schemas.py, openapi_submit.py), its words from openapi_text.py. tests/test_openapi.py
-checks it against the app's routes and against every answer the API tests receive."""
+token needed). Its routes are in openapi_paths.py (the usage report's in openapi_usage.py), its
+schemas come from the code (openapi_schemas.py, openapi_submit.py, openapi_usage.py), its words
+from openapi_text.py. tests/test_openapi.py checks it against the app's routes and against
+every answer the API tests receive."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import bottle
 
 from gpubox import __version__
-from gpubox.coordinator.api import context, endpoints, openapi_paths, openapi_submit
+from gpubox.coordinator.api import context, endpoints, openapi_paths, openapi_submit, openapi_usage
 from gpubox.coordinator.api import openapi_schemas as schemas
 from gpubox.coordinator.api.openapi_paths import MEANING, PATH, STRING, error
 from gpubox.coordinator.api.openapi_schemas import ref
@@ -54,6 +55,7 @@ def components() -> dict[str, Any]:
             "WebhookDeliveries": schemas.webhook_deliveries(),
             "Telemetry": schemas.telemetry_page(),
             "TelemetrySummary": schemas.telemetry_summary(),
+            "Usage": openapi_usage.schema(),
             "Worker": schemas.worker(),
             "WorkerList": schemas.closed({"workers": {**listed, "items": ref("Worker")}}),
             "Token": schemas.token(),
@@ -87,6 +89,7 @@ def document() -> dict[str, Any]:
             **openapi_paths.jobs_paths(),
             **openapi_paths.logs_paths(),
             **openapi_paths.admin_paths(),
+            **openapi_usage.paths(),
         },
         "components": components(),
     }

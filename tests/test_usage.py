@@ -488,3 +488,33 @@ def test_the_benchmark_runs_through_on_a_few_jobs() -> None:
     lines = done.stdout.splitlines()
     assert lines[1].startswith("sqlite      fill: 300 ended jobs")
     assert sum("30d, by label, index: " in line and "7 groups" in line for line in lines) == 1
+
+
+# --- through the whole system --------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_totals_of_jobs_run_by_workers_are_their_durations_times_gpus(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """Jobs run by process-runtime workers on made-up GPUs, as they come: the report's
+    GPU-hours equal Σ duration × GPUs of the jobs as the API shows them, within 1 %, and
+    the jobs by status add up."""
+    cluster = make_cluster(workers=0)
+    for name in ("u1", "u2"):
+        cluster.add_worker(name=name, runtime="process", fake_gpus="3", max_jobs=4)
+    made = []
+    for index, (gpus, seconds) in enumerate([(1, 0.4), (2, 0.8), (0, 0.3), (3, 0.6)] * 3):
+        made.append(cluster.submit("-", ["sleep", str(seconds)], name=f"u{index}", gpus=gpus))
+    failing = cluster.submit("-", ["sh", "-c", "sleep 0.2; exit 3"], gpus=1)
+    ended = [cluster.wait(job["id"]) for job in [*made, failing]]
+    assert [job["status"] for job in ended].count("FINISHED") == len(made)
+    expected = sum(job["result"]["duration"] * job["gpus"] for job in ended) / 3600
+    report = cluster.client.call("GET", USAGE, since="1h", by="worker")
+    assert report["total"]["gpu_hours"] == pytest.approx(expected, rel=0.01)
+    assert report["total"]["jobs"]["total"] == len(ended)
+    by_worker = {group["key"]: group for group in report["groups"]}
+    assert set(by_worker) == {"u1", "u2"}
+    assert sum(g["gpu_hours"] for g in by_worker.values()) == pytest.approx(expected, rel=0.01)
+    assert report["total"]["wait_p95_s"] >= report["total"]["wait_p50_s"] >= 0

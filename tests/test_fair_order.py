@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gpubox import models, validate
-from gpubox.coordinator import fairshare, scheduler
+from gpubox.coordinator import fairshare, planner, scheduler
 from gpubox.coordinator.fairshare import Held, Snapshot
 from gpubox.store import base
 from tests.test_scheduler import make_gpus, make_worker, placed, plan_queue, random_case
@@ -176,6 +176,23 @@ def test_the_queue_is_read_by_group(store: base.Store) -> None:
     assert [job.id for job in store.queued_of(shape, 0, None, 2)] == ids[:2]
     assert store.queued_before(0, ids[3]) == {"a": 2, "b": 1}
     assert store.queued_count("a") == 3 and store.last_job_id() == ids[-1]
+
+
+def test_the_dashboards_queue_lists_the_jobs_in_the_order_they_will_start(
+    store: base.Store,
+) -> None:
+    ran(store, "heavy", 4, T0 - timedelta(hours=2), T0 - timedelta(hours=1))
+    ids = {
+        (who, p): store.create_job(spec(who, gpus, priority=p), T0).id
+        for who, gpus, p in [("heavy", 1, 0), ("light", 2, 0), ("heavy", 0, 1), (None, 1, 0)]
+    }
+    plans = planner.Planner(store, HOUR)
+    plans.tracker.clock = Clock(T0)
+    plans.plan([])
+    order = [job.id for job in plans.queue_in_order(10)]
+    # priority first; then no use (light, and the job with no submitter: by id); then heavy
+    assert order == [ids["heavy", 1], ids["light", 0], ids[None, 0], ids["heavy", 0]]
+    assert [job.id for job in plans.queue_in_order(2)] == order[:2]
 
 
 # --- the order and the caps in a plan ------------------------------------------------------------

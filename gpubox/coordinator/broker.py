@@ -614,6 +614,10 @@ class Broker:
         """Why a QUEUED job waits, as of the last scheduling round. Any thread."""
         return self.planner.queue_reason(job_id)
 
+    def queue_in_order(self, limit: int) -> list[models.Job]:
+        """The first queued jobs in the order they will start. Any thread."""
+        return self.planner.queue_in_order(limit)
+
     def queue_place(self, job: models.Job) -> dict[str, Any]:
         """Where a QUEUED job stands in the fair order now. Any thread."""
         return self.planner.queue_place(job)

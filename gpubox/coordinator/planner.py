@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -113,6 +114,27 @@ class Planner:
             lambda: self.store.queued_before(job.spec.priority, job.id),
             self.sharing,
         )
+
+    def queue_in_order(self, limit: int) -> list[models.Job]:
+        """The first `limit` queued jobs in the order they will start, priority and fair
+        share as of the last round (jobs of different needs may overtake each other, as
+        their workers free up). Any thread."""
+        sharing = self.sharing
+        jobs_of: dict[tuple[int, str | None], int] = {}
+        for group in self.store.queue_groups():
+            key = (group.priority, group.submitter)
+            jobs_of[key] = jobs_of.get(key, 0) + group.jobs
+
+        def order(key: tuple[int, str | None]) -> tuple[int, float]:
+            return sharing.order(*key)
+
+        found: list[models.Job] = []
+        for (minus_priority, _), tied in itertools.groupby(sorted(jobs_of, key=order), order):
+            if len(found) >= limit:
+                break
+            names = [submitter for _, submitter in tied]
+            found += self.store.queued_of(None, -minus_priority, names, limit - len(found))
+        return found
 
     def submitters(self) -> list[metrics.Submitter]:
         """What each submitter has queued, running and used, for /metrics. Any thread."""

@@ -208,15 +208,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def queued_of(
         self,
-        shape: str,
+        shape: str | None,
         priority: int,
         submitters: Sequence[str | None] | None,
         limit: int,
         known: Mapping[int, models.Job] | None = None,
     ) -> list[models.Job]:
-        """Up to `limit` QUEUED jobs of this shape and priority, lowest id first, of these
-        submitters (None among them: the jobs with none recorded; `submitters` None: of
-        any). Those in `known` are returned as given there, not read again."""
+        """Up to `limit` QUEUED jobs of this shape (None: of any) and priority, lowest id
+        first, of these submitters (None among them: the jobs with none recorded;
+        `submitters` None: of any). Those in `known` are returned as given there, not read
+        again."""
 
     @abc.abstractmethod
     def last_job_id(self) -> int:

@@ -59,14 +59,17 @@ class SharingStore(backend.Backend):
 
     def queued_of(
         self,
-        shape: str,
+        shape: str | None,
         priority: int,
         submitters: Sequence[str | None] | None,
         limit: int,
         known: Mapping[int, models.Job] | None = None,
     ) -> list[models.Job]:
-        where = "status = 'QUEUED' AND shape = ? AND priority = ?"
-        params: list[Any] = [shape, priority]
+        where = "status = 'QUEUED' AND priority = ?"
+        params: list[Any] = [priority]
+        if shape is not None:
+            where += " AND shape = ?"
+            params.append(shape)
         if submitters is not None:
             names = [name for name in submitters if name is not None]
             either = []

@@ -105,7 +105,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context, sessions: Sessions) -> 
         reason = live.queue_reason if live is not None else (lambda _job_id: "")
         return views.queue(
             store.running_jobs(),
-            store.queued_jobs(QUEUE_ROWS),
+            live.queue_in_order(QUEUE_ROWS) if live is not None else store.queued_jobs(QUEUE_ROWS),
             store.jobs_by_status(),
             reason,
             filters,

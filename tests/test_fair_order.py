@@ -231,7 +231,7 @@ def test_caps_hold_within_a_round_and_a_held_back_job_holds_no_worker() -> None:
     )
     assert (
         result.reasons[4]
-        == "held back by the caps of its token 'b', which runs 1 jobs of its max_running 1"
+        == "held back by the caps of its token 'b', which runs 1 job of its max_running 1"
     )
     # job 5 needs 4 of the 3 left: it, not a capped job, holds the worker
     assert result.reserved == {"w1": 5}

@@ -117,7 +117,7 @@ def summary(job: dict[str, Any]) -> str:
 
 def place(where: dict[str, Any], submitter: str | None) -> str:
     """A queued job's place in the fair order, and who is ahead of it with how much use:
-    "4 in the queue: 3 jobs of ci ahead of it (used lately: ci 41.0 GPU-hours, you 2.0)"."""
+    "4 in the queue: 3 jobs ahead of it (3 of ci); GPU-hours used lately: ci 41, alice 2"."""
     ahead = where.get("ahead") or []
     if not ahead:
         return "next in the queue"
@@ -130,10 +130,10 @@ def place(where: dict[str, Any], submitter: str | None) -> str:
     jobs = "job" if count == 1 else "jobs"
     line = f"{where['place']} in the queue: {count} {jobs} ahead of it ({', '.join(parts)})"
     if where.get("half_life_s"):
-        use = [f"{n} {item['use_gpu_hours']:.1f}" for item, n in zip(shown, names, strict=True)]
+        use = [f"{n} {item['use_gpu_hours']:.3g}" for item, n in zip(shown, names, strict=True)]
         you = "you" if submitter is None else submitter
         if submitter not in [item["submitter"] for item in shown]:
-            use.append(f"{you} {where['use_gpu_hours']:.1f}")
+            use.append(f"{you} {where['use_gpu_hours']:.3g}")
         line += f"; GPU-hours used lately: {', '.join(use)}"
     return line
 

@@ -87,10 +87,14 @@ def weight(gpus: int) -> float:
 def over_cap(caps: models.Caps, held: Held, gpus: int) -> str:
     """Which cap a job of `gpus` GPUs would pass if it started now, in words ("" if none)."""
     if caps.max_running is not None and held.jobs + 1 > caps.max_running:
-        return f"runs {held.jobs} jobs of its max_running {caps.max_running}"
+        return f"runs {_count(held.jobs, 'job')} of its max_running {caps.max_running}"
     if caps.max_gpus is not None and gpus and held.gpus + gpus > caps.max_gpus:
-        return f"holds {held.gpus} GPUs of its max_gpus {caps.max_gpus}"
+        return f"holds {_count(held.gpus, 'GPU')} of its max_gpus {caps.max_gpus}"
     return ""
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
 def allowance(caps: models.Caps, held: Held, gpus: int) -> int | None:

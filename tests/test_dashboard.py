@@ -246,6 +246,17 @@ def test_tokens_page_makes_a_token_shown_once_and_revokes(dash) -> None:
     assert Client(cluster.url, made.group(1)).jobs()["jobs"] == []
     assert admin.post("/tokens/new-ci/revoke", {"csrf": csrf})[0] == 303
     assert "new-ci" not in admin.get("/tokens")[2]
+    # caps: made with the token, shown in the list; a bad one refused, naming it
+    form = {"csrf": csrf, "name": "capped", "role": "submit", "max_gpus": "8", "max_queued": ""}
+    assert admin.post("/tokens", form)[0] == 200
+    assert "<td>max_gpus 8</td>" in admin.get("/tokens")[2]
+    assert [
+        t["max_gpus"]
+        for t in cluster.client.call("GET", "/api/v1/tokens")["tokens"]
+        if t["name"] == "capped"
+    ] == [8]
+    status, _, page = admin.post("/tokens", {**form, "name": "bad", "max_running": "-1"})
+    assert status == 400 and "max_running must be a whole number" in page
 
 
 def test_workers_and_history_show_gpus_their_jobs_and_gpu_hours(dash) -> None:

@@ -174,7 +174,14 @@ def add_routes(app: bottle.Bottle, ctx: context.Context, sessions: Sessions) -> 
     def create_token() -> str:
         forms = bottle.request.forms
         name, role = forms.get("name") or "", forms.get("role") or "submit"
-        value = tokens.create(store, name, role, forms.get("allow_process") == "1")
+        caps = {}
+        for cap in models.Caps.NAMES:
+            given = (forms.get(cap) or "").strip()
+            if given and not given.isdigit():
+                raise errors.BadInput(f"{cap} must be a whole number from 0, or empty", cap)
+            caps[cap] = int(given) if given else None
+        caps_made = models.Caps(**tokens.caps_from(caps))
+        value = tokens.create(store, name, role, forms.get("allow_process") == "1", caps_made)
         made = {"name": name, "role": role, "token": value}
         return render("tokens", tokens=store.list_tokens(), made=made)
 

@@ -7,10 +7,10 @@
 </div>
 % end
 <div class="scroll"><table class="tokens">
-  <thead><tr><th>Name</th><th>Role</th><th>Process workers</th><th>Made</th><th></th></tr></thead>
+  <thead><tr><th>Name</th><th>Role</th><th>Process workers</th><th>Caps</th><th>Made</th><th></th></tr></thead>
   <tbody>
 % for t in tokens:
-  <tr><td>{{t.name}}</td><td>{{t.role}}</td><td>{{'yes' if t.allow_process else 'no'}}</td><td><time>{{t.created_at.strftime('%Y-%m-%d %H:%M')}}</time></td><td>
+  <tr><td>{{t.name}}</td><td>{{t.role}}</td><td>{{'yes' if t.allow_process else 'no'}}</td><td>{{', '.join(f'{k} {v}' for k, v in t.caps.to_dict().items() if v is not None) or '—'}}</td><td><time>{{t.created_at.strftime('%Y-%m-%d %H:%M')}}</time></td><td>
     <form method="post" action="/tokens/{{quote(t.name)}}/revoke" class="inline" data-confirm="Revoke token {{t.name}}? Its sessions end too.">
       <input type="hidden" name="csrf" value="{{csrf}}">
       <button type="submit" class="danger">Revoke</button>
@@ -31,5 +31,8 @@
     </select>
   </label>
   <label><input type="checkbox" name="allow_process" value="1"> its jobs may run on process-runtime workers</label>
+  <label>Max GPUs <input name="max_gpus" inputmode="numeric" pattern="[0-9]*" size="6" placeholder="no cap"></label>
+  <label>Max running <input name="max_running" inputmode="numeric" pattern="[0-9]*" size="6" placeholder="no cap"></label>
+  <label>Max queued <input name="max_queued" inputmode="numeric" pattern="[0-9]*" size="6" placeholder="no cap"></label>
   <button type="submit">Make</button>
 </form>

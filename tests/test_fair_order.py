@@ -130,6 +130,23 @@ def test_between_reads_what_the_broker_claims_and_sees_end_is_counted_at_once(
     assert tracker.refresh(read=True).held == {}
 
 
+def test_a_job_claimed_and_ended_between_two_reads_still_counts(store: base.Store) -> None:
+    clock = Clock(T0)
+    tracker = fairshare.Tracker(store, half_life_s=HOUR, clock=clock)
+    tracker.refresh(read=True)
+    made = store.create_job(spec("a", 1), T0)
+    claimed = store.claim_job(made.id, "w", ["g0"], T0)
+    assert claimed is not None
+    tracker.claimed([claimed])
+    end = T0 + timedelta(seconds=0.4)
+    store.mark_started(made.id, 1, T0)
+    store.finish_job(made.id, 1, models.Status.FINISHED, 0, None, T0, end, 0)
+    clock.now += 0.5
+    tracker.ended(made.id)  # the tracker never saw it start
+    assert tracker.refresh().use == {}
+    assert tracker.refresh(read=True).use["a"] == pytest.approx(0.4 * 2 ** (-0.1 / HOUR))
+
+
 def test_a_half_life_of_zero_counts_no_use_but_still_what_each_holds(store: base.Store) -> None:
     ran(store, "a", 2, T0 - timedelta(hours=1), T0)
     ran(store, "b", 3, T0, None)

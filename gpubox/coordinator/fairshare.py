@@ -195,6 +195,7 @@ class Tracker:
         self._ended: dict[str | None, float] = {}  # use of ended jobs, as of self._as_of
         self._as_of = 0.0
         self._running: dict[int, _Run] = {}
+        self._unread: list[int] = []  # jobs that ended before a read saw them start
         self._holding: dict[str | None, _Holding] = {}
         self._read_at = -math.inf
         self._loaded = False
@@ -231,7 +232,10 @@ class Tracker:
             if run is None:
                 return
             self._holding[run.submitter].add(run, -1)
-            if self.half_life_s and run.started is not None:
+            if run.started is None:
+                # Claimed and ended between two reads: when it started is read with the rest.
+                self._unread.append(job_id)
+            elif self.half_life_s:
                 now = self.clock()
                 self._decay(now)
                 used = weight(run.gpus) * max(0.0, now - run.started)
@@ -254,6 +258,7 @@ class Tracker:
                 self._load(now, running)
         self._loaded = True
         gone = [job_id for job_id in self._running if job_id not in running]
+        gone, self._unread = gone + self._unread, []
         ended = self.store.ended_use(gone) if gone else []
         if self.half_life_s:
             self._add_ended(ended, now)

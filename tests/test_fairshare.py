@@ -9,9 +9,15 @@ the scheduler's order exactly.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -21,13 +27,14 @@ from typing import Any
 import pytest
 
 from gpubox import models
-from gpubox.client import Client
+from gpubox.client import ApiError, Client
 from gpubox.coordinator import fairshare
 from tests.conftest import Cluster, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 NO_IMAGE = "ignored-by-the-process-runtime"
+GPUBOX = [sys.executable, "-m", "gpubox"]
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -453,3 +460,101 @@ def test_a_four_gpu_job_in_a_flood_of_one_gpu_jobs_starts_before_those_behind_it
     # The 24 jobs that may go first take about 24 × 0.3 s / 4 GPUs ≈ 2 s; 20 s leaves room
     # for a loaded machine. The order above is what tells a reservation from none.
     assert (begun - created(big)).total_seconds() < 20
+
+
+# --- 5: a submit past max_queued is refused until some of the jobs start --------------------
+
+
+def cli(cluster: Cluster, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `gpubox` command against this cluster, with this token."""
+    env = {**os.environ, "GPUBOX_URL": cluster.url, "GPUBOX_TOKEN": token}
+    return subprocess.run(
+        [*GPUBOX, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def raw_submit(cluster: Cluster, token: str, body: dict[str, Any]) -> urllib.error.HTTPError:
+    """POST /api/v1/jobs that the coordinator refuses: its error, with headers and body."""
+    request = urllib.request.Request(
+        cluster.url + "/api/v1/jobs",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10).close()
+    return refused.value
+
+
+def test_a_submit_past_max_queued_is_refused_until_jobs_start(
+    make_cluster: Callable[..., Cluster], gates: Gates
+) -> None:
+    cluster = gpu_cluster(make_cluster, workers=1, gpus=1)
+    carol = make_token(cluster, "carol", max_queued=3)
+    wait_started(cluster, carol.submit(spec(gates.command("first"))))  # running: not queued
+    queued = [carol.submit(spec(["true"])) for _ in range(3)]
+
+    refused = raw_submit(cluster, carol.token, spec(["true"]))
+    with refused:
+        assert refused.code == 429
+        assert refused.headers["Retry-After"] == "30"
+        error = json.loads(refused.read())["error"]
+    assert (error["code"], error["field"]) == ("over_cap", "max_queued")
+    assert error["message"].startswith("token 'carol' has 3 jobs queued, its max_queued cap")
+    with pytest.raises(ApiError) as by_client:  # the client does not send it again
+        carol.submit(spec(["true"]))
+    assert (by_client.value.status, by_client.value.code) == (429, "over_cap")
+
+    shell = cli(cluster, carol.token, "submit", NO_IMAGE, "true")
+    # Not pinned: exits.for_http_status gives 429 INVALID (65), which the exit code table
+    # calls a request refused as invalid, not one to try again later.
+    assert shell.returncode != 0 and shell.stdout == ""
+    assert "token 'carol' has 3 jobs queued, its max_queued cap" in shell.stderr
+    assert "[HTTP 429]" in shell.stderr and "Traceback" not in shell.stderr
+    assert len(carol.jobs("QUEUED", submitter="carol")["jobs"]) == 3  # none was added
+
+    gates.open("first")
+    wait_started(cluster, queued[0])  # one of the three left the queue
+    again = carol.submit(spec(["true"]), retry_for_s=0)
+    assert again["status"] == "QUEUED" and again["submitter"] == "carol"
+
+
+# --- 6: gpubox show tells a queued job's place and who is ahead ------------------------------
+
+
+def test_show_prints_a_queued_jobs_place_and_who_is_ahead(
+    make_cluster: Callable[..., Cluster], gates: Gates
+) -> None:
+    """Alice's gated job holds the one GPU; she queues two more, then Bob two. Bob has used
+    nothing, so his go first: Alice's first queued job is third, behind two of Bob's."""
+    cluster = gpu_cluster(make_cluster, workers=1, gpus=1)
+    alice, bob = make_token(cluster, "alice"), make_token(cluster, "bob")
+    wait_started(cluster, alice.submit(spec(gates.command("blocker"))))
+    mine = [alice.submit(spec(["true"])) for _ in range(2)]
+    his = [bob.submit(spec(["true"])) for _ in range(2)]
+
+    where = wait_until(
+        lambda: (place := alice.job(mine[0]["id"])["queue_place"])["place"] == 3 and place,
+        10,
+        "Alice's job to be third",
+    )
+    assert [(a["submitter"], a["jobs"]) for a in where["ahead"]] == [("bob", 2)]
+    assert where["half_life_s"] == 86400.0
+    shown = cli(cluster, cluster.token, "show", str(mine[1]["id"]))
+    assert shown.returncode == 0, shown.stderr
+    # (Use shows as 0.0: a second of one GPU is 0.0003 GPU-hours.)
+    assert row(shown.stdout, "place") == (
+        "4 in the queue: 3 jobs ahead of it (2 of bob, 1 of alice);"
+        " GPU-hours used lately: bob 0.0, alice 0.0"
+    )
+    shown = cli(cluster, cluster.token, "show", str(his[1]["id"]))
+    assert shown.returncode == 0, shown.stderr
+    assert row(shown.stdout, "place") == (
+        "2 in the queue: 1 job ahead of it (1 of bob); GPU-hours used lately: bob 0.0"
+    )
+
+
+def row(shown: str, key: str) -> str:
+    """The value of one row of `gpubox show`'s table ("     place  4 in the queue: …")."""
+    (value,) = [line.split(None, 1)[1] for line in shown.splitlines() if line.split()[0] == key]
+    return value

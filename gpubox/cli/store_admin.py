@@ -146,7 +146,8 @@ def token_create(
 @options.config_options(cfg.CoordinatorConfig, only=("state_dir", "db"))
 @failures.friendly
 def token_set(name: str, config_path: str | None, **flags: Any) -> None:
-    """Change the caps of token NAME; a running coordinator applies them within a second.
+    """Change the caps of token NAME; a running coordinator's scheduler applies them at
+    once, its submits (max_queued) within a second.
 
     \b
       gpubox token set ci --max-gpus 16         # its running jobs hold 16 GPUs at most

@@ -34,8 +34,7 @@ if TYPE_CHECKING:
 
 CPU_JOB_SHARE = 0.1  # the part of a GPU that a job with `gpus: 0` counts as
 HORIZON_HALF_LIVES = 10  # use older than this counts less than 0.1 %: not read at start
-# How often a round reads the running jobs and the tokens' caps from the store (a cap
-# changed by `gpubox token set` applies within it, as a token revoked does).
+# How often a round reads the running jobs from the store.
 READ_EVERY_S = 1.0
 
 
@@ -143,7 +142,7 @@ def place(
 
 
 def _hours(gpu_seconds: float) -> float:
-    return round(gpu_seconds / 3600, 3)
+    return round(gpu_seconds / 3600, 6)
 
 
 @dataclasses.dataclass
@@ -177,7 +176,7 @@ class _Holding:
 class Tracker:
     """Keeps every submitter's use and holdings up to date for the broker's rounds.
 
-    Every READ_EVERY_S, a round reads the running jobs from the store: those gone since the
+    Each round reads the tokens' caps. Every READ_EVERY_S, it reads the running jobs too: those gone since the
     last read that ended are counted as ended (read by id), and a job that ran and is queued
     again says the queue changed. Between reads, the broker tells what it claimed (claimed)
     and what ended (ended), so a cap is never passed: a job that ended by another way (a
@@ -210,6 +209,9 @@ class Tracker:
             requeued = False
             if read or now - self._read_at >= READ_EVERY_S:
                 requeued = self._read(now)
+            # Every round: a token made or changed a moment ago has its caps in force at once
+            # (a read of the few tokens that have caps: ~50 µs).
+            self._caps = self.store.token_caps()
             if self.half_life_s:
                 self._decay(now)
             self.snapshot = self._snapshot(now, requeued)
@@ -266,7 +268,6 @@ class Tracker:
         self._holding = {}
         for run in running.values():
             self._holding.setdefault(run.submitter, _Holding()).add(run)
-        self._caps = self.store.token_caps()
         return len(ended) < len(gone)
 
     def _snapshot(self, now: float, requeued: bool) -> Snapshot:

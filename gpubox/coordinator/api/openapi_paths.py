@@ -324,7 +324,7 @@ def admin_paths() -> dict[str, Any]:
         "/api/v1/tokens/{name}": {
             "patch": operation(
                 "change_token",
-                "Change a token's caps (admin); the scheduler applies them within a second",
+                "Change a token's caps (admin); they apply at once",
                 {
                     200: json_answer("the token as it is now", ref("Token")),
                     404: error(404, "no token has this name"),

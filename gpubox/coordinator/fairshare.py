@@ -176,13 +176,14 @@ class _Holding:
 class Tracker:
     """Keeps every submitter's use and holdings up to date for the broker's rounds.
 
-    Each round reads the tokens' caps. Every READ_EVERY_S, it reads the running jobs too: those gone since the
-    last read that ended are counted as ended (read by id), and a job that ran and is queued
-    again says the queue changed. Between reads, the broker tells what it claimed (claimed)
-    and what ended (ended), so a cap is never passed: a job that ended by another way (a
-    lost worker's) still counts as held until the next read, which errs on the safe side.
-    The jobs that ended before the coordinator started are read once, at the first read.
-    The broker's thread refreshes; any thread may read `snapshot`."""
+    Each round reads the tokens' caps. Every READ_EVERY_S, it reads the running jobs too:
+    those gone since the last read that ended are counted as ended (read by id), and a job
+    that ran and is queued again says the queue changed. Between reads, the broker tells
+    what it claimed (claimed) and what ended (ended), so a cap is never passed: a job that
+    ended by another way (a lost worker's) still counts as held until the next read, which
+    errs on the safe side. The jobs that ended before the coordinator started are read
+    once, at the first read. The broker's thread refreshes; any thread may read
+    `snapshot`."""
 
     def __init__(
         self, store: Store, half_life_s: float, clock: Callable[[], float] = time.time

@@ -78,7 +78,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     @app.get("/api/v1/jobs")
     @endpoints.endpoint(store, query=("limit", "before", *jobfilter.QUERY))
     def list_jobs() -> dict[str, Any]:
-        where = jobfilter.JobFilter.from_query(bottle.request.query.decode().allitems())
+        where = jobfilter.JobFilter.from_query(params.text_query())
         default, most = LIST_LIMIT
         limit = params.int_param("limit", default, 1, most) or default
         before = params.int_param("before", None, 1, params.MAX_ID)

@@ -46,6 +46,26 @@ def only(allowed: tuple[str, ...]) -> None:
             raise errors.BadInput(f"unknown query parameter {name!r}: {takes}", name)
 
 
+def text_query() -> list[tuple[str, str]]:
+    """The query's (name, value) pairs as text. WSGI hands them over as latin-1; they are
+    read as UTF-8 here, and a name or value that is not UTF-8 is errors.BadInput naming it
+    (Bottle's own decode() raises, which was a 500)."""
+    pairs = []
+    for name, value in bottle.request.query.allitems():
+        try:
+            pairs.append((_utf8(name), _utf8(value)))
+        except UnicodeError:
+            shown = name.encode("latin-1", "replace").decode("utf-8", "replace")
+            raise errors.BadInput(
+                f"the query parameter {shown!r} is not UTF-8 text", shown
+            ) from None
+    return pairs
+
+
+def _utf8(text: str) -> str:
+    return text.encode("latin-1").decode("utf-8")
+
+
 def int_param(name: str, default: int | None, low: int, high: int) -> int | None:
     """The query parameter `name` as an integer from `low` to `high`, or `default` if absent."""
     raw = bottle.request.query.get(name)

@@ -487,7 +487,7 @@ def test_the_benchmark_runs_through_on_a_few_jobs() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines[1].startswith("sqlite      fill: 300 ended jobs")
-    assert sum("30d, by label, index: " in line and "7 groups" in line for line in lines) == 1
+    assert sum("30d, by label: " in line and "7 groups" in line for line in lines) == 1
 
 
 # --- through the whole system --------------------------------------------------------------

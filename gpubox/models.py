@@ -511,6 +511,16 @@ class Token:
 
 
 @dataclasses.dataclass(frozen=True)
+class WebSession:
+    """A dashboard session as stored: the digest of its cookie, never the cookie."""
+
+    id: str
+    token_digest: str
+    csrf: str
+    expires_at: datetime
+
+
+@dataclasses.dataclass(frozen=True)
 class WebhookDelivery:
     """One event of a job (its start or end) to deliver to one webhook URL, with what its
     attempts so far gave (coordinator.webhooks)."""

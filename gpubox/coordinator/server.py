@@ -94,6 +94,7 @@ class Coordinator:
             self.config.webhook_allow, self.config.webhooks, self.config.state_dir
         )
         self.store = open_store(self.config.db)
+        self.store.drop_sessions()  # a restart signs everyone out of the dashboard
         changes = Changes()
         self.broker = Broker(
             self.store,

@@ -54,6 +54,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "telemetry": ("job_id", "attempt", "gpu", "t_start"),
     "workers": ("name",),
     "tokens": ("name",),
+    "web_sessions": ("id",),
 }
 
 
@@ -248,6 +249,18 @@ class Store(abc.ABC):
     def set_caps(self, name: str, caps: dict[str, int | None]) -> models.Token:
         """Change some caps of token `name` (a key of models.Caps.NAMES each; None lifts
         it) and return the token; errors.NotFound if there is none."""
+
+    @abc.abstractmethod
+    def add_session(self, session: models.WebSession) -> None:
+        """Store a dashboard session (and drop those that expired)."""
+
+    @abc.abstractmethod
+    def find_session(self, session_id: str) -> models.WebSession | None:
+        """The session with this id (the digest of its cookie), if any."""
+
+    @abc.abstractmethod
+    def drop_sessions(self, session_id: str | None = None) -> None:
+        """Drop one session, or (None) every one."""
 
     @abc.abstractmethod
     def token_caps(self) -> dict[str, models.Caps]:

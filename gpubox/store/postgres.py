@@ -164,6 +164,17 @@ CREATE INDEX jobs_running ON jobs (submitter, gpus, executed_at, id) WHERE statu
 CREATE INDEX jobs_submitter ON jobs (submitter, status);
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 """,
+    # 11: the dashboard's sessions, in the store so that every HTTP process of a coordinator
+    # knows them (the SHA-256 of the cookie, never the cookie itself)
+    """
+CREATE TABLE web_sessions (
+    id TEXT PRIMARY KEY,
+    token_digest TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+);
+CREATE INDEX web_sessions_expires ON web_sessions (expires_at);
+""",
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.
 MIGRATIONS = columns.migrations(TYPES, OTHERS)

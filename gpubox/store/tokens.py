@@ -70,6 +70,36 @@ class TokenStore(backend.Backend):
         self._tokens_changed()
         return _token(row)
 
+    def add_session(self, session: models.WebSession) -> None:
+        with self._write() as cur:
+            cur.execute("DELETE FROM web_sessions WHERE expires_at < ?", (_now(),))
+            cur.execute(
+                "INSERT INTO web_sessions (id, token_digest, csrf, expires_at) VALUES (?, ?, ?, ?)",
+                (
+                    session.id,
+                    session.token_digest,
+                    session.csrf,
+                    models.format_time(session.expires_at),
+                ),
+            )
+
+    def find_session(self, session_id: str) -> models.WebSession | None:
+        with self._read() as cur:
+            cur.execute("SELECT * FROM web_sessions WHERE id = ?", (session_id,))
+            row = cur.fetchone()
+        if row is None:
+            return None
+        expires = models.parse_time(row["expires_at"])
+        assert expires is not None
+        return models.WebSession(row["id"], row["token_digest"], row["csrf"], expires)
+
+    def drop_sessions(self, session_id: str | None = None) -> None:
+        with self._write() as cur:
+            if session_id is None:
+                cur.execute("DELETE FROM web_sessions")
+            else:
+                cur.execute("DELETE FROM web_sessions WHERE id = ?", (session_id,))
+
     def token_caps(self) -> dict[str, models.Caps]:
         with self._read() as cur:
             cur.execute(
@@ -123,3 +153,7 @@ def _token(row: dict[str, Any]) -> models.Token:
 
 def _caps(row: dict[str, Any]) -> models.Caps:
     return models.Caps(row["max_gpus"], row["max_running"], row["max_queued"])
+
+
+def _now() -> str | None:
+    return models.format_time(models.utcnow())

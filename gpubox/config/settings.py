@@ -117,6 +117,14 @@ class CoordinatorConfig:
         "GPUBOX_IDLE_THRESHOLD",
         "GPU utilization (%) under which a GPU counts as idle for the idle-GPU policy",
     )
+    http_processes: int = setting(
+        1,
+        "GPUBOX_HTTP_PROCESSES",
+        "processes that serve the HTTP API and dashboard on the one port, each with its own"
+        " interpreter, beside the one that keeps the worker link and scheduling (1: all in"
+        " one process)",
+        "--http-processes",
+    )
     fair_share_half_life: float = setting(
         86400.0,
         "GPUBOX_FAIR_SHARE_HALF_LIFE",
@@ -156,6 +164,8 @@ class CoordinatorConfig:
             raise errors.ConfigError("idle_timeout: must not be negative (0: never)")
         if not 0 < self.idle_threshold <= 100:
             raise errors.ConfigError("idle_threshold: must be a percentage above 0, at most 100")
+        if not 1 <= self.http_processes <= 64:
+            raise errors.ConfigError("http_processes: must be from 1 to 64")
         if self.fair_share_half_life < 0:
             raise errors.ConfigError("fair_share_half_life: must not be negative (0: off)")
 

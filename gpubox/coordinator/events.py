@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 
 class Changes:
@@ -11,6 +12,9 @@ class Changes:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._versions: dict[int, int] = {}
+        # Told of each notify and forget ("notify" or "forget", job id), after the followers
+        # here: the hub passes them on to the coordinator's other HTTP processes.
+        self.listeners: list[Callable[[str, int], None]] = []
 
     def version(self, job_id: int) -> int:
         with self._cond:
@@ -21,6 +25,8 @@ class Changes:
         with self._cond:
             self._versions[job_id] = self._versions.get(job_id, 0) + 1
             self._cond.notify_all()
+        for listener in self.listeners:
+            listener("notify", job_id)
 
     def forget(self, job_id: int) -> None:
         """The job ended and its followers were woken: drop its counter. A follower that read
@@ -28,6 +34,8 @@ class Changes:
         sees the job ended."""
         with self._cond:
             self._versions.pop(job_id, None)
+        for listener in self.listeners:
+            listener("forget", job_id)
 
     def wait(self, job_id: int, seen: int, timeout_s: float) -> int:
         """Block until the job's version differs from `seen` or timeout_s passes; the version."""

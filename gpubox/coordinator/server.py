@@ -14,7 +14,7 @@ from waitress import wasyncore
 
 from gpubox import config as config_mod
 from gpubox import errors, keys, supervise
-from gpubox.coordinator import api, sealing, tokens, webhooks
+from gpubox.coordinator import api, httpproc, hub, sealing, tokens, webhooks
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store, open_store
@@ -46,6 +46,70 @@ def raise_fd_limit() -> int:
     return soft
 
 
+def make_app(
+    config: config_mod.CoordinatorConfig,
+    store: Store,
+    changes: Changes,
+    poke: Any,
+    live: Any,
+    stopping: threading.Event,
+) -> Any:
+    """The WSGI app of a coordinator with these settings (in its one process, or in each of
+    its HTTP processes)."""
+    hooks = webhooks.Settings.load(config.webhook_allow, config.webhooks, config.state_dir)
+    return api.make_app(
+        store,
+        changes,
+        poke,
+        sealing.Sealer(config.state_dir),
+        config.state_dir,
+        config.max_body_bytes,
+        stopping,
+        live=live,
+        # Each follow stream holds a thread: an eighth of them (at least 2) stays for every
+        # other request, /healthz and cancel included.
+        max_followers=max(1, config.http_threads - max(2, config.http_threads // 8)),
+        dashboard=config.dashboard,
+        public_url=config.public_url,
+        queue_timeout=config.queue_timeout,
+        webhook_settings=hooks,
+    )
+
+
+def create_http_server(app: Any, config: config_mod.CoordinatorConfig, sock: Any = None) -> Any:
+    """Waitress serving `app` on config.http, or on the listening socket `sock` (an HTTP
+    process's, bound by the coordinator's main process)."""
+    where: dict[str, Any] = {"sockets": [sock]} if sock is not None else {}
+    if sock is None:
+        host, port = config_mod.parse_address(config.http, "http")
+        where = {"host": host, "port": port}
+    connections = max(100, min(MAX_HTTP_CONNECTIONS, raise_fd_limit() - RESERVED_FDS))
+    try:
+        return waitress.create_server(
+            app,
+            **where,
+            threads=config.http_threads,
+            # Lets a follow stream notice a client that went away while it is quiet.
+            channel_request_lookahead=1,
+            # Waitress reads a whole body before the app can look at the token: past
+            # max_body_bytes it refuses it itself, from the Content-Length alone (a plain-text
+            # 413), so no one without a token makes it buffer more than that. (It refuses a
+            # body of this size or more, hence the + 1.)
+            max_request_body_size=config.max_body_bytes + 1,
+            ident="gpubox",
+            clear_untrusted_proxy_headers=True,
+            max_request_header_size=MAX_HEADER_BYTES,
+            # Idle keep-alive connections are closed after this; streams in flight are not idle.
+            channel_timeout=60,
+            connection_limit=connections,
+            # poll(), not select(): select() fails outright on a descriptor numbered past 1,023
+            # (ValueError), which a burst of idle connections to either port reaches.
+            asyncore_use_poll=True,
+        )
+    except OSError as exc:
+        raise errors.ConfigError(f"http: cannot listen on {config.http}: {exc.strerror}") from exc
+
+
 class Coordinator:
     """One coordinator: `start()` returns once both listeners are bound; `stop()` undoes it."""
 
@@ -58,12 +122,16 @@ class Coordinator:
         self.http_server: Any = None
         self.threads: list[supervise.Essential] = []
         self.webhooks: webhooks.Dispatcher | None = None
+        self.hub: hub.Hub | None = None  # with http_processes > 1: the HTTP processes' calls
+        self.http_processes: httpproc.Processes | None = None
         self._stopping = threading.Event()
         self._http_done = threading.Event()
         self._http_loop = supervise.Loop(stall_s=3 * config.heartbeat_interval_s)
 
     @property
     def http_url(self) -> str:
+        if self.http_processes is not None:
+            return self.http_processes.url
         host, port = self.http_server.effective_host, self.http_server.effective_port
         return f"http://{host}:{port}"
 
@@ -113,61 +181,28 @@ class Coordinator:
             idle_threshold=self.config.idle_threshold,
             fair_share_half_life=self.config.fair_share_half_life,
         )
-        app = api.make_app(
-            self.store,
-            changes,
-            self.broker.poke,
-            sealer,
-            self.config.state_dir,
-            self.config.max_body_bytes,
-            self._stopping,
-            live=self.broker,
-            # Each follow stream holds a thread: an eighth of them (at least 2) stays for
-            # every other request, /healthz and cancel included.
-            max_followers=max(1, self.config.http_threads - max(2, self.config.http_threads // 8)),
-            dashboard=self.config.dashboard,
-            public_url=self.config.public_url,
-            queue_timeout=self.config.queue_timeout,
-            webhook_settings=hooks,
-        )
-        host, port = config_mod.parse_address(self.config.http, "http")
-        connections = max(100, min(MAX_HTTP_CONNECTIONS, raise_fd_limit() - RESERVED_FDS))
-        try:
-            self.http_server = waitress.create_server(
-                app,
-                host=host,
-                port=port,
-                threads=self.config.http_threads,
-                # Lets a follow stream notice a client that went away while it is quiet.
-                channel_request_lookahead=1,
-                # Waitress reads a whole body before the app can look at the token: past
-                # max_body_bytes it refuses it itself, from the Content-Length alone (a
-                # plain-text 413), so no one without a token makes it buffer more than that.
-                # (It refuses a body of this size or more, hence the + 1.)
-                max_request_body_size=self.config.max_body_bytes + 1,
-                ident="gpubox",
-                clear_untrusted_proxy_headers=True,
-                max_request_header_size=MAX_HEADER_BYTES,
-                # Idle keep-alive connections are closed after this; streams in flight are not idle.
-                channel_timeout=60,
-                connection_limit=connections,
-                # poll(), not select(): select() fails outright on a descriptor numbered past
-                # 1,023 (ValueError), which a burst of idle connections to either port reaches.
-                asyncore_use_poll=True,
+        if self.config.http_processes > 1:
+            self._start_http_processes(changes)
+        else:
+            app = make_app(
+                self.config, self.store, changes, self.broker.poke, self.broker, self._stopping
             )
-        except OSError as exc:
-            self.broker.close()
-            self.store.close()
-            raise errors.ConfigError(
-                f"http: cannot listen on {self.config.http}: {exc.strerror}"
-            ) from exc
+            try:
+                self.http_server = create_http_server(app, self.config)
+            except errors.ConfigError:
+                self.broker.close()
+                self.store.close()
+                raise
         # Only with both ports bound: a coordinator that cannot start (its port taken, say by
         # the one already serving this state folder) must not replace its clients' token.
         tokens.ensure_local(self.store, self.config.state_dir)
-        self.threads = [
-            supervise.Essential("gpubox-broker", self.broker.run, self.broker.loop),
-            supervise.Essential("gpubox-http", self._serve_http, self._http_loop),
-        ]
+        self.threads = [supervise.Essential("gpubox-broker", self.broker.run, self.broker.loop)]
+        if self.hub is None or self.http_processes is None:
+            self.threads.append(
+                supervise.Essential("gpubox-http", self._serve_http, self._http_loop)
+            )
+        else:
+            self.threads += self.http_processes.essential_threads(self.hub)
         if hooks.active:
             # Its loop turns at least every webhooks.IDLE_S, and between two deliveries,
             # each of which may take webhooks.TIMEOUT_S.
@@ -179,7 +214,22 @@ class Coordinator:
             )
         for thread in self.threads:
             thread.start()
+        if self.hub is not None and self.http_processes is not None:
+            self.http_processes.wait_ready(self.hub)
         log.info("coordinator serving HTTP on %s, workers on %s", self.http_url, self.link_endpoint)
+
+    def _start_http_processes(self, changes: Changes) -> None:
+        """Bind the HTTP port here, and start http_processes processes that serve it (see
+        httpproc): this process keeps the broker, the worker link and the hub they call."""
+        assert self.store is not None and self.broker is not None
+        try:
+            listener = httpproc.listen(self.config)
+        except errors.ConfigError:
+            self.broker.close()
+            self.store.close()
+            raise
+        self.hub = hub.Hub(self.broker, self.store, changes, self.context, self._stopping)
+        self.http_processes = httpproc.Processes(self.config, listener, self.hub.folder)
 
     def reload(self) -> None:
         """SIGHUP (systemctl reload): read the worker allow list again at once. Tokens need
@@ -214,10 +264,14 @@ class Coordinator:
             # ended has closed the trigger: nothing to wake.
             with contextlib.suppress(OSError):
                 server.pull_trigger()
+        if self.http_processes is not None:
+            self.http_processes.stop()
         if self.broker is not None:
             self.broker.stop()
         for thread in self.threads:
             thread.join(timeout=10)
+        if self.hub is not None:
+            self.hub.close()
         if self.store is not None:
             self.store.close()
         if self.broker is not None:

@@ -221,6 +221,10 @@ class Store(abc.ABC):
         again."""
 
     @abc.abstractmethod
+    def get_jobs(self, ids: Sequence[int]) -> list[models.Job]:
+        """The jobs with these ids, in this order (an id with no job is left out)."""
+
+    @abc.abstractmethod
     def last_job_id(self) -> int:
         """The highest job id (0 when there is no job): an index lookup."""
 

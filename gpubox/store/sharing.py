@@ -85,6 +85,10 @@ class SharingStore(backend.Backend):
             ids = [row["id"] for row in cur.fetchall()]
             return self._jobs_by_id(cur, ids, known or {})
 
+    def get_jobs(self, ids: Sequence[int]) -> list[models.Job]:
+        with self._read() as cur:
+            return self._jobs_by_id(cur, list(ids), {})
+
     def _jobs_by_id(
         self, cur: Any, ids: list[int], known: Mapping[int, models.Job]
     ) -> list[models.Job]:

@@ -28,6 +28,7 @@ ROWS = (
     "dashboard: the page of a job with a",
     "dashboard: a printed line reaches",
     "scheduling decision, SQLite",
+    "throughput, 2 workers, HTTP in 2 processes",
 )
 
 

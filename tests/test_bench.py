@@ -28,7 +28,8 @@ ROWS = (
     "dashboard: the page of a job with a",
     "dashboard: a printed line reaches",
     "scheduling decision, SQLite",
-    "throughput, 2 workers, HTTP in 2 processes",
+    "submit rate (8 keep-alive clients, no worker), HTTP in 2 processes",
+    "throughput, 2 workers (",
 )
 
 

@@ -1,10 +1,10 @@
 """How a coordinator's HTTP processes reach its broker process (http_processes > 1).
 
-Two ZeroMQ sockets, ipc:// in a folder only the coordinator's user can enter:
+Three ZeroMQ sockets, ipc:// in a folder only the coordinator's user can enter:
 - `calls` (ROUTER, in the broker process): an HTTP process asks what only the broker knows
-  (why a job waits, /metrics, a worker's GPUs now, …) and pokes it (a job was queued or
-  cancelled). Each call is [method, msgpack arguments]; each answer [b"ok" or b"error",
-  msgpack value].
+  (why a job waits, /metrics, a worker's GPUs now, …). Each call is [method, msgpack
+  arguments]; each answer [b"ok" or b"error", msgpack value].
+- `pokes` (PULL): an HTTP process says a job was queued or cancelled, and waits for nothing.
 - `news` (PUB, in the broker process): which jobs changed (lines stored, status changed), so
   that every HTTP process wakes its own followers and waiters at once, with no polling.
 
@@ -35,9 +35,9 @@ CALL_TIMEOUT_S = 10.0  # an HTTP process's call the broker process has not answe
 NOTIFY, FORGET = b"n", b"f"
 
 
-def endpoints(folder: str) -> tuple[str, str]:
-    """The ipc:// endpoints of the calls and the news in `folder`."""
-    return f"ipc://{folder}/calls", f"ipc://{folder}/news"
+def endpoints(folder: str) -> tuple[str, str, str]:
+    """The ipc:// endpoints of the calls, the news and the pokes in `folder`."""
+    return f"ipc://{folder}/calls", f"ipc://{folder}/news", f"ipc://{folder}/pokes"
 
 
 class Hub:
@@ -58,10 +58,13 @@ class Hub:
         self.loop = supervise.Loop(stall_s=30.0)
         # A short path (ipc:// paths are limited to about 100 bytes), private (0700).
         self.folder = tempfile.mkdtemp(prefix="gpubox-hub-")
-        calls, news = endpoints(self.folder)
+        calls, news, pokes = endpoints(self.folder)
         self._calls = context.socket(zmq.ROUTER)
         self._calls.setsockopt(zmq.LINGER, 0)
         self._calls.bind(calls)
+        self._pokes = context.socket(zmq.PULL)
+        self._pokes.setsockopt(zmq.LINGER, 0)
+        self._pokes.bind(pokes)
         self._news = context.socket(zmq.PUB)
         self._news.setsockopt(zmq.LINGER, 0)
         self._news.setsockopt(zmq.SNDHWM, 100_000)  # past it a wake is lost: WAKE_S covers it
@@ -80,7 +83,6 @@ class Hub:
             b"quarantine": live.quarantine,
             b"stalled": live.stalled,
             b"last_turn_s": live.last_turn_s,
-            b"poke": live.poke,
             b"ready": self._ready,
         }
 
@@ -92,6 +94,7 @@ class Hub:
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._calls, zmq.POLLIN)
+        poller.register(self._pokes, zmq.POLLIN)
         while not self.stopping.is_set():
             self.loop.tick()
             if not poller.poll(200):
@@ -102,6 +105,14 @@ class Hub:
                 except zmq.Again:
                     break
                 self._answer(frames)
+            while True:
+                try:
+                    kind, job_id = self._pokes.recv_multipart(zmq.NOBLOCK)
+                    self.live.poke(kind.decode(), int(job_id))
+                except zmq.Again:
+                    break
+                except (ValueError, UnicodeDecodeError):
+                    continue  # not a poke of ours
 
     def _answer(self, frames: list[bytes]) -> None:
         if len(frames) != 3:
@@ -123,9 +134,10 @@ class Hub:
 
     def close(self) -> None:
         self._calls.close(0)
+        self._pokes.close(0)
         with self._news_lock:
             self._news.close(0)
-        for name in ("calls", "news"):
+        for name in ("calls", "news", "pokes"):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.folder, name))
         with contextlib.suppress(OSError):
@@ -137,7 +149,7 @@ class RemoteLive:
     thread: each has its own socket."""
 
     def __init__(self, folder: str, store: Store, context: zmq.Context[Any]) -> None:
-        self.calls, self.news = endpoints(folder)
+        self.calls, self.news, self.pokes = endpoints(folder)
         self.store = store
         self.context = context
         self._local = threading.local()
@@ -191,7 +203,15 @@ class RemoteLive:
         return float(self._call("last_turn_s"))
 
     def poke(self, kind: str, job_id: int = 0) -> None:
-        self._call("poke", kind, job_id)
+        """Tell the broker a job was queued or cancelled; no answer is awaited (a submit
+        returns once its job is stored, as in one process)."""
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self.context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(self.pokes)
+            self._local.push = sock
+        sock.send_multipart([kind.encode(), b"%d" % job_id])
 
     def ready(self) -> None:
         self._call("ready", os.getpid())

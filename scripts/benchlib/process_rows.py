@@ -1,14 +1,19 @@
-"""The HTTP-processes rows: no-op job throughput (submit → FINISHED, 2 workers of 16 slots)
-with the coordinator's HTTP API in 1, 2 and 3 processes (http_processes), interleaved over
-rounds so that a slow minute weighs on each alike; the median and the range of each."""
+"""The HTTP-processes rows, with the coordinator's HTTP API in 1, 2 and 3 processes
+(http_processes), interleaved over rounds so that a slow minute weighs on each alike (the
+median and the range of each): the submit rate alone (8 keep-alive clients, no worker:
+every submit a durable SQLite write, the processes' writers taking turns on SQLite's lock
+where one process shares one commit among its threads), and no-op job throughput (submit →
+FINISHED, 2 workers of 16 slots)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
 
 from benchlib.common import Context, Row, cluster
+from benchlib.http_rows import SUBMIT_BODY, hammer
 from benchlib.worker_rows import submit_many
 
 COUNTS = (1, 2, 3)
@@ -28,22 +33,37 @@ def rate(ctx: Context, processes: int, jobs: int) -> float:
     return jobs / elapsed
 
 
+def submit_rate(ctx: Context, processes: int, seconds: float) -> float:
+    body = json.dumps(SUBMIT_BODY).encode()
+    with cluster(ctx, GPUBOX_HTTP_PROCESSES=str(processes)) as made:
+        load = hammer(made.url, made.token, body, 8, seconds, made.coordinator.pid)
+    return load.rate
+
+
 def http_processes(ctx: Context) -> list[Row]:
-    jobs, rounds = ctx.size(2000, 100), ctx.size(3, 1)
+    jobs, rounds, seconds = ctx.size(2000, 100), ctx.size(3, 1), ctx.size(5, 1)
     rates: dict[int, list[float]] = {count: [] for count in COUNTS}
+    submits: dict[int, list[float]] = {count: [] for count in COUNTS}
     for _ in range(rounds):
         for count in COUNTS:
+            submits[count].append(submit_rate(ctx, count, seconds))
             rates[count].append(rate(ctx, count, jobs))
-    one = statistics.median(rates[1])
+    return [
+        *_rows("submit rate (8 keep-alive clients, no worker)", "submits/s", submits, rounds),
+        *_rows(f"throughput, 2 workers ({jobs:,} no-op jobs)", "jobs/s", rates, rounds),
+    ]
+
+
+def _rows(what: str, unit: str, found: dict[int, list[float]], rounds: int) -> list[Row]:
+    one = statistics.median(found[1])
     return [
         Row(
-            f"throughput, 2 workers, HTTP in {count} process{'es' if count > 1 else ''}",
-            f"{statistics.median(rates[count]):,.0f} jobs/s [{min(rates[count]):,.0f}–"
-            f"{max(rates[count]):,.0f}] ({jobs:,} no-op jobs, submit → FINISHED, median of"
-            f" {rounds} interleaved rounds)",
-            "—" if count == 1 else f"{statistics.median(rates[count]) / one:.2f}× one process",
+            f"{what}, HTTP in {count} process{'es' if count > 1 else ''}",
+            f"{statistics.median(values):,.0f} {unit} [{min(values):,.0f}–{max(values):,.0f}]"
+            f" (median of {rounds} interleaved rounds)",
+            "—" if count == 1 else f"{statistics.median(values) / one:.2f}× one process",
         )
-        for count in COUNTS
+        for count, values in found.items()
     ]
 
 

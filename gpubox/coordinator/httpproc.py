@@ -138,7 +138,10 @@ def main() -> int:
     config = config_mod.CoordinatorConfig(**told["config"])
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which stops us
+    # Ctrl-C and a terminal's hangup reach the whole process group: the main process stops us
+    # (SIGINT) or reloads (SIGHUP, systemctl reload), and neither must end an HTTP process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     context: zmq.Context[Any] = zmq.Context()
     store = open_store(config.db, upgrade=False)
     remote = hub.RemoteLive(told["hub"], store, context)

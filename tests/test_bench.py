@@ -28,6 +28,11 @@ ROWS = (
     "dashboard: the page of a job with a",
     "dashboard: a printed line reaches",
     "scheduling decision, SQLite",
+    # gpubox's column of the reference rows: Celery's and task-spooler's may be "not measured"
+    "same work as Celery + Redis: throughput",
+    "same work as task-spooler: throughput",
+    "same work as Celery + Redis: submit → process start p50",
+    "same work as task-spooler: submit → process start p50",
 )
 
 

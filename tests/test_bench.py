@@ -30,6 +30,11 @@ ROWS = (
     "scheduling decision, SQLite",
     "submit rate (8 keep-alive clients, no worker), HTTP in 2 processes",
     "throughput, 2 workers (",
+    # gpubox's column of the reference rows: Celery's and task-spooler's may be "not measured"
+    "same work as Celery + Redis: throughput",
+    "same work as task-spooler: throughput",
+    "same work as Celery + Redis: submit → process start p50",
+    "same work as task-spooler: submit → process start p50",
 )
 
 

@@ -33,7 +33,7 @@ def throughput(ctx: Context) -> list[Row]:
     """No-op jobs/s from the first submit to the last FINISHED, with 1 and with 2 workers, and
     where the machine's CPU went in the run with 2."""
     jobs = ctx.size(2000, 150)
-    rates = [_throughput(ctx, workers, jobs) for workers in (1, 2)]
+    rates = [measure_throughput(ctx, workers, jobs) for workers in (1, 2)]
     rows = [
         Row(
             f"throughput, {n} worker{'s' if n > 1 else ''} (process runtime)",
@@ -119,10 +119,15 @@ def broker_share_since(made: Cluster, before: tuple[float, float], seconds: floa
     return BrokerShare((busy - before[0]) / seconds, (cpu - before[1]) / seconds)
 
 
-def _throughput(ctx: Context, workers: int, jobs: int) -> tuple[float, Cost]:
+def measure_throughput(
+    ctx: Context, workers: int, jobs: int, slots: int = 16
+) -> tuple[float, Cost]:
+    """`jobs` no-op jobs (`true`) submitted by 8 clients to a fresh cluster of `workers`
+    workers with `slots` job slots each: jobs/s from the first submit until none is queued or
+    running, and what the CPU was spent on."""
     with cluster(ctx) as made:
         for index in range(workers):
-            made.add_worker(f"w{index}", jobs="16")
+            made.add_worker(f"w{index}", jobs=str(slots))
         pids = [proc.pid for proc in made.processes]
         broker_before = broker_seconds(made)
         before = [process_times(pid) for pid in pids], machine_times(), os.times()

@@ -28,6 +28,10 @@ ROWS = (
     "dashboard: the page of a job with a",
     "dashboard: a printed line reaches",
     "scheduling decision, SQLite",
+    "fleet scheduling round",
+    "fleet heartbeats alone",
+    "fleet coordinator RSS",
+    "fleet growth per step",
 )
 
 

@@ -35,6 +35,10 @@ ROWS = (
     "same work as task-spooler: throughput",
     "same work as Celery + Redis: submit → process start p50",
     "same work as task-spooler: submit → process start p50",
+    "fleet scheduling round",
+    "fleet heartbeats alone",
+    "fleet coordinator RSS",
+    "fleet growth per step",
 )
 
 

@@ -798,6 +798,32 @@ def test_silent_worker_is_lost(link: Link) -> None:
     assert link.store.list_workers()[0].connected is True
 
 
+def test_a_worker_is_found_by_name_in_its_latest_session_until_lost(link: Link) -> None:
+    """gpu_usage, last_heard and quarantine (what GET /workers asks of each worker) find a
+    worker by name: its latest session's, and nothing once it is lost."""
+    broker = link.broker
+
+    def usage(percent: int) -> list[dict[str, Any]]:
+        return [{"uuid": "GPU-a", "utilization": percent}]
+
+    first = link.worker("w1", gpus=["GPU-a"])
+    first.hello()
+    first.send("HEARTBEAT", usage=usage(10))
+    wait_until(lambda: broker.gpu_usage("w1").get("GPU-a", {}).get("utilization") == 10)
+    assert broker.last_heard("w1") is not None and broker.quarantine("w1") == ""
+    assert broker.gpu_usage("w2") == {} and broker.last_heard("w2") is None
+
+    second = link.worker("w1", gpus=["GPU-a"])  # the same name again: a new session
+    second.hello()
+    assert broker.gpu_usage("w1") == {}  # the new session's: nothing heard yet
+    second.send("HEARTBEAT", usage=usage(20))
+    wait_until(lambda: broker.gpu_usage("w1").get("GPU-a", {}).get("utilization") == 20)
+
+    second.keepalive = False  # silent from now on
+    wait_until(lambda: broker.last_heard("w1") is None, LIVENESS_S + 3, "w1 lost")
+    assert broker.gpu_usage("w1") == {} and broker.quarantine("w1") == ""
+
+
 def test_worker_that_keeps_talking_is_not_lost(link: Link) -> None:
     created = link.create()
     worker = link.worker("w1")

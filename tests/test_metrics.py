@@ -95,3 +95,27 @@ def test_metrics_follow_jobs_workers_gpus_and_lines(make_cluster) -> None:  # ty
     cluster.client.cancel(queued["id"])
     cluster.wait(holder["id"])
     wait_until(lambda: now()['gpubox_gpus{state="busy"}'] == 0, 10, "the GPU free again")
+
+
+def test_metrics_count_scheduling_rounds(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """gpubox_schedule_round_seconds counts the rounds that plan: with no worker, the timer's
+    one a second."""
+    cluster: Cluster = make_cluster(workers=0)
+    name = "gpubox_schedule_round_seconds"
+    first = scrape(cluster)[1][f"{name}_count"]
+    page = wait_until(
+        lambda: (now := scrape(cluster)[1])[f"{name}_count"] >= first + 2 and now,
+        10,
+        "two more timer rounds",
+    )
+    buckets = sorted(
+        (float(key.split('"')[1]), value)
+        for key, value in page.items()
+        if key.startswith(f"{name}_bucket")
+    )
+    assert [bound for bound, _ in buckets][:2] == [0.0005, 0.001]
+    assert buckets[-1] == (float("inf"), page[f"{name}_count"])
+    counts = [value for _, value in buckets]
+    assert counts == sorted(counts)  # cumulative
+    # Each a round of an empty queue: well under a second, and longer than nothing.
+    assert 0 < page[f"{name}_sum"] < page[f"{name}_count"]

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,10 +80,15 @@ def ms(seconds: float) -> str:
 class Cluster:
     """`gpubox coordinator` and `gpubox worker` processes sharing a state folder."""
 
-    def __init__(self, ctx: Context, **coordinator_env: str) -> None:
+    def __init__(self, ctx: Context, enrol: Sequence[str] = (), **coordinator_env: str) -> None:
+        """`enrol`: workers whose keys are made before the coordinator starts. (One that
+        runs reads every key file again whenever one is added: 1,000 added one by one would
+        cost it 1,000 reads of up to 1,000 files.)"""
         self.ctx = ctx
         self.state = Path(tempfile.mkdtemp(prefix="gpubox-bench-", dir=ctx.tmp))
         keys.init(str(self.state))
+        for name in enrol:
+            keys.add_worker(str(self.state), name)
         self.processes: list[subprocess.Popen[bytes]] = []
         # A port found free can be taken before the coordinator binds it: then it exits at
         # once, and a fresh pair of ports is tried.
@@ -203,8 +208,8 @@ class Cluster:
 
 
 @contextmanager
-def cluster(ctx: Context, **coordinator_env: str) -> Iterator[Cluster]:
-    made = Cluster(ctx, **coordinator_env)
+def cluster(ctx: Context, enrol: Sequence[str] = (), **coordinator_env: str) -> Iterator[Cluster]:
+    made = Cluster(ctx, enrol, **coordinator_env)
     try:
         yield made
     finally:

@@ -147,8 +147,9 @@ class JobStore(backend.Backend):
     def overdue_queued(self, now: datetime, limit: int = 100) -> list[models.Job]:
         with self._read() as cur:
             cur.execute(
-                "SELECT * FROM jobs WHERE status = 'QUEUED' AND queue_deadline IS NOT NULL"
-                " AND queue_deadline < ? ORDER BY queue_deadline LIMIT ?",
+                f"SELECT * FROM {self.deadline_index} WHERE status = 'QUEUED'"
+                " AND queue_deadline IS NOT NULL AND queue_deadline < ? ORDER BY queue_deadline"
+                " LIMIT ?",
                 (_time(now), limit),
             )
             return [columns.job_from_row(row) for row in cur.fetchall()]

@@ -207,6 +207,7 @@ class SqliteStore(sql.SqlStore):
     MIGRATIONS = MIGRATIONS
     queue_index = "jobs INDEXED BY jobs_fair"
     running_index = "jobs INDEXED BY jobs_running"
+    deadline_index = "jobs INDEXED BY jobs_queue_deadline"
 
     def __init__(self, path: str, upgrade: bool = True) -> None:
         super().__init__()

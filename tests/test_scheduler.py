@@ -762,3 +762,94 @@ def test_kept_matches_are_found_again_when_a_worker_changes() -> None:
     assert result.reasons[2] == not_enough(0, 8, "w2")
     result = plan_queue(queue, [], None, matches)
     assert set(result.shape_reasons.values()) == {"no worker is connected"}
+
+
+# --- the plan against the rule written the plain way ---------------------------------------
+
+
+def plain_plan(queue: list[models.Job], workers: list[WorkerView]) -> Plan:
+    """The scheduling rule written as plainly as it reads (each job looks at every worker):
+    what scheduler.plan, which keeps heaps of workers to be fast, must agree with."""
+    result = Plan()
+    free = {w.name: list(w.free) for w in workers}
+    slots = {w.name: w.slots for w in workers}
+    info = {w.name: {gpu["uuid"]: gpu for gpu in w.gpus} for w in workers}
+    holders: dict[str, models.Needs] = {}
+    position = {job.id: index for index, job in enumerate(queue)}
+
+    def suitable(worker: WorkerView, needs: models.Needs) -> list[str]:
+        ordered = sorted(worker.gpus, key=lambda gpu: gpu.get("index", 0))
+        return [g["uuid"] for g in ordered if g["uuid"] in free[worker.name] and needs.wants_gpu(g)]
+
+    for job in queue:
+        needs = job.spec.needs
+        able = [w for w in workers if w.can_ever_run(needs)]
+        if not able:
+            result.reasons[job.id] = scheduler._no_worker(needs, workers)
+            continue
+        fits = []
+        for worker in able:
+            holder = holders.get(worker.name)
+            if slots[worker.name] < (2 if holder else 1):
+                continue
+            found = suitable(worker, needs)
+            if holder is not None:
+                found = [u for u in found if not holder.wants_gpu(info[worker.name][u])]
+            if len(found) >= needs.gpus:
+                memory = sum(info[worker.name][u].get("memory_mb", 0) for u in found)
+                fits.append((len(found), memory, worker.name, found))
+        if fits:
+            *_, name, found = min(fits, key=lambda fit: fit[:3])
+            result.assignments.append(scheduler.Assignment(job, name, found[: needs.gpus]))
+            free[name] = [u for u in free[name] if u not in found[: needs.gpus]]
+            slots[name] -= 1
+            continue
+        if needs.gpus == 0:
+            names = ", ".join(w.name for w in able)
+            result.reasons[job.id] = f"waiting for a free job slot (max_jobs) on {names}"
+            continue
+        open_workers = [w for w in able if w.name not in result.reserved]
+        if not open_workers:
+            holder_id = min((result.reserved[w.name] for w in able), key=position.__getitem__)
+            held = ", ".join(w.name for w in able if result.reserved[w.name] == holder_id)
+            reason = f"waiting behind job {holder_id}: the GPUs of {held} are held for it"
+            result.reasons[job.id] = reason
+            continue
+        counts = {w.name: len(suitable(w, needs)) for w in open_workers}
+        chosen = min(open_workers, key=lambda w: (-counts[w.name], w.name))
+        result.reserved[chosen.name] = job.id
+        holders[chosen.name] = needs
+        if counts[chosen.name] >= needs.gpus:
+            reason = f"waiting for a free job slot (max_jobs) on {chosen.name}"
+        else:
+            reason = not_enough(counts[chosen.name], needs.gpus, chosen.name)
+        result.reasons[job.id] = reason
+    return result
+
+
+def big_case(rng: random.Random) -> tuple[list[models.Job], list[WorkerView]]:
+    """A queue of up to 300 jobs of a few kinds on up to 40 workers of 0-8 GPUs, many free:
+    many starts and reservations in one round."""
+    kinds = [{"gpus": g} for g in (0, 1, 1, 2, 4, 8)] + [{"gpus": 1, "gpu_model": "T4"}]
+    kinds.append({"gpus": 2, "labels": {"zone": "eu"}})
+    jobs = [
+        make_job(i, priority=rng.choice([0, 0, 1]), **rng.choice(kinds))
+        for i in range(1, rng.randint(1, 300) + 1)
+    ]
+    workers = []
+    for index in range(rng.randint(1, 40)):
+        gpus = make_gpus(f"w{index}", rng.randint(0, 8), rng.choice([A100, T4, A100_40]))
+        free = [gpu["uuid"] for gpu in gpus if rng.random() < 0.7]
+        labels = rng.choice([{}, {"zone": "eu"}])
+        workers.append(WorkerView(f"w{index}", gpus, free, rng.randint(0, 6), labels))
+    return sorted(jobs, key=lambda job: (-job.spec.priority, job.id)), workers
+
+
+def test_the_plan_is_the_rule_written_the_plain_way() -> None:
+    rng = random.Random(25)
+    for case in range(300):
+        queue, workers = random_case(rng) if case % 2 else big_case(rng)
+        fast, plain = scheduler.plan(queue, workers), plain_plan(queue, workers)
+        assert placed(fast) == placed(plain), case
+        assert fast.reserved == plain.reserved, case
+        assert fast.reasons == plain.reasons, case

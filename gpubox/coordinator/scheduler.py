@@ -31,6 +31,7 @@ same needs (models.Needs, their "shape") fare alike.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from collections.abc import Mapping
 from typing import Any
 
@@ -142,13 +143,20 @@ class _Round:
     """One plan in the making. A round's work grows with the jobs it looks at and the
     workers, so what stays true through the round is worked out once: through a round, free
     GPUs and slots only get fewer and reservations only more, so once a job of a shape
-    cannot start, no later job of that shape can."""
+    cannot start, no later job of that shape can.
+
+    For each shape, the workers that could take its next job are kept in a heap by how well
+    they fit (`_fits`), and those it could reserve by how much of what it needs they have
+    free (`_free`). A start or a reservation changes one worker: only its entries are worked
+    out again (the old ones, of an older version, are skipped as they come up), so a round
+    that starts thousands of jobs on a thousand workers costs that many heap steps, not
+    jobs × workers."""
 
     def __init__(self, workers: list[WorkerView], sharing: fairshare.Snapshot) -> None:
         self.workers = workers
         self.sharing = sharing
         self.result = Plan()
-        self.free = {w.name: list(w.free) for w in workers}
+        self.free = {w.name: set(w.free) for w in workers}
         self.slots = {w.name: w.slots for w in workers}
         self.info = {w.name: {gpu["uuid"]: gpu for gpu in w.gpus} for w in workers}
         self.ordered = {
@@ -159,11 +167,17 @@ class _Round:
         self.position: dict[int, int] = {}
         self.able: dict[str, list[WorkerView]] = {}  # shape → the workers that can run it
         self.full: set[str] = set()  # shapes of which no more jobs can start this round
-        self.starts = 0  # assignments so far: what a ranking below was made after
-        # shape → (starts when made, its workers by most suitable GPUs free then by name,
-        # their counts, how many of the first are reserved already)
-        self.ranking: dict[str, tuple[int, list[WorkerView], dict[str, int], int]] = {}
         self.behind: dict[str, str] = {}  # shape → its reason once every worker is reserved
+        # A worker's versions: `fit` changes with its free GPUs, slots and holder, `free`
+        # with its free GPUs alone. A heap entry of an older version is out of date.
+        self.fit_version = dict.fromkeys(self.free, 0)
+        self.free_version = dict.fromkeys(self.free, 0)
+        # shape → (its needs, the names of its able workers, the heap)
+        # _fits entries: (suitable GPUs free, their memory, name, fit version)
+        # _free entries: (−suitable GPUs free, name, free version)
+        self._fits: dict[str, tuple[models.Needs, set[str], list[tuple[int, int, str, int]]]]
+        self._fits = {}
+        self._free: dict[str, tuple[models.Needs, set[str], list[tuple[int, str, int]]]] = {}
 
     def plan(self, queue: list[models.Job]) -> Plan:
         self.position = {job.id: index for index, job in enumerate(queue)}
@@ -196,31 +210,66 @@ class _Round:
         self.full.add(needs.shape)
         self.result.reasons[job.id] = self._wait(job, able)
 
+    def _fit(self, name: str, needs: models.Needs) -> tuple[int, int, list[str]] | None:
+        """How well worker `name` fits a job of these needs now (its suitable GPUs free, and
+        their memory: fewer is better), and those GPUs; None if it has no room for one."""
+        holder = self.holders.get(name)
+        if self.slots[name] < (2 if holder else 1):
+            return None  # a reserved worker keeps a slot for its holder
+        suitable = self._suitable(name, needs)
+        if holder is not None:
+            # The GPUs its holder could use gather for it; others stay for anyone.
+            suitable = [u for u in suitable if not holder.wants_gpu(self.info[name][u])]
+        if len(suitable) < needs.gpus:
+            return None
+        memory = sum(self.info[name][u].get("memory_mb", 0) for u in suitable)
+        return len(suitable), memory, suitable
+
     def _start(self, job: models.Job, able: list[WorkerView]) -> bool:
-        """Assign the job to the best fit among `able`, if one has room for it."""
+        """Assign the job to the best fit among `able` (fewest suitable GPUs free, then the
+        least memory on them, then by name), if one has room for it."""
         needs = job.spec.needs
-        fits = []
-        for worker in able:
-            name = worker.name
-            holder = self.holders.get(name)
-            if self.slots[name] < (2 if holder else 1):
-                continue  # a reserved worker keeps a slot for its holder
-            suitable = self._suitable(name, needs)
-            if holder is not None:
-                # The GPUs its holder could use gather for it; others stay for anyone.
-                suitable = [u for u in suitable if not holder.wants_gpu(self.info[name][u])]
-            if len(suitable) >= needs.gpus:
-                memory = sum(self.info[name][u].get("memory_mb", 0) for u in suitable)
-                fits.append((len(suitable), memory, name, suitable))
-        if not fits:
+        if needs.shape not in self._fits:
+            heap = []
+            for worker in able:
+                fit = self._fit(worker.name, needs)
+                if fit is not None:
+                    heap.append((fit[0], fit[1], worker.name, self.fit_version[worker.name]))
+            heapq.heapify(heap)
+            self._fits[needs.shape] = (needs, {w.name for w in able}, heap)
+        heap = self._fits[needs.shape][2]
+        while heap and heap[0][3] != self.fit_version[heap[0][2]]:
+            heapq.heappop(heap)  # out of date: its worker changed since
+        if not heap:
             return False
-        *_, name, suitable = min(fits, key=lambda fit: fit[:3])
-        chosen = suitable[: needs.gpus]
+        name = heap[0][2]
+        fit = self._fit(name, needs)
+        assert fit is not None  # its entry is of its current version
+        chosen = fit[2][: needs.gpus]
         self.result.assignments.append(Assignment(job, name, chosen))
-        self.free[name] = [uuid for uuid in self.free[name] if uuid not in chosen]
+        self.free[name].difference_update(chosen)
         self.slots[name] -= 1
-        self.starts += 1
+        self._changed(name, free=True)
         return True
+
+    def _changed(self, name: str, free: bool) -> None:
+        """Worker `name` changed (its free GPUs and slots when `free`, else its holder):
+        its heap entries are worked out again."""
+        self.fit_version[name] += 1
+        for shape, (needs, able, heap) in self._fits.items():
+            if shape not in self.full and name in able:
+                fit = self._fit(name, needs)
+                if fit is not None:
+                    heapq.heappush(heap, (fit[0], fit[1], name, self.fit_version[name]))
+        if not free:
+            return
+        self.free_version[name] += 1
+        if name in self.result.reserved:
+            return  # never reserved twice: its _free entries are of no use any more
+        for needs, able, ranked in self._free.values():
+            if name in able:
+                count = len(self._suitable(name, needs))
+                heapq.heappush(ranked, (-count, name, self.free_version[name]))
 
     def _suitable(self, name: str, needs: models.Needs) -> list[str]:
         """The free GPUs of worker `name` that suit needs, in index order."""
@@ -237,15 +286,20 @@ class _Round:
         if needs.shape in self.behind:
             return self.behind[needs.shape]
         reserved = self.result.reserved
-        made, ranked, counts, skipped = self.ranking.get(needs.shape, (-1, [], {}, 0))
-        if made != self.starts:
-            counts = {w.name: len(self._suitable(w.name, needs)) for w in able}
-            ranked = sorted(able, key=lambda w: (-counts[w.name], w.name))
-            skipped = 0
-        while skipped < len(ranked) and ranked[skipped].name in reserved:
-            skipped += 1
-        self.ranking[needs.shape] = (self.starts, ranked, counts, skipped)
-        if skipped == len(ranked):
+        if needs.shape not in self._free:
+            ranked = [
+                (-len(self._suitable(w.name, needs)), w.name, self.free_version[w.name])
+                for w in able
+                if w.name not in reserved
+            ]
+            heapq.heapify(ranked)
+            self._free[needs.shape] = (needs, {w.name for w in able}, ranked)
+        ranked = self._free[needs.shape][2]
+        while ranked and (
+            ranked[0][1] in reserved or ranked[0][2] != self.free_version[ranked[0][1]]
+        ):
+            heapq.heappop(ranked)  # held already, or out of date
+        if not ranked:
             # Every worker that could run it is held, and stays held through the round.
             holder = min((reserved[w.name] for w in able), key=self.position.__getitem__)
             held = ", ".join(w.name for w in able if reserved[w.name] == holder)
@@ -253,14 +307,16 @@ class _Round:
                 f"waiting behind job {holder}: the GPUs of {held} are held for it"
             )
             return self.behind[needs.shape]
-        worker = ranked[skipped]
-        reserved[worker.name] = job.id
-        self.holders[worker.name] = needs
-        if counts[worker.name] >= needs.gpus:
-            return f"waiting for a free job slot (max_jobs) on {worker.name}"
+        minus_count, name, _ = heapq.heappop(ranked)
+        count = -minus_count
+        reserved[name] = job.id
+        self.holders[name] = needs
+        self._changed(name, free=False)
+        if count >= needs.gpus:
+            return f"waiting for a free job slot (max_jobs) on {name}"
         return (
-            f"not enough free GPUs: {counts[worker.name]} of the {needs.gpus} it needs are free"
-            f" on {worker.name}, which holds them for this job as others end"
+            f"not enough free GPUs: {count} of the {needs.gpus} it needs are free"
+            f" on {name}, which holds them for this job as others end"
         )
 
 

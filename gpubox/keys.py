@@ -297,6 +297,10 @@ class AllowList:
         self._names: dict[str, str] = {}
         self._claims: dict[str, Claims] = {}  # worker name → what its HELLO may claim
         self._next_scan = 0.0
+        # Each key file as last read: its (mtime_ns, size, inode), public key and claims.
+        # A scan reads again only the files whose stat changed: with a thousand workers,
+        # parsing every file each second cost the broker 35-60 ms a second.
+        self._files: dict[str, tuple[tuple[int, int, int], str, Claims | None]] = {}
 
     def name_for(self, public_key: str, refresh: bool = True) -> str | None:
         """The worker name a Z85 public key is allowed to speak for, or None; with `refresh`
@@ -318,7 +322,7 @@ class AllowList:
     def reload(self) -> int:
         """Read the allow list again now; how many keys it holds."""
         with self._lock:
-            self._stamp, self._next_scan = None, 0.0
+            self._stamp, self._next_scan, self._files = None, 0.0, {}
         return len(self.names())
 
     def refresh(self) -> None:
@@ -336,18 +340,27 @@ class AllowList:
                 return
             names: dict[str, str] = {}
             claims: dict[str, Claims] = {}
+            files = {}
             for path in sorted(self.folder.glob("*.key")) if stamp else []:
                 try:
-                    public, _ = zmq.auth.load_certificate(str(path))
-                    # Unreadable claims leave the key out: never a key without its limits.
-                    found = read_claims(path)
+                    info = path.stat()
+                    seen = (info.st_mtime_ns, info.st_size, info.st_ino)
+                    before = self._files.get(path.name)
+                    if before is not None and before[0] == seen:
+                        _, public_text, found = before
+                    else:
+                        public, _ = zmq.auth.load_certificate(str(path))
+                        public_text = public.decode("ascii")
+                        # Unreadable claims leave the key out: never a key without its limits.
+                        found = read_claims(path)
                 except (OSError, ValueError) as exc:
                     log.warning("ignoring unreadable key file %s: %s", path, exc)
                     continue
-                names[public.decode("ascii")] = path.stem
+                files[path.name] = (seen, public_text, found)
+                names[public_text] = path.stem
                 if found is not None:
                     claims[path.stem] = found
-            self._names, self._claims = names, claims
+            self._names, self._claims, self._files = names, claims, files
             self._stamp, self._next_scan = stamp, now + RESCAN_S
 
 

@@ -357,6 +357,27 @@ def test_key_files_are_private(tmp_path: Path) -> None:
     assert allowed.name_for(worker_public.decode()) is None
 
 
+def test_an_allowed_key_file_overwritten_in_place_is_read_again(tmp_path: Path) -> None:
+    """A scan reads again only the key files whose stat changed: a key overwritten under the
+    same name (another key for worker w1, the folder's own time unchanged) must still count
+    at the next scan, and the old key no longer."""
+    state = str(tmp_path / "state")
+    keys.init(state)
+    first, _ = keys.load_secret(keys.add_worker(state, "w1"))
+    allowed = keys.AllowList(keys.allowed_dir(state))
+    assert allowed.name_for(first.decode()) == "w1"
+    other = str(tmp_path / "other")
+    keys.init(other)
+    second, _ = keys.load_secret(keys.add_worker(other, "w1"))
+    key_file = keys.allowed_dir(state) / "w1.key"
+    folder_times = keys.allowed_dir(state).stat()
+    key_file.write_bytes((keys.allowed_dir(other) / "w1.key").read_bytes())
+    os.utime(keys.allowed_dir(state), ns=(folder_times.st_atime_ns, folder_times.st_mtime_ns))
+    allowed._next_scan = 0.0  # as RESCAN_S later
+    assert allowed.name_for(second.decode()) == "w1"
+    assert allowed.name_for(first.decode()) is None
+
+
 def test_key_file_mistakes_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     state = str(tmp_path / "state")
     keys.init(state)

@@ -237,6 +237,10 @@ class Store(abc.ABC):
         """How many jobs of this submitter are QUEUED."""
 
     @abc.abstractmethod
+    def running_workers(self) -> set[str]:
+        """The workers that hold RUNNING jobs, each once."""
+
+    @abc.abstractmethod
     def running_use(self) -> list[Use]:
         """Every RUNNING job's use, read from an index alone."""
 

@@ -102,6 +102,11 @@ class SharingStore(backend.Backend):
             found.update((row["id"], columns.job_from_row(row)) for row in cur.fetchall())
         return [found[job_id] for job_id in ids if job_id in found]
 
+    def running_workers(self) -> set[str]:
+        with self._read() as cur:
+            cur.execute("SELECT DISTINCT worker FROM jobs WHERE status = 'RUNNING'")
+            return {row["worker"] for row in cur.fetchall() if row["worker"] is not None}
+
     def running_use(self) -> list[base.Use]:
         # From the index jobs_running alone: 0.4 ms for 800 running jobs on SQLite.
         with self._read() as cur:

@@ -233,10 +233,6 @@ class Store(abc.ABC):
         """By submitter, how many QUEUED jobs of this priority have an id below job_id."""
 
     @abc.abstractmethod
-    def queued_count(self, submitter: str | None) -> int:
-        """How many jobs of this submitter are QUEUED."""
-
-    @abc.abstractmethod
     def running_workers(self) -> set[str]:
         """The workers that hold RUNNING jobs, each once."""
 

@@ -108,3 +108,15 @@ job_from_row: Callable[[Mapping[str, Any]], models.Job] = _reader()
 def new_job(spec: models.JobSpec, now: datetime) -> models.Job:
     """A job as create_job stores it, before it has an id (0 until the insert gives one)."""
     return models.Job(0, as_stored(spec), models.Status.QUEUED, created_at=now, updated_at=now)
+
+
+def jobs_by_id(cur: Any, ids: list[int], known: Mapping[int, models.Job]) -> list[models.Job]:
+    """The jobs with these ids in this order, read with `cur` but for those in `known` (a job
+    gone meanwhile is left out)."""
+    found = {job_id: known[job_id] for job_id in ids if job_id in known}
+    missing = [job_id for job_id in ids if job_id not in found]
+    for start in range(0, len(missing), 500):  # within any backend's parameter limit
+        chunk = missing[start : start + 500]
+        cur.execute(f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
+        found.update((row["id"], job_from_row(row)) for row in cur.fetchall())
+    return [found[job_id] for job_id in ids if job_id in found]

@@ -220,15 +220,7 @@ class JobStore(backend.Backend):
                 cur.execute(f"SELECT * {queue}", params)
                 return [columns.job_from_row(row) for row in cur.fetchall()]
             cur.execute(f"SELECT id {queue}", params)
-            ids = [row["id"] for row in cur.fetchall()]
-            found = {job_id: known[job_id] for job_id in ids if job_id in known}
-            missing = [job_id for job_id in ids if job_id not in found]
-            for start in range(0, len(missing), 500):  # within any backend's parameter limit
-                chunk = missing[start : start + 500]
-                marks = ", ".join("?" * len(chunk))
-                cur.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", chunk)
-                found.update((row["id"], columns.job_from_row(row)) for row in cur.fetchall())
-            return [found[job_id] for job_id in ids if job_id in found]
+            return columns.jobs_by_id(cur, [row["id"] for row in cur.fetchall()], known)
 
     def queued_shapes(self) -> list[str]:
         # Each step finds the next shape in the index (jobs_shape) after the one before: one

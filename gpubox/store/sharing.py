@@ -25,15 +25,6 @@ class SharingStore(backend.Backend):
             cur.execute("SELECT MAX(id) AS id FROM jobs")
             return int(cur.fetchone()["id"] or 0)
 
-    def queued_count(self, submitter: str | None) -> int:
-        with self._read() as cur:
-            cur.execute(
-                "SELECT COUNT(*) AS n FROM jobs WHERE status = 'QUEUED' AND "
-                + _submitter_is(submitter),
-                () if submitter is None else (submitter,),
-            )
-            return int(cur.fetchone()["n"])
-
     def queued_before(self, priority: int, job_id: int) -> dict[str | None, int]:
         with self._read() as cur:
             cur.execute(
@@ -83,24 +74,11 @@ class SharingStore(backend.Backend):
         with self._read() as cur:
             cur.execute(f"SELECT id FROM jobs WHERE {where} ORDER BY id LIMIT ?", params)
             ids = [row["id"] for row in cur.fetchall()]
-            return self._jobs_by_id(cur, ids, known or {})
+            return columns.jobs_by_id(cur, ids, known or {})
 
     def get_jobs(self, ids: Sequence[int]) -> list[models.Job]:
         with self._read() as cur:
-            return self._jobs_by_id(cur, list(ids), {})
-
-    def _jobs_by_id(
-        self, cur: Any, ids: list[int], known: Mapping[int, models.Job]
-    ) -> list[models.Job]:
-        """The jobs with these ids in this order, reading only those not in `known` (a job
-        gone meanwhile is left out)."""
-        found = {job_id: known[job_id] for job_id in ids if job_id in known}
-        missing = [job_id for job_id in ids if job_id not in found]
-        for start in range(0, len(missing), 500):  # within any backend's parameter limit
-            chunk = missing[start : start + 500]
-            cur.execute(f"SELECT * FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
-            found.update((row["id"], columns.job_from_row(row)) for row in cur.fetchall())
-        return [found[job_id] for job_id in ids if job_id in found]
+            return columns.jobs_by_id(cur, list(ids), {})
 
     def running_workers(self) -> set[str]:
         with self._read() as cur:
@@ -137,10 +115,6 @@ class SharingStore(backend.Backend):
                 (_time(since),),
             )
             return [_use(row) for row in cur.fetchall()]
-
-
-def _submitter_is(submitter: str | None) -> str:
-    return "submitter IS NULL" if submitter is None else "submitter = ?"
 
 
 def _use(row: dict[str, Any]) -> base.Use:

@@ -415,12 +415,12 @@ def test_text_no_store_can_hold_is_400_naming_the_field(bare: Cluster):
     assert request(bare, "GET", f"{JOBS}/{made.body['id']}").body["metadata"] == {"raw": "a\x00b"}
 
 
-def test_followers_past_the_cap_get_503_and_every_other_request_still_runs(
+def test_followers_hold_no_thread_and_past_the_stream_cap_get_503(
     make_cluster: Callable[..., Cluster],
 ):
-    # Each follow stream holds an HTTP thread; with every thread following, /healthz and
-    # cancel used to hang. 8 threads: 6 followers at most, 2 threads for the rest.
-    cluster = make_cluster(workers=0, http_threads=8)
+    # 2 HTTP threads and 20 follow streams: were a stream to hold a thread, the third would
+    # hang, and /healthz and cancel with it. Past --http-streams a follower gets 503 busy.
+    cluster = make_cluster(workers=0, http_threads=2, http_streams=20)
     job = request(cluster, "POST", JOBS, spec()).body  # queued for good: no worker
     url = urllib.parse.urlsplit(cluster.url)
     path = f"{JOBS}/{job['id']}/logs?follow=1&format=ndjson"
@@ -432,23 +432,28 @@ def test_followers_past_the_cap_get_503_and_every_other_request_still_runs(
         return conn, conn.getresponse()
 
     try:
-        for _ in range(6):
+        for _ in range(20):
             conn, answer = follow()
-            assert answer.status == 200
-            streams.append(conn)
+            assert answer.status == 200 and answer.readline() == b"\n"
+            streams.append((conn, answer))
         refused = request(cluster, "GET", path)
         error = assert_error(refused, 503, "busy")
-        assert "6 log followers and 0 waiters are connected" in error["message"]
+        assert "20 log followers and 0 waiters are connected" in error["message"]
         assert request(cluster, "GET", "/healthz", auth=None).status == 200
         assert request(cluster, "GET", f"{JOBS}/{job['id']}").status == 200
-        streams.pop().close()  # one goes: its place is given back once the server notices
+        gone, gone_answer = streams.pop()  # one goes: its place is given back once noticed
+        gone_answer.close()
+        gone.close()
         conn, answer = wait_until(
             lambda: (made := follow())[1].status == 200 and made, 10, "a free follower place"
         )
-        streams.append(conn)
+        streams.append((conn, answer))
         assert request(cluster, "POST", f"{JOBS}/{job['id']}/cancel").status == 200
+        for _, answer in streams:  # every stream ends, cleanly, with the job's end
+            records = [json.loads(line) for line in answer.read().splitlines() if line]
+            assert records[-1]["end"] is True and records[-1]["status"] == "CANCELLED"
     finally:
-        for conn in streams:
+        for conn, _ in streams:
             conn.close()
 
 

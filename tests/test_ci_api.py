@@ -104,11 +104,11 @@ def test_a_long_poll_answers_when_the_job_ends_or_when_its_time_is_up(
         assert answer.status == 400 and answer.body["error"]["field"] == "wait", bad
 
 
-def test_long_polls_past_their_share_of_threads_are_answered_at_once_with_retry_after(
+def test_long_polls_past_their_share_of_streams_are_answered_at_once_with_retry_after(
     make_cluster: Callable[..., Cluster],
 ) -> None:
-    # 9 HTTP threads: 7 for long requests, of which at most 3 long polls.
-    cluster = make_cluster(workers=1, worker_settings=WORKER, http_threads=9)
+    # 6 streams, of which at most 3 long polls; 2 HTTP threads: a long poll holds none.
+    cluster = make_cluster(workers=1, worker_settings=WORKER, http_threads=2, http_streams=6)
     job = started(cluster)
     answers: list[tuple[float, Any]] = []
 

@@ -243,8 +243,8 @@ def test_a_submit_whose_answer_was_lost_is_sent_again_and_makes_one_job(
 def test_tail_past_the_coordinators_stream_limit_reads_pages_instead(
     make_cluster: Callable[..., Cluster],
 ) -> None:
-    # 3 HTTP threads: one follow stream at most.
-    cluster = make_cluster(workers=1, worker_settings=WORKER, http_threads=3)
+    # One follow stream at most.
+    cluster = make_cluster(workers=1, worker_settings=WORKER, http_streams=1)
     script = "for i in $(seq 1 6); do echo line-$i; sleep 0.5; done"
     job = cluster.submit("-", ["sh", "-c", script])
     url = urlsplit(cluster.url)

@@ -43,7 +43,16 @@ class CoordinatorConfig:
         "tcp://0.0.0.0:8471", "GPUBOX_BIND", "worker link address (ZeroMQ)", "--bind"
     )
     http_threads: int = setting(
-        64, "GPUBOX_HTTP_THREADS", "HTTP threads; each log follower holds one", "--http-threads"
+        64,
+        "GPUBOX_HTTP_THREADS",
+        "HTTP requests served at once (log streams and long polls hold no thread)",
+        "--http-threads",
+    )
+    http_streams: int = setting(
+        10_000,
+        "GPUBOX_HTTP_STREAMS",
+        "log follow streams and long polls open at once, per HTTP process",
+        "--http-streams",
     )
     max_body_bytes: int = setting(
         1_048_576, "GPUBOX_MAX_BODY_BYTES", "largest request body accepted"
@@ -139,6 +148,7 @@ class CoordinatorConfig:
         _positive(
             self,
             "http_threads",
+            "http_streams",
             "max_body_bytes",
             "heartbeat_interval_s",
             "liveness_s",

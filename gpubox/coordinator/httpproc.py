@@ -35,6 +35,7 @@ from gpubox import config as config_mod
 from gpubox import errors, logfmt, supervise
 from gpubox.coordinator import hub
 from gpubox.coordinator.events import Changes
+from gpubox.coordinator.streams import Streams
 
 log = logging.getLogger(__name__)
 
@@ -146,24 +147,29 @@ def main() -> int:
     store = open_store(config.db, upgrade=False)
     remote = hub.RemoteLive(told["hub"], store, context)
     changes = Changes()
-    app = server.make_app(config, store, changes, remote.poke, remote, stopping)
+    streams = Streams(store, changes, stopping, config.http_streams)
+    app = server.make_app(config, store, changes, remote.poke, remote, stopping, streams)
     http = server.create_http_server(app, config, socket.socket(fileno=told["fd"]))
     news_loop = supervise.Loop(stall_s=30.0)
     listen_for_news = functools.partial(remote.listen, changes, stopping, news_loop)
     news = supervise.Essential("gpubox-news", listen_for_news, news_loop)
+    serving = supervise.Essential("gpubox-streams", streams.run, streams.loop)
     news.start()
+    serving.start()
     remote.ready()
     status = 0
     while not stopping.is_set():
-        if not news.is_alive():
-            log.error("HTTP process %d: the broker's news stopped: %s", os.getpid(), news.reason)
+        if (dead := supervise.first_dead([news, serving])) is not None:
+            log.error("HTTP process %d: %s", os.getpid(), supervise.why(dead))
             status = 1
             break
         wasyncore.loop(timeout=0.2, use_poll=True, map=http._map, count=1)
     stopping.set()
+    streams.wake()
     http.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
     wasyncore.close_all(http._map)
     news.join(timeout=5)
+    serving.join(timeout=5)
     store.close()
     context.destroy(linger=0)
     return status

@@ -14,9 +14,10 @@ from waitress import wasyncore
 
 from gpubox import config as config_mod
 from gpubox import errors, keys, supervise
-from gpubox.coordinator import api, httpproc, hub, sealing, tokens, webhooks
+from gpubox.coordinator import api, httpproc, hub, sealing, streams, tokens, webhooks
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
+from gpubox.coordinator.streams import Streams
 from gpubox.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,11 @@ def make_app(
     poke: Any,
     live: Any,
     stopping: threading.Event,
+    streams: Streams,
 ) -> Any:
     """The WSGI app of a coordinator with these settings (in its one process, or in each of
-    its HTTP processes)."""
+    its HTTP processes); `streams` serves its log streams and long polls (its thread, an
+    essential one, is the caller's to run)."""
     hooks = webhooks.Settings.load(config.webhook_allow, config.webhooks, config.state_dir)
     return api.make_app(
         store,
@@ -66,9 +69,7 @@ def make_app(
         config.max_body_bytes,
         stopping,
         live=live,
-        # Each follow stream holds a thread: an eighth of them (at least 2) stays for every
-        # other request, /healthz and cancel included.
-        max_followers=max(1, config.http_threads - max(2, config.http_threads // 8)),
+        streams=streams,
         dashboard=config.dashboard,
         public_url=config.public_url,
         queue_timeout=config.queue_timeout,
@@ -84,13 +85,12 @@ def create_http_server(app: Any, config: config_mod.CoordinatorConfig, sock: Any
         host, port = config_mod.parse_address(config.http, "http")
         where = {"host": host, "port": port}
     connections = max(100, min(MAX_HTTP_CONNECTIONS, raise_fd_limit() - RESERVED_FDS))
+    streams.quiet_waitress()
     try:
         return waitress.create_server(
-            app,
+            streams.detachable(app),
             **where,
             threads=config.http_threads,
-            # Lets a follow stream notice a client that went away while it is quiet.
-            channel_request_lookahead=1,
             # Waitress reads a whole body before the app can look at the token: past
             # max_body_bytes it refuses it itself, from the Content-Length alone (a plain-text
             # 413), so no one without a token makes it buffer more than that. (It refuses a
@@ -124,6 +124,7 @@ class Coordinator:
         self.webhooks: webhooks.Dispatcher | None = None
         self.hub: hub.Hub | None = None  # with http_processes > 1: the HTTP processes' calls
         self.http_processes: httpproc.Processes | None = None
+        self.streams: Streams | None = None  # with one process: its log streams and long polls
         self._stopping = threading.Event()
         self._http_done = threading.Event()
         self._http_loop = supervise.Loop(stall_s=3 * config.heartbeat_interval_s)
@@ -184,8 +185,15 @@ class Coordinator:
         if self.config.http_processes > 1:
             self._start_http_processes(changes)
         else:
+            self.streams = Streams(self.store, changes, self._stopping, self.config.http_streams)
             app = make_app(
-                self.config, self.store, changes, self.broker.poke, self.broker, self._stopping
+                self.config,
+                self.store,
+                changes,
+                self.broker.poke,
+                self.broker,
+                self._stopping,
+                self.streams,
             )
             try:
                 self.http_server = create_http_server(app, self.config)
@@ -197,11 +205,12 @@ class Coordinator:
         # the one already serving this state folder) must not replace its clients' token.
         tokens.ensure_local(self.store, self.config.state_dir)
         self.threads = [supervise.Essential("gpubox-broker", self.broker.run, self.broker.loop)]
-        if self.hub is None or self.http_processes is None:
-            self.threads.append(
-                supervise.Essential("gpubox-http", self._serve_http, self._http_loop)
-            )
-        else:
+        if self.streams is not None:
+            self.threads += [
+                supervise.Essential("gpubox-http", self._serve_http, self._http_loop),
+                supervise.Essential("gpubox-streams", self.streams.run, self.streams.loop),
+            ]
+        elif self.hub is not None and self.http_processes is not None:
             self.threads += self.http_processes.essential_threads(self.hub)
         if hooks.active:
             # Its loop turns at least every webhooks.IDLE_S, and between two deliveries,
@@ -253,6 +262,8 @@ class Coordinator:
         self._stopping.set()
         if self.webhooks is not None:
             self.webhooks.wake.set()
+        if self.streams is not None:
+            self.streams.wake()  # it cuts the follow streams and answers the long polls
         server = self.http_server
         if server is not None:
             server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)

@@ -34,18 +34,11 @@ from gpubox.coordinator.api import (
 )
 from gpubox.coordinator.api.context import LiveView
 from gpubox.coordinator.api.endpoints import TOKEN_KEY
-from gpubox.coordinator.api.held import HeldThreads
 from gpubox.coordinator.api.http_errors import STATUS, status_for
-from gpubox.coordinator.api.logs import (
-    KEEPALIVE_S,
-    PAGE_BYTES,
-    PAGE_LINES,
-    TOKEN_CHECK_S,
-    WAKE_S,
-    _ndjson,
-)
+from gpubox.coordinator.api.logs import TOKEN_CHECK_S, _ndjson
 from gpubox.coordinator.api.params import MAX_ID
 from gpubox.coordinator.events import Changes
+from gpubox.coordinator.streams import KEEPALIVE_S, PAGE_BYTES, PAGE_LINES, WAKE_S, Streams
 from gpubox.store import Store
 
 # What other modules, tests and scripts import from here, whichever module of the package holds
@@ -75,7 +68,7 @@ def make_app(
     max_body_bytes: int = 1_048_576,
     stopping: threading.Event | None = None,
     live: LiveView | None = None,
-    max_followers: int = 1_000_000,
+    streams: Streams | None = None,
     dashboard: bool = True,
     public_url: str = "",
     queue_timeout: float = 0.0,
@@ -84,9 +77,9 @@ def make_app(
     """The WSGI app. `poke` tells the broker about new jobs and cancels; `sealer` encrypts
     credentials before they are stored; `state_dir` holds the worker allow list; `stopping`
     ends follow streams when the server shuts down; `live` is what only the broker knows
-    (why a job waits, GPU usage now); `max_followers` caps the follow streams and long polls
-    open at once, each of which holds an HTTP thread, so that threads stay for every other
-    request;
+    (why a job waits, GPU usage now); `streams` serves log follow streams and long polls (its
+    thread runs apart: see server.make_app; by default one that allows 10,000 and is never
+    started, enough for an app that streams nothing);
     `dashboard`: serve the web dashboard at / (coordinator.web); `public_url`: where people
     open it when a proxy stands in front (web.Sessions); `queue_timeout`: the seconds a job
     that names none may stay queued (0: never); `webhook_settings`: which URLs jobs'
@@ -103,7 +96,7 @@ def make_app(
         max_body_bytes=max_body_bytes,
         stopping=stopping,
         live=live,
-        held=HeldThreads(max_followers),
+        streams=streams or Streams(store, changes, stopping, 10_000),
         queue_timeout=queue_timeout,
         webhooks=webhook_settings or webhooks.Settings(),
     )

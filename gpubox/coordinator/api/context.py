@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 from gpubox import models
 from gpubox.coordinator import sealing, webhooks
-from gpubox.coordinator.api.held import HeldThreads
 from gpubox.coordinator.events import Changes
+from gpubox.coordinator.streams import Streams
 from gpubox.store import Store
 
 
@@ -50,6 +50,6 @@ class Context:
     max_body_bytes: int
     stopping: threading.Event
     live: LiveView | None
-    held: HeldThreads  # the threads follow streams and long polls hold
+    streams: Streams  # serves log follow streams and long polls, without a thread each
     queue_timeout: float  # for a job that names none (0: never)
     webhooks: webhooks.Settings  # which URLs jobs' webhooks may call; the coordinator's own

@@ -5,17 +5,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
 from typing import Any
 
 import bottle
 
 from gpubox import errors, jobfilter, models, validate
+from gpubox.coordinator import streams
 from gpubox.coordinator.api import context, endpoints, params
 
-MAX_WAIT_S = 60.0  # the longest ?wait= a GET of a job holds its thread for
-RETRY_AFTER_S = 5  # when no thread is free for a long poll: when to ask again
-WAKE_S = 1.0  # a long poll looks at the job at least this often, whatever wakes it
+MAX_WAIT_S = 60.0  # the longest ?wait= a GET of a job may wait
+RETRY_AFTER_S = 5  # when no place is free for a long poll: when to ask again
 LIST_LIMIT = (50, 1000)  # the jobs a list gives when it names no limit, and the most it may
 MAX_IDEMPOTENCY_KEY = 255  # the longest Idempotency-Key, in printable ASCII characters
 
@@ -68,12 +67,22 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
 
     @app.get("/api/v1/jobs/<job_id:int>")
     @endpoints.endpoint(store, query=("wait",))
-    def get_job(job_id: int) -> dict[str, Any]:
+    def get_job(job_id: int) -> dict[str, Any] | str:
         wait = params.float_param("wait", 0.0, 0.0, MAX_WAIT_S)
         job = store.get_job(job_id)
-        if wait and not job.status.terminal:
-            job = _wait(ctx, job, wait)
-        return shown(job)
+        if not wait or job.status.terminal:
+            return shown(job)
+        # A long poll: the job once it has ended, or as it is after `wait` s, served by
+        # ctx.streams without a thread. With no place free for one, the job as it is now and
+        # a Retry-After header saying when to ask again.
+        try:
+            ctx.streams.reserve("wait")
+        except errors.Busy:
+            bottle.response.set_header("Retry-After", str(RETRY_AFTER_S))
+            return shown(job)
+        bottle.response.content_type = "application/json"
+        ctx.streams.detach(streams.Wait(job.id, wait, lambda job: json.dumps(shown(job)).encode()))
+        return ""
 
     @app.get("/api/v1/jobs")
     @endpoints.endpoint(store, query=("limit", "before", *jobfilter.QUERY))
@@ -104,28 +113,6 @@ def _idempotency_key() -> str | None:
             "Idempotency-Key",
         )
     return str(raw)
-
-
-def _wait(ctx: context.Context, job: models.Job, wait_s: float) -> models.Job:
-    """The job once it has ended, or as it is after `wait_s` (a long poll). With no thread
-    free for a long poll (held.HeldThreads), the job as it is now, and a Retry-After header
-    saying when to ask again."""
-    if not ctx.held.take_wait():
-        bottle.response.set_header("Retry-After", str(RETRY_AFTER_S))
-        return job
-    try:
-        deadline = time.monotonic() + wait_s
-        while not job.status.terminal and not ctx.stopping.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            seen = ctx.changes.version(job.id)
-            job = ctx.store.get_job(job.id)
-            if not job.status.terminal:
-                ctx.changes.wait(job.id, seen, min(left, WAKE_S))
-        return job
-    finally:
-        ctx.held.release_wait()
 
 
 def cancel(ctx: context.Context, token: models.Token, job_id: int) -> models.Job:

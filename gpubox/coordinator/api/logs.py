@@ -11,28 +11,21 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import bottle
-from waitress.channel import ClientDisconnected
 
 from gpubox import errors, models
+from gpubox.coordinator import streams
 from gpubox.coordinator.api import context, endpoints, params
-from gpubox.coordinator.events import Changes
+from gpubox.coordinator.streams import PAGE_BYTES, PAGE_LINES
 from gpubox.store import Store
 
 log = logging.getLogger(__name__)
 
-PAGE_LINES = 5000
-# A page of a job's log also stops at about this many bytes of text: each open log request
-# holds one page at a time (its rows and their rendering), whatever the lines' length. Pages of
-# 5,000 lines of 60 KB made 6 requests that never read their answer hold 10 GB.
-PAGE_BYTES = 1024 * 1024
-KEEPALIVE_S = 15.0
-WAKE_S = 1.0
 TOKEN_CHECK_S = 1.0  # how often a follow stream checks that its token still holds
 
 
 def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     """Add GET /api/v1/jobs/<id>/logs to `app`."""
-    store, changes, stopping, held = ctx.store, ctx.changes, ctx.stopping, ctx.held
+    store = ctx.store
 
     @app.get("/api/v1/jobs/<job_id:int>/logs")
     @endpoints.endpoint(store, query=("since", "limit", "follow", "format"))
@@ -52,24 +45,22 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
         )
         bottle.response.set_header("Cache-Control", "no-store")
         bottle.response.set_header("X-Accel-Buffering", "no")
-        gone = bottle.request.environ.get("waitress.client_disconnected", lambda: False)
-        revoked = _Revoked(store, endpoints.current_token())
-
-        def interrupted() -> str:
-            """Why the stream must stop before the job's end, or "" while it may go on."""
-            if gone():
-                return "the client went away"
-            if stopping.is_set():
-                return "the coordinator is stopping"
-            return "its token was revoked" if revoked() else ""
-
         render = _ndjson if ndjson else _text
         if limit is not None:  # one page: at most `limit` lines after `since`
             return render(store.read_log_rows(job_id, since, limit, PAGE_BYTES))
         if not follow:
             return _pages(store, job_id, since, render)
-        held.take_follow()  # before the stream starts: a refusal is still a 503
-        return held.releasing(_follow(store, changes, job_id, since, render, ndjson, interrupted))
+        # Served by ctx.streams from here, without a thread: see streams.Follow. Only the job's
+        # end ends the response as HTTP means it (its last chunk); an NDJSON stream then sends
+        # one last record (end_record). Any other reason (the coordinator stopping, the token
+        # revoked, the store failing) cuts it, so that the client sees an error and resumes
+        # with ?since=. NDJSON streams start with, and every KEEPALIVE_S of silence send, an
+        # empty line: the client tells a quiet job from a dead connection by them.
+        ctx.streams.reserve("follow")  # before the stream starts: a refusal is still a 503
+        revoked = _Revoked(store, endpoints.current_token())
+        end = end_record if ndjson else (lambda job: "")
+        ctx.streams.detach(streams.Follow(job_id, since, render, end, revoked, ndjson))
+        return ""
 
 
 def _text(lines: list[models.LogRow]) -> str:
@@ -119,63 +110,6 @@ class _Revoked:
             log.info("a log stream ended: its token was revoked")
             return True
         return False
-
-
-def _follow(
-    store: Store,
-    changes: Changes,
-    job_id: int,
-    since: int,
-    render: Callable[[list[models.LogRow]], str],
-    ndjson: bool,
-    interrupted: Callable[[], str],
-) -> Iterator[str]:
-    """Stored lines, then new ones as they are stored, until the job ends or the stream must
-    stop (see `interrupted`).
-
-    Only the job's end ends the response as HTTP means it (its last chunk): an NDJSON stream
-    then sends one last record, `{"end": true, "id": …, "status": …, "exit_code": …,
-    "error": …}`. Any other reason (the coordinator stopping, the token revoked, the store
-    failing) aborts it, so that the client sees an error and resumes with ?since=, never a
-    clean end while the job runs on.
-
-    NDJSON streams start with, and every KEEPALIVE_S of silence send, an empty line: Bottle sends
-    no headers before the first non-empty chunk, and the client uses them to tell a quiet job
-    from a dead connection.
-    """
-    if ndjson:
-        yield "\n"
-    last_sent = time.monotonic()
-    try:
-        while not (why := interrupted()):
-            seen = changes.version(job_id)
-            lines = store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES)
-            if lines:
-                since = lines[-1][0]
-                last_sent = time.monotonic()
-                yield render(lines)
-                continue
-            job = store.get_job(job_id)
-            if job.status.terminal:
-                # Lines stored between our read and the status check come before the end.
-                tail = store.read_log_rows(job_id, since, PAGE_LINES, PAGE_BYTES)
-                if not tail:
-                    if ndjson:
-                        yield end_record(job)
-                    return
-                since = tail[-1][0]
-                yield render(tail)
-                continue
-            changes.wait(job_id, seen, WAKE_S)
-            if ndjson and time.monotonic() - last_sent > KEEPALIVE_S:
-                last_sent = time.monotonic()
-                yield "\n"
-    except errors.GpuboxError as exc:
-        why = f"the store failed: {exc}"
-    log.info("log stream of job %d cut before the job's end: %s", job_id, why)
-    # Waitress closes the connection without the response's last chunk: the client sees a
-    # transfer cut short (curl exits 18), not an end. (It logs this exception at info level.)
-    raise ClientDisconnected(f"log stream of job {job_id} cut: {why}")
 
 
 def end_record(job: models.Job) -> str:

@@ -5,7 +5,7 @@ tests/test_openapi.py checks that every field has its words here."""
 
 from __future__ import annotations
 
-from gpubox.coordinator.api import logs
+from gpubox.coordinator import streams
 
 INTRODUCTION = f"""\
 gpubox's HTTP API: submit Docker jobs, follow their logs, cancel them, see the workers.
@@ -29,8 +29,8 @@ A job's log comes as plain text lines, or as NDJSON records `{{seq, ts, stream, 
 `follow=1` streams it until the job ends. A follow stream ends cleanly only at the job's end
 (in NDJSON, after a last record `{{"end": true, "id", "status", "exit_code", "error"}}`); cut
 for any other reason (the coordinator stopping, the token revoked), it is aborted: resume with
-`since=` the last `seq` received. An NDJSON stream starts with, and after {logs.KEEPALIVE_S:g} s of
-silence sends, an empty line."""
+`since=` the last `seq` received. An NDJSON stream starts with, and after
+{streams.KEEPALIVE_S:g} s of silence sends, an empty line."""
 
 # The Job's fields as the API shows them, by their `api` key (a group's by its name).
 JOB_DOCS = {

@@ -262,7 +262,7 @@ class Client:
         self, job_id: int, timeout_s: float | None = None, retry_for_s: float = 300.0
     ) -> dict[str, Any]:
         """The job once it has ended. It asks with long polls, so the wait costs a request
-        every WAIT_POLL_S; a coordinator with no thread free for one answers at once and says
+        every WAIT_POLL_S; a coordinator with no place free for one answers at once and says
         when to ask again (Retry-After). A coordinator that cannot be reached, or answers 5xx,
         is asked again for up to `retry_for_s`. GaveUp past `timeout_s`, or past that."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -172,8 +172,8 @@ def jobs_paths() -> dict[str, Any]:
         **EMPTY,
     )
     polled = json_answer(
-        "the job (after a long poll with no thread free for it, as it is now, with "
-        "Retry-After: the seconds after which to ask again)",
+        "the job (after a long poll with no place free for it (--http-streams), as it is now,"
+        " with Retry-After: the seconds after which to ask again)",
         ref("Job"),
     )
     polled["headers"] = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}}
@@ -244,7 +244,7 @@ def logs_paths() -> dict[str, Any]:
         ),
         query("format", {"enum": ["text", "ndjson"], "default": "text"}, "lines, or NDJSON"),
     )
-    busy = error(503, "the store cannot be reached, or no thread is free for a follow stream")
+    busy = error(503, "the store cannot be reached, or the follow streams are at their cap")
     since = query(
         "since",
         {"type": "number", "minimum": 0},

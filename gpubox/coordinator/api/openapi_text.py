@@ -21,7 +21,7 @@ no or unknown token, 403 a role that may not do this, 404 no such job or route, 
 route does not take (on every path, for the methods not listed here), 409 a state that does not
 allow it, 413 a body over the coordinator's limit (1 MiB by default; a body far over it is
 refused by the HTTP server itself, as plain text), 422 an Idempotency-Key used for another
-request, 503 the store cannot be reached or no thread is free for a follow stream: try again.
+request, 503 the store cannot be reached or the follow streams are at their cap: try again.
 Headers over 16 KiB get 431 from the HTTP server, as plain text. No request a client sends
 makes a 500: one is a fault of gpubox (`internal`), said in the coordinator's log.
 

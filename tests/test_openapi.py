@@ -274,7 +274,7 @@ def test_answers_of_every_route_match_the_document(bare: Cluster, checked: None)
 def test_a_follower_past_the_cap_gets_a_503_the_document_describes(
     make_cluster: Callable[..., Cluster], checked: None
 ):
-    cluster = make_cluster(workers=0, http_threads=3)  # one follow stream at most
+    cluster = make_cluster(workers=0, http_streams=1)  # one follow stream at most
     job = request(cluster, "POST", JOBS, SPEC).body
     from http.client import HTTPConnection
 

@@ -40,7 +40,7 @@ PAGE_LINES = 5000
 # Pages of 5,000 lines of 60 KB made 6 requests that never read their answer hold 10 GB.
 PAGE_BYTES = 1024 * 1024
 KEEPALIVE_S = 15.0  # an NDJSON stream sends an empty line after this long without one
-WAKE_S = 1.0  # a stream looks at its job at least this often, whatever wakes it
+WAKE_S = 5.0  # a stream looks at its job at least this often, whatever wakes it (a safety net)
 SWEEP_S = 0.5  # how often deadlines, keep-alives and revoked tokens are looked at
 HANDOVER_S = 2.0  # the longest a stream waits for Waitress to send what it still holds
 
@@ -122,10 +122,12 @@ class Follow(Stream):
         if self.keepalive:
             self.send("\n")  # tells a client the stream is open before the first line
 
-    def send(self, text: str) -> None:
+    def send(self, text: str) -> int:
+        """Queue `text` as the body's next part; its length in bytes."""
         data = text.encode()
         self.out += b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
         self.sent = time.monotonic()
+        return len(data)
 
     def step(self, store: Store) -> bool:
         self.looked = time.monotonic()
@@ -141,7 +143,11 @@ class Follow(Stream):
                     self.finish(self.end(job))
                     return False
             self.since = lines[-1][0]
-            self.send(self.render(lines))
+            sent = self.send(self.render(lines))
+            if len(lines) < PAGE_LINES and sent < PAGE_BYTES:
+                # Not a full page (its lines are fewer bytes than what they render to): this
+                # was all that is stored. The job's end wakes the stream again, to finish it.
+                return False
         return True
 
     def finish(self, last: str) -> None:

@@ -39,6 +39,10 @@ ROWS = (
     "fleet heartbeats alone",
     "fleet coordinator RSS",
     "fleet growth per step",
+    "submit rate, with 100 followers",
+    "/healthz with 100 followers",
+    "coordinator RSS with 100 followers",
+    "log lines received by 100 followers",
 )
 
 

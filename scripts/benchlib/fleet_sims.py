@@ -8,7 +8,7 @@ import queue
 import time
 from typing import Any
 
-from benchlib.fleet_workers import Enrolled, Tally, serve
+from benchlib.fleet_workers import FLEET, Enrolled, Shape, Tally, serve
 from benchlib.worker_rows import cpu_seconds
 from gpubox import keys
 
@@ -19,9 +19,12 @@ class Fleet:
     """Simulated workers enrolled in a coordinator's state folder, PER_PROCESS to a process
     (spawned: a fork would copy this process's ZeroMQ state; the main module must be
     guarded by `if __name__ == "__main__"`). `report` and `go` move them on a stage (see
-    fleet_workers' docstring); leaving the block stops them and adds up their tallies."""
+    fleet_workers' docstring); leaving the block stops them and adds up their tallies.
+    `shape`: what each worker offers and how its jobs go."""
 
-    def __init__(self, state: str, link: str, names: list[str], ramp_s: float) -> None:
+    def __init__(
+        self, state: str, link: str, names: list[str], ramp_s: float, shape: Shape = FLEET
+    ) -> None:
         server = keys.load_public(str(keys.coordinator_files(state)[0]))
         enrolled = [
             Enrolled(
@@ -45,6 +48,7 @@ class Fleet:
                     "out": self.out,
                     "seed": first,
                     "ramp_s": ramp_s,
+                    "shape": shape,
                 },
                 daemon=True,
             )

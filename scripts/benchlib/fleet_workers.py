@@ -10,11 +10,12 @@ the agent would. It goes through three stages, on the bench's cue (Fleet's event
               offering no slot: the fleet is there and busy elsewhere;
   `go`        READY offers what is free, from a moment drawn within ramp_s; for each JOB:
               READY (its receipt), STARTED and one LOG line at once, DONE once its run
-              time is up, DONE again if it is not acknowledged within RESEND_S."""
+              time is up, DONE again if it is not acknowledged within RESEND_S.
+A Shape changes what each worker offers and how its jobs go: the follower rows give workers
+100 slots and no GPU, and jobs that run until the bench ends and print a line a second."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import heapq
 import random
@@ -38,6 +39,21 @@ TIMERS_EVERY_S = 0.05  # how often heartbeats and resends are looked at
 
 
 @dataclasses.dataclass(frozen=True)
+class Shape:
+    """What each simulated worker offers and how its jobs go: its made-up GPUs, its slots
+    (max_jobs), a job's run time (drawn evenly from the range), and the seconds between a
+    job's log lines (0: one line as it starts, none after)."""
+
+    gpus: int = GPUS
+    slots: int = GPUS
+    run_s: tuple[float, float] = RUN_S
+    line_every_s: float = 0.0
+
+
+FLEET = Shape()  # the fleet rows' workers
+
+
+@dataclasses.dataclass(frozen=True)
 class Enrolled:
     """A simulated worker's name, CURVE keypair (Z85) and labels."""
 
@@ -58,6 +74,8 @@ class Tally:
     cancels: int = 0
     hellos_again: int = 0  # the coordinator did not know a session (HEARTBEAT known false)
     refused: int = 0
+    lines: int = 0  # LOG lines sent
+    dropped: int = 0  # messages the DEALER's full queue did not take
     silent_max_s: float = 0.0  # the longest the coordinator said nothing to one worker
     turn_max_s: float = 0.0  # the longest turn of a process's loop (what a reply may wait)
 
@@ -70,7 +88,7 @@ class Tally:
 
 @dataclasses.dataclass
 class Held:
-    """A job a simulated worker holds: its attempt, GPUs, the seq of its one log line, and
+    """A job a simulated worker holds: its attempt, GPUs, the seq of its last log line, and
     its DONE once sent."""
 
     attempt: int
@@ -95,11 +113,13 @@ class SimWorker:
         who: Enrolled,
         index: int,
         tally: Tally,
+        shape: Shape = FLEET,
     ) -> None:
         self.who = who
         self.index = index  # its place in its process's list
         self.tally = tally
-        self.gpus = [f"{who.name}-gpu{i}" for i in range(GPUS)]
+        self.shape = shape
+        self.gpus = [f"{who.name}-gpu{i}" for i in range(shape.gpus)]
         self.sock = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.curve_publickey, self.sock.curve_secretkey = who.public, who.secret
@@ -116,8 +136,10 @@ class SimWorker:
 
     def send(self, msg: protocol.FromWorker) -> None:
         # As the agent's: what a full queue drops is sent again (DONE) or superseded (READY).
-        with contextlib.suppress(zmq.Again):
+        try:
             self.sock.send_multipart(protocol.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self.tally.dropped += 1
 
     def hello(self) -> None:
         self.session, self.welcomed = uuid.uuid4().hex, False
@@ -129,7 +151,7 @@ class SimWorker:
                 session=self.session,
                 gpus=gpus,
                 labels=self.who.labels,
-                max_jobs=GPUS,
+                max_jobs=self.shape.slots,
                 running=[
                     protocol.Running(job_id=j, attempt=h.attempt) for j, h in self.jobs.items()
                 ],
@@ -142,16 +164,23 @@ class SimWorker:
             return
         busy = {uuid for held in self.jobs.values() for uuid in held.gpus}
         free = [gpu for gpu in self.gpus if gpu not in busy] if self.open else []
-        slots = GPUS - len(self.jobs) if self.open else 0
+        slots = self.shape.slots - len(self.jobs) if self.open else 0
         self.send(
             protocol.Ready(
                 session=self.session, free_gpus=free, slots=slots, running=list(self.jobs)
             )
         )
 
-    def received(self, frames: list[bytes], now: float, ends: list[tuple[float, int, int]]) -> None:
+    def received(
+        self,
+        frames: list[bytes],
+        now: float,
+        ends: list[tuple[float, int, int]],
+        lines: list[tuple[float, int, int]],
+    ) -> None:
         """Act on one message from the coordinator; a job's end goes on the `ends` heap as
-        (when, this worker's index, job id)."""
+        (when, this worker's index, job id), and its next log line (if its shape prints
+        more) on the `lines` heap alike."""
         self.last_heard = now
         msg = protocol.decode_from_coordinator(frames)
         match msg:
@@ -175,7 +204,9 @@ class SimWorker:
                     )
                 )
                 self._log(job.id)
-                heapq.heappush(ends, (now + random.uniform(*RUN_S), self.index, job.id))
+                heapq.heappush(ends, (now + random.uniform(*self.shape.run_s), self.index, job.id))
+                if every := self.shape.line_every_s:  # at a moment of its own in the period
+                    heapq.heappush(lines, (now + random.uniform(0, every), self.index, job.id))
             case protocol.Ack(job_id=job_id, done=True) if job_id in self.jobs:
                 del self.jobs[job_id]
                 self.tally.done += 1
@@ -191,8 +222,18 @@ class SimWorker:
             case protocol.Refused():
                 self.tally.refused += 1
 
+    def next_line(self, job_id: int, due: float, lines: list[tuple[float, int, int]]) -> None:
+        """A held job's next log line (due at `due`), and the one after on the heap."""
+        held = self.jobs.get(job_id)
+        if held is None or held.done is not None:
+            return
+        held.seq += 1
+        self._log(job_id)
+        heapq.heappush(lines, (due + self.shape.line_every_s, self.index, job_id))
+
     def _log(self, job_id: int) -> None:
         held = self.jobs[job_id]
+        self.tally.lines += 1
         line = [stamp(), "stdout", f"simulated job {job_id}"]
         self.send(
             protocol.Log(
@@ -249,6 +290,7 @@ def serve(
     out: Queue[tuple[str, Any]],
     seed: int,
     ramp_s: float,
+    shape: Shape = FLEET,
 ) -> None:
     """Run these workers until `stop`; put ("welcomed", count) once every one was welcomed
     and ("tally", Tally) at the end on `out`. Once `report` is set they send READY; once
@@ -258,7 +300,8 @@ def serve(
     context = zmq.Context()
     tally = Tally()
     workers = [
-        SimWorker(context, link, server_key, who, index, tally) for index, who in enumerate(fleet)
+        SimWorker(context, link, server_key, who, index, tally, shape)
+        for index, who in enumerate(fleet)
     ]
     poller = zmq.Poller()
     by_socket: dict[zmq.Socket[Any], SimWorker] = {}
@@ -267,6 +310,7 @@ def serve(
         by_socket[worker.sock] = worker
         worker.hello()
     ends: list[tuple[float, int, int]] = []
+    lines: list[tuple[float, int, int]] = []
     opening: list[tuple[float, int]] = []  # (when, worker index), once `go`
     said_welcomed = False
     next_timers = 0.0
@@ -281,7 +325,7 @@ def serve(
                         frames = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    worker.received(frames, now, ends)
+                    worker.received(frames, now, ends, lines)
             now = time.monotonic()
             if report.is_set() and not workers[0].reporting:
                 for worker in workers:
@@ -295,6 +339,9 @@ def serve(
             while ends and ends[0][0] <= now:
                 _, index, job_id = heapq.heappop(ends)
                 workers[index].end(job_id, now)
+            while lines and lines[0][0] <= now:
+                due, index, job_id = heapq.heappop(lines)
+                workers[index].next_line(job_id, due, lines)
             if now >= next_timers:
                 next_timers = now + TIMERS_EVERY_S
                 for worker in workers:

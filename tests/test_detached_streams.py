@@ -162,3 +162,17 @@ def test_a_slow_reader_gets_every_line_in_order(cluster: Cluster) -> None:
     body = unchunk(got.partition(b"\r\n\r\n")[2]).decode()
     lines = [line for line in body.splitlines() if not line.startswith("[")]
     assert lines == [f"{i:099d}" for i in range(20000)]
+
+
+def test_a_stream_ends_with_its_job_not_at_the_safety_nets_next_look(cluster: Cluster) -> None:
+    # Jobs that end before or about when their stream is handed over: the broker's wake-up
+    # may come before the stream is served, so its first look reads the job's status too.
+    # Waiting for the look every WAKE_S (5 s) instead would take each stream seconds.
+    for index in range(6):
+        job = submit(cluster, "echo quick")
+        if index % 2:
+            cluster.client.wait(job["id"])  # ended before its stream is handed over
+        began = time.monotonic()
+        got = read_all(raw(cluster, get(cluster, f"{JOBS}/{job['id']}/logs?follow=1")))
+        assert time.monotonic() - began < 3, "the stream waited for the safety net"
+        assert b"quick" in got and got.endswith(b"0\r\n\r\n")

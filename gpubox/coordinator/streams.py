@@ -60,6 +60,10 @@ class Stream:
         self.ending = False  # closes once `out` is sent
         self.mask = 0  # the selector events it is registered for
         self.looked = 0.0  # when it last looked at its job (time.monotonic())
+        # Whether its next look must read the job's status too: at its first look (the job may
+        # have ended before the stream was handed over), once the broker says the job ended,
+        # and at each look of the safety net (WAKE_S).
+        self.check_status = True
         self.head = b""  # the status line and headers, without the ones about the body
         self.chunked = False  # HTTP/1.1: the body goes out in chunks; HTTP/1.0: until close
 
@@ -81,7 +85,10 @@ class Stream:
 
     def sweep(self, now: float, stopping: bool) -> bool:
         """The timed checks; True when the stream must look at its job now."""
-        return now - self.looked >= WAKE_S
+        if now - self.looked < WAKE_S:
+            return False
+        self.check_status = True
+        return True
 
     def cut(self, why: str) -> None:
         """End before the job's end: the client sees a transfer cut short (no last chunk; curl
@@ -135,6 +142,7 @@ class Follow(Stream):
             lines = store.read_log_rows(self.job_id, self.since, PAGE_LINES, PAGE_BYTES)
             if not lines:
                 job = store.get_job(self.job_id)
+                self.check_status = False
                 if not job.status.terminal:
                     return False
                 # Lines stored between the read and the status check come before the end.
@@ -144,9 +152,10 @@ class Follow(Stream):
                     return False
             self.since = lines[-1][0]
             sent = self.send(self.render(lines))
-            if len(lines) < PAGE_LINES and sent < PAGE_BYTES:
+            if len(lines) < PAGE_LINES and sent < PAGE_BYTES and not self.check_status:
                 # Not a full page (its lines are fewer bytes than what they render to): this
-                # was all that is stored. The job's end wakes the stream again, to finish it.
+                # was all that is stored. Once the job has ended, the broker says so
+                # (check_status), and the next read finds nothing and looks at its status.
                 return False
         return True
 
@@ -209,7 +218,7 @@ class Streams:
         self.waits = 0
         self._lock = threading.Lock()  # guards the counts, _new and _changed
         self._new: list[Stream] = []
-        self._changed: set[int] = set()
+        self._changed: dict[int, bool] = {}  # job id → whether it ended
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -262,10 +271,11 @@ class Streams:
         self._wake()
 
     def _changed_job(self, kind: str, job_id: int) -> None:
-        # Told by Changes of each change (any thread): its streams look at the job.
+        # Told by Changes of each change (any thread): its streams look at the job. "forget"
+        # comes once the job has ended, after its last lines were stored.
         with self._lock:
             first = not self._changed
-            self._changed.add(job_id)
+            self._changed[job_id] = self._changed.get(job_id, False) or kind == "forget"
         if first:
             self._wake()
 
@@ -312,15 +322,17 @@ class Streams:
         """Start the streams handed over since the last turn; wake those of changed jobs."""
         with self._lock:
             new, self._new = self._new, []
-            changed, self._changed = self._changed, set()
+            changed, self._changed = self._changed, {}
         for stream in new:
             assert stream.sock is not None
             self._by_job.setdefault(stream.job_id, set()).add(stream)
             stream.mask = selectors.EVENT_READ
             self._selector.register(stream.sock, stream.mask, stream)
             self._due.add(stream)
-        for job_id in changed:
-            self._due.update(self._by_job.get(job_id, ()))
+        for job_id, ended in changed.items():
+            for stream in self._by_job.get(job_id, ()):
+                stream.check_status = stream.check_status or ended
+                self._due.add(stream)
 
     def _sweep(self, now: float, stopping: bool) -> None:
         for streams in list(self._by_job.values()):

@@ -187,6 +187,29 @@ def test_one_slot_lets_only_one_gpu_job_start_though_gpus_are_free() -> None:
     assert result.reserved == {"w1": 2}
 
 
+def test_a_worker_with_nothing_free_is_not_reserved() -> None:
+    # w1 has no free GPU and no slot: holding it would change nothing, so the 8-GPU job
+    # holds w2 (1 GPU free, a slot), and the job behind waits behind it.
+    full = make_worker("w1", count=8, free=0, slots=0)
+    queue = [make_job(1, gpus=8), make_job(2, gpus=8)]
+    result = scheduler.plan(queue, [full, make_worker("w2", count=8, free=1, slots=2)])
+    assert result.reserved == {"w2": 1}
+    assert result.reasons[2] == "waiting behind job 1: the GPUs of w2 are held for it"
+    alone = scheduler.plan(queue, [full])
+    assert alone.reserved == {}
+    assert alone.reasons[1] == "waiting for a free job slot (max_jobs) and free GPUs on w1"
+
+
+def test_a_worker_with_gpus_free_but_no_slot_still_holds_a_big_job() -> None:
+    # w1: 7 of 8 GPUs free, no slot. The 8-GPU job holds w1, the nearest to fitting it,
+    # so the 1-GPU job behind it starts on w2.
+    busy = make_worker("w1", count=8, free=7, slots=0)
+    queue = [make_job(1, gpus=8), make_job(2, gpus=1)]
+    result = scheduler.plan(queue, [busy, make_worker("w2", count=8, free=1, slots=2)])
+    assert result.reserved == {"w1": 1}
+    assert placed(result) == [(2, "w2", ["w2-0"])]
+
+
 def test_no_slot_means_no_job_starts() -> None:
     result = scheduler.plan([make_job(1)], [make_worker("w1", slots=0)])
     assert placed(result) == []
@@ -808,10 +831,20 @@ def plain_plan(queue: list[models.Job], workers: list[WorkerView]) -> Plan:
             names = ", ".join(w.name for w in able)
             result.reasons[job.id] = f"waiting for a free job slot (max_jobs) on {names}"
             continue
-        open_workers = [w for w in able if w.name not in result.reserved]
+        open_workers = [
+            w
+            for w in able
+            if w.name not in result.reserved and (slots[w.name] > 0 or suitable(w, needs))
+        ]
         if not open_workers:
-            holder_id = min((result.reserved[w.name] for w in able), key=position.__getitem__)
-            held = ", ".join(w.name for w in able if result.reserved[w.name] == holder_id)
+            holders_ids = [result.reserved[w.name] for w in able if w.name in result.reserved]
+            if not holders_ids:
+                names = ", ".join(w.name for w in able)
+                reason = f"waiting for a free job slot (max_jobs) and free GPUs on {names}"
+                result.reasons[job.id] = reason
+                continue
+            holder_id = min(holders_ids, key=position.__getitem__)
+            held = ", ".join(w.name for w in able if result.reserved.get(w.name) == holder_id)
             reason = f"waiting behind job {holder_id}: the GPUs of {held} are held for it"
             result.reasons[job.id] = reason
             continue

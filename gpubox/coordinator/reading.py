@@ -143,8 +143,10 @@ def _window(needs: models.Needs, able: list[scheduler.WorkerView]) -> int:
 
     Through a round, free GPUs, slots and open workers only get fewer, so once a job of
     the shape cannot start, none behind it can. Of those behind, each can at most reserve a
-    worker that no job holds yet, and only when it needs GPUs. So no more jobs of the shape
-    can start or reserve than the free slots and the workers that can run it, and the one
-    after them (and every one behind it) waits for the same reason and changes nothing."""
+    worker that no job holds yet and that has a free slot or a GPU free, and only when it
+    needs GPUs. So no more jobs of the shape can start or reserve than the free slots and
+    those workers, and the one after them (and every one behind it) waits for the same reason
+    and changes nothing. On a busy fleet that is a few jobs, however many workers it has."""
     slots = sum(max(0, w.slots) for w in able)
-    return slots + (len(able) if needs.gpus else 0) + 1
+    holdable = sum(1 for w in able if w.slots > 0 or w.free)
+    return slots + (holdable if needs.gpus else 0) + 1

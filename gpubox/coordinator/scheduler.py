@@ -18,7 +18,9 @@ that used the GPUs least lately first, then submission; see fairshare):
    the holder to a job behind it in the queue, so those GPUs gather as they free up until the
    job fits; its other GPUs and spare slots stay for anyone (one slot stays for the holder).
    A job is therefore never overtaken forever by smaller jobs of lower priority; jobs ahead
-   of it come first, as they would.
+   of it come first, as they would. A worker with neither a free slot nor a suitable GPU free
+   is not reserved: holding it would change nothing this round, and reserving each busy
+   worker of a big fleet made every round plan as many jobs as there are workers.
 3. Every job left queued gets a reason a person can act on.
 
 The plan is made afresh each round from the current state, so a reservation needs no
@@ -158,10 +160,11 @@ class _Round:
         self.result = Plan()
         self.free = {w.name: set(w.free) for w in workers}
         self.slots = {w.name: w.slots for w in workers}
-        self.info = {w.name: {gpu["uuid"]: gpu for gpu in w.gpus} for w in workers}
-        self.ordered = {
-            w.name: sorted(w.gpus, key=lambda gpu: gpu.get("index", 0)) for w in workers
-        }
+        self.by_name = {w.name: w for w in workers}
+        # Each worker's GPUs by uuid, and in index order: worked out for the workers a round
+        # looks at (those with a GPU free), not for every worker of a big fleet.
+        self._info: dict[str, dict[str, dict[str, Any]]] = {}
+        self._ordered: dict[str, list[dict[str, Any]]] = {}
         self.holders: dict[str, models.Needs] = {}  # reserved worker → what its holder needs
         self.held = dict(sharing.held)  # what each submitter's jobs hold, with this round's
         self.position: dict[int, int] = {}
@@ -219,10 +222,12 @@ class _Round:
         suitable = self._suitable(name, needs)
         if holder is not None:
             # The GPUs its holder could use gather for it; others stay for anyone.
-            suitable = [u for u in suitable if not holder.wants_gpu(self.info[name][u])]
+            info = self._gpus(name)
+            suitable = [u for u in suitable if not holder.wants_gpu(info[u])]
         if len(suitable) < needs.gpus:
             return None
-        memory = sum(self.info[name][u].get("memory_mb", 0) for u in suitable)
+        info = self._gpus(name)
+        memory = sum(info[u].get("memory_mb", 0) for u in suitable)
         return len(suitable), memory, suitable
 
     def _start(self, job: models.Job, able: list[WorkerView]) -> bool:
@@ -274,7 +279,20 @@ class _Round:
     def _suitable(self, name: str, needs: models.Needs) -> list[str]:
         """The free GPUs of worker `name` that suit needs, in index order."""
         free = self.free[name]
-        return [g["uuid"] for g in self.ordered[name] if g["uuid"] in free and needs.wants_gpu(g)]
+        if not free:
+            return []
+        ordered = self._ordered.get(name)
+        if ordered is None:
+            gpus = self.by_name[name].gpus
+            ordered = self._ordered[name] = sorted(gpus, key=lambda gpu: gpu.get("index", 0))
+        return [g["uuid"] for g in ordered if g["uuid"] in free and needs.wants_gpu(g)]
+
+    def _gpus(self, name: str) -> dict[str, dict[str, Any]]:
+        """Worker `name`'s GPUs by uuid."""
+        info = self._info.get(name)
+        if info is None:
+            info = self._info[name] = {gpu["uuid"]: gpu for gpu in self.by_name[name].gpus}
+        return info
 
     def _wait(self, job: models.Job, able: list[WorkerView]) -> str:
         """Why a job that some worker could run waits; reserves a worker for it if it needs
@@ -292,20 +310,20 @@ class _Round:
                 for w in able
                 if w.name not in reserved
             ]
+            ranked = [entry for entry in ranked if entry[0] or self.slots[entry[1]] > 0]
             heapq.heapify(ranked)
             self._free[needs.shape] = (needs, {w.name for w in able}, ranked)
         ranked = self._free[needs.shape][2]
         while ranked and (
-            ranked[0][1] in reserved or ranked[0][2] != self.free_version[ranked[0][1]]
+            ranked[0][1] in reserved
+            or ranked[0][2] != self.free_version[ranked[0][1]]
+            or not (ranked[0][0] or self.slots[ranked[0][1]] > 0)
         ):
-            heapq.heappop(ranked)  # held already, or out of date
+            heapq.heappop(ranked)  # held already, out of date, or with nothing free left
         if not ranked:
-            # Every worker that could run it is held, and stays held through the round.
-            holder = min((reserved[w.name] for w in able), key=self.position.__getitem__)
-            held = ", ".join(w.name for w in able if reserved[w.name] == holder)
-            self.behind[needs.shape] = (
-                f"waiting behind job {holder}: the GPUs of {held} are held for it"
-            )
+            # Every worker that could run it is held or has nothing free, and stays so through
+            # the round (free GPUs and slots only get fewer).
+            self.behind[needs.shape] = _behind(able, reserved, self.position)
             return self.behind[needs.shape]
         minus_count, name, _ = heapq.heappop(ranked)
         count = -minus_count
@@ -318,6 +336,18 @@ class _Round:
             f"not enough free GPUs: {count} of the {needs.gpus} it needs are free"
             f" on {name}, which holds them for this job as others end"
         )
+
+
+def _behind(able: list[WorkerView], reserved: dict[str, int], position: dict[int, int]) -> str:
+    """Why a job waits when no worker that could run it may be reserved for it: the earliest
+    job holding some of them, or else that none has a free slot or a suitable GPU free."""
+    holders = [reserved[w.name] for w in able if w.name in reserved]
+    if not holders:
+        names = ", ".join(w.name for w in able)
+        return f"waiting for a free job slot (max_jobs) and free GPUs on {names}"
+    holder = min(holders, key=position.__getitem__)
+    held = ", ".join(w.name for w in able if reserved.get(w.name) == holder)
+    return f"waiting behind job {holder}: the GPUs of {held} are held for it"
 
 
 def _no_worker(needs: models.Needs, workers: list[WorkerView]) -> str:

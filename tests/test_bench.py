@@ -36,6 +36,7 @@ ROWS = (
     "same work as Celery + Redis: submit → process start p50",
     "same work as task-spooler: submit → process start p50",
     "fleet scheduling round",
+    "fleet scheduling decision",
     "fleet heartbeats alone",
     "fleet coordinator RSS",
     "fleet growth per step",

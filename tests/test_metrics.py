@@ -119,3 +119,7 @@ def test_metrics_count_scheduling_rounds(make_cluster) -> None:  # type: ignore[
     assert counts == sorted(counts)  # cumulative
     # Each a round of an empty queue: well under a second, and longer than nothing.
     assert 0 < page[f"{name}_sum"] < page[f"{name}_count"]
+    # The decision of each round is timed too (before its round ends: never fewer of them).
+    decisions = "gpubox_schedule_decision_seconds"
+    assert page[f"{decisions}_count"] >= page[f"{name}_count"]
+    assert 0 < page[f"{decisions}_sum"] < page[f"{decisions}_count"]

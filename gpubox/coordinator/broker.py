@@ -581,7 +581,9 @@ class Broker:
         slots = sum(max(0, view.slots) for view in views)
         if not timer and not slots:
             return
+        decided = time.perf_counter()
         plan = self.planner.plan(views)
+        self.counters.decisions.observe(time.perf_counter() - decided)
         with self.store.batch():  # one commit for the round's claims
             claimed = [
                 self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())

@@ -54,6 +54,7 @@ class BrokerCounters:
 
     dispatch: Histogram = dataclasses.field(default_factory=lambda: Histogram(DISPATCH_BUCKETS))
     rounds: Histogram = dataclasses.field(default_factory=lambda: Histogram(ROUND_BUCKETS))
+    decisions: Histogram = dataclasses.field(default_factory=lambda: Histogram(ROUND_BUCKETS))
     log_lines: int = 0
     jobs_sent: int = 0
     # Wall seconds the broker thread spent working (anything but waiting for a message),
@@ -119,6 +120,13 @@ def render(
             "Scheduling rounds that planned the queue: from the ready workers read to the"
             " round's jobs claimed and sent.",
             counters.rounds.lines("gpubox_schedule_round_seconds"),
+        ),
+        *metric(
+            "gpubox_schedule_decision_seconds",
+            "histogram",
+            "The decision of each of those rounds alone: which queued jobs go where, and why"
+            " the rest wait (without the claims' store writes and the sends).",
+            counters.decisions.lines("gpubox_schedule_decision_seconds"),
         ),
         *metric(
             "gpubox_jobs_dispatched_total",

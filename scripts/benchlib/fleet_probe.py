@@ -12,6 +12,7 @@ from benchlib.common import Cluster
 from benchlib.worker_rows import cpu_seconds, machine_times
 
 ROUNDS = "gpubox_schedule_round_seconds"
+DECISIONS = "gpubox_schedule_decision_seconds"  # the rounds' plans alone
 Samples = dict[str, float]
 
 
@@ -73,8 +74,8 @@ class Rounds:
     slowest: float = 0.0
 
 
-def rounds(before: Samples, after: Samples) -> Rounds:
-    prefix = f"{ROUNDS}_bucket"
+def rounds(before: Samples, after: Samples, name: str = ROUNDS) -> Rounds:
+    prefix = f"{name}_bucket"
     bounds = sorted((float(key.split('"')[1]), key) for key in after if key.startswith(prefix))
     cumulative = [after[key] - before.get(key, 0.0) for _, key in bounds]
     total = int(cumulative[-1]) if cumulative else 0

@@ -766,9 +766,11 @@ def test_the_jobs_of_a_shape_past_those_planned_share_the_last_ones_reason() -> 
     workers = [make_worker("w1", free=2, slots=4)]
     result = plan_queue(queue, workers, reads)
     assert placed(result) == []
-    assert reads == [(queue[0].spec.needs.shape, 4 + 1 + 1), (queue[1].spec.needs.shape, 6)]
+    # Read: the jobs that could start (4-GPU: none fit in 2 free GPUs; 1-GPU: 2), the workers
+    # they could hold (w1), and one more.
+    assert reads == [(queue[0].spec.needs.shape, 0 + 1 + 1), (queue[1].spec.needs.shape, 4)]
     behind = "waiting behind job 1: the GPUs of w1 are held for it"
-    assert result.reasons == {1: not_enough(2, 4, "w1"), **{i: behind for i in range(2, 8)}}
+    assert result.reasons == {1: not_enough(2, 4, "w1"), **{i: behind for i in range(2, 6)}}
     assert result.shape_reasons == {queue[1].spec.needs.shape: behind}
 
 

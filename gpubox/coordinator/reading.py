@@ -146,7 +146,12 @@ def _window(needs: models.Needs, able: list[scheduler.WorkerView]) -> int:
     worker that no job holds yet and that has a free slot or a GPU free, and only when it
     needs GPUs. So no more jobs of the shape can start or reserve than the free slots and
     those workers, and the one after them (and every one behind it) waits for the same reason
-    and changes nothing. On a busy fleet that is a few jobs, however many workers it has."""
-    slots = sum(max(0, w.slots) for w in able)
+    and changes nothing. On a busy fleet that is a few jobs, however many workers it has.
+
+    A worker can start no more jobs of the shape than it has free slots, nor, when they need
+    GPUs, than its free GPUs hold."""
+    if not needs.gpus:
+        return sum(max(0, w.slots) for w in able) + 1
+    starts = sum(min(max(0, w.slots), len(w.free) // needs.gpus) for w in able)
     holdable = sum(1 for w in able if w.slots > 0 or w.free)
-    return slots + (holdable if needs.gpus else 0) + 1
+    return starts + holdable + 1

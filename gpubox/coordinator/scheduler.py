@@ -299,9 +299,12 @@ class _Round:
         GPUs and one is not held already (the one with most of what it needs free; then by
         name)."""
         needs = job.spec.needs
-        if needs.gpus == 0:
-            return f"waiting for a free job slot (max_jobs) on {', '.join(w.name for w in able)}"
         if needs.shape in self.behind:
+            return self.behind[needs.shape]
+        if needs.gpus == 0:
+            # The same for every job of the shape behind it, through the round.
+            names = ", ".join(w.name for w in able)
+            self.behind[needs.shape] = f"waiting for a free job slot (max_jobs) on {names}"
             return self.behind[needs.shape]
         reserved = self.result.reserved
         if needs.shape not in self._free:

@@ -14,10 +14,14 @@ speaking the real protocol over real ZeroMQ with CURVE; so the coordinator's CPU
   idle         every READY offers no slot: the timer's round, once a second, now plans the
                queue on the whole fleet;
   rounds       the workers open (their READYs offer what is free) at moments spread over
-               half the warm-up, and jobs run 1-5 s and end; after the warm-up, the
-               broker's own rounds from gpubox_schedule_round_seconds (fleet_probe.rounds:
-               a percentile is off by at most its bucket's width; the targets are bounds,
-               so whether one is met is exact);
+               half the warm-up, and jobs run and end; after the warm-up (long enough for
+               the coordinator to fill every GPU once), the broker's own rounds from
+               gpubox_schedule_round_seconds and gpubox_schedule_decision_seconds
+               (fleet_probe.rounds: a percentile is off by at most its bucket's width; the
+               targets are bounds, so whether one is met is exact). A job's run time grows
+               with the fleet (1-5 s at 100 workers, 10-50 s at 1,000), so every size offers
+               the coordinator the same ~270 starts a second: the rows show what the fleet's
+               size costs, not a load that grows with it past what this machine can start;
   RSS          the coordinator's with the fleet idle, after the rounds, and its peak.
 The growth row gives each figure's ratio per step next to the fleet's, and flags what grew
 faster than the fleet."""
@@ -47,6 +51,10 @@ CONNECTED = "gpubox_workers_connected"
 # window is a whole number of heartbeat intervals.
 PHASES, QUICK_PHASES = (3.0, 10.0, 20.0, 10.0, 20.0, 20.0), (0.2, 1.0, 2.0, 0.5, 1.0, 1.5)
 LAGGING_S = 1.0  # a simulated worker process's turn longer than this: the machine is the limit
+# A job's run time at 100 workers; it grows with the fleet, so that the starts a second
+# every size asks for stay the same (GPUS × 100 / 3 s ≈ 270).
+RUN_S_AT_100 = fleet_workers.RUN_S
+FILL_PER_S = 250  # starts a second the warm-up allows for filling every GPU once
 
 
 @dataclasses.dataclass
@@ -61,6 +69,7 @@ class Measured:
     busy: Share
     busy_rounds: Rounds
     busy_decisions: Rounds  # the same rounds' plans alone
+    run_s: tuple[float, float]  # a job's run time, drawn evenly
     ended_per_s: float
     sims_cores: float  # CPU of the simulated workers over the rounds' window, in cores
     idle_mb: float
@@ -122,7 +131,12 @@ def measure(ctx: Context, base: Path, workers: int) -> Measured:
         pid = made.coordinator.pid
         time.sleep(settle_s)
         alone, _, _ = share(made, alone_s)
-        with Fleet(str(made.state), made.link, names, ramp_s=warm_s / 2) as sims:
+        scale = workers / 100
+        shape = fleet_workers.Shape(run_s=(RUN_S_AT_100[0] * scale, RUN_S_AT_100[1] * scale))
+        if not ctx.quick:
+            warm_s = max(warm_s, fleet_workers.GPUS * workers / FILL_PER_S)
+        fleet = Fleet(str(made.state), made.link, names, ramp_s=warm_s / 2, shape=shape)
+        with fleet as sims:
             sims.wait_welcomed(timeout_s=60 + workers / 10)
             _say(f"{workers} workers connected in {time.monotonic() - started:.1f} s")
             time.sleep(settle_s)
@@ -149,6 +163,7 @@ def measure(ctx: Context, base: Path, workers: int) -> Measured:
         busy=busy,
         busy_rounds=rounds(start, end),
         busy_decisions=rounds(start, end, DECISIONS),
+        run_s=shape.run_s,
         ended_per_s=ended / window_s,
         sims_cores=sims_cores,
         idle_mb=idle_mb,
@@ -183,7 +198,11 @@ def trouble(got: Measured) -> str:
 
 
 def size_rows(got: Measured, queued: int) -> list[Row]:
-    fleet = f"{got.workers:,} workers × {fleet_workers.GPUS} GPUs, {queued:,} queued"
+    low, high = got.run_s
+    fleet = (
+        f"{got.workers:,} workers × {fleet_workers.GPUS} GPUs, {queued:,} queued, jobs of"
+        f" {low:g}-{high:g} s"
+    )
     busy, idle, decided = got.busy_rounds, got.idle_rounds, got.busy_decisions
     slowest = "past 2.5 s" if busy.slowest == float("inf") else f"≤ {ms(busy.slowest)}"
     tally = got.tally

@@ -18,7 +18,7 @@ from gpubox.coordinator import api, httpproc, hub, sealing, streams, tokens, web
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
 from gpubox.coordinator.streams import Streams
-from gpubox.store import Store, open_store
+from gpubox.store import Store, open_store, single
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class Coordinator:
         self.hub: hub.Hub | None = None  # with http_processes > 1: the HTTP processes' calls
         self.http_processes: httpproc.Processes | None = None
         self.streams: Streams | None = None  # with one process: its log streams and long polls
+        self.store_lock: single.Lock | None = None  # one coordinator per store
         self._stopping = threading.Event()
         self._http_done = threading.Event()
         self._http_loop = supervise.Loop(stall_s=3 * config.heartbeat_interval_s)
@@ -163,6 +164,7 @@ class Coordinator:
             self.config.webhook_allow, self.config.webhooks, self.config.state_dir
         )
         self.store = open_store(self.config.db)
+        self.store_lock = single.hold(self.config.db)  # before anything is written
         self.store.drop_sessions()  # a restart signs everyone out of the dashboard
         changes = Changes()
         self.broker = Broker(
@@ -205,6 +207,12 @@ class Coordinator:
         # the one already serving this state folder) must not replace its clients' token.
         tokens.ensure_local(self.store, self.config.state_dir)
         self.threads = [supervise.Essential("gpubox-broker", self.broker.run, self.broker.loop)]
+        lock, lock_loop = self.store_lock, supervise.Loop(stall_s=60.0)
+        self.threads.append(
+            supervise.Essential(
+                "gpubox-store-lock", lambda: lock.watch(self._stopping, lock_loop.tick), lock_loop
+            )
+        )
         if self.streams is not None:
             self.threads += [
                 supervise.Essential("gpubox-http", self._serve_http, self._http_loop),
@@ -285,6 +293,8 @@ class Coordinator:
             self.hub.close()
         if self.store is not None:
             self.store.close()
+        if self.store_lock is not None:
+            self.store_lock.release()  # last: another coordinator may start from here on
         if self.broker is not None:
             self.broker.close()  # in case its thread never ran
         self.context.destroy(linger=0)

@@ -45,7 +45,9 @@ def plan_queue(
     found = (matches or scheduler.Matches()).find(
         {shape: needs_of[shape] for shape in by_shape}, workers
     )
-    by_name = {w.name: w for w in workers}
+    # Only workers with a free slot or GPU count in a window (see _window): on a busy fleet,
+    # a few of many.
+    open_workers = [w for w in workers if w.slots > 0 or w.free]
     queue: list[models.Job] = []
     shape_reasons: dict[str, str] = {}
     group_reasons: dict[tuple[str, int, str | None], str] = {}
@@ -56,7 +58,11 @@ def plan_queue(
             shape_reasons[shape] = match
             continue
         needs = needs_of[shape]
-        count = _window(needs, [by_name[name] for name in match])
+        if len(match) == len(workers):
+            count = _window(needs, open_workers)
+        else:
+            wanted = set(match)
+            count = _window(needs, [w for w in open_workers if w.name in wanted])
         jobs = _read_fair(shape, needs, shape_groups, count, read, sharing, group_reasons)
         queue.extend(jobs)
         if len(jobs) == count:
@@ -139,7 +145,7 @@ def _cap_reason(sharing: fairshare.Snapshot, submitter: str | None, gpus: int, l
 
 def _window(needs: models.Needs, able: list[scheduler.WorkerView]) -> int:
     """How many of the first queued jobs of a shape a round must plan, given the workers
-    that can ever run it.
+    that can ever run it (those with a free slot or GPU: the others count for nothing).
 
     Through a round, free GPUs, slots and open workers only get fewer, so once a job of
     the shape cannot start, none behind it can. Of those behind, each can at most reserve a

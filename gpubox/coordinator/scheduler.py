@@ -135,9 +135,8 @@ def plan(
     start would pass a cap waits, and holds no worker. `matched`, when given, is what
     Matches.find says of the queue's shapes on these workers."""
     round_ = _Round(workers, sharing or fairshare.Snapshot())
-    by_name = {w.name: w for w in workers}
     for shape, names in (matched or {}).items():
-        round_.able[shape] = [] if isinstance(names, str) else [by_name[n] for n in names]
+        round_.able[shape] = () if isinstance(names, str) else names
     return round_.plan(queue)
 
 
@@ -152,7 +151,11 @@ class _Round:
     free (`_free`). A start or a reservation changes one worker: only its entries are worked
     out again (the old ones, of an older version, are skipped as they come up), so a round
     that starts thousands of jobs on a thousand workers costs that many heap steps, not
-    jobs × workers."""
+    jobs × workers.
+
+    Only the workers with a free slot or a free GPU ("open") can take a job or be held for
+    one, so those are all a round looks at; the others are named in reasons alone. On a busy
+    fleet they are a few, however many workers it has."""
 
     def __init__(self, workers: list[WorkerView], sharing: fairshare.Snapshot) -> None:
         self.workers = workers
@@ -168,7 +171,9 @@ class _Round:
         self.holders: dict[str, models.Needs] = {}  # reserved worker → what its holder needs
         self.held = dict(sharing.held)  # what each submitter's jobs hold, with this round's
         self.position: dict[int, int] = {}
-        self.able: dict[str, list[WorkerView]] = {}  # shape → the workers that can run it
+        self.able: dict[str, tuple[str, ...]] = {}  # shape → the workers that can run it
+        self.open = [w for w in workers if w.slots > 0 or w.free]
+        self._open_able: dict[str, list[WorkerView]] = {}  # shape → those of them open
         self.full: set[str] = set()  # shapes of which no more jobs can start this round
         self.behind: dict[str, str] = {}  # shape → its reason once every worker is reserved
         # A worker's versions: `fit` changes with its free GPUs, slots and holder, `free`
@@ -192,7 +197,8 @@ class _Round:
         needs = job.spec.needs
         able = self.able.get(needs.shape)
         if able is None:
-            able = self.able[needs.shape] = [w for w in self.workers if w.can_ever_run(needs)]
+            able = tuple(w.name for w in self.workers if w.can_ever_run(needs))
+            self.able[needs.shape] = able
         if not able:
             self.result.reasons[job.id] = _no_worker(needs, self.workers)
             return
@@ -207,11 +213,24 @@ class _Round:
                 )
                 self.result.capped.add(job.id)
                 return
-        if needs.shape not in self.full and self._start(job, able):
+        open_able = self._open_of(needs.shape, able)
+        if needs.shape not in self.full and self._start(job, open_able):
             self.held[submitter] = fairshare.Held(held.jobs + 1, held.gpus + needs.gpus)
             return
         self.full.add(needs.shape)
-        self.result.reasons[job.id] = self._wait(job, able)
+        self.result.reasons[job.id] = self._wait(job, able, open_able)
+
+    def _open_of(self, shape: str, able: tuple[str, ...]) -> list[WorkerView]:
+        """The open workers of those that can run a shape (see the class's docstring)."""
+        found = self._open_able.get(shape)
+        if found is None:
+            if len(able) == len(self.workers):
+                found = self.open  # every worker can run it
+            else:
+                wanted = set(able)
+                found = [w for w in self.open if w.name in wanted]
+            self._open_able[shape] = found
+        return found
 
     def _fit(self, name: str, needs: models.Needs) -> tuple[int, int, list[str]] | None:
         """How well worker `name` fits a job of these needs now (its suitable GPUs free, and
@@ -231,8 +250,9 @@ class _Round:
         return len(suitable), memory, suitable
 
     def _start(self, job: models.Job, able: list[WorkerView]) -> bool:
-        """Assign the job to the best fit among `able` (fewest suitable GPUs free, then the
-        least memory on them, then by name), if one has room for it."""
+        """Assign the job to the best fit among `able` (the open workers that can run it:
+        fewest suitable GPUs free, then the least memory on them, then by name), if one has
+        room for it."""
         needs = job.spec.needs
         if needs.shape not in self._fits:
             heap = []
@@ -294,28 +314,28 @@ class _Round:
             info = self._info[name] = {gpu["uuid"]: gpu for gpu in self.by_name[name].gpus}
         return info
 
-    def _wait(self, job: models.Job, able: list[WorkerView]) -> str:
-        """Why a job that some worker could run waits; reserves a worker for it if it needs
-        GPUs and one is not held already (the one with most of what it needs free; then by
-        name)."""
+    def _wait(self, job: models.Job, able: tuple[str, ...], open_able: list[WorkerView]) -> str:
+        """Why a job that the workers `able` could run waits; reserves one of them for it
+        (of `open_able`, those open) if it needs GPUs and one is not held already (the one
+        with most of what it needs free; then by name)."""
         needs = job.spec.needs
         if needs.shape in self.behind:
             return self.behind[needs.shape]
         if needs.gpus == 0:
             # The same for every job of the shape behind it, through the round.
-            names = ", ".join(w.name for w in able)
+            names = ", ".join(able)
             self.behind[needs.shape] = f"waiting for a free job slot (max_jobs) on {names}"
             return self.behind[needs.shape]
         reserved = self.result.reserved
         if needs.shape not in self._free:
             ranked = [
                 (-len(self._suitable(w.name, needs)), w.name, self.free_version[w.name])
-                for w in able
+                for w in open_able
                 if w.name not in reserved
             ]
             ranked = [entry for entry in ranked if entry[0] or self.slots[entry[1]] > 0]
             heapq.heapify(ranked)
-            self._free[needs.shape] = (needs, {w.name for w in able}, ranked)
+            self._free[needs.shape] = (needs, {w.name for w in open_able}, ranked)
         ranked = self._free[needs.shape][2]
         while ranked and (
             ranked[0][1] in reserved
@@ -341,15 +361,15 @@ class _Round:
         )
 
 
-def _behind(able: list[WorkerView], reserved: dict[str, int], position: dict[int, int]) -> str:
+def _behind(able: tuple[str, ...], reserved: dict[str, int], position: dict[int, int]) -> str:
     """Why a job waits when no worker that could run it may be reserved for it: the earliest
     job holding some of them, or else that none has a free slot or a suitable GPU free."""
-    holders = [reserved[w.name] for w in able if w.name in reserved]
+    wanted = set(able)
+    holders = [job_id for name, job_id in reserved.items() if name in wanted]
     if not holders:
-        names = ", ".join(w.name for w in able)
-        return f"waiting for a free job slot (max_jobs) and free GPUs on {names}"
+        return f"waiting for a free job slot (max_jobs) and free GPUs on {', '.join(able)}"
     holder = min(holders, key=position.__getitem__)
-    held = ", ".join(w.name for w in able if reserved.get(w.name) == holder)
+    held = ", ".join(name for name in able if reserved.get(name) == holder)
     return f"waiting behind job {holder}: the GPUs of {held} are held for it"
 
 

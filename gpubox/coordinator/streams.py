@@ -444,7 +444,11 @@ def detachable(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[by
         stream.start(environ.get("SERVER_PROTOCOL", "HTTP/1.0"), status, headers)
         # A socket of our own for the same connection: Waitress closes its descriptor when it
         # sees the exception below (without a byte written), the connection stays open on ours.
-        stream.sock = channel.socket.dup()
+        try:
+            stream.sock = channel.socket.dup()
+        except OSError as exc:  # out of descriptors, say: the client sees the connection end
+            streams.release(stream.kind)
+            raise ClientDisconnected(f"cannot hand the connection over: {exc}") from exc
         stream.sock.setblocking(False)
         streams.adopt(stream)
         _quiet.handed_over = True

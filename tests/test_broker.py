@@ -406,6 +406,33 @@ def test_welcome_and_worker_record(link: Link) -> None:
     assert msg is not None and msg.type == "HEARTBEAT" and msg.body["known"] is True
 
 
+def test_the_broker_beats_only_to_workers_it_sent_nothing_within_the_interval(
+    link: Link,
+) -> None:
+    # w1 heartbeats twice an interval and gets each answered; w2 says nothing. Any message
+    # tells a worker the coordinator is there, so w1 needs no beat of the broker's own: at
+    # 1,000 workers those were a third of the heartbeats' messages.
+    chatty, silent = link.worker("w1"), link.worker("w2")
+    for worker in (chatty, silent):
+        worker.hello()
+        worker.keepalive = False
+    while chatty.receive(0.05) is not None or silent.receive(0.05) is not None:
+        pass  # what the HELLOs brought
+    sent, got = 0, {"w1": 0, "w2": 0}
+    ends = time.monotonic() + 10 * HEARTBEAT_S
+    while time.monotonic() < ends:
+        chatty.send("HEARTBEAT")
+        sent += 1
+        turn = time.monotonic() + HEARTBEAT_S / 2
+        while (left := turn - time.monotonic()) > 0:
+            for worker in (chatty, silent):
+                msg = worker.receive(min(left, 0.01))
+                if msg is not None and msg.type == "HEARTBEAT":
+                    got[worker.name] += 1
+    assert got["w2"] >= 5  # a silent worker still hears the broker every interval
+    assert got["w1"] <= sent + 2, (got, sent)  # its answers, and hardly a beat more
+
+
 # --- the life of a job -------------------------------------------------------------------------
 
 

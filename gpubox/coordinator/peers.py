@@ -33,6 +33,7 @@ class Peer:
     labels: dict[str, str]
     max_jobs: int
     last_seen: float
+    last_sent: float = 0.0  # when the coordinator last sent it anything (time.monotonic)
     mounts: list[str] = dataclasses.field(default_factory=list)
     runtime: str = "docker"
     usage: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # uuid → NVML now

@@ -15,6 +15,7 @@ from gpubox.store.base import QueueGroup
 # How often a round lists the queue's groups even when nothing said it changed: the net under
 # a change no poke told of.
 GROUPS_EVERY_S = 1.0
+READ_AHEAD = 32  # at least this many more jobs of a group than a round needs are read
 
 
 class Planner:
@@ -83,8 +84,11 @@ class Planner:
             jobs, whole = self._reads.get(key, ([], False))
             jobs = [job for job in jobs if job.id not in self._claimed]
             if len(jobs) < count and not whole:
-                jobs = self.store.queued_of(shape, priority, submitters, count, known)
-                self._reads[key] = (jobs, len(jobs) < count)
+                # Read ahead: the next rounds' claims take jobs out of what is kept, and a
+                # read per round for each group cost a busy fleet most of its decision.
+                ahead = count + max(count, READ_AHEAD)
+                jobs = self.store.queued_of(shape, priority, submitters, ahead, known)
+                self._reads[key] = (jobs, len(jobs) < ahead)
             self._queued.update((job.id, job) for job in jobs)
             return jobs[:count]
 

@@ -14,7 +14,7 @@ from waitress import wasyncore
 
 from gpubox import config as config_mod
 from gpubox import errors, keys, supervise
-from gpubox.coordinator import api, httpproc, hub, sealing, streams, tokens, webhooks
+from gpubox.coordinator import api, handover, httpproc, hub, sealing, tokens, webhooks
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
 from gpubox.coordinator.streams import Streams
@@ -85,10 +85,10 @@ def create_http_server(app: Any, config: config_mod.CoordinatorConfig, sock: Any
         host, port = config_mod.parse_address(config.http, "http")
         where = {"host": host, "port": port}
     connections = max(100, min(MAX_HTTP_CONNECTIONS, raise_fd_limit() - RESERVED_FDS))
-    streams.quiet_waitress()
+    handover.quiet_waitress()
     try:
         return waitress.create_server(
-            streams.detachable(app),
+            handover.detachable(app),
             **where,
             threads=config.http_threads,
             # Waitress reads a whole body before the app can look at the token: past
@@ -208,6 +208,7 @@ class Coordinator:
         tokens.ensure_local(self.store, self.config.state_dir)
         self.threads = [supervise.Essential("gpubox-broker", self.broker.run, self.broker.loop)]
         lock, lock_loop = self.store_lock, supervise.Loop(stall_s=60.0)
+        assert lock is not None  # taken above
         self.threads.append(
             supervise.Essential(
                 "gpubox-store-lock", lambda: lock.watch(self._stopping, lock_loop.tick), lock_loop

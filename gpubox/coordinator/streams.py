@@ -3,8 +3,8 @@
 A request that follows a job's log (`?follow=1`) or waits for its end (`?wait=`) may stay open
 for hours. Waitress gives each request one of its threads until the answer is written, so a
 few dozen such requests would take them all. Instead their route only checks the request and
-says what to send (a `Follow` or a `Wait`); `detachable`, around the app, then takes the
-connection's socket over from Waitress, and one thread per HTTP process (`Streams.run`) serves
+says what to send (a `Follow` or a `Wait`); handover.detachable, around the app, then takes
+the connection's socket over from Waitress, and one thread per HTTP process (`Streams.run`) serves
 every such connection from a selector (epoll): it looks at the store when the broker says a job
 changed (`Changes`), or every WAKE_S in case a wake-up was lost, and sends what it finds as
 fast as each client takes it.
@@ -23,13 +23,13 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
 
-from waitress.channel import ClientDisconnected
+import bottle
 
 from gpubox import errors, models, supervise
 from gpubox.coordinator.events import Changes
+from gpubox.coordinator.handover import DETACHABLE_KEY, STREAM_KEY
 from gpubox.store import Store
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,7 @@ PAGE_BYTES = 1024 * 1024
 KEEPALIVE_S = 15.0  # an NDJSON stream sends an empty line after this long without one
 WAKE_S = 5.0  # a stream looks at its job at least this often, whatever wakes it (a safety net)
 SWEEP_S = 0.5  # how often deadlines, keep-alives and revoked tokens are looked at
-HANDOVER_S = 2.0  # the longest a stream waits for Waitress to send what it still holds
-
-STREAM_KEY = "gpubox.stream"  # where a route leaves the stream it asks to detach
-DETACHABLE_KEY = "gpubox.detachable"  # set by `detachable`: this server can detach streams
+STOP_GRACE_S = 2.0  # how long streams may go on sending once the coordinator stops
 
 
 class Stream:
@@ -251,10 +248,8 @@ class Streams:
                 self.follows -= 1
 
     def detach(self, stream: Stream) -> None:
-        """Ask `detachable` to hand this request's connection over to `stream` (the route then
-        returns an empty body, which is never sent). The caller holds a place for it."""
-        import bottle
-
+        """Ask handover.detachable to hand this request's connection over to `stream` (the route
+        then returns an empty body, which is never sent). The caller holds a place for it."""
         environ = bottle.request.environ
         if not environ.get(DETACHABLE_KEY):
             raise RuntimeError("log streams and long polls need detachable() around the app")
@@ -264,11 +259,7 @@ class Streams:
         """Serve `stream` from now on (called from Waitress's thread, its socket handed over)."""
         with self._lock:
             self._new.append(stream)
-        self._wake()
-
-    def wake(self) -> None:
-        """Make run() turn now (to see that the coordinator stops)."""
-        self._wake()
+        self.wake()
 
     def _changed_job(self, kind: str, job_id: int) -> None:
         # Told by Changes of each change (any thread): its streams look at the job. "forget"
@@ -277,9 +268,10 @@ class Streams:
             first = not self._changed
             self._changed[job_id] = self._changed.get(job_id, False) or kind == "forget"
         if first:
-            self._wake()
+            self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Make run() turn now (to take new streams and changes, or see the coordinator stop)."""
         with contextlib.suppress(BlockingIOError):  # full: it is awake already
             self._wake_w.send(b"\0")
 
@@ -312,7 +304,7 @@ class Streams:
                     self._step(stream)
             if stopping:
                 stopped_at = stopped_at or now
-                if not self._by_job or now - stopped_at > HANDOVER_S:
+                if not self._by_job or now - stopped_at > STOP_GRACE_S:
                     break
         for streams in list(self._by_job.values()):
             for stream in list(streams):
@@ -405,78 +397,3 @@ class Streams:
                 del self._by_job[stream.job_id]
         self._due.discard(stream)
         self.release(stream.kind)
-
-
-def detachable(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-    """`app` (WSGI) as served by Waitress, where a route may hand its connection over to a
-    stream (Streams.detach): the app's status and headers then go to the stream, which sends
-    them itself, and Waitress lets go of the connection."""
-
-    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        environ[DETACHABLE_KEY] = True
-        answered: list[tuple[str, list[tuple[str, str]]]] = []
-
-        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            if STREAM_KEY not in environ:
-                return start_response(status, headers, exc_info)
-            answered.append((status, headers))
-            return lambda data: None
-
-        body = app(environ, capture)
-        if STREAM_KEY not in environ:
-            return body
-        if hasattr(body, "close"):
-            body.close()
-        streams, stream = environ[STREAM_KEY]
-        if environ.get("REQUEST_METHOD") == "HEAD":  # the headers alone: nothing to stream
-            streams.release(stream.kind)
-            start_response(*answered[-1])
-            return []
-        channel = environ["waitress.client_disconnected"].__self__
-        # Waitress may still hold the answer to an earlier request on this connection.
-        waited = time.monotonic() + HANDOVER_S
-        while channel.total_outbufs_len and time.monotonic() < waited:
-            time.sleep(0.005)
-        if channel.total_outbufs_len or not channel.connected:
-            streams.release(stream.kind)
-            raise ClientDisconnected("the connection went away before its stream began")
-        status, headers = answered[-1]
-        stream.start(environ.get("SERVER_PROTOCOL", "HTTP/1.0"), status, headers)
-        # A socket of our own for the same connection: Waitress closes its descriptor when it
-        # sees the exception below (without a byte written), the connection stays open on ours.
-        try:
-            stream.sock = channel.socket.dup()
-        except OSError as exc:  # out of descriptors, say: the client sees the connection end
-            streams.release(stream.kind)
-            raise ClientDisconnected(f"cannot hand the connection over: {exc}") from exc
-        stream.sock.setblocking(False)
-        streams.adopt(stream)
-        _quiet.handed_over = True
-        raise ClientDisconnected("handed over to a stream")
-
-    return serve
-
-
-def quiet_waitress() -> None:
-    """Keep Waitress from logging each hand-over as a client that went away (once is enough)."""
-    waitress_log = logging.getLogger("waitress")
-    if not any(isinstance(f, HandedOverFilter) for f in waitress_log.filters):
-        waitress_log.addFilter(HandedOverFilter())
-
-
-class _Quiet(threading.local):
-    handed_over = False
-
-
-_quiet = _Quiet()
-
-
-class HandedOverFilter(logging.Filter):
-    """Drops Waitress's "Client disconnected while serving" for a request that `detachable`
-    handed over (Waitress logs it in the same thread, right after the exception)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if _quiet.handed_over and str(record.msg).startswith("Client disconnected"):
-            _quiet.handed_over = False
-            return False
-        return True

@@ -231,6 +231,10 @@ class Client:
     def workers(self) -> dict[str, Any]:
         return self.call("GET", "/api/v1/workers")  # type: ignore[no-any-return]
 
+    def coordinators(self) -> dict[str, Any]:
+        """The coordinators sharing the store, and which one leads."""
+        return self.call("GET", "/api/v1/coordinators")  # type: ignore[no-any-return]
+
     def usage(
         self, since: str | None = None, until: str | None = None, by: str | None = None
     ) -> dict[str, Any]:

@@ -115,3 +115,9 @@ class ProtocolError(GpuboxError):
 
 class ConfigError(GpuboxError):
     """A setting has a bad value."""
+
+
+class Deposed(Exception):
+    """This coordinator led, and another took over (a newer epoch leads). Not a GpuboxError,
+    so that no handler of the broker's ordinary failures swallows it: it ends the broker's
+    thread, and with it the coordinator."""

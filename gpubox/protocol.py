@@ -442,6 +442,8 @@ class Refused(Message):
     TYPE: ClassVar[str] = "REFUSED"
     coordinator: str = wire(is_str)
     reason: str = wire(is_str)
+    # True: a standby coordinator answers, which does not lead; try another coordinator.
+    standby: bool | None = wire(opt(is_bool), omit=True)
 
 
 FromWorker = Hello | Ready | Started | Log | Done | Telemetry | WorkerHeartbeat

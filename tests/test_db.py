@@ -283,12 +283,12 @@ def test_db_copy_from_a_missing_sqlite_file_creates_nothing(tmp_path: Path):
 def test_db_upgrade_twice_is_a_no_op_the_second_time(pg_url: str, tmp_path: Path):
     for url in (pg_url, f"sqlite:///{tmp_path}/fresh.db"):
         first = gpubox("db", "upgrade", "--db", url)
-        assert first.returncode == 0 and "upgraded from version 0 to 11" in first.stderr
+        assert first.returncode == 0 and "upgraded from version 0 to 12" in first.stderr
         second = gpubox("db", "upgrade", "--db", url)
         assert second.returncode == 0 and "nothing to do" in second.stderr
         store = open_store(url, upgrade=False)
         try:
-            assert store.schema_version() == store.latest_version == 11
+            assert store.schema_version() == store.latest_version == 12
         finally:
             store.close()
 
@@ -327,7 +327,7 @@ def test_a_version_1_store_is_upgraded_and_its_jobs_read_as_before(
             conn.execute(row)  # type: ignore[arg-type]
     store = open_store(url)
     try:
-        assert store.schema_version() == 11
+        assert store.schema_version() == 12
         job = store.get_job(7)
         assert job.spec.name == "old" and job.spec.gpus == 1
         assert job.spec.gpu_model is None and job.spec.gpu_memory_gb is None
@@ -380,7 +380,7 @@ def test_a_version_2_store_keeps_its_tokens_and_jobs_which_get_no_submitter(
                 conn.execute(statement)  # type: ignore[arg-type]
     store = open_store(url)
     try:
-        assert store.schema_version() == 11
+        assert store.schema_version() == 12
         job = store.get_job(9)
         assert (job.spec.submitter, job.spec.allow_process) == (None, False)
         assert job.to_dict()["submitter"] is None

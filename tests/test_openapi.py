@@ -242,6 +242,7 @@ def test_answers_of_every_route_match_the_document(bare: Cluster, checked: None)
     assert send("GET", "/healthz", auth=None).status == 200
     assert send("GET", "/metrics").status == 200
     assert send("GET", "/metrics", auth=None).status == 401
+    assert send("GET", "/api/v1/coordinators").status == 200
     assert send("GET", openapi.PATH, auth=None).status == 200
     # tokens and roles
     made = send("POST", "/api/v1/tokens", {"name": "viewer", "role": "view"})

@@ -316,6 +316,7 @@ def test_the_optional_fields_are_the_documented_ones() -> None:
         "DONE.error",
         "DONE.executed_at",
         "JOB.resume",
+        "REFUSED.standby",
         "JOB.resume_stored",
         "LOG.last",
         "STARTED.image_id",

@@ -1,6 +1,7 @@
-"""One coordinator per store: a second coordinator on the same store (another state folder,
-the same database) refuses to start and names the one running; once that one stops, it
-starts. On PostgreSQL the lock survives its connection's loss: the coordinator takes it back.
+"""One coordinator per SQLite store: a second coordinator on the same store (another state
+folder, the same file) refuses to start and names the one running; once that one stops, it
+starts. (Several coordinators on one PostgreSQL store share it under one leader:
+tests/test_leadership.py.)
 
 Two coordinators on one database each ran a broker: one took the other's worker for lost
 and ended its running job as ERROR while the job went on."""
@@ -11,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +19,6 @@ import pytest
 from gpubox import config as cfg
 from gpubox import errors, keys
 from gpubox.coordinator.server import Coordinator
-from gpubox.store import single
-from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,8 +32,9 @@ def coordinator(state: Path, db_url: str) -> Coordinator:
 
 
 def test_a_second_coordinator_on_the_same_store_refuses_to_start_until_the_first_stops(
-    tmp_path: Path, db_url: str
+    tmp_path: Path,
 ) -> None:
+    db_url = f"sqlite:///{tmp_path}/shared.db"
     first = coordinator(tmp_path / "a", db_url)
     first.start()
     second = coordinator(tmp_path / "b", db_url)
@@ -67,30 +66,5 @@ def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert "another gpubox coordinator already runs on the store" in done.stderr
         assert "Traceback" not in done.stderr
-    finally:
-        first.stop()
-
-
-def test_the_postgresql_lock_is_taken_back_after_its_connection_is_lost(
-    tmp_path: Path, db_url: str, pg_admin: object
-) -> None:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("the SQLite lock is the kernel's: it cannot be lost")
-    first = coordinator(tmp_path / "a", db_url)
-    first.start()
-    try:
-        lock = first.store_lock
-        assert isinstance(lock, single.AdvisoryLock)
-        lost = lock.conn.info.backend_pid
-        pg_admin.execute(f"SELECT pg_terminate_backend({lost})")  # type: ignore[attr-defined]
-        wait_until(
-            lambda: lock.conn is not None and lock.conn.info.backend_pid != lost,
-            15,
-            "the lock taken back on a new connection",
-        )
-        time.sleep(single.WATCH_EVERY_S * 2)
-        assert all(t.is_alive() for t in first.threads)
-        with pytest.raises(errors.ConfigError):
-            coordinator(tmp_path / "b", db_url).start()
     finally:
         first.stop()

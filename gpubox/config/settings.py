@@ -188,7 +188,8 @@ class WorkerConfig:
     coordinator: str = setting(
         "tcp://127.0.0.1:8471",
         "GPUBOX_COORDINATOR",
-        "coordinator's worker link address",
+        "coordinator's worker link address; several, comma-separated, for coordinators"
+        " sharing one PostgreSQL store (the worker finds the one that leads)",
         "--coordinator",
     )
     name: str = setting("", "GPUBOX_WORKER_NAME", "worker name (default: the host name)", "--name")
@@ -323,7 +324,8 @@ class WorkerConfig:
     )
 
     def validate(self) -> None:
-        check_link(self.coordinator, "coordinator")
+        for address in self.coordinators:
+            check_link(address, "coordinator")
         _positive(
             self,
             "max_jobs",
@@ -384,6 +386,11 @@ class WorkerConfig:
     @property
     def mount_map(self) -> dict[str, Mount]:
         return parse_mounts(self.mounts)
+
+    @property
+    def coordinators(self) -> list[str]:
+        """The worker link addresses of `coordinator`, in the order given."""
+        return [part.strip() for part in self.coordinator.split(",") if part.strip()] or [""]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from gpubox import errors, keys, models, protocol, supervise
-from gpubox.coordinator import admission, metrics, reports, scheduler, sealing
+from gpubox.coordinator import admission, linkport, metrics, reports, scheduler, sealing
 from gpubox.coordinator.events import Changes
 from gpubox.coordinator.lifecycle import Lifecycle
 from gpubox.coordinator.peers import Link, Peer
@@ -34,7 +34,6 @@ STORE_BACKOFF_MAX_S = 5.0
 MAX_BURST_LINES = 50_000  # log lines stored in one transaction, at most (about 0.5 s)
 FLAP_HELLOS, FLAP_WINDOW_S = 4, 30.0  # this many HELLOs of one name within the window: warn
 QUARANTINE_S = 300.0  # no jobs for a worker that was sent one and never confirmed it
-HANDSHAKE_MS = 5000  # how long a connection to the worker link may go without a CURVE handshake
 
 
 class Broker:
@@ -77,23 +76,12 @@ class Broker:
         self.authenticator: keys.CurveAuthenticator | None = keys.CurveAuthenticator(
             self.context, allow
         )
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BODY + 4096)
-        # A connection that has not finished its CURVE handshake within this is closed:
-        # idle sockets opened to this port by anyone (no key needed) go away on their own
-        # instead of piling up until the process runs out of file descriptors.
-        self.router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
-        self.router.curve_server = True
-        self.router.curve_publickey, self.router.curve_secretkey = server_keys
-        self.router.zap_domain = keys.ZAP_DOMAIN.encode()
         try:
-            self.router.bind(bind)
-        except zmq.ZMQError as exc:
-            self.router.close(linger=0)
+            self.router = linkport.bind_router(self.context, bind, server_keys)
+        except errors.ConfigError:
             self.authenticator.stop()
-            raise errors.ConfigError(f"bind: cannot listen on {bind}: {exc}") from exc
+            raise
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoint: str = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.inbox_address = f"inproc://gpubox-broker-{self.coordinator_id}"
         self.inbox = self.context.socket(zmq.PULL)
@@ -278,6 +266,8 @@ class Broker:
                 log.warning("store unavailable, pausing store work: %s", exc)
             self._store_backoff_s = min(STORE_BACKOFF_MAX_S, 2 * self._store_backoff_s or 1.0)
             self._store_paused_until = time.monotonic() + self._store_backoff_s
+        except errors.Deposed:
+            raise  # another coordinator leads: this broker must stop (coordinator.leader)
         except Exception:
             log.exception("broker: unexpected error in %s", getattr(fn, "__name__", fn))
 

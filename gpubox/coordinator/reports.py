@@ -79,7 +79,7 @@ def store_burst(
         for peer, report in pending:
             try:
                 stored.append((peer, store_report(store, report, limits)))
-            except errors.StoreUnavailable:
+            except (errors.StoreUnavailable, errors.Deposed):
                 raise
             except Exception:  # this report only: the others still count
                 log.exception("broker: could not store a %s of job %s", report.TYPE, report.job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import resource
 import threading
@@ -14,11 +15,22 @@ from waitress import wasyncore
 
 from gpubox import config as config_mod
 from gpubox import errors, keys, supervise
-from gpubox.coordinator import api, handover, httpproc, hub, sealing, tokens, webhooks
+from gpubox.coordinator import (
+    api,
+    handover,
+    httpproc,
+    hub,
+    leader,
+    relay,
+    sealing,
+    standby,
+    tokens,
+    webhooks,
+)
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
 from gpubox.coordinator.streams import Streams
-from gpubox.store import Store, open_store, single
+from gpubox.store import Store, leases, open_store, single
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +137,17 @@ class Coordinator:
         self.hub: hub.Hub | None = None  # with http_processes > 1: the HTTP processes' calls
         self.http_processes: httpproc.Processes | None = None
         self.streams: Streams | None = None  # with one process: its log streams and long polls
-        self.store_lock: single.Lock | None = None  # one coordinator per store
+        self.store_lock: single.Lock | None = None  # SQLite: one coordinator per store
+        # PostgreSQL: several coordinators, one leading (coordinator.leader); this one's lease,
+        # its wake-ups to and from the others, and the API's view of the broker it may run.
+        self.leadership: leader.Leadership | None = None
+        self.relay: relay.Relay | None = None
+        self.switch: leader.LiveSwitch | None = None
+        self.standby_link: standby.StandbyLink | None = None
+        self._standby_thread: supervise.Essential | None = None
+        self._broker_args: dict[str, Any] = {}
+        self._serving = False  # _start has started the threads: a promotion starts its own
+        self._promote_lock = threading.Lock()
         self._stopping = threading.Event()
         self._http_done = threading.Event()
         self._http_loop = supervise.Loop(stall_s=3 * config.heartbeat_interval_s)
@@ -139,8 +161,15 @@ class Coordinator:
 
     @property
     def link_endpoint(self) -> str:
-        assert self.broker is not None
-        return self.broker.endpoint
+        if self.broker is not None:
+            return self.broker.endpoint
+        assert self.standby_link is not None
+        return self.standby_link.endpoint
+
+    @property
+    def leads(self) -> bool:
+        """This coordinator runs the broker (always, on SQLite)."""
+        return self.broker is not None
 
     def start(self) -> None:
         """Open the store, bind both listeners, start the threads; on failure undo it all."""
@@ -160,17 +189,12 @@ class Coordinator:
             )
         server_keys = keys.load_secret(secret)
         sealer = sealing.Sealer(self.config.state_dir)
-        hooks = webhooks.Settings.load(
-            self.config.webhook_allow, self.config.webhooks, self.config.state_dir
-        )
         self.store = open_store(self.config.db)
-        self.store_lock = single.hold(self.config.db)  # before anything is written
-        self.store.drop_sessions()  # a restart signs everyone out of the dashboard
         changes = Changes()
-        self.broker = Broker(
-            self.store,
-            changes,
-            self.config.bind,
+        self._broker_args = dict(
+            store=self.store,
+            changes=changes,
+            bind=self.config.bind,
             server_keys=server_keys,
             allow=keys.AllowList(keys.allowed_dir(self.config.state_dir)),
             sealer=sealer,
@@ -184,36 +208,49 @@ class Coordinator:
             idle_threshold=self.config.idle_threshold,
             fair_share_half_life=self.config.fair_share_half_life,
         )
+        if isinstance(self.store, leases.LeaseStore):
+            self._start_leadership(self.store, changes)
+        else:
+            self.store_lock = single.hold(self.config.db)  # before anything is written
+            self.store.drop_sessions()  # a restart signs everyone out of the dashboard
+            self.broker = Broker(**self._broker_args)
+        live: Any = self.switch or self.broker
         if self.config.http_processes > 1:
             self._start_http_processes(changes)
         else:
             self.streams = Streams(self.store, changes, self._stopping, self.config.http_streams)
             app = make_app(
-                self.config,
-                self.store,
-                changes,
-                self.broker.poke,
-                self.broker,
-                self._stopping,
-                self.streams,
+                self.config, self.store, changes, live.poke, live, self._stopping, self.streams
             )
-            try:
-                self.http_server = create_http_server(app, self.config)
-            except errors.ConfigError:
-                self.broker.close()
-                self.store.close()
-                raise
+            self.http_server = create_http_server(app, self.config)
         # Only with both ports bound: a coordinator that cannot start (its port taken, say by
         # the one already serving this state folder) must not replace its clients' token.
-        tokens.ensure_local(self.store, self.config.state_dir)
-        self.threads = [supervise.Essential("gpubox-broker", self.broker.run, self.broker.loop)]
-        lock, lock_loop = self.store_lock, supervise.Loop(stall_s=60.0)
-        assert lock is not None  # taken above
-        self.threads.append(
-            supervise.Essential(
-                "gpubox-store-lock", lambda: lock.watch(self._stopping, lock_loop.tick), lock_loop
-            )
+        shared = self.leadership is not None  # a store several coordinators may share
+        tokens.ensure_local(
+            self.store, self.config.state_dir, tokens.local_name(self.config.state_dir, shared)
         )
+        if self.leadership is not None:  # the addresses it is reached at, now that it knows
+            me = self.leadership.me
+            self.leadership.me = dataclasses.replace(
+                me, http=self.http_url, link=self.link_endpoint
+            )
+            self.leadership.store.register_coordinator(self.leadership.me)
+        self.threads += self._role_threads()
+        if self.store_lock is not None:
+            lock, lock_loop = self.store_lock, supervise.Loop(stall_s=60.0)
+            self.threads.append(
+                supervise.Essential(
+                    "gpubox-store-lock",
+                    lambda: lock.watch(self._stopping, lock_loop.tick),
+                    lock_loop,
+                )
+            )
+        if self.relay is not None and self.leadership is not None:
+            self.threads += [
+                supervise.Essential("gpubox-relay-in", self.relay.listen, self.relay.listen_loop),
+                supervise.Essential("gpubox-relay-out", self.relay.send, self.relay.send_loop),
+                supervise.Essential("gpubox-leadership", self.leadership.run, self.leadership.loop),
+            ]
         if self.streams is not None:
             self.threads += [
                 supervise.Essential("gpubox-http", self._serve_http, self._http_loop),
@@ -221,32 +258,127 @@ class Coordinator:
             ]
         elif self.hub is not None and self.http_processes is not None:
             self.threads += self.http_processes.essential_threads(self.hub)
-        if hooks.active:
-            # Its loop turns at least every webhooks.IDLE_S, and between two deliveries,
-            # each of which may take webhooks.TIMEOUT_S.
-            self.webhooks = webhooks.Dispatcher(
-                self.store, sealer, self._stopping, supervise.Loop(stall_s=60.0)
-            )
-            self.threads.append(
-                supervise.Essential("gpubox-webhooks", self.webhooks.run, self.webhooks.loop)
-            )
-        for thread in self.threads:
-            thread.start()
+        with self._promote_lock:
+            for thread in self.threads:
+                thread.start()
+            self._serving = True
         if self.hub is not None and self.http_processes is not None:
             self.http_processes.wait_ready(self.hub)
         log.info("coordinator serving HTTP on %s, workers on %s", self.http_url, self.link_endpoint)
 
+    def _start_leadership(self, store: leases.LeaseStore, changes: Changes) -> None:
+        """PostgreSQL: register with the store's other coordinators, lead if no one does
+        (the broker is made here then), else stand by (the worker link answers "standby")."""
+        host, port = config_mod.parse_address(self.config.http, "http")
+        me = leader.this_coordinator(f"http://{host}:{port}", self.config.bind)
+        self.leadership = leader.Leadership(
+            store, me, self.config.liveness_s / 2, self._promote, self._stopping
+        )
+        self.relay = relay.Relay(
+            self.config.db, store.channel(), me.id, self._on_notice, self._stopping
+        )
+        self.switch = leader.LiveSwitch(
+            store, self.relay.publish, self.leadership, self.config.fair_share_half_life
+        )
+        changes.listeners.append(self._publish_change)
+        self.leadership.start()
+        if self.broker is None:
+            args = self._broker_args
+            self.standby_link = standby.StandbyLink(
+                self.context, self.config.bind, args["server_keys"], args["allow"], me.id
+            )
+            log.info("another coordinator leads: this one stands by (%s)", me.id)
+
+    def _publish_change(self, kind: str, job_id: int) -> None:
+        """A Changes listener: tell the other coordinators' followers."""
+        if self.relay is not None:
+            self.relay.publish("n" if kind == "notify" else "f", job_id)
+
+    def _on_notice(self, kind: str, job_id: int) -> None:
+        """A notice from another coordinator (coordinator.relay)."""
+        changes = self._broker_args["changes"]
+        if kind == "n":
+            changes.notify(job_id)
+        elif kind == "f":
+            changes.forget(job_id)
+        elif kind in ("schedule", "cancel"):
+            if (broker := self.broker) is not None:
+                broker.poke(kind, job_id)
+        elif kind == "leader" and self.leadership is not None and self.broker is None:
+            self.leadership.wake.set()
+
+    def _role_threads(self) -> list[supervise.Essential]:
+        """The threads of what this coordinator is now: the leader's broker (and webhook
+        deliveries), or a standby's worker link."""
+        if self.broker is None:
+            link = self.standby_link
+            assert link is not None
+            self._standby_thread = supervise.Essential("gpubox-standby-link", link.run, link.loop)
+            return [self._standby_thread]
+        broker, epoch = self.broker, self.leadership.epoch if self.leadership else None
+        assert self.store is not None
+        store = self.store
+        fenced = store if isinstance(store, leases.LeaseStore) else None
+
+        def run_broker() -> None:
+            if fenced is not None and epoch is not None:
+                fenced.fence(epoch)  # its writes go on only while this epoch leads
+            broker.run()
+
+        threads = [supervise.Essential("gpubox-broker", run_broker, broker.loop)]
+        hooks = webhooks.Settings.load(
+            self.config.webhook_allow, self.config.webhooks, self.config.state_dir
+        )
+        if hooks.active:
+            # Its loop turns at least every webhooks.IDLE_S, and between two deliveries,
+            # each of which may take webhooks.TIMEOUT_S.
+            dispatcher = webhooks.Dispatcher(
+                store,
+                sealing.Sealer(self.config.state_dir),
+                self._stopping,
+                supervise.Loop(stall_s=60.0),
+            )
+            self.webhooks = dispatcher
+
+            def run_webhooks() -> None:
+                if fenced is not None and epoch is not None:
+                    fenced.fence(epoch)
+                dispatcher.run()
+
+            threads.append(supervise.Essential("gpubox-webhooks", run_webhooks, dispatcher.loop))
+        return threads
+
+    def _promote(self, epoch: int) -> None:
+        """This coordinator leads from now on (Leadership calls this in epoch `epoch`): make
+        the broker on the worker link's port, in place of the standby's answer."""
+        with self._promote_lock:
+            if self._stopping.is_set():
+                return
+            if self.standby_link is not None:
+                thread = self._standby_thread
+                if thread is not None and thread in self.threads:
+                    self.threads.remove(thread)  # it ends now, and that is no failure
+                self.standby_link.stop(thread)
+                # The same port (a bind to port * got one of its own).
+                self._broker_args["bind"] = self.standby_link.endpoint
+                self.standby_link = None
+            self.broker = Broker(**self._broker_args)
+            if self.switch is not None:
+                self.switch.broker = self.broker
+            if self._serving:  # a standby taking over: start the leader's threads now
+                started = self._role_threads()
+                for thread in started:
+                    thread.start()
+                self.threads.extend(started)
+            log.info("leading in epoch %d: the worker link is on %s", epoch, self.link_endpoint)
+
     def _start_http_processes(self, changes: Changes) -> None:
         """Bind the HTTP port here, and start http_processes processes that serve it (see
         httpproc): this process keeps the broker, the worker link and the hub they call."""
-        assert self.store is not None and self.broker is not None
-        try:
-            listener = httpproc.listen(self.config)
-        except errors.ConfigError:
-            self.broker.close()
-            self.store.close()
-            raise
-        self.hub = hub.Hub(self.broker, self.store, changes, self.context, self._stopping)
+        assert self.store is not None
+        listener = httpproc.listen(self.config)
+        live = self.switch or self.broker
+        self.hub = hub.Hub(live, self.store, changes, self.context, self._stopping)
         self.http_processes = httpproc.Processes(self.config, listener, self.hub.folder)
 
     def reload(self) -> None:
@@ -267,8 +399,24 @@ class Coordinator:
         wasyncore.close_all(server._map)
 
     def stop(self) -> None:
-        """Finish requests in flight (follow streams end), close listeners, join threads."""
+        """Finish requests in flight (follow streams end), close listeners, join threads.
+        A leader first stops its broker and gives its lease up, so that another coordinator
+        leads at once."""
         self._stopping.set()
+        with self._promote_lock:  # a promotion under way ends first
+            pass
+        if self.leadership is not None:
+            if self.broker is not None:
+                self.broker.stop()
+                for thread in self.threads:
+                    if thread.name in ("gpubox-broker", "gpubox-webhooks"):
+                        thread.join(timeout=10)
+            self.leadership.give_up()
+            self.leadership.leave()
+        if self.standby_link is not None:
+            self.standby_link.stop(self._standby_thread)
+        if self.relay is not None:
+            self.relay.stop()
         if self.webhooks is not None:
             self.webhooks.wake.set()
         if self.streams is not None:

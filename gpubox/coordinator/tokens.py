@@ -8,6 +8,7 @@ import hmac
 import logging
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +94,26 @@ def check(store: Store, header: str | None) -> models.Token:
     return token
 
 
-def ensure_local(store: Store, state_dir: str) -> Path:
-    """Make sure `<state_dir>/token` (mode 0600) holds a valid admin token; its path."""
+def local_name(state_dir: str, shared: bool) -> str:
+    """The name of the local admin token of the coordinator with this state folder: "local",
+    or, on a store that several coordinators share, "local@HOST-HASH" (HASH: of the state
+    folder's path), so that each has its own and a start replaces only its own."""
+    if not shared:
+        return LOCAL_NAME
+    folder = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:8]
+    return f"{LOCAL_NAME}@{socket.gethostname()[:60]}-{folder}"
+
+
+def ensure_local(store: Store, state_dir: str, name: str = LOCAL_NAME) -> Path:
+    """Make sure `<state_dir>/token` (mode 0600) holds a valid admin token, named `name`
+    (see local_name); its path."""
     path = Path(state_dir) / "token"
     with contextlib.suppress(OSError):
         existing = path.read_text().strip()
         if existing and store.find_token(digest(existing)) is not None:
             return path
-    store.revoke_token(LOCAL_NAME)
-    token = create(store, LOCAL_NAME, "admin")
+    store.revoke_token(name)
+    token = create(store, name, "admin")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:

@@ -152,6 +152,8 @@ class Dispatcher:
                 self.turn_events_into_deliveries()
                 self.send_due(models.utcnow())
                 wait = self._seconds_to_next()
+            except errors.Deposed:
+                raise  # another coordinator leads and delivers now
             except Exception as exc:  # the store away, most often: the next turn retries
                 log.warning("webhooks: %s", exc)
                 wait = IDLE_S

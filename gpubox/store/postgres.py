@@ -17,7 +17,7 @@ import psycopg_pool
 from psycopg.rows import dict_row, tuple_row
 
 from gpubox import errors, models
-from gpubox.store import columns, redacted, sql
+from gpubox.store import columns, leases, redacted, sql
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,29 @@ CREATE TABLE web_sessions (
 );
 CREATE INDEX web_sessions_expires ON web_sessions (expires_at);
 """,
+    # 12: leadership among several coordinators on one PostgreSQL store (store.leases): the
+    # lease and its epoch, and the coordinators' list. A SQLite store has one coordinator and
+    # leaves them empty.
+    """
+CREATE TABLE leadership (
+    id INTEGER PRIMARY KEY,
+    epoch BIGINT NOT NULL,
+    holder TEXT NOT NULL,
+    since TIMESTAMPTZ,
+    lease_until TIMESTAMPTZ
+);
+INSERT INTO leadership (id, epoch, holder) VALUES (1, 0, '');
+CREATE TABLE coordinators (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    http TEXT NOT NULL,
+    link TEXT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL,
+    seen_at TIMESTAMPTZ NOT NULL,
+    takeovers BIGINT NOT NULL DEFAULT 0
+);
+""",
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.
 MIGRATIONS = columns.migrations(TYPES, OTHERS)
@@ -289,7 +312,7 @@ class _DropAll(logging.Filter):
         return False
 
 
-class PostgresStore(sql.SqlStore):
+class PostgresStore(sql.SqlStore, leases.LeaseStore):
     """The store in a PostgreSQL database."""
 
     MIGRATIONS = MIGRATIONS
@@ -352,11 +375,14 @@ class PostgresStore(sql.SqlStore):
             conn.transaction(),
             conn.cursor() as cur,
         ):
+            self._check_fence(cur)  # a leader's broker writes only while it leads
             yield _Cursor(cur)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         with _translate(), self.pool.connection() as conn, conn.transaction():
+            with conn.cursor() as cur:
+                self._check_fence(cur)
             self._local.batch = conn
             try:
                 yield

@@ -174,6 +174,29 @@ CREATE TABLE web_sessions (
 );
 CREATE INDEX web_sessions_expires ON web_sessions (expires_at);
 """,
+    # 12: leadership among several coordinators on one PostgreSQL store (store.leases): the
+    # lease and its epoch, and the coordinators' list. A SQLite store has one coordinator and
+    # leaves them empty.
+    """
+CREATE TABLE leadership (
+    id INTEGER PRIMARY KEY,
+    epoch BIGINT NOT NULL,
+    holder TEXT NOT NULL,
+    since TEXT,
+    lease_until TEXT
+);
+INSERT INTO leadership (id, epoch, holder) VALUES (1, 0, '');
+CREATE TABLE coordinators (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    http TEXT NOT NULL,
+    link TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    takeovers BIGINT NOT NULL DEFAULT 0
+);
+""",
 )
 # One script per schema version: MIGRATIONS[0] makes version 1, and so on.
 MIGRATIONS = columns.migrations(TYPES, OTHERS)

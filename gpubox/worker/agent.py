@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_UNACKED_BYTES = 64 * 1024 * 1024  # the in-memory window's other bound
 LINE_OVERHEAD = 48  # bytes a held line costs besides its text (timestamp, stream, list)
 _STREAM = operator.itemgetter(1)
+MOVE_EVERY_S = 0.2  # with several coordinators: the least time between two moves
 
 
 class Runtime(Protocol):
@@ -139,8 +140,12 @@ class Agent:
         self.runners = Runners(self.context, self.events_address)
         self.spill = Spill(Path(config.state_dir) / "spill" / self.name, config.spill_max_bytes)
         self.link = CoordinatorLink(
-            self.context, config.coordinator, self.name, keypair, server_key
+            self.context, config.coordinators, self.name, keypair, server_key
         )
+        # Several coordinators: the one this talks to stands by or went away, so move on to
+        # the next of the list (at most every MOVE_EVERY_S, while none of them leads).
+        self._move_due = False
+        self._next_move = 0.0
         # The GPU sampler: points of each job's GPUs, and the idle-GPU policy.
         self.sampler = Sampler(
             usage or (lambda: []),
@@ -204,8 +209,8 @@ class Agent:
                 now = time.monotonic()
                 if self.link.dealer in events:
                     self._drain_link(now)
-                if self.link.monitor in events:
-                    self.link.check_handshakes()
+                if self.link.monitor in events and self.link.check_handshakes():
+                    self._move_due = True  # the coordinator dropped the connection
                 if self.events in events:
                     self._drain_events(now)
                 self.step(now, poller)
@@ -220,7 +225,10 @@ class Agent:
             log.warning(
                 "no word from the coordinator for %.0f s: reconnecting", now - self.last_heard
             )
-            self._connect(now, poller)
+            self._connect(now, poller, move=self.link.several)
+            return
+        if self._move_due and now >= self._next_move:
+            self._connect(now, poller, move=True)
             return
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
@@ -238,8 +246,14 @@ class Agent:
                 self._announce_drain = False
                 self._ready()  # slots 0: no more work
 
-    def _connect(self, now: float, poller: zmq.Poller | None) -> None:
-        self.link.connect(poller)
+    def _connect(self, now: float, poller: zmq.Poller | None, move: bool = False) -> None:
+        """Connect anew: to the same coordinator, or with `move` to the next of the list."""
+        if move:
+            self.link.move(poller)
+            log.info("trying the coordinator at %s", self.link.endpoint)
+        else:
+            self.link.connect(poller)
+        self._move_due, self._next_move = False, now + MOVE_EVERY_S
         self.last_heard = now
         self._hello()
 
@@ -289,11 +303,14 @@ class Agent:
                 job.points.drop()
         self._refused = ""
         self.connected.set()
-        log.info("connected to the coordinator at %s as %s", self.config.coordinator, self.name)
+        log.info("connected to the coordinator at %s as %s", self.link.endpoint, self.name)
         self._resend(now, older_than=0.0)
         self._ready()
 
     def _on_refused(self, msg: protocol.Refused, now: float) -> None:
+        if msg.standby and self.link.several:
+            self._move_due = True  # it does not lead: the next one may
+            return
         if msg.reason != self._refused:
             self._refused = msg.reason
             log.error("the coordinator refused this worker: %s", msg.reason[:300])

@@ -1,5 +1,9 @@
 """The worker's end of the worker link: one DEALER socket to the coordinator, CURVE client,
-and a monitor that turns a failed handshake into a log line saying what to check."""
+and a monitor that turns a failed handshake into a log line saying what to check.
+
+A worker may know several coordinators (they share one PostgreSQL store, and one of them
+leads): the link talks to one at a time, and `move()` goes on to the next of the list, when
+the one it talks to stands by, goes silent or drops the connection."""
 
 from __future__ import annotations
 
@@ -23,18 +27,20 @@ HANDSHAKE_FAILURES = (
 
 class CoordinatorLink:
     """A DEALER to the coordinator at `endpoint`, made anew by connect() (after a silence).
-    Owned by the agent's thread; `name` is the worker's, for the log lines."""
+    Owned by the agent's thread; `name` is the worker's, for the log lines. `endpoints` are
+    the coordinators' addresses, the first one used first."""
 
     def __init__(
         self,
         context: zmq.Context[Any],
-        endpoint: str,
+        endpoints: list[str],
         name: str,
         keypair: tuple[bytes, bytes],
         server_key: bytes,
     ) -> None:
         self.context = context
-        self.endpoint = endpoint
+        self.endpoints = endpoints
+        self.endpoint = endpoints[0]
         self.name = name
         self.public_key, self.secret_key = keypair
         self.server_key = server_key
@@ -53,13 +59,25 @@ class CoordinatorLink:
         dealer.setsockopt(zmq.RECONNECT_IVL, 200)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         # A refused key or a wrong server key only shows as a failed handshake: watch for it.
-        self.monitor = dealer.get_monitor_socket(HANDSHAKE_FAILURES)
+        # With several coordinators, a dropped connection too: the next one may lead now.
+        watched = HANDSHAKE_FAILURES | (zmq.EVENT_DISCONNECTED if self.several else 0)
+        self.monitor = dealer.get_monitor_socket(watched)
         self._handshake_warned = False
         dealer.connect(self.endpoint)
         self.dealer = dealer
         if poller is not None:
             poller.register(self.dealer, zmq.POLLIN)
             poller.register(self.monitor, zmq.POLLIN)
+
+    @property
+    def several(self) -> bool:
+        return len(self.endpoints) > 1
+
+    def move(self, poller: zmq.Poller | None) -> None:
+        """Connect to the next coordinator of the list."""
+        index = self.endpoints.index(self.endpoint)
+        self.endpoint = self.endpoints[(index + 1) % len(self.endpoints)]
+        self.connect(poller)
 
     def close(self, poller: zmq.Poller | None) -> None:
         if self.dealer is None or self.monitor is None:
@@ -95,13 +113,18 @@ class CoordinatorLink:
             except errors.ProtocolError as exc:
                 log.warning("dropped a malformed message from the coordinator: %s", exc)
 
-    def check_handshakes(self) -> None:
-        """Log, once per connection, why a CURVE handshake failed."""
+    def check_handshakes(self) -> bool:
+        """Log, once per connection, why a CURVE handshake failed; True if the coordinator
+        dropped the connection (watched only with several coordinators)."""
+        dropped = False
         while self.monitor is not None:
             try:
                 event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return dropped
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                dropped = True
+                continue
             if self._handshake_warned:
                 continue
             self._handshake_warned = True
@@ -118,3 +141,4 @@ class CoordinatorLink:
                     " public key (its keys/coordinator.key)?",
                     self.endpoint,
                 )
+        return dropped

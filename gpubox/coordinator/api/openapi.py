@@ -65,6 +65,7 @@ def components() -> dict[str, Any]:
             "TokenChange": schemas.token_change(),
             "Revoked": schemas.closed({"name": STRING, "revoked": {"const": True}}),
             "Health": schemas.closed(health, required=("status", "version")),
+            "Coordinators": schemas.coordinators(),
             "Unhealthy": schemas.closed(unhealthy),
             "Error": schemas.error(),
             "ErrorCode": {

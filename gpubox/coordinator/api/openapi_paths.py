@@ -366,6 +366,14 @@ def health_paths() -> dict[str, Any]:
         "/metrics": {
             "get": operation("metrics", "Prometheus metrics", {200: metrics}, (404,)),
         },
+        "/api/v1/coordinators": {
+            "get": operation(
+                "list_coordinators",
+                "The coordinators sharing this store, and which one leads",
+                {200: json_answer("the coordinators", ref("Coordinators"))},
+                (),
+            ),
+        },
         PATH: {
             "get": operation(
                 "openapi_document",

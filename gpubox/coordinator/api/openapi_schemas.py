@@ -389,3 +389,38 @@ def metadata_filter() -> Schema:
         "propertyNames": {"pattern": name},
         "additionalProperties": {"type": "string", "pattern": NO_NUL},
     }
+
+
+def coordinators() -> Schema:
+    """GET /api/v1/coordinators (api/health.py)."""
+    time = {"type": "string", "format": "date-time"}
+    leader = closed(
+        {
+            "id": {"type": "string", "description": "the leading coordinator's id"},
+            "epoch": {"type": "integer", "description": "grows by one with each new leader"},
+            "since": time,
+        }
+    )
+    coordinator = closed(
+        {
+            "id": {"type": "string"},
+            "host": {"type": "string"},
+            "pid": {"type": "integer"},
+            "http": {"type": "string", "description": "where it serves HTTP"},
+            "link": {"type": "string", "description": "where workers reach it"},
+            "started_at": time,
+            "seen_at": time,
+            "takeovers": {"type": "integer", "description": "times it took the lead"},
+            "leader": {"type": "boolean"},
+        }
+    )
+    return closed(
+        {
+            "store": {
+                "enum": ["sqlite", "postgresql"],
+                "description": "a SQLite store has one coordinator, and lists none here",
+            },
+            "leader": {"oneOf": [leader, {"type": "null"}]},
+            "coordinators": {"type": "array", "items": coordinator},
+        }
+    )

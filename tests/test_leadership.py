@@ -1,0 +1,266 @@
+"""Several coordinators on one PostgreSQL store: one leads (runs the broker), the others stand
+by, serve the HTTP API and take over; the epoch fences a deposed leader's writes; wake-ups
+cross coordinators through LISTEN/NOTIFY; workers given every coordinator find the leader.
+(The chaos run with SIGKILL and SIGSTOP is tests/test_failover.py.)"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from gpubox import config as cfg
+from gpubox import errors, keys
+from gpubox.client import Client
+from gpubox.coordinator.server import Coordinator
+from gpubox.store import leases, open_store
+from gpubox.worker import gpu, wiring
+from tests.conftest import PG_URL, PgAdmin, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture()
+def pg_url(pg_admin: PgAdmin) -> Iterator[str]:
+    """A fresh schema of the PostgreSQL test database."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    pg_admin.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
+    pg_admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture()
+def coordinators(tmp_path: Path, pg_url: str) -> Iterator[Callable[[], Coordinator]]:
+    """A factory of started coordinators on one store, sharing one key pair and allow list
+    (as the README says to install them); all stopped after the test."""
+    shared = tmp_path / "shared"
+    keys.init(str(shared))
+    started: list[Coordinator] = []
+
+    def start() -> Coordinator:
+        state = tmp_path / f"c{len(started)}"
+        (state / "keys").mkdir(parents=True)
+        for name in ("coordinator.key", "coordinator.key_secret"):
+            (state / "keys" / name).write_bytes((shared / "keys" / name).read_bytes())
+        (state / "keys" / "allowed").symlink_to(shared / "keys" / "allowed")
+        config = cfg.CoordinatorConfig(
+            state_dir=str(state),
+            db=pg_url,
+            http="127.0.0.1:0",
+            bind="tcp://127.0.0.1:*",
+            heartbeat_interval_s=0.5,
+            liveness_s=3.0,
+        )
+        coordinator = Coordinator(config)
+        coordinator.start()
+        started.append(coordinator)
+        return coordinator
+
+    yield start
+    for coordinator in started:
+        coordinator.stop()
+
+
+def client(coordinator: Coordinator) -> Client:
+    token = (Path(coordinator.config.state_dir) / "token").read_text().strip()
+    return Client(coordinator.http_url, token)
+
+
+def metrics(coordinator: Coordinator) -> str:
+    with client(coordinator)._open("GET", "/metrics") as answer:
+        return str(answer.read().decode())
+
+
+def worker(coordinator: Coordinator, addresses: list[str], name: str = "w1") -> Any:
+    state = coordinator.config.state_dir
+    keys.add_worker(state, name)
+    config = cfg.WorkerConfig(
+        coordinator=",".join(addresses),
+        coordinator_key=str(keys.coordinator_files(state)[0]),
+        name=name,
+        state_dir=state,
+        runtime="process",
+        heartbeat_interval_s=0.5,
+        liveness_s=3.0,
+        resend_s=1.0,
+        stop_grace_s=2.0,
+        fake_gpus="0",
+    )
+    config.validate()
+    return wiring.start_worker(config, source=gpu.FakeGpus("0", name, state))
+
+
+def submit(api: Client, command: str) -> int:
+    spec = {"name": "t", "docker": {"image": "none", "command": ["sh", "-c", command]}}
+    return int(api.submit(spec, retry_for_s=0)["id"])
+
+
+def test_one_leads_the_others_stand_by_and_serve_http(
+    coordinators: Callable[[], Coordinator],
+) -> None:
+    first, second = coordinators(), coordinators()
+    assert first.leads and not second.leads
+    listed = client(second).coordinators()
+    assert listed["store"] == "postgresql"
+    assert [c["leader"] for c in listed["coordinators"]] == [True, False]
+    assert listed["leader"]["id"] == listed["coordinators"][0]["id"]
+    assert listed["leader"]["epoch"] >= 1
+    assert listed["coordinators"][1]["link"] == second.link_endpoint
+    # The standby's /metrics says what it is; the leader's has the broker's too.
+    standby_page = metrics(second)
+    assert "gpubox_coordinator_leader 0" in standby_page
+    leader_page = metrics(first)
+    assert "gpubox_coordinator_leader 1" in leader_page and "gpubox_jobs" in leader_page
+
+
+def test_a_job_submitted_through_a_standby_runs_and_its_follow_there_is_live(
+    coordinators: Callable[[], Coordinator],
+) -> None:
+    first, second = coordinators(), coordinators()
+    # The standby first in its list: it says "standby", and the worker moves on.
+    agent, thread = worker(second, [second.link_endpoint, first.link_endpoint])
+    try:
+        wait_until(agent.connected.is_set, 10, "the worker to find the leader")
+        assert agent.link.endpoint == first.link_endpoint
+        job_id = submit(client(second), "for i in 1 2 3 4 5; do echo line $i; sleep 0.3; done")
+        seen: list[tuple[float, str]] = []
+        for line in client(second)._records(job_id, 0, follow=True):
+            if line.get("end"):
+                break
+            seen.append((time.monotonic(), line["line"]))
+        assert [text for _, text in seen] == [f"line {i}" for i in range(1, 6)]
+        # Live, not at the end: the lines came about 0.3 s apart, through the standby.
+        assert seen[-1][0] - seen[0][0] > 0.8
+        assert client(second).job(job_id)["status"] == "FINISHED"
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+
+
+def test_a_clean_stop_of_the_leader_hands_over_at_once(
+    coordinators: Callable[[], Coordinator],
+) -> None:
+    first, second = coordinators(), coordinators()
+    agent, thread = worker(first, [first.link_endpoint, second.link_endpoint])
+    try:
+        wait_until(agent.connected.is_set, 10, "the worker to connect")
+        stopped = time.monotonic()
+        first.stop()
+        wait_until(lambda: second.leads, 5, "the standby to lead")
+        took = time.monotonic() - stopped
+        assert took < 2.0, took
+        wait_until(
+            lambda: agent.connected.is_set() and agent.link.endpoint == second.link_endpoint,
+            15,
+            "the worker to move to the new leader",
+        )
+        job_id = submit(client(second), "echo after")
+        job = wait_until(
+            lambda: (j := client(second).job(job_id))["status"] == "FINISHED" and j, 20, "the job"
+        )
+        assert [line["line"] for line in client(second).logs(job_id)] == ["after"]
+        assert job["worker"] == "w1"
+        page = metrics(second)
+        assert "gpubox_coordinator_takeovers_total 1" in page
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+
+
+def test_a_deposed_leaders_writes_are_refused(pg_url: str) -> None:
+    """The fence: the broker thread of an old epoch cannot claim, start or end anything once
+    another epoch leads, whatever the clocks say; other threads' writes go on."""
+    old, new = open_store(pg_url), open_store(pg_url)
+    assert isinstance(old, leases.LeaseStore) and isinstance(new, leases.LeaseStore)
+    try:
+        epoch = old.take_lead("old", 30.0)
+        assert epoch is not None
+        assert new.take_lead("new", 30.0) is None  # the lease runs
+        outcome: list[BaseException | None] = []
+
+        def fenced_write() -> None:
+            old.fence(epoch)
+            try:
+                old.coordinator_seen("old")  # any write of this thread
+                outcome.append(None)
+            except errors.Deposed as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=fenced_write)
+        thread.start()
+        thread.join()
+        assert outcome == [None]  # it leads: it writes
+        # It froze past its lease: the lease ran out, and another took over.
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE leadership SET lease_until = now() - interval '1 second'")
+        assert new.take_lead("new", 30.0) == epoch + 1
+        assert not old.renew_lead(epoch, 30.0)
+        thread = threading.Thread(target=fenced_write)
+        thread.start()
+        thread.join()
+        assert isinstance(outcome[-1], errors.Deposed), outcome
+        old.coordinator_seen("old")  # an unfenced thread (the HTTP API's) still writes
+    finally:
+        old.close()
+        new.close()
+
+
+def test_a_leader_that_finds_another_epoch_ends(
+    coordinators: Callable[[], Coordinator], pg_url: str
+) -> None:
+    first = coordinators()
+    assert first.leadership is not None
+    # What a frozen leader finds when it wakes: another epoch leads.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE leadership SET epoch = epoch + 1, holder = 'someone-else'")
+    dead = wait_until(
+        lambda: next((t for t in first.threads if not t.is_alive()), None), 10, "a thread to end"
+    )
+    assert dead.name in ("gpubox-leadership", "gpubox-broker")
+    assert "Deposed" in dead.reason
+
+
+def test_a_standby_answers_a_worker_that_knows_only_it(
+    coordinators: Callable[[], Coordinator], caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = coordinators(), coordinators()
+    agent, thread = worker(second, [second.link_endpoint])
+    try:
+        wait_until(lambda: "stands by" in caplog.text, 10, "the refusal in the log")
+        assert not agent.connected.is_set()
+        assert first.leads
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+
+
+def test_the_sqlite_store_lists_no_coordinators(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    keys.init(str(state))
+    config = cfg.CoordinatorConfig(
+        state_dir=str(state),
+        db=f"sqlite:///{state}/gpubox.db",
+        http="127.0.0.1:0",
+        bind="tcp://127.0.0.1:*",
+    )
+    coordinator = Coordinator(config)
+    coordinator.start()
+    try:
+        token = (state / "token").read_text().strip()
+        request = urllib.request.Request(
+            f"{coordinator.http_url}/api/v1/coordinators",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert json.load(answer) == {"store": "sqlite", "leader": None, "coordinators": []}
+    finally:
+        coordinator.stop()

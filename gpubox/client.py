@@ -100,10 +100,17 @@ def _transient(exc: BaseException) -> bool:
 
 
 class Client:
-    """Talks to one coordinator's HTTP API. Safe to share between threads."""
+    """Talks to a coordinator's HTTP API. Safe to share between threads.
+
+    `url` may name several coordinators, comma-separated (they share one PostgreSQL store,
+    and any of them answers): a request that cannot connect to one goes to the next at
+    once. A GET also moves on when the answer does not come (a coordinator frozen, or its
+    machine gone); any other request only when it could not be sent, so a submit is never
+    sent twice by this."""
 
     def __init__(self, url: str, token: str = "", timeout_s: float = 30.0) -> None:
-        self.url = url.rstrip("/")
+        self.urls = [part.strip().rstrip("/") for part in url.split(",") if part.strip()]
+        self.url = self.urls[0] if self.urls else url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
 
@@ -117,8 +124,28 @@ class Client:
         timeout_s: float | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Any:
+        for _ in range(len(self.urls) - 1):
+            url = self.url
+            try:
+                return self._open_at(url, method, path, body, timeout_s, headers)
+            except Unreachable as exc:
+                if method != "GET" and not isinstance(exc.__cause__, urllib.error.URLError):
+                    raise  # the request may have reached it: not sent again here
+                index = self.urls.index(url) if url in self.urls else -1
+                self.url = self.urls[(index + 1) % len(self.urls)]
+        return self._open_at(self.url, method, path, body, timeout_s, headers)
+
+    def _open_at(
+        self,
+        url: str,
+        method: str,
+        path: str,
+        body: Any,
+        timeout_s: float | None,
+        headers: Mapping[str, str] | None,
+    ) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request = urllib.request.Request(url + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
         if self.token:
@@ -137,7 +164,7 @@ class Client:
             except (ValueError, KeyError, TypeError):
                 raise ApiError(exc.code, "http", f"HTTP {exc.code}: {raw[:200]!r}") from None
         except RETRYABLE as exc:
-            raise Unreachable(f"cannot reach the coordinator at {self.url}: {exc}") from exc
+            raise Unreachable(f"cannot reach the coordinator at {url}: {exc}") from exc
 
     def call(
         self, method: str, path: str, body: Any = None, query: Any = None, **params: Any

@@ -56,6 +56,7 @@ for _command in (
     following.wait,
     jobs.cancel,
     jobs.workers,
+    jobs.coordinators,
     top.top,
     usage.usage_report,
     store_admin.token,

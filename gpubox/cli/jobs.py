@@ -387,3 +387,22 @@ def workers(as_json: bool, config_path: str | None, **flags: Any) -> None:
         return
     for line in tables.workers(answer["workers"]):
         click.echo(line)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON answer")
+@options.client_options
+@failures.friendly
+def coordinators(as_json: bool, config_path: str | None, **flags: Any) -> None:
+    """List the coordinators sharing the store, and which one leads.
+
+    On a PostgreSQL store every coordinator serves the HTTP API and one of them, the leader,
+    runs the worker link and the scheduling; the others stand by and take over when it
+    stops or dies. A SQLite store has one coordinator, and nothing to list.
+    """
+    answer = make_client(config_path, flags).coordinators()
+    if as_json:
+        _print_json(answer)
+        return
+    for line in tables.coordinators(answer):
+        click.echo(line)

@@ -197,6 +197,37 @@ def workers(found: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def coordinators(answer: dict[str, Any]) -> list[str]:
+    """`gpubox coordinators`: who leads, then a line per coordinator, as the API gives them."""
+    if answer["store"] == "sqlite":
+        return ["one coordinator: its store is SQLite, which a single coordinator serves"]
+    lead = answer["leader"]
+    lines = [
+        f"leader: {lead['id']}, epoch {lead['epoch']}, since {lead['since']}"
+        if lead
+        else "leader: none (the lease has run out; a standby takes over within seconds)"
+    ]
+    rows = [("ID", "ROLE", "HTTP", "WORKER LINK", "PID", "TAKEOVERS", "LAST SEEN")]
+    for item in answer["coordinators"]:
+        rows.append(
+            (
+                item["id"],
+                "leader" if item["leader"] else "standby",
+                item["http"],
+                item["link"],
+                str(item["pid"]),
+                str(item["takeovers"]),
+                item["seen_at"],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    return lines
+
+
 def gpus(found: list[models.Gpu], usage: list[dict[str, Any]]) -> list[str]:
     """`gpubox gpus`: a header line and one line per GPU with its memory in use and
     utilization now (`usage`, by UUID), each column as wide as its widest cell."""

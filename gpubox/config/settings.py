@@ -397,15 +397,22 @@ class WorkerConfig:
 class ClientConfig:
     """Settings of the client commands (submit, show, ls, logs, tail, cancel, workers)."""
 
-    url: str = setting("http://127.0.0.1:8470", "GPUBOX_URL", "coordinator URL", "--url")
+    url: str = setting(
+        "http://127.0.0.1:8470",
+        "GPUBOX_URL",
+        "coordinator URL; several, comma-separated, for coordinators sharing one PostgreSQL"
+        " store (the next is tried when one cannot be reached)",
+        "--url",
+    )
     token: str = setting("", "GPUBOX_TOKEN", "API token (default: the local token file)", "--token")
     state_dir: str = setting(
         "", "GPUBOX_STATE_DIR", "state folder holding the local token", "--state-dir"
     )
 
     def validate(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
-            raise errors.ConfigError(f"url: {self.url!r} must start with http:// or https://")
+        for url in self.url.split(","):
+            if not url.strip().startswith(("http://", "https://")):
+                raise errors.ConfigError(f"url: {url!r} must start with http:// or https://")
 
 
 def _positive(config: Any, *names: str) -> None:

@@ -146,6 +146,7 @@ class Agent:
         # the next of the list (at most every MOVE_EVERY_S, while none of them leads).
         self._move_due = False
         self._next_move = 0.0
+        self._moves = 0  # moves since the last WELCOME
         # The GPU sampler: points of each job's GPUs, and the idle-GPU policy.
         self.sampler = Sampler(
             usage or (lambda: []),
@@ -248,12 +249,18 @@ class Agent:
 
     def _connect(self, now: float, poller: zmq.Poller | None, move: bool = False) -> None:
         """Connect anew: to the same coordinator, or with `move` to the next of the list."""
+        pause = MOVE_EVERY_S
         if move:
             self.link.move(poller)
-            log.info("trying the coordinator at %s", self.link.endpoint)
+            self._moves += 1
+            # Once around the list with no leader found: look less often, and say so less.
+            if self._moves >= len(self.link.endpoints):
+                pause = MOVE_EVERY_S * 5
+            if self._moves <= len(self.link.endpoints) or self._moves % 100 == 0:
+                log.info("trying the coordinator at %s", self.link.endpoint)
         else:
             self.link.connect(poller)
-        self._move_due, self._next_move = False, now + MOVE_EVERY_S
+        self._move_due, self._next_move = False, now + pause
         self.last_heard = now
         self._hello()
 
@@ -295,7 +302,7 @@ class Agent:
     # --- messages from the coordinator --------------------------------------------------------
 
     def _on_welcome(self, msg: protocol.Welcome, now: float) -> None:
-        self.coordinator_id = msg.coordinator
+        self.coordinator_id, self._moves = msg.coordinator, 0
         self.welcomed = True
         self.telemetry = bool(msg.telemetry)
         if not self.telemetry:  # an older coordinator: points have nowhere to go

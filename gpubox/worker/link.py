@@ -23,6 +23,7 @@ HANDSHAKE_FAILURES = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+GONE = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED  # no coordinator there now
 
 
 class CoordinatorLink:
@@ -59,8 +60,9 @@ class CoordinatorLink:
         dealer.setsockopt(zmq.RECONNECT_IVL, 200)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         # A refused key or a wrong server key only shows as a failed handshake: watch for it.
-        # With several coordinators, a dropped connection too: the next one may lead now.
-        watched = HANDSHAKE_FAILURES | (zmq.EVENT_DISCONNECTED if self.several else 0)
+        # With several coordinators, a dropped or refused connection too: the next one may
+        # lead now.
+        watched = HANDSHAKE_FAILURES | (GONE if self.several else 0)
         self.monitor = dealer.get_monitor_socket(watched)
         self._handshake_warned = False
         dealer.connect(self.endpoint)
@@ -115,14 +117,14 @@ class CoordinatorLink:
 
     def check_handshakes(self) -> bool:
         """Log, once per connection, why a CURVE handshake failed; True if the coordinator
-        dropped the connection (watched only with several coordinators)."""
+        dropped the connection or refused it (watched only with several coordinators)."""
         dropped = False
         while self.monitor is not None:
             try:
                 event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return dropped
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            if event["event"] & GONE:
                 dropped = True
                 continue
             if self._handshake_warned:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import PG_URL
+
 ROOT = Path(__file__).resolve().parent.parent
 # The quick bench in three parts, so that the suite's workers run them side by side; each
 # part lists the rows it must print. The Docker rows stay in one part: they sweep the
@@ -43,6 +45,12 @@ PARTS = {
         "same work as Celery + Redis: submit → process start p50",
         "same work as task-spooler: submit → process start p50",
     ),
+    # On PostgreSQL (the test database), which the failover rows need.
+    "failover": (
+        "takeover after the leader is killed (SIGKILL)",
+        "takeover after the leader stops cleanly (SIGTERM)",
+        "submit rate through two coordinators at once",
+    ),
     "fleet,followers": (
         "fleet scheduling round",
         "fleet scheduling decision",
@@ -64,8 +72,11 @@ PARTS = {
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("groups", list(PARTS))
 def test_the_quick_benchmark_prints_every_row(groups: str) -> None:
+    command = [sys.executable, str(ROOT / "scripts" / "bench"), "--quick", "--only", groups]
+    if groups == "failover":
+        command += ["--db", PG_URL]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench"), "--quick", "--only", groups],
+        command,
         capture_output=True,
         text=True,
         timeout=280,
@@ -79,6 +90,8 @@ def test_the_quick_benchmark_prints_every_row(groups: str) -> None:
     for name in PARTS[groups]:
         assert any(row.startswith(f"| {name}") for row in rows), name
     assert not any("failed" in row for row in rows)
+    if groups == "failover":  # measured, with the database given
+        assert not any("not measured" in row for row in rows), rows
 
 
 def test_the_parts_cover_every_group() -> None:

@@ -39,14 +39,14 @@ def pg_url(pg_admin: PgAdmin) -> Iterator[str]:
 
 
 @pytest.fixture()
-def coordinators(tmp_path: Path, pg_url: str) -> Iterator[Callable[[], Coordinator]]:
+def coordinators(tmp_path: Path, pg_url: str) -> Iterator[Callable[..., Coordinator]]:
     """A factory of started coordinators on one store, sharing one key pair and allow list
     (as the README says to install them); all stopped after the test."""
     shared = tmp_path / "shared"
     keys.init(str(shared))
     started: list[Coordinator] = []
 
-    def start() -> Coordinator:
+    def start(**settings: Any) -> Coordinator:
         state = tmp_path / f"c{len(started)}"
         (state / "keys").mkdir(parents=True)
         for name in ("coordinator.key", "coordinator.key_secret"):
@@ -59,6 +59,7 @@ def coordinators(tmp_path: Path, pg_url: str) -> Iterator[Callable[[], Coordinat
             bind="tcp://127.0.0.1:*",
             heartbeat_interval_s=0.5,
             liveness_s=3.0,
+            **settings,
         )
         coordinator = Coordinator(config)
         coordinator.start()
@@ -105,7 +106,7 @@ def submit(api: Client, command: str) -> int:
 
 
 def test_one_leads_the_others_stand_by_and_serve_http(
-    coordinators: Callable[[], Coordinator],
+    coordinators: Callable[..., Coordinator],
 ) -> None:
     first, second = coordinators(), coordinators()
     assert first.leads and not second.leads
@@ -123,7 +124,7 @@ def test_one_leads_the_others_stand_by_and_serve_http(
 
 
 def test_a_job_submitted_through_a_standby_runs_and_its_follow_there_is_live(
-    coordinators: Callable[[], Coordinator],
+    coordinators: Callable[..., Coordinator],
 ) -> None:
     first, second = coordinators(), coordinators()
     # The standby first in its list: it says "standby", and the worker moves on.
@@ -146,8 +147,32 @@ def test_a_job_submitted_through_a_standby_runs_and_its_follow_there_is_live(
         thread.join(timeout=30)
 
 
+def test_a_standby_with_http_processes_serves_and_follows_live(
+    coordinators: Callable[..., Coordinator],
+) -> None:
+    first, second = coordinators(), coordinators(http_processes=2)
+    assert not second.leads
+    agent, thread = worker(first, [first.link_endpoint])
+    try:
+        wait_until(agent.connected.is_set, 10, "the worker to connect")
+        job_id = submit(client(second), "for i in 1 2 3 4; do echo n$i; sleep 0.3; done")
+        seen = []
+        for line in client(second)._records(job_id, 0, follow=True):
+            if line.get("end"):
+                assert line["status"] == "FINISHED"
+                break
+            seen.append((time.monotonic(), line["line"]))
+        assert [text for _, text in seen] == ["n1", "n2", "n3", "n4"]
+        assert seen[-1][0] - seen[0][0] > 0.6  # live, through the standby's HTTP processes
+        queued = client(second).call("GET", "/api/v1/jobs", status="QUEUED")
+        assert queued["jobs"] == []
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+
+
 def test_a_clean_stop_of_the_leader_hands_over_at_once(
-    coordinators: Callable[[], Coordinator],
+    coordinators: Callable[..., Coordinator],
 ) -> None:
     first, second = coordinators(), coordinators()
     agent, thread = worker(first, [first.link_endpoint, second.link_endpoint])
@@ -215,7 +240,7 @@ def test_a_deposed_leaders_writes_are_refused(pg_url: str) -> None:
 
 
 def test_a_leader_that_finds_another_epoch_ends(
-    coordinators: Callable[[], Coordinator], pg_url: str
+    coordinators: Callable[..., Coordinator], pg_url: str
 ) -> None:
     first = coordinators()
     assert first.leadership is not None
@@ -230,7 +255,7 @@ def test_a_leader_that_finds_another_epoch_ends(
 
 
 def test_a_standby_answers_a_worker_that_knows_only_it(
-    coordinators: Callable[[], Coordinator], caplog: pytest.LogCaptureFixture
+    coordinators: Callable[..., Coordinator], caplog: pytest.LogCaptureFixture
 ) -> None:
     first, second = coordinators(), coordinators()
     agent, thread = worker(second, [second.link_endpoint])

@@ -117,7 +117,10 @@ class ConfigError(GpuboxError):
     """A setting has a bad value."""
 
 
-class Deposed(Exception):
-    """This coordinator led, and another took over (a newer epoch leads). Not a GpuboxError,
-    so that no handler of the broker's ordinary failures swallows it: it ends the broker's
-    thread, and with it the coordinator."""
+class Deposed(GpuboxError):
+    """This coordinator led, and another took over (a newer epoch leads). It must end the
+    broker's thread, and with it the coordinator: the broker's handlers of its ordinary
+    failures let it through (see Broker._guard). The API never meets it (only the broker's
+    and the webhooks' threads are fenced); if it did, 503: ask another coordinator."""
+
+    code = "store_unavailable"

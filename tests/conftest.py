@@ -26,6 +26,7 @@ import zmq
 from gpubox import config as cfg
 from gpubox import keys, protocol, supervise
 from gpubox.client import Client
+from gpubox.coordinator import tokens
 from gpubox.coordinator.server import Coordinator
 from gpubox.store import open_store, sql
 from gpubox.worker import gpu, wiring
@@ -230,6 +231,13 @@ class Cluster:
                 pytest.fail("this cluster has no Docker engine", pytrace=False)
             self._docker_client = self.get_docker()
         return self._docker_client
+
+    @property
+    def local_token_name(self) -> str:
+        """The name of the coordinator's local admin token (its own on a PostgreSQL store,
+        which several coordinators may share)."""
+        config = self.coordinator.config
+        return tokens.local_name(config.state_dir, config.db.startswith("postgresql"))
 
     def add_worker(self, **settings: Any) -> Agent:
         """Start a worker on this coordinator; settings override WorkerConfig fields."""

@@ -31,6 +31,7 @@ EXPECTED_STATUS: dict[type[errors.GpuboxError], int] = {
     errors.OverCap: 429,
     errors.StoreUnavailable: 503,
     errors.Busy: 503,
+    errors.Deposed: 503,
     # These are faults of gpubox or its store, never of the request: a 500 on purpose.
     errors.GpuboxError: 500,
     errors.StoreError: 500,

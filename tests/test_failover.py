@@ -33,13 +33,16 @@ from tests.conftest import wait_until
 from tests.test_leadership import pg_url  # noqa: F401 - a fixture
 from tests.test_recovery import GPUBOX, Process, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(420)]
+# Not serial: its limits (the liveness window, 2 s for a clean stop) are far above what it
+# measures (2-3 s and 0.03-0.05 s), so tests beside it do not make it fail.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 JOBS = int(os.environ.get("GPUBOX_FAILOVER_JOBS", "300"))
 LINES = 10  # each job's lines, PAUSE_S apart
-PAUSE_S = 0.1
-LONG_LINES = 80  # the jobs the clients follow
-LIVENESS_S = 5.0  # the coordinators' and workers' liveness window: the lease is half
+PAUSE_S = 0.05
+LONG_LINES = 400  # the jobs tail and submit --follow follow: through several takeovers
+CURL_LINES = 80  # the job curl follows through a standby: through one takeover
+LIVENESS_S = 6.0  # the coordinators' and workers' liveness window: the lease is half
 FAST = {
     "GPUBOX_HEARTBEAT_INTERVAL": "0.5",
     "GPUBOX_LIVENESS": str(LIVENESS_S),
@@ -204,7 +207,9 @@ def test_300_jobs_while_the_leader_is_killed_frozen_and_stopped(
             if curl is None:
                 # A curl follow through a standby, of a job that runs through this event.
                 standby = next(i for i in range(3) if i != index)
-                curl_id = int(fleet.client.submit(spec(runs, 40, priority=10), "curl")["id"])
+                curl_id = int(
+                    fleet.client.submit(spec(runs, CURL_LINES, priority=10), "curl")["id"]
+                )
                 url = f"{fleet.url(standby)}/api/v1/jobs/{curl_id}/logs?follow=1&format=ndjson"
                 curl = subprocess.Popen(
                     ["curl", "-sSN", "-H", f"Authorization: Bearer {fleet.token}", url],
@@ -212,7 +217,7 @@ def test_300_jobs_while_the_leader_is_killed_frozen_and_stopped(
                     stderr=subprocess.PIPE,
                     text=True,
                 )
-            time.sleep(3.0)  # jobs run, lines flow
+            time.sleep(2.0)  # jobs run, lines flow
             began = time.monotonic()
             if event == "kill":
                 process.kill9()
@@ -252,7 +257,7 @@ def test_300_jobs_while_the_leader_is_killed_frozen_and_stopped(
             job = fleet.client.job(job_id)
             assert (job["status"], job["attempts"]) == ("FINISHED", 1), (job_id, job["result"])
             lines = list(fleet.client.logs(job_id))
-            count = LINES if job_id in ids else (LONG_LINES if job_id == tail_id else 40)
+            count = LINES if job_id in ids else (LONG_LINES if job_id == tail_id else CURL_LINES)
             assert [r["line"] for r in lines] == [f"{job_id}-{i}" for i in range(1, count + 1)]
             assert [r["seq"] for r in lines] == list(range(1, count + 1))
         ran = sorted(int(p.name) for p in runs.iterdir())
@@ -271,7 +276,9 @@ def test_300_jobs_while_the_leader_is_killed_frozen_and_stopped(
         assert curl is not None and curl_out is not None
         assert curl.returncode == 0, curl_err
         records = [json.loads(line) for line in curl_out.splitlines() if line.strip()]
-        assert [r.get("line") for r in records[:-1]] == [f"{curl_id}-{i}" for i in range(1, 41)]
+        assert [r.get("line") for r in records[:-1]] == [
+            f"{curl_id}-{i}" for i in range(1, CURL_LINES + 1)
+        ]
         assert records[-1]["end"] and records[-1]["status"] == "FINISHED"
         print(f"takeovers: {times}")
     finally:

@@ -16,9 +16,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
+from gpubox import cli, errors, keys
 from gpubox import config as cfg
-from gpubox import errors, keys
 from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
 from gpubox.store import leases, open_store
@@ -121,6 +122,39 @@ def test_one_leads_the_others_stand_by_and_serve_http(
     assert "gpubox_coordinator_leader 0" in standby_page
     leader_page = metrics(first)
     assert "gpubox_coordinator_leader 1" in leader_page and "gpubox_jobs" in leader_page
+
+
+def test_gpubox_coordinators_lists_them_and_the_leader(
+    coordinators: Callable[..., Coordinator],
+) -> None:
+    first, second = coordinators(), coordinators()
+    token = (Path(second.config.state_dir) / "token").read_text().strip()
+    # The first URL is a port where no coordinator answers: the client moves on.
+    urls = f"http://127.0.0.1:1,{second.http_url}"
+    result = CliRunner().invoke(
+        cli.main, ["coordinators", "--url", urls, "--token", token], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    listed = client(first).coordinators()
+    lead = listed["leader"]
+    assert lines[0] == f"leader: {lead['id']}, epoch {lead['epoch']}, since {lead['since']}"
+    assert lines[1].split() == [
+        "ID",
+        "ROLE",
+        "HTTP",
+        "WORKER",
+        "LINK",
+        "PID",
+        "TAKEOVERS",
+        "LAST",
+        "SEEN",
+    ]
+    roles = {line.split()[0]: line.split()[1] for line in lines[2:]}
+    assert roles == {
+        c["id"]: ("leader" if c["leader"] else "standby") for c in listed["coordinators"]
+    }
+    assert roles[lead["id"]] == "leader" and len(roles) == 2
 
 
 def test_a_job_submitted_through_a_standby_runs_and_its_follow_there_is_live(

@@ -56,9 +56,12 @@ class Broker:
         idle_timeout: float = 0.0,
         idle_threshold: float = 5.0,
         fair_share_half_life: float = 86400.0,
+        authenticator: keys.CurveAuthenticator | None = None,
     ) -> None:
         """`server_keys` is the coordinator's (public, secret) Z85 CURVE keypair; `allow` the
-        worker keys it accepts. The context must not carry another ZAP authenticator.
+        worker keys it accepts. The context must not carry another ZAP authenticator, but
+        `authenticator`, one already running on it (a standby's, handed over), which the
+        broker then owns.
         `idle_timeout` and `idle_threshold`: the idle-GPU policy of jobs that set no
         idle_timeout of their own (0: none). `fair_share_half_life`: see fairshare (0: off)."""
         self.store = store
@@ -73,8 +76,8 @@ class Broker:
         self.context = context or zmq.Context()
         self.coordinator_id = uuid.uuid4().hex
         # ZAP must run on this context before the ROUTER binds, or CURVE lets any key in.
-        self.authenticator: keys.CurveAuthenticator | None = keys.CurveAuthenticator(
-            self.context, allow
+        self.authenticator: keys.CurveAuthenticator | None = (
+            authenticator or keys.CurveAuthenticator(self.context, allow)
         )
         try:
             self.router = linkport.bind_router(self.context, bind, server_keys)

@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -35,7 +34,7 @@ from gpubox.store import leases
 
 log = logging.getLogger(__name__)
 
-RENEW_S = 1.0  # how often the leader renews its lease, and a standby asks for it
+RENEW_S = 1.0  # how often the leader renews its lease, and a standby asks for it (at most)
 SEEN_WITHIN_S = 5.0  # a coordinator unheard of for longer is left out of the list
 
 
@@ -59,6 +58,8 @@ class Leadership:
         self.store = store
         self.me = me
         self.lease_s = lease_s
+        # A quarter of the lease at most, so that a late turn or two does not lose it.
+        self.every_s = min(RENEW_S, lease_s / 4)
         self.promote = promote
         self.stopping = stopping
         self.wake = threading.Event()  # set by the relay: a lease was given up
@@ -66,7 +67,6 @@ class Leadership:
         self.since: datetime | None = None
         self.takeovers = 0
         self.loop = supervise.Loop(stall_s=60.0)
-        self._renewed = 0.0  # when the lease was last renewed (monotonic)
 
     def start(self) -> None:
         """Register, and take the lead if no one holds it: before the thread starts, so a
@@ -77,7 +77,7 @@ class Leadership:
     def run(self) -> None:
         while not self.stopping.is_set():
             self.loop.tick()
-            self.wake.wait(RENEW_S)
+            self.wake.wait(self.every_s)
             self.wake.clear()
             if self.stopping.is_set():
                 return
@@ -85,9 +85,7 @@ class Leadership:
                 self.store.coordinator_seen(self.me.id)
                 if self.epoch is None:
                     self._try_lead()
-                elif self.store.renew_lead(self.epoch, self.lease_s):
-                    self._renewed = time.monotonic()
-                else:
+                elif not self.store.renew_lead(self.epoch, self.lease_s):
                     raise errors.Deposed(
                         f"epoch {self.epoch}'s lease was taken over by another coordinator"
                     )
@@ -100,7 +98,7 @@ class Leadership:
         epoch = self.store.take_lead(self.me.id, self.lease_s)
         if epoch is None:
             return
-        self.epoch, self.since, self._renewed = epoch, models.utcnow(), time.monotonic()
+        self.epoch, self.since = epoch, models.utcnow()
         self.takeovers += 1
         log.info("this coordinator (%s) leads now, epoch %d", self.me.id, epoch)
         self.promote(epoch)

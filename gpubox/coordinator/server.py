@@ -358,9 +358,10 @@ class Coordinator:
                 thread = self._standby_thread
                 if thread is not None and thread in self.threads:
                     self.threads.remove(thread)  # it ends now, and that is no failure
-                self.standby_link.stop(thread)
+                authenticator = self.standby_link.stop(thread, keep_authenticator=True)
                 # The same port (a bind to port * got one of its own).
                 self._broker_args["bind"] = self.standby_link.endpoint
+                self._broker_args["authenticator"] = authenticator
                 self.standby_link = None
             self.broker = Broker(**self._broker_args)
             if self.switch is not None:

@@ -66,21 +66,29 @@ class StandbyLink:
                     except zmq.ZMQError:
                         pass  # gone already, or congested: it asks again
         finally:
-            self.close()
+            if not self._closed.is_set():
+                self.router.close(linger=0)
+                self._closed.set()
 
-    def close(self) -> None:
-        """Close the port and the authenticator (idempotent)."""
-        if self._closed.is_set():
-            return
-        self.router.close(linger=0)
-        if self.authenticator is not None:
+    def close(self, keep_authenticator: bool = False) -> None:
+        """Close the port, and the authenticator unless it is kept (idempotent)."""
+        if not self._closed.is_set():
+            self.router.close(linger=0)
+            self._closed.set()
+        if self.authenticator is not None and not keep_authenticator:
             self.authenticator.stop()
             self.authenticator = None
-        self._closed.set()
 
-    def stop(self, thread: threading.Thread | None) -> None:
-        """End run() (in `thread`, if it runs) and wait until the port is closed."""
+    def stop(
+        self, thread: threading.Thread | None, keep_authenticator: bool = False
+    ) -> keys.CurveAuthenticator | None:
+        """End run() (in `thread`, if it runs) and wait until the port is closed. With
+        `keep_authenticator`, the CURVE authenticator stays up and is returned, for the
+        broker that takes the port over (a new one could not bind ZAP's address on the same
+        context until the old one's is released, which takes a moment)."""
         self._stop.set()
         if thread is not None and thread.is_alive():
             thread.join(timeout=5)
-        self.close()
+        self.close(keep_authenticator)
+        kept, self.authenticator = self.authenticator, None
+        return kept if keep_authenticator else None

@@ -24,6 +24,7 @@ STATUS: dict[type[errors.GpuboxError], int] = {
     errors.OverCap: 429,
     errors.StoreUnavailable: 503,  # a StoreError, but the client may try again
     errors.Busy: 503,
+    errors.Deposed: 503,  # this coordinator no longer leads: another one answers
 }
 
 

@@ -746,6 +746,9 @@ def test_a_big_job_behind_jobs_no_worker_can_run_still_gathers_its_gpus(any_link
     running = worker.job()
     assert (running["id"], running["gpus"]) == (first.id, ["GPU-a"])
     worker.started(running)
+    # Confirmed now: filling the queue below may outlast the liveness window on a busy
+    # machine, and a JOB unconfirmed that long sends its worker into quarantine.
+    worker.send("READY", free_gpus=["GPU-b"], slots=0, running=[first.id])
     create_many(link, 300, gpus=64)
     create_many(link, 300, gpus=1, labels={"pool": "nobody"})
     big, small = link.create(gpus=2), link.create(gpus=1)

@@ -273,6 +273,44 @@ def test_a_deposed_leaders_writes_are_refused(pg_url: str) -> None:
         new.close()
 
 
+def test_a_leader_frozen_inside_a_transaction_does_not_hold_off_the_takeover(
+    pg_url: str,
+) -> None:
+    """A fenced transaction holds the leadership row FOR SHARE; frozen inside it, the old
+    leader would block the new one's UPDATE for as long as it stays frozen. PostgreSQL ends
+    the idle transaction once the guard (the lease's length, here 1 s) has passed."""
+    old, new = open_store(pg_url, idle_transaction_s=1.0), open_store(pg_url)
+    assert isinstance(old, leases.LeaseStore) and isinstance(new, leases.LeaseStore)
+    try:
+        epoch = old.take_lead("old", 30.0)
+        assert epoch is not None
+        inside, outcome = threading.Event(), []
+
+        def frozen() -> None:
+            old.fence(epoch)
+            try:
+                with old.batch():
+                    inside.set()
+                    time.sleep(8)  # idle in its transaction, as a process under SIGSTOP
+            except errors.StoreError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=frozen)
+        thread.start()
+        assert inside.wait(10)
+        asked = time.monotonic()
+        # The lease runs out (this UPDATE waits for the row as a takeover's does).
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE leadership SET lease_until = now() - interval '1 second'")
+        assert new.take_lead("new", 30.0) == epoch + 1
+        assert time.monotonic() - asked < 5.0  # the guard (1 s), not the whole freeze (8 s)
+        thread.join()
+        assert outcome and isinstance(outcome[0], errors.StoreError)  # its session was ended
+    finally:
+        old.close()
+        new.close()
+
+
 def test_a_leader_that_finds_another_epoch_ends(
     coordinators: Callable[..., Coordinator], pg_url: str
 ) -> None:

@@ -189,7 +189,9 @@ class Coordinator:
             )
         server_keys = keys.load_secret(secret)
         sealer = sealing.Sealer(self.config.state_dir)
-        self.store = open_store(self.config.db)
+        # A session idle in a transaction for a whole lease is one frozen mid-way: PostgreSQL
+        # ends it, or a frozen leader would hold the leadership row (store.leases).
+        self.store = open_store(self.config.db, idle_transaction_s=self.config.liveness_s / 2)
         changes = Changes()
         self._broker_args = dict(
             store=self.store,

@@ -51,9 +51,11 @@ def open_existing(url: str) -> Store:
     return store
 
 
-def open_store(url: str, upgrade: bool = True) -> Store:
+def open_store(url: str, upgrade: bool = True, idle_transaction_s: float = 0.0) -> Store:
     """The store a URL names: `sqlite:///path/to/file.db` or `postgresql://…`. With `upgrade`
-    its schema is created or brought up to date; a newer schema than ours is refused."""
+    its schema is created or brought up to date; a newer schema than ours is refused.
+    `idle_transaction_s` (PostgreSQL, 0: none): the server ends a session of this store
+    whose transaction stays idle that long (see store.leases: a frozen leader's)."""
     if url.startswith("sqlite://"):
         from gpubox.store import sqlite
 
@@ -61,5 +63,5 @@ def open_store(url: str, upgrade: bool = True) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from gpubox.store import postgres
 
-        return postgres.PostgresStore(url, upgrade)
+        return postgres.PostgresStore(url, upgrade, idle_transaction_s=idle_transaction_s)
     raise errors.ConfigError(f"db: {redacted(url)!r} is neither sqlite:///… nor postgresql://…")

@@ -14,7 +14,12 @@ is still its own (errors.Deposed otherwise). A takeover's UPDATE of that row wai
 transactions to end, and every transaction that starts after it sees the new epoch. So a
 leader that froze (SIGSTOP, a stalled VM) and wakes after another took over cannot assign,
 start or end anything: its first write fails, and its broker stops. That holds whatever the
-clocks say; the lease's length only decides how soon a frozen leader is replaced.
+clocks say; the lease's length only decides how soon a frozen leader is replaced. A leader
+that froze inside one of those transactions (or inside its lease's renewal) would hold the
+row, and with it every takeover, for as long as it stays frozen: so a coordinator opens its
+store with PostgreSQL's idle_in_transaction_session_timeout at the lease's length, and the
+server ends such a frozen session (rolling its transaction back) once the lease has run
+out.
 
 Pitfalls designed against:
 - The leader's lease is a row renewed over the store's pool, not a session lock: a session

@@ -326,15 +326,28 @@ class PostgresStore(sql.SqlStore, leases.LeaseStore):
         # value can hold (jobfilter refuses NUL).
         return f"(replace({column}, '\\u0000', '\\ufffd')::jsonb ->> ?)", key
 
-    def __init__(self, url: str, upgrade: bool = True, max_connections: int = 16) -> None:
+    def __init__(
+        self,
+        url: str,
+        upgrade: bool = True,
+        max_connections: int = 16,
+        idle_transaction_s: float = 0.0,
+    ) -> None:
         super().__init__()
         self.url = url
         self._local = threading.local()  # the connection of a batch() open in this thread
+        guard_ms = round(idle_transaction_s * 1000)
+
+        def configure(conn: psycopg.Connection[Any]) -> None:
+            if guard_ms > 0:  # see open_store
+                conn.execute(f"SET idle_in_transaction_session_timeout = {int(guard_ms)}")
+
         self.pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
             max_size=max_connections,
             kwargs={"autocommit": True, "row_factory": dict_row},
+            configure=configure,
             check=_check_idle,
             timeout=2.0,  # then StoreUnavailable: a 503, or a broker pause
             reconnect_timeout=86400.0,  # keep trying through a long database outage

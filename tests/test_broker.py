@@ -739,6 +739,11 @@ def test_a_job_no_worker_could_run_starts_when_a_worker_that_can_connects(
 
 def test_a_big_job_behind_jobs_no_worker_can_run_still_gathers_its_gpus(any_link: Link) -> None:
     link = any_link
+    # The jobs no worker can run, queued before the worker connects: filling the queue may
+    # outlast the liveness window (1 s) on a busy machine, and the fake worker only beats
+    # while the test talks to it.
+    create_many(link, 300, gpus=64)
+    create_many(link, 300, gpus=1, labels={"pool": "nobody"})
     first = link.create(gpus=1)
     worker = link.worker("w1", gpus=["GPU-a", "GPU-b"], max_jobs=4)
     worker.hello()
@@ -746,11 +751,6 @@ def test_a_big_job_behind_jobs_no_worker_can_run_still_gathers_its_gpus(any_link
     running = worker.job()
     assert (running["id"], running["gpus"]) == (first.id, ["GPU-a"])
     worker.started(running)
-    # Confirmed now: filling the queue below may outlast the liveness window on a busy
-    # machine, and a JOB unconfirmed that long sends its worker into quarantine.
-    worker.send("READY", free_gpus=["GPU-b"], slots=0, running=[first.id])
-    create_many(link, 300, gpus=64)
-    create_many(link, 300, gpus=1, labels={"pool": "nobody"})
     big, small = link.create(gpus=2), link.create(gpus=1)
     worker.send("READY", free_gpus=["GPU-b"], slots=3, running=[first.id])
     link.broker.poke("schedule")

@@ -578,9 +578,10 @@ class Broker:
         slots = sum(max(0, view.slots) for view in views)
         if not timer and not slots:
             return
-        decided = time.perf_counter()
+        decided, decided_cpu = time.perf_counter(), time.thread_time()
         plan = self.planner.plan(views)
         self.counters.decisions.observe(time.perf_counter() - decided)
+        self.counters.decisions_cpu.observe(time.thread_time() - decided_cpu)
         with self.store.batch():  # one commit for the round's claims
             claimed = [
                 self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())

@@ -55,6 +55,9 @@ class BrokerCounters:
     dispatch: Histogram = dataclasses.field(default_factory=lambda: Histogram(DISPATCH_BUCKETS))
     rounds: Histogram = dataclasses.field(default_factory=lambda: Histogram(ROUND_BUCKETS))
     decisions: Histogram = dataclasses.field(default_factory=lambda: Histogram(ROUND_BUCKETS))
+    # The same decisions in the broker thread's CPU time: apart from its wall time, what it
+    # waited for (a core, on a busy machine; the GIL, taken by the coordinator's other threads).
+    decisions_cpu: Histogram = dataclasses.field(default_factory=lambda: Histogram(ROUND_BUCKETS))
     log_lines: int = 0
     jobs_sent: int = 0
     # Wall seconds the broker thread spent working (anything but waiting for a message),
@@ -127,6 +130,13 @@ def render(
             "The decision of each of those rounds alone: which queued jobs go where, and why"
             " the rest wait (without the claims' store writes and the sends).",
             counters.decisions.lines("gpubox_schedule_decision_seconds"),
+        ),
+        *metric(
+            "gpubox_schedule_decision_cpu_seconds",
+            "histogram",
+            "The CPU time the broker thread spent on each of those decisions; below their"
+            " wall time by what it waited for (a core, or the GIL).",
+            counters.decisions_cpu.lines("gpubox_schedule_decision_cpu_seconds"),
         ),
         *metric(
             "gpubox_jobs_dispatched_total",

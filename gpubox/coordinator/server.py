@@ -325,7 +325,12 @@ class Coordinator:
         def run_broker() -> None:
             if fenced is not None and epoch is not None:
                 fenced.fence(epoch)  # its writes go on only while this epoch leads
-            broker.run()
+            try:
+                broker.run()
+            except errors.Deposed:
+                if not self._stopping.is_set():
+                    raise
+                log.info("the broker stopped: another coordinator leads now")
 
         threads = [supervise.Essential("gpubox-broker", run_broker, broker.loop)]
         hooks = webhooks.Settings.load(
@@ -345,7 +350,11 @@ class Coordinator:
             def run_webhooks() -> None:
                 if fenced is not None and epoch is not None:
                     fenced.fence(epoch)
-                dispatcher.run()
+                try:
+                    dispatcher.run()
+                except errors.Deposed:
+                    if not self._stopping.is_set():
+                        raise
 
             threads.append(supervise.Essential("gpubox-webhooks", run_webhooks, dispatcher.loop))
         return threads
@@ -409,12 +418,15 @@ class Coordinator:
         with self._promote_lock:  # a promotion under way ends first
             pass
         if self.leadership is not None:
+            # The lease first: another coordinator leads at once, whatever this one's broker
+            # is doing. Its transaction under way ends first (the takeover waits for it); any
+            # later one meets the new epoch and ends the broker's thread (quietly: it stops).
             if self.broker is not None:
                 self.broker.stop()
-                for thread in self.threads:
-                    if thread.name in ("gpubox-broker", "gpubox-webhooks"):
-                        thread.join(timeout=10)
             self.leadership.give_up()
+            for thread in self.threads:
+                if thread.name in ("gpubox-broker", "gpubox-webhooks"):
+                    thread.join(timeout=10)
             self.leadership.leave()
         if self.standby_link is not None:
             self.standby_link.stop(self._standby_thread)

@@ -5,8 +5,11 @@ One row of the `leadership` table says who leads: its `epoch` (a number that gro
 with each new leader), its `holder` (a coordinator's id) and `lease_until`. The leader
 renews the lease every second or so; any other coordinator takes the lead once the lease
 has run out, or at once when the leader gave it up (a clean stop). Every time here is
-PostgreSQL's own clock (now()): the coordinators' clocks may disagree, the database's is
-one clock for all of them.
+PostgreSQL's own clock: the coordinators' clocks may disagree, the database's is one clock
+for all of them. It is read with clock_timestamp(), the time the statement runs, never
+now(), which is when its transaction began: a takeover whose UPDATE waited seconds for the
+leadership row would otherwise start its lease seconds in the past, and lose it that much
+sooner.
 
 The fence. The broker's thread marks its writes with the epoch it leads in (`fence`). Each
 of its transactions first reads the leadership row FOR SHARE and goes on only if the epoch
@@ -29,7 +32,7 @@ Pitfalls designed against:
   it; LISTEN (the coordinator's relay) needs a session, so point the coordinators at
   PostgreSQL itself or at a session-mode pool.
 - No decision reads a local clock against a stored time: "has the lease run out" is asked
-  of PostgreSQL (lease_until < now()).
+  of PostgreSQL (lease_until < clock_timestamp()).
 """
 
 from __future__ import annotations
@@ -97,9 +100,9 @@ class LeaseStore(backend.Backend):
         """Lead from now on if no lease runs (or `holder` holds it): the new epoch, or None."""
         with self._write() as cur:
             cur.execute(
-                "UPDATE leadership SET epoch = epoch + 1, holder = ?, since = now(),"
-                " lease_until = now() + make_interval(secs => ?)"
-                " WHERE id = 1 AND (lease_until IS NULL OR lease_until < now())"
+                "UPDATE leadership SET epoch = epoch + 1, holder = ?, since = clock_timestamp(),"
+                " lease_until = clock_timestamp() + make_interval(secs => ?)"
+                " WHERE id = 1 AND (lease_until IS NULL OR lease_until < clock_timestamp())"
                 " RETURNING epoch",
                 (holder, lease_s),
             )
@@ -113,7 +116,7 @@ class LeaseStore(backend.Backend):
         """Extend the lease of `epoch`; False if another epoch leads now."""
         with self._write() as cur:
             cur.execute(
-                "UPDATE leadership SET lease_until = now() + make_interval(secs => ?)"
+                "UPDATE leadership SET lease_until = clock_timestamp() + make_interval(secs => ?)"
                 " WHERE id = 1 AND epoch = ?",
                 (lease_s, epoch),
             )
@@ -123,7 +126,7 @@ class LeaseStore(backend.Backend):
         """End the lease of `epoch` now (a clean stop): the next coordinator to ask leads."""
         with self._write() as cur:
             cur.execute(
-                "UPDATE leadership SET lease_until = now() - interval '1 second'"
+                "UPDATE leadership SET lease_until = clock_timestamp() - interval '1 second'"
                 " WHERE id = 1 AND epoch = ?",
                 (epoch,),
             )
@@ -134,7 +137,8 @@ class LeaseStore(backend.Backend):
         with self._read() as cur:
             cur.execute(
                 "SELECT epoch, holder, since, lease_until,"
-                " COALESCE(lease_until >= now(), false) AS live FROM leadership WHERE id = 1"
+                " COALESCE(lease_until >= clock_timestamp(), false) AS live"
+                " FROM leadership WHERE id = 1"
             )
             row = cur.fetchone()
         return Leader(
@@ -146,15 +150,19 @@ class LeaseStore(backend.Backend):
         with self._write() as cur:
             cur.execute(
                 "INSERT INTO coordinators (id, host, pid, http, link, started_at, seen_at)"
-                " VALUES (?, ?, ?, ?, ?, now(), now()) ON CONFLICT (id) DO UPDATE"
+                " VALUES (?, ?, ?, ?, ?, clock_timestamp(), clock_timestamp())"
+                " ON CONFLICT (id) DO UPDATE"
                 " SET host = EXCLUDED.host, pid = EXCLUDED.pid, http = EXCLUDED.http,"
-                " link = EXCLUDED.link, seen_at = now()",
+                " link = EXCLUDED.link, seen_at = clock_timestamp()",
                 (row.id, row.host, row.pid, row.http, row.link),
             )
 
     def coordinator_seen(self, coordinator_id: str) -> None:
         with self._write() as cur:
-            cur.execute("UPDATE coordinators SET seen_at = now() WHERE id = ?", (coordinator_id,))
+            cur.execute(
+                "UPDATE coordinators SET seen_at = clock_timestamp() WHERE id = ?",
+                (coordinator_id,),
+            )
 
     def drop_coordinator(self, coordinator_id: str) -> None:
         with self._write() as cur:
@@ -165,12 +173,13 @@ class LeaseStore(backend.Backend):
         gone longer are deleted."""
         with self._write() as cur:
             cur.execute(
-                "DELETE FROM coordinators WHERE seen_at < now() - make_interval(secs => ?)",
+                "DELETE FROM coordinators"
+                " WHERE seen_at < clock_timestamp() - make_interval(secs => ?)",
                 (seen_within_s * 10,),
             )
             cur.execute(
                 "SELECT id, host, pid, http, link, started_at, seen_at, takeovers"
-                " FROM coordinators WHERE seen_at >= now() - make_interval(secs => ?)"
+                " FROM coordinators WHERE seen_at >= clock_timestamp() - make_interval(secs => ?)"
                 " ORDER BY started_at, id",
                 (seen_within_s,),
             )

@@ -13,6 +13,7 @@ from benchlib.worker_rows import cpu_seconds, machine_times
 
 ROUNDS = "gpubox_schedule_round_seconds"
 DECISIONS = "gpubox_schedule_decision_seconds"  # the rounds' plans alone
+DECISIONS_CPU = "gpubox_schedule_decision_cpu_seconds"  # the same, the broker thread's CPU
 Samples = dict[str, float]
 
 

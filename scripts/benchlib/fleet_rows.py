@@ -39,7 +39,15 @@ from pathlib import Path
 
 from benchlib import fleet_workers, scheduling_rows
 from benchlib.common import Context, Row, cluster, ms
-from benchlib.fleet_probe import DECISIONS, Rounds, Share, memory_mb, rounds, share
+from benchlib.fleet_probe import (
+    DECISIONS,
+    DECISIONS_CPU,
+    Rounds,
+    Share,
+    memory_mb,
+    rounds,
+    share,
+)
 from benchlib.fleet_sims import Fleet
 from gpubox import models
 from gpubox.store import open_store
@@ -69,6 +77,7 @@ class Measured:
     busy: Share
     busy_rounds: Rounds
     busy_decisions: Rounds  # the same rounds' plans alone
+    busy_decisions_cpu: Rounds  # the broker thread's CPU time in them
     run_s: tuple[float, float]  # a job's run time, drawn evenly
     ended_per_s: float
     sims_cores: float  # CPU of the simulated workers over the rounds' window, in cores
@@ -163,6 +172,7 @@ def measure(ctx: Context, base: Path, workers: int) -> Measured:
         busy=busy,
         busy_rounds=rounds(start, end),
         busy_decisions=rounds(start, end, DECISIONS),
+        busy_decisions_cpu=rounds(start, end, DECISIONS_CPU),
         run_s=shape.run_s,
         ended_per_s=ended / window_s,
         sims_cores=sims_cores,
@@ -224,7 +234,9 @@ def size_rows(got: Measured, queued: int) -> list[Row]:
             f"fleet scheduling decision, {fleet}",
             f"p50 {ms(decided.p50)}, p99 {ms(decided.p99)} (the same rounds' plans alone:"
             " which jobs go where and why the rest wait)",
-            "the rest of a round: its claims (a store write each, one commit) and its sends",
+            f"the broker thread's CPU in them: p50 {ms(got.busy_decisions_cpu.p50)}, p99"
+            f" {ms(got.busy_decisions_cpu.p99)} (the rest of the wall time: waiting for a"
+            " core or the GIL)",
             "p50 ≤ 5 ms, p99 ≤ 50 ms",
             decided.p50 <= 0.005 and decided.p99 <= 0.05 and not trouble(got),
         ),

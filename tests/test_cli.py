@@ -76,13 +76,16 @@ def up(tmp_path: Path, docker_client) -> Iterator[dict[str, str]]:
     finally:
         proc.kill()
         log.close()
-        # a plain stop leaves job containers for the next start: this box has no next start
-        remove_containers(docker_client, {socket.gethostname()})
+        # a plain stop leaves job containers for the next start: this box has no next start.
+        # Only this coordinator's (its key's fingerprint): other tests run beside this one.
+        owner = keys.fingerprint(
+            keys.load_public(str(tmp_path / "state" / "keys" / "coordinator.key"))
+        )
+        remove_containers(docker_client, {socket.gethostname()}, owner)
 
 
 @pytest.mark.docker
 @pytest.mark.slow
-@pytest.mark.serial
 def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str], tmp_path: Path):
     env = up
     # It says where its dashboard is, and how to sign in.

@@ -42,7 +42,7 @@ LINES = 10  # each job's lines, PAUSE_S apart
 PAUSE_S = 0.05
 LONG_LINES = 400  # the jobs tail and submit --follow follow: through several takeovers
 CURL_LINES = 80  # the job curl follows through a standby: through one takeover
-LIVENESS_S = 6.0  # the coordinators' and workers' liveness window: the lease is half
+LIVENESS_S = 4.0  # the coordinators' and workers' liveness window: the lease is half
 FAST = {
     "GPUBOX_HEARTBEAT_INTERVAL": "0.5",
     "GPUBOX_LIVENESS": str(LIVENESS_S),
@@ -220,7 +220,7 @@ def test_300_jobs_while_the_leader_is_killed_frozen_and_stopped(
                     stderr=subprocess.PIPE,
                     text=True,
                 )
-            time.sleep(1.5)  # jobs run, lines flow
+            time.sleep(1.0)  # jobs run, lines flow
             began = time.monotonic()
             if event == "kill":
                 process.kill9()

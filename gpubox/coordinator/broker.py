@@ -75,6 +75,11 @@ class Broker:
         self.idle_threshold = idle_threshold
         self.context = context or zmq.Context()
         self.coordinator_id = uuid.uuid4().hex
+        # The heartbeat it sends, and answers each worker's with: the same frames every time,
+        # encoded once (at 1,000 workers, 500 a second).
+        self._beat = protocol.encode(
+            protocol.CoordinatorHeartbeat(coordinator=self.coordinator_id, known=True)
+        )
         # ZAP must run on this context before the ROUTER binds, or CURVE lets any key in.
         self.authenticator: keys.CurveAuthenticator | None = (
             authenticator or keys.CurveAuthenticator(self.context, allow)
@@ -237,13 +242,12 @@ class Broker:
         """Timers: heartbeats out, silent workers lost, orphaned jobs released, scheduling."""
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.heartbeat_interval_s
-            beat = protocol.CoordinatorHeartbeat(coordinator=self.coordinator_id, known=True)
             for peer in list(self.peers.values()):
                 # Any message tells a worker the coordinator is there: one that was sent
                 # something within the interval (the answer to its own heartbeat, say) needs
                 # no beat. At 1,000 workers that is a third of the heartbeats' messages.
                 if now - peer.last_sent >= self.heartbeat_interval_s:
-                    self._send(peer, beat)
+                    self._send(peer, self._beat)
         if now < self._store_paused_until:
             return
         if now >= self._next_expiry:
@@ -519,7 +523,7 @@ class Broker:
             }
         # Answered at once: a worker's liveness is its own setting, which the coordinator's
         # own interval need not fit.
-        self._send(peer, protocol.CoordinatorHeartbeat(coordinator=self.coordinator_id, known=True))
+        self._send(peer, self._beat)
 
     # --- pokes from other threads -------------------------------------------------------------
 
@@ -791,7 +795,8 @@ class Broker:
     def _cancel(self, peer: Peer, job_id: int, attempt: int) -> None:
         self._send(peer, protocol.Cancel(job_id=job_id, attempt=attempt))
 
-    def _send(self, peer: Peer, msg: protocol.FromCoordinator) -> bool:
+    def _send(self, peer: Peer, msg: protocol.FromCoordinator | list[bytes]) -> bool:
+        """Send a message, or its frames already encoded, to a worker."""
         ok = self._send_raw(peer.routing_id, msg)
         if ok:
             peer.last_sent = time.monotonic()
@@ -800,10 +805,11 @@ class Broker:
             peer.ready = False
         return ok
 
-    def _send_raw(self, routing_id: bytes, msg: protocol.FromCoordinator) -> bool:
+    def _send_raw(self, routing_id: bytes, msg: protocol.FromCoordinator | list[bytes]) -> bool:
+        frames = msg if isinstance(msg, list) else protocol.encode(msg)
         try:
-            self.router.send_multipart([routing_id, *protocol.encode(msg)], zmq.NOBLOCK)
+            self.router.send_multipart([routing_id, *frames], zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer congested)
-            log.debug("could not send %s: %s", msg.TYPE, exc)
+            log.debug("could not send %s: %s", frames[1].decode(errors="replace"), exc)
             return False

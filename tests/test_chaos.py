@@ -1,4 +1,4 @@
-"""200 short jobs over three workers while one of them is killed (-9) and started again twice:
+"""120 short jobs over three workers while one of them is killed (-9) and started again twice:
 every job ends exactly once with every line once, and no container is left behind."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests.test_recovery import Process, worker_env
 # their own limits. (It looks only at its own coordinator's containers.)
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(360)]
 
-JOBS = 200
+JOBS = 120
 processes = test_recovery.processes  # the fixture that stops worker processes afterwards
 
 
@@ -25,7 +25,7 @@ def db_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/gpubox.db"
 
 
-def test_200_jobs_while_a_worker_is_killed_twice(
+def test_120_jobs_while_a_worker_is_killed_twice(
     make_cluster,
     processes,
     docker_client,

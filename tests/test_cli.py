@@ -86,7 +86,6 @@ def up(tmp_path: Path, docker_client) -> Iterator[dict[str, str]]:
 
 @pytest.mark.docker
 @pytest.mark.slow
-@pytest.mark.serial  # beside the other slow tests it took 28 s, not 20, and slowed them
 def test_up_submit_follow_show_ls_tail_cancel(up: dict[str, str], tmp_path: Path):
     env = up
     # It says where its dashboard is, and how to sign in.

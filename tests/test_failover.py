@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(420)]
 JOBS = int(os.environ.get("GPUBOX_FAILOVER_JOBS", "300"))
 LINES = 10  # each job's lines, PAUSE_S apart
 PAUSE_S = 0.05
-LONG_LINES = 400  # the jobs tail and submit --follow follow: through several takeovers
+LONG_LINES = 200  # the jobs tail and submit --follow follow: through several takeovers
 CURL_LINES = 80  # the job curl follows through a standby: through one takeover
 LIVENESS_S = 4.0  # the coordinators' and workers' liveness window: the lease is half
 FAST = {
@@ -127,7 +127,7 @@ class Fleet:
                 "GPUBOX_COORDINATOR_KEY": str(self.shared / "keys" / "coordinator.key"),
                 "GPUBOX_KEY_FILE": str(secret),
                 "GPUBOX_RUNTIME": "process",
-                "GPUBOX_MAX_JOBS": "4",
+                "GPUBOX_MAX_JOBS": "8",
                 "GPUBOX_GPUS": "none",
             }
             started.append(Process(["worker"], env, self.root / f"{name}.log"))

@@ -24,7 +24,7 @@ PARTS = {
         "dashboard: the page of a job with a",
         "dashboard: a printed line reaches",
     ),
-    "submit,bigstore,throughput,dispatch,idle,telemetry,scheduling,http_processes,references": (
+    "submit,bigstore,throughput,dispatch,idle": (
         "submit rate",
         "big store",
         "throughput, 1 worker",
@@ -33,6 +33,8 @@ PARTS = {
         "CPU per no-op job",
         "dispatch latency",
         "idle cost",
+    ),
+    "telemetry,scheduling,http_processes,references": (
         "worker telemetry CPU",
         "worker telemetry, agent side",
         "telemetry store cost per point, SQLite",

@@ -138,7 +138,12 @@ def main() -> int:
 
     config = config_mod.CoordinatorConfig(**told["config"])
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    # The handler only notes the signal; the loop below sets `stopping`. Setting an Event in
+    # the handler deadlocked: a second SIGTERM (the main process's stop, then its death's
+    # PR_SET_PDEATHSIG) ran the handler again inside the first one's Event.set(), on the lock
+    # that one held, and the process hung for good.
+    asked: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: asked.append(signum))
     # Ctrl-C and a terminal's hangup reach the whole process group: the main process stops us
     # (SIGINT) or reloads (SIGHUP, systemctl reload), and neither must end an HTTP process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -158,7 +163,7 @@ def main() -> int:
     serving.start()
     remote.ready()
     status = 0
-    while not stopping.is_set():
+    while not stopping.is_set() and not asked:
         if (dead := supervise.first_dead([news, serving])) is not None:
             log.error("HTTP process %d: %s", os.getpid(), supervise.why(dead))
             status = 1

@@ -131,7 +131,8 @@ class Trio:
         took = time.monotonic() - began
         proc.wait(30)
         self.start(index)
-        self.wait(lambda: len(self.listed(other)["coordinators"]) == 3, "the restart")
+        # Up again when its own API answers (it is listed a moment before it serves HTTP).
+        self.wait(lambda: self.leader(index) is not None, "the restart")
         return took
 
     def stop(self) -> None:

@@ -81,6 +81,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture()
+def pg_url(pg_admin: PgAdmin) -> Iterator[str]:
+    """A fresh, empty schema in the PostgreSQL test database (dropped after the test)."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    pg_admin.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
+    pg_admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture()
 def store(db_url: str) -> Iterator[sql.SqlStore]:
     """An empty store of each backend (see db_url), closed after the test."""
     opened = open_store(db_url)

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from gpubox.coordinator.server import Coordinator
 from gpubox.store import open_store, postgres, redacted
 from gpubox.store.base import TABLES
 from gpubox.store.copy import copy_store
-from tests.conftest import PG_URL, Cluster, wait_until
+from tests.conftest import Cluster, wait_until
 
 GPUBOX = [sys.executable, "-m", "gpubox"]
 
@@ -32,16 +31,6 @@ def gpubox(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [*GPUBOX, *args], capture_output=True, text=True, timeout=timeout, check=False
     )
-
-
-@pytest.fixture()
-def pg_url(pg_admin: Any) -> Iterator[str]:
-    """A fresh, empty schema in the PostgreSQL test database."""
-    schema = f"t_{os.urandom(8).hex()}"
-    pg_admin.execute(f"CREATE SCHEMA {schema}")
-    separator = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
-    pg_admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture()

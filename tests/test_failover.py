@@ -30,7 +30,6 @@ import pytest
 from gpubox import keys
 from gpubox.client import Client, Unreachable
 from tests.conftest import wait_until
-from tests.test_leadership import pg_url  # noqa: F401 - a fixture
 from tests.test_recovery import GPUBOX, Process, free_port
 
 # Serial: it times each takeover against its limit (the liveness window; 2 s for a clean
@@ -135,7 +134,7 @@ class Fleet:
 
 
 @pytest.fixture()
-def fleet(tmp_path: Path, pg_url: str) -> Iterator[Fleet]:  # noqa: F811 - the fixture
+def fleet(tmp_path: Path, pg_url: str) -> Iterator[Fleet]:
     made = Fleet(tmp_path, pg_url)
     try:
         yield made

@@ -9,7 +9,6 @@ import json
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,9 @@ from gpubox.client import Client
 from gpubox.coordinator.server import Coordinator
 from gpubox.store import leases, open_store
 from gpubox.worker import gpu, wiring
-from tests.conftest import PG_URL, PgAdmin, wait_until
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture()
-def pg_url(pg_admin: PgAdmin) -> Iterator[str]:
-    """A fresh schema of the PostgreSQL test database."""
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    pg_admin.execute(f"CREATE SCHEMA {schema}")
-    separator = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
-    pg_admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture()

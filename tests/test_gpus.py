@@ -102,6 +102,11 @@ def not_enough(free: int, needs: int, worker: str) -> str:
     )
 
 
+def none_free(needs: int, worker: str) -> str:
+    """The reason of a job that holds no worker: none has a GPU free that suits it."""
+    return f"not enough free GPUs: 0 of the {needs} it needs are free on {worker}"
+
+
 @pytest.mark.docker
 def test_one_gpu_jobs_share_a_worker_one_gpu_each_and_the_next_waits_for_one(
     make_cluster: Callable[..., Cluster], tmp_path: Path
@@ -113,7 +118,7 @@ def test_one_gpu_jobs_share_a_worker_one_gpu_each_and_the_next_waits_for_one(
     running = [started(cluster, job_id) for job_id in first]
 
     fifth = gates.submit(cluster, "five", gpus=1)["id"]
-    queued_with(cluster, fifth, not_enough(0, 1, "quad"))
+    queued_with(cluster, fifth, none_free(1, "quad"))
     # All four at once: each still running (its gate shut) while the fifth waits.
     now = [cluster.client.job(job_id) for job_id in first]
     assert [job["status"] for job in now] == ["RUNNING"] * 4
@@ -148,13 +153,14 @@ def test_a_big_job_is_not_overtaken_forever_by_smaller_lower_priority_jobs(
         started(cluster, job_id)
 
     big = gates.submit(cluster, "big", gpus=4, priority=1)["id"]
-    queued_with(cluster, big, not_enough(0, 4, "quad"))
+    queued_with(cluster, big, none_free(4, "quad"))
     behind = f"waiting behind job {big}: the GPUs of quad are held for it"
     echo = ["sh", "-c", 'echo "$NVIDIA_VISIBLE_DEVICES"']
     small = [cluster.submit(IMAGE, echo, name="small", gpus=1)["id"]]
-    queued_with(cluster, small[0], behind)
+    # No GPU of quad is free: it is held for no one yet, so both wait alike.
+    queued_with(cluster, small[0], none_free(1, "quad"))
 
-    # A job needing no GPU may use a spare slot of the reserved worker meanwhile.
+    # A job needing no GPU may use a spare slot meanwhile.
     cpu = cluster.submit(IMAGE, ["echo", "no gpu"], name="cpu")["id"]
     done = cluster.wait(cpu)
     assert done["status"] == "FINISHED" and done["worker"] == "quad"

@@ -100,6 +100,12 @@ def not_enough(have: int, need: int, worker: str) -> str:
     )
 
 
+def none_free(need: int, where: str) -> str:
+    """The reason of a job that holds no worker: none that could run it has a GPU free that
+    suits it (`where`: one worker's name, or "any of w1, w2")."""
+    return f"not enough free GPUs: 0 of the {need} it needs are free on {where}"
+
+
 # --- queue order and GPU choice ------------------------------------------------------------
 
 
@@ -119,7 +125,8 @@ def test_the_job_first_in_the_queue_wins_when_gpus_are_short() -> None:
     queue = [make_job(5, gpus=2), make_job(1, gpus=2)]
     result = scheduler.plan(queue, [make_worker("w1", free=2)])
     assert placed(result) == [(5, "w1", ["w1-0", "w1-1"])]
-    assert result.reasons == {1: not_enough(0, 2, "w1")}
+    assert result.reasons == {1: none_free(2, "w1")}
+    assert result.reserved == {}  # w1 has no GPU free: holding it would keep nothing
 
 
 def test_gpus_are_taken_in_index_order_even_when_gpus_and_free_are_unordered() -> None:
@@ -151,7 +158,7 @@ def test_four_one_gpu_jobs_get_four_distinct_gpus_and_the_fifth_waits() -> None:
     ]
     uuids = [uuid for _, _, gpus in placed(result) for uuid in gpus]
     assert len(set(uuids)) == 4
-    assert result.reasons == {5: not_enough(0, 1, "w1")}
+    assert result.reasons == {5: none_free(1, "w1")}
     assert "not enough free GPUs" in result.reasons[5]
 
 
@@ -197,7 +204,45 @@ def test_a_worker_with_nothing_free_is_not_reserved() -> None:
     assert result.reasons[2] == "waiting behind job 1: the GPUs of w2 are held for it"
     alone = scheduler.plan(queue, [full])
     assert alone.reserved == {}
-    assert alone.reasons[1] == "waiting for a free job slot (max_jobs) and free GPUs on w1"
+    assert alone.reasons[1] == none_free(8, "w1")
+
+
+def test_a_busy_worker_with_a_free_slot_is_not_held_until_a_gpu_frees_there() -> None:
+    # Every GPU busy, a slot free on each: holding a worker would keep nothing from the jobs
+    # behind, so none is held. The round after a GPU frees on w2, the big job, first in the
+    # queue, holds it, and the small job behind it does not take it.
+    queue = [make_job(1, gpus=4, priority=5), make_job(2, gpus=1)]
+    busy = [make_worker("w1", free=0, slots=2), make_worker("w2", free=0, slots=2)]
+    result = scheduler.plan(queue, busy)
+    assert result.reserved == {}
+    assert result.reasons == {1: none_free(4, "any of w1, w2"), 2: none_free(1, "any of w1, w2")}
+    freed = [busy[0], make_worker("w2", free=["w2-3"], slots=2)]
+    result = scheduler.plan(queue, freed)
+    assert placed(result) == []
+    assert result.reserved == {"w2": 1}
+    assert result.reasons == {
+        1: not_enough(1, 4, "w2"),
+        2: "waiting behind job 1: the GPUs of w2 are held for it",
+    }
+
+
+def test_a_busy_fleets_round_reads_a_few_jobs_however_many_workers_it_has() -> None:
+    # 1,000 workers, every GPU busy and a slot free on each, 3,000 queued jobs: no job can
+    # start or hold a worker, so a round reads one job of each shape, and lists a few names.
+    fleet = [make_worker(f"w{n:04d}", count=8, free=0, slots=1) for n in range(1000)]
+    queue = [make_job(i, gpus=2 - i % 2) for i in range(1, 3001)]
+    reads: list[tuple[str, int]] = []
+    result = plan_queue(queue, fleet, reads)
+    assert placed(result) == [] and result.reserved == {}
+    assert sorted(count for _, count in reads) == [1, 1]
+    reason = none_free(1, "any of w0000, w0001, w0002, w0003, w0004 and 995 more")
+    assert reason in result.shape_reasons.values()
+    # One GPU frees on one worker: one job holds it, the next of its shape is read too.
+    fleet[500] = make_worker("w0500", count=8, free=1, slots=1)
+    reads.clear()
+    result = plan_queue(queue, fleet, reads)
+    assert [a.worker for a in result.assignments] == ["w0500"]
+    assert sum(count for _, count in reads) <= 5
 
 
 def test_a_worker_with_gpus_free_but_no_slot_still_holds_a_big_job() -> None:
@@ -235,13 +280,11 @@ def test_small_jobs_still_run_on_a_worker_the_big_job_cannot_use() -> None:
     result = scheduler.plan(queue, workers)
     assert placed(result) == [(2, "w2", ["w2-0"]), (3, "w2", ["w2-1"])]
     assert not any(worker == "w1" for _, worker, _ in placed(result))
-    # job 4 is the first small job that cannot start: it holds w2, the only worker left open
-    assert result.reserved == {"w1": 1, "w2": 4}
+    # job 4 is the first small job that cannot start: w2 has no GPU free to hold for it
+    assert result.reserved == {"w1": 1}
     assert result.reasons == {
         1: not_enough(2, 4, "w1"),
-        4: not_enough(0, 1, "w2"),
-        5: "waiting behind job 1: the GPUs of w1 are held for it",
-        6: "waiting behind job 1: the GPUs of w1 are held for it",
+        **{i: "waiting behind job 1: the GPUs of w1 are held for it" for i in (4, 5, 6)},
     }
 
 
@@ -249,12 +292,8 @@ def test_the_big_job_starts_first_when_all_its_gpus_are_free() -> None:
     queue = [make_job(1, gpus=4, priority=5)] + [make_job(i, gpus=1) for i in range(2, 5)]
     result = scheduler.plan(queue, [make_worker("w1")])
     assert placed(result) == [(1, "w1", ["w1-0", "w1-1", "w1-2", "w1-3"])]
-    assert result.reserved == {"w1": 2}
-    assert result.reasons == {
-        2: not_enough(0, 1, "w1"),
-        3: "waiting behind job 2: the GPUs of w1 are held for it",
-        4: "waiting behind job 2: the GPUs of w1 are held for it",
-    }
+    assert result.reserved == {}
+    assert result.reasons == {i: none_free(1, "w1") for i in (2, 3, 4)}
 
 
 def test_the_big_job_starts_first_and_small_jobs_use_the_other_worker() -> None:
@@ -265,9 +304,9 @@ def test_the_big_job_starts_first_and_small_jobs_use_the_other_worker() -> None:
         (2, "w2", ["w2-0"]),
         (3, "w2", ["w2-1"]),
     ]
-    # both workers have 0 free: of equals the first listed is reserved
-    assert result.reserved == {"w1": 4}
-    assert result.reasons == {4: not_enough(0, 1, "w1")}
+    # neither has a GPU free: none is held
+    assert result.reserved == {}
+    assert result.reasons == {4: none_free(1, "any of w1, w2")}
 
 
 def test_a_job_without_gpus_may_use_a_spare_slot_of_a_reserved_worker() -> None:
@@ -612,10 +651,10 @@ def test_the_plan_is_deterministic_and_leaves_its_input_alone() -> None:
         (4, "w3", ["w3-3"]),
         (5, "w2", ["w2-0", "w2-1"]),
     ]
-    assert first.reserved == {"w1": 7, "w2": 6}
+    assert first.reserved == {"w1": 7}
     assert first.reasons == {
         7: not_enough(2, 4, "w1"),
-        6: not_enough(0, 1, "w2"),
+        6: "waiting behind job 7: the GPUs of w1 are held for it",
         1: "no connected worker with its labels has 1 GPU of model 'v100'",
     }
 
@@ -784,7 +823,7 @@ def test_kept_matches_are_found_again_when_a_worker_changes() -> None:
     assert placed(result) == [(1, "w1", ["w1-0"])]
     bigger = make_worker("w2", count=8, free=0)
     result = plan_queue(queue, [eu, bigger], None, matches)
-    assert result.reasons[2] == not_enough(0, 8, "w2")
+    assert result.reasons[2] == none_free(8, "w2")
     result = plan_queue(queue, [], None, matches)
     assert set(result.shape_reasons.values()) == {"no worker is connected"}
 
@@ -830,23 +869,21 @@ def plain_plan(queue: list[models.Job], workers: list[WorkerView]) -> Plan:
             slots[name] -= 1
             continue
         if needs.gpus == 0:
-            names = ", ".join(w.name for w in able)
+            names = scheduler._listed([w.name for w in able])
             result.reasons[job.id] = f"waiting for a free job slot (max_jobs) on {names}"
             continue
-        open_workers = [
-            w
-            for w in able
-            if w.name not in result.reserved and (slots[w.name] > 0 or suitable(w, needs))
-        ]
+        open_workers = [w for w in able if w.name not in result.reserved and suitable(w, needs)]
         if not open_workers:
             holders_ids = [result.reserved[w.name] for w in able if w.name in result.reserved]
             if not holders_ids:
-                names = ", ".join(w.name for w in able)
-                reason = f"waiting for a free job slot (max_jobs) and free GPUs on {names}"
-                result.reasons[job.id] = reason
+                names = [w.name for w in able]
+                where = names[0] if len(names) == 1 else f"any of {scheduler._listed(names)}"
+                result.reasons[job.id] = none_free(needs.gpus, where)
                 continue
             holder_id = min(holders_ids, key=position.__getitem__)
-            held = ", ".join(w.name for w in able if result.reserved.get(w.name) == holder_id)
+            held = scheduler._listed(
+                [w.name for w in able if result.reserved.get(w.name) == holder_id]
+            )
             reason = f"waiting behind job {holder_id}: the GPUs of {held} are held for it"
             result.reasons[job.id] = reason
             continue

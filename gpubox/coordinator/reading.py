@@ -149,15 +149,15 @@ def _window(needs: models.Needs, able: list[scheduler.WorkerView]) -> int:
 
     Through a round, free GPUs, slots and open workers only get fewer, so once a job of
     the shape cannot start, none behind it can. Of those behind, each can at most reserve a
-    worker that no job holds yet and that has a free slot or a GPU free, and only when it
-    needs GPUs. So no more jobs of the shape can start or reserve than the free slots and
-    those workers, and the one after them (and every one behind it) waits for the same reason
-    and changes nothing. On a busy fleet that is a few jobs, however many workers it has.
+    worker that no job holds yet and that has a GPU free, and only when it needs GPUs. So no
+    more jobs of the shape can start or reserve than the free slots and those workers, and
+    the one after them (and every one behind it) waits for the same reason and changes
+    nothing. On a busy fleet that is a few jobs, however many workers it has.
 
     A worker can start no more jobs of the shape than it has free slots, nor, when they need
     GPUs, than its free GPUs hold."""
     if not needs.gpus:
         return sum(max(0, w.slots) for w in able) + 1
     starts = sum(min(max(0, w.slots), len(w.free) // needs.gpus) for w in able)
-    holdable = sum(1 for w in able if w.slots > 0 or w.free)
+    holdable = sum(1 for w in able if w.free)
     return starts + holdable + 1

@@ -13,14 +13,16 @@ that used the GPUs least lately first, then submission; see fairshare):
    `gpu_memory_gb`). Of several, the one with the fewest such GPUs free, then the least
    memory on them (best fit: big blocks and big cards stay for the jobs that need them),
    then by name; its GPUs are taken in index order.
-2. A job that could run on some worker but not now (too few GPUs free) reserves one: the one
-   with the most suitable GPUs free (then by name). A reserved worker gives no GPU that suits
-   the holder to a job behind it in the queue, so those GPUs gather as they free up until the
-   job fits; its other GPUs and spare slots stay for anyone (one slot stays for the holder).
-   A job is therefore never overtaken forever by smaller jobs of lower priority; jobs ahead
-   of it come first, as they would. A worker with neither a free slot nor a suitable GPU free
-   is not reserved: holding it would change nothing this round, and reserving each busy
-   worker of a big fleet made every round plan as many jobs as there are workers.
+2. A job that could run on some worker but not now (too few GPUs free, or no slot) reserves
+   one that has a GPU free that suits it: the one with the most (then by name). A reserved
+   worker gives no GPU that suits the holder to a job behind it in the queue, so those GPUs
+   gather as they free up until the job fits; its other GPUs and spare slots stay for anyone
+   (one slot stays for the holder). A job is therefore never overtaken forever by smaller
+   jobs of lower priority: in the round that follows a GPU's release, the earliest job that
+   could use it takes it or holds it. A worker with no suitable GPU free is not reserved:
+   holding it would keep nothing from the jobs behind, and reserving each busy worker of a
+   big fleet made every round plan as many jobs as there are workers (1,000 of them: 40 ms
+   a round, against 3).
 3. Every job left queued gets a reason a person can act on.
 
 The plan is made afresh each round from the current state, so a reservation needs no
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gpubox import models
@@ -104,14 +106,14 @@ class Matches:
     shape with 8 workers."""
 
     def __init__(self) -> None:
-        self._offer: tuple[Any, ...] = ()
+        self._offer: list[tuple[Any, ...]] = []
         self._found: dict[str, tuple[str, ...] | str] = {}
 
     def find(
         self, shapes: Mapping[str, models.Needs], workers: list[WorkerView]
     ) -> dict[str, tuple[str, ...] | str]:
         """For each shape, the names of the workers that can ever run it, or why none can."""
-        offer = tuple(w.offer() for w in workers)
+        offer = [w.offer() for w in workers]
         known = self._found if offer == self._offer else {}
         found = {}
         for shape, needs in shapes.items():
@@ -161,9 +163,12 @@ class _Round:
         self.workers = workers
         self.sharing = sharing
         self.result = Plan()
-        self.free = {w.name: set(w.free) for w in workers}
-        self.slots = {w.name: w.slots for w in workers}
-        self.by_name = {w.name: w for w in workers}
+        # Only the open workers (see above) are looked at one by one: what the round keeps
+        # of each worker is kept for them alone.
+        self.open = [w for w in workers if w.slots > 0 or w.free]
+        self.free = {w.name: set(w.free) for w in self.open}
+        self.slots = {w.name: w.slots for w in self.open}
+        self.by_name = {w.name: w for w in self.open}
         # Each worker's GPUs by uuid, and in index order: worked out for the workers a round
         # looks at (those with a GPU free), not for every worker of a big fleet.
         self._info: dict[str, dict[str, dict[str, Any]]] = {}
@@ -172,14 +177,14 @@ class _Round:
         self.held = dict(sharing.held)  # what each submitter's jobs hold, with this round's
         self.position: dict[int, int] = {}
         self.able: dict[str, tuple[str, ...]] = {}  # shape → the workers that can run it
-        self.open = [w for w in workers if w.slots > 0 or w.free]
+        self.able_set: dict[str, frozenset[str]] = {}  # the same, as sets, once needed
         self._open_able: dict[str, list[WorkerView]] = {}  # shape → those of them open
         self.full: set[str] = set()  # shapes of which no more jobs can start this round
         self.behind: dict[str, str] = {}  # shape → its reason once every worker is reserved
         # A worker's versions: `fit` changes with its free GPUs, slots and holder, `free`
         # with its free GPUs alone. A heap entry of an older version is out of date.
-        self.fit_version = dict.fromkeys(self.free, 0)
-        self.free_version = dict.fromkeys(self.free, 0)
+        self.fit_version = dict.fromkeys(self.by_name, 0)
+        self.free_version = dict.fromkeys(self.by_name, 0)
         # shape → (its needs, the names of its able workers, the heap)
         # _fits entries: (suitable GPUs free, their memory, name, fit version)
         # _free entries: (−suitable GPUs free, name, free version)
@@ -227,9 +232,15 @@ class _Round:
             if len(able) == len(self.workers):
                 found = self.open  # every worker can run it
             else:
-                wanted = set(able)
+                wanted = self._able_set(shape, able)
                 found = [w for w in self.open if w.name in wanted]
             self._open_able[shape] = found
+        return found
+
+    def _able_set(self, shape: str, able: tuple[str, ...]) -> frozenset[str]:
+        found = self.able_set.get(shape)
+        if found is None:
+            found = self.able_set[shape] = frozenset(able)
         return found
 
     def _fit(self, name: str, needs: models.Needs) -> tuple[int, int, list[str]] | None:
@@ -323,7 +334,7 @@ class _Round:
             return self.behind[needs.shape]
         if needs.gpus == 0:
             # The same for every job of the shape behind it, through the round.
-            names = ", ".join(able)
+            names = _listed(able)
             self.behind[needs.shape] = f"waiting for a free job slot (max_jobs) on {names}"
             return self.behind[needs.shape]
         reserved = self.result.reserved
@@ -333,20 +344,21 @@ class _Round:
                 for w in open_able
                 if w.name not in reserved
             ]
-            ranked = [entry for entry in ranked if entry[0] or self.slots[entry[1]] > 0]
+            ranked = [entry for entry in ranked if entry[0]]  # nothing to hold on the others
             heapq.heapify(ranked)
             self._free[needs.shape] = (needs, {w.name for w in open_able}, ranked)
         ranked = self._free[needs.shape][2]
         while ranked and (
             ranked[0][1] in reserved
             or ranked[0][2] != self.free_version[ranked[0][1]]
-            or not (ranked[0][0] or self.slots[ranked[0][1]] > 0)
+            or not ranked[0][0]
         ):
-            heapq.heappop(ranked)  # held already, out of date, or with nothing free left
+            heapq.heappop(ranked)  # held already, out of date, or with no suitable GPU free
         if not ranked:
-            # Every worker that could run it is held or has nothing free, and stays so through
-            # the round (free GPUs and slots only get fewer).
-            self.behind[needs.shape] = _behind(able, reserved, self.position)
+            # Every worker that could run it is held or has no suitable GPU free, and stays so
+            # through the round (free GPUs only get fewer).
+            wanted = self._able_set(needs.shape, able)
+            self.behind[needs.shape] = _behind(needs, able, wanted, reserved, self.position)
             return self.behind[needs.shape]
         minus_count, name, _ = heapq.heappop(ranked)
         count = -minus_count
@@ -361,16 +373,32 @@ class _Round:
         )
 
 
-def _behind(able: tuple[str, ...], reserved: dict[str, int], position: dict[int, int]) -> str:
-    """Why a job waits when no worker that could run it may be reserved for it: the earliest
-    job holding some of them, or else that none has a free slot or a suitable GPU free."""
-    wanted = set(able)
-    holders = [job_id for name, job_id in reserved.items() if name in wanted]
+def _behind(
+    needs: models.Needs,
+    able: tuple[str, ...],
+    wanted: frozenset[str],
+    reserved: dict[str, int],
+    position: dict[int, int],
+) -> str:
+    """Why a job waits when no worker that could run it (`able`, as a set: `wanted`) may be
+    reserved for it: the earliest job holding one of them, or else that none has a GPU free
+    that suits it. (A job holds one worker at most; few are held on a busy fleet.)"""
+    holders = [(position[job_id], name) for name, job_id in reserved.items() if name in wanted]
     if not holders:
-        return f"waiting for a free job slot (max_jobs) and free GPUs on {', '.join(able)}"
-    holder = min(holders, key=position.__getitem__)
-    held = ", ".join(name for name in able if reserved.get(name) == holder)
-    return f"waiting behind job {holder}: the GPUs of {held} are held for it"
+        where = able[0] if len(able) == 1 else f"any of {_listed(able)}"
+        return f"not enough free GPUs: 0 of the {needs.gpus} it needs are free on {where}"
+    _, held = min(holders)
+    return f"waiting behind job {reserved[held]}: the GPUs of {held} are held for it"
+
+
+LISTED = 5  # workers named in a reason at most; a reason names the rest by their number
+
+
+def _listed(names: Sequence[str]) -> str:
+    """Worker names for a reason: "w1, w2", or the first LISTED and how many more."""
+    if len(names) <= LISTED:
+        return ", ".join(names)
+    return f"{', '.join(names[:LISTED])} and {len(names) - LISTED} more"
 
 
 def _no_worker(needs: models.Needs, workers: list[WorkerView]) -> str:

@@ -130,6 +130,24 @@ def test_between_reads_what_the_broker_claims_and_sees_end_is_counted_at_once(
     assert tracker.refresh(read=True).held == {}
 
 
+def test_a_start_the_broker_saw_counts_use_from_then_without_a_read(store: base.Store) -> None:
+    clock = Clock(T0)
+    tracker = fairshare.Tracker(store, half_life_s=HOUR, clock=clock)
+    tracker.refresh(read=True)
+    made = store.create_job(spec("a", 2), T0)
+    claimed = store.claim_job(made.id, "w", ["g0", "g1"], T0)
+    assert claimed is not None
+    tracker.claimed([claimed])
+    started = T0 + timedelta(seconds=10)
+    store.mark_started(made.id, 1, started)
+    tracker.started(made.id, started)
+    clock.now = (started + timedelta(seconds=30)).timestamp()
+    assert tracker.refresh().use == {"a": pytest.approx(2 * 30)}  # no read: from its STARTED
+    assert tracker.refresh(read=True).use == {"a": pytest.approx(2 * 30)}  # a read agrees
+    tracker.ended(made.id)
+    assert tracker.refresh().use == {"a": pytest.approx(2 * 30)} and tracker.snapshot.held == {}
+
+
 def test_a_job_claimed_and_ended_between_two_reads_still_counts(store: base.Store) -> None:
     clock = Clock(T0)
     tracker = fairshare.Tracker(store, half_life_s=HOUR, clock=clock)
@@ -214,6 +232,39 @@ def test_the_dashboards_queue_lists_the_jobs_in_the_order_they_will_start(
     # priority first; then no use (light, and the job with no submitter: by id); then heavy
     assert order == [ids["heavy", 1], ids["light", 0], ids[None, 0], ids["heavy", 0]]
     assert [job.id for job in plans.queue_in_order(2)] == order[:2]
+
+
+def test_a_job_queued_again_is_planned_at_the_next_round_not_at_the_next_listing(
+    store: base.Store,
+) -> None:
+    # The listing of the queue's groups is a net every GROUPS_EVERY_S; a job the broker
+    # queues again (its worker was lost) says so itself, and the next round plans it.
+    plans = planner.Planner(store, HOUR)
+    worker = make_worker("w1", count=1)
+    first, second = (store.create_job(spec("a"), T0) for _ in range(2))
+    plan = plans.plan([worker])
+    assert [a.job.id for a in plan.assignments] == [first.id]
+    claimed = store.claim_job(first.id, "w1", ["w1-0"], T0)
+    assert claimed is not None
+    plans.claimed([claimed])
+    assert [a.job.id for a in plans.plan([make_worker("w1", count=1)]).assignments] == [second.id]
+    assert store.unclaim_job(first.id, 1, T0)  # its worker never confirmed it
+    plans.requeued(first.id)
+    assert [a.job.id for a in plans.plan([worker]).assignments] == [first.id]
+    assert plans.sharing.held == {}
+
+
+def test_a_job_cancelled_after_it_was_read_is_planned_once_then_dropped(
+    store: base.Store,
+) -> None:
+    plans = planner.Planner(store, HOUR)
+    worker = make_worker("w1", count=1)
+    first, second = (store.create_job(spec("a"), T0) for _ in range(2))
+    assert [a.job.id for a in plans.plan([worker]).assignments] == [first.id]
+    assert store.cancel_job(first.id, T0) is not None  # between the read and the claim
+    assert store.claim_job(first.id, "w1", ["w1-0"], T0) is None
+    plans.claimed([], [first.id])
+    assert [a.job.id for a in plans.plan([worker]).assignments] == [second.id]
 
 
 # --- the order and the caps in a plan ------------------------------------------------------------

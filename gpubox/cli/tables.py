@@ -115,6 +115,13 @@ def summary(job: dict[str, Any]) -> str:
     return "\n".join(f"{key:>10}  {printable(str(value))}" for key, value in rows)
 
 
+def _hours(hours: float) -> str:
+    """GPU-hours for a person: "41", "0.25", "<0.001" for a moment's use, "0" for none."""
+    if 0 < hours < 0.001:
+        return "<0.001"
+    return f"{hours:.3g}"
+
+
 def place(where: dict[str, Any], submitter: str | None) -> str:
     """A queued job's place in the fair order, and who is ahead of it with how much use:
     "4 in the queue: 3 jobs ahead of it (3 of ci); GPU-hours used lately: ci 41, alice 2"."""
@@ -130,10 +137,10 @@ def place(where: dict[str, Any], submitter: str | None) -> str:
     jobs = "job" if count == 1 else "jobs"
     line = f"{where['place']} in the queue: {count} {jobs} ahead of it ({', '.join(parts)})"
     if where.get("half_life_s"):
-        use = [f"{n} {item['use_gpu_hours']:.3g}" for item, n in zip(shown, names, strict=True)]
+        use = [f"{n} {_hours(item['use_gpu_hours'])}" for item, n in zip(shown, names, strict=True)]
         you = "you" if submitter is None else submitter
         if submitter not in [item["submitter"] for item in shown]:
-            use.append(f"{you} {where['use_gpu_hours']:.3g}")
+            use.append(f"{you} {_hours(where['use_gpu_hours'])}")
         line += f"; GPU-hours used lately: {', '.join(use)}"
     return line
 

@@ -115,7 +115,9 @@ class Broker:
         # A READY, DONE or new job asks for a round; one round serves them all (see step).
         self._schedule_due = False
         self.planner = Planner(store, fair_share_half_life)
-        self.lifecycle = Lifecycle(store, changes, self.log_limits, on_end=self._forget)
+        self.lifecycle = Lifecycle(
+            store, changes, self.log_limits, on_end=self._forget, on_requeue=self.planner.requeued
+        )
         self.counters = metrics.BrokerCounters()
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
         self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
@@ -474,8 +476,9 @@ class Broker:
     def _stored_report(self, peer: Peer, stored: reports.Stored) -> None:
         """Act on a report once it is stored: acknowledge it, wake the job's followers."""
         match stored:
-            case reports.StartStored(report, applied):
+            case reports.StartStored(report, applied, executed_at):
                 if applied:
+                    self.planner.started(report.job_id, executed_at)
                     self.changes.notify(report.job_id)
                     sent = self._sent_at.pop(report.job_id, None)
                     if sent is not None and sent[0] == report.attempt:
@@ -591,7 +594,10 @@ class Broker:
                 self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())
                 for a in plan.assignments
             ]
-        self.planner.claimed([job for job in claimed if job is not None])
+        self.planner.claimed(
+            [job for job in claimed if job is not None],
+            [a.job.id for a, job in zip(plan.assignments, claimed, strict=True) if job is None],
+        )
         for assignment, job in zip(plan.assignments, claimed, strict=True):
             if job is None:
                 # Cancelled since, or a GPU the worker called free is still held by a job
@@ -621,8 +627,9 @@ class Broker:
             )
             return
         peer.unconfirmed.pop(job.id, None)
-        if self.store.get_job(job.id).status is models.Status.RUNNING:
-            self.store.unclaim_job(job.id, job.attempts, models.utcnow())
+        running = self.store.get_job(job.id).status is models.Status.RUNNING
+        if running and self.store.unclaim_job(job.id, job.attempts, models.utcnow()):
+            self.planner.requeued(job.id)
 
     def queue_reason(self, job_id: int) -> str:
         """Why a QUEUED job waits, as of the last scheduling round. Any thread."""

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 class Lifecycle:
     """Ends, releases and requeues jobs in the store, and wakes their followers. `on_end` is
-    told of every job that ended, so its caller drops what it kept about it."""
+    told of every job that ended, so its caller drops what it kept about it; `on_requeue` of
+    every running job queued again, so the next round plans it."""
 
     def __init__(
         self,
@@ -26,11 +27,13 @@ class Lifecycle:
         changes: Changes,
         limits: LogLimits,
         on_end: Callable[[int], None] = lambda job_id: None,
+        on_requeue: Callable[[int], None] = lambda job_id: None,
     ) -> None:
         self.store = store
         self.changes = changes
         self.limits = limits
         self.on_end = on_end
+        self.on_requeue = on_requeue
 
     def ended(self, job_id: int) -> None:
         """Wake the job's followers for the last time and drop its change counter, which
@@ -72,6 +75,7 @@ class Lifecycle:
                     extra=fields(job=job.id, worker=job.worker),
                 )
                 self.changes.notify(job.id)
+                self.on_requeue(job.id)
             return
         released = self.store.release_job(job.id, job.attempts, reason, models.utcnow())
         if released is not None:
@@ -86,6 +90,7 @@ class Lifecycle:
                 self.ended(job.id)
             else:
                 self.changes.notify(job.id)
+                self.on_requeue(job.id)
 
     def requeue_unconfirmed(self, worker: str, job_id: int, attempt: int, within_s: float) -> None:
         """Queue again a job that `worker` was sent and never confirmed within `within_s`,
@@ -116,3 +121,4 @@ class Lifecycle:
                 extra=fields(job=job_id, worker=worker),
             )
             self.changes.notify(job_id)
+            self.on_requeue(job_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from datetime import datetime
 
 from gpubox import errors, models, protocol, telemetry
 from gpubox.coordinator.peers import Peer
@@ -24,10 +25,12 @@ Report = protocol.Started | protocol.Log | protocol.Telemetry | protocol.Done
 
 @dataclasses.dataclass(frozen=True)
 class StartStored:
-    """A STARTED stored; `applied` unless it was a repeat (the job was already started)."""
+    """A STARTED stored; `applied` unless it was a repeat (the job was already started).
+    `executed_at`: when its container started, as stored."""
 
     report: protocol.Started
     applied: bool
+    executed_at: datetime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,7 @@ def store_report(store: Store, report: Report, limits: LogLimits) -> Stored:
             applied = store.mark_started(
                 report.job_id, report.attempt, executed_at, report.image_id, report.image_digest
             )
-            return StartStored(report, applied)
+            return StartStored(report, applied, executed_at)
         case protocol.Log():
             lines = [(line[0], line[1], line[2]) for line in report.lines]
             for index in worker_notes(report):

@@ -65,6 +65,15 @@ def pg_admin() -> PgAdmin:
     return PgAdmin()
 
 
+@pytest.fixture(scope="session")
+def single_file() -> Path:
+    """dist/gpubox, built from this checkout by scripts/build once per test run: the install
+    and systemd tests share it."""
+    from tests.single_file import build
+
+    return build()
+
+
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A store URL for an empty store of each backend: a SQLite file in tmp_path, or a fresh

@@ -16,26 +16,9 @@ import pytest
 from tests.conftest import IMAGE, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-SINGLE_FILE = ROOT / "dist" / "gpubox"
 UNITS = ("gpubox-coordinator.service", "gpubox-worker.service")
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
-
-
-@pytest.fixture(scope="module")
-def single_file() -> Path:
-    """dist/gpubox, built from this checkout by scripts/build (once per test run)."""
-    unpacked = Path(os.environ.get("SHIV_ROOT") or Path.home() / ".shiv")
-    before = set(unpacked.iterdir()) if unpacked.is_dir() else set()
-    result = subprocess.run(
-        [str(ROOT / "scripts" / "build")], capture_output=True, text=True, timeout=600, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert os.access(SINGLE_FILE, os.X_OK)
-    # Its check run unpacked it somewhere of its own, not into the caller's ~/.shiv (~40 MB
-    # a build: they added up).
-    assert (set(unpacked.iterdir()) if unpacked.is_dir() else set()) == before
-    return SINGLE_FILE
 
 
 @pytest.fixture()

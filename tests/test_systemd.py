@@ -20,7 +20,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import IMAGE, wait_until
+from tests.single_file import build_id, rebuilt
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ("gpubox-coordinator.service", "gpubox-worker.service")
@@ -234,11 +234,6 @@ def expected(lines: int) -> str:
     return "".join(f"line {i}\n" for i in range(1, lines + 1))
 
 
-def build_id(single_file: Path) -> str:
-    with zipfile.ZipFile(single_file) as archive:
-        return str(json.loads(archive.read("environment.json"))["build_id"])
-
-
 @pytest.fixture(scope="module")
 def image() -> str:
     if shutil.which("docker") is None or run("docker", "info", check=False).returncode != 0:
@@ -247,18 +242,16 @@ def image() -> str:
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def builds(single_file: Path) -> tuple[Path, Path]:
     """Two builds of this checkout (two build ids): the installed one and its upgrade. They
     live inside the checkout, which the boxes see as /src."""
     folder = ROOT / "dist" / "systemd-test"
     folder.mkdir(parents=True, exist_ok=True)
-    made = []
-    for name in ("first", "second"):
-        run(str(ROOT / "scripts" / "build"), timeout=600)
-        made.append(folder / name)
-        shutil.copy2(ROOT / "dist" / "gpubox", made[-1])
-    assert build_id(made[0]) != build_id(made[1])
-    return made[0], made[1]
+    first = folder / "first"
+    shutil.copy2(single_file, first)
+    second = rebuilt(single_file, folder / "second")
+    assert build_id(first) != build_id(second)
+    return first, second
 
 
 @pytest.fixture(scope="module")

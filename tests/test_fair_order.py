@@ -254,6 +254,25 @@ def test_a_job_queued_again_is_planned_at_the_next_round_not_at_the_next_listing
     assert plans.sharing.held == {}
 
 
+def test_a_claimed_job_leaves_every_read_that_gave_it_and_an_emptied_read_stays_empty() -> None:
+    reads = planner.Reads()
+    a1, a2, b1 = job(1, "a"), job(2, "a"), job(3, "b")
+    shape = a1.spec.needs.shape
+    everyone, only_a = (shape, 0, None), (shape, 0, ("a",))
+    reads.put(everyone, [a1, a2, b1], whole=True)
+    reads.put(only_a, [a1, a2], whole=True)
+    assert reads.get(everyone, 2) == [a1, a2] and reads.known[3] is b1
+    reads.drop([1])
+    assert reads.get(everyone, 5) == [a2, b1]
+    assert reads.get(only_a, 5) == [a2]
+    reads.drop([2])
+    assert reads.get(only_a, 5) == []  # all it had, all claimed: no store read needed
+    assert reads.get((shape, 1, None), 1) is None  # never read: the store must be
+    reads.put((shape, 1, None), [], whole=False)
+    assert reads.get((shape, 1, None), 1) is None  # part of a group, used up: read more
+    assert planner.Reads(reads.by_id).known[3] is b1  # kept across a listing, for the store
+
+
 def test_a_job_cancelled_after_it_was_read_is_planned_once_then_dropped(
     store: base.Store,
 ) -> None:

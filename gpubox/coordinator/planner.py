@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +20,52 @@ from gpubox.store.base import QueueGroup
 # done every second: at 1,000 workers that made the slowest 3 % of decisions.
 GROUPS_EVERY_S = 10.0
 READ_AHEAD = 32  # at least this many more jobs of a group than a round needs are read
+
+
+Key = tuple[str, int, tuple[str | None, ...] | None]  # a read: shape, priority, submitters
+
+
+class Reads:
+    """The queued jobs each read gave since the queue's groups were listed, less those
+    claimed since, and whether they were all that the read found then. Until the next
+    listing the queue only loses jobs (a job submitted or queued again makes a listing), so
+    a later round reads the store again only for a group it needs more of. A job cancelled
+    meanwhile may be planned once: its claim finds it gone, and that failed claim makes a
+    listing.
+
+    Each read's jobs are kept in id order in a dict, so a claim takes a job out in one step
+    and a read of a group whose jobs were all claimed costs nothing: on a busy fleet, fair
+    order went through dozens of those a round, and filtering them cost most of a decision."""
+
+    def __init__(self, before: Mapping[int, models.Job] | None = None) -> None:
+        self._jobs: dict[Key, dict[int, models.Job]] = {}
+        self._whole: dict[Key, bool] = {}
+        self._keys: dict[int, set[Key]] = {}  # job id → the reads that gave it
+        self.by_id: dict[int, models.Job] = {}  # every job kept, by id
+        # What the store need not parse again when it reads jobs: those kept here, and those
+        # kept before the listing that made this (a job's spec never changes).
+        self.known = collections.ChainMap(self.by_id, dict(before or {}))
+
+    def get(self, key: Key, count: int) -> list[models.Job] | None:
+        """The first `count` jobs kept for this read; None if the store must be read."""
+        kept = self._jobs.get(key)
+        if kept is None or (len(kept) < count and not self._whole[key]):
+            return None
+        return list(itertools.islice(kept.values(), count))
+
+    def put(self, key: Key, jobs: list[models.Job], whole: bool) -> None:
+        self._jobs[key] = {job.id: job for job in jobs}
+        self._whole[key] = whole
+        for job in jobs:
+            self._keys.setdefault(job.id, set()).add(key)
+            self.by_id[job.id] = job
+
+    def drop(self, ids: Iterable[int]) -> None:
+        """Jobs no longer queued (claimed, or gone): out of every read that gave them."""
+        for job_id in ids:
+            self.by_id.pop(job_id, None)
+            for key in self._keys.pop(job_id, ()):
+                self._jobs[key].pop(job_id, None)
 
 
 class Planner:
@@ -36,7 +83,6 @@ class Planner:
         self.shape_reasons: dict[str, str] = {}
         self._needs: dict[str, models.Needs] = {}  # queued shapes read back, by shape
         self._matches = scheduler.Matches()  # which workers can run each shape
-        self._queued: dict[int, models.Job] = {}  # queued jobs read last round, by id
         # The queue's groups as last listed, and the highest job id then. The list is made
         # again when a job was submitted since (a higher id, or a poke: queue_changed), when
         # a job that ran is queued again (requeued, or fair share's read finds one), when a
@@ -47,14 +93,7 @@ class Planner:
         self._groups_listed = -GROUPS_EVERY_S
         self._groups_stale = True
         self._last_id = 0
-        # The jobs each read gave since the groups were listed, and whether they were all the
-        # group had then, less those claimed since: until the next listing the queue only
-        # loses jobs (a job submitted or queued again makes a listing), so a later round
-        # reads again only a group it needs more of. A job cancelled meanwhile may be planned
-        # once: its claim finds it gone, and that failed claim makes a listing.
-        Key = tuple[str, int, tuple[str | None, ...] | None]
-        self._reads: dict[Key, tuple[list[models.Job], bool]] = {}
-        self._claimed: set[int] = set()
+        self._reads = Reads()  # the jobs read since the groups were listed
 
     @property
     def sharing(self) -> fairshare.Snapshot:
@@ -73,28 +112,26 @@ class Planner:
         ):
             self._groups, self._groups_listed = self.store.queue_groups(), now
             self._groups_stale, self._last_id = False, last_id
-            self._reads, self._claimed = {}, set()
+            self._reads = Reads(self._reads.by_id)
         groups = self._groups
         # What a job asks for never changes: the shapes and jobs read are kept for the next
         # round, which reads only those it did not have.
         shapes = {group.shape for group in groups}
         self._needs = {s: self._needs.get(s) or models.Needs.from_shape(s) for s in shapes}
-        known, self._queued = self._queued, {}
 
         def read(
             shape: str, priority: int, submitters: Sequence[str | None] | None, count: int
         ) -> list[models.Job]:
             key = (shape, priority, None if submitters is None else tuple(submitters))
-            jobs, whole = self._reads.get(key, ([], False))
-            jobs = [job for job in jobs if job.id not in self._claimed]
-            if len(jobs) < count and not whole:
+            jobs = self._reads.get(key, count)
+            if jobs is None:
                 # Read ahead: the next rounds' claims take jobs out of what is kept, and a
                 # read per round for each group cost a busy fleet most of its decision.
                 ahead = count + max(count, READ_AHEAD)
-                jobs = self.store.queued_of(shape, priority, submitters, ahead, known)
-                self._reads[key] = (jobs, len(jobs) < ahead)
-            self._queued.update((job.id, job) for job in jobs)
-            return jobs[:count]
+                found = self.store.queued_of(shape, priority, submitters, ahead, self._reads.known)
+                self._reads.put(key, found, whole=len(found) < ahead)
+                jobs = found[:count]
+            return jobs
 
         plan = reading.plan_queue(groups, self._needs, read, views, self._matches, sharing)
         self.reasons, self.shape_reasons = plan.reasons, plan.shape_reasons
@@ -111,9 +148,9 @@ class Planner:
         has busy. Those are dropped from what was read, and the next round lists the queue
         again, which finds the ones still queued."""
         self.tracker.claimed(jobs)
-        self._claimed.update(job.id for job in jobs)
+        self._reads.drop(job.id for job in jobs)
         if failed:
-            self._claimed.update(failed)
+            self._reads.drop(failed)
             self._groups_stale = True
 
     def started(self, job_id: int, executed_at: datetime) -> None:

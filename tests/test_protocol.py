@@ -328,6 +328,7 @@ def test_the_optional_fields_are_the_documented_ones() -> None:
         "LOG.notes",
         "HELLO.mounts",
         "HELLO.runtime",
+        "HELLO.liveness_s",
         "HEARTBEAT.usage",
     }
 

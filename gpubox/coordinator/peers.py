@@ -36,6 +36,9 @@ class Peer:
     last_sent: float = 0.0  # when the coordinator last sent it anything (time.monotonic)
     mounts: list[str] = dataclasses.field(default_factory=list)
     runtime: str = "docker"
+    # Whether each of its HEARTBEATs gets an answer: its liveness (from HELLO) is unknown or
+    # too short for the broker's own beats alone (see Broker.step).
+    answer_beats: bool = True
     usage: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # uuid → NVML now
     ready: bool = False
     free_gpus: list[str] = dataclasses.field(default_factory=list)

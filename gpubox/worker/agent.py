@@ -279,6 +279,7 @@ class Agent:
                 max_jobs=self.config.max_jobs,
                 mounts=sorted(self.config.mount_map),
                 runtime=self.config.runtime,
+                liveness_s=self.config.liveness_s,
                 running=[
                     protocol.Running(job_id=j.id, attempt=j.attempt, recovered=j.found is not None)
                     for j in self.jobs.values()

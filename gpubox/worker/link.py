@@ -14,7 +14,7 @@ from typing import Any
 import zmq
 import zmq.utils.monitor
 
-from gpubox import errors, protocol
+from gpubox import errors, protocol, zmqio
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class CoordinatorLink:
         if self.dealer is None:
             return False
         try:
-            self.dealer.send_multipart(protocol.encode(msg), zmq.NOBLOCK)
+            zmqio.send(self.dealer, protocol.encode(msg))
             return True
         except zmq.Again:
             return False
@@ -107,11 +107,11 @@ class CoordinatorLink:
         """The messages waiting, decoded; a malformed one is logged and skipped."""
         while self.dealer is not None:
             try:
-                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+                frames = zmqio.recv(self.dealer)
             except zmq.Again:
                 return
             try:
-                yield protocol.decode_from_coordinator(frames)
+                yield protocol.decode_from_coordinator([frame.bytes for frame in frames])
             except errors.ProtocolError as exc:
                 log.warning("dropped a malformed message from the coordinator: %s", exc)
 

@@ -31,6 +31,7 @@ import zmq
 from gpubox import __version__, protocol
 
 HEARTBEAT_S = 2.0  # the worker's default heartbeat_interval_s
+LIVENESS_S = 10.0  # the worker's default liveness_s, said in HELLO as a worker says it
 RESEND_S = 3.0  # the worker's default resend_s
 RUN_S = (1.0, 5.0)  # a job's simulated run time, drawn evenly
 GPUS = 8
@@ -152,6 +153,7 @@ class SimWorker:
                 gpus=gpus,
                 labels=self.who.labels,
                 max_jobs=self.shape.slots,
+                liveness_s=LIVENESS_S,
                 running=[
                     protocol.Running(job_id=j, attempt=h.attempt) for j, h in self.jobs.items()
                 ],

@@ -411,6 +411,26 @@ def test_welcome_and_worker_record(link: Link) -> None:
     assert msg is not None and msg.type == "HEARTBEAT" and msg.body["known"] is True
 
 
+def beats_heard(
+    senders: list[FakeWorker], listeners: list[FakeWorker], intervals: int, each: int
+) -> tuple[int, dict[str, int]]:
+    """For `intervals` of the broker's heartbeat intervals, each sender sends a HEARTBEAT
+    `each` times an interval: how many each sent, and the HEARTBEATs each listener heard."""
+    sent, got = 0, {worker.name: 0 for worker in listeners}
+    ends = time.monotonic() + intervals * HEARTBEAT_S
+    while time.monotonic() < ends:
+        for worker in senders:
+            worker.send("HEARTBEAT")
+        sent += 1
+        turn = time.monotonic() + HEARTBEAT_S / each
+        while (left := turn - time.monotonic()) > 0:
+            for worker in listeners:
+                msg = worker.receive(min(left, 0.01))
+                if msg is not None and msg.type == "HEARTBEAT":
+                    got[worker.name] += 1
+    return sent, got
+
+
 def test_the_broker_beats_only_to_workers_it_sent_nothing_within_the_interval(
     link: Link,
 ) -> None:
@@ -423,19 +443,9 @@ def test_the_broker_beats_only_to_workers_it_sent_nothing_within_the_interval(
         worker.keepalive = False
     while chatty.receive(0.05) is not None or silent.receive(0.05) is not None:
         pass  # what the HELLOs brought
-    sent, got = 0, {"w1": 0, "w2": 0}
     # 20 intervals, of which the bounds below ask for a quarter: a busy machine (the suite
     # runs six tests at once on two cores) may delay some of the broker's turns.
-    ends = time.monotonic() + 20 * HEARTBEAT_S
-    while time.monotonic() < ends:
-        chatty.send("HEARTBEAT")
-        sent += 1
-        turn = time.monotonic() + HEARTBEAT_S / 2
-        while (left := turn - time.monotonic()) > 0:
-            for worker in (chatty, silent):
-                msg = worker.receive(min(left, 0.01))
-                if msg is not None and msg.type == "HEARTBEAT":
-                    got[worker.name] += 1
+    sent, got = beats_heard([chatty], [chatty, silent], intervals=20, each=2)
     assert got["w2"] >= 5  # a silent worker still hears the broker every interval
     assert got["w1"] <= sent + 2, (got, sent)  # its answers, and hardly a beat more
 
@@ -456,18 +466,7 @@ def test_a_worker_with_room_in_its_liveness_hears_the_brokers_beats_and_no_answe
         worker.keepalive = False
     while patient.receive(0.05) is not None or hasty.receive(0.05) is not None:
         pass  # what the HELLOs brought
-    sent, got = 0, {"w1": 0, "w2": 0}
-    ends = time.monotonic() + 12 * HEARTBEAT_S
-    while time.monotonic() < ends:
-        for worker in (patient, hasty):  # four a broker interval each
-            worker.send("HEARTBEAT")
-        sent += 1
-        turn = time.monotonic() + HEARTBEAT_S / 4
-        while (left := turn - time.monotonic()) > 0:
-            for worker in (patient, hasty):
-                msg = worker.receive(min(left, 0.01))
-                if msg is not None and msg.type == "HEARTBEAT":
-                    got[worker.name] += 1
+    sent, got = beats_heard([patient, hasty], [patient, hasty], intervals=12, each=4)
     # The bounds leave room for a busy machine delaying the broker's turns.
     assert got["w2"] >= sent * 3 // 4, (got, sent)  # each answered
     assert 4 <= got["w1"] <= 14, (got, sent)  # ~12 beats of the broker's own (at most 1 an

@@ -454,10 +454,11 @@ def test_a_worker_with_room_in_its_liveness_hears_the_brokers_beats_and_no_answe
     link: Link,
 ) -> None:
     # A worker's HELLO says how long it waits in silence (liveness_s). With room there for
-    # three of the broker's intervals, the broker's own beats (at least every 1.5 intervals,
-    # all sent together) are enough: its HEARTBEATs are not answered one by one, which at
-    # 1,000 workers woke the broker and ZeroMQ's I/O thread 500 times a second. One with a
-    # short liveness (or none said: an older worker) still gets each answered.
+    # three of the broker's intervals, the broker's own beats (at least every 1.25
+    # intervals, those due sent together) are enough: its HEARTBEATs are not answered one
+    # by one, which at 1,000 workers woke the broker and ZeroMQ's I/O thread 500 times a
+    # second. One with a short liveness (or none said: an older worker) still gets each
+    # answered.
     patient, hasty = link.worker("w1"), link.worker("w2")
     patient.liveness_s = 10 * HEARTBEAT_S
     hasty.liveness_s = 2 * HEARTBEAT_S

@@ -34,9 +34,10 @@ STORE_BACKOFF_MAX_S = 5.0
 MAX_BURST_LINES = 50_000  # log lines stored in one transaction, at most (about 0.5 s)
 FLAP_HELLOS, FLAP_WINDOW_S = 4, 30.0  # this many HELLOs of one name within the window: warn
 # A worker whose liveness (from its HELLO) is at least this many heartbeat intervals hears
-# often enough from step()'s beats (at least every 1.5 intervals): its HEARTBEATs go
-# unanswered.
+# often enough from step()'s beats (at least every 1.25 intervals): its HEARTBEATs go
+# unanswered. step() looks for workers due a beat BEAT_TURNS times an interval.
 BEATS_PER_LIVENESS = 3
+BEAT_TURNS = 8
 QUARANTINE_S = 300.0  # no jobs for a worker that was sent one and never confirmed it
 
 
@@ -247,12 +248,14 @@ class Broker:
     def step(self, now: float) -> None:
         """Timers: heartbeats out, silent workers lost, orphaned jobs released, scheduling."""
         if now >= self._next_heartbeat:
-            # Every half interval, a beat to each worker sent nothing for an interval (any
-            # message tells a worker the coordinator is there): one hears from the broker at
-            # least every 1.5 intervals. The beats go out together, so the ZeroMQ I/O thread
-            # wakes once for all of them, where answering each worker's own HEARTBEAT as it came
-            # woke it once per worker per interval (at 1,000 workers, 500 times a second).
-            self._next_heartbeat = now + self.heartbeat_interval_s / 2
+            # Every BEAT_TURNS-th of an interval, a beat to each worker sent nothing for an
+            # interval (any message tells a worker the coordinator is there): one hears from
+            # the broker at least every 1 + 1/BEAT_TURNS intervals. The beats due go out
+            # together, so the ZeroMQ I/O thread wakes once for them, where answering each
+            # worker's own HEARTBEAT as it came woke it once per worker per interval (at
+            # 1,000 workers, 500 times a second). Not all at once either: a burst of 1,000
+            # beats, each encrypted, made the scheduling round beside it wait for a core.
+            self._next_heartbeat = now + self.heartbeat_interval_s / BEAT_TURNS
             for peer in list(self.peers.values()):
                 if now - peer.last_sent >= self.heartbeat_interval_s:
                     self._send(peer, self._beat)

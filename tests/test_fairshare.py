@@ -281,6 +281,10 @@ def test_priority_wins_over_fair_share(make_cluster: Callable[..., Cluster], gat
         where = wait_until(lambda: cluster.client.job(jobs[3]["id"]).get("queue_place"), 10)
         assert where["place"] == 5
         assert [(a["submitter"], a["jobs"]) for a in where["ahead"]] == [("alice", 3), ("bob", 1)]
+        # A list says why each waits, not where it stands: a place counts the queue, twice.
+        listed = {job["id"]: job for job in cluster.client.jobs("QUEUED", 50)["jobs"]}
+        assert listed[jobs[3]["id"]]["queue_place"] is None
+        assert listed[jobs[3]["id"]]["queue_reason"]
         return jobs
 
     order = _one_gpu_queue(cluster, gates, queue)

@@ -67,13 +67,20 @@ waitress.create_server(
 
 def submit(ctx: Context) -> list[Row]:
     """Jobs/s accepted by POST /api/v1/jobs from 8 keep-alive clients (no worker: the jobs
-    queue), next to requests/s of a bare Bottle + Waitress app driven the same way."""
+    queue), next to requests/s of a bare Bottle + Waitress app driven the same way; and one
+    client's submit p50 with the queue empty, then as long as those clients left it (a
+    submit's answer says where the job stands, which counts the queue)."""
     seconds = 1.5 if ctx.quick else 5.0
+    count = ctx.size(200, 30)
     body = json.dumps(SUBMIT_BODY).encode()
     with cluster(ctx) as made:
+        headers = {"Authorization": f"Bearer {made.token}"}
+        empty = timed(count, made.url, headers, "POST", "/api/v1/jobs", SUBMIT_BODY)
         ours = hammer(
             made.url, made.token, body, threads=8, seconds=seconds, server=made.coordinator.pid
         )
+        queued = made.client.jobs("QUEUED", 1)["jobs"][0]["id"]  # no worker: every job waits
+        long = timed(count, made.url, headers, "POST", "/api/v1/jobs", SUBMIT_BODY)
     with bare_app() as (url, pid):
         bare = hammer(url, "", body, threads=8, seconds=seconds, server=pid)
     return [
@@ -83,7 +90,12 @@ def submit(ctx: Context) -> list[Row]:
             f" {ours.switches:.0f} context switches per request",
             f"{bare.rate:,.0f} req/s bare (Bottle + Waitress, JSON in and out):"
             f" {bare.cpu_ms:.2f} CPU-ms and {bare.switches:.0f} context switches per request",
-        )
+        ),
+        Row(
+            "submit p50 as the queue grows (one keep-alive client, no worker)",
+            f"{ms(percentile(empty, 50))} with the queue empty, {ms(percentile(long, 50))}"
+            f" with {queued:,} queued",
+        ),
     ]
 
 

@@ -105,16 +105,22 @@ def test_a_job_queued_again_counts_nothing_and_says_the_queue_changed(store: bas
     assert not tracker.refresh(read=True).requeued
 
 
-def test_between_reads_what_the_broker_claims_and_sees_end_is_counted_at_once(
-    store: base.Store,
-) -> None:
-    clock = Clock(T0)
+def claimed_at_t0(store: base.Store, clock: Clock) -> tuple[fairshare.Tracker, models.Job]:
+    """A tracker that has read the store once, and a 2-GPU job of "a" it saw claimed at T0."""
     tracker = fairshare.Tracker(store, half_life_s=HOUR, clock=clock)
     tracker.refresh(read=True)
     made = store.create_job(spec("a", 2), T0)
     claimed = store.claim_job(made.id, "w", ["g0", "g1"], T0)
     assert claimed is not None
     tracker.claimed([claimed])
+    return tracker, made
+
+
+def test_between_reads_what_the_broker_claims_and_sees_end_is_counted_at_once(
+    store: base.Store,
+) -> None:
+    clock = Clock(T0)
+    tracker, made = claimed_at_t0(store, clock)
     assert tracker.refresh().held == {"a": Held(1, 2)}  # no read: from the claim
     store.mark_started(made.id, 1, T0)
     other = ran(store, "b", 1, T0, None)
@@ -132,12 +138,7 @@ def test_between_reads_what_the_broker_claims_and_sees_end_is_counted_at_once(
 
 def test_a_start_the_broker_saw_counts_use_from_then_without_a_read(store: base.Store) -> None:
     clock = Clock(T0)
-    tracker = fairshare.Tracker(store, half_life_s=HOUR, clock=clock)
-    tracker.refresh(read=True)
-    made = store.create_job(spec("a", 2), T0)
-    claimed = store.claim_job(made.id, "w", ["g0", "g1"], T0)
-    assert claimed is not None
-    tracker.claimed([claimed])
+    tracker, made = claimed_at_t0(store, clock)
     started = T0 + timedelta(seconds=10)
     store.mark_started(made.id, 1, started)
     tracker.started(made.id, started)

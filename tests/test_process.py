@@ -217,7 +217,7 @@ def test_a_job_runs_as_its_user_with_no_way_back_to_root(
     # installed (no fork of the whole worker), else in Python's forked child. Either way the
     # job must hold nobody's ids, saved ones included, its groups and no capability.
     if switch == "fork":
-        monkeypatch.setattr(process_user, "_SETPRIV", [None])
+        monkeypatch.setattr(process_user, "_setpriv", lambda: None)
     elif process_user._setpriv() is None:
         pytest.skip("no setpriv (util-linux) on this host")
     runtime = ProcessRuntime("w", tee=io.StringIO(), process_user="nobody")

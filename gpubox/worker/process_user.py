@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import os
 import pwd
 import shutil
@@ -109,14 +110,10 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-_SETPRIV: list[str | None] = []
-
-
+@functools.cache
 def _setpriv() -> str | None:
     """util-linux's setpriv, looked up once."""
-    if not _SETPRIV:
-        _SETPRIV.append(shutil.which("setpriv", path=os.defpath + ":/usr/sbin:/sbin"))
-    return _SETPRIV[0]
+    return shutil.which("setpriv", path=os.defpath + ":/usr/sbin:/sbin")
 
 
 def _check_runnable(program: str, cwd: str, env: dict[str, str]) -> None:

@@ -128,6 +128,28 @@ def _without_reasons(value: Any) -> Any:
     return value
 
 
+def test_many_rows_go_as_few_whole_statements_and_keep_their_clause(pg_url: str) -> None:
+    """The store's executemany on PostgreSQL: rows of an INSERT … VALUES in statements of up
+    to 65,535 parameters, the clause after VALUES (…) kept; another statement row by row."""
+    store = open_store(pg_url)
+    assert isinstance(store, postgres.PostgresStore)
+    try:
+        with store._write() as cur:
+            cur.execute("CREATE TABLE pairs (a BIGINT PRIMARY KEY, b TEXT NOT NULL)")
+            rows = [(n, f"'{n}'?") for n in range(70_000)]  # 140,000 parameters: 3 statements
+            cur.executemany("INSERT INTO pairs (a, b) VALUES (?, ?) ON CONFLICT DO NOTHING", rows)
+            again = [(0, "again"), (70_000, "new")]  # the first one conflicts, and is skipped
+            cur.executemany("INSERT INTO pairs (a, b) VALUES (?, ?) ON CONFLICT DO NOTHING", again)
+            cur.executemany("UPDATE pairs SET b = ? WHERE a = ?", [("x", 1), ("y", 2)])
+            cur.execute("SELECT COUNT(*) AS n, MAX(a) AS top FROM pairs")
+            assert dict(cur.fetchone()) == {"n": 70_001, "top": 70_000}
+            cur.execute("SELECT a, b FROM pairs WHERE a IN (0, 1, 2, 69999) ORDER BY a")
+            got = [(row["a"], row["b"]) for row in cur.fetchall()]
+            assert got == [(0, "'0'?"), (1, "x"), (2, "y"), (69_999, "'69999'?")]
+    finally:
+        store.close()
+
+
 @pytest.mark.slow
 @pytest.mark.serial
 def test_a_store_url_in_an_error_shows_no_password() -> None:

@@ -6,6 +6,10 @@ cross coordinators through LISTEN/NOTIFY; workers given every coordinator find t
 from __future__ import annotations
 
 import json
+import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -288,15 +292,78 @@ def test_a_leader_frozen_inside_a_transaction_does_not_hold_off_the_takeover(
         thread.start()
         assert inside.wait(10)
         asked = time.monotonic()
-        # The lease runs out (this UPDATE waits for the row as a takeover's does).
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute("UPDATE leadership SET lease_until = now() - interval '1 second'")
+        expire_the_lease(pg_url)  # this waits for the row as a takeover's does
         assert new.take_lead("new", 30.0) == epoch + 1
         assert time.monotonic() - asked < 3.5  # the guard (1 s), not the whole freeze (5 s)
         thread.join()
         assert outcome and isinstance(outcome[0], errors.StoreError)  # its session was ended
     finally:
         old.close()
+        new.close()
+
+
+def expire_the_lease(pg_url: str) -> None:
+    """End the leader's lease now, waiting at most 10 s for the leadership row."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("SET lock_timeout = '10s'")
+        conn.execute("UPDATE leadership SET lease_until = now() - interval '1 second'")
+
+
+# A leader that writes log lines as fast as it can, in batches of 1,000, in its fenced
+# transactions (as the broker does while jobs print).
+LOG_WRITER = """
+import sys
+from datetime import datetime, timezone
+from gpubox.store import open_store
+from gpubox import validate
+store = open_store(sys.argv[1], idle_transaction_s=1.0)
+now = datetime.now(timezone.utc)
+job = store.create_job(validate.parse_spec({"name": "log", "docker": {"image": "none"}}), now)
+store.claim_job(job.id, "w1", [], now)
+epoch = store.take_lead("writer", 30.0)
+store.fence(epoch)
+print(epoch, flush=True)
+lines = [("2026-12-07T00:00:00.000000Z", "stdout", "x" * 80)] * 1000
+seq = 1
+while True:
+    store.append_logs(job.id, 1, seq, lines)
+    seq += len(lines)
+"""
+
+
+def test_a_leader_frozen_at_any_moment_of_its_log_writes_is_taken_over_in_time(
+    pg_url: str,
+) -> None:
+    """Frozen halfway through a statement, a leader is not idle, and idle_in_transaction's
+    guard does not end its session: a COPY of log lines waits for its rows, a pipeline
+    (psycopg's executemany) for its next statement, and either held the fence's row, and so
+    every takeover, for as long as the freeze lasted. The store sends neither. A leader
+    writing log lines is frozen at eight moments picked at random; each time, another
+    coordinator takes over within the guard (1 s) and a margin."""
+    new = open_store(pg_url)
+    assert isinstance(new, leases.LeaseStore)
+    rng = random.Random(7)
+    waits = []
+    try:
+        for _ in range(8):
+            expire_the_lease(pg_url)  # the last round's, held by `new`
+            writer = subprocess.Popen(
+                [sys.executable, "-c", LOG_WRITER, pg_url], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                assert writer.stdout is not None
+                epoch = int(writer.stdout.readline())
+                time.sleep(rng.uniform(0.2, 0.5))
+                writer.send_signal(signal.SIGSTOP)
+                asked = time.monotonic()
+                expire_the_lease(pg_url)  # this waits for the row as a takeover's does
+                assert new.take_lead("new", 30.0) == epoch + 1
+                waits.append(round(time.monotonic() - asked, 2))
+            finally:
+                writer.kill()
+                writer.wait(10)
+        assert max(waits) < 2.5, waits
+    finally:
         new.close()
 
 

@@ -22,7 +22,13 @@ that froze inside one of those transactions (or inside its lease's renewal) woul
 row, and with it every takeover, for as long as it stays frozen: so a coordinator opens its
 store with PostgreSQL's idle_in_transaction_session_timeout at the lease's length, and the
 server ends such a frozen session (rolling its transaction back) once the lease has run
-out.
+out. That timeout runs only while the server waits between statements; inside one, a
+server that waits on the client has no timeout at all (not even statement_timeout, which
+a server reading from its client does not act on). A COPY FROM STDIN waits for its rows,
+a pipeline (psycopg's executemany) for its next statement: a leader frozen halfway
+through either held every takeover off until it woke. So the store sends neither: each
+statement goes whole, in one round trip (postgres.PostgresStore._insert_logs,
+postgres._Cursor.executemany).
 
 Pitfalls designed against:
 - The leader's lease is a row renewed over the store's pool, not a session lock: a session

@@ -1,11 +1,13 @@
 """The PostgreSQL backend: psycopg 3 with a connection pool. Claims lock their row with
 FOR UPDATE SKIP LOCKED so concurrent claimers never wait on each other; ids come from a
-sequence taken before the insert; log batches travel as one COPY; a claim is one statement."""
+sequence taken before the insert; a batch of log lines is one statement, its rows one JSON
+text; a claim is one statement."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import select
 import threading
@@ -22,6 +24,12 @@ from gpubox.store import columns, leases, redacted, sql
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 10.0  # how long a start waits for a first connection before it gives up
+MAX_PARAMETERS = 65_535  # the most parameters one statement may carry (the protocol's limit)
+_LOGS_INSERT = (
+    "INSERT INTO logs (job_id, seq, ts, stream, line)"
+    " SELECT (r->>0)::bigint, (r->>1)::bigint, r->>2, r->>3, r->>4"
+    " FROM json_array_elements(?::json) AS r"
+)
 
 # The SQL type of each of fields.COLUMN_TYPES (a job's id comes from jobs_id_seq).
 TYPES = {
@@ -248,7 +256,28 @@ class _Cursor:
         self._cur.execute(pg_sql(text), params)
 
     def executemany(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
-        self._cur.executemany(pg_sql(text), rows)
+        """`text` once per row of `rows`, in as few statements as it allows: an INSERT …
+        VALUES (…) goes as one statement of many rows, anything else one statement per row.
+        Never psycopg's executemany, which pipelines: inside a pipeline the server waits for
+        the client's next message with no timeout at all, so a coordinator frozen there
+        would hold its transaction's locks, the fence's among them, until it woke (see
+        leases). Each statement here is a whole round trip, and between two of them the
+        server's idle_in_transaction_session_timeout runs."""
+        if not rows:
+            return
+        text = pg_sql(text)
+        at = text.find(" VALUES (")
+        if at < 0:
+            for row in rows:
+                self._cur.execute(text, row)
+            return
+        end = text.index(")", at) + 1
+        head, one, tail = text[: at + 8], text[at + 8 : end], text[end:]
+        per_statement = max(1, MAX_PARAMETERS // len(rows[0]))
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start : start + per_statement]
+            many = head + ", ".join([one] * len(chunk)) + tail
+            self._cur.execute(many, [value for row in chunk for value in row])
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()
@@ -263,9 +292,6 @@ class _Cursor:
     @property
     def description(self) -> Any:
         return self._cur.description
-
-    def copy(self, statement: str) -> Any:
-        return self._cur.copy(statement)
 
     @property
     def row_factory(self) -> Any:
@@ -421,9 +447,10 @@ class PostgresStore(sql.SqlStore, leases.LeaseStore):
         return job_id
 
     def _insert_logs(self, cur: Any, rows: Sequence[tuple[int, int, str, str, str]]) -> None:
-        with cur.copy("COPY logs (job_id, seq, ts, stream, line) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+        """Every row in one statement, the rows as one JSON text: for the coordinator as cheap
+        as a COPY (1.5 against 1.3 µs a line, in batches of 1,000), and never a statement
+        that waits on the client halfway, as a COPY waits for its rows (see leases)."""
+        cur.execute(_LOGS_INSERT, (json.dumps(rows, ensure_ascii=False),))
 
     def read_log_rows(
         self, job_id: int, since: int = 0, limit: int = 1000, max_bytes: int | None = None

@@ -41,6 +41,8 @@ LINES = 10  # each job's lines, PAUSE_S apart
 PAUSE_S = 0.05
 LONG_LINES = 200  # the jobs tail and submit --follow follow: through several takeovers
 CURL_LINES = 80  # the job curl follows through a standby: through one takeover
+ENDED = ("FINISHED", "ERROR", "CANCELLED")
+LOUD = ("WARNING", "ERROR", "CRITICAL")  # the log levels a failure's message quotes
 LIVENESS_S = 4.0  # the coordinators' and workers' liveness window: the lease is half
 FAST = {
     "GPUBOX_HEARTBEAT_INTERVAL": "0.5",
@@ -249,12 +251,20 @@ def test_300_jobs_while_the_leader_is_killed_frozen_and_stopped(
         everything = [*ids, tail_id, curl_id]
 
         def all_ended() -> bool:
-            for job_id in everything:
-                if fleet.client.job(job_id)["status"] not in ("FINISHED", "ERROR", "CANCELLED"):
-                    return False
-            return True
+            return all(fleet.client.job(job_id)["status"] in ENDED for job_id in everything)
 
-        wait_until(all_ended, 240, "every job to end", every_s=1.0)
+        def not_ended() -> str:
+            """What a timeout tells: the jobs still going, and the logs' latest complaints."""
+            left = [job for job in map(fleet.client.job, everything) if job["status"] not in ENDED]
+            said = [
+                f"{job['id']} {job['status']} on {job['worker']} (attempts {job['attempts']})"
+                for job in left[:8]
+            ]
+            return f"every job to end; {len(left)} did not: {', '.join(said)}\n" + complaints(
+                [process.log for process in [*fleet.coordinators, *workers]]
+            )
+
+        wait_until(all_ended, 240, not_ended, every_s=1.0)
         for job_id in everything:
             job = fleet.client.job(job_id)
             assert (job["status"], job["attempts"]) == ("FINISHED", 1), (job_id, job["result"])
@@ -287,6 +297,16 @@ def test_300_jobs_while_the_leader_is_killed_frozen_and_stopped(
         for worker in workers:
             worker.stop()
         shutil.rmtree(runs, ignore_errors=True)
+
+
+def complaints(logs: list[Path], last: int = 8) -> str:
+    """Each log's last warnings and errors, for a failure's message."""
+    told = []
+    for log in logs:
+        lines = log.read_text(errors="replace").splitlines()
+        bad = [line for line in lines if any(f" {level} " in line for level in LOUD)]
+        told += [f"{log.name}: {line[:300]}" for line in bad[-last:]]
+    return "\n".join(told)
 
 
 def follow_id(submit_follow: subprocess.Popen[str]) -> list[int]:

@@ -266,6 +266,29 @@ def test_a_deposed_leaders_writes_are_refused(pg_url: str) -> None:
         new.close()
 
 
+def frozen_in_a_transaction(
+    store: leases.LeaseStore, epoch: int, seconds: float
+) -> tuple[threading.Thread, list[errors.StoreError]]:
+    """A thread of `store`'s leader (in `epoch`) idle inside a fenced transaction for
+    `seconds`, as a process under SIGSTOP; it is in the transaction when this returns. Its
+    list gets the StoreError that ended it, if the server ended its session."""
+    inside, outcome = threading.Event(), []
+
+    def frozen() -> None:
+        store.fence(epoch)
+        try:
+            with store.batch():
+                inside.set()
+                time.sleep(seconds)
+        except errors.StoreError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=frozen)
+    thread.start()
+    assert inside.wait(10)
+    return thread, outcome
+
+
 def test_a_leader_frozen_inside_a_transaction_does_not_hold_off_the_takeover(
     pg_url: str,
 ) -> None:
@@ -277,20 +300,7 @@ def test_a_leader_frozen_inside_a_transaction_does_not_hold_off_the_takeover(
     try:
         epoch = old.take_lead("old", 30.0)
         assert epoch is not None
-        inside, outcome = threading.Event(), []
-
-        def frozen() -> None:
-            old.fence(epoch)
-            try:
-                with old.batch():
-                    inside.set()
-                    time.sleep(5)  # idle in its transaction, as a process under SIGSTOP
-            except errors.StoreError as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=frozen)
-        thread.start()
-        assert inside.wait(10)
+        thread, outcome = frozen_in_a_transaction(old, epoch, 5.0)
         asked = time.monotonic()
         expire_the_lease(pg_url)  # this waits for the row as a takeover's does
         assert new.take_lead("new", 30.0) == epoch + 1
@@ -300,6 +310,36 @@ def test_a_leader_frozen_inside_a_transaction_does_not_hold_off_the_takeover(
     finally:
         old.close()
         new.close()
+
+
+def test_two_standbys_waiting_on_a_frozen_leader_make_one_takeover(pg_url: str) -> None:
+    """Two standbys find the lease run out while a frozen leader's fenced transaction holds
+    the row; both wait until the server ends that session (the 1 s guard). One takes the
+    lead, with a lease that starts when it got the row, not when it began to wait: the other,
+    which gets the row just after, finds that lease running and stays a standby."""
+    old = open_store(pg_url, idle_transaction_s=1.0)
+    a, b = open_store(pg_url), open_store(pg_url)
+    assert isinstance(old, leases.LeaseStore)
+    assert isinstance(a, leases.LeaseStore) and isinstance(b, leases.LeaseStore)
+    try:
+        epoch = old.take_lead("old", 0.2)
+        assert epoch is not None
+        holder, _ = frozen_in_a_transaction(old, epoch, 2.5)
+        time.sleep(0.4)  # the lease runs out
+        taken: dict[str, int | None] = {}
+        standbys = [
+            threading.Thread(target=lambda s=store, n=name: taken.update({n: s.take_lead(n, 0.6)}))
+            for store, name in ((a, "a"), (b, "b"))
+        ]
+        for thread in standbys:
+            thread.start()
+        for thread in standbys:
+            thread.join(10)
+        assert sorted(taken.values(), key=str) == [epoch + 1, None], taken
+        holder.join()
+    finally:
+        for store in (old, a, b):
+            store.close()
 
 
 def expire_the_lease(pg_url: str) -> None:

@@ -7,9 +7,9 @@ renews the lease every second or so; any other coordinator takes the lead once t
 has run out, or at once when the leader gave it up (a clean stop). Every time here is
 PostgreSQL's own clock: the coordinators' clocks may disagree, the database's is one clock
 for all of them. It is read with clock_timestamp(), the time the statement runs, never
-now(), which is when its transaction began: a takeover whose UPDATE waited seconds for the
-leadership row would otherwise start its lease seconds in the past, and lose it that much
-sooner.
+now(), which is when its transaction began, and only once the row is locked
+(_lock_the_row): a takeover whose UPDATE waited seconds for the leadership row would
+otherwise start its lease seconds in the past, and lose it that much sooner.
 
 The fence. The broker's thread marks its writes with the epoch it leads in (`fence`). Each
 of its transactions first reads the leadership row FOR SHARE and goes on only if the epoch
@@ -102,9 +102,20 @@ class LeaseStore(backend.Backend):
                 f"epoch {fence} no longer leads (epoch {epoch} does): another coordinator took over"
             )
 
+    def _lock_the_row(self, cur: Any) -> None:
+        """Wait for the leadership row and lock it, before an UPDATE computes a lease from
+        clock_timestamp(). An UPDATE computes its new values first, then waits for a row
+        that another transaction holds; if that one ends without changing the row (the
+        fence's FOR SHARE of a frozen leader, ended by the server after the guard), the
+        UPDATE writes the values of before its wait: a lease that began seconds ago and may
+        have run out already, so a second standby waiting beside it took the lead 3 ms
+        later (two epochs for one takeover, seen in the failover run)."""
+        cur.execute("SELECT epoch FROM leadership WHERE id = 1 FOR UPDATE")
+
     def take_lead(self, holder: str, lease_s: float) -> int | None:
         """Lead from now on if no lease runs (or `holder` holds it): the new epoch, or None."""
         with self._write() as cur:
+            self._lock_the_row(cur)
             cur.execute(
                 "UPDATE leadership SET epoch = epoch + 1, holder = ?, since = clock_timestamp(),"
                 " lease_until = clock_timestamp() + make_interval(secs => ?)"
@@ -121,6 +132,7 @@ class LeaseStore(backend.Backend):
     def renew_lead(self, epoch: int, lease_s: float) -> bool:
         """Extend the lease of `epoch`; False if another epoch leads now."""
         with self._write() as cur:
+            self._lock_the_row(cur)
             cur.execute(
                 "UPDATE leadership SET lease_until = clock_timestamp() + make_interval(secs => ?)"
                 " WHERE id = 1 AND epoch = ?",

@@ -28,7 +28,7 @@ MAX_PARAMETERS = 65_535  # the most parameters one statement may carry (the prot
 _LOGS_INSERT = (
     "INSERT INTO logs (job_id, seq, ts, stream, line)"
     " SELECT (r->>0)::bigint, (r->>1)::bigint, r->>2, r->>3, r->>4"
-    " FROM json_array_elements(?::json) AS r"
+    " FROM jsonb_array_elements(?::jsonb) AS r"
 )
 
 # The SQL type of each of fields.COLUMN_TYPES (a job's id comes from jobs_id_seq).
@@ -447,9 +447,11 @@ class PostgresStore(sql.SqlStore, leases.LeaseStore):
         return job_id
 
     def _insert_logs(self, cur: Any, rows: Sequence[tuple[int, int, str, str, str]]) -> None:
-        """Every row in one statement, the rows as one JSON text: for the coordinator as cheap
-        as a COPY (1.5 against 1.3 µs a line, in batches of 1,000), and never a statement
-        that waits on the client halfway, as a COPY waits for its rows (see leases)."""
+        """Every row in one statement, the rows as one JSON text: never a statement that
+        waits on the client halfway, as a COPY waits for its rows (see leases). For the
+        coordinator as cheap as a COPY (1.3 µs a line in batches of 1,000); the server
+        takes a little longer (5.5 against 3.9 µs a line, wall; 12 against 11 in batches of
+        100). As jsonb, each row's fields are read from one parse; as json, 6.2 µs."""
         cur.execute(_LOGS_INSERT, (json.dumps(rows, ensure_ascii=False),))
 
     def read_log_rows(

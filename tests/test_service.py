@@ -139,3 +139,38 @@ def test_the_coordinator_says_ready_once_serving_reloads_on_sighup_and_says_stop
     assert "reloaded: 1 worker key(s) on the allow list" in log
     # not a journal stream here: every line starts with a UTC timestamp
     assert all(time.strptime(line[:19], "%Y-%m-%dT%H:%M:%S") for line in log.splitlines())
+
+
+# Signals as the service commands use them, with a reload that counts.
+SIGNALS = """
+from gpubox.cli.roles import Signals
+signals, reloads = Signals(), []
+print("ready", flush=True)
+dead = signals.wait([], reload=lambda: reloads.append(1))
+print(f"stopping={signals.stopping} dead={dead} reloads={len(reloads)}", flush=True)
+"""
+
+
+def test_storms_of_reloads_then_a_stop_end_the_process_at_once() -> None:
+    """The handlers only note a signal; the main thread acts on it. (Handlers that set a
+    threading.Event hung 3 processes of 40 under 300 SIGHUPs: one ran while the main thread
+    held that Event's lock.) Four processes each get 2,000 SIGHUPs sent as fast as possible,
+    then SIGTERM: each reloads, stops and exits 0."""
+    for _ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SIGNALS], stdout=subprocess.PIPE, text=True, env=os.environ
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n"
+            for _ in range(2000):
+                proc.send_signal(signal.SIGHUP)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+            said = proc.stdout.read().split()
+            assert said[:2] == ["stopping=True", "dead=None"], said
+            assert 1 <= int(said[2].split("=")[1]) <= 2000, said
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

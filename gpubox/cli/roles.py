@@ -4,6 +4,7 @@ gpus, which shows what this box's worker would offer."""
 from __future__ import annotations
 
 import dataclasses
+import select
 import shlex
 import signal
 import socket
@@ -23,13 +24,24 @@ UP_DEFAULTS = {"bind": "tcp://127.0.0.1:8471"}  # one box: the worker link stays
 
 class Signals:
     """SIGINT/SIGTERM (stop) and SIGHUP (reload), caught from the moment this is made: make
-    it before telling systemd READY=1, so a reload sent right after never kills the process."""
+    it before telling systemd READY=1, so a reload sent right after never kills the process.
+
+    The handlers only note the signal (a list's append, which takes no lock) and wake wait()
+    through Python's wakeup socket; wait() acts on it. Setting a threading.Event in a
+    handler could hang the process for good: a handler runs in the main thread between two
+    of its bytecodes, maybe while that thread holds the lock that Event.set() takes (inside
+    Event.wait() or clear()), as a second SIGTERM once hung an HTTP process (httpproc)."""
 
     def __init__(self) -> None:
-        self.stop, self.hup = threading.Event(), threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.hup.set())
+        self.stopping = False  # a stop signal came (wait() sets it)
+        self._asked: list[int] = []
+        self._wake, wake_w = socket.socketpair()
+        self._wake.setblocking(False)
+        wake_w.setblocking(False)
+        self._wake_w = wake_w  # kept open: Python writes a byte to it on each signal
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _frame: self._asked.append(signum))
 
     def wait(
         self,
@@ -38,21 +50,25 @@ class Signals:
     ) -> threading.Thread | None:
         """Block until a stop signal, or until one of `threads` ends (then return it); on
         SIGHUP call `reload`. A signal that came before this call counts."""
-        while not self.stop.wait(0.2):
-            if self.hup.is_set():
-                self.hup.clear()
-                if reload is not None:
+        while True:
+            while self._asked:
+                if self._asked.pop(0) != signal.SIGHUP:
+                    self.stopping = True
+                elif reload is not None:
                     systemd.notify("RELOADING=1")
                     reload()
                     systemd.notify("READY=1")
+            if self.stopping:
+                return None
             if (dead := supervise.first_dead(threads)) is not None:
                 return dead
-        return None
+            if select.select([self._wake], [], [], 0.2)[0]:
+                self._wake.recv(4096)  # the signals' bytes: their numbers are in _asked
 
     def check(self, dead: threading.Thread | None) -> None:
         """A thread the service needs ended without a stop signal: one error line, exit 1,
         so that systemd (Restart=on-failure) starts the service again."""
-        if dead is not None and not self.stop.is_set():
+        if dead is not None and not self.stopping:
             raise click.ClickException(f"{supervise.why(dead)}: gpubox cannot go on without it")
 
 
@@ -107,7 +123,7 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
     systemd.notify("STOPPING=1")
     if drain and thread.is_alive():
         agent.stop(drain=True)
-        signals.stop.clear()  # a second signal stops at once
+        signals.stopping = False  # a second signal stops at once
         signals.wait([thread])
     agent.stop()
     thread.join()

@@ -387,11 +387,11 @@ def test_a_capped_submitters_jobs_are_not_read_past_what_its_caps_let_start() ->
 
 def test_a_place_counts_the_jobs_ahead_by_submitter_with_their_use() -> None:
     groups = [
-        base.QueueGroup("s1", 0, "ci", 3, 1),
-        base.QueueGroup("s2", 0, "ci", 2, 4),
-        base.QueueGroup("s1", 1, "bob", 1, 9),  # a higher priority: ahead of anything
-        base.QueueGroup("s1", 0, "me", 5, 6),
-        base.QueueGroup("s1", 0, "tie", 4, 2),
+        base.QueueGroup("s1", 0, "ci", 3, 1, 3),
+        base.QueueGroup("s2", 0, "ci", 2, 4, 5),
+        base.QueueGroup("s1", 1, "bob", 1, 9, 9),  # a higher priority: ahead of anything
+        base.QueueGroup("s1", 0, "me", 5, 6, 15),  # two of them after job 12
+        base.QueueGroup("s1", 0, "tie", 4, 2, 14),
     ]
     use = sharing({"ci": 41 * HOUR, "me": 2 * HOUR, "tie": 2 * HOUR, "bob": 90 * HOUR})
     mine = dataclasses.replace(job(12, "me"), spec=spec("me"))
@@ -404,3 +404,28 @@ def test_a_place_counts_the_jobs_ahead_by_submitter_with_their_use() -> None:
     ]
     assert where["use_gpu_hours"] == 2.0
     # ci used more: its 5 jobs are behind, though submitted earlier
+
+
+def test_the_place_of_the_last_queued_job_is_counted_from_the_groups_alone() -> None:
+    """A submit's answer: no tied group holds a later job, so every job of a tied group is
+    ahead (but the job itself), and the count of the queue by id is not read."""
+    groups = [
+        base.QueueGroup("s1", 0, "ci", 3, 1, 3),
+        base.QueueGroup("s1", 1, "bob", 1, 9, 9),
+        base.QueueGroup("s1", 0, "me", 5, 6, 12),  # job 12 itself, the last
+        base.QueueGroup("s2", 0, "me", 2, 7, 8),
+        base.QueueGroup("s1", 0, "tie", 4, 2, 11),
+    ]
+    use = sharing({"ci": 41 * HOUR, "me": 2 * HOUR, "tie": 2 * HOUR, "bob": 90 * HOUR})
+    mine = dataclasses.replace(job(12, "me"), spec=spec("me"))
+
+    def unread() -> dict[str | None, int]:
+        raise AssertionError("the queue was counted by id")
+
+    where = fairshare.place(mine, groups, unread, use)
+    assert where["place"] == 1 + 1 + (4 + 2) + 4  # bob's, me's six others, tie's four
+    assert [(a["submitter"], a["jobs"]) for a in where["ahead"]] == [
+        ("me", 6),
+        ("tie", 4),
+        ("bob", 1),
+    ]

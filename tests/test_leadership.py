@@ -378,14 +378,14 @@ def test_a_leader_frozen_at_any_moment_of_its_log_writes_is_taken_over_in_time(
     guard does not end its session: a COPY of log lines waits for its rows, a pipeline
     (psycopg's executemany) for its next statement, and either held the fence's row, and so
     every takeover, for as long as the freeze lasted. The store sends neither. A leader
-    writing log lines is frozen at eight moments picked at random; each time, another
+    writing log lines is frozen at five moments picked at random; each time, another
     coordinator takes over within the guard (1 s) and a margin."""
     new = open_store(pg_url)
     assert isinstance(new, leases.LeaseStore)
     rng = random.Random(7)
     waits = []
     try:
-        for _ in range(8):
+        for _ in range(5):
             expire_the_lease(pg_url)  # the last round's, held by `new`
             writer = subprocess.Popen(
                 [sys.executable, "-c", LOG_WRITER, pg_url], stdout=subprocess.PIPE, text=True

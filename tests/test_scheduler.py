@@ -707,7 +707,7 @@ def groups_of(queue: list[models.Job]) -> list[QueueGroup]:
     for job in queue:
         key = (job.spec.needs.shape, job.spec.priority, job.spec.submitter)
         groups.setdefault(key, []).append(job.id)
-    return [QueueGroup(*key, len(ids), min(ids)) for key, ids in groups.items()]
+    return [QueueGroup(*key, len(ids), min(ids), max(ids)) for key, ids in groups.items()]
 
 
 def plan_queue(

@@ -116,21 +116,27 @@ def place(
 ) -> dict[str, Any]:
     """Where a queued job stands in the fair order, for people: its place (1: next), the
     jobs ahead of it by submitter with each one's use, and its own submitter's use (use in
-    GPU-hours). `tied_before()` gives, by submitter, the queued jobs of its priority with a
-    lower id: read only when some submitter ties with its own."""
+    GPU-hours). Of the submitters that tie with its own, the jobs with a lower id are ahead:
+    counted from the groups when no tied group holds a later job than this one (a submit's
+    own answer, the usual case), else read: `tied_before()` gives, by submitter, the queued
+    jobs of its priority with a lower id (a count over the queue: 2 ms at 10,000 jobs)."""
     mine = sharing.order(job.spec.priority, job.spec.submitter)
     ahead: dict[str | None, int] = {}
-    tied: set[str | None] = set()
+    tied: dict[str | None, int] = {}  # the tied groups' jobs with a lower id than this one
+    later = False  # whether a tied group holds a job after this one
     for group in groups:
         order = sharing.order(group.priority, group.submitter)
         if order < mine:
             ahead[group.submitter] = ahead.get(group.submitter, 0) + group.jobs
         elif order == mine:
-            tied.add(group.submitter)
-    if tied:
-        for submitter, count in tied_before().items():
-            if submitter in tied:
-                ahead[submitter] = ahead.get(submitter, 0) + count
+            itself = 1 if group.last == job.id else 0
+            tied[group.submitter] = tied.get(group.submitter, 0) + group.jobs - itself
+            later = later or group.last > job.id
+    if later:
+        tied = {who: count for who, count in tied_before().items() if who in tied}
+    for submitter, count in tied.items():
+        if count:
+            ahead[submitter] = ahead.get(submitter, 0) + count
     ranked = sorted(ahead.items(), key=lambda item: (-item[1], item[0] or ""))
     return {
         "place": sum(ahead.values()) + 1,

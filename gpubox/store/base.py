@@ -24,13 +24,15 @@ RawLine = tuple[str, str, str]
 
 
 class QueueGroup(NamedTuple):
-    """The QUEUED jobs of one shape, priority and submitter: how many, and the first id."""
+    """The QUEUED jobs of one shape, priority and submitter: how many, the first id and the
+    last."""
 
     shape: str
     priority: int
     submitter: str | None
     jobs: int
     first: int
+    last: int
 
 
 class Use(NamedTuple):

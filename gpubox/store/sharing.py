@@ -42,12 +42,14 @@ class SharingStore(backend.Backend):
         # jobs on SQLite (scripts/bench --only scheduling).
         with self._read() as cur:
             cur.execute(
-                "SELECT shape, priority, submitter, COUNT(*) AS n, MIN(id) AS first"
-                f" FROM {self.queue_index} WHERE status = 'QUEUED'"
+                "SELECT shape, priority, submitter, COUNT(*) AS n, MIN(id) AS first,"
+                f" MAX(id) AS last FROM {self.queue_index} WHERE status = 'QUEUED'"
                 " GROUP BY shape, priority, submitter"
             )
             return [
-                base.QueueGroup(r["shape"], r["priority"], r["submitter"], r["n"], r["first"])
+                base.QueueGroup(
+                    r["shape"], r["priority"], r["submitter"], r["n"], r["first"], r["last"]
+                )
                 for r in cur.fetchall()
             ]
 

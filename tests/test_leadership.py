@@ -342,6 +342,27 @@ def test_two_standbys_waiting_on_a_frozen_leader_make_one_takeover(pg_url: str) 
             store.close()
 
 
+def test_a_renewal_waits_for_the_row_a_quarter_of_the_lease_at_most(pg_url: str) -> None:
+    """A renewal that finds the row held (here by a fenced transaction frozen for 3 s) gives
+    up after a quarter of the lease (2 s: 0.5 s) and says the store is unavailable; the next
+    turn tries again. Had it waited, it would have got the row once the server ended the
+    frozen one (the 1 s guard), and held it itself if it froze meanwhile."""
+    store = open_store(pg_url, idle_transaction_s=1.0)
+    assert isinstance(store, leases.LeaseStore)
+    try:
+        epoch = store.take_lead("old", 2.0)
+        assert epoch is not None
+        holder, _ = frozen_in_a_transaction(store, epoch, 3.0)
+        began = time.monotonic()
+        with pytest.raises(errors.StoreUnavailable, match="lock timeout"):
+            store.renew_lead(epoch, 2.0)
+        assert 0.4 < time.monotonic() - began < 0.9
+        holder.join()
+        assert store.renew_lead(epoch, 2.0)  # the row is free again
+    finally:
+        store.close()
+
+
 def expire_the_lease(pg_url: str) -> None:
     """End the leader's lease now, waiting at most 10 s for the leadership row."""
     with psycopg.connect(pg_url, autocommit=True) as conn:

@@ -363,6 +363,35 @@ def test_a_renewal_waits_for_the_row_a_quarter_of_the_lease_at_most(pg_url: str)
         store.close()
 
 
+def test_a_batch_whose_session_the_server_ended_never_says_it_committed(pg_url: str) -> None:
+    """The broker's reports are stored in one batch, a report that fails alone left out, and
+    acknowledged once the batch committed. A leader frozen inside one, its session ended by
+    the server (the guard), woke, failed its next report, and left the batch without an
+    error: psycopg commits nothing, quietly, on a broken connection. It acknowledged the
+    others, and their workers forgot jobs the store still held as running. Now the batch
+    raises, and the error of the session's end is StoreUnavailable, not one report's."""
+    store = open_store(pg_url, idle_transaction_s=1.0)
+    assert isinstance(store, leases.LeaseStore)
+    try:
+        epoch = store.take_lead("old", 60.0)
+        assert epoch is not None
+        store.fence(epoch)
+        failed: list[errors.StoreError] = []
+        lost = pytest.raises(errors.StoreUnavailable, match="nothing of it was committed")
+        with lost, store.batch():
+            store.give_up_lead(epoch)  # a write that would show
+            time.sleep(1.5)  # idle in the transaction past the guard
+            try:
+                store.coordinator_seen("old")
+            except errors.StoreError as exc:  # as a report that fails alone is
+                failed.append(exc)
+        assert [type(exc) for exc in failed] == [errors.StoreUnavailable], failed
+        store.fence(None)
+        assert store.leader().live  # the lease was not given up: nothing was committed
+    finally:
+        store.close()
+
+
 def expire_the_lease(pg_url: str) -> None:
     """End the leader's lease now, waiting at most 10 s for the leadership row."""
     with psycopg.connect(pg_url, autocommit=True) as conn:

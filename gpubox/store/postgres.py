@@ -307,10 +307,27 @@ def _translate() -> Iterator[None]:
     """psycopg's errors as the store contract's."""
     try:
         yield
-    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+    except (
+        psycopg.OperationalError,
+        psycopg.errors.IdleInTransactionSessionTimeout,  # the session is gone with it
+        psycopg_pool.PoolTimeout,
+    ) as exc:
         raise errors.StoreUnavailable(f"postgresql: {exc}".strip()) from exc
     except psycopg.Error as exc:
         raise errors.StoreError(f"postgresql: {exc}".strip()) from exc
+
+
+@contextlib.contextmanager
+def _transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """conn.transaction(), except that a block whose commit did not happen raises. psycopg
+    leaves a block quietly, committing nothing, when the connection broke inside it and the
+    block caught the error itself, as a batch of the broker's reports does (a report that
+    fails alone): the broker then acknowledged reports that were never stored, and their
+    workers forgot jobs the store still held as running."""
+    with conn.transaction() as transaction:
+        yield
+    if transaction.status is not psycopg.Transaction.Status.COMMITTED:
+        raise psycopg.OperationalError("the connection was lost: nothing of it was committed")
 
 
 def _check_idle(conn: psycopg.Connection[Any]) -> None:
@@ -411,7 +428,7 @@ class PostgresStore(sql.SqlStore, leases.LeaseStore):
         with (
             _translate(),
             self.pool.connection() as conn,
-            conn.transaction(),
+            _transaction(conn),
             conn.cursor() as cur,
         ):
             self._check_fence(cur)  # a leader's broker writes only while it leads
@@ -419,7 +436,7 @@ class PostgresStore(sql.SqlStore, leases.LeaseStore):
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        with _translate(), self.pool.connection() as conn, conn.transaction():
+        with _translate(), self.pool.connection() as conn, _transaction(conn):
             with conn.cursor() as cur:
                 self._check_fence(cur)
             self._local.batch = conn

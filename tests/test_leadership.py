@@ -21,9 +21,10 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from gpubox import cli, errors, keys
+from gpubox import cli, errors, keys, models
 from gpubox import config as cfg
 from gpubox.client import Client
+from gpubox.coordinator import leader
 from gpubox.coordinator.server import Coordinator
 from gpubox.store import leases, open_store
 from gpubox.worker import gpu, wiring
@@ -389,6 +390,47 @@ def test_a_batch_whose_session_the_server_ended_never_says_it_committed(pg_url: 
         store.fence(None)
         assert store.leader().live  # the lease was not given up: nothing was committed
     finally:
+        store.close()
+
+
+def test_a_renewal_under_way_when_the_leader_stops_does_not_undo_its_give_up(
+    pg_url: str,
+) -> None:
+    """A clean stop gives the lease up so that another coordinator leads at once. A renewal
+    that began just before the stop, and ended after the give-up, renewed the lease given
+    up: the others waited for it to run out (a takeover of 2.04 s against 2). give_up() now
+    waits for the turn under way, and no turn renews after it."""
+    store = open_store(pg_url)
+    assert isinstance(store, leases.LeaseStore)
+    renewing, stopping = threading.Event(), threading.Event()
+
+    class SlowRenewals:
+        """The store, each renewal taking 0.3 s before it is sent."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def renew_lead(self, epoch: int, lease_s: float) -> bool:
+            renewing.set()
+            time.sleep(0.3)
+            return store.renew_lead(epoch, lease_s)
+
+    now = models.utcnow()
+    me = leases.CoordinatorRow("me", "host", 1, "http://x", "tcp://x", now, now, 0)
+    lead = leader.Leadership(SlowRenewals(), me, 30.0, lambda epoch: None, stopping)  # type: ignore[arg-type]
+    try:
+        lead.start()
+        assert lead.epoch is not None
+        lead.every_s = 0.01
+        thread = threading.Thread(target=lead.run)
+        thread.start()
+        assert renewing.wait(5)  # a renewal is under way
+        stopping.set()
+        lead.give_up()
+        thread.join(5)
+        assert not store.leader().live  # given up, and not renewed since
+    finally:
+        stopping.set()
         store.close()
 
 

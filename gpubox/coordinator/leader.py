@@ -63,6 +63,10 @@ class Leadership:
         self.promote = promote
         self.stopping = stopping
         self.wake = threading.Event()  # set by the relay: a lease was given up
+        # Held by a turn of run() and by give_up(): a renewal that began as the coordinator
+        # was told to stop would otherwise renew the lease just given up, and another
+        # coordinator would wait for it to run out (a clean stop's takeover took 2.04 s).
+        self._turn = threading.Lock()
         self.epoch: int | None = None  # the epoch this coordinator leads in
         self.since: datetime | None = None
         self.takeovers = 0
@@ -79,20 +83,21 @@ class Leadership:
             self.loop.tick()
             self.wake.wait(self.every_s)
             self.wake.clear()
-            if self.stopping.is_set():
-                return
-            try:
-                self.store.coordinator_seen(self.me.id)
-                if self.epoch is None:
-                    self._try_lead()
-                elif not self.store.renew_lead(self.epoch, self.lease_s):
-                    raise errors.Deposed(
-                        f"epoch {self.epoch}'s lease was taken over by another coordinator"
-                    )
-            except errors.StoreUnavailable as exc:
-                # The fence keeps a stale leader harmless; PostgreSQL is back, the next turn
-                # renews (or finds another epoch and ends this coordinator).
-                log.warning("leadership: the store is unavailable: %s", exc)
+            with self._turn:
+                if self.stopping.is_set():
+                    return
+                try:
+                    self.store.coordinator_seen(self.me.id)
+                    if self.epoch is None:
+                        self._try_lead()
+                    elif not self.store.renew_lead(self.epoch, self.lease_s):
+                        raise errors.Deposed(
+                            f"epoch {self.epoch}'s lease was taken over by another coordinator"
+                        )
+                except errors.StoreUnavailable as exc:
+                    # The fence keeps a stale leader harmless; PostgreSQL is back, the next
+                    # turn renews (or finds another epoch and ends this coordinator).
+                    log.warning("leadership: the store is unavailable: %s", exc)
 
     def _try_lead(self) -> None:
         epoch = self.store.take_lead(self.me.id, self.lease_s)
@@ -104,7 +109,12 @@ class Leadership:
         self.promote(epoch)
 
     def give_up(self) -> None:
-        """A clean stop: end the lease now, so another coordinator leads at once."""
+        """A clean stop: end the lease now, so another coordinator leads at once. Call it
+        once `stopping` is set: a turn of run() under way ends first, and none follows."""
+        with self._turn:
+            self._give_up()
+
+    def _give_up(self) -> None:
         if self.epoch is None:
             return
         try:

@@ -18,7 +18,7 @@ from gpubox import errors, keys, models, validate
 from gpubox.client import ApiError, Client
 from gpubox.coordinator import tokens
 from gpubox.coordinator.server import Coordinator
-from gpubox.store import open_store, postgres, redacted
+from gpubox.store import open_store, pgconn, postgres, redacted
 from gpubox.store.base import TABLES
 from gpubox.store.copy import copy_store
 from tests.conftest import Cluster, wait_until
@@ -181,7 +181,7 @@ def test_an_unreachable_postgresql_is_named_without_its_password_and_with_the_ca
         "cannot connect to PostgreSQL at postgresql://gpubox:***@127.0.0.1:1/q:"
     )
     assert "Connection refused" in message
-    assert "Connection refused" in postgres._connect_error("postgresql://x:y@127.0.0.1:1/q")
+    assert "Connection refused" in pgconn.connect_error("postgresql://x:y@127.0.0.1:1/q")
 
 
 def test_a_missing_postgresql_database_is_one_error_without_the_pools_warnings(

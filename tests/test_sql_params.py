@@ -9,7 +9,7 @@ import pytest
 
 from gpubox import models, validate
 from gpubox.store import sql
-from gpubox.store.postgres import pg_sql
+from gpubox.store.pgconn import pg_sql
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -112,16 +112,15 @@ class Leadership:
         """A clean stop: end the lease now, so another coordinator leads at once. Call it
         once `stopping` is set: a turn of run() under way ends first, and none follows."""
         with self._turn:
-            self._give_up()
-
-    def _give_up(self) -> None:
-        if self.epoch is None:
-            return
-        try:
-            self.store.give_up_lead(self.epoch)
-            log.info("gave the lead up (epoch %d)", self.epoch)
-        except errors.StoreError as exc:
-            log.warning("could not give the lead up (it lapses in %.0f s): %s", self.lease_s, exc)
+            if self.epoch is None:
+                return
+            try:
+                self.store.give_up_lead(self.epoch)
+                log.info("gave the lead up (epoch %d)", self.epoch)
+            except errors.StoreError as exc:
+                log.warning(
+                    "could not give the lead up (it lapses in %.0f s): %s", self.lease_s, exc
+                )
 
     def leave(self) -> None:
         """Take this coordinator off the list (a clean stop)."""

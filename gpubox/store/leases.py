@@ -28,7 +28,7 @@ a server reading from its client does not act on). A COPY FROM STDIN waits for i
 a pipeline (psycopg's executemany) for its next statement: a leader frozen halfway
 through either held every takeover off until it woke. So the store sends neither: each
 statement goes whole, in one round trip (postgres.PostgresStore._insert_logs,
-postgres._Cursor.executemany).
+pgconn.Cursor.executemany).
 
 Pitfalls designed against:
 - The leader's lease is a row renewed over the store's pool, not a session lock: a session

@@ -6,25 +6,22 @@ text; a claim is one statement."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
-import select
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
 import psycopg_pool
-from psycopg.rows import dict_row, tuple_row
+from psycopg.rows import dict_row
 
 from gpubox import errors, models
-from gpubox.store import columns, leases, redacted, sql
+from gpubox.store import columns, leases, pgconn, redacted, sql
 
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 10.0  # how long a start waits for a first connection before it gives up
-MAX_PARAMETERS = 65_535  # the most parameters one statement may carry (the protocol's limit)
 _LOGS_INSERT = (
     "INSERT INTO logs (job_id, seq, ts, stream, line)"
     " SELECT (r->>0)::bigint, (r->>1)::bigint, r->>2, r->>3, r->>4"
@@ -214,147 +211,6 @@ MIGRATIONS = columns.migrations(TYPES, OTHERS)
 UPGRADE_LOCK = 847_001
 
 
-@functools.lru_cache(maxsize=1024)
-def pg_sql(text: str) -> str:
-    """The shared SQL `text`, written with SQLite's `?` placeholders, in psycopg's style.
-
-    Each `?` outside quotes becomes `%s`. psycopg reads `%` everywhere, even inside a quoted
-    string, so every `%` becomes `%%`. A `?` inside a string ('...', where '' is a quote), a
-    quoted name ("...") or a `--` comment stays as it is, so no literal changes meaning.
-    The shared SQL uses no other quoting (no E'...' strings, no $$ bodies).
-    The answer is cached per text, since every statement passes here: the store's texts are
-    fixed strings, except IN lists of 1 to 500 ids, so 1024 entries hold them all.
-    """
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char in "'\"":  # a string or a quoted name: copy it up to its closing quote
-            end = text.find(char, i + 1)
-            end = len(text) if end < 0 else end + 1
-            out.append(text[i:end].replace("%", "%%"))
-            i = end  # a doubled quote ('') closes one string and opens the next: same text
-            continue
-        if text.startswith("--", i):  # a comment: copy it up to the end of its line
-            end = text.find("\n", i)
-            end = len(text) if end < 0 else end
-            out.append(text[i:end].replace("%", "%%"))
-            i = end
-            continue
-        out.append("%s" if char == "?" else "%%" if char == "%" else char)
-        i += 1
-    return "".join(out)
-
-
-class _Cursor:
-    """A psycopg cursor that takes the shared SQL's `?` placeholders (see pg_sql)."""
-
-    def __init__(self, cur: psycopg.Cursor[Any]) -> None:
-        self._cur = cur
-
-    def execute(self, text: str, params: Sequence[Any] = ()) -> None:
-        self._cur.execute(pg_sql(text), params)
-
-    def executemany(self, text: str, rows: Sequence[Sequence[Any]]) -> None:
-        """`text` once per row of `rows`, in as few statements as it allows: an INSERT …
-        VALUES (…) goes as one statement of many rows, anything else one statement per row.
-        Never psycopg's executemany, which pipelines: inside a pipeline the server waits for
-        the client's next message with no timeout at all, so a coordinator frozen there
-        would hold its transaction's locks, the fence's among them, until it woke (see
-        leases). Each statement here is a whole round trip, and between two of them the
-        server's idle_in_transaction_session_timeout runs."""
-        if not rows:
-            return
-        text = pg_sql(text)
-        at = text.find(" VALUES (")
-        if at < 0:
-            for row in rows:
-                self._cur.execute(text, row)
-            return
-        end = text.index(")", at) + 1
-        head, one, tail = text[: at + 8], text[at + 8 : end], text[end:]
-        per_statement = max(1, MAX_PARAMETERS // len(rows[0]))
-        for start in range(0, len(rows), per_statement):
-            chunk = rows[start : start + per_statement]
-            many = head + ", ".join([one] * len(chunk)) + tail
-            self._cur.execute(many, [value for row in chunk for value in row])
-
-    def fetchone(self) -> Any:
-        return self._cur.fetchone()
-
-    def fetchall(self) -> list[Any]:
-        return self._cur.fetchall()
-
-    @property
-    def rowcount(self) -> int:
-        return self._cur.rowcount
-
-    @property
-    def description(self) -> Any:
-        return self._cur.description
-
-    @property
-    def row_factory(self) -> Any:
-        return self._cur.row_factory
-
-    @row_factory.setter
-    def row_factory(self, factory: Any) -> None:
-        self._cur.row_factory = factory or tuple_row
-
-
-@contextlib.contextmanager
-def _translate() -> Iterator[None]:
-    """psycopg's errors as the store contract's."""
-    try:
-        yield
-    except (
-        psycopg.OperationalError,
-        psycopg.errors.IdleInTransactionSessionTimeout,  # the session is gone with it
-        psycopg_pool.PoolTimeout,
-    ) as exc:
-        raise errors.StoreUnavailable(f"postgresql: {exc}".strip()) from exc
-    except psycopg.Error as exc:
-        raise errors.StoreError(f"postgresql: {exc}".strip()) from exc
-
-
-@contextlib.contextmanager
-def _transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
-    """conn.transaction(), except that a block whose commit did not happen raises. psycopg
-    leaves a block quietly, committing nothing, when the connection broke inside it and the
-    block caught the error itself, as a batch of the broker's reports does (a report that
-    fails alone): the broker then acknowledged reports that were never stored, and their
-    workers forgot jobs the store still held as running."""
-    with conn.transaction() as transaction:
-        yield
-    if transaction.status is not psycopg.Transaction.Status.COMMITTED:
-        raise psycopg.OperationalError("the connection was lost: nothing of it was committed")
-
-
-def _check_idle(conn: psycopg.Connection[Any]) -> None:
-    """Refuse a pooled connection the server has ended (a restart, pg_terminate_backend),
-    without a round trip: an idle connection has nothing to read unless the server closed it."""
-    if conn.closed or conn.broken:
-        raise psycopg.OperationalError("the connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
-        conn.close()  # so the pool discards it rather than handing it out again
-        raise psycopg.OperationalError("the server ended this connection")
-
-
-def _connect_error(url: str) -> str:
-    """Why a connection to `url` fails, as libpq says it (the pool only logs its tries)."""
-    try:
-        psycopg.connect(url, connect_timeout=5).close()
-    except psycopg.Error as exc:
-        return " ".join(str(exc).split()) or type(exc).__name__
-    return "it did not answer in time"
-
-
-class _DropAll(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
 class PostgresStore(sql.SqlStore, leases.LeaseStore):
     """The store in a PostgreSQL database."""
 
@@ -391,7 +247,7 @@ class PostgresStore(sql.SqlStore, leases.LeaseStore):
             max_size=max_connections,
             kwargs={"autocommit": True, "row_factory": dict_row},
             configure=configure,
-            check=_check_idle,
+            check=pgconn.check_idle,
             timeout=2.0,  # then StoreUnavailable: a 503, or a broker pause
             reconnect_timeout=86400.0,  # keep trying through a long database outage
             open=False,
@@ -399,14 +255,14 @@ class PostgresStore(sql.SqlStore, leases.LeaseStore):
         )
         # The pool logs each failed try at open; the error below says it once, in one line.
         # (Later, the coordinator's journal keeps its warnings during a database outage.)
-        quiet = _DropAll()
+        quiet = pgconn.DropAll()
         logging.getLogger("psycopg.pool").addFilter(quiet)
         try:
             self.pool.open(wait=True, timeout=OPEN_TIMEOUT_S)
         except psycopg_pool.PoolTimeout as exc:
             self.pool.close()
             raise errors.StoreUnavailable(
-                f"cannot connect to PostgreSQL at {redacted(url)}: {_connect_error(url)}"
+                f"cannot connect to PostgreSQL at {redacted(url)}: {pgconn.connect_error(url)}"
             ) from exc
         finally:
             logging.getLogger("psycopg.pool").removeFilter(quiet)
@@ -417,26 +273,26 @@ class PostgresStore(sql.SqlStore, leases.LeaseStore):
             raise
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[_Cursor]:
+    def _write(self) -> Iterator[pgconn.Cursor]:
         batch = getattr(self._local, "batch", None)
         if batch is not None:
             # Inside batch(): a nested transaction is a savepoint, so a failed write undoes
             # only itself.
-            with _translate(), batch.transaction(), batch.cursor() as cur:
-                yield _Cursor(cur)
+            with pgconn.translate(), batch.transaction(), batch.cursor() as cur:
+                yield pgconn.Cursor(cur)
             return
         with (
-            _translate(),
+            pgconn.translate(),
             self.pool.connection() as conn,
-            _transaction(conn),
+            pgconn.transaction(conn),
             conn.cursor() as cur,
         ):
             self._check_fence(cur)  # a leader's broker writes only while it leads
-            yield _Cursor(cur)
+            yield pgconn.Cursor(cur)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        with _translate(), self.pool.connection() as conn, _transaction(conn):
+        with pgconn.translate(), self.pool.connection() as conn, pgconn.transaction(conn):
             with conn.cursor() as cur:
                 self._check_fence(cur)
             self._local.batch = conn
@@ -446,14 +302,14 @@ class PostgresStore(sql.SqlStore, leases.LeaseStore):
                 self._local.batch = None
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[_Cursor]:
+    def _read(self) -> Iterator[pgconn.Cursor]:
         batch = getattr(self._local, "batch", None)
         if batch is not None:  # inside batch(): see its writes; a failure undoes only itself
-            with _translate(), batch.transaction(), batch.cursor() as cur:
-                yield _Cursor(cur)
+            with pgconn.translate(), batch.transaction(), batch.cursor() as cur:
+                yield pgconn.Cursor(cur)
             return
-        with _translate(), self.pool.connection() as conn, conn.cursor() as cur:
-            yield _Cursor(cur)
+        with pgconn.translate(), self.pool.connection() as conn, conn.cursor() as cur:
+            yield pgconn.Cursor(cur)
 
     def _insert_job(self, cur: Any, row: dict[str, Any]) -> int:
         cur.execute("SELECT nextval('jobs_id_seq') AS id")

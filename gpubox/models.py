@@ -319,7 +319,7 @@ JOB_FIELDS: tuple[Field, ...] = (
     Field("id", KEY, "id", api="id", wire="id"),
     Field("name", TEXT, "spec.name", api="name", wire="name"),
     Field("description", TEXT, "spec.description", api="description"),
-    Field("priority", INT, "spec.priority", api="priority"),
+    Field("priority", INT, "spec.priority", api="priority", wire="priority"),
     Field("image", TEXT, "spec.image", api="docker.image", wire="image"),
     Field("command", JSON, "spec.command", api="docker.command", wire="command", null=True),
     Field("env", JSON, "spec.env", api="docker.env", wire="env"),

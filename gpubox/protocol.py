@@ -305,6 +305,9 @@ class WireJob(Record):
     # idle_timeout seconds. Absent (an older coordinator, or no policy): never.
     idle_timeout: float | None = wire(opt(is_number), omit=True)
     idle_threshold: float | None = wire(opt(is_number), omit=True)
+    # A worker that holds prefetched jobs starts the one of highest priority first. Absent
+    # (an older coordinator): 0.
+    priority: int | None = wire(opt(is_int), omit=True)
 
 
 # --- worker -> coordinator --------------------------------------------------------------------
@@ -322,6 +325,8 @@ class Hello(Message):
     mounts: list[str] | None = wire(opt(bounded_list(text(MAX_TEXT), MAX_MOUNTS)), omit=True)
     runtime: str | None = wire(opt(text(MAX_TEXT)), omit=True)  # None: "docker"
     liveness_s: float | None = wire(opt(_SECONDS), omit=True)  # None: not said (answer each beat)
+    # Jobs it holds ready beyond max_jobs, to start as soon as a slot frees (None: none).
+    prefetch: int | None = wire(opt(int_in(0, MAX_JOBS)), omit=True)
     running: list[Running] = wire(
         lambda v: isinstance(v, list) and len(v) <= MAX_RUNNING, part=Running, many=True
     )
@@ -372,6 +377,17 @@ class Done(Message):
     executed_at: str | None = wire(opt(_is_time))
     finished_at: str = wire(_is_time)
     last_seq: int = wire(_ID)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Released(Message):
+    """A prefetched job given back unstarted (recalled, cancelled, or the worker drains):
+    the coordinator queues it again without spending an attempt."""
+
+    TYPE: ClassVar[str] = "RELEASED"
+    session: str = wire(_SESSION)
+    job_id: int = wire(_ID)
+    attempt: int = wire(_ID)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -437,6 +453,16 @@ class Cancel(Message):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Recall(Message):
+    """Give back a prefetched job not started yet (answered by RELEASED); one that started
+    runs on."""
+
+    TYPE: ClassVar[str] = "RECALL"
+    job_id: int = wire(is_int)
+    attempt: int = wire(is_int)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CoordinatorHeartbeat(Message):
     TYPE: ClassVar[str] = "HEARTBEAT"
     coordinator: str = wire(is_str)
@@ -452,13 +478,14 @@ class Refused(Message):
     standby: bool | None = wire(opt(is_bool), omit=True)
 
 
-FromWorker = Hello | Ready | Started | Log | Done | Telemetry | WorkerHeartbeat
-FromCoordinator = Welcome | Job | Ack | Cancel | CoordinatorHeartbeat | Refused
+FromWorker = Hello | Ready | Started | Log | Done | Released | Telemetry | WorkerHeartbeat
+FromCoordinator = Welcome | Job | Ack | Cancel | Recall | CoordinatorHeartbeat | Refused
 FROM_WORKER: dict[str, type[FromWorker]] = {
-    cls.TYPE: cls for cls in (Hello, Ready, Started, Log, Done, Telemetry, WorkerHeartbeat)
+    cls.TYPE: cls
+    for cls in (Hello, Ready, Started, Log, Done, Released, Telemetry, WorkerHeartbeat)
 }
 FROM_COORDINATOR: dict[str, type[FromCoordinator]] = {
-    cls.TYPE: cls for cls in (Welcome, Job, Ack, Cancel, CoordinatorHeartbeat, Refused)
+    cls.TYPE: cls for cls in (Welcome, Job, Ack, Cancel, Recall, CoordinatorHeartbeat, Refused)
 }
 
 

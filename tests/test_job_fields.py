@@ -110,6 +110,7 @@ WIRE_KEYS = {
     "env",
     "gpus",
     "timeout",
+    "priority",
     "container",
     "submitter",
 }

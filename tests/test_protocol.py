@@ -91,6 +91,7 @@ WORKER_BODIES: dict[str, dict[str, Any]] = {
         "seq": 0,
         "points": [POINT, ["GPU-b", 1.0e9, 1.0e9 + 10, 10, 0, 0.0, 0, 81920, None, None]],
     },
+    "RELEASED": {"session": "s-1", "job_id": 7, "attempt": 1},
     "HEARTBEAT": {"session": "s-1"},
 }
 
@@ -99,6 +100,7 @@ COORDINATOR_BODIES: dict[str, dict[str, Any]] = {
     "JOB": {"coordinator": "c-1", "job": WIRE_JOB},
     "ACK": {"job_id": 7, "attempt": 1, "seq": 3, "done": True},
     "CANCEL": {"job_id": 7, "attempt": 1},
+    "RECALL": {"job_id": 7, "attempt": 1},
     "HEARTBEAT": {"coordinator": "c-1", "known": True},
     "REFUSED": {"coordinator": "c-1", "reason": "it calls itself 'b', but its key is worker a's"},
 }
@@ -136,6 +138,8 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
         {"usage": [{"uuid": "GPU-a", "utilization": 5, "power_w": 61.5, "temperature_c": 40}]},
     ),
     ("coordinator", "HEARTBEAT", {"known": False}),
+    ("worker", "HELLO", {"prefetch": 4}),
+    ("coordinator", "JOB", {"job": {**WIRE_JOB, "priority": -3}}),
 ]
 
 DECODERS: dict[str, Callable[[list[bytes]], protocol.Message]] = {
@@ -329,6 +333,7 @@ def test_the_optional_fields_are_the_documented_ones() -> None:
         "HELLO.mounts",
         "HELLO.runtime",
         "HELLO.liveness_s",
+        "HELLO.prefetch",
         "HEARTBEAT.usage",
     }
 
@@ -744,7 +749,8 @@ def test_frames_recorded_from_earlier_code_decode_and_encode_as_the_same_maps() 
         assert again[:2] == frames[:2]
         assert msgpack.unpackb(again[2]) == msgpack.unpackb(frames[2]), line
         seen.add((direction, msg_type))
-    # Every type the earlier code sent; TELEMETRY came after it.
-    assert seen == {("worker", t) for t in protocol.FROM_WORKER if t != "TELEMETRY"} | {
-        ("coordinator", t) for t in protocol.FROM_COORDINATOR
+    # Every type the earlier code sent; TELEMETRY, RELEASED and RECALL came after it.
+    later = {"TELEMETRY", "RELEASED", "RECALL"}
+    assert seen == {("worker", t) for t in protocol.FROM_WORKER if t not in later} | {
+        ("coordinator", t) for t in protocol.FROM_COORDINATOR if t not in later
     }

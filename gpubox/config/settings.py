@@ -199,6 +199,14 @@ class WorkerConfig:
     max_jobs: int = setting(
         4, "GPUBOX_MAX_JOBS", "jobs run at once (GPUs limit GPU jobs further)", "--max-jobs"
     )
+    prefetch: int = setting(
+        0,
+        "GPUBOX_PREFETCH",
+        "jobs held ready beyond max-jobs, started the moment a slot frees: no coordinator round"
+        " trip between short jobs. Held jobs show RUNNING (not started); one of lower priority"
+        " than a queued job this worker could run is given back (0: off)",
+        "--prefetch",
+    )
     runtime: str = setting(
         "docker",
         "GPUBOX_RUNTIME",
@@ -360,6 +368,8 @@ class WorkerConfig:
             raise errors.ConfigError(f"gpus: {self.gpus!r} is not all, none or indices like 0,2")
         if self.max_jobs > protocol.MAX_JOBS:
             raise errors.ConfigError(f"max_jobs: must be at most {protocol.MAX_JOBS}")
+        if not 0 <= self.prefetch <= protocol.MAX_JOBS:
+            raise errors.ConfigError(f"prefetch: must be from 0 to {protocol.MAX_JOBS}")
         labels = parse_labels(self.labels)
         if len(labels) > protocol.MAX_LABELS:
             raise errors.ConfigError(f"labels: at most {protocol.MAX_LABELS} labels")

@@ -126,6 +126,7 @@ class Broker:
         self.counters = metrics.BrokerCounters()
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
         self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
+        self._recalled: set[int] = set()  # held jobs recalled (see _recall), until they end
         self._stored: dict[int, int] = {}  # job id → last stored seq, to count new lines
         # STARTED, LOG and DONE of this burst, not stored yet, with their senders.
         self._reports: list[tuple[Peer, reports.Report]] = []
@@ -144,6 +145,7 @@ class Broker:
             protocol.Log: self._on_log,
             protocol.Telemetry: self._on_telemetry,
             protocol.Done: self._on_done,
+            protocol.Released: self._on_released,
             protocol.WorkerHeartbeat: self._on_heartbeat,
         }
 
@@ -365,6 +367,7 @@ class Broker:
             mounts=list(msg.mounts or []),
             runtime=msg.runtime or "docker",
             answer_beats=(msg.liveness_s or 0) < BEATS_PER_LIVENESS * self.heartbeat_interval_s,
+            prefetch=msg.prefetch or 0,
         )
         self.peers[peer.session] = peer
         self._by_name[name] = peer
@@ -388,6 +391,8 @@ class Broker:
                     held[job.id] = item  # a stale attempt: stopped below
                 continue
             peer.assigned[job.id] = list(job.gpu_ids)
+            if job.executed_at is None and not item.recovered:
+                peer.unstarted[job.id] = (job.spec.priority, job.attempts)  # held, or starting
             if item.recovered:
                 # The worker restarted and found the container: send the job again, with how
                 # far its log is stored, so it re-attaches without a gap or a repeat.
@@ -428,7 +433,7 @@ class Broker:
     def _on_ready(self, peer: Peer, msg: protocol.Ready, now: float) -> None:
         peer.ready = True
         peer.free_gpus = list(msg.free_gpus)
-        peer.slots = min(msg.slots, peer.max_jobs)
+        peer.slots = min(msg.slots, peer.max_jobs + peer.prefetch)
         peer.known = set(msg.running)
         for job_id in peer.known:
             peer.unconfirmed.pop(job_id, None)
@@ -475,6 +480,19 @@ class Broker:
             return
         self._reports.append((peer, msg))
 
+    def _on_released(self, peer: Peer, msg: protocol.Released, now: float) -> None:
+        """A prefetched job given back unstarted: queued again without spending an attempt
+        (or ended, if it was cancelled meanwhile)."""
+        if msg.job_id not in peer.unstarted or peer.unstarted[msg.job_id][1] != msg.attempt:
+            self.dropped_messages += 1  # not a job it holds unstarted: nothing to give back
+            return
+        peer.assigned.pop(msg.job_id, None)
+        peer.unstarted.pop(msg.job_id, None)
+        peer.unconfirmed.pop(msg.job_id, None)
+        self._sent_at.pop(msg.job_id, None)
+        self.lifecycle.unclaim(msg.job_id, msg.attempt, f"given back unstarted by {peer.name}")
+        self._schedule_due = True
+
     def _store_reports(self) -> None:
         """Store the reports of this burst in one transaction, then act on each."""
         pending, self._reports, self._report_lines = self._reports, [], 0
@@ -487,6 +505,7 @@ class Broker:
         """Act on a report once it is stored: acknowledge it, wake the job's followers."""
         match stored:
             case reports.StartStored(report, applied, executed_at):
+                peer.unstarted.pop(report.job_id, None)
                 if applied:
                     self.planner.started(report.job_id, executed_at)
                     self.changes.notify(report.job_id)
@@ -509,6 +528,7 @@ class Broker:
             case reports.DoneStored(report, finish):
                 job_id, attempt = report.job_id, report.attempt
                 peer.assigned.pop(job_id, None)
+                peer.unstarted.pop(job_id, None)
                 self._ack(peer, job_id, attempt, report.last_seq, done=True)
                 if finish is Finish.APPLIED:
                     log.info(
@@ -619,9 +639,53 @@ class Broker:
             # job claimed and unsent, expiry queues it again.
             peer.unconfirmed[job.id] = (job.attempts, time.monotonic())
             self._guard(self._dispatch, peer, job)
+        if any(peer.prefetch and peer.unstarted for peer in peers.values()):
+            self._recall(peers, views)
         # Rounds skipped above are not counted: they cost next to nothing, and would hide the
         # rounds that plan. A round that failed part way is not counted either.
         self.counters.rounds.observe(time.perf_counter() - started)
+
+    def _recall(self, peers: dict[str, Peer], views: list[scheduler.WorkerView]) -> None:
+        """Keep priority order with prefetch: a held job is recalled (RECALL, answered by
+        RELEASED) while a queued job of higher priority waits that its worker could run.
+        A job is recalled once at most, so one whose place the waiting job could
+        not take after all (its GPUs are busy, say) is sent again and stays."""
+        held = {
+            name: [h for h in peer.held() if h[0] not in self._recalled]
+            for name, peer in peers.items()
+        }
+        lowest = min((h[1][0] for jobs in held.values() for h in jobs), default=None)
+        top = self.planner.top_priority()
+        if lowest is None or top is None or top <= lowest:
+            return  # the common case: nothing queued outranks what is held
+        # Listed again after this round's claims: only the jobs that still wait count.
+        waiting: dict[tuple[int, str], int] = {}
+        for group in self.store.queue_groups():
+            if group.priority > lowest:
+                key = (group.priority, group.shape)
+                waiting[key] = waiting.get(key, 0) + group.jobs
+        for view in views:
+            for job_id, (priority, attempt) in reversed(held.get(view.name, [])):
+                wanted = [
+                    key
+                    for key, count in waiting.items()
+                    if count
+                    and key[0] > priority
+                    and view.can_ever_run(models.Needs.from_shape(key[1]))
+                ]
+                if not wanted:
+                    break  # the rest of its held jobs rank higher still
+                waiting[max(wanted)] -= 1
+                self._recalled.add(job_id)
+                log.info(
+                    "job %d: recalled from %s, where it waits for a slot: a job of priority %d"
+                    " waits",
+                    job_id,
+                    view.name,
+                    max(wanted)[0],
+                    extra=fields(job=job_id, worker=view.name),
+                )
+                self._send(peers[view.name], protocol.Recall(job_id=job_id, attempt=attempt))
 
     def _dispatch(self, peer: Peer, job: models.Job) -> None:
         """Send a claimed job to its worker, or put it back."""
@@ -709,6 +773,7 @@ class Broker:
             return False
         peer.assigned[job.id] = list(job.gpu_ids)
         if resume is None:
+            peer.unstarted[job.id] = (job.spec.priority, job.attempts)
             peer.unconfirmed[job.id] = (job.attempts, time.monotonic())
             self._sent_at[job.id] = (job.attempts, time.monotonic())
             self.counters.jobs_sent += 1
@@ -724,6 +789,7 @@ class Broker:
                     # counting an attempt, and stop it should it arrive after all.
                     del peer.unconfirmed[job_id]
                     peer.assigned.pop(job_id, None)
+                    peer.unstarted.pop(job_id, None)
                     self._cancel(peer, job_id, attempt)
                     self._unconfirmed(peer, job_id, attempt, now)
             if now - peer.last_seen > self.liveness_s:
@@ -787,6 +853,7 @@ class Broker:
         """Drop what the broker kept about a job that ended (Lifecycle's on_end)."""
         self._stored.pop(job_id, None)
         self._sent_at.pop(job_id, None)
+        self._recalled.discard(job_id)
         self.planner.ended(job_id)
 
     # --- sending ------------------------------------------------------------------------------

@@ -67,15 +67,7 @@ class Lifecycle:
         it never started), or ended when it has no attempts left."""
         if job.executed_at is None:
             # Its container never started: nothing ran, so no attempt is spent on it.
-            if self.store.unclaim_job(job.id, job.attempts, models.utcnow()):
-                log.warning(
-                    "job %d: %s before it started; queued again",
-                    job.id,
-                    reason,
-                    extra=fields(job=job.id, worker=job.worker),
-                )
-                self.changes.notify(job.id)
-                self.on_requeue(job.id)
+            self.unclaim(job.id, job.attempts, f"{reason} before it started", logging.WARNING)
             return
         released = self.store.release_job(job.id, job.attempts, reason, models.utcnow())
         if released is not None:
@@ -91,6 +83,19 @@ class Lifecycle:
             else:
                 self.changes.notify(job.id)
                 self.on_requeue(job.id)
+
+    def unclaim(self, job_id: int, attempt: int, why: str, level: int = logging.INFO) -> None:
+        """Queue again a claimed job that never started, without spending an attempt; one
+        whose cancel came in meanwhile ends CANCELLED instead."""
+        if not self.store.unclaim_job(job_id, attempt, models.utcnow()):
+            return
+        if self.store.get_job(job_id).status is models.Status.CANCELLED:
+            log.log(level, "job %d: %s; cancelled", job_id, why, extra=fields(job=job_id))
+            self.ended(job_id)
+            return
+        log.log(level, "job %d: %s; queued again", job_id, why, extra=fields(job=job_id))
+        self.changes.notify(job_id)
+        self.on_requeue(job_id)
 
     def requeue_unconfirmed(self, worker: str, job_id: int, attempt: int, within_s: float) -> None:
         """Queue again a job that `worker` was sent and never confirmed within `within_s`,

@@ -33,6 +33,7 @@ class Peer:
     labels: dict[str, str]
     max_jobs: int
     last_seen: float
+    prefetch: int = 0  # jobs it holds ready beyond max_jobs (its HELLO says)
     last_sent: float = 0.0  # when the coordinator last sent it anything (time.monotonic)
     mounts: list[str] = dataclasses.field(default_factory=list)
     runtime: str = "docker"
@@ -45,6 +46,9 @@ class Peer:
     slots: int = 0
     known: set[int] = dataclasses.field(default_factory=set)  # job ids the worker said it holds
     assigned: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # job id → GPU uuids
+    # Jobs sent and not started yet, in the order sent: job id → (priority, attempt). With
+    # prefetch, those beyond its free slots are the ones it holds (see held()).
+    unstarted: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # Jobs sent whose receipt the worker has not confirmed yet: job id → (attempt, sent at).
     unconfirmed: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
     # Why this session gets no more jobs ("" while it may): it was sent a job and never
@@ -58,6 +62,20 @@ class Peer:
         pending = [job_id for job_id in self.assigned if job_id not in self.known]
         taken = {uuid for job_id in pending for uuid in self.assigned[job_id]}
         return [g for g in self.free_gpus if g not in taken], self.slots - len(pending)
+
+    def held(self) -> list[tuple[int, tuple[int, int]]]:
+        """The prefetched jobs it holds until a slot frees, as (job id, (priority, attempt)),
+        lowest priority last: of the jobs not started yet, those beyond its free slots (it
+        starts them highest priority first, then in the order sent)."""
+        if not self.prefetch or not self.unstarted:
+            return []
+        running = len(self.assigned) - len(self.unstarted)
+        waiting = len(self.unstarted) - max(0, self.max_jobs - running)
+        if waiting <= 0:
+            return []
+        # The worker starts its highest priority first: those left are the lowest.
+        ordered = sorted(self.unstarted.items(), key=lambda item: -item[1][0])
+        return ordered[-waiting:]
 
     def heard_at(self) -> datetime:
         """When this worker was last heard from, as a wall-clock time."""

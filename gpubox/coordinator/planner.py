@@ -138,6 +138,10 @@ class Planner:
         self.group_reasons = plan.group_reasons
         return plan
 
+    def top_priority(self) -> int | None:
+        """The highest priority among the queued jobs as last listed (None: none)."""
+        return max((group.priority for group in self._groups), default=None)
+
     def queue_changed(self) -> None:
         """A job was queued: the next round lists the queue's groups again."""
         self._groups_stale = True

@@ -86,6 +86,8 @@ class LocalJob:
     # Set when its runner is done with it (and at first: nothing runs it yet).
     ended: threading.Event = dataclasses.field(default_factory=threading.Event)
     running: bool = True
+    # Prefetched: received while every slot was busy, held (not started) until one frees.
+    prefetched: bool = False
     # first seq → (lines, last seq covered, sent at): sent, not yet acknowledged
     unacked: dict[int, tuple[list[list[str]], int, float]] = dataclasses.field(default_factory=dict)
     done: protocol.Done | None = None  # its DONE, once the runner ended it (session: "")
@@ -94,6 +96,9 @@ class LocalJob:
     found: Any = None
     points: PointWindow = dataclasses.field(default_factory=PointWindow)  # TELEMETRY unacked
     spec: protocol.WireJob | None = None  # as JOB gave it
+
+    def priority(self) -> int:
+        return (self.spec.priority or 0) if self.spec is not None else 0
 
 
 class Agent:
@@ -125,6 +130,7 @@ class Agent:
         self.labels = config.label_map
         self.context = context or zmq.Context.instance()
         self.jobs: dict[int, LocalJob] = {}
+        self._prefetched: list[int] = []  # held jobs, in the order they came
         # Before any socket exists: a failure here leaves nothing open.
         for job_id, attempt, uuids, container in runtime.recover():
             log.info("found the container of job %d (attempt %d): re-attaching", job_id, attempt)
@@ -167,6 +173,7 @@ class Agent:
             protocol.Job: self._on_job,
             protocol.Ack: self._on_ack,
             protocol.Cancel: self._on_cancel,
+            protocol.Recall: self._on_recall,
         }
         self.session = ""
         self.coordinator_id = ""
@@ -245,6 +252,8 @@ class Agent:
             self._refill(now)
             if self._announce_drain:
                 self._announce_drain = False
+                for job_id in list(self._prefetched):
+                    self._give_back(self.jobs[job_id], "this worker drains")
                 self._ready()  # slots 0: no more work
 
     def _connect(self, now: float, poller: zmq.Poller | None, move: bool = False) -> None:
@@ -280,6 +289,7 @@ class Agent:
                 mounts=sorted(self.config.mount_map),
                 runtime=self.config.runtime,
                 liveness_s=self.config.liveness_s,
+                prefetch=self.config.prefetch or None,
                 running=[
                     protocol.Running(job_id=j.id, attempt=j.attempt, recovered=j.found is not None)
                     for j in self.jobs.values()
@@ -354,9 +364,22 @@ class Agent:
             self._track(job)
         else:
             job = LocalJob(spec.id, spec.attempt, list(spec.gpus), JobStop(), spec=spec)
+            full = self._running() >= self.config.max_jobs
             self.jobs[job.id] = job
-        run = functools.partial(self._run_job, spec, job.cancel, job.ended, found, marks)
-        self.runners.start(f"job-{job.id}", run)  # first: the log line can wait, the job not
+            if full:
+                # Every slot is busy: a prefetched job, held until one frees.
+                job.running, job.prefetched = False, True
+                self._prefetched.append(job.id)
+                log.info(
+                    "job %d (attempt %d) received, held until a slot frees: %s",
+                    job.id,
+                    job.attempt,
+                    printable(spec.image),
+                    extra=fields(job=job.id, attempt=job.attempt, gpus=",".join(job.gpus) or "-"),
+                )
+                self._ready()
+                return
+        self._start(job, spec, found, marks)
         log.info(
             "job %d (attempt %d) %s: %s",
             job.id,
@@ -365,6 +388,39 @@ class Agent:
             printable(spec.image),
             extra=fields(job=job.id, attempt=job.attempt, gpus=",".join(job.gpus) or "-"),
         )
+        self._ready()
+
+    def _start(
+        self,
+        job: LocalJob,
+        spec: protocol.WireJob,
+        found: Any = None,
+        marks: models.LogMarks | None = None,
+    ) -> None:
+        run = functools.partial(self._run_job, spec, job.cancel, job.ended, found, marks)
+        self.runners.start(f"job-{job.id}", run)
+
+    def _running(self) -> int:
+        return sum(1 for job in self.jobs.values() if job.running)
+
+    def _start_prefetched(self) -> None:
+        """Start held jobs while a slot is free: the highest priority first, then in the
+        order they came (the coordinator's order)."""
+        while self._prefetched and not self.draining and self._running() < self.config.max_jobs:
+            job = self.jobs[max(self._prefetched, key=lambda i: self.jobs[i].priority())]
+            self._prefetched.remove(job.id)
+            job.running, job.prefetched = True, False
+            assert job.spec is not None  # a prefetched job is one JOB gave
+            self._start(job, job.spec)
+            log.info("job %d (attempt %d): started from prefetch", job.id, job.attempt)
+
+    def _give_back(self, job: LocalJob, why: str) -> None:
+        """Hand a prefetched job back unstarted (RELEASED): the coordinator queues it again,
+        or ends it if it was cancelled."""
+        log.info("job %d: given back unstarted: %s", job.id, why, extra=fields(job=job.id))
+        self._prefetched.remove(job.id)
+        self._forget(job)
+        self._send(protocol.Released(session=self.session, job_id=job.id, attempt=job.attempt))
         self._ready()
 
     def _on_ack(self, msg: protocol.Ack, now: float) -> None:
@@ -402,8 +458,16 @@ class Agent:
             self._forget(job)
             self._ready()
             return
+        if job.prefetched:
+            self._give_back(job, "cancelled before it started")
+            return
         log.info("job %d: cancel requested", job.id, extra=fields(job=job.id))
         job.cancel.set()
+
+    def _on_recall(self, msg: protocol.Recall, now: float) -> None:
+        job = self.jobs.get(msg.job_id)
+        if job is not None and job.attempt == msg.attempt and job.prefetched:
+            self._give_back(job, "recalled: a job of higher priority waits")
 
     def _forget(self, job: LocalJob) -> None:
         del self.jobs[job.id]
@@ -526,6 +590,7 @@ class Agent:
                     )
                 job.done = protocol.Done(session="", job_id=job.id, attempt=job.attempt, **body)
                 self._send_done(job, now)
+                self._start_prefetched()  # before READY, which counts the slots
                 self._ready()
 
     # --- sending ------------------------------------------------------------------------------
@@ -539,14 +604,16 @@ class Agent:
         self._ready_due = False
         if not self.welcomed:
             return
-        busy = {uuid for job in self.jobs.values() if job.running for uuid in job.gpus}
-        running = sum(1 for job in self.jobs.values() if job.running)
+        # A prefetched job holds its GPUs and a place as a running one does.
+        taken = [job for job in self.jobs.values() if job.running or job.prefetched]
+        busy = {uuid for job in taken for uuid in job.gpus}
         free = [gpu.uuid for gpu in self.gpus if gpu.uuid not in busy]
+        room = self.config.max_jobs + self.config.prefetch - len(taken)
         self._send(
             protocol.Ready(
                 session=self.session,
                 free_gpus=[] if self.draining else free,
-                slots=0 if self.draining else max(0, self.config.max_jobs - running),
+                slots=0 if self.draining else max(0, room),
                 running=list(self.jobs),
             )
         )
@@ -636,6 +703,8 @@ class Agent:
         # Runner threads let go of their containers, which run on: the next start of this
         # worker finds them and re-attaches. Child processes cannot run on: they are stopped.
         self._detach.set()
+        for job_id in list(self._prefetched):
+            self._give_back(self.jobs[job_id], "this worker stops")
         running = [job for job in self.jobs.values() if job.running and job.found is None]
         if running and self.runtime.outlives_worker:
             log.info("leaving %d running job(s) to re-attach to at the next start", len(running))

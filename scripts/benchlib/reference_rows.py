@@ -1,9 +1,9 @@
 """Rows that put gpubox next to two other job queues doing the same work on this machine, in
 the same minutes: Celery 5 with a Redis broker and result backend, and task-spooler.
 
-Each system runs jobs that run `true` on 2 slots: gpubox with 1 worker of 2 job slots (the
-process runtime), Celery with one worker `--pool prefork --concurrency 2`, task-spooler with
-`tsp -S 2`. A round starts each system fresh and measures it twice:
+Each system runs jobs that run `true` on 2 slots: gpubox with 1 worker of 2 job slots and 2
+prefetched jobs (the process runtime), Celery with one worker `--pool prefork --concurrency
+2`, task-spooler with `tsp -S 2`. A round starts each system fresh and measures it twice:
 
   throughput   2,000 jobs submitted by 8 clients at once (Celery: 1, see _celery_round);
                jobs/s from the first submit until the last job is known to be done;
@@ -39,6 +39,10 @@ from benchlib.common import ROOT, Context, Row, cluster, free_port, percentile
 from benchlib.worker_rows import measure_throughput
 
 SLOTS = 2
+# gpubox's worker holds this many jobs beyond its slots (--prefetch), as Celery's worker
+# holds tasks it fetched ahead (4 per process by default): neither waits a round trip to
+# its broker between short jobs.
+PREFETCH = SLOTS
 CLIENTS = 8  # submitting threads, as worker_rows.submit_many
 STAMP = ["date", "+%s.%N"]  # the latency jobs' command: prints the time it started
 SETUP = "scripts/setup-host"
@@ -133,9 +137,9 @@ def _spread(values: list[float], number: str) -> str:
 
 
 def _gpubox_round(ctx: Context, jobs: int, samples: int) -> Sample:
-    rate, _ = measure_throughput(ctx, 1, jobs, slots=SLOTS)
+    rate, _ = measure_throughput(ctx, 1, jobs, slots=SLOTS, prefetch=PREFETCH)
     with cluster(ctx) as made:
-        made.add_worker("w0", jobs=str(SLOTS))
+        made.add_worker("w0", jobs=str(SLOTS), GPUBOX_PREFETCH=str(PREFETCH))
         delays = []
         for index in range(samples + 1):  # the first one warms up and is left out
             submitted = time.time()

@@ -14,14 +14,18 @@ earlier incarnation of the other.
 worker -> coordinator
     HELLO      {name, version, session, gpus: [{uuid, name, memory_mb, index?, pci_bus_id?}],
                 labels: {str: str}, max_jobs, running: [{job_id, attempt, recovered?}],
-                mounts?: [name], runtime?, liveness_s?}  recovered: found as a container at
-                start, not held in memory (answered with JOB + resume); mounts: the mount names
-                jobs may ask for; runtime: "docker" (when absent) or "process", which gets only
-                the jobs it can run (models.JobSpec.runs_on); liveness_s: the seconds of
-                coordinator silence after which it reconnects (absent: each of its HEARTBEATs
-                is answered; see HEARTBEAT below)
+                mounts?: [name], runtime?, liveness_s?, prefetch?}  recovered: found as a
+                container at start, not held in memory (answered with JOB + resume); mounts:
+                the mount names jobs may ask for; runtime: "docker" (when absent) or
+                "process", which gets only the jobs it can run (models.JobSpec.runs_on);
+                liveness_s: the seconds of coordinator silence after which it reconnects
+                (absent: each of its HEARTBEATs is answered; see HEARTBEAT below);
+                prefetch: jobs it holds ready beyond max_jobs, started as a slot frees
+                (absent: 0; an older coordinator ignores it and never sends more than
+                max_jobs)
     READY      {session, free_gpus: [uuid], slots, running: [job_id]}   running: every job
-                it holds; this confirms receipt of a JOB (unconfirmed ones are queued again)
+                it holds; this confirms receipt of a JOB (unconfirmed ones are queued again);
+                slots: the jobs it takes now (held ones count, as do their GPUs)
     STARTED    {session, job_id, attempt, container, executed_at, image_id?, image_digest?}
                 image_id: the ID of the image the container was created from (sha256:…);
                 image_digest: its repo digest (name@sha256:…) where the engine has one;
@@ -34,6 +38,9 @@ worker -> coordinator
                 (models.GPUBOX_STREAM); an older coordinator ignores it
     DONE       {session, job_id, attempt, status, exit_code, error, executed_at, finished_at,
                 last_seq}                                                     the full record
+    RELEASED   {session, job_id, attempt}   a held (prefetched) job given back unstarted: it
+                was recalled or cancelled, or the worker drains or stops; queued again
+                without spending an attempt (CANCELLED if a cancel came in)
     TELEMETRY  {session, job_id, attempt, seq, points: [[gpu, start, end, samples, util_mean,
                 util_max, memory_max_mb, memory_total_mb, power_mean_w, temperature_max_c]],
                 last?}  a running job's GPU readings, folded into points (gpubox.telemetry);
@@ -47,7 +54,8 @@ coordinator -> worker
     WELCOME    {coordinator, heartbeat_interval_s, liveness_s, telemetry?}   telemetry: true
                 when it takes TELEMETRY
     JOB        {coordinator, job: {id, attempt, name, image, command, env, secrets, auth, gpus,
-                timeout, first_seq, container?, submitter?, idle_timeout?, idle_threshold?},
+                timeout, first_seq, container?, submitter?, idle_timeout?, idle_threshold?,
+                priority?},
                 resume?, resume_stored?, resume_points?}  secrets
                 and auth are write-only: mask, never log; gpus: the GPU uuids it gets;
                 submitter: the name of the token that submitted it (null: not recorded); container:
@@ -58,11 +66,15 @@ coordinator -> worker
                 idle_timeout, idle_threshold: stop the job (ERROR) once all its GPUs stayed
                 under idle_threshold % for idle_timeout seconds (absent: never);
                 resume_points: the last TELEMETRY seq stored for this attempt (a re-attach
-                numbers its next TELEMETRY from one more)
+                numbers its next TELEMETRY from one more); priority: a worker holding
+                prefetched jobs starts the highest first (absent: 0)
     ACK        {job_id, attempt, seq, done, points?}   seq: last stored line (-1: says
                 nothing of lines); done: DONE was applied; points: the last TELEMETRY seq
                 stored (a worker waits for its job's points to be stored before its DONE)
     CANCEL     {job_id, attempt}
+    RECALL     {job_id, attempt}   give back this held job (RELEASED) unless it started: a
+                job of higher priority waits that this worker could run. Sent only to a
+                worker whose HELLO said prefetch
     HEARTBEAT  {coordinator, known}   known: false when the session is unknown (say HELLO).
                 Sent to each worker sent nothing for heartbeat_interval_s, and as the answer
                 to each of a worker's HEARTBEATs unless its HELLO's liveness_s leaves room for

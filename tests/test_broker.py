@@ -731,9 +731,9 @@ def test_jobs_no_worker_can_run_do_not_hold_back_one_that_can(any_link: Link) ->
     # every job left has the reason of its own: none is said to wait behind others
     reason = link.broker.queue_reason
     for job in (too_big[0], too_big[-1]):
-        assert reason(job.id) == "no connected worker with its labels has 64 GPUs"
+        assert reason(job) == "no connected worker with its labels has 64 GPUs"
     for job in (nowhere[0], nowhere[-1]):
-        assert reason(job.id) == "no connected worker has the labels pool=nobody"
+        assert reason(job) == "no connected worker has the labels pool=nobody"
 
 
 def test_jobs_no_worker_can_run_submitted_after_runnable_ones_change_nothing(
@@ -761,8 +761,7 @@ def test_a_job_no_worker_could_run_starts_when_a_worker_that_can_connects(
     plain.ready(slots=1)
     plain.wait_for(
         lambda: (
-            link.broker.queue_reason(waiting[-1].id)
-            == "no connected worker has the labels pool=h100"
+            link.broker.queue_reason(waiting[-1]) == "no connected worker has the labels pool=h100"
         ),
         3.0,
         "the reason of a job past the first 200",
@@ -772,7 +771,7 @@ def test_a_job_no_worker_could_run_starts_when_a_worker_that_can_connects(
     h100.hello()
     h100.ready(slots=2)
     assert [h100.job()["id"], h100.job()["id"]] == [waiting[0].id, waiting[1].id]
-    assert link.broker.queue_reason(waiting[-1].id) == (
+    assert link.broker.queue_reason(waiting[-1]) == (
         "waiting for a free job slot (max_jobs) on h100"
     )
     plain.quiet("JOB", 0.2)
@@ -796,7 +795,7 @@ def test_a_big_job_behind_jobs_no_worker_can_run_still_gathers_its_gpus(any_link
     worker.send("READY", free_gpus=["GPU-b"], slots=3, running=[first.id])
     link.broker.poke("schedule")
     worker.quiet("JOB", 1.2)  # past a timer round: GPU-b is held for the big job
-    assert link.broker.queue_reason(small.id) == (
+    assert link.broker.queue_reason(small) == (
         f"waiting behind job {big.id}: the GPUs of w1 are held for it"
     )
     worker.done(running, last_seq=0)

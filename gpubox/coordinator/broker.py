@@ -706,17 +706,17 @@ class Broker:
         if running and self.store.unclaim_job(job.id, job.attempts, models.utcnow()):
             self.planner.requeued(job.id)
 
-    def queue_reason(self, job_id: int) -> str:
+    def queue_reason(self, job: models.Job) -> str:
         """Why a QUEUED job waits, as of the last scheduling round. Any thread."""
-        return self.planner.queue_reason(job_id)
+        return self.planner.queue_reason(job)
 
     def queue_in_order(self, limit: int) -> list[models.Job]:
         """The first queued jobs in the order they will start. Any thread."""
         return self.planner.queue_in_order(limit)
 
-    def queue_place(self, job: models.Job) -> dict[str, Any]:
+    def queue_place(self, job: models.Job, recent: bool = False) -> dict[str, Any]:
         """Where a QUEUED job stands in the fair order now. Any thread."""
-        return self.planner.queue_place(job)
+        return self.planner.queue_place(job, recent)
 
     def metrics_page(self) -> str:
         """GET /metrics. Any thread."""

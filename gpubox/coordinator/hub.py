@@ -74,8 +74,8 @@ class Hub:
         self.ready_changed = threading.Condition()
         changes.listeners.append(self.publish)
         self._methods: dict[bytes, Callable[..., Any]] = {
-            b"queue_reason": live.queue_reason,
-            b"queue_place": lambda job_id: live.queue_place(store.get_job(job_id)),
+            b"queue_reason": lambda job_id: live.queue_reason(store.get_job(job_id)),
+            b"queue_place": lambda job_id, recent: live.queue_place(store.get_job(job_id), recent),
             b"queue_in_order": lambda limit: [job.id for job in live.queue_in_order(limit)],
             b"metrics_page": live.metrics_page,
             b"gpu_usage": live.gpu_usage,
@@ -174,11 +174,11 @@ class RemoteLive:
             raise errors.GpuboxError(f"the broker process failed: {value}")
         return value
 
-    def queue_reason(self, job_id: int) -> str:
-        return str(self._call("queue_reason", job_id))
+    def queue_reason(self, job: models.Job) -> str:
+        return str(self._call("queue_reason", job.id))
 
-    def queue_place(self, job: models.Job) -> dict[str, Any]:
-        return dict(self._call("queue_place", job.id))
+    def queue_place(self, job: models.Job, recent: bool = False) -> dict[str, Any]:
+        return dict(self._call("queue_place", job.id, recent))
 
     def queue_in_order(self, limit: int) -> list[models.Job]:
         ids = self._call("queue_in_order", limit)

@@ -187,12 +187,12 @@ class LiveSwitch:
         else:
             self.relay(kind, job_id)
 
-    def queue_reason(self, job_id: int) -> str:
-        return self.broker.queue_reason(job_id) if self.broker is not None else STANDBY_REASON
+    def queue_reason(self, job: models.Job) -> str:
+        return self.broker.queue_reason(job) if self.broker is not None else STANDBY_REASON
 
-    def queue_place(self, job: models.Job) -> dict[str, Any]:
+    def queue_place(self, job: models.Job, recent: bool = False) -> dict[str, Any]:
         view = self.broker or self.planner
-        return dict(view.queue_place(job))
+        return dict(view.queue_place(job, recent))
 
     def queue_in_order(self, limit: int) -> list[models.Job]:
         view = self.broker or self.planner

@@ -42,12 +42,12 @@ class Lifecycle:
         self.changes.forget(job_id)
         self.on_end(job_id)
 
-    def end_overdue(self, reason: Callable[[int], str]) -> None:
+    def end_overdue(self, reason: Callable[[models.Job], str]) -> None:
         """End as ERROR the QUEUED jobs past their queue_timeout, each with why it waited
         (`reason`, the scheduler's word for it)."""
         now = models.utcnow()
         for job in self.store.overdue_queued(now):
-            why = reason(job.id) or "waiting to be scheduled"
+            why = reason(job) or "waiting to be scheduled"
             error = f"queue timeout: queued for {job.spec.queue_timeout:g} s; {why}"
             if self.store.fail_queued(job.id, error, now):
                 log.warning("job %d: %s", job.id, error, extra=fields(job=job.id))

@@ -20,6 +20,9 @@ from gpubox.store.base import QueueGroup
 # done every second: at 1,000 workers that made the slowest 3 % of decisions.
 GROUPS_EVERY_S = 10.0
 READ_AHEAD = 32  # at least this many more jobs of a group than a round needs are read
+# A job's place in the queue (GET /api/v1/jobs/<id>, a submit's answer) counts the queue as
+# listed at most this long ago: under a flood of submits, one listing serves many answers.
+PLACE_GROUPS_S = 0.1
 
 
 Key = tuple[str, int, tuple[str | None, ...] | None]  # a read: shape, priority, submitters
@@ -94,6 +97,8 @@ class Planner:
         self._groups_stale = True
         self._last_id = 0
         self._reads = Reads()  # the jobs read since the groups were listed
+        # The groups as queue_place last listed them, and when (time.monotonic).
+        self._place_groups: tuple[float, list[QueueGroup]] = (-PLACE_GROUPS_S, [])
 
     @property
     def sharing(self) -> fairshare.Snapshot:
@@ -171,11 +176,19 @@ class Planner:
         """A job ended (see fairshare.Tracker.ended)."""
         self.tracker.ended(job_id)
 
-    def queue_place(self, job: models.Job) -> dict[str, Any]:
-        """Where a QUEUED job stands in the fair order (fairshare.place). Any thread."""
+    def queue_place(self, job: models.Job, recent: bool = False) -> dict[str, Any]:
+        """Where a QUEUED job stands in the fair order (fairshare.place). With `recent` (a
+        submit's answer), counted from the queue's groups as listed at most PLACE_GROUPS_S
+        ago: listing them is a pass over the queue, which at every submit's answer cost a
+        flood of submits a fifth of its time. Any thread."""
+        listed_at, groups = self._place_groups
+        now = time.monotonic()
+        if not recent or now - listed_at > PLACE_GROUPS_S:
+            groups = self.store.queue_groups()
+            self._place_groups = (now, groups)
         return fairshare.place(
             job,
-            self.store.queue_groups(),
+            groups,
             lambda: self.store.queued_before(job.spec.priority, job.id),
             self.sharing,
         )
@@ -219,11 +232,11 @@ class Planner:
             for name in sorted(names, key=lambda name: name or "")
         ]
 
-    def queue_reason(self, job_id: int) -> str:
+    def queue_reason(self, job: models.Job) -> str:
         """Why a QUEUED job waits, as of the last round. Any thread."""
-        why = self.reasons.get(job_id)
+        why = self.reasons.get(job.id)
         if why is None:
-            spec = self.store.get_job(job_id).spec
+            spec = job.spec
             why = self.group_reasons.get((spec.needs.shape, spec.priority, spec.submitter))
             why = why or self.shape_reasons.get(spec.needs.shape)
         return why or "waiting to be scheduled (submitted since the last scheduling round)"

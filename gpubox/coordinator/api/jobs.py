@@ -24,16 +24,17 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     store, poke, sealer, live = ctx.store, ctx.poke, ctx.sealer, ctx.live
     max_body_bytes = ctx.max_body_bytes
 
-    def shown(job: models.Job, place: bool = True) -> dict[str, Any]:
+    def shown(job: models.Job, place: bool = True, recent: bool = False) -> dict[str, Any]:
         """The job as the API shows it, with why it waits when it is QUEUED, and (with
-        `place`: one job, not a list) where it stands in the queue."""
+        `place`: one job, not a list) where it stands in the queue (`recent`: a submit's
+        answer, which may count the queue as it was up to 0.1 s before)."""
         answer = job.to_dict()
         if job.status is models.Status.QUEUED and live is not None:
-            answer["queue_reason"] = live.queue_reason(job.id)
+            answer["queue_reason"] = live.queue_reason(job)
             if place:
                 # Two reads that count the queue: a list of 50 queued jobs asked for 100,
                 # and a client polling a list slowed every submit of a long queue.
-                answer["queue_place"] = live.queue_place(job)
+                answer["queue_place"] = live.queue_place(job, recent)
         return answer
 
     @app.post("/api/v1/jobs")
@@ -67,7 +68,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
             bottle.response.status = 201
         else:
             bottle.response.set_header("Idempotent-Replayed", "true")
-        return shown(job)
+        return shown(job, recent=True)
 
     @app.get("/api/v1/jobs/<job_id:int>")
     @endpoints.endpoint(store, query=("wait",))

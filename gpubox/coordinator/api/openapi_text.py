@@ -67,7 +67,8 @@ JOB_DOCS = {
     "CANCELLED; RUNNING → QUEUED when its worker is lost and retries are left",
     "queue_reason": "why a QUEUED job waits, in words; null otherwise",
     "queue_place": "where a QUEUED job stands in the fair order (in GET /api/v1/jobs/{job_id}"
-    " and the answer to a submit; null elsewhere): place (1: next), the jobs ahead of it by"
+    " and the answer to a submit, which may count the queue as it was up to 0.1 s before;"
+    " null elsewhere): place (1: next), the jobs ahead of it by"
     " submitter with each one's use of the GPUs lately (GPU-hours, decayed with half_life_s;"
     " 0 when fair share is off), and its own submitter's use",
     "cancel_requested": "whether a cancel was asked while it ran (its worker stops it)",

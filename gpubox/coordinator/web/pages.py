@@ -102,7 +102,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context, sessions: Sessions) -> 
         )
 
     def _queue(filters: views.QueueFilters) -> views.Queue:
-        reason = live.queue_reason if live is not None else (lambda _job_id: "")
+        reason = live.queue_reason if live is not None else (lambda _job: "")
         return views.queue(
             store.running_jobs(),
             live.queue_in_order(QUEUE_ROWS) if live is not None else store.queued_jobs(QUEUE_ROWS),
@@ -122,7 +122,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context, sessions: Sessions) -> 
             "job",
             job=views.job_view(job, models_by_uuid, models.utcnow()),
             may_cancel=api_jobs.may_cancel(token, job),
-            reason=live.queue_reason(job.id) if live and job.status is models.Status.QUEUED else "",
+            reason=live.queue_reason(job) if live and job.status is models.Status.QUEUED else "",
         )
 
     @app.post("/jobs/<job_id:int>/cancel")

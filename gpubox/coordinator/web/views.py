@@ -108,7 +108,7 @@ def queue(
     running: list[models.Job],
     queued: list[models.Job],
     counts: dict[str, int],
-    reason: Callable[[int], str],
+    reason: Callable[[models.Job], str],
     filters: QueueFilters,
     now: datetime,
 ) -> Queue:
@@ -117,7 +117,7 @@ def queue(
     return Queue(
         running=[_row(job, now) for job in running if filters.keeps(job)],
         queued=[
-            _row(job, now, position, reason(job.id))
+            _row(job, now, position, reason(job))
             for position, job in enumerate(queued, 1)
             if filters.keeps(job)
         ],

@@ -8,6 +8,7 @@ import io
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,16 @@ def test_environment_secrets_and_gpus(cluster: Cluster) -> None:
 def test_workdir_given_or_a_fresh_folder_kept_if_left_empty(
     cluster: Cluster, tmp_path: Path
 ) -> None:
+    given = Path(tempfile.mkdtemp(prefix="gpubox-workdir-"))  # one the job's user may enter
+    given.chmod(0o755)
+    done, lines = run(cluster, ["pwd"], docker={"workdir": str(given)})
+    assert [r["line"] for r in lines] == [str(given)]
+    given.rmdir()
+    # One it may not enter (tmp_path is under pytest's root-only folder): the job does not
+    # start, as a command it may not run (the worker, root, does not enter it for it).
     done, lines = run(cluster, ["pwd"], docker={"workdir": str(tmp_path)})
-    assert [r["line"] for r in lines] == [str(tmp_path)]
+    assert done["status"] == "ERROR" and done["result"]["exit_code"] == 126, done
+    assert "could not start the command" in done["result"]["error"]
     done, lines = run(cluster, ["sh", "-c", "pwd; ls -A | wc -l; touch left-behind"])
     folder, count = (r["line"] for r in lines)
     assert folder != str(tmp_path) and "gpubox-scratch-" in folder and count.strip() == "0"

@@ -719,6 +719,9 @@ class Agent:
             job.ended.wait(timeout=2)
         self.sampler.stop()
         self.runners.stop()
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            close()  # (the process runtime's launch pad)
         self.link.close(None)
         self.events.close(linger=0)
         self.spill.close()

@@ -39,9 +39,10 @@ from typing import IO, Any
 from gpubox import models, protocol
 from gpubox.logfmt import fields
 from gpubox.worker import stopping
+from gpubox.worker.launcher import Launched, Launcher
 from gpubox.worker.lines import Emit, LineBuffer, Masker, emit_done, secret_values, send_lines
 from gpubox.worker.process_output import Output
-from gpubox.worker.process_user import JobUser, job_user
+from gpubox.worker.process_user import JobUser, check_runnable, job_user
 from gpubox.worker.scratch import Scratch
 
 # What tests and other modules import from here, whichever module holds it.
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 
 PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 OWNER_VARIABLE = "GPUBOX_WORKER_RUN"  # coordinator:worker, in every job process's environment
+
+# A job's process: started by this worker, or by the launch pad for it.
+Process = subprocess.Popen[bytes] | Launched
 
 
 class ProcessRuntime:
@@ -82,6 +86,20 @@ class ProcessRuntime:
         self._tee_lock = threading.Lock()
         self.user = job_user(process_user)
         self._scratch = Scratch(self.user.uid, self.user.gid)
+        # A worker that switches user starts jobs through the launch pad (worker.launcher):
+        # one exec a job, not setpriv's and the command's. Where the pad cannot start,
+        # each job goes through setpriv as before.
+        self._launcher: Launcher | None = None
+        switch = self.user.switch_command()
+        if switch is not None:
+            launcher = Launcher(switch)
+            try:
+                launcher.open()
+                self._launcher = launcher
+            except OSError as exc:
+                log.warning(
+                    "cannot start the launch pad (%s): each job starts through setpriv", exc
+                )
         log.info(
             "the process runtime runs jobs as %s (uid %d)",
             self.user.name,
@@ -162,17 +180,7 @@ class ProcessRuntime:
                 scratch = workdir = self._scratch.take()
             try:
                 env = environment(job, self.marker(), self.user)
-                command, switch = self.user.launch(job.command, workdir, env)
-                proc = subprocess.Popen(
-                    command,
-                    cwd=workdir,
-                    env=env,
-                    **switch,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,  # its own process group, stopped as one
-                )
+                proc = self._start(job.command, workdir, env)
             except OSError as exc:
                 outcome = {
                     "status": "ERROR",
@@ -191,10 +199,35 @@ class ProcessRuntime:
         self._flush(job, buffer, emit, 0)
         emit_done(emit, outcome, executed_at, buffer)
 
+    def _start(self, command: list[str], cwd: str, env: dict[str, str]) -> Process:
+        """Start the job's command, in its own process group (stopped as one); OSError when
+        it cannot start."""
+        if self._launcher is not None:
+            # Found first as root, so a missing program is "not found" (127) even where a
+            # folder on PATH is closed to the job's user, who would be told "denied" (126).
+            check_runnable(command[0], cwd, env)
+            return self._launcher.start(command, cwd, env)
+        argv, switch = self.user.launch(command, cwd, env)
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            **switch,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def close(self) -> None:
+        """Let the launch pad go (the worker stops)."""
+        if self._launcher is not None:
+            self._launcher.close()
+
     def _watch(
         self,
         job: protocol.WireJob,
-        proc: subprocess.Popen[bytes],
+        proc: Process,
         buffer: LineBuffer,
         emit: Emit,
         cancel: threading.Event,
@@ -237,7 +270,9 @@ class ProcessRuntime:
         finally:
             output.close()
         buffer.add_many(output.rest())
-        code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        returned = proc.returncode
+        assert returned is not None  # the loop above ends once it has exited
+        code = returned if returned >= 0 else 128 - returned
         if stopped_for == "cancel":
             return stopping.outcome(cancel, code)
         if stopped_for == "timeout":
@@ -246,7 +281,7 @@ class ProcessRuntime:
             return {"status": "FINISHED", "exit_code": 0}
         return {"status": "ERROR", "exit_code": code, "error": f"exit code {code}"}
 
-    def _stop(self, proc: subprocess.Popen[bytes]) -> None:
+    def _stop(self, proc: Process) -> None:
         """SIGTERM to the job's process group, SIGKILL after the grace period."""
         for sig, wait_s in ((signal.SIGTERM, self.stop_grace_s), (signal.SIGKILL, 10.0)):
             try:

@@ -42,13 +42,21 @@ class JobUser:
         exits 126 with setpriv's reason on stderr."""
         if not self.switch:
             return command, {}
-        setpriv = _setpriv()
-        if setpriv is None:
+        switch = self.switch_command()
+        if switch is None:
             return command, {"user": self.uid, "group": self.gid, "extra_groups": self.groups}
-        _check_runnable(command[0], cwd, env)
-        groups = f"--groups={','.join(map(str, self.groups))}" if self.groups else "--clear-groups"
-        switch = [setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", groups, "--"]
+        check_runnable(command[0], cwd, env)
         return [*switch, *command], {}
+
+    def switch_command(self) -> list[str] | None:
+        """The setpriv command line that runs what follows it as this user, its groups and
+        saved ids too (root's capabilities go with the switch); None where there is no
+        setpriv, or no switch to make."""
+        setpriv = _setpriv()
+        if not self.switch or setpriv is None:
+            return None
+        groups = f"--groups={','.join(map(str, self.groups))}" if self.groups else "--clear-groups"
+        return [setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", groups, "--"]
 
 
 def _can_switch_users() -> bool:
@@ -116,7 +124,7 @@ def _setpriv() -> str | None:
     return shutil.which("setpriv", path=os.defpath + ":/usr/sbin:/sbin")
 
 
-def _check_runnable(program: str, cwd: str, env: dict[str, str]) -> None:
+def check_runnable(program: str, cwd: str, env: dict[str, str]) -> None:
     """OSError, as exec would fail, when `program` is missing (ENOENT) or found but not
     executable (EACCES): searched on the job's PATH as exec does, unless it names a path."""
     if "/" in program:

@@ -1,0 +1,149 @@
+"""The launch pad (worker.launchpad, worker.launcher): a process already running as the job
+user starts each job's command with one exec. Real processes, as root switching to nobody."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpubox.worker import process_user
+from gpubox.worker.launcher import MAX_REQUEST, Launcher
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or process_user._setpriv() is None,
+    reason="switches to nobody through setpriv: needs root and util-linux",
+)
+
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+@pytest.fixture()
+def launcher() -> Iterator[Launcher]:
+    switch = process_user.job_user("nobody").switch_command()
+    assert switch is not None
+    made = Launcher(switch)
+    made.open()
+    yield made
+    made.close()
+
+
+@pytest.fixture()
+def folder() -> Iterator[str]:
+    """A folder nobody may enter."""
+    made = tempfile.mkdtemp(prefix="gpubox-launch-")
+    os.chmod(made, 0o755)
+    yield made
+    os.rmdir(made)
+
+
+def status_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as fh:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+
+
+def test_a_command_runs_as_the_job_user_with_its_output_and_exit_code(
+    launcher: Launcher, folder: str
+) -> None:
+    proc = launcher.start(["sh", "-c", "id -u; pwd; echo oops >&2; exit 3"], folder, ENV)
+    assert proc.wait(10) == 3 and proc.poll() == 3
+    assert proc.stdout is not None and proc.stderr is not None
+    nobody = process_user.job_user("nobody")
+    assert proc.stdout.read().decode().split() == [str(nobody.uid), folder]
+    assert proc.stderr.read() == b"oops\n"
+    # Its parent is the pad, which runs as nobody: root switched once, not per job.
+    assert launcher._pad is not None
+    pad = status_of(launcher._pad.pid)
+    assert pad["Uid"].split() == [str(nobody.uid)] * 4
+    assert int(pad["CapEff"], 16) == 0
+
+
+def test_a_signal_gives_a_negative_code_and_a_wait_times_out_first(
+    launcher: Launcher, folder: str
+) -> None:
+    proc = launcher.start(["sleep", "30"], folder, ENV)
+    with pytest.raises(Exception, match="timed out"):
+        proc.wait(0.1)
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGTERM)  # its own process group, as the runtime stops it
+    assert proc.wait(10) == -signal.SIGTERM
+
+
+def test_what_cannot_start_raises_as_popen_would(launcher: Launcher, folder: str) -> None:
+    with pytest.raises(FileNotFoundError):
+        launcher.start(["/no/such/program"], folder, ENV)
+    with pytest.raises(PermissionError):  # a folder nobody may not enter
+        launcher.start(["true"], "/root", ENV)
+    with pytest.raises(OSError) as raised:
+        launcher.start(["true", "x" * (MAX_REQUEST + 1)], folder, ENV)
+    assert raised.value.errno == errno.E2BIG
+    assert launcher.start(["true"], folder, ENV).wait(10) == 0  # the pad serves on
+
+
+def test_the_pad_hides_its_memory_from_the_jobs_it_runs(launcher: Launcher) -> None:
+    # Not dumpable: its /proc files belong to root, so a job (same user) cannot read the
+    # environments, secrets included, of the jobs it started, nor ptrace it.
+    assert launcher._pad is not None
+    environ = Path(f"/proc/{launcher._pad.pid}/environ")
+    assert environ.stat().st_uid == 0
+    assert status_of(launcher._pad.pid)["Uid"].split()[0] != "0"
+
+
+def test_a_pad_killed_mid_job_stops_its_jobs_and_the_next_start_makes_a_new_one(
+    launcher: Launcher, folder: str
+) -> None:
+    proc = launcher.start(["sleep", "30"], folder, ENV)
+    assert launcher._pad is not None
+    first = launcher._pad.pid
+    os.kill(first, signal.SIGKILL)
+    # Its exit code would be lost with it: the job is stopped, and ends as killed.
+    assert proc.wait(10) == -signal.SIGKILL
+    wait_until(lambda: not Path(f"/proc/{proc.pid}").exists() or _zombie(proc.pid), 10)
+    again = launcher.start(["true"], folder, ENV)
+    assert again.wait(10) == 0
+    assert launcher._pad.pid != first
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return status_of(pid)["State"].startswith("Z")
+    except OSError:
+        return True
+
+
+def test_closing_lets_the_pad_go(folder: str) -> None:
+    switch = process_user.job_user("nobody").switch_command()
+    assert switch is not None
+    made = Launcher(switch)
+    made.open()
+    assert made._pad is not None
+    made.close()
+    assert made._pad.poll() is not None  # it exited once its socket closed
+
+
+def test_a_runtime_whose_pad_cannot_start_starts_each_job_through_setpriv(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import io
+    import threading
+
+    from gpubox.worker import launcher as launcher_module
+    from gpubox.worker.process import ProcessRuntime
+    from tests.conftest import wire_job
+
+    monkeypatch.setattr(launcher_module, "PAD", Path("/no/such/launchpad.py"))
+    runtime = ProcessRuntime("w", tee=io.StringIO(), process_user="nobody")
+    assert runtime._launcher is None
+    assert "cannot start the launch pad" in caplog.text
+    events: list[tuple[str, dict]] = []
+    spec = wire_job(id=1, image="-", command=["id", "-u"], container=None)
+    runtime.run(spec, lambda *event: events.append(event), threading.Event())
+    assert events[-1][1]["status"] == "FINISHED"
+    out = [line[2] for kind, body in events if kind == "lines" for line in body["lines"]]
+    assert out == [str(runtime.user.uid)]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from gpubox.worker import agent as agent_module
 from tests.conftest import Cluster, wait_until
 
 NO_IMAGE = "ignored-by-the-process-runtime"
@@ -54,6 +55,13 @@ def running_and_held(cluster: Cluster, gate: Path) -> tuple[int, int]:
     second = submit(cluster, ["true"])
     wait_until(lambda: held(cluster, second), 10, "the second job to be held")
     return first, second
+
+
+@pytest.fixture(autouse=True)
+def long_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held jobs stay held while these tests look at them (a worker gives back a job held
+    for agent.HOLD_S, 1 s; the last test here checks that)."""
+    monkeypatch.setattr(agent_module, "HOLD_S", 60.0)
 
 
 @pytest.fixture()
@@ -179,3 +187,30 @@ def test_prefetch_must_be_a_count() -> None:
     config = cfg.WorkerConfig(prefetch=-1)
     with pytest.raises(errors.ConfigError, match="prefetch"):
         config.validate()
+
+
+def test_a_job_held_behind_a_long_one_is_given_back_for_a_free_worker(
+    cluster: Cluster, gate: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent_module, "HOLD_S", 0.5)
+    first, second = running_and_held(cluster, gate)
+    # Its slot does not free: given back, and the worker holds nothing more meanwhile.
+    wait_until(lambda: not held(cluster, second), 10, "the held job to be given back")
+    agent = cluster.agents[0][0]
+    assert not agent._prefetched and agent._prefetch_paused
+    job = cluster.client.job(second)
+    assert job["status"] == "QUEUED" and job["attempts"] == 0, job
+    # A worker that is free runs it, while the first still runs.
+    cluster.add_worker(name="free", runtime="process", fake_gpus="0")
+    done = cluster.wait(second)
+    assert done["status"] == "FINISHED" and done["worker"] == "free", done
+    assert cluster.client.job(first)["status"] == "RUNNING"
+    (gate / "go").touch()
+    assert cluster.wait(first)["status"] == "FINISHED"
+    # A job that ends within HOLD_S of its start: the worker holds jobs again.
+    free, free_thread = cluster.agents[1]
+    free.stop()
+    free_thread.join(timeout=30)
+    quick = cluster.wait(submit(cluster, ["true"]))
+    assert quick["status"] == "FINISHED" and quick["worker"] == "worker-1", quick
+    wait_until(lambda: not agent._prefetch_paused, 10, "prefetch to resume")

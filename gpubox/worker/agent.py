@@ -47,6 +47,8 @@ MAX_UNACKED_BYTES = 64 * 1024 * 1024  # the in-memory window's other bound
 LINE_OVERHEAD = 48  # bytes a held line costs besides its text (timestamp, stream, list)
 _STREAM = operator.itemgetter(1)
 MOVE_EVERY_S = 0.2  # with several coordinators: the least time between two moves
+# A prefetched job that waited this long for a slot is given back (see Agent._check_holds).
+HOLD_S = 1.0
 
 
 class Runtime(Protocol):
@@ -88,6 +90,7 @@ class LocalJob:
     running: bool = True
     # Prefetched: received while every slot was busy, held (not started) until one frees.
     prefetched: bool = False
+    since: float = 0.0  # when it was held, then when it started (time.monotonic)
     # first seq → (lines, last seq covered, sent at): sent, not yet acknowledged
     unacked: dict[int, tuple[list[list[str]], int, float]] = dataclasses.field(default_factory=dict)
     done: protocol.Done | None = None  # its DONE, once the runner ended it (session: "")
@@ -131,6 +134,8 @@ class Agent:
         self.context = context or zmq.Context.instance()
         self.jobs: dict[int, LocalJob] = {}
         self._prefetched: list[int] = []  # held jobs, in the order they came
+        # No prefetch while slots do not free within HOLD_S (see _check_holds).
+        self._prefetch_paused = False
         # Before any socket exists: a failure here leaves nothing open.
         for job_id, attempt, uuids, container in runtime.recover():
             log.info("found the container of job %d (attempt %d): re-attaching", job_id, attempt)
@@ -250,6 +255,7 @@ class Agent:
         if self.welcomed:
             self._resend(now, older_than=self.config.resend_s)
             self._refill(now)
+            self._check_holds(now)
             if self._announce_drain:
                 self._announce_drain = False
                 for job_id in list(self._prefetched):
@@ -369,6 +375,7 @@ class Agent:
             if full:
                 # Every slot is busy: a prefetched job, held until one frees.
                 job.running, job.prefetched = False, True
+                job.since = time.monotonic()
                 self._prefetched.append(job.id)
                 log.info(
                     "job %d (attempt %d) received, held until a slot frees: %s",
@@ -397,6 +404,7 @@ class Agent:
         found: Any = None,
         marks: models.LogMarks | None = None,
     ) -> None:
+        job.since = time.monotonic()
         run = functools.partial(self._run_job, spec, job.cancel, job.ended, found, marks)
         self.runners.start(f"job-{job.id}", run)
 
@@ -413,6 +421,21 @@ class Agent:
             assert job.spec is not None  # a prefetched job is one JOB gave
             self._start(job, job.spec)
             log.info("job %d (attempt %d): started from prefetch", job.id, job.attempt)
+
+    def _check_holds(self, now: float) -> None:
+        """Prefetch pays where slots free within moments. A job held HOLD_S waits behind
+        long ones, while another worker may be free to run it: it and the other held jobs
+        are given back, and this worker holds none until one of its jobs ends within HOLD_S
+        of its start."""
+        if not self._prefetched or now - self.jobs[self._prefetched[0]].since < HOLD_S:
+            return
+        if not self._prefetch_paused:
+            log.info(
+                "no slot freed within %g s: prefetch paused until a job ends that fast", HOLD_S
+            )
+        self._prefetch_paused = True
+        for job_id in list(self._prefetched):
+            self._give_back(self.jobs[job_id], f"no slot freed within {HOLD_S:g} s")
 
     def _give_back(self, job: LocalJob, why: str) -> None:
         """Hand a prefetched job back unstarted (RELEASED): the coordinator queues it again,
@@ -580,6 +603,8 @@ class Agent:
                     self._hold(job, seq, lines, seq + len(lines) - 1, now)
             elif kind == "done":
                 job.running = False
+                if now - job.since < HOLD_S:
+                    self._prefetch_paused = False  # slots turn over fast again
                 last = self.sampler.finish(job.id)
                 if last is not None:
                     self._add_points(job.id, last[0], last[1], now)
@@ -608,7 +633,8 @@ class Agent:
         taken = [job for job in self.jobs.values() if job.running or job.prefetched]
         busy = {uuid for job in taken for uuid in job.gpus}
         free = [gpu.uuid for gpu in self.gpus if gpu.uuid not in busy]
-        room = self.config.max_jobs + self.config.prefetch - len(taken)
+        prefetch = 0 if self._prefetch_paused else self.config.prefetch
+        room = self.config.max_jobs + prefetch - len(taken)
         self._send(
             protocol.Ready(
                 session=self.session,

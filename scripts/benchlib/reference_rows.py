@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchlib.common import ROOT, Context, Row, cluster, connect, free_port, percentile
-from benchlib.worker_rows import measure_throughput
+from benchlib.worker_rows import Cost, measure_throughput
 
 SLOTS = 2
 # gpubox's worker holds this many jobs beyond its slots (--prefetch), as Celery's worker
@@ -58,6 +58,7 @@ class Sample:
     rate: float  # jobs/s, first submit to last done
     start_p50_s: float  # submit → the job's process reads the clock, one job at a time
     task_p50_s: float | None = None  # Celery only: submit → the task's function starts
+    cost: Cost | None = None  # gpubox only: CPU-ms per job in its throughput run, by who
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,23 @@ def references(ctx: Context) -> list[Row]:
                 met,
             )
         )
+    # Where gpubox's CPU goes, in its round of median throughput: the machine's 2 cores
+    # over the reference's jobs/s is what each job may cost to keep up.
+    middle = sorted(ours, key=lambda s: s.rate)[len(ours) // 2]
+    if middle.cost is not None:
+        cost, fastest = middle.cost, max([s.rate for v in got.values() for s in v] or [rate])
+        rows.append(
+            Row(
+                "same work: CPU per job (gpubox, its median round)",
+                f"{cost.total:.2f} CPU-ms, machine {cost.busy:.0%} busy: coordinator"
+                f" {cost.coordinator:.2f} (broker thread busy {cost.broker.busy:.0%}, on CPU"
+                f" {cost.broker.cpu:.0%}), worker {cost.workers:.2f}, the jobs' processes and"
+                f" the launch pad {cost.children:.2f}, clients {cost.clients:.2f},"
+                f" rest {cost.rest:.2f}",
+                f"{os.cpu_count() or 1} cores at {fastest:,.0f} jobs/s (the fastest reference):"
+                f" {(os.cpu_count() or 1) * 1000 / fastest:.2f} CPU-ms per job",
+            )
+        )
     p50 = statistics.median(s.start_p50_s for s in ours)
     starts = f"{_ms([s.start_p50_s for s in ours])} ({samples} single jobs a round)"
     for name in (CELERY, TSP):
@@ -139,7 +157,7 @@ def _spread(values: list[float], number: str) -> str:
 
 
 def _gpubox_round(ctx: Context, jobs: int, samples: int) -> Sample:
-    rate, _ = measure_throughput(ctx, 1, jobs, slots=SLOTS, prefetch=PREFETCH)
+    rate, cost = measure_throughput(ctx, 1, jobs, slots=SLOTS, prefetch=PREFETCH)
     with cluster(ctx) as made:
         made.add_worker("w0", jobs=str(SLOTS), GPUBOX_PREFETCH=str(PREFETCH))
         # Submitted on one keep-alive connection, as the throughput's clients do and as
@@ -163,7 +181,7 @@ def _gpubox_round(ctx: Context, jobs: int, samples: int) -> Sample:
             if index:
                 delays.append(float(line) - submitted)
         conn.close()
-    return Sample(rate, percentile(delays, 50))
+    return Sample(rate, percentile(delays, 50), cost=cost)
 
 
 # --- Celery + Redis ------------------------------------------------------------------------

@@ -21,8 +21,7 @@ worker -> coordinator
                 liveness_s: the seconds of coordinator silence after which it reconnects
                 (absent: each of its HEARTBEATs is answered; see HEARTBEAT below);
                 prefetch: jobs it holds ready beyond max_jobs, started as a slot frees
-                (absent: 0; an older coordinator ignores it and never sends more than
-                max_jobs)
+                (absent: 0; used only with a coordinator whose WELCOME says prefetch)
     READY      {session, free_gpus: [uuid], slots, running: [job_id]}   running: every job
                 it holds; this confirms receipt of a JOB (unconfirmed ones are queued again);
                 slots: the jobs it takes now (held ones count, as do their GPUs)
@@ -51,8 +50,9 @@ worker -> coordinator
                 temperature_c?}]}   usage: NVML's now
 
 coordinator -> worker
-    WELCOME    {coordinator, heartbeat_interval_s, liveness_s, telemetry?}   telemetry: true
-                when it takes TELEMETRY
+    WELCOME    {coordinator, heartbeat_interval_s, liveness_s, telemetry?, prefetch?}
+                telemetry: true when it takes TELEMETRY; prefetch: true when it takes
+                RELEASED (a worker holds prefetched jobs only for such a coordinator)
     JOB        {coordinator, job: {id, attempt, name, image, command, env, secrets, auth, gpus,
                 timeout, first_seq, container?, submitter?, idle_timeout?, idle_threshold?,
                 priority?},
@@ -433,6 +433,8 @@ class Welcome(Message):
     heartbeat_interval_s: float = wire(is_number)
     liveness_s: float = wire(is_number)
     telemetry: bool | None = wire(opt(is_bool), omit=True)  # True: it takes TELEMETRY
+    # True: it takes RELEASED and may send a worker more jobs than its free slots.
+    prefetch: bool | None = wire(opt(is_bool), omit=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -59,7 +59,7 @@ def test_a_command_runs_as_the_job_user_with_its_output_and_exit_code(
     assert proc.stderr.read() == b"oops\n"
     # Its parent is the pad, which runs as nobody: root switched once, not per job.
     assert launcher._pad is not None
-    pad = status_of(launcher._pad.pid)
+    pad = status_of(launcher._pad.proc.pid)
     assert pad["Uid"].split() == [str(nobody.uid)] * 4
     assert int(pad["CapEff"], 16) == 0
 
@@ -90,9 +90,9 @@ def test_the_pad_hides_its_memory_from_the_jobs_it_runs(launcher: Launcher) -> N
     # Not dumpable: its /proc files belong to root, so a job (same user) cannot read the
     # environments, secrets included, of the jobs it started, nor ptrace it.
     assert launcher._pad is not None
-    environ = Path(f"/proc/{launcher._pad.pid}/environ")
+    environ = Path(f"/proc/{launcher._pad.proc.pid}/environ")
     assert environ.stat().st_uid == 0
-    assert status_of(launcher._pad.pid)["Uid"].split()[0] != "0"
+    assert status_of(launcher._pad.proc.pid)["Uid"].split()[0] != "0"
 
 
 def test_a_pad_killed_mid_job_stops_its_jobs_and_the_next_start_makes_a_new_one(
@@ -100,14 +100,14 @@ def test_a_pad_killed_mid_job_stops_its_jobs_and_the_next_start_makes_a_new_one(
 ) -> None:
     proc = launcher.start(["sleep", "30"], folder, ENV)
     assert launcher._pad is not None
-    first = launcher._pad.pid
+    first = launcher._pad.proc.pid
     os.kill(first, signal.SIGKILL)
     # Its exit code would be lost with it: the job is stopped, and ends as killed.
     assert proc.wait(10) == -signal.SIGKILL
     wait_until(lambda: not Path(f"/proc/{proc.pid}").exists() or _zombie(proc.pid), 10)
     again = launcher.start(["true"], folder, ENV)
     assert again.wait(10) == 0
-    assert launcher._pad.pid != first
+    assert launcher._pad.proc.pid != first
 
 
 def _zombie(pid: int) -> bool:
@@ -123,8 +123,9 @@ def test_closing_lets_the_pad_go(folder: str) -> None:
     made = Launcher(switch)
     made.open()
     assert made._pad is not None
+    pad = made._pad.proc
     made.close()
-    assert made._pad.poll() is not None  # it exited once its socket closed
+    assert pad.poll() is not None  # it exited once its socket closed
 
 
 def test_a_runtime_whose_pad_cannot_start_starts_each_job_through_setpriv(
@@ -145,5 +146,46 @@ def test_a_runtime_whose_pad_cannot_start_starts_each_job_through_setpriv(
     spec = wire_job(id=1, image="-", command=["id", "-u"], container=None)
     runtime.run(spec, lambda *event: events.append(event), threading.Event())
     assert events[-1][1]["status"] == "FINISHED"
+    out = [line[2] for kind, body in events if kind == "lines" for line in body["lines"]]
+    assert out == [str(runtime.user.uid)]
+
+
+def test_a_process_the_pad_names_must_be_its_own_job(launcher: Launcher, folder: str) -> None:
+    from gpubox.worker.launcher import _check_child
+
+    assert launcher._pad is not None
+    pad = launcher._pad.proc.pid
+    proc = launcher.start(["sleep", "30"], folder, ENV)
+    _check_child(proc.pid, pad)  # its child, leading its own session
+    for pid in (0, 1, os.getpid()):  # not its child: root must not act on it
+        with pytest.raises(ValueError):
+            _check_child(pid, pad)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(10) == -signal.SIGKILL
+
+
+def test_a_job_starts_through_setpriv_while_the_pad_is_away(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+    import io
+    import threading
+
+    from gpubox.worker.launcher import PadUnavailable
+    from gpubox.worker.process import ProcessRuntime
+    from tests.conftest import wire_job
+
+    runtime = ProcessRuntime("w", tee=io.StringIO(), process_user="nobody")
+    assert runtime._launcher is not None
+
+    def away(*args: object) -> None:
+        raise PadUnavailable(errno.EPIPE, "the launch pad did not answer")
+
+    monkeypatch.setattr(runtime._launcher, "start", away)
+    events: list[tuple[str, dict]] = []
+    spec = wire_job(id=1, image="-", command=["id", "-u"], container=None)
+    runtime.run(spec, lambda *event: events.append(event), threading.Event())
+    runtime.close()
+    assert events[-1][1]["status"] == "FINISHED", events[-1]
     out = [line[2] for kind, body in events if kind == "lines" for line in body["lines"]]
     assert out == [str(runtime.user.uid)]

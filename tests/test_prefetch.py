@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from gpubox import protocol
 from gpubox.worker import agent as agent_module
 from tests.conftest import Cluster, wait_until
 
@@ -214,3 +215,50 @@ def test_a_job_held_behind_a_long_one_is_given_back_for_a_free_worker(
     quick = cluster.wait(submit(cluster, ["true"]))
     assert quick["status"] == "FINISHED" and quick["worker"] == "worker-1", quick
     wait_until(lambda: not agent._prefetch_paused, 10, "prefetch to resume")
+
+
+def test_a_held_job_whose_release_was_lost_is_queued_again_at_the_next_ready(
+    cluster: Cluster, gate: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = running_and_held(cluster, gate)
+    agent = cluster.agents[0][0]
+    send = agent._send
+    monkeypatch.setattr(
+        agent, "_send", lambda msg: False if isinstance(msg, protocol.Released) else send(msg)
+    )
+    monkeypatch.setattr(agent_module, "HOLD_S", 0.3)  # it is given back; RELEASED is lost
+    job = wait_until(
+        lambda: (j := cluster.client.job(second))["status"] == "QUEUED" and j,
+        10,
+        "the job the worker holds no more to be queued again",
+    )
+    assert job["attempts"] == 0, job
+    (gate / "go").touch()
+    assert cluster.wait(first)["status"] == "FINISHED"
+
+
+def test_a_worker_holds_nothing_for_a_coordinator_that_does_not_take_released(
+    make_cluster,  # type: ignore[no-untyped-def]
+    gate: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An older coordinator's WELCOME says nothing of prefetch: the worker offers its free
+    # slots only, so it is never sent a job to hold (which it could not give back).
+    original = protocol.Welcome.__init__
+
+    def older(self: protocol.Welcome, **fields: Any) -> None:
+        fields.pop("prefetch", None)
+        original(self, **fields)
+
+    monkeypatch.setattr(protocol.Welcome, "__init__", older)
+    made: Cluster = make_cluster(workers=0)
+    made.add_worker(runtime="process", fake_gpus="0", max_jobs=1, prefetch=2)
+    first = submit(made, blocker(gate))
+    wait_until(lambda: started(made, first), 10, "the first job to start")
+    second = submit(made, ["true"])
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert made.client.job(second)["status"] == "QUEUED"
+    assert made.agents[0][0].prefetch == 0
+    (gate / "go").touch()
+    assert made.wait(second)["status"] == "FINISHED"

@@ -139,6 +139,7 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("coordinator", "HEARTBEAT", {"known": False}),
     ("worker", "HELLO", {"prefetch": 4}),
+    ("coordinator", "WELCOME", {"telemetry": True, "prefetch": True}),
     ("coordinator", "JOB", {"job": {**WIRE_JOB, "priority": -3}}),
 ]
 
@@ -334,6 +335,7 @@ def test_the_optional_fields_are_the_documented_ones() -> None:
         "HELLO.runtime",
         "HELLO.liveness_s",
         "HELLO.prefetch",
+        "WELCOME.prefetch",
         "HEARTBEAT.usage",
     }
 

@@ -380,6 +380,7 @@ class Broker:
                 heartbeat_interval_s=self.heartbeat_interval_s,
                 liveness_s=self.liveness_s,
                 telemetry=True,
+                prefetch=True,
             ),
         )
         held = {item.job_id: item for item in msg.running}
@@ -437,6 +438,13 @@ class Broker:
         peer.known = set(msg.running)
         for job_id in peer.known:
             peer.unconfirmed.pop(job_id, None)
+        # A job it confirmed before and holds no more, not started: given back, and its
+        # RELEASED lost (sent while the link was down or full).
+        held = peer.known | peer.unconfirmed.keys()
+        for job_id in [job_id for job_id in peer.unstarted if job_id not in held]:
+            attempt = peer.unstarted.pop(job_id)[1]
+            peer.assigned.pop(job_id, None)
+            self.lifecycle.unclaim(job_id, attempt, f"{peer.name} holds it no more, unstarted")
         self._schedule_due = True
 
     def _foreign(self, peer: Peer, job_id: int) -> bool:

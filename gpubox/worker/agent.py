@@ -166,6 +166,7 @@ class Agent:
             config.telemetry_point_s,
         )
         self.telemetry = False  # the coordinator takes TELEMETRY (its WELCOME says so)
+        self.prefetch = 0  # jobs held beyond max_jobs: the setting, where WELCOME allows
         self._refused = ""  # the coordinator's reason for refusing our HELLO, logged once
         self._hello_at = 0.0  # when the last HELLO went out (time.monotonic)
         # Ticked at every turn of run()'s loop; the process ends if it stops turning.
@@ -280,6 +281,12 @@ class Agent:
         self._hello()
 
     def _hello(self) -> None:
+        # Held jobs do not outlive a session: the coordinator may have given them to
+        # another worker meanwhile. Missing from this HELLO, they are queued again (they
+        # never started, so no attempt is spent).
+        for job_id in list(self._prefetched):
+            self._prefetched.remove(job_id)
+            self._forget(self.jobs[job_id])
         self.session = uuid.uuid4().hex
         self.welcomed = False
         self._hello_at = time.monotonic()
@@ -322,6 +329,7 @@ class Agent:
         self.coordinator_id, self._moves = msg.coordinator, 0
         self.welcomed = True
         self.telemetry = bool(msg.telemetry)
+        self.prefetch = self.config.prefetch if msg.prefetch else 0
         if not self.telemetry:  # an older coordinator: points have nowhere to go
             for job in self.jobs.values():
                 job.points.drop()
@@ -414,7 +422,15 @@ class Agent:
     def _start_prefetched(self) -> None:
         """Start held jobs while a slot is free: the highest priority first, then in the
         order they came (the coordinator's order)."""
-        while self._prefetched and not self.draining and self._running() < self.config.max_jobs:
+        # Only while the coordinator is heard: past half its liveness window it may soon
+        # count this worker lost and hand these jobs to another.
+        heard = time.monotonic() - self.last_heard < self.config.liveness_s / 2
+        while (
+            self._prefetched
+            and heard
+            and not self.draining
+            and self._running() < self.config.max_jobs
+        ):
             job = self.jobs[max(self._prefetched, key=lambda i: self.jobs[i].priority())]
             self._prefetched.remove(job.id)
             job.running, job.prefetched = True, False
@@ -633,7 +649,7 @@ class Agent:
         taken = [job for job in self.jobs.values() if job.running or job.prefetched]
         busy = {uuid for job in taken for uuid in job.gpus}
         free = [gpu.uuid for gpu in self.gpus if gpu.uuid not in busy]
-        prefetch = 0 if self._prefetch_paused else self.config.prefetch
+        prefetch = 0 if self._prefetch_paused else self.prefetch
         room = self.config.max_jobs + prefetch - len(taken)
         self._send(
             protocol.Ready(

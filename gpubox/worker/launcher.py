@@ -4,10 +4,14 @@ otherwise exec setpriv before each command.
 
 Launcher.start() returns a Launched process, which the process runtime watches as it would
 a subprocess.Popen: its pid (the leader of its own process group), its stdout and stderr
-pipes, poll() and wait(). The pad is started at the first job, through setpriv, and again
-after it died. Should it die while jobs run (killed: a job running as the same user may
-signal it), their exit statuses are lost with it: those jobs' process groups are stopped
-(SIGKILL) and they end with that signal's code.
+pipes, poll() and wait(). The pad is started with the runtime, through setpriv. A pad that
+does not answer a start in time is retired: it takes no more jobs but still says when its
+running ones end, and the next start gets a new pad. A pad that dies (a job running as the
+same user may kill it) takes the exit codes of its running jobs with it: those jobs'
+process groups are stopped (SIGKILL) and they end with that signal's code.
+
+What the pad says is checked before the worker, root, acts on it: a process it names must
+be its own child, in a session of its own, or the pad counts as dead.
 """
 
 from __future__ import annotations
@@ -24,18 +28,21 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-
 PAD = Path(__file__).with_name("launchpad.py")
-REPLY_S = 10.0  # how long a start may take the pad before it counts as dead
+REPLY_S = 10.0  # how long a start may take the pad before it is retired
 MAX_PACKET = 64 * 1024  # what the pad says: a few numbers
 # A request: a command and its environment. exec takes ~2 MiB of both on Linux; the API's
 # 1 MiB bodies keep a job's within that.
 MAX_REQUEST = 3 * 1024 * 1024
+
+
+class PadUnavailable(OSError):
+    """The launch pad could not be started, or did not answer: not the command's fault."""
 
 
 class Launched:
@@ -63,38 +70,56 @@ class Launched:
         return self.returncode
 
 
+class _Pad:
+    """One pad process, its socket, and what it said. Only its reader thread changes
+    `running`."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], link: socket.socket, room: int) -> None:
+        self.proc = proc
+        self.link = link
+        self.room = room  # the largest request its socket takes whole
+        # Its answers to starts, each with the process it started (None: it did not).
+        self.replies: queue.Queue[tuple[dict[str, Any], Launched | None]] = queue.Queue()
+        self.running: dict[int, Launched] = {}
+        self.retired = False  # it takes no more starts; it goes once its jobs have ended
+
+
 class Launcher:
     """Starts job commands through the pad; any thread. `switch` is the setpriv command
     line that makes a process the job user (process_user.JobUser.switch_command)."""
 
     def __init__(self, switch: list[str]) -> None:
         self.switch = switch
-        self._lock = threading.Lock()  # one start at a time: replies come in order
-        self._link: socket.socket | None = None
-        self._pad: subprocess.Popen[bytes] | None = None
-        # The pad's answers to starts, each with the process it started (None: it did not).
-        self._replies: queue.Queue[tuple[dict[str, object], Launched | None]] = queue.Queue()
-        self._running: dict[int, Launched] = {}
+        self._lock = threading.Lock()  # one start at a time: answers come in order
+        self._pad: _Pad | None = None
         self._closing = False
+
+    def open(self) -> None:
+        """Start the pad now (else the next start does); PadUnavailable if it cannot."""
+        with self._lock:
+            if self._pad is None:
+                self._pad = self._open()
 
     def start(self, argv: list[str], cwd: str, env: dict[str, str]) -> Launched:
         """Start `argv` in `cwd` with `env`, in a session of its own, as the job user.
-        OSError as subprocess.Popen raises it when the command cannot start; also when the
-        pad cannot be started or answered in time (it is started again next time)."""
+        OSError as subprocess.Popen raises it when the command cannot start; PadUnavailable
+        when the pad cannot be started or does not answer in time."""
         request = json.dumps({"argv": argv, "cwd": cwd, "env": env}).encode()
-        if len(request) > MAX_REQUEST:
-            raise OSError(errno.E2BIG, "the command and its environment are too long")
         read_out, write_out = os.pipe()
         read_err, write_err = os.pipe()
         try:
             with self._lock:
-                link = self._link or self._open()
+                pad = self._pad = self._pad or self._open()
+                if len(request) > pad.room:
+                    raise OSError(errno.E2BIG, "the command and its environment are too long")
                 try:
-                    socket.send_fds(link, [request], [write_out, write_err])
-                    reply, launched = self._replies.get(timeout=REPLY_S)
+                    socket.send_fds(pad.link, [request], [write_out, write_err])
+                    reply, launched = pad.replies.get(timeout=REPLY_S)
                 except (OSError, queue.Empty) as exc:
-                    self._lost(f"it did not take a job: {exc!r}")
-                    raise OSError(errno.EPIPE, f"the launch pad did not answer: {exc!r}") from exc
+                    self._retire(pad, f"it did not take a job: {exc!r}")
+                    raise PadUnavailable(
+                        errno.EPIPE, f"the launch pad did not answer: {exc!r}"
+                    ) from exc
         except BaseException:
             os.close(read_out)
             os.close(read_err)
@@ -105,57 +130,51 @@ class Launcher:
         if launched is None:
             os.close(read_out)
             os.close(read_err)
-            raise OSError(_int(reply.get("errno")), str(reply.get("error")))
+            if reply.get("lost"):
+                raise PadUnavailable(errno.EPIPE, str(reply.get("error")))
+            code = reply.get("errno")
+            raise OSError(code if isinstance(code, int) else 0, str(reply.get("error")))
         launched.args = argv
         launched.stdout = os.fdopen(read_out, "rb", buffering=0)
         launched.stderr = os.fdopen(read_err, "rb", buffering=0)
         return launched
 
-    def open(self) -> None:
-        """Start the pad now (else the first job does); OSError if it cannot start."""
-        with self._lock:
-            if self._link is None:
-                self._open()
-
     def close(self) -> None:
         """Let the pad go (it exits once its end of the socket closes)."""
         with self._lock:
             self._closing = True
-            if self._link is not None:
-                # shutdown() first: close() alone leaves the socket open while the reader
-                # thread is blocked in recv() on it, and the pad waits for its end.
-                with contextlib.suppress(OSError):
-                    self._link.shutdown(socket.SHUT_RDWR)
-                self._link.close()
-                self._link = None
-        if self._pad is not None:
+            pad, self._pad = self._pad, None
+        if pad is not None:
+            _shut(pad.link)
             try:
-                self._pad.wait(5)
+                pad.proc.wait(5)
             except subprocess.TimeoutExpired:
-                self._pad.kill()
+                pad.proc.kill()
 
-    def _open(self) -> socket.socket:
-        """Start the pad (holding _lock), and the thread that reads what it says."""
+    def _open(self) -> _Pad:
+        """Start a pad (holding _lock), and the thread that reads what it says."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # A packet must fit the sender's buffer whole (root may set past wmem_max).
-        try:
-            ours.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, MAX_REQUEST + 4096)
-        except OSError:
+        # A packet must fit the sender's buffer whole (root may set it past wmem_max; a
+        # worker without CAP_NET_ADMIN gets what it gets, and says so for a long request).
+        with contextlib.suppress(OSError):
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_REQUEST + 4096)
+        with contextlib.suppress(OSError):
+            ours.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, MAX_REQUEST + 4096)
+        room = min(MAX_REQUEST, ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 4096)
         try:
-            self._pad = subprocess.Popen(
+            proc = subprocess.Popen(
                 [*self.switch, sys.executable, "-I", "-S", str(PAD), str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 env={"PATH": os.defpath},
             )
-        except OSError:
+        except OSError as exc:
             ours.close()
-            raise
+            raise PadUnavailable(exc.errno or errno.EPIPE, f"cannot start it: {exc}") from exc
         finally:
             theirs.close()
-        # Set up (as the job user, not dumpable) before it gets a job; or it cannot start
-        # (its Python unreadable to that user, say), and says nothing.
+        # Set up (as the job user, not dumpable, not traced) before it gets a job; or it
+        # cannot start (its Python unreadable to that user, say), and says nothing.
         ours.settimeout(REPLY_S)
         try:
             ready = json.loads(ours.recv(MAX_PACKET) or b"{}")
@@ -164,68 +183,103 @@ class Launcher:
         ours.settimeout(None)
         if "ready" not in ready:
             ours.close()
-            self._pad.kill()
-            self._pad.wait()
-            raise OSError(
-                errno.EPIPE, f"the launch pad did not start: {ready.get('error', 'it ended')}"
-            )
-        self._link = ours
-        self._replies = queue.Queue()
+            proc.kill()
+            proc.wait()
+            why = ready.get("error", "it ended")
+            raise PadUnavailable(errno.EPIPE, f"the launch pad did not start: {why}")
+        pad = _Pad(proc, ours, room)
         threading.Thread(
-            target=self._read, args=(ours, self._replies), daemon=True, name="gpubox-launcher"
+            target=self._read, args=(pad,), daemon=True, name="gpubox-launcher"
         ).start()
-        log.info("the launch pad runs jobs as their user (pid %d)", self._pad.pid)
-        return ours
+        log.info("the launch pad runs jobs as their user (pid %d)", proc.pid)
+        return pad
 
-    def _read(
-        self, link: socket.socket, replies: queue.Queue[tuple[dict[str, object], Launched | None]]
-    ) -> None:
-        """What the pad says: the answer to each start, and each process's end."""
+    def _retire(self, pad: _Pad, why: str) -> None:
+        """No more starts for this pad (holding _lock): the next start gets a new one."""
+        pad.retired = True
+        if self._pad is pad:
+            self._pad = None
+        log.error("the launch pad (pid %d) takes no more jobs: %s", pad.proc.pid, why)
+
+    def _read(self, pad: _Pad) -> None:
+        """What a pad says: the answer to each start, and each process's end."""
         try:
             while True:
-                packet = link.recv(MAX_PACKET)
+                packet = pad.link.recv(MAX_PACKET)
                 if not packet:
                     break
                 message = json.loads(packet)
                 if "exit" in message:
-                    ended = self._running.pop(_int(message["exit"]), None)
+                    ended = pad.running.pop(_int(message["exit"]), None)
                     if ended is not None:
                         ended.ended(_int(message["code"]))
+                    if pad.retired and not pad.running:
+                        break  # its last job ended: let it go
                     continue
                 launched = None
-                if "pid" in message:  # known here before its end can be read
-                    launched = self._running[_int(message["pid"])] = Launched(_int(message["pid"]))
-                replies.put((message, launched))
-        except (OSError, ValueError) as exc:
+                if "pid" in message:
+                    pid = _int(message["pid"])
+                    _check_child(pid, pad.proc.pid)
+                    launched = pad.running[pid] = Launched(pid)  # known before its end
+                    if pad.retired:  # the answer to a start given up on: not run
+                        with contextlib.suppress(OSError):
+                            os.killpg(pid, signal.SIGKILL)
+                        continue
+                pad.replies.put((message, launched))
+        except Exception as exc:  # what it said makes no sense: it counts as dead
             if not self._closing:
-                log.error("reading the launch pad failed: %s", exc)
+                log.error("the launch pad (pid %d) said something wrong: %s", pad.proc.pid, exc)
         # A start waiting for its answer gets this one at once.
-        replies.put(({"errno": errno.EPIPE, "error": "the launch pad ended"}, None))
-        with self._lock:
-            if self._link is link:
-                self._lost("it ended")
+        pad.replies.put(({"lost": True, "error": "the launch pad ended"}, None))
+        self._lost(pad)
 
-    def _lost(self, why: str) -> None:
-        """The pad is gone (holding _lock): stop the jobs whose end it would have said."""
-        if self._link is not None:
-            with contextlib.suppress(OSError):
-                self._link.shutdown(socket.SHUT_RDWR)
-            self._link.close()
-            self._link = None
-        if self._closing:
+    def _lost(self, pad: _Pad) -> None:
+        """A pad is gone: stop the jobs whose end it would have said."""
+        with self._lock:
+            if self._pad is pad:
+                self._pad = None
+            closing = self._closing
+        _shut(pad.link)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            pad.proc.wait(5)  # (it exits once its socket closes)
+        if closing or not pad.running:
             return
-        running, self._running = self._running, {}
         log.error(
-            "the launch pad is gone (%s): stopping its %d running job(s); the next job starts"
-            " a new one",
-            why,
-            len(running),
+            "the launch pad (pid %d) is gone: stopping its %d running job(s)",
+            pad.proc.pid,
+            len(pad.running),
         )
-        for launched in running.values():
+        for launched in pad.running.values():
             with contextlib.suppress(OSError):
                 os.killpg(launched.pid, signal.SIGKILL)
             launched.ended(-signal.SIGKILL)
+        pad.running.clear()
+
+
+def _check_child(pid: int, pad_pid: int) -> None:
+    """ValueError unless `pid` is a process the pad started: its child, leading a session
+    of its own. Root acts on it (stops its process group): a pad taken over by a job must
+    not name any other process. One that already ended and was reaped is let be."""
+    if pid <= 1:
+        raise ValueError(f"pid {pid}")
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return  # ended and reaped already: there is nothing left to stop
+    parent, session = int(stat[1]), int(stat[3])
+    if parent != pad_pid or session != pid:
+        raise ValueError(f"pid {pid} (parent {parent}, session {session}) is not its job")
+
+
+def _shut(link: socket.socket) -> None:
+    # shutdown() first: close() alone leaves the socket open while a reader thread is
+    # blocked in recv() on it, and the pad waits for its end.
+    with contextlib.suppress(OSError):
+        link.shutdown(socket.SHUT_RDWR)
+    link.close()
 
 
 def _int(value: object) -> int:
-    return value if isinstance(value, int) else 0
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"not a number: {value!r}")
+    return value

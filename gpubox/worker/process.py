@@ -39,7 +39,7 @@ from typing import IO, Any
 from gpubox import models, protocol
 from gpubox.logfmt import fields
 from gpubox.worker import stopping
-from gpubox.worker.launcher import Launched, Launcher
+from gpubox.worker.launcher import Launched, Launcher, PadUnavailable
 from gpubox.worker.lines import Emit, LineBuffer, Masker, emit_done, secret_values, send_lines
 from gpubox.worker.process_output import Output
 from gpubox.worker.process_user import JobUser, check_runnable, job_user
@@ -206,7 +206,10 @@ class ProcessRuntime:
             # Found first as root, so a missing program is "not found" (127) even where a
             # folder on PATH is closed to the job's user, who would be told "denied" (126).
             check_runnable(command[0], cwd, env)
-            return self._launcher.start(command, cwd, env)
+            try:
+                return self._launcher.start(command, cwd, env)
+            except PadUnavailable as exc:
+                log.warning("the launch pad is away (%s): this job starts through setpriv", exc)
         argv, switch = self.user.launch(command, cwd, env)
         return subprocess.Popen(
             argv,

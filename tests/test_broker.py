@@ -397,6 +397,7 @@ def test_welcome_and_worker_record(link: Link) -> None:
         "heartbeat_interval_s": HEARTBEAT_S,
         "liveness_s": LIVENESS_S,
         "telemetry": True,  # it takes TELEMETRY
+        "prefetch": True,  # it takes RELEASED: a worker may hold jobs
     }
     (record,) = wait_until(link.store.list_workers, what="the worker to be stored")
     assert record.name == "w1"

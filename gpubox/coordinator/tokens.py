@@ -115,9 +115,13 @@ def ensure_local(store: Store, state_dir: str, name: str = LOCAL_NAME) -> Path:
     store.revoke_token(name)
     token = create(store, name, "admin")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Written aside, then renamed over it: a client reading it meanwhile (gpubox on this
+    # box, a test waiting for it) sees the old token or the new one, never an empty file.
+    aside = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(token + "\n")
-    os.chmod(path, 0o600)
+    os.chmod(aside, 0o600)
+    os.replace(aside, path)
     log.info("wrote a local admin token to %s", path)
     return path

@@ -5,7 +5,8 @@ otherwise exec setpriv before each command.
 Launcher.start() returns a Launched process, which the process runtime watches as it would
 a subprocess.Popen: its pid (the leader of its own process group), its stdout and stderr
 pipes, poll() and wait(). The pad is started with the runtime, through setpriv. A pad that
-does not answer a start in time is retired: it takes no more jobs but still says when its
+does not answer a start in time is retired: that job fails to start (the pad may still
+start it: such a late start is stopped), it takes no more jobs but still says when its
 running ones end, and the next start gets a new pad. A pad that dies (a job running as the
 same user may kill it) takes the exit codes of its running jobs with it: those jobs'
 process groups are stopped (SIGKILL) and they end with that signal's code.
@@ -42,7 +43,8 @@ MAX_REQUEST = 3 * 1024 * 1024
 
 
 class PadUnavailable(OSError):
-    """The launch pad could not be started, or did not answer: not the command's fault."""
+    """No launch pad could be started: the job may start another way. (One that stops
+    answering fails the start in hand with a plain OSError: it may still run that one.)"""
 
 
 class Launched:
@@ -82,6 +84,7 @@ class _Pad:
         self.replies: queue.Queue[tuple[dict[str, Any], Launched | None]] = queue.Queue()
         self.running: dict[int, Launched] = {}
         self.retired = False  # it takes no more starts; it goes once its jobs have ended
+        self.dead = False  # its reader stopped: it answers no more (set before it says so)
 
 
 class Launcher:
@@ -102,13 +105,16 @@ class Launcher:
 
     def start(self, argv: list[str], cwd: str, env: dict[str, str]) -> Launched:
         """Start `argv` in `cwd` with `env`, in a session of its own, as the job user.
-        OSError as subprocess.Popen raises it when the command cannot start; PadUnavailable
-        when the pad cannot be started or does not answer in time."""
+        OSError as subprocess.Popen raises it when the command cannot start, or when the pad
+        does not answer in time (it is retired); PadUnavailable when no pad can be
+        started."""
         request = json.dumps({"argv": argv, "cwd": cwd, "env": env}).encode()
         read_out, write_out = os.pipe()
         read_err, write_err = os.pipe()
         try:
             with self._lock:
+                if self._pad is not None and self._pad.dead:
+                    self._pad = None
                 pad = self._pad = self._pad or self._open()
                 if len(request) > pad.room:
                     raise OSError(errno.E2BIG, "the command and its environment are too long")
@@ -116,10 +122,10 @@ class Launcher:
                     socket.send_fds(pad.link, [request], [write_out, write_err])
                     reply, launched = pad.replies.get(timeout=REPLY_S)
                 except (OSError, queue.Empty) as exc:
+                    # Not PadUnavailable: it may still start this one (a late start of a
+                    # retired pad is stopped), and another start must not run it twice.
                     self._retire(pad, f"it did not take a job: {exc!r}")
-                    raise PadUnavailable(
-                        errno.EPIPE, f"the launch pad did not answer: {exc!r}"
-                    ) from exc
+                    raise OSError(errno.EPIPE, f"the launch pad did not answer: {exc!r}") from exc
         except BaseException:
             os.close(read_out)
             os.close(read_err)
@@ -130,8 +136,6 @@ class Launcher:
         if launched is None:
             os.close(read_out)
             os.close(read_err)
-            if reply.get("lost"):
-                raise PadUnavailable(errno.EPIPE, str(reply.get("error")))
             code = reply.get("errno")
             raise OSError(code if isinstance(code, int) else 0, str(reply.get("error")))
         launched.args = argv
@@ -229,7 +233,8 @@ class Launcher:
         except Exception as exc:  # what it said makes no sense: it counts as dead
             if not self._closing:
                 log.error("the launch pad (pid %d) said something wrong: %s", pad.proc.pid, exc)
-        # A start waiting for its answer gets this one at once.
+        # No start goes to it from now on; one waiting for its answer gets this one at once.
+        pad.dead = True
         pad.replies.put(({"lost": True, "error": "the launch pad ended"}, None))
         self._lost(pad)
 
@@ -240,8 +245,10 @@ class Launcher:
                 self._pad = None
             closing = self._closing
         _shut(pad.link)
+        if not closing:
+            pad.proc.kill()  # before it starts what it may still hold
         with contextlib.suppress(subprocess.TimeoutExpired):
-            pad.proc.wait(5)  # (it exits once its socket closes)
+            pad.proc.wait(5)
         if closing or not pad.running:
             return
         log.error(
@@ -266,7 +273,9 @@ def _check_child(pid: int, pad_pid: int) -> None:
         stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return  # ended and reaped already: there is nothing left to stop
-    parent, session = int(stat[1]), int(stat[3])
+    state, parent, session = stat[0], int(stat[1]), int(stat[3])
+    if state in ("Z", "X") or parent == 0:
+        return  # ended, being reaped (its parent and session read 0 and -1 then)
     if parent != pad_pid or session != pid:
         raise ValueError(f"pid {pid} (parent {parent}, session {session}) is not its job")
 

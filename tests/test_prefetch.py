@@ -55,6 +55,9 @@ def running_and_held(cluster: Cluster, gate: Path) -> tuple[int, int]:
     wait_until(lambda: started(cluster, first), 10, "the first job to start")
     second = submit(cluster, ["true"])
     wait_until(lambda: held(cluster, second), 10, "the second job to be held")
+    # The store says so once it is claimed; the worker once its JOB has arrived.
+    agent = cluster.agents[0][0]
+    wait_until(lambda: second in agent.jobs, 10, "the worker to hold it")
     return first, second
 
 
@@ -81,6 +84,7 @@ def test_a_held_job_starts_when_the_slot_frees_on_gpus_of_its_own(
     second = submit(cluster, ["true"], gpus=1)
     wait_until(lambda: held(cluster, second), 10, "the second job to be held")
     agent = cluster.agents[0][0]
+    wait_until(lambda: second in agent.jobs, 10, "the worker to hold it")
     assert agent.jobs[second].prefetched
     # One slot and one prefetched job: a third waits in the queue.
     third = submit(cluster, ["true"])

@@ -18,7 +18,15 @@ from typing import Any
 import zmq
 
 from gpubox import errors, keys, models, protocol, supervise, zmqio
-from gpubox.coordinator import admission, linkport, metrics, reports, scheduler, sealing
+from gpubox.coordinator import (
+    admission,
+    linkport,
+    metrics,
+    recall,
+    reports,
+    scheduler,
+    sealing,
+)
 from gpubox.coordinator.events import Changes
 from gpubox.coordinator.lifecycle import Lifecycle
 from gpubox.coordinator.peers import Link, Peer
@@ -438,14 +446,16 @@ class Broker:
         peer.known = set(msg.running)
         for job_id in peer.known:
             peer.unconfirmed.pop(job_id, None)
+        self._schedule_due = True
         # A job it confirmed before and holds no more, not started: given back, and its
         # RELEASED lost (sent while the link was down or full).
+        if not peer.unstarted:
+            return
         held = peer.known | peer.unconfirmed.keys()
         for job_id in [job_id for job_id in peer.unstarted if job_id not in held]:
             attempt = peer.unstarted.pop(job_id)[1]
             peer.assigned.pop(job_id, None)
             self.lifecycle.unclaim(job_id, attempt, f"{peer.name} holds it no more, unstarted")
-        self._schedule_due = True
 
     def _foreign(self, peer: Peer, job_id: int) -> bool:
         """A report on a job this worker does not hold (never sent to it, or already ended):
@@ -654,46 +664,34 @@ class Broker:
         self.counters.rounds.observe(time.perf_counter() - started)
 
     def _recall(self, peers: dict[str, Peer], views: list[scheduler.WorkerView]) -> None:
-        """Keep priority order with prefetch: a held job is recalled (RECALL, answered by
-        RELEASED) while a queued job of higher priority waits that its worker could run.
-        A job is recalled once at most, so one whose place the waiting job could
+        """Keep priority order with prefetch (see coordinator.recall): RECALL, answered by
+        RELEASED. A job is recalled once at most, so one whose place the waiting job could
         not take after all (its GPUs are busy, say) is sent again and stays."""
         held = {
             name: [h for h in peer.held() if h[0] not in self._recalled]
             for name, peer in peers.items()
         }
-        lowest = min((h[1][0] for jobs in held.values() for h in jobs), default=None)
-        top = self.planner.top_priority()
-        if lowest is None or top is None or top <= lowest:
+        least, top = recall.lowest(held), self.planner.top_priority()
+        if least is None or top is None or top <= least:
             return  # the common case: nothing queued outranks what is held
         # Listed again after this round's claims: only the jobs that still wait count.
         waiting: dict[tuple[int, str], int] = {}
         for group in self.store.queue_groups():
-            if group.priority > lowest:
+            if group.priority > least:
                 key = (group.priority, group.shape)
                 waiting[key] = waiting.get(key, 0) + group.jobs
-        for view in views:
-            for job_id, (priority, attempt) in reversed(held.get(view.name, [])):
-                wanted = [
-                    key
-                    for key, count in waiting.items()
-                    if count
-                    and key[0] > priority
-                    and view.can_ever_run(models.Needs.from_shape(key[1]))
-                ]
-                if not wanted:
-                    break  # the rest of its held jobs rank higher still
-                waiting[max(wanted)] -= 1
-                self._recalled.add(job_id)
-                log.info(
-                    "job %d: recalled from %s, where it waits for a slot: a job of priority %d"
-                    " waits",
-                    job_id,
-                    view.name,
-                    max(wanted)[0],
-                    extra=fields(job=job_id, worker=view.name),
-                )
-                self._send(peers[view.name], protocol.Recall(job_id=job_id, attempt=attempt))
+        for chosen in recall.choose(held, waiting, views):
+            self._recalled.add(chosen.job_id)
+            log.info(
+                "job %d: recalled from %s, where it waits for a slot: a job of priority %d waits",
+                chosen.job_id,
+                chosen.worker,
+                chosen.for_priority,
+                extra=fields(job=chosen.job_id, worker=chosen.worker),
+            )
+            self._send(
+                peers[chosen.worker], protocol.Recall(job_id=chosen.job_id, attempt=chosen.attempt)
+            )
 
     def _dispatch(self, peer: Peer, job: models.Job) -> None:
         """Send a claimed job to its worker, or put it back."""

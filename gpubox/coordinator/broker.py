@@ -638,11 +638,15 @@ class Broker:
         plan = self.planner.plan(views)
         self.counters.decisions.observe(time.perf_counter() - decided)
         self.counters.decisions_cpu.observe(time.thread_time() - decided_cpu)
-        with self.store.batch():  # one commit for the round's claims
-            claimed = [
-                self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())
-                for a in plan.assignments
-            ]
+        claimed: list[models.Job | None] = []
+        # A round with nothing to start (most rounds on a quiet queue: a READY or a DONE with
+        # nothing queued) opens no transaction: it would take the write lock to commit nothing.
+        if plan.assignments:
+            with self.store.batch():  # one commit for the round's claims
+                claimed = [
+                    self.store.claim_job(a.job.id, a.worker, a.gpus, models.utcnow())
+                    for a in plan.assignments
+                ]
         self.planner.claimed(
             [job for job in claimed if job is not None],
             [a.job.id for a, job in zip(plan.assignments, claimed, strict=True) if job is None],

@@ -66,6 +66,11 @@ def test_submits_from_many_connections_land_once_each_in_one_id_sequence(
     listed = cluster.client.jobs(limit=100)["jobs"]
     assert sorted(job["id"] for job in listed) == ids
     assert sorted(job["name"] for job in listed) == sorted(f"s{i}" for i in range(60))
+    # Each answer says why its job waits and where it stands, as one process would: both
+    # asked of the broker process in one call (a list says why, not where).
+    assert all(job["queue_reason"] for job in made)
+    assert all(job["queue_place"]["place"] >= 1 for job in made)
+    assert all(job["queue_reason"] and not job.get("queue_place") for job in listed)
 
 
 def test_followers_and_waiters_in_every_process_wake_and_a_cancel_anywhere_lands(

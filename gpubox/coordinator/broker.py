@@ -724,6 +724,13 @@ class Broker:
         """The first queued jobs in the order they will start. Any thread."""
         return self.planner.queue_in_order(limit)
 
+    def queue_state(self, job: models.Job, place: bool, recent: bool) -> dict[str, Any]:
+        """queue_reason and (with `place`) queue_place together (api.context.LiveView)."""
+        state: dict[str, Any] = {"queue_reason": self.queue_reason(job)}
+        if place:
+            state["queue_place"] = self.queue_place(job, recent)
+        return state
+
     def queue_place(self, job: models.Job, recent: bool = False) -> dict[str, Any]:
         """Where a QUEUED job stands in the fair order now. Any thread."""
         return self.planner.queue_place(job, recent)

@@ -76,6 +76,9 @@ class Hub:
         self._methods: dict[bytes, Callable[..., Any]] = {
             b"queue_reason": lambda job_id: live.queue_reason(store.get_job(job_id)),
             b"queue_place": lambda job_id, recent: live.queue_place(store.get_job(job_id), recent),
+            b"queue_state": lambda job_id, place, recent: live.queue_state(
+                store.get_job(job_id), place, recent
+            ),
             b"queue_in_order": lambda limit: [job.id for job in live.queue_in_order(limit)],
             b"metrics_page": live.metrics_page,
             b"gpu_usage": live.gpu_usage,
@@ -179,6 +182,9 @@ class RemoteLive:
 
     def queue_place(self, job: models.Job, recent: bool = False) -> dict[str, Any]:
         return dict(self._call("queue_place", job.id, recent))
+
+    def queue_state(self, job: models.Job, place: bool, recent: bool) -> dict[str, Any]:
+        return dict(self._call("queue_state", job.id, place, recent))
 
     def queue_in_order(self, limit: int) -> list[models.Job]:
         ids = self._call("queue_in_order", limit)

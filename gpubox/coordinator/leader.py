@@ -198,6 +198,12 @@ class LiveSwitch:
         view = self.broker or self.planner
         return list(view.queue_in_order(limit))
 
+    def queue_state(self, job: models.Job, place: bool, recent: bool) -> dict[str, Any]:
+        state: dict[str, Any] = {"queue_reason": self.queue_reason(job)}
+        if place:
+            state["queue_place"] = self.queue_place(job, recent)
+        return state
+
     def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]:
         return self.broker.gpu_usage(worker) if self.broker is not None else {}
 

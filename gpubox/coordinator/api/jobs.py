@@ -30,11 +30,9 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
         answer, which may count the queue as it was up to 0.1 s before)."""
         answer = job.to_dict()
         if job.status is models.Status.QUEUED and live is not None:
-            answer["queue_reason"] = live.queue_reason(job)
-            if place:
-                # Two reads that count the queue: a list of 50 queued jobs asked for 100,
-                # and a client polling a list slowed every submit of a long queue.
-                answer["queue_place"] = live.queue_place(job, recent)
+            # Not `place` in a list: its two reads that count the queue made a list of 50
+            # queued jobs ask for 100, and a client polling a list slowed every submit.
+            answer.update(live.queue_state(job, place, recent))
         return answer
 
     @app.post("/api/v1/jobs")

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from gpubox.worker import launcher as launcher_module
 from gpubox.worker import process_user
-from gpubox.worker.launcher import MAX_REQUEST, Launcher
+from gpubox.worker.launcher import MAX_REQUEST, Launcher, PadUnavailable, _Pad
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.skipif(
@@ -192,3 +195,83 @@ def test_a_job_starts_through_setpriv_while_the_pad_is_away(
     assert events[-1][1]["status"] == "FINISHED", events[-1]
     out = [line[2] for kind, body in events if kind == "lines" for line in body["lines"]]
     assert out == [str(runtime.user.uid)]
+
+
+@pytest.fixture()
+def writable() -> Iterator[str]:
+    """A folder the job user (nobody) may write in."""
+    nobody = process_user.job_user("nobody")
+    made = tempfile.mkdtemp(prefix="gpubox-launch-")
+    os.chown(made, nobody.uid, nobody.gid)
+    yield made
+    shutil.rmtree(made)
+
+
+@pytest.fixture()
+def frozen(launcher: Launcher) -> Iterator[_Pad]:
+    """The launcher's pad, stopped (SIGSTOP): it gets starts and cannot answer them. Killed
+    at the end, whatever the test left of it."""
+    pad = launcher._pad
+    assert pad is not None
+    os.kill(pad.proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: status_of(pad.proc.pid)["State"].startswith("T"), 10, "SIGSTOP")
+        yield pad
+    finally:
+        if pad.proc.poll() is None:
+            os.kill(pad.proc.pid, signal.SIGCONT)
+            pad.proc.kill()
+            pad.proc.wait(10)
+
+
+def start_unanswered(
+    launcher: Launcher, argv: list[str], cwd: str, monkeypatch: pytest.MonkeyPatch
+) -> OSError:
+    """start() on a pad that does not answer within REPLY_S (0.5 s here): what it raises."""
+    with monkeypatch.context() as patch:
+        patch.setattr(launcher_module, "REPLY_S", 0.5)
+        began = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            launcher.start(argv, cwd, ENV)
+        took = time.monotonic() - began
+    assert 0.5 <= took < 5, took
+    return raised.value
+
+
+def test_a_pad_that_does_not_answer_is_retired_and_its_late_start_is_stopped(
+    launcher: Launcher, frozen: _Pad, writable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job that would leave MARKER if it ever ran, after long enough to be stopped.
+    late = ["sh", "-c", "sleep 0.3; touch MARKER"]
+    failed = start_unanswered(launcher, late, writable, monkeypatch)
+    # A plain OSError, not PadUnavailable: the pad may still start this job, so the caller
+    # must not start it another way.
+    assert not isinstance(failed, PadUnavailable)
+    assert failed.errno == errno.EPIPE
+    assert frozen.retired
+
+    # The next start gets a new pad, and runs (RAN shows the job user can write here).
+    again = launcher.start(["sh", "-c", "touch RAN; exit 7"], writable, ENV)
+    assert again.wait(10) == 7
+    assert launcher._pad is not None and launcher._pad.proc.pid != frozen.proc.pid
+    assert os.path.exists(os.path.join(writable, "RAN"))
+
+    # Let the first pad go on: it starts the late job, which the launcher stops at once.
+    # The job's end is the retired pad's last: it is let go.
+    os.kill(frozen.proc.pid, signal.SIGCONT)
+    woke = time.monotonic()
+    wait_until(lambda: frozen.dead and frozen.proc.poll() is not None, 10, "the pad to go")
+    assert not frozen.running
+    time.sleep(max(0.0, woke + 1.5 - time.monotonic()))  # well past the job's 0.3 s
+    assert not os.path.exists(os.path.join(writable, "MARKER")), "the late start ran"
+
+
+def test_a_retired_pad_whose_late_answer_is_a_failure_is_let_go(
+    launcher: Launcher, frozen: _Pad, folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start_unanswered(launcher, ["/no/such/program"], folder, monkeypatch)
+    # It answers, late, that the program does not exist: it runs nothing, and no start will
+    # come to it again, so it goes (it stayed, with its reader thread, for good).
+    os.kill(frozen.proc.pid, signal.SIGCONT)
+    wait_until(lambda: frozen.dead and frozen.proc.poll() is not None, 10, "the pad to go")
+    assert launcher.start(["true"], folder, ENV).wait(10) == 0

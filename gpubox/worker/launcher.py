@@ -85,6 +85,7 @@ class _Pad:
         self.running: dict[int, Launched] = {}
         self.retired = False  # it takes no more starts; it goes once its jobs have ended
         self.dead = False  # its reader stopped: it answers no more (set before it says so)
+        self.guard = threading.Lock()  # `retired` is set, and answers queued, under it
 
 
 class Launcher:
@@ -200,7 +201,13 @@ class Launcher:
 
     def _retire(self, pad: _Pad, why: str) -> None:
         """No more starts for this pad (holding _lock): the next start gets a new one."""
-        pad.retired = True
+        with pad.guard:
+            pad.retired = True
+            # An answer that came just as the start was given up on: that start is not run.
+            late = [launched for _, launched in _drain(pad.replies) if launched is not None]
+        for launched in late:
+            with contextlib.suppress(OSError):
+                os.killpg(launched.pid, signal.SIGKILL)
         if self._pad is pad:
             self._pad = None
         log.error("the launch pad (pid %d) takes no more jobs: %s", pad.proc.pid, why)
@@ -225,11 +232,16 @@ class Launcher:
                     pid = _int(message["pid"])
                     _check_child(pid, pad.proc.pid)
                     launched = pad.running[pid] = Launched(pid)  # known before its end
-                    if pad.retired:  # the answer to a start given up on: not run
-                        with contextlib.suppress(OSError):
-                            os.killpg(pid, signal.SIGKILL)
+                with pad.guard:
+                    if not pad.retired:
+                        pad.replies.put((message, launched))
                         continue
-                pad.replies.put((message, launched))
+                # The answer to a start given up on: not run.
+                if launched is not None:
+                    with contextlib.suppress(OSError):
+                        os.killpg(launched.pid, signal.SIGKILL)
+                if not pad.running:
+                    break  # it said it started nothing, and runs nothing: let it go
         except Exception as exc:  # what it said makes no sense: it counts as dead
             if not self._closing:
                 log.error("the launch pad (pid %d) said something wrong: %s", pad.proc.pid, exc)
@@ -278,6 +290,15 @@ def _check_child(pid: int, pad_pid: int) -> None:
         return  # ended, being reaped (its parent and session read 0 and -1 then)
     if parent != pad_pid or session != pid:
         raise ValueError(f"pid {pid} (parent {parent}, session {session}) is not its job")
+
+
+def _drain(replies: queue.Queue[Any]) -> list[Any]:
+    """What the queue holds now, taken out."""
+    drained = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            drained.append(replies.get_nowait())
+    return drained
 
 
 def _shut(link: socket.socket) -> None:

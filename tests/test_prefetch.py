@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gpubox import protocol
+from gpubox import models, protocol
 from gpubox.worker import agent as agent_module
 from tests.conftest import Cluster, wait_until
 
@@ -266,3 +267,72 @@ def test_a_worker_holds_nothing_for_a_coordinator_that_does_not_take_released(
     assert made.agents[0][0].prefetch == 0
     (gate / "go").touch()
     assert made.wait(second)["status"] == "FINISHED"
+
+
+def test_a_held_job_waits_while_the_coordinator_is_silent_and_starts_once_it_is_heard(
+    make_cluster: Callable[..., Cluster], gate: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past half its liveness window without a word from the coordinator, a worker starts no
+    # held job: the coordinator may soon count it lost and give the job to another worker.
+    # Once it is heard again, the held job starts in the slot that freed meanwhile.
+    liveness_s = 4.0
+    # Held jobs are given back after HOLD_S: long enough that this one is still held when the
+    # slot frees (about 2.5 s after it came), short enough to end the test soon after.
+    monkeypatch.setattr(agent_module, "HOLD_S", 6.0)
+    made: Cluster = make_cluster(workers=0, liveness_s=liveness_s)
+    made.add_worker(runtime="process", fake_gpus="0", max_jobs=1, prefetch=1, liveness_s=liveness_s)
+    agent = made.agents[0][0]
+    first = submit(made, blocker(gate))
+    wait_until(lambda: started(made, first), 10, "the first job to start")
+    marks = gate / "marks"  # the jobs run as nobody: a folder they may write in
+    marks.mkdir()
+    marks.chmod(0o777)
+    ran = marks / "second"
+    second = submit(made, ["sh", "-c", f"echo ran >> {ran}"])
+    wait_until(lambda: held(made, second), 10, "the second job to be held")
+    wait_until(lambda: second in agent.jobs, 10, "the worker to hold it")
+    session = agent.session
+
+    # The coordinator falls silent: its broker's loop stops turning (as under SIGSTOP; the
+    # ZeroMQ I/O thread queues what the worker sends meanwhile).
+    broker = made.coordinator.broker
+    assert broker is not None
+    step, frozen, thaw = broker.step, threading.Event(), threading.Event()
+
+    def stopped(now: float) -> None:
+        frozen.set()
+        thaw.wait(30)
+        step(now)
+
+    monkeypatch.setattr(broker, "step", stopped)
+    try:
+        wait_until(frozen.is_set, 5, "the broker to stop")
+        # Silent past half the worker's liveness window (not the whole: it would reconnect).
+        wait_until(
+            lambda: time.monotonic() - agent.last_heard > liveness_s / 2 + 0.2,
+            liveness_s,
+            "half the worker's liveness window to pass",
+        )
+        (gate / "go").touch()  # the slot frees
+        wait_until(lambda: not agent.jobs[first].running, 5, "the first job to end")
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            assert not ran.exists(), "the held job ran while the coordinator was silent"
+            assert agent.jobs[second].prefetched and second in agent._prefetched
+            time.sleep(0.02)
+        silent_s = time.monotonic() - agent.last_heard
+        assert liveness_s / 2 < silent_s < liveness_s, silent_s
+        assert agent.session == session  # the worker has not reconnected
+    finally:
+        thawed = time.time()
+        thaw.set()
+
+    # Heard again: the held job starts from its hold at once (given back after HOLD_S, it
+    # would have waited 3 s more), runs once and spends one attempt.
+    done = {i: made.wait(i, timeout_s=20) for i in (first, second)}
+    assert [job["status"] for job in done.values()] == ["FINISHED"] * 2, done
+    assert done[second]["attempts"] == 1, done[second]
+    assert ran.read_text() == "ran\n"
+    executed_at = models.parse_time(done[second]["result"]["executed_at"]).timestamp()
+    assert executed_at - thawed < 2.0, executed_at - thawed
+    assert not agent._prefetch_paused  # it was not given back

@@ -256,6 +256,10 @@ class Agent:
         if self.welcomed:
             self._resend(now, older_than=self.config.resend_s)
             self._refill(now)
+            # A slot that freed while the coordinator was silent: its held job starts now
+            # that the coordinator is heard again (see _start_prefetched).
+            if self._prefetched:
+                self._start_prefetched()
             self._check_holds(now)
             if self._announce_drain:
                 self._announce_drain = False
@@ -378,10 +382,11 @@ class Agent:
             self._track(job)
         else:
             job = LocalJob(spec.id, spec.attempt, list(spec.gpus), JobStop(), spec=spec)
-            full = self._running() >= self.config.max_jobs
+            # Every slot is busy, or jobs are held already (a slot freed while the
+            # coordinator was silent): a prefetched job, which starts in priority order.
+            full = self._running() >= self.config.max_jobs or bool(self._prefetched)
             self.jobs[job.id] = job
             if full:
-                # Every slot is busy: a prefetched job, held until one frees.
                 job.running, job.prefetched = False, True
                 job.since = time.monotonic()
                 self._prefetched.append(job.id)
@@ -392,6 +397,7 @@ class Agent:
                     printable(spec.image),
                     extra=fields(job=job.id, attempt=job.attempt, gpus=",".join(job.gpus) or "-"),
                 )
+                self._start_prefetched()
                 self._ready()
                 return
         self._start(job, spec, found, marks)
@@ -437,6 +443,7 @@ class Agent:
             assert job.spec is not None  # a prefetched job is one JOB gave
             self._start(job, job.spec)
             log.info("job %d (attempt %d): started from prefetch", job.id, job.attempt)
+            self._ready()
 
     def _check_holds(self, now: float) -> None:
         """Prefetch pays where slots free within moments. A job held HOLD_S waits behind

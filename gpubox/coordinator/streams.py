@@ -264,6 +264,11 @@ class Streams:
     def _changed_job(self, kind: str, job_id: int) -> None:
         # Told by Changes of each change (any thread): its streams look at the job. "forget"
         # comes once the job has ended, after its last lines were stored.
+        if job_id not in self._by_job:
+            # No stream follows it (most jobs): nothing to wake this thread for. A stream
+            # handed over meanwhile misses nothing: the change is stored before it is told,
+            # and a new stream's first look reads the store after it is listed here.
+            return
         with self._lock:
             first = not self._changed
             self._changed[job_id] = self._changed.get(job_id, False) or kind == "forget"

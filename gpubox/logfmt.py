@@ -22,6 +22,8 @@ import time
 from typing import IO, Any
 
 PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+# The log_level setting's values, least kept last.
+LEVELS = ("debug", "info", "warning", "error")
 
 
 # What must not reach a log line raw: C0 and C1 control characters (a newline would start a
@@ -78,11 +80,17 @@ def on_journal(stream: IO[str]) -> bool:
     return expected == f"{stat.st_dev}:{stat.st_ino}"
 
 
-def setup(verbose: bool = False, stream: IO[str] | None = None) -> None:
-    """Send gpubox's log to stderr (or `stream`) in the format above."""
+def setup(level: str = "info", stream: IO[str] | None = None) -> None:
+    """Send gpubox's log to stderr (or `stream`) in the format above, from `level` up."""
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(Formatter(journal=on_journal(stream)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Keep the records of `level` (one of LEVELS) and above: the log_level setting, applied
+    once the settings are read (what reading them says goes out at the default, info)."""
+    logging.getLogger().setLevel(level.upper())

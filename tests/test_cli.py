@@ -388,6 +388,49 @@ def test_a_worker_offering_no_gpus_does_not_ask_nvml_and_keys_list_says_when_emp
     assert "NVML" not in stderr
 
 
+def test_log_level_warning_keeps_no_line_per_job(tmp_path: Path) -> None:
+    """--log-level warning: a coordinator and a worker that run a job log nothing about it
+    (at info, the default, they log its receipt, start and end)."""
+    state = str(tmp_path / "state")
+    env = {**os.environ, "GPUBOX_STATE_DIR": state}
+    env.pop("GPUBOX_TOKEN", None)
+    keys.init(state)
+    keys.add_worker(state, "w1")
+    http, link = f"127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    logs = {name: tmp_path / f"{name}.log" for name in ("coordinator", "worker")}
+    commands = {
+        "coordinator": ["coordinator", "--http", http, "--bind", link],
+        "worker": ["worker", "--runtime", "process", "--gpus", "none", "--name", "w1"],
+    }
+    procs = []
+    try:
+        for name, command in commands.items():
+            with open(logs[name], "w") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [*GPUBOX, *command, "--log-level", "warning"],
+                        env={**env, "GPUBOX_COORDINATOR": link},
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        client = {**env, "GPUBOX_URL": f"http://{http}"}
+        wait_until(lambda: "connected" in run("workers", env=client).stdout, 30, "the worker")
+        done = run("submit", "--follow", "-", "sh", "-c", "echo hello", env=client)
+        assert done.returncode == 0 and "hello" in done.stdout, done.stderr
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            finally:
+                proc.kill()
+    said = {name: log.read_text() for name, log in logs.items()}
+    assert " INFO " not in said["coordinator"] + said["worker"], said
+    assert "ended FINISHED" not in said["coordinator"] and "received" not in said["worker"]
+
+
 def test_server_errors_are_one_clear_line_and_nothing_starts(tmp_path: Path):
     env = {**os.environ, "GPUBOX_STATE_DIR": str(tmp_path / "state")}
     with socket.socket() as taken:

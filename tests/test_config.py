@@ -225,6 +225,8 @@ BAD = [
     (cfg.CoordinatorConfig, {}, {"GPUBOX_BIND": "http://x"}, "bind"),
     (cfg.CoordinatorConfig, {"bind": "tcp://0.0.0.0"}, {}, "bind"),
     (cfg.CoordinatorConfig, {"http_threads": 0}, {}, "http_threads"),
+    (cfg.CoordinatorConfig, {"log_level": "loud"}, {}, "log_level"),
+    (cfg.WorkerConfig, {}, {"GPUBOX_LOG_LEVEL": "INFO"}, "log_level"),
     (cfg.CoordinatorConfig, {"max_body_bytes": "1MB"}, {}, "max_body_bytes"),
     (cfg.CoordinatorConfig, {"heartbeat_interval_s": 0}, {}, "heartbeat_interval_s"),
     (cfg.CoordinatorConfig, {"liveness_s": 2.0, "heartbeat_interval_s": 2.0}, {}, "liveness_s"),

@@ -82,6 +82,7 @@ def coordinator(config_path: str | None, **flags: Any) -> None:
 
     logfmt.setup()
     config = cfg.load(cfg.CoordinatorConfig, flags, cfg.read_file(config_path))
+    logfmt.set_level(config.log_level)
     signals = Signals()
     server = Coordinator(config)
     server.start()
@@ -115,6 +116,7 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
 
     logfmt.setup()
     config = cfg.load(cfg.WorkerConfig, flags, cfg.read_file(config_path))
+    logfmt.set_level(config.log_level)
     cfg.private_state_dir(config.state_dir)
     signals = Signals()
     agent, thread = wiring.start_worker(config)
@@ -134,7 +136,7 @@ def worker(drain: bool, config_path: str | None, **flags: Any) -> None:
 @options.config_file_option
 @options.config_options(
     cfg.CoordinatorConfig,
-    only=("state_dir", "db", "http", "bind", "dashboard"),
+    only=("state_dir", "db", "http", "bind", "dashboard", "log_level"),
     defaults=UP_DEFAULTS,
 )
 @options.config_options(cfg.WorkerConfig, only=("name", "gpus", "max_jobs", "mounts"))
@@ -152,6 +154,7 @@ def up(config_path: str | None, **flags: Any) -> None:
     logfmt.setup()
     file_data = cfg.read_file(config_path)
     config = cfg.load(cfg.CoordinatorConfig, flags, file_data, defaults=UP_DEFAULTS)
+    logfmt.set_level(config.log_level)
     worker_flags = {k: flags.get(k) for k in ("name", "gpus", "max_jobs", "mounts")}
     worker_flags["state_dir"] = config.state_dir
     # The worker's settings are checked before anything starts.

@@ -8,7 +8,7 @@ import dataclasses
 import re
 from typing import Any
 
-from gpubox import errors, models, protocol
+from gpubox import errors, logfmt, models, protocol
 from gpubox.config.values import (
     Mount,
     check_link,
@@ -21,6 +21,12 @@ from gpubox.config.values import (
     parse_registries,
     parse_shm_size,
 )
+
+
+def _check_log_level(level: str) -> None:
+    if level not in logfmt.LEVELS:
+        *most, last = logfmt.LEVELS
+        raise errors.ConfigError(f"log_level: {level!r} is not {', '.join(most)} or {last}")
 
 
 def setting(default: Any, env: str, help: str, flag: str | None = None, many: bool = False) -> Any:
@@ -41,6 +47,12 @@ class CoordinatorConfig:
     http: str = setting("127.0.0.1:8470", "GPUBOX_HTTP", "HTTP listen address HOST:PORT", "--http")
     bind: str = setting(
         "tcp://0.0.0.0:8471", "GPUBOX_BIND", "worker link address (ZeroMQ)", "--bind"
+    )
+    log_level: str = setting(
+        "info",
+        "GPUBOX_LOG_LEVEL",
+        "what the log keeps: debug, info (with a line for each job that ends), warning or error",
+        "--log-level",
     )
     http_threads: int = setting(
         64,
@@ -143,6 +155,7 @@ class CoordinatorConfig:
     )
 
     def validate(self) -> None:
+        _check_log_level(self.log_level)
         parse_address(self.http, "http")
         check_link(self.bind, "bind")
         _positive(
@@ -206,6 +219,13 @@ class WorkerConfig:
         " trip between short jobs. Held jobs show RUNNING (not started); one of lower priority"
         " than a queued job this worker could run is given back (0: off)",
         "--prefetch",
+    )
+    log_level: str = setting(
+        "info",
+        "GPUBOX_LOG_LEVEL",
+        "what the log keeps: debug, info (with lines for each job it receives and starts),"
+        " warning or error",
+        "--log-level",
     )
     runtime: str = setting(
         "docker",
@@ -332,6 +352,7 @@ class WorkerConfig:
     )
 
     def validate(self) -> None:
+        _check_log_level(self.log_level)
         for address in self.coordinators:
             check_link(address, "coordinator")
         _positive(

@@ -137,6 +137,7 @@ def main() -> int:
     from gpubox.store import open_store
 
     config = config_mod.CoordinatorConfig(**told["config"])
+    logfmt.set_level(config.log_level)
     stopping = threading.Event()
     # The handler only notes the signal; the loop below sets `stopping`. Setting an Event in
     # the handler deadlocked: a second SIGTERM (the main process's stop, then its death's

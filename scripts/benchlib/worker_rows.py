@@ -122,14 +122,25 @@ def broker_share_since(made: Cluster, before: tuple[float, float], seconds: floa
 
 
 def measure_throughput(
-    ctx: Context, workers: int, jobs: int, slots: int = 16, prefetch: int = 0
+    ctx: Context,
+    workers: int,
+    jobs: int,
+    slots: int = 16,
+    prefetch: int = 0,
+    log_level: str = "info",
 ) -> tuple[float, Cost]:
     """`jobs` no-op jobs (`true`) submitted by 8 clients to a fresh cluster of `workers`
-    workers with `slots` job slots and `prefetch` held jobs each: jobs/s from the first
-    submit until none is queued or running, and what the CPU was spent on."""
-    with cluster(ctx) as made:
+    workers with `slots` job slots and `prefetch` held jobs each, all logging at
+    `log_level`: jobs/s from the first submit until none is queued or running, and what the
+    CPU was spent on."""
+    with cluster(ctx, GPUBOX_LOG_LEVEL=log_level) as made:
         for index in range(workers):
-            made.add_worker(f"w{index}", jobs=str(slots), GPUBOX_PREFETCH=str(prefetch))
+            made.add_worker(
+                f"w{index}",
+                jobs=str(slots),
+                GPUBOX_PREFETCH=str(prefetch),
+                GPUBOX_LOG_LEVEL=log_level,
+            )
         pids = [proc.pid for proc in made.processes]
         broker_before = broker_seconds(made)
         before = [process_times(pid) for pid in pids], machine_times(), os.times()

@@ -310,7 +310,8 @@ class JobStore(backend.Backend):
             raise errors.WrongState(f"{status.value} is not a final status")
         with self._write() as cur:
             cur.execute(
-                "SELECT status, attempts, log_seq FROM jobs WHERE id = ?" + self.row_lock,
+                "SELECT status, attempts, log_seq, points_kept FROM jobs WHERE id = ?"
+                + self.row_lock,
                 (job_id,),
             )
             row = cur.fetchone()
@@ -318,6 +319,9 @@ class JobStore(backend.Backend):
                 return base.Finish.IGNORED
             if row["log_seq"] < last_seq:
                 return base.Finish.MISSING_LINES
+            # No point stored for this attempt (most jobs: no GPU, or a short run): no summary
+            # to work out, and no read of the telemetry table for it.
+            summary = telemetry.summary_json(cur, job_id, attempt) if row["points_kept"] else None
             cur.execute(
                 "UPDATE jobs SET status = ?, exit_code = ?, error = ?,"
                 " executed_at = COALESCE(executed_at, ?), finished_at = ?, updated_at = ?,"
@@ -329,7 +333,7 @@ class JobStore(backend.Backend):
                     _time(executed_at),
                     _time(finished_at),
                     _time(models.utcnow()),
-                    telemetry.summary_json(cur, job_id, attempt),
+                    summary,
                     job_id,
                 ),
             )

@@ -183,8 +183,11 @@ class Needs:
     @functools.cached_property
     def shape(self) -> str:
         """These needs as one JSON text: equal needs give the same text, and from_shape
-        reads it back. Worked out once per Needs (the scheduler asks often)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        reads it back. Worked out once per Needs (the scheduler asks often). Its fields are
+        numbers, texts, a map and lists of texts, which JSON takes as they are:
+        dataclasses.asdict's deep copy of them was a tenth of a submit's CPU time."""
+        fields = {name: getattr(self, name) for name in _NEEDS_FIELDS}
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_shape(cls, text: str) -> Needs:
@@ -201,6 +204,9 @@ class Needs:
             allow_process=data.get("allow_process", False),
         )
 
+
+# The fields of Needs, in the order they are declared (Needs.shape writes them all).
+_NEEDS_FIELDS = tuple(field.name for field in dataclasses.fields(Needs))
 
 DOCKER_ONLY = ("user", "mounts", "shm_size", "memory")  # options the process runtime lacks
 RUNTIMES = ("docker", "process")  # how a worker runs jobs (worker setting `runtime`)

@@ -286,3 +286,28 @@ def test_a_field_added_to_models_and_wirejob_reaches_the_store_the_api_and_the_w
         "new": ["blue", "blue", "blue"],
         "listed": ["blue", None],
     }
+
+
+def test_a_shape_is_the_text_that_stores_already_hold() -> None:
+    # Queued jobs keep their shape in the store, written by whichever version queued them:
+    # the same needs must give the same text, byte for byte, or those jobs lose their group.
+    needs = models.Needs(
+        gpus=2,
+        gpu_model="A100",
+        gpu_memory_gb=40.0,
+        labels={"pool": "h100", "az": "b"},
+        mounts=("data", "cache"),
+        docker_only=("memory",),
+        command=True,
+        allow_process=True,
+    )
+    assert needs.shape == (
+        '{"allow_process":true,"command":true,"docker_only":["memory"],"gpu_memory_gb":40.0,'
+        '"gpu_model":"A100","gpus":2,"labels":{"az":"b","pool":"h100"},'
+        '"mounts":["data","cache"]}'
+    )
+    assert models.Needs.from_shape(needs.shape) == needs
+    assert models.Needs().shape == (
+        '{"allow_process":false,"command":false,"docker_only":[],"gpu_memory_gb":null,'
+        '"gpu_model":null,"gpus":0,"labels":{},"mounts":[]}'
+    )

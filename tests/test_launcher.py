@@ -275,3 +275,21 @@ def test_a_retired_pad_whose_late_answer_is_a_failure_is_let_go(
     os.kill(frozen.proc.pid, signal.SIGCONT)
     wait_until(lambda: frozen.dead and frozen.proc.poll() is not None, 10, "the pad to go")
     assert launcher.start(["true"], folder, ENV).wait(10) == 0
+
+
+def test_a_failure_answered_just_as_the_start_gives_up_lets_the_pad_go(
+    launcher: Launcher, frozen: _Pad, folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race: the start's wait has timed out, and the pad's answer (it could not start
+    # the program) comes before the start marks it retired. The answer was queued for no
+    # one and the reader waited on a pad that would say nothing more.
+    retire = Launcher._retire
+
+    def answered_first(self: Launcher, pad: _Pad, why: str) -> None:
+        os.kill(pad.proc.pid, signal.SIGCONT)
+        wait_until(lambda: not pad.replies.empty(), 10, "the pad's answer")
+        retire(self, pad, why)
+
+    monkeypatch.setattr(Launcher, "_retire", answered_first)
+    start_unanswered(launcher, ["/no/such/program"], folder, monkeypatch)
+    wait_until(lambda: frozen.dead and frozen.proc.poll() is not None, 10, "the pad to go")

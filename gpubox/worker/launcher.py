@@ -85,7 +85,10 @@ class _Pad:
         self.running: dict[int, Launched] = {}
         self.retired = False  # it takes no more starts; it goes once its jobs have ended
         self.dead = False  # its reader stopped: it answers no more (set before it says so)
-        self.guard = threading.Lock()  # `retired` is set, and answers queued, under it
+        self.guard = threading.Lock()  # `retired`, `awaiting` and the queued answers
+        # Starts sent and not answered yet. A retired pad is let go only once it runs nothing
+        # and owes no answer: one it still owes may start a process, which must be stopped.
+        self.awaiting = 0
 
 
 class Launcher:
@@ -119,14 +122,22 @@ class Launcher:
                 pad = self._pad = self._pad or self._open()
                 if len(request) > pad.room:
                     raise OSError(errno.E2BIG, "the command and its environment are too long")
+                with pad.guard:
+                    pad.awaiting += 1
                 try:
                     socket.send_fds(pad.link, [request], [write_out, write_err])
-                    reply, launched = pad.replies.get(timeout=REPLY_S)
-                except (OSError, queue.Empty) as exc:
-                    # Not PadUnavailable: it may still start this one (a late start of a
-                    # retired pad is stopped), and another start must not run it twice.
+                except OSError as exc:
+                    with pad.guard:
+                        pad.awaiting -= 1  # a packet goes whole or not at all: it has nothing
                     self._retire(pad, f"it did not take a job: {exc!r}")
                     raise OSError(errno.EPIPE, f"the launch pad did not answer: {exc!r}") from exc
+                try:
+                    reply, launched = pad.replies.get(timeout=REPLY_S)
+                except queue.Empty as exc:
+                    # Not PadUnavailable: it may still start this one (a late start of a
+                    # retired pad is stopped), and another start must not run it twice.
+                    self._retire(pad, f"it did not answer a start in {REPLY_S:g} s")
+                    raise OSError(errno.EPIPE, "the launch pad did not answer") from exc
         except BaseException:
             os.close(read_out)
             os.close(read_err)
@@ -205,9 +216,14 @@ class Launcher:
             pad.retired = True
             # An answer that came just as the start was given up on: that start is not run.
             late = [launched for _, launched in _drain(pad.replies) if launched is not None]
+            idle = not pad.running and not pad.awaiting
         for launched in late:
             with contextlib.suppress(OSError):
                 os.killpg(launched.pid, signal.SIGKILL)
+        if idle:
+            # It runs nothing and owes no answer: nothing more will come from it to end its
+            # reader. Ended here, the reader sees the socket close and _lost lets the pad go.
+            _shut(pad.link)
         if self._pad is pad:
             self._pad = None
         log.error("the launch pad (pid %d) takes no more jobs: %s", pad.proc.pid, why)
@@ -224,7 +240,7 @@ class Launcher:
                     ended = pad.running.pop(_int(message["exit"]), None)
                     if ended is not None:
                         ended.ended(_int(message["code"]))
-                    if pad.retired and not pad.running:
+                    if pad.retired and not pad.running and not pad.awaiting:
                         break  # its last job ended: let it go
                     continue
                 launched = None
@@ -233,6 +249,7 @@ class Launcher:
                     _check_child(pid, pad.proc.pid)
                     launched = pad.running[pid] = Launched(pid)  # known before its end
                 with pad.guard:
+                    pad.awaiting -= 1
                     if not pad.retired:
                         pad.replies.put((message, launched))
                         continue
@@ -240,8 +257,8 @@ class Launcher:
                 if launched is not None:
                     with contextlib.suppress(OSError):
                         os.killpg(launched.pid, signal.SIGKILL)
-                if not pad.running:
-                    break  # it said it started nothing, and runs nothing: let it go
+                if not pad.running and not pad.awaiting:
+                    break  # it runs nothing and owes no answer: let it go
         except Exception as exc:  # what it said makes no sense: it counts as dead
             if not self._closing:
                 log.error("the launch pad (pid %d) said something wrong: %s", pad.proc.pid, exc)

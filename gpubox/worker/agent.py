@@ -390,14 +390,15 @@ class Agent:
                 job.running, job.prefetched = False, True
                 job.since = time.monotonic()
                 self._prefetched.append(job.id)
+                self._start_prefetched()
                 log.info(
-                    "job %d (attempt %d) received, held until a slot frees: %s",
+                    "job %d (attempt %d) received, %s: %s",
                     job.id,
                     job.attempt,
+                    "held until a slot frees" if job.prefetched else "started, first of those held",
                     printable(spec.image),
                     extra=fields(job=job.id, attempt=job.attempt, gpus=",".join(job.gpus) or "-"),
                 )
-                self._start_prefetched()
                 self._ready()
                 return
         self._start(job, spec, found, marks)

@@ -743,6 +743,18 @@ def test_running_jobs_all_and_per_worker(store: base.Store) -> None:
     assert all(job.status is Status.RUNNING for job in store.running_jobs())
 
 
+def test_placements_say_where_each_running_job_runs(store: base.Store) -> None:
+    a1 = running(store, "a", gpus=("GPU-1", "GPU-2"))
+    b1 = running(store, "b")
+    done = running(store, "a", gpus=("GPU-3",))
+    assert finish(store, done) is Finish.APPLIED
+    queued(store)
+    assert store.placements() == [
+        base.Placed(a1.id, "a", ("GPU-1", "GPU-2")),
+        base.Placed(b1.id, "b", ()),
+    ]
+
+
 # --- logs -----------------------------------------------------------------------------------
 
 

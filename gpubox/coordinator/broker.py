@@ -743,7 +743,8 @@ class Broker:
             for peer in list(self.peers.values())
             for uuid, now in list(peer.usage.items())
         ]
-        holders = {uuid: job.id for job in self.store.running_jobs() for uuid in job.gpu_ids}
+        placements = self.store.placements()
+        holders = {uuid: placed.job_id for placed in placements for uuid in placed.gpu_ids}
         oldest = self.store.oldest_queued()
         return metrics.render(
             self.store.jobs_by_status(),

@@ -408,6 +408,16 @@ class JobStore(backend.Backend):
                 )
             return self._get(cur, job_id)
 
+    def placements(self) -> list[base.Placed]:
+        with self._read() as cur:
+            cur.execute("SELECT id, worker, gpu_ids FROM jobs WHERE status = 'RUNNING' ORDER BY id")
+            return [
+                base.Placed(
+                    int(row["id"]), row["worker"] or "", tuple(fields.load_json(row["gpu_ids"]))
+                )
+                for row in cur.fetchall()
+            ]
+
     def running_jobs(self, worker: str | None = None) -> list[models.Job]:
         sql, params = "SELECT * FROM jobs WHERE status = 'RUNNING'", []
         if worker is not None:

@@ -22,8 +22,8 @@ def add_routes(app: bottle.Bottle, ctx: context.Context) -> None:
     @endpoints.endpoint(store)
     def list_workers() -> dict[str, Any]:
         running: dict[str, list[int]] = {}
-        for job in store.running_jobs():
-            running.setdefault(job.worker or "", []).append(job.id)
+        for placed in store.placements():
+            running.setdefault(placed.worker, []).append(placed.job_id)
         shown = []
         for worker in store.list_workers():
             quarantine = ""

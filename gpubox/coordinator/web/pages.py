@@ -144,7 +144,7 @@ def add_routes(app: bottle.Bottle, ctx: context.Context, sessions: Sessions) -> 
 
     def _workers() -> list[views.WorkerView]:
         usage = live.gpu_usage if live is not None else (lambda _name: {})
-        return views.workers(store.list_workers(), store.running_jobs(), usage)
+        return views.workers(store.list_workers(), store.placements(), usage)
 
     @app.get("/history")
     @guard.page(sessions)

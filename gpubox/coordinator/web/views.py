@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from gpubox import models
+from gpubox.store.base import Placed
 
 USAGE_JOBS = 2000  # the ended jobs the history page sums GPU-hours over (the newest)
 FILTER_STATUSES = ("", "RUNNING", "QUEUED")
@@ -214,15 +215,15 @@ class WorkerView:
 
 def workers(
     found: list[models.WorkerInfo],
-    running: list[models.Job],
+    running: list[Placed],
     usage: Callable[[str], dict[str, dict[str, Any]]],
 ) -> list[WorkerView]:
     """Every worker the store knows, with its GPUs, what each reads now, and which job holds
     each."""
-    holders = {uuid: job.id for job in running for uuid in job.gpu_ids}
+    holders = {uuid: placed.job_id for placed in running for uuid in placed.gpu_ids}
     jobs_of: dict[str, list[int]] = {}
-    for job in running:
-        jobs_of.setdefault(job.worker or "", []).append(job.id)
+    for placed in running:
+        jobs_of.setdefault(placed.worker, []).append(placed.job_id)
     shown = []
     for worker in sorted(found, key=lambda w: (not w.connected, w.name)):
         now = usage(worker.name) if worker.connected else {}

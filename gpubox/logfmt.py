@@ -92,5 +92,9 @@ def setup(level: str = "info", stream: IO[str] | None = None) -> None:
 
 def set_level(level: str) -> None:
     """Keep the records of `level` (one of LEVELS) and above: the log_level setting, applied
-    once the settings are read (what reading them says goes out at the default, info)."""
-    logging.getLogger().setLevel(level.upper())
+    once the settings are read (what reading them says goes out at the default, info).
+    `debug` is gpubox's own: the libraries under it (urllib3, docker, psycopg, waitress)
+    stay at info, where their debug lines would bury gpubox's."""
+    number = logging.getLevelName(level.upper())
+    logging.getLogger().setLevel(max(number, logging.INFO))
+    logging.getLogger("gpubox").setLevel(number if number < logging.INFO else logging.NOTSET)

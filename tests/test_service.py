@@ -50,6 +50,32 @@ def test_on_the_journal_a_line_has_its_priority_and_no_time_and_stays_one_line()
     assert quoted == '<6>INFO gpubox.test: x text="a \\"b\\"\\nc"'
 
 
+def test_each_log_level_keeps_what_it_names_and_debug_is_gpuboxs_own() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("gpubox").level
+    try:
+        logfmt.setup("info", stream)
+        for level, kept in (
+            ("warning", {"gpubox.x": logging.WARNING, "urllib3": logging.WARNING}),
+            ("error", {"gpubox.x": logging.ERROR, "psycopg": logging.ERROR}),
+            ("info", {"gpubox.x": logging.INFO, "waitress": logging.INFO}),
+            # gpubox's debug lines, not its libraries': theirs would bury gpubox's
+            ("debug", {"gpubox.x": logging.DEBUG, "urllib3": logging.INFO}),
+        ):
+            logfmt.set_level(level)
+            for name, lowest in kept.items():
+                logger = logging.getLogger(name)
+                assert logger.getEffectiveLevel() == lowest, (level, name)
+        logging.getLogger("gpubox.x").debug("a debug line of gpubox's")
+        assert "a debug line of gpubox's" in stream.getvalue()  # past the root's own level
+    finally:
+        handlers, level, own = saved
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("gpubox").setLevel(own)
+
+
 def test_the_journal_is_recognised_by_its_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

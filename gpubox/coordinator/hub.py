@@ -75,7 +75,6 @@ class Hub:
         changes.listeners.append(self.publish)
         self._methods: dict[bytes, Callable[..., Any]] = {
             b"queue_reason": lambda job_id: live.queue_reason(store.get_job(job_id)),
-            b"queue_place": lambda job_id, recent: live.queue_place(store.get_job(job_id), recent),
             b"queue_state": lambda job_id, place, recent: live.queue_state(
                 store.get_job(job_id), place, recent
             ),
@@ -179,9 +178,6 @@ class RemoteLive:
 
     def queue_reason(self, job: models.Job) -> str:
         return str(self._call("queue_reason", job.id))
-
-    def queue_place(self, job: models.Job, recent: bool = False) -> dict[str, Any]:
-        return dict(self._call("queue_place", job.id, recent))
 
     def queue_state(self, job: models.Job, place: bool, recent: bool) -> dict[str, Any]:
         return dict(self._call("queue_state", job.id, place, recent))

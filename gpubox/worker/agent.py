@@ -258,8 +258,7 @@ class Agent:
             self._refill(now)
             # A slot that freed while the coordinator was silent: its held job starts now
             # that the coordinator is heard again (see _start_prefetched).
-            if self._prefetched:
-                self._start_prefetched()
+            self._start_prefetched()
             self._check_holds(now)
             if self._announce_drain:
                 self._announce_drain = False

@@ -90,6 +90,11 @@ class _Pad:
         # and owes no answer: one it still owes may start a process, which must be stopped.
         self.awaiting = 0
 
+    @property
+    def idle(self) -> bool:
+        """It runs nothing and owes no answer: once retired, nothing more will come from it."""
+        return not self.running and not self.awaiting
+
 
 class Launcher:
     """Starts job commands through the pad; any thread. `switch` is the setpriv command
@@ -216,7 +221,7 @@ class Launcher:
             pad.retired = True
             # An answer that came just as the start was given up on: that start is not run.
             late = [launched for _, launched in _drain(pad.replies) if launched is not None]
-            idle = not pad.running and not pad.awaiting
+            idle = pad.idle
         for launched in late:
             with contextlib.suppress(OSError):
                 os.killpg(launched.pid, signal.SIGKILL)
@@ -240,7 +245,7 @@ class Launcher:
                     ended = pad.running.pop(_int(message["exit"]), None)
                     if ended is not None:
                         ended.ended(_int(message["code"]))
-                    if pad.retired and not pad.running and not pad.awaiting:
+                    if pad.retired and pad.idle:
                         break  # its last job ended: let it go
                     continue
                 launched = None
@@ -257,7 +262,7 @@ class Launcher:
                 if launched is not None:
                     with contextlib.suppress(OSError):
                         os.killpg(launched.pid, signal.SIGKILL)
-                if not pad.running and not pad.awaiting:
+                if pad.idle:
                     break  # it runs nothing and owes no answer: let it go
         except Exception as exc:  # what it said makes no sense: it counts as dead
             if not self._closing:

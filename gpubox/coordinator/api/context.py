@@ -21,8 +21,6 @@ class LiveView(Protocol):
 
     def queue_reason(self, job: models.Job) -> str: ...
 
-    def queue_place(self, job: models.Job, recent: bool = False) -> dict[str, Any]: ...
-
     def queue_state(self, job: models.Job, place: bool, recent: bool) -> dict[str, Any]:
         """{"queue_reason": …} and, with `place`, {"queue_place": …} of a QUEUED job: one
         question, where an HTTP process of its own would ask the broker process twice."""

@@ -423,6 +423,9 @@ class StubRuntime:
     def discard(self, container: Any, stop: bool = True) -> None:
         raise AssertionError("no container to discard")
 
+    def close(self) -> None:
+        pass
+
     def run(self, job: dict[str, Any], emit: Any, cancel: threading.Event, *_: Any) -> None:
         emit(
             "done",

@@ -76,6 +76,11 @@ class Runtime(Protocol):
         """The coordinator has the job's DONE; must not block (the agent's loop calls it)."""
         ...
 
+    def close(self) -> None:
+        """The worker stops: let go of what the runtime holds (the process runtime's launch
+        pad). Jobs that outlive the worker run on."""
+        ...
+
 
 @dataclasses.dataclass
 class LocalJob:
@@ -768,9 +773,7 @@ class Agent:
             job.ended.wait(timeout=2)
         self.sampler.stop()
         self.runners.stop()
-        close = getattr(self.runtime, "close", None)
-        if close is not None:
-            close()  # (the process runtime's launch pad)
+        self.runtime.close()
         self.link.close(None)
         self.events.close(linger=0)
         self.spill.close()

@@ -217,6 +217,10 @@ class DockerRuntime:
         if container is not None:
             threading.Thread(target=self.discard, args=(container, False), daemon=True).start()
 
+    def close(self) -> None:
+        """Nothing to let go: containers outlive the worker, and a removal that forget()
+        started finishes on its own thread."""
+
     def discard(self, container: Any, stop: bool = True) -> None:
         """Stop a container (SIGTERM, then SIGKILL after the grace period) and remove it,
         with the anonymous volumes its image declares (VOLUME): kept, they would fill the

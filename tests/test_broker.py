@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import random
 import socket
@@ -23,6 +24,7 @@ import zmq
 import zmq.utils.monitor
 
 from gpubox import keys, models, protocol, validate
+from gpubox.coordinator import broker as broker_module
 from gpubox.coordinator import sealing
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
@@ -473,6 +475,35 @@ def test_a_worker_with_room_in_its_liveness_hears_the_brokers_beats_and_no_answe
     assert got["w2"] >= sent * 3 // 4, (got, sent)  # each answered
     assert 4 <= got["w1"] <= 14, (got, sent)  # ~12 beats of the broker's own (at most 1 an
     # interval, at least 1 in 1.5), not the ~48 answers
+
+
+def test_a_turns_short_lived_objects_never_reach_the_oldest_generation() -> None:
+    # Made while a turn runs and alive until it ends, as a round's view of each worker is:
+    # far more than it takes to start a collection (700), which would move them up.
+    gc.collect()
+    with broker_module._collection_deferred():
+        made = [[n] for n in range(50_000)]
+        oldest = {id(o) for o in gc.get_objects(generation=2)}
+        assert not any(id(o) in oldest for o in made)
+    assert gc.isenabled()
+
+
+def test_the_collector_is_held_off_while_the_broker_handles_a_message(link: Link) -> None:
+    enabled: list[bool] = []
+    handle = link.broker.handle
+
+    def recording(*args: Any) -> None:
+        enabled.append(gc.isenabled())
+        handle(*args)
+
+    link.broker.handle = recording  # type: ignore[method-assign]
+    stranger = link.worker("stranger")
+    stranger.keepalive = False
+    stranger.send("HEARTBEAT")
+    stranger.expect("HEARTBEAT")
+    assert enabled == [False]
+    # and on again once the turn has ended (the broker waits for the next message)
+    wait_until(gc.isenabled, timeout_s=2)
 
 
 # --- the life of a job -------------------------------------------------------------------------

@@ -761,7 +761,7 @@ def test_jobs_no_worker_can_run_do_not_hold_back_one_that_can(any_link: Link) ->
     assert worker.job(timeout_s=1.0)["id"] == runnable.id
     worker.quiet("JOB", 0.3)
     # every job left has the reason of its own: none is said to wait behind others
-    reason = link.broker.queue_reason
+    reason = link.broker.view.queue_reason
     for job in (too_big[0], too_big[-1]):
         assert reason(job) == "no connected worker with its labels has 64 GPUs"
     for job in (nowhere[0], nowhere[-1]):
@@ -791,10 +791,9 @@ def test_a_job_no_worker_could_run_starts_when_a_worker_that_can_connects(
     plain = link.worker("plain")
     plain.hello()
     plain.ready(slots=1)
+    reason = link.broker.view.queue_reason
     plain.wait_for(
-        lambda: (
-            link.broker.queue_reason(waiting[-1]) == "no connected worker has the labels pool=h100"
-        ),
+        lambda: reason(waiting[-1]) == "no connected worker has the labels pool=h100",
         3.0,
         "the reason of a job past the first 200",
     )
@@ -803,7 +802,7 @@ def test_a_job_no_worker_could_run_starts_when_a_worker_that_can_connects(
     h100.hello()
     h100.ready(slots=2)
     assert [h100.job()["id"], h100.job()["id"]] == [waiting[0].id, waiting[1].id]
-    assert link.broker.queue_reason(waiting[-1]) == (
+    assert link.broker.view.queue_reason(waiting[-1]) == (
         "waiting for a free job slot (max_jobs) on h100"
     )
     plain.quiet("JOB", 0.2)
@@ -827,7 +826,7 @@ def test_a_big_job_behind_jobs_no_worker_can_run_still_gathers_its_gpus(any_link
     worker.send("READY", free_gpus=["GPU-b"], slots=3, running=[first.id])
     link.broker.poke("schedule")
     worker.quiet("JOB", 1.2)  # past a timer round: GPU-b is held for the big job
-    assert link.broker.queue_reason(small) == (
+    assert link.broker.view.queue_reason(small) == (
         f"waiting behind job {big.id}: the GPUs of w1 are held for it"
     )
     worker.done(running, last_seq=0)
@@ -911,19 +910,19 @@ def test_a_worker_is_found_by_name_in_its_latest_session_until_lost(link: Link) 
     first = link.worker("w1", gpus=["GPU-a"])
     first.hello()
     first.send("HEARTBEAT", usage=usage(10))
-    wait_until(lambda: broker.gpu_usage("w1").get("GPU-a", {}).get("utilization") == 10)
-    assert broker.last_heard("w1") is not None and broker.quarantine("w1") == ""
-    assert broker.gpu_usage("w2") == {} and broker.last_heard("w2") is None
+    wait_until(lambda: broker.view.gpu_usage("w1").get("GPU-a", {}).get("utilization") == 10)
+    assert broker.view.last_heard("w1") is not None and broker.view.quarantine("w1") == ""
+    assert broker.view.gpu_usage("w2") == {} and broker.view.last_heard("w2") is None
 
     second = link.worker("w1", gpus=["GPU-a"])  # the same name again: a new session
     second.hello()
-    assert broker.gpu_usage("w1") == {}  # the new session's: nothing heard yet
+    assert broker.view.gpu_usage("w1") == {}  # the new session's: nothing heard yet
     second.send("HEARTBEAT", usage=usage(20))
-    wait_until(lambda: broker.gpu_usage("w1").get("GPU-a", {}).get("utilization") == 20)
+    wait_until(lambda: broker.view.gpu_usage("w1").get("GPU-a", {}).get("utilization") == 20)
 
     second.keepalive = False  # silent from now on
-    wait_until(lambda: broker.last_heard("w1") is None, LIVENESS_S + 3, "w1 lost")
-    assert broker.gpu_usage("w1") == {} and broker.quarantine("w1") == ""
+    wait_until(lambda: broker.view.last_heard("w1") is None, LIVENESS_S + 3, "w1 lost")
+    assert broker.view.gpu_usage("w1") == {} and broker.view.quarantine("w1") == ""
 
 
 def test_worker_that_keeps_talking_is_not_lost(link: Link) -> None:

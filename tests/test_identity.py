@@ -284,7 +284,7 @@ def test_a_worker_that_never_confirms_a_job_is_quarantined_and_the_job_goes_else
     assert all(r.exc_info is None for r in errors_logged)
     (peer,) = list(link.broker.peers.values())
     assert peer.quarantined.startswith(f"it was sent job {first.id} and did not confirm it")
-    assert link.broker.quarantine("collector") == peer.quarantined
+    assert link.broker.view.quarantine("collector") == peer.quarantined
     # Its owner sees where it went.
     (marker,) = list(link.store.read_logs(first.id))
     assert "worker collector was sent this job (attempt 1, with its secrets" in marker.line
@@ -360,5 +360,5 @@ def test_a_gpu_keeps_only_the_fields_gpubox_knows(link: Link) -> None:
     assert [set(gpu) for gpu in stored.gpus] == [{"uuid", "name", "memory_mb"}] * 2
     worker.send("HEARTBEAT", usage=[{"uuid": f"other-{i}", "utilization": 1} for i in range(9)])
     worker.send("HEARTBEAT", usage=[{"uuid": "GPU-0", "utilization": 50}])
-    worker.wait_for(lambda: link.broker.gpu_usage("w"), 3, "the usage")
-    assert set(link.broker.gpu_usage("w")) == {"GPU-0"}
+    worker.wait_for(lambda: link.broker.view.gpu_usage("w"), 3, "the usage")
+    assert set(link.broker.view.gpu_usage("w")) == {"GPU-0"}

@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import Any
 
 import zmq
@@ -29,6 +28,7 @@ from gpubox.coordinator import (
     scheduler,
     sealing,
 )
+from gpubox.coordinator.brokerview import BrokerView
 from gpubox.coordinator.events import Changes
 from gpubox.coordinator.lifecycle import Lifecycle
 from gpubox.coordinator.peers import Link, Peer
@@ -140,7 +140,7 @@ class Broker:
         # The same peers by worker name (one session per name: a HELLO replaces the last),
         # so other threads find a worker in one step: GET /workers asks for each, and a
         # scan of peers each time cost it 340 ms at 1,000 workers. Kept by _on_hello and
-        # _lose; _named() checks an entry is still in peers.
+        # _lose; peer_named() checks an entry is still in peers.
         self._by_name: dict[str, Peer] = {}
         self._hellos: dict[str, list[float]] = {}  # worker name → its recent HELLOs (monotonic)
         self._flap_warned: dict[str, float] = {}  # worker name → no warning again before
@@ -155,6 +155,7 @@ class Broker:
             store, changes, self.log_limits, on_end=self._forget, on_requeue=self.planner.requeued
         )
         self.counters = metrics.BrokerCounters()
+        self.view = BrokerView(self)  # what the API reads (api.context.LiveView)
         self.gpu_counts = (0, 0)  # GPUs of ready workers: (busy, free), as of the last round
         self._sent_at: dict[int, tuple[int, float]] = {}  # job id → (attempt, JOB sent at)
         self._recalled: set[int] = set()  # held jobs recalled (see _recall), until they end
@@ -298,7 +299,7 @@ class Broker:
         if now >= self._next_expiry:
             self._next_expiry = now + min(1.0, self.heartbeat_interval_s)
             self._guard(self._expire, now)
-            self._guard(self.lifecycle.end_overdue, self.queue_reason)
+            self._guard(self.lifecycle.end_overdue, self.planner.queue_reason)
         if now >= self._next_schedule:
             self._guard(self._schedule, now, True)
         elif self._schedule_due:
@@ -740,66 +741,6 @@ class Broker:
         if running and self.store.unclaim_job(job.id, job.attempts, models.utcnow()):
             self.planner.requeued(job.id)
 
-    def queue_reason(self, job: models.Job) -> str:
-        """Why a QUEUED job waits, as of the last scheduling round. Any thread."""
-        return self.planner.queue_reason(job)
-
-    def queue_in_order(self, limit: int) -> list[models.Job]:
-        """The first queued jobs in the order they will start. Any thread."""
-        return self.planner.queue_in_order(limit)
-
-    def queue_state(self, job: models.Job, place: bool, recent: bool) -> dict[str, Any]:
-        """queue_reason and (with `place`) queue_place together (api.context.LiveView)."""
-        state: dict[str, Any] = {"queue_reason": self.queue_reason(job)}
-        if place:
-            state["queue_place"] = self.queue_place(job, recent)
-        return state
-
-    def queue_place(self, job: models.Job, recent: bool = False) -> dict[str, Any]:
-        """Where a QUEUED job stands in the fair order now. Any thread."""
-        return self.planner.queue_place(job, recent)
-
-    def metrics_page(self) -> str:
-        """GET /metrics. Any thread."""
-        busy, free = self.gpu_counts
-        usage = [
-            (peer.name, uuid, dict(now))
-            for peer in list(self.peers.values())
-            for uuid, now in list(peer.usage.items())
-        ]
-        placements = self.store.placements()
-        holders = {uuid: placed.job_id for placed in placements for uuid in placed.gpu_ids}
-        oldest = self.store.oldest_queued()
-        return metrics.render(
-            self.store.jobs_by_status(),
-            (models.utcnow() - oldest).total_seconds() if oldest else 0.0,
-            self.counters,
-            workers=len(self.peers),
-            gpus_busy=busy,
-            gpus_free=free,
-            dropped_messages=self.dropped_messages,
-            gpu_usage=usage,
-            gpu_jobs=holders,
-            submitters=self.planner.submitters(),
-        )
-
-    def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]:
-        """NVML's memory used, utilization, power and temperature per GPU uuid at worker's
-        last heartbeat."""
-        peer = self._named(worker)
-        return {} if peer is None else dict(peer.usage)
-
-    def last_heard(self, worker: str) -> datetime | None:
-        """When a connected worker was last heard from (the store has when it connected)."""
-        peer = self._named(worker)
-        return None if peer is None else peer.heard_at()
-
-    def _named(self, worker: str) -> Peer | None:
-        """The connected worker of that name, if any. Any thread."""
-        peer = self._by_name.get(worker)
-        # None once lost; a peer whose session another HELLO took over is gone too.
-        return peer if peer is not None and self.peers.get(peer.session) is peer else None
-
     def _send_job(self, peer: Peer, job: models.Job, resume: models.LogMarks | None = None) -> bool:
         """Send JOB (its credentials unsealed); the worker must confirm receipt in time."""
         try:
@@ -867,20 +808,11 @@ class Broker:
             )
         self.lifecycle.requeue_unconfirmed(peer.name, job_id, attempt, self.liveness_s)
 
-    def stalled(self) -> str:
-        """Why the broker is not serving ("" while its loop turns): its thread ended, or its
-        loop has not turned for three heartbeat intervals. Any thread."""
-        trouble = self.loop.trouble()
-        return f"the broker thread {trouble}" if trouble else ""
-
-    def last_turn_s(self) -> float:
-        """Seconds since the broker's loop last turned. Any thread."""
-        return self.loop.since()
-
-    def quarantine(self, worker: str) -> str:
-        """Why a connected worker gets no more jobs; "" if it may. Any thread."""
-        peer = self._named(worker)
-        return "" if peer is None else peer.quarantined
+    def peer_named(self, worker: str) -> Peer | None:
+        """The connected worker of that name, if any. Any thread."""
+        peer = self._by_name.get(worker)
+        # None once lost; a peer whose session another HELLO took over is gone too.
+        return peer if peer is not None and self.peers.get(peer.session) is peer else None
 
     def _lose(self, peer: Peer, reason: str) -> None:
         del self.peers[peer.session]

@@ -41,7 +41,7 @@ def endpoints(folder: str) -> tuple[str, str, str]:
 
 
 class Hub:
-    """The broker process's side: answers calls with `live` (the Broker) and publishes every
+    """The broker process's side: answers calls with `live` (the broker's view) and publishes every
     change that `changes` is told of. run() is an essential thread's target."""
 
     def __init__(

@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any
 
 from gpubox import errors, models, supervise
+from gpubox.coordinator.brokerview import BrokerView
 from gpubox.coordinator.planner import Planner
 from gpubox.store import leases
 
@@ -175,27 +176,27 @@ class LiveSwitch:
         leadership: Leadership,
         fair_share_half_life: float,
     ) -> None:
-        self.broker: Any = None  # set by the coordinator when it leads
+        self.view: BrokerView | None = None  # the broker's, set by the coordinator when it leads
         self.relay = relay
         self.leadership = leadership
         self.planner = Planner(store, fair_share_half_life)  # the standby's read-only view
 
     def poke(self, kind: str, job_id: int = 0) -> None:
-        broker = self.broker
-        if broker is not None:
-            broker.poke(kind, job_id)
+        view = self.view
+        if view is not None:
+            view.poke(kind, job_id)
         else:
             self.relay(kind, job_id)
 
     def queue_reason(self, job: models.Job) -> str:
-        return self.broker.queue_reason(job) if self.broker is not None else STANDBY_REASON
+        return self.view.queue_reason(job) if self.view is not None else STANDBY_REASON
 
     def queue_place(self, job: models.Job, recent: bool = False) -> dict[str, Any]:
-        view = self.broker or self.planner
+        view = self.view or self.planner
         return dict(view.queue_place(job, recent))
 
     def queue_in_order(self, limit: int) -> list[models.Job]:
-        view = self.broker or self.planner
+        view = self.view or self.planner
         return list(view.queue_in_order(limit))
 
     def queue_state(self, job: models.Job, place: bool, recent: bool) -> dict[str, Any]:
@@ -205,25 +206,25 @@ class LiveSwitch:
         return state
 
     def gpu_usage(self, worker: str) -> dict[str, dict[str, Any]]:
-        return self.broker.gpu_usage(worker) if self.broker is not None else {}
+        return self.view.gpu_usage(worker) if self.view is not None else {}
 
     def metrics_page(self) -> str:
-        page = self.broker.metrics_page() if self.broker is not None else ""
+        page = self.view.metrics_page() if self.view is not None else ""
         return page + self.leadership.metrics()
 
     def last_heard(self, worker: str) -> datetime | None:
-        return self.broker.last_heard(worker) if self.broker is not None else None
+        return self.view.last_heard(worker) if self.view is not None else None
 
     def quarantine(self, worker: str) -> str:
-        return self.broker.quarantine(worker) if self.broker is not None else ""
+        return self.view.quarantine(worker) if self.view is not None else ""
 
     def stalled(self) -> str:
-        if self.broker is not None:
-            return str(self.broker.stalled())
+        if self.view is not None:
+            return str(self.view.stalled())
         trouble = self.leadership.loop.trouble()
         return f"the leadership thread {trouble}" if trouble else ""
 
     def last_turn_s(self) -> float:
-        if self.broker is not None:
-            return float(self.broker.last_turn_s())
+        if self.view is not None:
+            return float(self.view.last_turn_s())
         return self.leadership.loop.since()

@@ -216,7 +216,7 @@ class Coordinator:
             self.store_lock = single.hold(self.config.db)  # before anything is written
             self.store.drop_sessions()  # a restart signs everyone out of the dashboard
             self.broker = Broker(**self._broker_args)
-        live: Any = self.switch or self.broker
+        live = self._live()
         if self.config.http_processes > 1:
             self._start_http_processes(changes)
         else:
@@ -376,7 +376,7 @@ class Coordinator:
                 self.standby_link = None
             self.broker = Broker(**self._broker_args)
             if self.switch is not None:
-                self.switch.broker = self.broker
+                self.switch.view = self.broker.view
             if self._serving:  # a standby taking over: start the leader's threads now
                 started = self._role_threads()
                 for thread in started:
@@ -384,12 +384,20 @@ class Coordinator:
                 self.threads.extend(started)
             log.info("leading in epoch %d: the worker link is on %s", epoch, self.link_endpoint)
 
+    def _live(self) -> Any:
+        """What the API reads the broker through (api.context.LiveView): the LiveSwitch on a
+        store several coordinators share, else the broker's view."""
+        if self.switch is not None:
+            return self.switch
+        assert self.broker is not None
+        return self.broker.view
+
     def _start_http_processes(self, changes: Changes) -> None:
         """Bind the HTTP port here, and start http_processes processes that serve it (see
         httpproc): this process keeps the broker, the worker link and the hub they call."""
         assert self.store is not None
         listener = httpproc.listen(self.config)
-        live = self.switch or self.broker
+        live = self._live()
         self.hub = hub.Hub(live, self.store, changes, self.context, self._stopping)
         self.http_processes = httpproc.Processes(self.config, listener, self.hub.folder)
 

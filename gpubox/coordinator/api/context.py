@@ -17,7 +17,7 @@ from gpubox.store import Store
 
 
 class LiveView(Protocol):
-    """What the broker knows that the store does not (coordinator.broker.Broker)."""
+    """What the broker knows that the store does not (coordinator.brokerview.BrokerView)."""
 
     def queue_reason(self, job: models.Job) -> str: ...
 

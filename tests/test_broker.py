@@ -481,11 +481,30 @@ def test_a_turns_short_lived_objects_never_reach_the_oldest_generation() -> None
     # Made while a turn runs and alive until it ends, as a round's view of each worker is:
     # far more than it takes to start a collection (700), which would move them up.
     gc.collect()
-    with broker_module._collection_deferred():
+    with broker_module.CollectionDeferral().deferred():
         made = [[n] for n in range(50_000)]
         oldest = {id(o) for o in gc.get_objects(generation=2)}
         assert not any(id(o) in oldest for o in made)
     assert gc.isenabled()
+
+
+def test_the_collector_stays_off_while_any_brokers_turn_runs() -> None:
+    deferral = broker_module.CollectionDeferral()
+    first, second = deferral.deferred(), deferral.deferred()
+    first.__enter__()
+    second.__enter__()  # another broker's turn, begun during the first
+    first.__exit__(None, None, None)
+    assert not gc.isenabled()  # the second is still in its turn
+    second.__exit__(None, None, None)
+    assert gc.isenabled()
+    # Off before any turn began (by whoever embeds the broker): it stays off.
+    gc.disable()
+    try:
+        with deferral.deferred():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_the_collector_is_held_off_while_the_broker_handles_a_message(link: Link) -> None:

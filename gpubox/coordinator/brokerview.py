@@ -1,7 +1,8 @@
 """The broker's state as the API reads it (api.context.LiveView): why a queued job waits and
 where it stands, each connected worker's GPU usage, last word and quarantine, /metrics, and
-whether the broker's loop turns. It only reads, from any thread: the broker thread alone
-changes what it reads."""
+whether the broker's loop turns. Any thread may ask. It changes nothing of the broker's
+(only the broker thread does); poke() is its one message to the broker, and /metrics also
+reads the store."""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ class Runtime(Protocol):
 
     def close(self) -> None:
         """The worker stops: let go of what the runtime holds (the process runtime's launch
-        pad). Jobs that outlive the worker run on."""
+        pad). It stops no job: the agent has stopped those it must (see outlives_worker)."""
         ...
 
 

@@ -24,8 +24,7 @@ import zmq
 import zmq.utils.monitor
 
 from gpubox import keys, models, protocol, validate
-from gpubox.coordinator import broker as broker_module
-from gpubox.coordinator import sealing
+from gpubox.coordinator import collector, sealing
 from gpubox.coordinator.broker import Broker
 from gpubox.coordinator.events import Changes
 from gpubox.store import Store, open_store
@@ -481,7 +480,7 @@ def test_a_turns_short_lived_objects_never_reach_the_oldest_generation() -> None
     # Made while a turn runs and alive until it ends, as a round's view of each worker is:
     # far more than it takes to start a collection (700), which would move them up.
     gc.collect()
-    with broker_module.CollectionDeferral().deferred():
+    with collector.CollectionDeferral().deferred():
         made = [[n] for n in range(50_000)]
         oldest = {id(o) for o in gc.get_objects(generation=2)}
         assert not any(id(o) in oldest for o in made)
@@ -489,7 +488,7 @@ def test_a_turns_short_lived_objects_never_reach_the_oldest_generation() -> None
 
 
 def test_the_collector_stays_off_while_any_brokers_turn_runs() -> None:
-    deferral = broker_module.CollectionDeferral()
+    deferral = collector.CollectionDeferral()
     first, second = deferral.deferred(), deferral.deferred()
     first.__enter__()
     second.__enter__()  # another broker's turn, begun during the first

@@ -220,11 +220,11 @@ class LiveSwitch:
 
     def stalled(self) -> str:
         if self.view is not None:
-            return str(self.view.stalled())
+            return self.view.stalled()
         trouble = self.leadership.loop.trouble()
         return f"the leadership thread {trouble}" if trouble else ""
 
     def last_turn_s(self) -> float:
         if self.view is not None:
-            return float(self.view.last_turn_s())
+            return self.view.last_turn_s()
         return self.leadership.loop.since()
